@@ -1,0 +1,1 @@
+"""Reference clients (one module per dialect) that follow the closure rules."""

@@ -1,0 +1,13 @@
+"""starttls-harness: test STARTTLS upgrades and the return to plaintext.
+
+The package is layered:
+
+* :mod:`harness.engine` -- the sans-I/O STARTTLS/closure engine (bytes in,
+  bytes and events out) built on ``ssl.SSLObject`` and two ``MemoryBIO``.
+* :mod:`harness.states` -- the one transition table the engine obeys.
+* :mod:`harness.aio` -- the asyncio adapter (a transport that can switch TLS
+  on and off any number of times on one TCP connection).
+* :mod:`harness.certs` -- throwaway CAs and certificates (trustme).
+"""
+
+__version__ = "0.1.0"

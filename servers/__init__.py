@@ -1,0 +1,1 @@
+"""Reference servers (one module per dialect) that follow the closure rules."""
