@@ -1,0 +1,119 @@
+"""What every reference server shares: behaviours, limits, a running handle.
+
+A *behaviour* names one way of breaking exactly one rule (or ``strict`` for
+none).  The catalogue's validation matrix starts each reference peer in each
+behaviour and expects the scenario that guards that rule to fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from harness.aio import Timeouts
+from harness.certs import Pki
+from harness.engine import Policy, Rule
+
+__all__ = ["STRICT", "Behaviour", "Limits", "RunningServer", "ServerConfig", "behaviour_named"]
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """A named (mis)behaviour of a reference peer."""
+
+    name: str
+    #: The rule this behaviour breaks (None for ``strict``).
+    rule: Optional[Rule]
+    description: str
+    #: Engine rules relaxed for this behaviour (may be empty when the
+    #: misbehaviour lives in the dialect, e.g. R8 state reset).
+    relaxed: Tuple[Rule, ...] = ()
+
+    @property
+    def policy(self) -> Policy:
+        return Policy.relaxing(*self.relaxed)
+
+
+STRICT = Behaviour("strict", None, "follows every closure rule (the default)")
+
+
+def behaviour_named(behaviours: Dict[str, Behaviour], name: str) -> Behaviour:
+    """Look ``name`` up, with an error that lists the choices."""
+    try:
+        return behaviours[name]
+    except KeyError:
+        choices = ", ".join(sorted(behaviours))
+        raise ValueError(f"unknown behaviour {name!r}; choose one of: {choices}") from None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds that keep a reference server safe against hostile clients."""
+
+    max_line: int = 2048
+    max_literal: int = 1 << 20
+    max_message: int = 1 << 20
+    max_connections: int = 256
+    idle_timeout: float = 60.0
+
+
+@dataclass
+class ServerConfig:
+    """How to start a reference server (shared by SMTP and IMAP)."""
+
+    pki: Pki
+    host: str = "127.0.0.1"
+    port: int = 0
+    tls_version: Optional[str] = None  # "1.2", "1.3" or None for both
+    behaviour: str = "strict"
+    keylog: Optional[Path] = None
+    limits: Limits = field(default_factory=Limits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    #: The test user for AUTH PLAIN (SMTP) and LOGIN (IMAP).
+    user: str = "tester"
+    password: str = "correct horse"
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return self.pki.server_context(self.tls_version, keylog=self.keylog)
+
+
+@dataclass
+class RunningServer:
+    """A started reference server; ``close()`` stops it and its connections."""
+
+    server: asyncio.AbstractServer
+    config: ServerConfig
+    #: Messages received (SMTP) or appended (IMAP), visible to tests.
+    messages: List[Any] = field(default_factory=list)
+    #: Per-connection records (transports, violations) for tests.
+    connections: List[Any] = field(default_factory=list)
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        sockname = self.server.sockets[0].getsockname()  # type: ignore[attr-defined]
+        return str(sockname[0]), int(sockname[1])
+
+    @property
+    def host(self) -> str:
+        return self.address[0]
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    async def close(self) -> None:
+        self.server.close()
+        for conn in list(self.connections):
+            transport = getattr(conn, "transport", None)
+            if transport is not None:
+                transport.abort()
+        await self.server.wait_closed()
+
+    async def __aenter__(self) -> RunningServer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
