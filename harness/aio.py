@@ -38,7 +38,7 @@ import contextlib
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Tuple, TypeVar, Union, cast
 
 from harness.engine import (
     AlertReceived,
@@ -56,6 +56,8 @@ from harness.engine import (
     Violation,
 )
 from harness.states import State
+
+_T = TypeVar("_T")
 
 __all__ = [
     "ConnectionEnded",
@@ -86,7 +88,8 @@ class ConnectionEnded(ConnectionError):
         if isinstance(event, Violation):
             text = f"{event.rule.value} violation: {event.message}"
         elif isinstance(event, HandshakeFailed):
-            text = f"TLS handshake failed ({'peer alert' if event.remote else 'local'}): {event.reason}"
+            side = "peer alert" if event.remote else "local"
+            text = f"TLS handshake failed ({side}): {event.reason}"
         elif isinstance(event, AlertReceived):
             text = f"peer sent a fatal alert: {event.description}"
         else:
@@ -157,7 +160,9 @@ class SwitchableTransport(asyncio.Transport):
         if self._wire.transport is not None and not self._wire.transport.is_closing():
             self._wire.transport.resume_reading()
 
-    def set_write_buffer_limits(self, high: Optional[int] = None, low: Optional[int] = None) -> None:
+    def set_write_buffer_limits(
+        self, high: Optional[int] = None, low: Optional[int] = None
+    ) -> None:
         if self._wire.transport is not None:
             self._wire.transport.set_write_buffer_limits(high, low)
 
@@ -303,7 +308,7 @@ class SwitchableTransport(asyncio.Transport):
         self._closure = asyncio.get_running_loop().create_future()
         return self._closure
 
-    async def _bounded(self, fut: asyncio.Future[Any], timeout: float, what: str) -> Any:
+    async def _bounded(self, fut: asyncio.Future[_T], timeout: float, what: str) -> _T:
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except asyncio.TimeoutError:
@@ -342,9 +347,8 @@ class SwitchableTransport(asyncio.Transport):
                     keep_open = bool(protocol.eof_received())  # type: ignore[attr-defined]
                 if not keep_open:
                     self.close()
-            elif (
-                isinstance(event, (HandshakeFailed, AlertReceived))
-                or (isinstance(event, Violation) and event.enforced)
+            elif isinstance(event, (HandshakeFailed, AlertReceived)) or (
+                isinstance(event, Violation) and event.enforced
             ):
                 self._end(ConnectionEnded(event))
         if self.engine.state is State.BROKEN and not self._closing:
@@ -390,8 +394,8 @@ class _WireProtocol(asyncio.Protocol):
         self.switch.set_protocol(app)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -407,13 +411,18 @@ class _WireProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         switch = self.switch
+        if exc is not None and self.failure is None and not switch._closing:
+            # An RST while TLS is up is a truncation too (R6): let the
+            # engine judge it exactly as it judges an EOF.
+            switch._dispatch(switch.engine.receive_data(b""))
         pending = ConnectionResetError("connection closed")
         for fut in (switch._handshake, switch._closure):
             if fut is not None and not fut.done():
                 fut.set_exception(self.failure or exc or pending)
                 fut.exception()
         switch._closing = True
-        self.app.connection_lost(self.failure or exc)
+        lost = self.failure or exc
+        self.app.connection_lost(lost if isinstance(lost, Exception) or lost is None else None)
 
     def pause_writing(self) -> None:
         self.app.pause_writing()

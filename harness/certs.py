@@ -96,7 +96,9 @@ class Pki:
         self.cafile.write_bytes(self.ca.cert_pem.bytes())
         self.certfile = directory / "server.pem"
         self.certfile.write_bytes(b"".join(b.bytes() for b in self.server_cert.cert_chain_pems))
-        self.keyfile = write_private(directory / "server.key", self.server_cert.private_key_pem.bytes())
+        self.keyfile = write_private(
+            directory / "server.key", self.server_cert.private_key_pem.bytes()
+        )
         return self
 
 

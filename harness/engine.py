@@ -89,7 +89,7 @@ class Rule(str, enum.Enum):
     R9 = "R9"
 
     @property
-    def title(self) -> str:
+    def summary(self) -> str:
         return RULE_TITLES[self]
 
 

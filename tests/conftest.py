@@ -1,0 +1,87 @@
+"""Shared fixtures: TLS version (from the tox factor), certificates, loops."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterator, List, TypeVar
+
+import pytest
+
+from harness.certs import TLS_ENV, Pki, make_pki
+
+T = TypeVar("T")
+
+
+def _tls_versions() -> List[str]:
+    """The TLS versions this run covers: the tox factor's, or both."""
+    chosen = os.environ.get(TLS_ENV, "").strip()
+    if not chosen:
+        return ["1.2", "1.3"]
+    if chosen not in ("1.2", "1.3"):
+        raise pytest.UsageError(f"{TLS_ENV} must be 1.2 or 1.3, not {chosen!r}")
+    return [chosen]
+
+
+def _loops() -> List[str]:
+    names = ["asyncio"]
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:  # pragma: no cover - uvloop is a test dependency
+        pass
+    else:
+        names.append("uvloop")
+    return names
+
+
+@pytest.fixture(params=_tls_versions(), ids=lambda v: f"tls{v}")
+def tls_version(request: pytest.FixtureRequest) -> str:
+    """The TLS version under test ("1.2" or "1.3")."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """One throwaway CA and server certificate for the whole test session."""
+    return make_pki(directory=tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(params=_loops())
+def loop_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+Runner = Callable[[Callable[[], Awaitable[Any]]], Any]
+
+
+@pytest.fixture
+def run(loop_name: str) -> Iterator[Runner]:
+    """Run an async test body on the chosen event loop (asyncio or uvloop).
+
+    Every body gets an overall bound so that a bug shows up as a failure
+    instead of a hung test run.
+    """
+
+    def runner(body: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
+        async def bounded() -> T:
+            return await asyncio.wait_for(body(), timeout)
+
+        if loop_name == "uvloop":
+            import uvloop
+
+            loop = uvloop.new_event_loop()
+        else:
+            loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(bounded())
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    yield runner
+
+
+@pytest.fixture
+def keylog_path(tmp_path: Path) -> Path:
+    return tmp_path / "keys.log"
