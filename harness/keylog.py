@@ -425,6 +425,11 @@ class Tls13Decryptor:
         _check_direction(direction)
         return self._states[direction].phase
 
+    def generation(self, direction: str) -> int:
+        """Application key generation (incremented by each KeyUpdate)."""
+        _check_direction(direction)
+        return self._states[direction].generation
+
     def sequence(self, direction: str) -> int:
         """Sequence number the next record in ``direction`` will use."""
         _check_direction(direction)
