@@ -121,6 +121,7 @@ class SwitchableTransport(asyncio.Transport):
         self._closure: Optional[asyncio.Future[ClosureComplete]] = None
         self._cork = 0
         self._closing = False
+        self._passthrough = False
 
     # ------------------------------------------------------- asyncio API
 
@@ -235,6 +236,32 @@ class SwitchableTransport(asyncio.Transport):
         self.engine.send_raw(data)
         self._flush()
 
+    def send_fatal_alert(self) -> None:
+        """Make our TLS stack send a real fatal alert (fault injection, R7).
+
+        Python's ``ssl`` cannot send an alert on request, so the engine is
+        fed a forged application-data record: it fails authentication and
+        OpenSSL answers with an encrypted ``bad_record_mac`` alert under the
+        current keys.  Our side is then BROKEN; from here on, incoming bytes
+        bypass the engine and reach the protocol raw, so the harness can
+        see whether the peer wrongly resumes plaintext.
+        """
+        forged = b"\x17\x03\x03\x00\x20" + bytes(32)
+        self.events.extend(self.engine.receive_data(forged))
+        self._passthrough = True
+        self._flush()
+
+    def truncate(self) -> None:
+        """TCP FIN with TLS still up and no close_notify (the R6 fault)."""
+        tcp = self._wire.transport
+        if tcp is None or tcp.is_closing():
+            return
+        self._flush()
+        if tcp.can_write_eof():
+            tcp.write_eof()
+        else:  # pragma: no cover - every TCP transport can
+            tcp.close()
+
     @contextlib.contextmanager
     def corked(self) -> Iterator[None]:
         """Everything written inside goes out in a single TCP write."""
@@ -347,8 +374,10 @@ class SwitchableTransport(asyncio.Transport):
                     keep_open = bool(protocol.eof_received())  # type: ignore[attr-defined]
                 if not keep_open:
                     self.close()
-            elif isinstance(event, (HandshakeFailed, AlertReceived)) or (
-                isinstance(event, Violation) and event.enforced
+            elif (
+                isinstance(event, HandshakeFailed)
+                or (isinstance(event, AlertReceived) and self.engine.policy.enforces(Rule.R7))
+                or (isinstance(event, Violation) and event.enforced)
             ):
                 self._end(ConnectionEnded(event))
         if self.engine.state is State.BROKEN and not self._closing:
@@ -403,9 +432,16 @@ class _WireProtocol(asyncio.Protocol):
         self.app.connection_made(self.switch)
 
     def data_received(self, data: bytes) -> None:
-        self.switch._dispatch(self.switch.engine.receive_data(data))
+        switch = self.switch
+        if switch._passthrough:
+            if switch._protocol is not None:
+                switch._protocol.data_received(data)  # type: ignore[attr-defined]
+            return
+        switch._dispatch(switch.engine.receive_data(data))
 
     def eof_received(self) -> Optional[bool]:
+        if self.switch._passthrough:
+            return None
         self.switch._dispatch(self.switch.engine.receive_data(b""))
         return None
 

@@ -1,0 +1,400 @@
+"""The conformance scenario catalogue, as data.
+
+Every scenario is an id, a title, the role it tests, the dialects and TLS
+versions it applies to, its steps, its expected outcomes, the rule it
+guards, its RFC/CVE reference and a one-line reason (principle 5).
+
+A run of the steps ends in exactly one *observation* (a label such as
+``closed``, ``injection-answered`` or ``completed``); ``expect`` maps each
+label to a verdict.  Labels a scenario does not list fall back to
+:data:`COMMON`, and anything unknown is an ``error``: the harness never
+guesses a ``pass``.  Observations made *before* the step that applies the
+fault (``fault=True``) are errors too: a target that is already gone when
+the fault would be applied has not refused anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from harness.engine import Rule
+from harness.verdicts import Verdict
+
+__all__ = [
+    "CATALOGUE",
+    "COMMON",
+    "Expect",
+    "Scenario",
+    "Step",
+    "by_id",
+    "select",
+]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One action of the scripted peer; ``fault`` marks where the fault is."""
+
+    action: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+    fault: bool = False
+
+
+def S(action: str, fault: bool = False, **args: Any) -> Step:
+    return Step(action, args, fault)
+
+
+@dataclass(frozen=True)
+class Expect:
+    verdict: Verdict
+    summary: str
+
+
+P, F, W, K, E = Verdict.PASS, Verdict.FAIL, Verdict.WARN, Verdict.SKIP, Verdict.ERROR
+
+
+@dataclass(frozen=True)
+class Scenario:
+    id: str
+    title: str
+    role: str  # "server", "client" or "path"
+    rule: Rule
+    reference: str
+    reason: str
+    steps: Tuple[Step, ...]
+    expect: Mapping[str, Expect]
+    dialects: Tuple[str, ...] = ("smtp", "imap")
+    tls_versions: Tuple[str, ...] = ("1.2", "1.3")
+
+    def outcome(self, label: str) -> Expect:
+        if label in self.expect:
+            return self.expect[label]
+        if label in COMMON:
+            return COMMON[label]
+        if label.startswith("violation:"):
+            return Expect(F, f"the target broke {label.split(':', 1)[1]} on the wire")
+        return Expect(E, f"unexpected outcome {label!r}: the harness cannot decide")
+
+
+#: Outcomes with the same meaning in every scenario.
+COMMON: Dict[str, Expect] = {
+    "no-starttls": Expect(K, "the target does not offer STARTTLS"),
+    "no-stoptls": Expect(K, "the target does not offer STOPTLS (no return to plaintext)"),
+    "no-credentials": Expect(K, "the scenario needs a test user (--user/--password)"),
+    "no-storage-probe": Expect(K, "the target's stored messages cannot be observed"),
+    "timeout": Expect(E, "nothing decisive happened within the time bound"),
+    "refused": Expect(E, "cannot connect to the target"),
+    "bad-greeting": Expect(E, "the target's greeting is not a ready greeting"),
+    "starttls-refused": Expect(E, "the target refused STARTTLS"),
+    "stoptls-refused": Expect(E, "the target refused STOPTLS although it offers it"),
+    "handshake-failed": Expect(E, "the TLS handshake failed"),
+    "unexpected-reply": Expect(E, "the target answered something the scenario cannot classify"),
+    "closed-before-fault": Expect(E, "the target closed the connection before the fault"),
+}
+
+_STARTTLS = (S("connect"), S("hello"), S("require", cap="STARTTLS"))
+_UPGRADE = (*_STARTTLS, S("starttls"), S("handshake"), S("hello"))
+
+_SERVER: List[Scenario] = [
+    Scenario(
+        id="server.command-injection",
+        title="Plaintext command pipelined with STARTTLS in one segment",
+        role="server",
+        rule=Rule.R1,
+        reference="CVE-2011-0411; CVE-2024-34083; RFC 3207 §4.2; RFC 3501 §6.2.1",
+        reason="A command received before the handshake must never run inside TLS.",
+        steps=(
+            *_STARTTLS,
+            S("starttls", fault=True, inject=True, segment="same"),
+            S("handshake"),
+            S("sentinel"),
+            S("quit"),
+        ),
+        expect={
+            "closed": Expect(P, "refused the injected command by closing the connection"),
+            "completed": Expect(P, "discarded the injected command"),
+            "injection-answered": Expect(F, "executed a command injected before the handshake"),
+        },
+    ),
+    Scenario(
+        id="server.command-injection-split",
+        title="Plaintext command after STARTTLS in its own segment, before the ClientHello",
+        role="server",
+        rule=Rule.R1,
+        reference="CVE-2011-0411; RFC 3207 §4.2",
+        reason="Injected plaintext may arrive in a later read than STARTTLS itself.",
+        steps=(
+            *_STARTTLS,
+            S("starttls", fault=True, inject=True, segment="separate"),
+            S("handshake"),
+            S("sentinel"),
+            S("quit"),
+        ),
+        expect={
+            "closed": Expect(P, "refused the injected command by closing the connection"),
+            "completed": Expect(P, "discarded the injected command"),
+            "injection-answered": Expect(F, "executed a command injected before the handshake"),
+        },
+    ),
+    Scenario(
+        id="server.command-injection-multi",
+        title="Several plaintext commands pipelined with STARTTLS",
+        role="server",
+        rule=Rule.R1,
+        reference="CVE-2011-0411; 'NO STARTTLS' (USENIX Security 2021)",
+        reason="A buffer of several commands must be dropped as a whole.",
+        steps=(
+            *_STARTTLS,
+            S("starttls", fault=True, inject=True, segment="same", count=3),
+            S("handshake"),
+            S("sentinel"),
+            S("quit"),
+        ),
+        expect={
+            "closed": Expect(P, "refused the injected commands by closing the connection"),
+            "completed": Expect(P, "discarded the injected commands"),
+            "injection-answered": Expect(F, "executed commands injected before the handshake"),
+        },
+    ),
+    Scenario(
+        id="server.plaintext-in-tls",
+        title="Plaintext command while TLS is up",
+        role="server",
+        rule=Rule.R2,
+        reference="RFC 8446 §5.1; RFC 5246 §6.2",
+        reason="Bytes that are not TLS records must end the connection unanswered.",
+        steps=(*_UPGRADE, S("raw-sentinel", fault=True), S("expect-close")),
+        expect={
+            "closed": Expect(P, "closed the connection on plaintext inside TLS"),
+            "plaintext-answered": Expect(F, "answered a plaintext command while TLS was up"),
+        },
+    ),
+    Scenario(
+        id="server.starttls-in-tls",
+        title="A second STARTTLS inside TLS",
+        role="server",
+        rule=Rule.R8,
+        reference="RFC 3207 §4.2; RFC 3501 §6.2.1",
+        reason="STARTTLS is not offered inside TLS; a second upgrade must be refused.",
+        steps=(*_UPGRADE, S("command", fault=True, what="starttls", refuse=True), S("quit")),
+        expect={
+            "completed": Expect(P, "refused a second STARTTLS inside TLS"),
+            "closed": Expect(P, "closed the connection on a second STARTTLS"),
+            "accepted": Expect(F, "accepted STARTTLS inside TLS"),
+        },
+    ),
+    Scenario(
+        id="server.stoptls-outside-tls",
+        title="STOPTLS in plaintext",
+        role="server",
+        rule=Rule.R3,
+        reference="closure-rules.md (STOPTLS)",
+        reason="There is no TLS to end; accepting it would confuse the state machine.",
+        steps=(*_STARTTLS, S("command", fault=True, what="stoptls", refuse=True), S("quit")),
+        expect={
+            "completed": Expect(P, "refused STOPTLS outside TLS"),
+            "closed": Expect(P, "closed the connection on STOPTLS outside TLS"),
+            "accepted": Expect(F, "accepted STOPTLS outside TLS"),
+        },
+    ),
+    Scenario(
+        id="server.one-sided-close",
+        title="close_notify and a plaintext command in one segment",
+        role="server",
+        rule=Rule.R4,
+        reference="RFC 5246 §7.2.1; RFC 4511 §4.14.3",
+        reason="Plaintext sent before the closure was answered is not from a closed TLS session.",
+        steps=(*_UPGRADE, S("close-then-sentinel", fault=True), S("expect-close")),
+        expect={
+            "closed": Expect(P, "refused plaintext that followed close_notify unanswered"),
+            "plaintext-answered": Expect(F, "answered plaintext sent right after close_notify"),
+        },
+    ),
+    Scenario(
+        id="server.one-sided-close-stoptls",
+        title="STOPTLS, then close_notify and plaintext in one segment",
+        role="server",
+        rule=Rule.R4,
+        reference="closure-rules.md (STOPTLS); RFC 4511 §4.14.3",
+        reason="Even after STOPTLS, plaintext may only follow the server's close_notify.",
+        steps=(
+            *_UPGRADE,
+            S("require", cap="STOPTLS"),
+            S("stoptls"),
+            S("close-then-sentinel", fault=True),
+            S("expect-close"),
+        ),
+        expect={
+            "closed": Expect(P, "refused plaintext that did not wait for its close_notify"),
+            "plaintext-answered": Expect(F, "resumed plaintext on a one-sided closure"),
+        },
+    ),
+    Scenario(
+        id="server.plaintext-after-close",
+        title="Bidirectional closure without STOPTLS, then plaintext",
+        role="server",
+        rule=Rule.R3,
+        reference="RFC 3207 §4.2; RFC 8446 §6.1",
+        reason="A protocol without a return to plaintext must close TCP after the closure.",
+        steps=(*_UPGRADE, S("unwrap", fault=True), S("plain-sentinel"), S("expect-close")),
+        expect={
+            "closed": Expect(P, "closed the connection after the TLS closure"),
+            "plaintext-answered": Expect(F, "answered plaintext after TLS ended without STOPTLS"),
+        },
+    ),
+    Scenario(
+        id="server.data-after-close-notify",
+        title="After the client's close_notify the server sends nothing but its own",
+        role="server",
+        rule=Rule.R3,
+        reference="RFC 8446 §6.1; RFC 5246 §7.2.1",
+        reason="Plaintext written onto a connection that was in TLS is unprotected data.",
+        steps=(*_UPGRADE, S("close-notify-only", fault=True), S("expect-silent-close")),
+        expect={
+            "closed": Expect(P, "answered close_notify and closed without writing plaintext"),
+            "spoke-after-close": Expect(F, "wrote plaintext after the TLS closure"),
+        },
+    ),
+    Scenario(
+        id="server.truncation",
+        title="TCP FIN in the middle of a message under TLS",
+        role="server",
+        rule=Rule.R6,
+        reference="RFC 8446 §6.1; RFC 5321 §4.1.1.4",
+        reason="A unit cut by a truncation must be discarded, never treated as complete.",
+        steps=(*_UPGRADE, S("truncate-unit", fault=True), S("check-storage")),
+        expect={
+            "not-stored": Expect(P, "discarded the truncated message"),
+            "stored-truncated": Expect(F, "stored a message cut by a truncation"),
+        },
+    ),
+    Scenario(
+        id="server.alert-then-plaintext",
+        title="A fatal alert followed by a plaintext command",
+        role="server",
+        rule=Rule.R7,
+        reference="RFC 8446 §6.2; RFC 5246 §7.2.2",
+        reason="Only close_notify ends TLS for a return to plaintext; an error alert ends it all.",
+        steps=(*_UPGRADE, S("alert-then-sentinel", fault=True), S("expect-close")),
+        expect={
+            "closed": Expect(P, "ended the connection after the alert"),
+            "plaintext-answered": Expect(
+                F, "took a fatal alert for a closure and resumed plaintext"
+            ),
+        },
+    ),
+    Scenario(
+        id="server.close-notify-reply",
+        title="STOPTLS closure: the server answers close_notify at once",
+        role="server",
+        rule=Rule.R5,
+        reference="RFC 5246 §7.2.1; RFC 4511 §4.14.3; closure-rules.md (STOPTLS)",
+        reason="The responder must answer with its own close_notify before anything else.",
+        steps=(
+            *_UPGRADE,
+            S("require", cap="STOPTLS"),
+            S("stoptls"),
+            S("unwrap", fault=True),
+            S("greeting"),
+            S("quit"),
+        ),
+        expect={
+            "completed": Expect(P, "answered close_notify and then greeted in plaintext"),
+            "close-notify-not-answered": Expect(
+                W, "closed TCP instead of answering close_notify (no data exposed)"
+            ),
+            "closed": Expect(W, "closed the connection instead of returning to plaintext"),
+        },
+    ),
+    Scenario(
+        id="server.stoptls-cycle",
+        title="Positive control: three STARTTLS/STOPTLS cycles on one connection",
+        role="server",
+        rule=Rule.R3,
+        reference="closure-rules.md (STOPTLS)",
+        reason="The conforming path must work, or every refusal above means nothing.",
+        steps=(
+            *_UPGRADE,
+            S("require", cap="STOPTLS"),
+            *(
+                step
+                for _ in range(3)
+                for step in (
+                    S("sentinel"),
+                    S("stoptls"),
+                    S("unwrap"),
+                    S("greeting"),
+                    S("hello"),
+                    S("sentinel"),
+                    S("starttls"),
+                    S("handshake"),
+                    S("hello"),
+                )
+            ),
+            S("quit"),
+        ),
+        expect={
+            "completed": Expect(P, "three STARTTLS/STOPTLS cycles worked"),
+            "closed": Expect(F, "the conforming STOPTLS path broke"),
+            "close-notify-not-answered": Expect(F, "the conforming STOPTLS path broke"),
+        },
+    ),
+    Scenario(
+        id="server.state-reset",
+        title="Protocol state is reset at STARTTLS and at STOPTLS",
+        role="server",
+        rule=Rule.R8,
+        reference="RFC 3207 §4.2; RFC 3501 §6.2.1; RFC 9051 §6.2.1",
+        reason="Knowledge from one phase must never be trusted in the next.",
+        steps=(
+            *_STARTTLS,
+            S("starttls"),
+            S("handshake"),
+            S("state-probe", fault=True, after="starttls"),
+            S("hello"),
+            S("login", optional=True),
+            S("stoptls", if_cap="STOPTLS"),
+            S("unwrap", if_cap="STOPTLS"),
+            S("greeting", if_cap="STOPTLS"),
+            S("state-probe", after="stoptls", if_cap="STOPTLS"),
+            S("quit"),
+        ),
+        expect={
+            "completed": Expect(P, "required a new hello/login after each transition"),
+            "state-kept": Expect(F, "kept session state across a TLS transition"),
+            "closed": Expect(E, "the target closed the connection during the state check"),
+        },
+    ),
+]
+
+CATALOGUE: Tuple[Scenario, ...] = tuple(_SERVER)
+
+
+def by_id(scenario_id: str) -> Scenario:
+    for s in CATALOGUE:
+        if s.id == scenario_id:
+            return s
+    raise KeyError(scenario_id)
+
+
+def select(
+    patterns: Optional[List[str]] = None,
+    *,
+    role: Optional[str] = None,
+    dialect: Optional[str] = None,
+    catalogue: Tuple[Scenario, ...] = CATALOGUE,
+) -> List[Scenario]:
+    """Scenarios whose id matches any glob in ``patterns`` (all if None)."""
+    import fnmatch
+
+    chosen = []
+    for s in catalogue:
+        if role is not None and s.role != role:
+            continue
+        if dialect is not None and dialect not in s.dialects:
+            continue
+        if patterns and not any(fnmatch.fnmatchcase(s.id, p) for p in patterns):
+            continue
+        chosen.append(s)
+    return chosen

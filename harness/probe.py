@@ -1,0 +1,305 @@
+"""The harness as a (misbehaving) client of a server under test.
+
+A :class:`Probe` is one connection to the target.  It speaks the dialect
+through the engine, records every byte each way as evidence, and turns the
+target's reactions into exceptions the scenario interpreter can classify:
+:class:`PeerClosed` (EOF, reset, alert, failed handshake, or a rule the
+*target* broke and our strict engine caught) and :class:`ProbeTimeout`
+(nothing decisive happened within the bound).  Every wait is bounded by
+:attr:`ProbeSettings.reply_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+from typing import FrozenSet, Optional
+
+from harness.aio import ConnectionEnded, SwitchableTransport, Timeouts, open_connection
+from harness.dialects import Dialect, Reply
+from harness.engine import (
+    AlertReceived,
+    CloseNotifyReceived,
+    CloseNotifySent,
+    Event,
+    HandshakeFailed,
+    PlaintextData,
+    Policy,
+    Rule,
+    TLSData,
+    Violation,
+)
+from harness.verdicts import Evidence
+
+__all__ = ["PeerClosed", "Probe", "ProbeSettings", "ProbeTimeout"]
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """Bounds of one probe connection (seconds)."""
+
+    connect_timeout: float = 5.0
+    reply_timeout: float = 5.0
+    handshake_timeout: float = 5.0
+    #: Largest reply the probe buffers before calling the target hostile.
+    max_buffer: int = 1 << 20
+
+
+class PeerClosed(Exception):
+    """The target ended the connection; ``how`` says in which way.
+
+    ``how`` is ``eof``, ``reset``, ``alert``, ``handshake`` or ``violation``
+    (then ``rule`` names the rule the target broke, as seen by our engine).
+    """
+
+    def __init__(self, how: str, detail: str, rule: Optional[Rule] = None) -> None:
+        super().__init__(detail)
+        self.how = how
+        self.detail = detail
+        self.rule = rule
+
+
+class ProbeTimeout(Exception):
+    """Nothing decisive arrived within the bound."""
+
+
+class _ProbeProtocol(asyncio.Protocol):
+    def __init__(self, probe: Probe) -> None:
+        self.probe = probe
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        self.probe._on_data(data)
+
+    def eof_received(self) -> bool:
+        self.probe._on_closed(None)
+        return False
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.probe._on_closed(exc)
+
+    def engine_event(self, event: Event) -> None:
+        self.probe._on_event(event)
+
+
+class Probe:
+    """One scripted client connection to a server under test."""
+
+    def __init__(
+        self,
+        dialect: Dialect,
+        host: str,
+        port: int,
+        *,
+        client_context: ssl.SSLContext,
+        server_hostname: Optional[str],
+        evidence: Evidence,
+        settings: ProbeSettings = ProbeSettings(),
+        policy: Optional[Policy] = None,
+    ) -> None:
+        self.dialect = dialect
+        self.host = host
+        self.port = port
+        self.ctx = client_context
+        self.server_hostname = server_hostname
+        self.evidence = evidence
+        self.settings = settings
+        #: Strict by default: faults are *sent* with write_raw/inject, which
+        #: bypass the rules, while everything *received* is judged strictly.
+        self.policy = policy or Policy.strict()
+        self.transport: Optional[SwitchableTransport] = None
+        self.capabilities: FrozenSet[str] = frozenset()
+        self._buf = b""
+        self._changed = asyncio.Event()
+        self._closed: Optional[PeerClosed] = None
+
+    # ------------------------------------------------------------ callbacks
+
+    def _on_data(self, data: bytes) -> None:
+        self._buf += data
+        if len(self._buf) > self.settings.max_buffer:
+            self._closed = PeerClosed("violation", "target sent more than the reply bound")
+            if self.transport is not None:
+                self.transport.abort()
+        self._changed.set()
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, TLSData):
+            self.evidence.add("s2c", "tls" if event.protected else "plaintext", event.data)
+        elif isinstance(event, PlaintextData):
+            self.evidence.add("s2c", "plaintext", event.data)
+        elif isinstance(event, CloseNotifyReceived):
+            self.evidence.add("s2c", "close_notify")
+        elif isinstance(event, CloseNotifySent):
+            self.evidence.add("c2s", "close_notify")
+        elif isinstance(event, AlertReceived):
+            self.evidence.add("s2c", "alert", note=event.description)
+        elif isinstance(event, Violation):
+            self.evidence.add("s2c", "note", event.data, f"{event.rule.value}: {event.message}")
+            if event.enforced and self._closed is None:
+                # The adapter is closing the connection; decide now, not at
+                # connection_lost, so no step acts on a broken engine.
+                self._closed = self._classify(ConnectionEnded(event))
+                self._changed.set()
+
+    def _on_closed(self, exc: Optional[BaseException]) -> None:
+        if self._closed is None:
+            self._closed = self._classify(exc)
+            self.evidence.add("s2c", "eof", note=self._closed.detail)
+        self._changed.set()
+
+    def _classify(self, exc: Optional[BaseException]) -> PeerClosed:
+        if isinstance(exc, ConnectionEnded):
+            event = exc.event
+            if isinstance(event, Violation):
+                if event.rule is Rule.R6:
+                    return PeerClosed("eof", "target closed TCP while TLS was up", event.rule)
+                if event.rule is Rule.R5:
+                    return PeerClosed(
+                        "eof", "target closed TCP without answering close_notify", event.rule
+                    )
+                return PeerClosed(
+                    "violation", f"target broke {event.rule.value}: {event.message}", event.rule
+                )
+            if isinstance(event, AlertReceived):
+                return PeerClosed("alert", f"target sent alert {event.description}")
+            if isinstance(event, HandshakeFailed):
+                return PeerClosed("handshake", f"TLS handshake failed: {event.reason}")
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+            return PeerClosed("reset", "target reset the connection")
+        if exc is not None:
+            return PeerClosed("reset", f"connection lost: {exc}")
+        return PeerClosed("eof", "target closed the connection")
+
+    # ------------------------------------------------------------- actions
+
+    async def connect(self) -> Reply:
+        try:
+            self.transport, _ = await asyncio.wait_for(
+                open_connection(
+                    lambda: _ProbeProtocol(self),
+                    self.host,
+                    self.port,
+                    policy=self.policy,
+                    timeouts=Timeouts(
+                        handshake=self.settings.handshake_timeout,
+                        closure=self.settings.reply_timeout,
+                        connect=self.settings.connect_timeout,
+                    ),
+                ),
+                self.settings.connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise PeerClosed(
+                "refused", f"cannot connect to {self.host}:{self.port}: {exc}"
+            ) from exc
+        return await self.reply(greeting=True)
+
+    def write(self, data: bytes, kind: str = "") -> None:
+        """Send ``data`` in the current phase (plaintext or under TLS)."""
+        t = self._t()
+        self.ensure_open()
+        self.evidence.add("c2s", kind or ("tls" if t.tls_active else "plaintext"), data)
+        t.write(data)
+
+    def inject(self, data: bytes) -> None:
+        """Bytes onto the wire around every rule (marked in the evidence)."""
+        self.ensure_open()
+        self.evidence.add("c2s", "injected", data)
+        self._t().write_raw(data)
+
+    async def reply(self, *, greeting: bool = False, tag: Optional[str] = None) -> Reply:
+        """The next complete reply; raises PeerClosed or ProbeTimeout."""
+        deadline = asyncio.get_running_loop().time() + self.settings.reply_timeout
+        while True:
+            expect = None if greeting else tag
+            if self.dialect.name == "imap" and not greeting and tag is None:
+                expect = "*"  # any tagged line completes a reply
+            reply, rest = self.dialect.split_reply(self._buf, expect)
+            if reply is not None:
+                self._buf = rest
+                return reply
+            if self._closed is not None:
+                raise self._closed
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise ProbeTimeout(f"no complete reply within {self.settings.reply_timeout:g} s")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                continue
+
+    async def command(self, data: bytes) -> Reply:
+        self.write(data)
+        return await self.reply(tag=self.dialect.tag_of(data))
+
+    async def hello(self) -> Reply:
+        reply = await self.command(self.dialect.hello())
+        self.capabilities = self.dialect.capabilities(reply)
+        return reply
+
+    async def handshake(self) -> None:
+        t = self._t()
+        self.ensure_open()
+        try:
+            await t.start_tls(
+                self.ctx,
+                server_side=False,
+                server_hostname=self.server_hostname,
+                timeout=self.settings.handshake_timeout,
+            )
+        except asyncio.TimeoutError as exc:
+            raise ProbeTimeout(str(exc)) from exc
+        except (ConnectionError, OSError) as exc:
+            raise self._closed or self._classify(exc) from exc
+        self.evidence.note(f"TLS up: {t.tls_version}")
+
+    async def unwrap(self) -> None:
+        self.ensure_open()
+        try:
+            await self._t().unwrap(timeout=self.settings.reply_timeout)
+        except asyncio.TimeoutError as exc:
+            raise ProbeTimeout("the target did not answer close_notify in time") from exc
+        except (ConnectionError, OSError) as exc:
+            raise self._closed or self._classify(exc) from exc
+        self.evidence.note("TLS closed both ways; plaintext resumes")
+
+    async def wait_closed(self) -> PeerClosed:
+        """Wait (bounded) for the target to end the connection."""
+        deadline = asyncio.get_running_loop().time() + self.settings.reply_timeout
+        while self._closed is None:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise ProbeTimeout("the target kept the connection open")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                continue
+        return self._closed
+
+    @property
+    def closed(self) -> Optional[PeerClosed]:
+        return self._closed
+
+    @property
+    def pending(self) -> bytes:
+        return self._buf
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def ensure_open(self) -> None:
+        """Acting on a connection the target already ended is not allowed."""
+        if self._closed is not None:
+            raise self._closed
+
+    def _t(self) -> SwitchableTransport:
+        if self.transport is None:
+            raise RuntimeError("probe is not connected")
+        return self.transport
