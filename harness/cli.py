@@ -9,13 +9,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import signal
 import sys
 import tempfile
+import time
+import urllib.parse
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, TextIO, Tuple
 
 from harness import __version__
+
+if TYPE_CHECKING:
+    from harness.verdicts import Result
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -28,6 +34,9 @@ return to plaintext after a bidirectional close_notify (rules R1-R9 of the
 closure spec).
 
 examples:
+  starttls-harness check                      # every scenario vs the built-in reference peers
+  starttls-harness check smtp://127.0.0.1:2525 --cafile ca.pem --json report.json
+  starttls-harness check imap://127.0.0.1:143 --only 'server.command-injection*'
   starttls-harness serve smtp                 # strict reference SMTP server
   starttls-harness serve imap --port 1143 --tls-version 1.3
   starttls-harness serve smtp --behaviour keep-buffer   # a known-bad peer
@@ -101,6 +110,94 @@ def _add_states(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.set_defaults(func=cmd_states)
 
 
+def _add_check(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "check",
+        help="run the conformance catalogue against a server (default: the reference peers)",
+        description=(
+            "Run the scenario catalogue against a server under test and print a verdict per "
+            "scenario and TLS version: pass, fail (a rule that protects data was broken), warn "
+            "(a deviation that exposes nothing), skip (not applicable) or error (could not "
+            "decide). Without TARGET, the built-in strict reference servers (SMTP and IMAP) "
+            "are started and checked: every scenario should pass."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "exit status: 0 nothing failed or errored, 1 a scenario failed, "
+            "2 a scenario errored or wrong usage\n\n"
+            "examples:\n"
+            "  starttls-harness check\n"
+            "  starttls-harness check smtp://127.0.0.1:25 --tls-version 1.3 --evidence ev/\n"
+            "  starttls-harness check imap://127.0.0.1:143 --user u --password p --junit-xml j.xml"
+        ),
+    )
+    p.add_argument(
+        "target",
+        nargs="?",
+        metavar="TARGET",
+        help="smtp://HOST:PORT or imap://HOST:PORT (default: the built-in reference servers)",
+    )
+    p.add_argument(
+        "--tls-version",
+        choices=("1.2", "1.3", "all"),
+        default="all",
+        help="TLS version(s) to test (default: all)",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="PATTERN",
+        help="run only scenario ids matching this glob (repeatable), e.g. 'server.*close*'",
+    )
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the JSON report here")
+    p.add_argument("--junit-xml", type=Path, metavar="PATH", help="write JUnit XML here")
+    p.add_argument(
+        "--evidence",
+        type=Path,
+        metavar="DIR",
+        help="write a ladder diagram and the TLS key log for every non-passing result",
+    )
+    p.add_argument(
+        "--cafile",
+        type=Path,
+        help="verify the target's certificate with this CA (default: no verification)",
+    )
+    p.add_argument(
+        "--server-name",
+        default=None,
+        help="TLS server name to send and verify (default: the target host)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="hard bound for one scenario (default: %(default)s)",
+    )
+    p.add_argument(
+        "--reply-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="bound for one reply, close or handshake (default: %(default)s)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=8,
+        help="scenarios run at once against one target (default: %(default)s)",
+    )
+    p.add_argument("--user", help="test user, for scenarios that log in")
+    p.add_argument("--password", help="password of the test user")
+    p.add_argument(
+        "--rcpt",
+        default="postmaster@localhost",
+        help="SMTP recipient for scenarios that send mail (default: %(default)s)",
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_check)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="starttls-harness",
@@ -109,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_check(sub)
     _add_serve(sub)
     _add_behaviours(sub)
     _add_states(sub)
@@ -199,6 +297,149 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return EXIT_ERROR
     return EXIT_OK
+
+
+def parse_target(text: str) -> Tuple[str, str, int]:
+    """``smtp://HOST:PORT`` -> (dialect, host, port), or UsageError."""
+    parsed = urllib.parse.urlsplit(text)
+    if parsed.scheme not in ("smtp", "imap"):
+        raise UsageError(f"target {text!r}: use smtp://HOST:PORT or imap://HOST:PORT")
+    try:
+        port = parsed.port
+    except ValueError:
+        raise UsageError(f"target {text!r}: the port is not a number") from None
+    if not parsed.hostname or port is None:
+        raise UsageError(f"target {text!r}: HOST and PORT are both required")
+    return parsed.scheme, parsed.hostname, port
+
+
+class _Progress:
+    """One updating line on a terminal; one line per result otherwise."""
+
+    def __init__(self, total: int, out: TextIO, quiet: bool) -> None:
+        self.total = total
+        self.done = 0
+        self.out = out
+        self.quiet = quiet
+        self.tty = out.isatty()
+
+    def __call__(self, result: Result) -> None:
+        self.done += 1
+        if self.quiet:
+            return
+        line = (
+            f"[{self.done:>3}/{self.total}] {result.verdict.value:<5} "
+            f"{result.id} ({result.dialect}, TLS {result.tls_version})"
+        )
+        if self.tty:
+            self.out.write("\r\033[K" + line)
+            if self.done == self.total:
+                self.out.write("\r\033[K")
+        else:
+            self.out.write(line + "\n")
+        self.out.flush()
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from harness.catalogue import select
+    from harness.report import (
+        summary_table,
+        to_json,
+        to_junit,
+        write_evidence,
+        write_json,
+        write_junit,
+    )
+    from harness.runner import RunSettings, ServerTarget, run_server_target
+    from harness.verdicts import Verdict
+
+    versions = ("1.2", "1.3") if args.tls_version == "all" else (args.tls_version,)
+    if args.timeout <= 0 or args.reply_timeout <= 0 or args.concurrency < 1:
+        raise UsageError("--timeout and --reply-timeout must be > 0, --concurrency >= 1")
+    if args.cafile is not None and not args.cafile.is_file():
+        raise UsageError(f"--cafile {args.cafile}: no such file")
+    scenarios = select(args.only, role="server")
+    if not scenarios:
+        raise UsageError(f"--only {args.only}: no scenario matches")
+    settings = RunSettings(
+        scenario_timeout=args.timeout,
+        reply_timeout=args.reply_timeout,
+        connect_timeout=args.reply_timeout,
+        concurrency=args.concurrency,
+        keylog_dir=(args.evidence / "keys") if args.evidence else None,
+    )
+    started = datetime.datetime.now(datetime.timezone.utc)
+    t0 = time.monotonic()
+    out = sys.stdout
+
+    async def against(targets: List[ServerTarget]) -> List[Result]:
+        total = sum(
+            1
+            for t in targets
+            for v in versions
+            for s in scenarios
+            if t.dialect in s.dialects and v in s.tls_versions
+        )
+        progress = _Progress(total, sys.stderr, args.quiet)
+        results: List[Result] = []
+        for target in targets:
+            results += await run_server_target(scenarios, target, settings, progress, versions)
+        return results
+
+    async def main() -> Tuple[str, List[Result]]:
+        if args.target is None:
+            from harness.reference import reference_servers
+
+            async with reference_servers() as targets:
+                out.write("checking the built-in reference servers: ")
+                out.write(", ".join(t.url for t in targets) + "\n")
+                return "reference peers", await against(targets)
+        dialect, host, port = parse_target(args.target)
+        target = ServerTarget(
+            dialect=dialect,
+            host=host,
+            port=port,
+            cafile=args.cafile,
+            server_hostname=args.server_name or host,
+            user=args.user,
+            password=args.password,
+            rcpt=args.rcpt,
+        )
+        await _reachable(host, port, args.reply_timeout)
+        if args.cafile is None:
+            out.write("note: the target's certificate is NOT verified (give --cafile to verify)\n")
+        out.write(f"checking {target.url}\n")
+        return target.url, await against([target])
+
+    label, results = asyncio.run(main())
+    duration = time.monotonic() - t0
+    summary_table(results, out, color=out.isatty())
+    out.write(f"{len(results)} scenario runs in {duration:.2f} s\n")
+    if args.json:
+        write_json(args.json, to_json(results, target=label, started=started, duration=duration))
+    if args.junit_xml:
+        write_junit(args.junit_xml, to_junit(results, target=label, duration=duration))
+    if args.evidence:
+        written = write_evidence(results, args.evidence)
+        out.write(f"evidence: {len(written)} files in {args.evidence}\n")
+    verdicts = {r.verdict for r in results}
+    if Verdict.ERROR in verdicts:
+        return EXIT_ERROR
+    if Verdict.FAIL in verdicts:
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+async def _reachable(host: str, port: int, timeout: float) -> None:
+    """Fail fast, in one line, when nothing listens at the target."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or "timed out"
+        raise UsageError(f"cannot connect to {host}:{port}: {reason}") from None
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
 
 
 def _set_done(fut: asyncio.Future[None]) -> None:
