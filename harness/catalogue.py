@@ -240,6 +240,7 @@ _SERVER: List[Scenario] = [
         steps=(*_UPGRADE, S("unwrap", fault=True), S("plain-sentinel"), S("expect-close")),
         expect={
             "closed": Expect(P, "closed the connection after the TLS closure"),
+            "close-notify-not-answered": Expect(P, "closed the connection instead of resuming"),
             "plaintext-answered": Expect(F, "answered plaintext after TLS ended without STOPTLS"),
         },
     ),
