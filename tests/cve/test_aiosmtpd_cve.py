@@ -55,10 +55,14 @@ def test_installed_version_is_the_one_under_test() -> None:
         assert aiosmtpd.__version__ == VERSION
 
 
-@pytest.mark.parametrize("scenario_id", ["server.command-injection", "server.command-injection-multi"])
+@pytest.mark.parametrize(
+    "scenario_id", ["server.command-injection", "server.command-injection-multi"]
+)
 def test_command_injection_verdict(pki: Pki, tls_version: str, scenario_id: str) -> None:
     result = asyncio.run(check(pki, scenario_id, tls_version))
-    ladder: List[str] = [f"{e.direction} {e.kind} {e.data!r} {e.note}" for e in result.evidence.exchanges]
+    ladder: List[str] = [
+        f"{e.direction} {e.kind} {e.data!r} {e.note}" for e in result.evidence.exchanges
+    ]
     assert result.verdict.value == EXPECT, "\n".join([result.summary, *ladder])
     if EXPECT == "fail":
         assert result.rule == "R1"
