@@ -366,7 +366,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         reply_timeout=args.reply_timeout,
         connect_timeout=args.reply_timeout,
         concurrency=args.concurrency,
-        keylog_dir=(args.evidence / "keys") if args.evidence else None,
+        keylog_dir=Path(tempfile.mkdtemp(prefix="starttls-keys-")) if args.evidence else None,
     )
     started = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.monotonic()
