@@ -198,6 +198,42 @@ def _add_check(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.set_defaults(func=cmd_check)
 
 
+def _add_proxy(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "proxy",
+        help="run the on-path fault injector between any client and server",
+        description=(
+            "Relay TCP between a client and a server, follow the dialect's STARTTLS/STOPTLS and "
+            "the TLS records, apply the given faults at named protocol points and log every "
+            "unit relayed and every fault applied, one line each. Under TLS 1.3 give --keylog "
+            "(SSLKEYLOGFILE of the client or server) so close_notify can be recognised by "
+            "decryption; without it the proxy guesses by position and says so."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "examples:\n"
+            "  starttls-harness proxy --listen 127.0.0.1:2526 --upstream 127.0.0.1:2525 \\\n"
+            "      --fault inject-after-starttls:c2s\n"
+            "  starttls-harness proxy --listen 127.0.0.1:1144 --upstream 127.0.0.1:1143 \\\n"
+            "      --dialect imap --keylog keys.log --fault drop-close-notify-s2c\n"
+            "  starttls-harness proxy --list-faults"
+        ),
+    )
+    p.add_argument("--listen", metavar="HOST:PORT", help="where the client connects")
+    p.add_argument("--upstream", metavar="HOST:PORT", help="the real server")
+    p.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a fault to apply (repeatable); see --list-faults",
+    )
+    p.add_argument("--dialect", choices=("smtp", "imap"), default="smtp")
+    p.add_argument("--keylog", type=Path, help="TLS key log (SSLKEYLOGFILE format)")
+    p.add_argument("--list-faults", action="store_true", help="list the fault names and exit")
+    p.set_defaults(func=cmd_proxy)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="starttls-harness",
@@ -208,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_check(sub)
     _add_serve(sub)
+    _add_proxy(sub)
     _add_behaviours(sub)
     _add_states(sub)
     return parser
@@ -440,6 +477,53 @@ async def _reachable(host: str, port: int, timeout: float) -> None:
     writer.close()
     with contextlib.suppress(OSError):
         await writer.wait_closed()
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    from harness import proxy
+
+    if args.list_faults:
+        for name, text in proxy.FAULT_NAMES.items():
+            print(f"  {name:<28} {text}")
+        return EXIT_OK
+    if not args.listen or not args.upstream:
+        raise UsageError("proxy needs --listen HOST:PORT and --upstream HOST:PORT")
+    try:
+        faults = [proxy.parse_fault(f) for f in args.fault]
+        listen = proxy.parse_address(args.listen)
+        upstream = proxy.parse_address(args.upstream)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+
+        def started(p: proxy.Proxy) -> None:
+            host, port = p.address[:2]
+            print(f"proxy on {host}:{port} -> {args.upstream} ({args.dialect}); Ctrl-C stops it")
+            print("faults: " + (", ".join(str(f) for f in faults) or "none"), flush=True)
+
+        await proxy.run_proxy(
+            listen,
+            upstream,
+            args.dialect,
+            faults,
+            args.keylog,
+            sys.stdout,
+            stop=stop,
+            on_start=started,
+        )
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        print(f"starttls-harness: proxy: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 def _set_done(fut: asyncio.Future[None]) -> None:

@@ -2271,3 +2271,7 @@ async def run_proxy(
         with contextlib.suppress(asyncio.TimeoutError):
             await proxy.wait_closed()
     return proxy
+
+
+#: Public name of the HOST:PORT parser (the CLI uses it).
+parse_address = _parse_address
