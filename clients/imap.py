@@ -1,0 +1,732 @@
+"""Reference IMAP client: STARTTLS, the STOPTLS extension, and misbehaviours.
+
+Why not a library.  The brief says to use a well-kept IMAP library where it
+fits; none does:
+
+* ``imaplib`` (stdlib) is built on blocking sockets: ``starttls()`` wraps the
+  socket with ``SSLContext.wrap_socket`` and replaces its buffered reader, so
+  plaintext read ahead at the upgrade is silently dropped (R1 can be neither
+  checked nor reported), and it has no way back to plaintext.  It cannot run
+  on :class:`harness.aio.SwitchableTransport`; the tests use it as an
+  independent interoperability peer of the reference server instead.
+* ``aioimaplib`` (2.0.3 inspected) has no STARTTLS at all -- TLS only at
+  connect time through ``loop.create_connection(ssl=...)`` -- keeps partial
+  responses in private buffers (``incomplete_line``), and adding STARTTLS
+  would mean ``loop.start_tls``, which cannot return to plaintext and hides
+  leftover bytes.
+
+So this client is small and written for the harness: an ``asyncio.Protocol``
+on the switchable transport, with the IMAP tokenizer and line reader shared
+with :mod:`servers.imap`.
+
+Rules it keeps (``shared/spec/closure-rules.md``):
+
+* R1: before sending STARTTLS it arms ``hold_after`` for the tagged answer
+  line; plaintext after that line is the leftover, which the engine refuses
+  (:class:`StartTLSError` with the ``ConnectionEnded`` cause).
+* R3-R5: ``stoptls()`` sends STOPTLS (nothing pipelined), expects the tagged
+  OK, ``await transport.unwrap()`` (sends close_notify and waits for the
+  server's), then reads the server's new ``* OK`` greeting and re-reads
+  CAPABILITY.  A server that writes plaintext before the closure is complete
+  or hangs up instead of answering makes it raise ``ConnectionEnded`` with
+  the rule.  A close_notify the server sends first is answered at once.
+* R8: capabilities, authentication and the selected mailbox are discarded at
+  every transition; CAPABILITY is re-read after STARTTLS and STOPTLS.
+* R9: with ``require_tls=True`` (the default) it aborts with
+  :class:`TLSRequired` when STARTTLS is not offered, refused or fails, and
+  never sends LOGIN in plaintext.  :class:`StopTLSNotSupported` is raised,
+  without sending anything, when STOPTLS is not advertised.
+
+Behaviours (``BEHAVIOURS``; each breaks exactly one rule):
+
+* ``strict`` -- follows every rule.
+* ``accept-injected-response`` (R1) -- ``Policy.relaxing(R1)``: plaintext
+  after the STARTTLS answer is taken as if it had come inside TLS.
+* ``plaintext-in-tls`` (R2) -- ``Policy.relaxing(R2)``: plaintext received
+  while TLS is up is taken as a server response.
+* ``one-sided-close`` (R4) -- ``stoptls()`` sends its close_notify and the next
+  command (CAPABILITY) in one segment, without waiting for the server's
+  close_notify (``Policy.relaxing(R4)``).
+* ``no-close-notify-reply`` (R5) -- ``Policy.relaxing(R5)``: a close_notify the
+  server sends first is not answered; the client closes TCP instead.
+* ``no-state-reset`` (R8) -- keeps the capabilities (and login state) learned
+  before a transition and does not re-read them: after STARTTLS it trusts
+  the plaintext CAPABILITY list.
+* ``downgrade`` (R9) -- when STARTTLS is not offered or refused despite
+  ``require_tls``, carries on in plaintext and sends LOGIN in the clear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from dataclasses import dataclass, field
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
+
+from harness.aio import ConnectionEnded, SwitchableTransport, Timeouts, open_connection
+from harness.engine import CloseNotifyReceived, ClosureComplete, Event, Rule
+from harness.states import State
+from servers.base import STRICT, Behaviour, behaviour_named
+from servers.imap import (
+    LITERAL_AT_END,
+    Atom,
+    LineReader,
+    ParseError,
+    Token,
+    quote,
+    tokenize,
+)
+
+__all__ = [
+    "BEHAVIOURS",
+    "CommandError",
+    "FetchResult",
+    "ImapClient",
+    "ImapError",
+    "ImapProtocolError",
+    "LoginDisabled",
+    "Mailbox",
+    "Response",
+    "StartTLSError",
+    "StopTLSNotSupported",
+    "TLSRequired",
+    "Untagged",
+]
+
+BEHAVIOURS: Dict[str, Behaviour] = {
+    b.name: b
+    for b in (
+        STRICT,
+        Behaviour(
+            "accept-injected-response",
+            Rule.R1,
+            "takes plaintext sent after the STARTTLS answer as a TLS response",
+            (Rule.R1,),
+        ),
+        Behaviour(
+            "plaintext-in-tls",
+            Rule.R2,
+            "takes plaintext received while TLS is up as a response",
+            (Rule.R2,),
+        ),
+        Behaviour(
+            "one-sided-close",
+            Rule.R4,
+            "sends the next command right after its close_notify without waiting",
+            (Rule.R4,),
+        ),
+        Behaviour(
+            "no-close-notify-reply",
+            Rule.R5,
+            "closes TCP instead of answering the server's close_notify",
+            (Rule.R5,),
+        ),
+        Behaviour(
+            "no-state-reset",
+            Rule.R8,
+            "keeps capabilities learned before STARTTLS/STOPTLS",
+        ),
+        Behaviour(
+            "downgrade",
+            Rule.R9,
+            "logs in in plaintext when STARTTLS is not offered despite require_tls",
+        ),
+    )
+}
+
+
+# ------------------------------------------------------------------ errors
+
+
+class ImapError(Exception):
+    """Base class of the client's errors."""
+
+
+class CommandError(ImapError):
+    """The server answered NO or BAD."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(f"{response.tag} {response.status} {response.text}")
+        self.response = response
+
+
+class ImapProtocolError(ImapError):
+    """The server sent something IMAP does not allow here."""
+
+
+class StartTLSError(ImapError):
+    """STARTTLS is not offered, was refused, or TLS could not be negotiated."""
+
+
+class TLSRequired(StartTLSError):
+    """R9: TLS is required and could not be had; the connection is closed."""
+
+
+class StopTLSNotSupported(ImapError):
+    """The server does not advertise STOPTLS (nothing was sent)."""
+
+
+class LoginDisabled(ImapError):
+    """The server advertises LOGINDISABLED."""
+
+
+# --------------------------------------------------------------- responses
+
+
+@dataclass
+class Untagged:
+    """One untagged response, literals inline in ``raw``."""
+
+    raw: bytes
+    tokens: List[Token]
+
+    @property
+    def keyword(self) -> str:
+        """``CAPABILITY``, ``OK``, ``FETCH`` (for ``* 3 FETCH``), ..."""
+        words = [t for t in self.tokens[:2] if isinstance(t, Atom)]
+        if words and bytes(words[0]).isdigit() and len(words) > 1:
+            return bytes(words[1]).decode("ascii", "replace").upper()
+        return bytes(words[0]).decode("ascii", "replace").upper() if words else ""
+
+
+@dataclass
+class Response:
+    """A tagged completion with the untagged responses that preceded it."""
+
+    tag: str
+    status: str
+    text: str
+    code: Optional[str] = None
+    untagged: List[Untagged] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "OK"
+
+
+@dataclass
+class Mailbox:
+    name: str
+    exists: int
+    read_only: bool
+    uidvalidity: Optional[int] = None
+
+
+@dataclass
+class FetchResult:
+    seq: int
+    items: Dict[str, Token]
+
+    @property
+    def body(self) -> Optional[bytes]:
+        """The whole message (``RFC822`` or ``BODY[]``), if fetched."""
+        for name in ("RFC822", "BODY[]"):
+            value = self.items.get(name)
+            if isinstance(value, bytes):
+                return bytes(value)
+        return None
+
+    @property
+    def flags(self) -> Tuple[str, ...]:
+        value = self.items.get("FLAGS")
+        if not isinstance(value, list):
+            return ()
+        return tuple(bytes(v).decode("ascii", "replace") for v in value if isinstance(v, bytes))
+
+
+_STATUS = re.compile(rb"(OK|NO|BAD|BYE|PREAUTH)(?: \[([^\]]*)\])? ?(.*?)\r?\n?\Z", re.I | re.S)
+_UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d{1,10})\]", re.I)
+_ATOM_SAFE = re.compile(r"[!#$&'+-\[^-z|}~]+\Z")
+
+#: An argument of :meth:`ImapClient.command`: ``str`` is sent verbatim
+#: (atoms, lists, already quoted strings); ``bytes`` is sent as a literal.
+Arg = Union[str, bytes]
+
+
+def astring(value: str) -> str:
+    """``value`` as an IMAP astring: an atom when safe, else quoted."""
+    if _ATOM_SAFE.match(value):
+        return value
+    return quote(value).decode("utf-8")
+
+
+def _number(token: Token) -> int:
+    if not isinstance(token, Atom) or not token.isdigit():
+        raise ImapProtocolError(f"expected a number, got {token!r}")
+    return int(token)
+
+
+def _capabilities(tokens: Sequence[Token]) -> FrozenSet[str]:
+    return frozenset(
+        bytes(t).decode("ascii", "replace").upper() for t in tokens if isinstance(t, bytes)
+    )
+
+
+# ---------------------------------------------------------------- protocol
+
+
+class _ClientProtocol(asyncio.Protocol):
+    """Feeds the line reader; watches the engine for closures."""
+
+    def __init__(self, behaviour: Behaviour, max_line: int) -> None:
+        self.behaviour = behaviour
+        self.reader = LineReader(max_line)
+        self.transport: Optional[SwitchableTransport] = None
+        loop = asyncio.get_running_loop()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self.closure: Optional[asyncio.Future[None]] = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, SwitchableTransport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+
+    def eof_received(self) -> None:
+        self.reader.feed_eof()
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        lost = exc or ConnectionResetError("the server closed the connection")
+        self.reader.set_exception(lost)
+        if self.closure is not None and not self.closure.done():
+            self.closure.set_exception(lost)
+            self.closure.exception()
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def engine_event(self, event: Event) -> None:
+        if isinstance(event, ClosureComplete):
+            if self.closure is not None and not self.closure.done():
+                self.closure.set_result(None)
+        elif (
+            isinstance(event, CloseNotifyReceived)
+            and not self.behaviour.policy.enforces(Rule.R5)
+            and self.transport is not None
+            and self.transport.engine.state is State.CLOSE_RECEIVED
+        ):
+            # no-close-notify-reply: hang up instead of answering (R5 broken).
+            self.transport.close()
+
+
+# ------------------------------------------------------------------ client
+
+
+class ImapClient:
+    """An IMAP client on the switchable transport (see the module docstring).
+
+    Create it with :meth:`connect`.  Transport failures surface as
+    ``ConnectionError`` (:class:`harness.aio.ConnectionEnded` carries the
+    rule when a violation ended the connection).
+    """
+
+    def __init__(
+        self,
+        transport: SwitchableTransport,
+        protocol: _ClientProtocol,
+        *,
+        behaviour: Behaviour = STRICT,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        server_hostname: Optional[str] = None,
+        require_tls: bool = True,
+        timeout: float = 10.0,
+        max_literal: int = 16 << 20,
+    ) -> None:
+        self.transport = transport
+        self.protocol = protocol
+        self.behaviour = behaviour
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.require_tls = require_tls
+        self.timeout = timeout
+        self.max_literal = max_literal
+        self.greeting: Optional[Untagged] = None
+        #: What the server advertised in the current phase (None: not known).
+        self.capabilities: Optional[FrozenSet[str]] = None
+        self.authenticated = False
+        self.selected: Optional[str] = None
+        #: STARTTLS upgrades done; ``downgraded`` says why TLS was skipped.
+        self.upgrades = 0
+        self.downgraded: Optional[str] = None
+        self._tag = 0
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        server_hostname: Optional[str] = None,
+        require_tls: bool = True,
+        behaviour: str = "strict",
+        timeout: float = 10.0,
+        timeouts: Optional[Timeouts] = None,
+        max_line: int = 1 << 16,
+        max_literal: int = 16 << 20,
+    ) -> ImapClient:
+        """Connect and read the greeting."""
+        chosen = behaviour_named(BEHAVIOURS, behaviour)
+        protocol = _ClientProtocol(chosen, max_line)
+        transport, _ = await open_connection(
+            lambda: protocol,
+            host,
+            port,
+            policy=chosen.policy,
+            timeouts=timeouts or Timeouts(),
+        )
+        client = cls(
+            transport,
+            protocol,
+            behaviour=chosen,
+            ssl_context=ssl_context,
+            server_hostname=server_hostname or host,
+            require_tls=require_tls,
+            timeout=timeout,
+            max_literal=max_literal,
+        )
+        try:
+            await client._read_greeting(learn=True)
+        except BaseException:
+            transport.abort()
+            raise
+        return client
+
+    async def __aenter__(self) -> ImapClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # ----------------------------------------------------------- commands
+
+    async def capability(self) -> FrozenSet[str]:
+        """Ask the server; the answer replaces what was known."""
+        self.capabilities = None
+        await self._run("CAPABILITY")
+        if self.capabilities is None:
+            raise ImapProtocolError("CAPABILITY answered without a capability list")
+        return self.capabilities
+
+    async def noop(self) -> Response:
+        return await self._run("NOOP")
+
+    async def starttls(self, ssl_context: Optional[ssl.SSLContext] = None) -> bool:
+        """Upgrade to TLS; True once TLS is up (False only for ``downgrade``)."""
+        context = ssl_context or self.ssl_context
+        if context is None:
+            raise ValueError("no ssl_context given")
+        if self.transport.tls_active:
+            raise ImapError("TLS is already active")
+        caps = await self._known_capabilities()
+        if "STARTTLS" not in caps:
+            return self._without_tls("the server does not offer STARTTLS")
+        tag = self._next_tag()
+        prefix = tag + b" "
+        # R1: whatever follows our tagged answer line is held, not read.
+        self.transport.hold_after(lambda line: line.startswith(prefix), once=True)
+        self._write(tag + b" STARTTLS\r\n")
+        response = await self._read_response(tag)
+        if not response.ok:
+            self.transport.release_held()
+            return self._without_tls(f"STARTTLS refused: {response.status} {response.text}")
+        leftover = self.protocol.reader.take_pending()
+        try:
+            await self.transport.start_tls(
+                context,
+                server_side=False,
+                server_hostname=self.server_hostname,
+                leftover=leftover,
+                timeout=self.timeout,
+            )
+        except (ConnectionError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            self.transport.abort()
+            error = TLSRequired if self.require_tls else StartTLSError
+            raise error(f"TLS could not be started: {exc}") from exc
+        self.upgrades += 1
+        if self._transition():
+            await self.capability()
+        return True
+
+    async def stoptls(self) -> None:
+        """Return to plaintext with the bidirectional closure (R3-R5)."""
+        if not self.transport.tls_active:
+            raise ImapError("STOPTLS needs an active TLS session")
+        caps = await self._known_capabilities()
+        if "STOPTLS" not in caps:
+            raise StopTLSNotSupported("the server does not advertise STOPTLS")
+        await self._run("STOPTLS")
+        if self.transport.engine.state is not State.TLS:
+            # The answer came, and the same read broke a rule (e.g. the
+            # server's plaintext greeting glued to its close_notify).
+            raise self._ended("TLS ended before STOPTLS completed")
+        if self.protocol.reader.pending:
+            self.transport.abort()
+            raise ImapProtocolError("the server sent data after its STOPTLS answer")
+        if self.behaviour.name == "one-sided-close":
+            await self._one_sided_stoptls()
+            return
+        await self.transport.unwrap(timeout=self.timeout)
+        reset = self._transition()
+        await self._read_greeting(learn=reset)
+        if reset:
+            await self.capability()
+
+    async def _one_sided_stoptls(self) -> None:
+        """R4 broken: close_notify and the next command in one segment."""
+        loop = asyncio.get_running_loop()
+        self.protocol.closure = loop.create_future()
+        tag = self._next_tag()
+        with self.transport.corked():
+            self.transport.events.extend(self.transport.engine.unwrap())
+            self.transport.write(tag + b" CAPABILITY\r\n")
+        await asyncio.wait_for(self.protocol.closure, self.timeout)
+        self._transition()
+        await self._read_greeting(learn=True)
+        await self._read_response(tag)
+
+    async def login(self, user: str, password: str) -> Response:
+        """LOGIN; refused locally in plaintext when TLS is required (R9)."""
+        self._guard_credentials()
+        caps = await self._known_capabilities()
+        if "LOGINDISABLED" in caps:
+            raise LoginDisabled("the server advertises LOGINDISABLED")
+        response = await self._run("LOGIN", astring(user), quote(password).decode("utf-8"))
+        self.authenticated = True
+        return response
+
+    async def select(self, mailbox: str = "INBOX", *, readonly: bool = False) -> Mailbox:
+        verb = "EXAMINE" if readonly else "SELECT"
+        response = await self._run(verb, astring(mailbox))
+        exists, uidvalidity = 0, None
+        for item in response.untagged:
+            if item.keyword == "EXISTS":
+                exists = _number(item.tokens[0])
+            found = _UIDVALIDITY.search(item.raw)
+            if item.keyword == "OK" and found is not None:
+                uidvalidity = int(found.group(1))
+        self.selected = mailbox
+        read_only = (response.code or "").upper().startswith("READ-ONLY")
+        return Mailbox(mailbox, exists, read_only or readonly, uidvalidity)
+
+    async def append(
+        self,
+        message: bytes,
+        mailbox: str = "INBOX",
+        *,
+        flags: Sequence[str] = (),
+        date_time: Optional[str] = None,
+    ) -> Response:
+        args: List[Arg] = [astring(mailbox)]
+        if flags:
+            args.append("(" + " ".join(flags) + ")")
+        if date_time is not None:
+            args.append(quote(date_time).decode("ascii"))
+        args.append(bytes(message))
+        return await self._run("APPEND", *args)
+
+    async def fetch(
+        self, message_set: Union[int, str], items: str = "(RFC822)"
+    ) -> List[FetchResult]:
+        response = await self._run("FETCH", str(message_set), items)
+        results = []
+        for item in response.untagged:
+            if item.keyword != "FETCH" or len(item.tokens) < 3:
+                continue
+            values = item.tokens[2]
+            if not isinstance(values, list) or len(values) % 2:
+                raise ImapProtocolError("malformed FETCH response")
+            pairs: Dict[str, Token] = {}
+            for name, value in zip(values[::2], values[1::2]):
+                if not isinstance(name, bytes):
+                    raise ImapProtocolError("malformed FETCH item name")
+                pairs[bytes(name).decode("ascii", "replace").upper()] = value
+            results.append(FetchResult(_number(item.tokens[0]), pairs))
+        return results
+
+    async def logout(self) -> Response:
+        response = await self._run("LOGOUT", check=False)
+        await self.aclose()
+        return response
+
+    async def command(self, name: str, *args: Arg, check: bool = True) -> Response:
+        """Any other command (``str`` args verbatim, ``bytes`` as literals)."""
+        verb = name.upper()
+        if verb in ("STARTTLS", "STOPTLS"):
+            raise ValueError(f"use {verb.lower()}(): the transport has to switch")
+        if verb in ("LOGIN", "AUTHENTICATE"):
+            self._guard_credentials()
+        return await self._run(verb, *args, check=check)
+
+    def close(self) -> None:
+        """Close (one-way close_notify under TLS, then TCP FIN)."""
+        self.transport.close()
+
+    async def aclose(self) -> None:
+        """Close and wait (bounded) until the connection is gone."""
+        self.transport.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.protocol.lost), self.timeout)
+        except asyncio.TimeoutError:
+            self.transport.abort()
+
+    # ------------------------------------------------------- internals
+
+    def _ended(self, what: str) -> ConnectionError:
+        """The error that ended the connection (the violation, if one did)."""
+        enforced = [v for v in self.transport.violations if v.enforced]
+        if enforced:
+            return ConnectionEnded(enforced[-1])
+        return ConnectionResetError(what)
+
+    def _guard_credentials(self) -> None:
+        if (
+            not self.transport.tls_active
+            and self.require_tls
+            and self.behaviour.name != "downgrade"
+        ):
+            raise TLSRequired("refusing to send credentials in plaintext (require_tls)")
+
+    def _without_tls(self, reason: str) -> bool:
+        if self.behaviour.name == "downgrade":
+            self.downgraded = reason
+            return False
+        if self.require_tls:
+            self.transport.close()
+            raise TLSRequired(reason)
+        raise StartTLSError(reason)
+
+    def _transition(self) -> bool:
+        """R8 after STARTTLS/STOPTLS; False when ``no-state-reset`` keeps it."""
+        if self.behaviour.name == "no-state-reset":
+            return False
+        self.selected = None
+        self.capabilities = None
+        self.authenticated = False
+        return True
+
+    async def _known_capabilities(self) -> FrozenSet[str]:
+        if self.capabilities is None:
+            return await self.capability()
+        return self.capabilities
+
+    def _next_tag(self) -> bytes:
+        self._tag += 1
+        return b"a%d" % self._tag
+
+    def _write(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            raise ConnectionResetError("the connection is closed")
+        self.transport.write(data)
+
+    async def _run(self, name: str, *args: Arg, check: bool = True) -> Response:
+        tag = self._next_tag()
+        line = tag + b" " + name.encode("ascii")
+        early: List[Untagged] = []
+        for arg in args:
+            if isinstance(arg, str):
+                line += b" " + arg.encode("utf-8")
+                continue
+            plus = "LITERAL+" in (self.capabilities or ())
+            line += b" {%d%s}\r\n" % (len(arg), b"+" if plus else b"")
+            if not plus:
+                self._write(line)
+                line = b""
+                refused = await self._continuation(tag, early)
+                if refused is not None:
+                    return self._checked(refused, check)
+            line += arg
+        self._write(line + b"\r\n")
+        response = await self._read_response(tag)
+        response.untagged[:0] = early
+        return self._checked(response, check)
+
+    @staticmethod
+    def _checked(response: Response, check: bool) -> Response:
+        if check and not response.ok:
+            raise CommandError(response)
+        return response
+
+    async def _continuation(self, tag: bytes, early: List[Untagged]) -> Optional[Response]:
+        """Wait for ``+`` after a synchronizing literal; a tagged answer refuses it."""
+        while True:
+            unit = await self._read_unit()
+            if unit.startswith(b"+"):
+                return None
+            response = self._classify(unit, tag)
+            if isinstance(response, Response):
+                response.untagged[:0] = early
+                return response
+            early.append(response)
+
+    async def _read_response(self, tag: bytes) -> Response:
+        untagged: List[Untagged] = []
+        while True:
+            unit = await self._read_unit()
+            if unit.startswith(b"+"):
+                raise ImapProtocolError(f"unexpected continuation request: {unit[:80]!r}")
+            item = self._classify(unit, tag)
+            if isinstance(item, Response):
+                item.untagged[:0] = untagged
+                return item
+            untagged.append(item)
+
+    async def _read_unit(self) -> bytes:
+        """One response line with its literals inline."""
+        reader = self.protocol.reader
+        line = await reader.read_line(self.timeout)
+        raw = bytearray(line)
+        while True:
+            announced = LITERAL_AT_END.search(line)
+            if announced is None:
+                return bytes(raw)
+            size = int(announced.group(1))
+            if size > self.max_literal:
+                self.transport.abort()
+                raise ImapProtocolError(f"literal of {size} bytes exceeds {self.max_literal}")
+            raw += await reader.read_exactly(size, self.timeout)
+            line = await reader.read_line(self.timeout)
+            raw += line
+
+    def _classify(self, unit: bytes, tag: bytes, learn: bool = True) -> Union[Untagged, Response]:
+        if unit.startswith(b"* "):
+            try:
+                tokens = tokenize(unit, 2)
+            except ParseError as exc:
+                raise ImapProtocolError(f"malformed response {unit[:80]!r}: {exc}") from exc
+            item = Untagged(unit, tokens)
+            if not learn:
+                return item
+            if item.keyword == "CAPABILITY":
+                self.capabilities = _capabilities(tokens[1:])
+            status = _STATUS.match(unit, 2)
+            if status is not None:
+                self._learn_code(status.group(2))
+            return item
+        if not unit.startswith(tag + b" "):
+            raise ImapProtocolError(f"unexpected response {unit[:80]!r} (waiting for {tag!r})")
+        status = _STATUS.match(unit, len(tag) + 1)
+        if status is None or status.group(1).upper() not in (b"OK", b"NO", b"BAD"):
+            raise ImapProtocolError(f"malformed completion {unit[:80]!r}")
+        code = status.group(2)
+        self._learn_code(code)
+        return Response(
+            tag.decode("ascii"),
+            status.group(1).upper().decode("ascii"),
+            status.group(3).decode("utf-8", "replace"),
+            code.decode("utf-8", "replace") if code is not None else None,
+        )
+
+    def _learn_code(self, code: Optional[bytes]) -> None:
+        if code is not None and code.upper().startswith(b"CAPABILITY "):
+            self.capabilities = _capabilities(code.split()[1:])
+
+    async def _read_greeting(self, *, learn: bool) -> None:
+        unit = await self._read_unit()
+        item = self._classify(unit, b"*", learn=learn) if unit.startswith(b"* ") else None
+        if not isinstance(item, Untagged) or item.keyword not in ("OK", "PREAUTH"):
+            self.transport.abort()
+            raise ImapProtocolError(f"unexpected greeting {unit[:80]!r}")
+        self.greeting = item
+        self.authenticated = self.authenticated or item.keyword == "PREAUTH"
