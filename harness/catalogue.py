@@ -364,6 +364,10 @@ _SERVER: List[Scenario] = [
         expect={
             "completed": Expect(P, "required a new hello/login after each transition"),
             "state-kept": Expect(F, "kept session state across a TLS transition"),
+            "close-notify-not-answered": Expect(
+                W,
+                "reset at STARTTLS; the STOPTLS side could not be reached (close_notify unanswered)",
+            ),
             "closed": Expect(E, "the target closed the connection during the state check"),
         },
     ),
