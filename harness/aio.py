@@ -381,13 +381,18 @@ class SwitchableTransport(asyncio.Transport):
             ):
                 self._end(ConnectionEnded(event))
         if self.engine.state is State.BROKEN and not self._closing:
-            self._end(ConnectionEnded(self._last_failure()))
+            failure = self._last_failure()
+            if failure is None:
+                self.close()  # e.g. a relaxed peer took an EOF for a closure
+            else:
+                self._end(ConnectionEnded(failure))
 
-    def _last_failure(self) -> Event:
+    def _last_failure(self) -> Optional[Event]:
         for event in reversed(self.events):
             if isinstance(event, (Violation, HandshakeFailed, AlertReceived)):
-                return event
-        return Violation(Rule.R2, "TLS layer broken")  # pragma: no cover
+                if not isinstance(event, Violation) or event.enforced:
+                    return event
+        return None
 
     def _end(self, exc: ConnectionEnded) -> None:
         """Close TCP because of the peer; fail pending waits with ``exc``."""

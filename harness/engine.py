@@ -286,6 +286,17 @@ def _header_problem(buf: Union[bytes, bytearray]) -> Optional[str]:
     return None
 
 
+def _tls_resumes_at(data: bytes) -> int:
+    """Where a TLS handshake record starts after plaintext lines, or len(data)."""
+    pos = data.find(b"\n")
+    while pos >= 0:
+        start = pos + 1
+        if data[start : start + 1] == b"\x16" and _header_problem(data[start : start + 5]) is None:
+            return start
+        pos = data.find(b"\n", start)
+    return len(data)
+
+
 def _is_peer_alert(exc: ssl.SSLError) -> bool:
     reason = getattr(exc, "reason", None) or ""
     return "ALERT" in reason and (
@@ -629,6 +640,15 @@ class Connection:
         else:
             rule, what = Rule.R2, "bytes that are not TLS records while TLS is up"
         enforced = self.policy.enforces(rule)
+        if not enforced and rule is Rule.R1:
+            # Misbehaving peer: the plaintext runs after the handshake, as if it
+            # had come through TLS; a ClientHello glued to it goes on to OpenSSL.
+            cut = _tls_resumes_at(data)
+            data, self._rx[:] = data[:cut], data[cut:]
+            self._events.append(Violation(rule, f"{what} ({problem})", data, enforced))
+            self._relaxed_leftover += data
+            self._process_records()
+            return
         self._events.append(Violation(rule, f"{what} ({problem})", data, enforced))
         if enforced:
             self._fail()

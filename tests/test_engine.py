@@ -506,3 +506,30 @@ def test_transcript_keeps_every_byte(pki: Pki, tls_version: str) -> None:
     pair.server.start_tls(pki.server_context(tls_version), server_side=True)
     incoming = b"".join(s.data for s in pair.server.transcript if s.direction == "in")
     assert incoming == b"STARTTLS\r\nRSET\r\n"
+
+
+def test_r1_relaxed_plaintext_glued_to_client_hello(pki: Pki, tls_version: str) -> None:
+    """Injected plaintext and the ClientHello in one read: the relaxed peer
+    runs the plaintext after the handshake and still completes it."""
+    server = Connection(Policy.relaxing(Rule.R1))
+    server.hold_after(is_starttls)
+    server.receive_data(b"STARTTLS\r\n")
+    server.start_tls(pki.server_context(tls_version), server_side=True)
+    client = Connection()
+    client.start_tls(
+        pki.client_context(tls_version), server_side=False, server_hostname="localhost"
+    )
+    events = server.receive_data(b"RSET\r\n" + client.data_to_send())
+    pair = Pair(client, server, server_events=list(events))
+    pair.pump()
+    assert any(isinstance(e, HandshakeComplete) for e in pair.server_events)
+    assert TLSData(b"RSET\r\n", protected=False) in pair.server_events
+    strict = Connection()
+    strict.hold_after(is_starttls)
+    strict.receive_data(b"STARTTLS\r\n")
+    strict.start_tls(pki.server_context(tls_version), server_side=True)
+    other = Connection()
+    other.start_tls(pki.client_context(tls_version), server_side=False, server_hostname="localhost")
+    refused = strict.receive_data(b"RSET\r\n" + other.data_to_send())
+    assert [(v.rule, v.data[:6]) for v in violations(refused)] == [(Rule.R1, b"RSET\r\n")]
+    assert strict.state is State.BROKEN
