@@ -1,0 +1,235 @@
+"""pytest plugin: run the conformance catalogue inside a downstream test suite.
+
+Registered through the ``pytest11`` entry point (``starttls_harness``), so it
+is active wherever starttls-harness is installed.  A downstream project
+writes one test function that asks for ``starttls_result`` and overrides
+``starttls_server`` to start *its* server; the plugin turns that function
+into one pytest test per scenario x TLS version::
+
+    import contextlib
+    import pytest
+    from harness.runner import ServerTarget
+
+    @pytest.fixture
+    def starttls_server():
+        @contextlib.asynccontextmanager
+        async def start(pki, tls_version):   # runs on the scenario's loop
+            server = await my_smtp_server.start("127.0.0.1", 0, pki.certfile, pki.keyfile)
+            try:
+                yield ServerTarget("smtp", "127.0.0.1", server.port, cafile=pki.cafile)
+            finally:
+                await server.stop()
+        return start
+
+    @pytest.mark.starttls(dialect="smtp", expect={"server.stoptls-cycle": "skip"})
+    def test_starttls(starttls_result):
+        starttls_result.check()
+
+Fixtures (all overridable): ``starttls_pki`` (a throwaway CA and server
+certificate, written 0600, per session), ``starttls_host`` (the address to
+bind, 127.0.0.1), ``starttls_settings`` (time bounds),
+``starttls_server`` (an async context manager factory that starts the
+server under test and yields a :class:`~harness.runner.ServerTarget`;
+default: the strict reference server of the marker's dialect).
+
+The server factory runs on the same event loop as the scenario; any
+exception that escapes one of its tasks is re-raised in the test, so a
+crash of the server under test is never mistaken for a refusal.
+It works under pytest-xdist: each test is self-contained and every worker
+makes its own certificates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import (
+    Any,
+    AsyncContextManager,
+    AsyncIterator,
+    Callable,
+    Dict,
+    List,
+    Optional,
+    Tuple,
+)
+
+import pytest
+
+from harness.catalogue import CATALOGUE, Scenario, select
+from harness.certs import Pki, make_pki
+from harness.report import ladder
+from harness.runner import RunSettings, ServerTarget, run_server_scenario
+from harness.verdicts import Result, Verdict
+
+__all__ = ["ScenarioOutcome", "ServerFactory"]
+
+ServerFactory = Callable[[Pki, str], AsyncContextManager[ServerTarget]]
+
+MARKER = "starttls"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "starttls(dialect='smtp', role='server', only=None, tls_versions=('1.2', '1.3'), "
+        "expect=None): run the starttls-harness catalogue for this test function; "
+        "'only' is a list of scenario-id globs, 'expect' maps scenario ids to the verdict "
+        "they are allowed to have instead of 'pass'.",
+    )
+
+
+@dataclass(frozen=True)
+class _Options:
+    dialect: str
+    role: str
+    only: Optional[List[str]]
+    tls_versions: Tuple[str, ...]
+    expect: Dict[str, str]
+
+
+def _options(node: Any) -> _Options:
+    marker = node.get_closest_marker(MARKER) if node is not None else None
+    kwargs: Dict[str, Any] = dict(marker.kwargs) if marker is not None else {}
+    return _Options(
+        dialect=kwargs.get("dialect", "smtp"),
+        role=kwargs.get("role", "server"),
+        only=kwargs.get("only"),
+        tls_versions=tuple(kwargs.get("tls_versions", ("1.2", "1.3"))),
+        expect=dict(kwargs.get("expect") or {}),
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """One test per scenario x TLS version for functions using the plugin."""
+    if "starttls_scenario" not in metafunc.fixturenames:
+        return
+    opts = _options(metafunc.definition)
+    if opts.role != "server":
+        raise pytest.UsageError(f"starttls marker: role {opts.role!r} is not supported here")
+    scenarios = select(opts.only, role=opts.role, dialect=opts.dialect)
+    params = [
+        pytest.param((s.id, v), id=f"{s.id}-tls{v}")
+        for s in scenarios
+        for v in opts.tls_versions
+        if v in s.tls_versions
+    ]
+    if not params:
+        raise pytest.UsageError(f"starttls marker selects no scenario: {opts}")
+    metafunc.parametrize("starttls_scenario", params)
+
+
+@pytest.fixture(scope="session")
+def starttls_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A throwaway CA and server certificate (per session, per xdist worker)."""
+    return make_pki(directory=tmp_path_factory.mktemp("starttls-pki"))
+
+
+@pytest.fixture
+def starttls_host() -> str:
+    """Where the server under test listens (loopback)."""
+    return "127.0.0.1"
+
+
+@pytest.fixture
+def starttls_settings() -> RunSettings:
+    """Time bounds of one scenario; override to tune for a slow server."""
+    return RunSettings(reply_timeout=5.0, scenario_timeout=20.0, sanity=False)
+
+
+@pytest.fixture
+def starttls_server(request: pytest.FixtureRequest, starttls_host: str) -> ServerFactory:
+    """Start the server under test.  Default: the strict reference server."""
+    dialect = _options(request.node).dialect
+
+    @contextlib.asynccontextmanager
+    async def reference(pki: Pki, tls_version: str) -> AsyncIterator[ServerTarget]:
+        from harness.reference import server_module
+        from servers.base import ServerConfig
+
+        config = ServerConfig(pki=pki, host=starttls_host)
+        running = await server_module(dialect).start_server(config)
+        try:
+            yield ServerTarget(
+                dialect,
+                running.host,
+                running.port,
+                cafile=pki.cafile,
+                user=config.user,
+                password=config.password,
+                storage_count=lambda: len(running.messages),
+            )
+        finally:
+            await running.close()
+
+    return reference
+
+
+@dataclass
+class ScenarioOutcome:
+    """What ``starttls_result`` gives the test: the result and its check."""
+
+    scenario: Scenario
+    result: Result
+    allowed: Verdict
+
+    def check(self) -> None:
+        """Pass, skip, or fail the pytest test with the evidence ladder."""
+        verdict = self.result.verdict
+        if verdict is self.allowed:
+            if verdict is Verdict.SKIP:
+                pytest.skip(self.result.summary)
+            return
+        if verdict is Verdict.SKIP:
+            pytest.skip(self.result.summary)
+        pytest.fail(
+            f"{self.scenario.id} (TLS {self.result.tls_version}): expected "
+            f"{self.allowed.value}, got {verdict.value}\n\n{ladder(self.result)}",
+            pytrace=False,
+        )
+
+
+@pytest.fixture
+def starttls_result(
+    request: pytest.FixtureRequest,
+    starttls_scenario: Tuple[str, str],
+    starttls_pki: Pki,
+    starttls_server: ServerFactory,
+    starttls_settings: RunSettings,
+) -> ScenarioOutcome:
+    """Run this test's scenario against the server under test."""
+    scenario_id, tls_version = starttls_scenario
+    scenario = next(s for s in CATALOGUE if s.id == scenario_id)
+    opts = _options(request.node)
+    allowed = Verdict(opts.expect.get(scenario_id, "pass"))
+    if starttls_pki.cafile is None:
+        starttls_pki.write(Path(tempfile.mkdtemp(prefix="starttls-pki-")))
+    result = asyncio.run(
+        _run(scenario, tls_version, starttls_pki, starttls_server, starttls_settings)
+    )
+    return ScenarioOutcome(scenario, result, allowed)
+
+
+async def _run(
+    scenario: Scenario,
+    tls_version: str,
+    pki: Pki,
+    factory: ServerFactory,
+    settings: RunSettings,
+) -> Result:
+    loop = asyncio.get_running_loop()
+    errors: List[BaseException] = []
+
+    def on_error(_: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
+        exc = context.get("exception")
+        errors.append(exc if exc is not None else RuntimeError(context.get("message", "")))
+
+    loop.set_exception_handler(on_error)
+    async with factory(pki, tls_version) as target:
+        result = await run_server_scenario(scenario, target, tls_version, settings)
+    if errors:
+        raise errors[0]
+    return result

@@ -1,0 +1,118 @@
+"""The pytest plugin, exercised with pytester as a downstream project would."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+CONFORMANCE = """
+import pytest
+
+@pytest.mark.starttls(dialect="{dialect}", only={only!r}, tls_versions=("1.2", "1.3"))
+def test_conformance(starttls_result):
+    starttls_result.check()
+"""
+
+MISBEHAVING = """
+import contextlib
+import pytest
+from harness.runner import ServerTarget
+from servers.base import ServerConfig
+from servers.smtp import start_server
+
+@pytest.fixture
+def starttls_server():
+    @contextlib.asynccontextmanager
+    async def start(pki, tls_version):
+        running = await start_server(ServerConfig(pki=pki, behaviour="keep-buffer"))
+        try:
+            yield ServerTarget("smtp", running.host, running.port, cafile=pki.cafile)
+        finally:
+            await running.close()
+    return start
+
+@pytest.mark.starttls(dialect="smtp", only=["server.command-injection", "server.stoptls-cycle"],
+                      tls_versions=("1.3",))
+def test_conformance(starttls_result):
+    starttls_result.check()
+"""
+
+
+def test_markers_are_registered(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--markers")
+    result.stdout.fnmatch_lines(["@pytest.mark.starttls(*"])
+
+
+@pytest.mark.parametrize("dialect", ["smtp", "imap"])
+def test_one_test_per_scenario_and_version(pytester: pytest.Pytester, dialect: str) -> None:
+    pytester.makepyfile(CONFORMANCE.format(dialect=dialect, only=["server.command-injection*"]))
+    result = pytester.runpytest("-v", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=6)
+    result.stdout.fnmatch_lines(
+        ["*test_conformance?server.command-injection-split-tls1.3? PASSED*"]
+    )
+
+
+def test_failing_server_fails_with_the_ladder(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(MISBEHAVING)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*server.command-injection (TLS 1.3): expected pass, got fail*",
+            "*INJECTED*XHARNESS-INJECTED*",
+        ]
+    )
+
+
+def test_expect_marker_allows_a_known_verdict(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        MISBEHAVING.replace(
+            'tls_versions=("1.3",))',
+            'tls_versions=("1.3",), expect={"server.command-injection": "fail"})',
+        )
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+
+
+def test_server_side_errors_are_raised_in_the_test(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import asyncio, contextlib
+        import pytest
+        from harness.runner import ServerTarget
+        from servers.base import ServerConfig
+        from servers.smtp import start_server
+
+        @pytest.fixture
+        def starttls_server():
+            @contextlib.asynccontextmanager
+            async def start(pki, tls_version):
+                running = await start_server(ServerConfig(pki=pki))
+                asyncio.get_running_loop().call_soon(lambda: 1 / 0)  # the server crashes
+                try:
+                    yield ServerTarget("smtp", running.host, running.port, cafile=pki.cafile)
+                finally:
+                    await running.close()
+            return start
+
+        @pytest.mark.starttls(dialect="smtp", only=["server.stoptls-cycle"], tls_versions=("1.3",))
+        def test_conformance(starttls_result):
+            starttls_result.check()
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*ZeroDivisionError*"])
+
+
+def test_works_under_xdist(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        CONFORMANCE.format(dialect="smtp", only=["server.command-injection*", "server.*close*"])
+    )
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed", 0) >= 10
+    assert "failed" not in outcomes and "error" not in outcomes
