@@ -146,7 +146,7 @@ def test_check_names_the_failing_scenario(tmp_path: Path) -> None:
 
 
 def test_unreachable_target_is_one_clear_line() -> None:
-    code, out, err = run_cli("check", "smtp://127.0.0.1:1", "--reply-timeout", "2")
+    code, _out, err = run_cli("check", "smtp://127.0.0.1:1", "--reply-timeout", "2")
     assert code == 2
     assert "cannot connect to 127.0.0.1:1" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
