@@ -366,7 +366,7 @@ _SERVER: List[Scenario] = [
             "state-kept": Expect(F, "kept session state across a TLS transition"),
             "close-notify-not-answered": Expect(
                 W,
-                "reset at STARTTLS; the STOPTLS side could not be reached (close_notify unanswered)",
+                "reset at STARTTLS; STOPTLS side unreachable (close_notify unanswered)",
             ),
             "closed": Expect(E, "the target closed the connection during the state check"),
         },

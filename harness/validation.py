@@ -19,6 +19,9 @@ __all__ = ["SERVER_EXPECTED", "mismatches", "validate_server"]
 
 F, W = Verdict.FAIL, Verdict.WARN
 
+#: Bounds for validation runs: generous, never waited on by a conforming peer.
+VALIDATION_SETTINGS = RunSettings(reply_timeout=3.0, scenario_timeout=10.0)
+
 _STOPTLS_BROKEN = {
     "server.close-notify-reply": F,
     "server.stoptls-cycle": F,
@@ -77,7 +80,7 @@ async def validate_server(
     behaviour: str,
     tls_versions: Sequence[str] = ("1.2", "1.3"),
     scenarios: Tuple[Scenario, ...] = CATALOGUE,
-    settings: RunSettings = RunSettings(reply_timeout=3.0, scenario_timeout=10.0),
+    settings: RunSettings = VALIDATION_SETTINGS,
 ) -> Tuple[List[Result], List[str]]:
     """Run the catalogue against one reference server; return the mismatches."""
     async with reference_servers((dialect,), behaviour=behaviour) as (target,):
