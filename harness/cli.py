@@ -101,6 +101,27 @@ def _add_behaviours(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=cmd_behaviours)
 
 
+def _add_scenarios(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "scenarios",
+        help="list the scenario catalogue (ids for --only)",
+        description="List every scenario: id, rule, dialects, title (--long: reference, reason).",
+    )
+    p.add_argument("--long", action="store_true", help="also print reference and reason")
+    p.set_defaults(func=cmd_scenarios)
+
+
+def cmd_scenarios(args: argparse.Namespace) -> int:
+    from harness.catalogue import CATALOGUE
+
+    for s in CATALOGUE:
+        print(f"{s.id:<38} {s.rule.value}  {'/'.join(s.dialects):<9} {s.title}")
+        if args.long:
+            print(f"{'':<38}     reference: {s.reference}")
+            print(f"{'':<38}     why: {s.reason}")
+    return EXIT_OK
+
+
 def _add_states(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "states",
@@ -246,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check(sub)
     _add_serve(sub)
     _add_proxy(sub)
+    _add_scenarios(sub)
     _add_behaviours(sub)
     _add_states(sub)
     return parser
