@@ -96,6 +96,12 @@ COMMON: Dict[str, Expect] = {
 _STARTTLS = (S("connect"), S("hello"), S("require", cap="STARTTLS"))
 _UPGRADE = (*_STARTTLS, S("starttls"), S("handshake"), S("hello"))
 
+_INJECTION_EXPECT = {
+    "closed": Expect(P, "refused the injected plaintext by closing the connection"),
+    "completed": Expect(P, "discarded the injected plaintext"),
+    "injection-answered": Expect(F, "executed plaintext injected before the handshake"),
+}
+
 _SERVER: List[Scenario] = [
     Scenario(
         id="server.command-injection",
@@ -111,11 +117,7 @@ _SERVER: List[Scenario] = [
             S("sentinel"),
             S("quit"),
         ),
-        expect={
-            "closed": Expect(P, "refused the injected command by closing the connection"),
-            "completed": Expect(P, "discarded the injected command"),
-            "injection-answered": Expect(F, "executed a command injected before the handshake"),
-        },
+        expect=_INJECTION_EXPECT,
     ),
     Scenario(
         id="server.command-injection-split",
@@ -131,11 +133,7 @@ _SERVER: List[Scenario] = [
             S("sentinel"),
             S("quit"),
         ),
-        expect={
-            "closed": Expect(P, "refused the injected command by closing the connection"),
-            "completed": Expect(P, "discarded the injected command"),
-            "injection-answered": Expect(F, "executed a command injected before the handshake"),
-        },
+        expect=_INJECTION_EXPECT,
     ),
     Scenario(
         id="server.command-injection-multi",
@@ -151,11 +149,7 @@ _SERVER: List[Scenario] = [
             S("sentinel"),
             S("quit"),
         ),
-        expect={
-            "closed": Expect(P, "refused the injected commands by closing the connection"),
-            "completed": Expect(P, "discarded the injected commands"),
-            "injection-answered": Expect(F, "executed commands injected before the handshake"),
-        },
+        expect=_INJECTION_EXPECT,
     ),
     Scenario(
         id="server.plaintext-in-tls",
