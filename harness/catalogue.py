@@ -175,7 +175,10 @@ _SERVER: List[Scenario] = [
         expect={
             "completed": Expect(P, "refused a second STARTTLS inside TLS"),
             "closed": Expect(P, "closed the connection on a second STARTTLS"),
-            "accepted": Expect(F, "accepted STARTTLS inside TLS"),
+            # Nested TLS confuses the state machine but exposes no data.
+            "accepted": Expect(
+                W, "accepted STARTTLS inside TLS (RFC 3207 §4.2: not offered there)"
+            ),
         },
     ),
     Scenario(
@@ -189,7 +192,7 @@ _SERVER: List[Scenario] = [
         expect={
             "completed": Expect(P, "refused STOPTLS outside TLS"),
             "closed": Expect(P, "closed the connection on STOPTLS outside TLS"),
-            "accepted": Expect(F, "accepted STOPTLS outside TLS"),
+            "accepted": Expect(W, "accepted STOPTLS outside TLS"),
         },
     ),
     Scenario(
