@@ -122,6 +122,7 @@ class SwitchableTransport(asyncio.Transport):
         self._cork = 0
         self._closing = False
         self._passthrough = False
+        self._eof_written = False
 
     # ------------------------------------------------------- asyncio API
 
@@ -257,6 +258,7 @@ class SwitchableTransport(asyncio.Transport):
         if tcp is None or tcp.is_closing():
             return
         self._flush()
+        self._eof_written = True
         if tcp.can_write_eof():
             tcp.write_eof()
         else:  # pragma: no cover - every TCP transport can
@@ -336,8 +338,11 @@ class SwitchableTransport(asyncio.Transport):
         return self._closure
 
     async def _bounded(self, fut: asyncio.Future[_T], timeout: float, what: str) -> _T:
+        # No shield: nothing else awaits ``fut`` and every resolver checks
+        # done() first, so a cancelled one is harmless -- and a shield costs
+        # an extra future and event-loop pass per wait (benchmarks/).
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             self.abort()
             raise asyncio.TimeoutError(f"{what} did not complete within {timeout:g} s") from None
@@ -347,7 +352,7 @@ class SwitchableTransport(asyncio.Transport):
             return
         data = self.engine.data_to_send()
         tcp = self._wire.transport
-        if data and tcp is not None and not tcp.is_closing():
+        if data and tcp is not None and not tcp.is_closing() and not self._eof_written:
             tcp.write(data)
 
     def _dispatch(self, events: List[Event]) -> None:
@@ -452,7 +457,12 @@ class _WireProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         switch = self.switch
-        if exc is not None and self.failure is None and not switch._closing:
+        if (
+            exc is not None
+            and self.failure is None
+            and not switch._closing
+            and not switch._passthrough  # our own provoked alert broke the engine
+        ):
             # An RST while TLS is up is a truncation too (R6): let the
             # engine judge it exactly as it judges an EOF.
             switch._dispatch(switch.engine.receive_data(b""))

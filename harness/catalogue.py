@@ -250,7 +250,7 @@ _SERVER: List[Scenario] = [
         reason="Plaintext written onto a connection that was in TLS is unprotected data.",
         steps=(*_UPGRADE, S("close-notify-only", fault=True), S("expect-silent-close")),
         expect={
-            "closed": Expect(P, "answered close_notify and closed without writing plaintext"),
+            "closed": Expect(P, "closed without writing plaintext after the closure"),
             "spoke-after-close": Expect(F, "wrote plaintext after the TLS closure"),
         },
     ),
@@ -347,7 +347,10 @@ _SERVER: List[Scenario] = [
         reference="RFC 3207 §4.2; RFC 3501 §6.2.1; RFC 9051 §6.2.1",
         reason="Knowledge from one phase must never be trusted in the next.",
         steps=(
-            *_STARTTLS,
+            S("connect"),
+            S("state-control"),
+            S("hello"),
+            S("require", cap="STARTTLS"),
             S("starttls"),
             S("handshake"),
             S("state-probe", fault=True, after="starttls"),
@@ -367,6 +370,9 @@ _SERVER: List[Scenario] = [
                 "reset at STARTTLS; STOPTLS side unreachable (close_notify unanswered)",
             ),
             "closed": Expect(E, "the target closed the connection during the state check"),
+            "no-hello-required": Expect(
+                K, "the target accepts MAIL without any EHLO, so a reset cannot be observed"
+            ),
         },
     ),
 ]

@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import shlex
 import signal
 import sys
 import tempfile
 import time
 import urllib.parse
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, TextIO, Tuple
+from typing import TYPE_CHECKING, Awaitable, Callable, Dict, List, Optional, TextIO, Tuple
 
 from harness import __version__
 
@@ -215,6 +216,12 @@ def _add_check(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--rcpt",
         default="postmaster@localhost",
         help="SMTP recipient for scenarios that send mail (default: %(default)s)",
+    )
+    p.add_argument(
+        "--storage-probe",
+        metavar="COMMAND",
+        help="a command (no shell) that prints how many messages the target holds; "
+        "lets server.truncation see whether a cut message was stored",
     )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_check)
@@ -421,12 +428,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     scenarios = select(args.only, role="server")
     if not scenarios:
         raise UsageError(f"--only {args.only}: no scenario matches")
+    # Key logs are secrets: a private temporary folder, removed at the end;
+    # --evidence copies those of the non-passing results (0600).
+    keys_tmp = tempfile.TemporaryDirectory(prefix="starttls-keys-") if args.evidence else None
+    keylog_dir = Path(keys_tmp.name) if keys_tmp is not None else None
     settings = RunSettings(
         scenario_timeout=args.timeout,
         reply_timeout=args.reply_timeout,
         connect_timeout=args.reply_timeout,
         concurrency=args.concurrency,
-        keylog_dir=Path(tempfile.mkdtemp(prefix="starttls-keys-")) if args.evidence else None,
+        keylog_dir=keylog_dir,
     )
     # aiosmtpd logs every unknown command of the reference server to stderr;
     # the report already says what happened.
@@ -468,13 +479,24 @@ def cmd_check(args: argparse.Namespace) -> int:
             password=args.password,
             rcpt=args.rcpt,
         )
+        if args.storage_probe:
+            target.storage_count = _storage_probe(args.storage_probe, args.reply_timeout)
+            try:
+                await target.storage_count()
+            except RuntimeError as exc:
+                raise UsageError(f"--storage-probe: {exc}") from None
         await _reachable(host, port, args.reply_timeout)
         if args.cafile is None:
             out.write("note: the target's certificate is NOT verified (give --cafile to verify)\n")
         out.write(f"checking {target.url}\n")
         return target.url, await against([target])
 
-    label, results = asyncio.run(main())
+    try:
+        label, results = asyncio.run(main())
+    except BaseException:
+        if keys_tmp is not None:
+            keys_tmp.cleanup()
+        raise
     duration = time.monotonic() - t0
     summary_table(results, out, color=out.isatty())
     out.write(f"{len(results)} scenario runs in {duration:.2f} s\n")
@@ -485,12 +507,41 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.evidence:
         written = write_evidence(results, args.evidence)
         out.write(f"evidence: {len(written)} files in {args.evidence}\n")
+    if keys_tmp is not None:
+        keys_tmp.cleanup()
     verdicts = {r.verdict for r in results}
     if Verdict.ERROR in verdicts:
         return EXIT_ERROR
     if Verdict.FAIL in verdicts:
         return EXIT_FAIL
     return EXIT_OK
+
+
+def _storage_probe(command: str, timeout: float) -> Callable[[], Awaitable[int]]:
+    """Run ``command`` (no shell) and read one integer from its stdout."""
+    argv = shlex.split(command)
+
+    async def count() -> int:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
+        except OSError as exc:
+            raise RuntimeError(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from None
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise RuntimeError(f"{command!r} did not finish within {timeout:g} s") from None
+        text = out.decode(errors="replace").strip()
+        if proc.returncode != 0 or not text.isdigit():
+            raise RuntimeError(
+                f"{command!r} exited {proc.returncode} and printed {text[:40]!r}, not a count"
+            )
+        return int(text)
+
+    return count
 
 
 async def _reachable(host: str, port: int, timeout: float) -> None:

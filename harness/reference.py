@@ -37,7 +37,19 @@ async def reference_servers(
     state_dir: Optional[Path] = None,
 ) -> AsyncIterator[List[ServerTarget]]:
     """Start one reference server per dialect; yield them as targets."""
-    directory = state_dir or Path(tempfile.mkdtemp(prefix="starttls-harness-ref-"))
+    with contextlib.ExitStack() as cleanup:
+        if state_dir is None:
+            state_dir = Path(
+                cleanup.enter_context(tempfile.TemporaryDirectory(prefix="starttls-ref-"))
+            )
+        async with _started(dialects, behaviour, pki, state_dir) as targets:
+            yield targets
+
+
+@contextlib.asynccontextmanager
+async def _started(
+    dialects: Sequence[str], behaviour: str, pki: Optional[Pki], directory: Path
+) -> AsyncIterator[List[ServerTarget]]:
     pki = pki or make_pki(directory=directory)
     if pki.cafile is None:
         pki.write(directory)

@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import inspect
+import os
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,6 +321,19 @@ async def step_login(run: _Run, args: Mapping[str, object]) -> None:
         raise Observed("unexpected-reply", f"login refused: {reply.text}")
 
 
+async def step_state_control(run: _Run, args: Mapping[str, object]) -> None:
+    """Control for the SMTP state probe: a fresh session must refuse MAIL.
+
+    A server that accepts MAIL without any EHLO at all cannot show whether
+    it resets state at STARTTLS, so the scenario cannot be decided.
+    """
+    if run.dialect.name != "smtp":
+        return
+    reply = await run.probe.command(b"MAIL FROM:<state-control@harness.invalid>\r\n")
+    if reply.ok:
+        raise Observed("no-hello-required", "MAIL is accepted without EHLO even before TLS")
+
+
 async def step_state_probe(run: _Run, args: Mapping[str, object]) -> None:
     after = str(args.get("after", "starttls"))
     if run.dialect.name == "smtp":
@@ -408,6 +424,7 @@ _SERVER_STEPS: Dict[str, StepFunc] = {
     "greeting": step_greeting,
     "command": step_command,
     "login": step_login,
+    "state-control": step_state_control,
     "state-probe": step_state_probe,
     "truncate-unit": step_truncate_unit,
     "check-storage": step_check_storage,
@@ -428,10 +445,33 @@ def unknown_steps(scenarios: Sequence[Scenario]) -> List[Tuple[str, str]]:
 # ------------------------------------------------------------- one scenario
 
 
-def _probe_context(target: ServerTarget, tls_version: str, keylog: Optional[Path]):  # type: ignore[no-untyped-def]
-    if target.cafile is not None:
-        return client_context(tls_version, keylog, cafile=target.cafile)
-    return client_context(tls_version, keylog, verify=False)
+def _probe_context(
+    target: ServerTarget, tls_version: str, keylog: Optional[Path]
+) -> ssl.SSLContext:
+    if keylog is not None:  # a key log file per scenario: a context of its own
+        if target.cafile is not None:
+            return client_context(tls_version, keylog, cafile=target.cafile)
+        return client_context(tls_version, keylog, verify=False)
+    if target.cafile is None:
+        return _shared_context(None, (0, 0), tls_version)
+    stat = os.stat(target.cafile)
+    return _shared_context(str(target.cafile), (stat.st_mtime_ns, stat.st_size), tls_version)
+
+
+@functools.lru_cache(maxsize=32)
+def _shared_context(
+    cafile: Optional[str], stamp: Tuple[int, int], tls_version: str
+) -> ssl.SSLContext:
+    """One client context per CA file (as it is now) and TLS version.
+
+    Creating an ``SSLContext`` and parsing the CA file cost about a tenth of
+    a scenario run (measured, ``benchmarks/``); a context serves any number
+    of connections, and a client context never resumes a session on its
+    own, so sharing it changes nothing on the wire.
+    """
+    if cafile is not None:
+        return client_context(tls_version, cafile=cafile)
+    return client_context(tls_version, verify=False)
 
 
 async def _interpret(run: _Run) -> str:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import struct
 from typing import List, Optional, Set, Tuple, Union
 
 import pytest
 
 from harness.aio import ConnectionEnded, SwitchableTransport, create_server, open_connection
 from harness.certs import Pki
-from harness.engine import ClosureComplete, Policy, Rule
+from harness.engine import AlertReceived, ClosureComplete, Policy, Rule
 
 Item = Union[bytes, Optional[BaseException]]
 
@@ -248,6 +249,56 @@ def test_unwrap_result_is_closure_event(pki: Pki, tls_version: str, run) -> None
         assert isinstance(result, ClosureComplete)
         assert t.get_extra_info("ssl_object") is None
         t.close()
+        server.close()
+        await server.wait_closed()
+
+    run(body)
+
+
+class ResettingServer(EchoServer):
+    """Answers a fatal alert with an RST (as Postfix does with unread input)."""
+
+    def engine_event(self, event: object) -> None:
+        if isinstance(event, AlertReceived):
+            sock = self.t.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.t.abort()  # linger 0: an RST, not a FIN
+
+
+def test_reset_after_our_provoked_alert_is_not_blamed_on_the_peer(
+    pki: Pki, tls_version: str, run
+) -> None:  # type: ignore[no-untyped-def]
+    async def body() -> None:
+        log: List[EchoServer] = []
+        ctx = pki.server_context(tls_version)
+        server = await create_server(lambda: ResettingServer(ctx, log), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        t, p = await connect(port)
+        await client_starttls(t, p, pki, tls_version)
+        with t.corked():
+            t.send_fatal_alert()
+            t.write_raw(b"NOOP after alert\r\n")
+        lost = await p.line()
+        assert not isinstance(lost, ConnectionEnded), lost
+        assert isinstance(await asyncio.wait_for(log[0].lost, 5), ConnectionEnded)
+        server.close()
+        await server.wait_closed()
+
+    run(body)
+
+
+def test_no_write_after_our_truncation_fin(pki: Pki, tls_version: str, run) -> None:  # type: ignore[no-untyped-def]
+    """After truncate(), an automatic close_notify answer is not written."""
+
+    async def body() -> None:
+        server, port, log = await start(pki, tls_version)
+        t, p = await connect(port)
+        await client_starttls(t, p, pki, tls_version)
+        t.truncate()
+        t.engine.send_close_notify()
+        t._flush()  # must not raise "write() after write_eof()"
+        exc = await asyncio.wait_for(log[0].lost, 5)
+        assert isinstance(exc, ConnectionEnded) and exc.rule == "R6"
         server.close()
         await server.wait_closed()
 

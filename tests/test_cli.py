@@ -189,3 +189,24 @@ def test_behaviours_lists_every_mode() -> None:
     assert code == 0
     for name in ("keep-buffer", "early-plaintext", "downgrade", "accept-injected-response"):
         assert name in out
+
+
+def test_storage_probe_is_wired_and_checked() -> None:
+    code, _, err = run_cli("check", "smtp://127.0.0.1:1", "--storage-probe", "/bin/false")
+    assert code == 2 and "--storage-probe" in err and "Traceback" not in err
+
+    async def go() -> Tuple[int, str, str]:
+        async with _serve("smtp") as served:
+            return await asyncio.to_thread(
+                run_cli,
+                "check",
+                f"smtp://127.0.0.1:{served.port}",
+                "--only",
+                "server.truncation",
+                "--storage-probe",
+                f"{sys.executable} -c 'print(7)'",
+            )
+
+    code, out, err = asyncio.run(go())
+    assert code == 0, out + err
+    assert re.search(r"server\.truncation\s+smtp\s+1\.3\s+PASS\s+discarded", out)
