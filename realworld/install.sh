@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Install Postfix and Dovecot (IMAP) from Debian's packages for the real-server tier.
+#
+# Idempotent: does nothing when both binaries are already there. Runs as root on
+# Debian 12 (CI's kind of machine). Only the packages are wanted: the system
+# instances their postinst may start are stopped again, because run.py starts
+# private instances on high loopback ports with their own configuration.
+set -euo pipefail
+
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+
+if have postfix && have dovecot; then
+    echo "realworld/install.sh: postfix and dovecot already installed"
+    exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "realworld/install.sh: needs root to apt-get install postfix dovecot-imapd" >&2
+    exit 2
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+# Postfix asks what kind of mail system this is; "No configuration" writes no
+# main.cf of its own and so configures nothing that could relay.
+echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+echo "postfix postfix/mailname string localhost" | debconf-set-selections
+
+# Keep the packages' maintainer scripts from starting the system services: a
+# policy-rc.d that answers 101 ("action forbidden") is Debian's own way to say so.
+policy=/usr/sbin/policy-rc.d
+made_policy=0
+if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod 0755 "$policy"
+    made_policy=1
+fi
+cleanup() { if [ "$made_policy" = 1 ]; then rm -f "$policy"; fi; }
+trap cleanup EXIT
+
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends postfix dovecot-imapd >/dev/null
+
+# Belt and braces: if a system instance was started anyway (no policy-rc.d
+# honoured, or one existed before us), stop it; never leave port 25/143 open.
+if [ -x /usr/sbin/postfix ] && /usr/sbin/postfix status >/dev/null 2>&1; then
+    /usr/sbin/postfix stop >/dev/null 2>&1 || true
+fi
+if [ -f /run/dovecot/master.pid ]; then
+    kill "$(cat /run/dovecot/master.pid)" 2>/dev/null || true
+fi
+
+if ! { have postfix && have dovecot; }; then
+    echo "realworld/install.sh: postfix or dovecot missing after apt-get install" >&2
+    exit 1
+fi
+echo "realworld/install.sh: installed $(/usr/sbin/postconf -d -h mail_version 2>/dev/null | sed 's/^/postfix /') and dovecot $(/usr/sbin/dovecot --version 2>/dev/null)"
