@@ -1,0 +1,376 @@
+"""The client half of the conformance catalogue: the harness plays the server.
+
+Scenarios are data, as in :mod:`harness.catalogue` (same :class:`Scenario`,
+``S()`` steps and :class:`Expect` outcomes, ``role="client"``); their steps
+are the verbs of :mod:`harness.fakeserver`.  Each run ends in one
+observation label, decided from the client's *acts* -- its next command,
+its close_notify, its close, its exit status -- never from silence.
+
+Decision rules (label -> verdict; labels not listed fall back to
+:data:`CLIENT_COMMON`, then to :data:`harness.catalogue.COMMON`):
+
+``client.response-injection`` / ``-split`` (R1)
+    A response is injected in plaintext after the STARTTLS answer (same
+    segment / after the ClientHello, before the ServerHello).  SMTP injects
+    ``554``: a client that read it takes it as the answer to its first
+    command under TLS and gives up (QUIT, close, HELO or a retry right after
+    it): ``injection-consumed`` = fail.  IMAP injects ``* CAPABILITY ...
+    LOGINDISABLED`` completed with the client's next tag: a client that
+    believed it never sends LOGIN.  ``aborted`` (the client ended the
+    upgrade) and ``completed`` (it carried on under TLS) pass.
+``client.starttls-stripped`` / ``-refused`` (R9)
+    STARTTLS is not advertised / answered ``454`` / ``NO``: AUTH, MAIL,
+    RCPT, DATA, LOGIN, APPEND, SELECT... in plaintext fail
+    (``sent-in-plaintext``); QUIT/LOGOUT or a close pass (``gave-up``).
+``client.plaintext-in-tls`` (R2)
+    The answer to the first command under TLS is written raw: another
+    command afterwards fails (``plaintext-accepted``); a close or an alert
+    passes (``refused``).
+``client.one-sided-close`` (R4, server side)
+    After the client's STOPTLS, answer + close_notify + plaintext greeting
+    leave in one segment: a plaintext command afterwards fails
+    (``resumed``); ending the connection passes (``refused``).
+``client.stoptls-wait`` (R4, client side)
+    A conforming STOPTLS closure: a client whose close_notify arrives glued
+    to plaintext did not wait (``violation:R4``) and fails.
+``client.truncation`` (R6)
+    Half of the answer to the message (end of DATA / APPEND), then TCP FIN
+    without close_notify: a client that reports failure passes
+    (``reported``); one that reports success fails (``accepted``).
+``client.close-notify-reply`` (R5)
+    The server sends close_notify instead of an answer: the client's
+    close_notify passes (``answered``); a TCP close without it
+    (``unanswered``) or another command first (``spoke-first``) is a warn.
+``client.stoptls-cycle`` (positive control)
+    A conforming server offering STOPTLS: the client makes its cycles (three
+    when it can be asked) and completes its session (``completed``).
+``client.state-reset`` (R8)
+    The first command under TLS (and after STOPTLS) must be EHLO/HELO or
+    CAPABILITY; anything else (AUTH/LOGIN relying on what the plaintext
+    hello advertised, bait included) fails (``state-kept``).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Tuple
+
+from harness.catalogue import Expect, S, Scenario, Step
+from harness.engine import Rule
+from harness.runner import RunSettings
+from harness.verdicts import Verdict
+
+__all__ = [
+    "CLIENT_COMMON",
+    "CLIENT_EXPECTED",
+    "CLIENT_EXPECTED_BY_DIALECT",
+    "CLIENT_SCENARIOS",
+    "CLIENT_VALIDATION_SETTINGS",
+    "SPEC_CLIENT_IDS",
+    "client_by_id",
+    "expected_client_verdicts",
+]
+
+P, F, W, K, E = Verdict.PASS, Verdict.FAIL, Verdict.WARN, Verdict.SKIP, Verdict.ERROR
+
+#: The minimum ids of ``shared/spec/closure-rules.md``.
+SPEC_CLIENT_IDS = frozenset(
+    {
+        "client.response-injection",
+        "client.starttls-stripped",
+        "client.starttls-refused",
+        "client.plaintext-in-tls",
+        "client.one-sided-close",
+        "client.truncation",
+        "client.close-notify-reply",
+        "client.stoptls-cycle",
+        "client.state-reset",
+    }
+)
+
+#: Outcomes with the same meaning in every client scenario.
+CLIENT_COMMON: Dict[str, Expect] = {
+    "sent-in-plaintext": Expect(
+        F, "sent credentials or mail in plaintext although TLS is required (R9)"
+    ),
+    "client-did-not-connect": Expect(E, "the client did not connect to the fake server"),
+    "no-stoptls": Expect(K, "the client does not use STOPTLS (no return to plaintext)"),
+    "client-failed": Expect(E, "the client's session failed where the scenario does not judge"),
+    "closed": Expect(E, "the client ended the connection where the scenario cannot decide"),
+    "too-few-cycles": Expect(F, "the client made fewer STOPTLS cycles than asked"),
+    "harness-error": Expect(E, "the harness failed"),
+}
+
+
+def _expect(**specific: Expect) -> Dict[str, Expect]:
+    merged = dict(CLIENT_COMMON)
+    merged.update({k.replace("_", "-"): v for k, v in specific.items()})
+    return merged
+
+
+_UPGRADE: Tuple[Step, ...] = (
+    S("greet"),
+    S("serve", until="starttls"),
+    S("accept-starttls"),
+    S("handshake"),
+)
+
+_INJECTION = _expect(
+    aborted=Expect(P, "refused the upgrade: the injected response was never read"),
+    completed=Expect(P, "ignored the injected response and carried on under TLS"),
+    injection_consumed=Expect(F, "acted on a response injected before the handshake"),
+)
+
+CLIENT_SCENARIOS: Tuple[Scenario, ...] = (
+    Scenario(
+        id="client.response-injection",
+        title="Plaintext response injected in the same segment as the STARTTLS answer",
+        role="client",
+        rule=Rule.R1,
+        reference="GHSA-vxj7-4xrp-5vr4; RFC 3207 §4.2; RFC 3501 §6.2.1; 'NO STARTTLS' (2021)",
+        reason="A response read before the handshake must never be taken as a TLS response.",
+        steps=(
+            S("greet"),
+            S("serve", until="starttls"),
+            S("accept-starttls", fault=True, inject="same"),
+            S("handshake"),
+            S("judge-injection"),
+        ),
+        expect=_INJECTION,
+    ),
+    Scenario(
+        id="client.response-injection-split",
+        title="Plaintext response injected after the ClientHello, before the ServerHello",
+        role="client",
+        rule=Rule.R1,
+        reference="RFC 3207 §4.2; RFC 8446 §5.1; 'NO STARTTLS' (2021)",
+        reason="Injected plaintext may arrive in a later read, once the handshake has begun.",
+        steps=(
+            S("greet"),
+            S("serve", until="starttls"),
+            S("accept-starttls", fault=True, inject="after-hello"),
+            S("handshake"),
+            S("judge-injection"),
+        ),
+        expect=_INJECTION,
+    ),
+    Scenario(
+        id="client.starttls-stripped",
+        title="STARTTLS not advertised (stripped by an attacker)",
+        role="client",
+        rule=Rule.R9,
+        reference="RFC 3207 §4; RFC 8314 §3; 'NO STARTTLS' (2021)",
+        reason="A client that requires TLS must not fall back to plaintext.",
+        steps=(S("greet"), S("watch-plaintext", fault=True, starttls=False)),
+        expect=_expect(gave_up=Expect(P, "gave up without sending credentials or mail")),
+    ),
+    Scenario(
+        id="client.starttls-refused",
+        title="STARTTLS answered 454 / NO",
+        role="client",
+        rule=Rule.R9,
+        reference="RFC 3207 §4; RFC 3501 §6.2.1; RFC 8314 §3",
+        reason="A refused upgrade is no licence to carry on in plaintext.",
+        steps=(
+            S("greet"),
+            S("serve", until="starttls"),
+            S("refuse-starttls", fault=True),
+            S("watch-plaintext", starttls=True),
+        ),
+        expect=_expect(gave_up=Expect(P, "gave up without sending credentials or mail")),
+    ),
+    Scenario(
+        id="client.plaintext-in-tls",
+        title="A plaintext reply written raw while TLS is up",
+        role="client",
+        rule=Rule.R2,
+        reference="RFC 8446 §5.1; RFC 5246 §6.2",
+        reason="Bytes that are not TLS records must end the connection, never be read as a reply.",
+        steps=(
+            *_UPGRADE,
+            S("serve", until="tls-first"),
+            S("raw-reply", fault=True),
+            S("expect-abort"),
+        ),
+        expect=_expect(
+            refused=Expect(P, "ended the connection on plaintext inside TLS"),
+            plaintext_accepted=Expect(F, "took a plaintext reply inside TLS and carried on"),
+        ),
+    ),
+    Scenario(
+        id="client.one-sided-close",
+        title="STOPTLS answered with close_notify and the plaintext greeting in one segment",
+        role="client",
+        rule=Rule.R4,
+        reference="RFC 5246 §7.2.1; RFC 4511 §4.14.3; closure-rules.md (STOPTLS)",
+        reason="Plaintext that did not wait for the client's close_notify is not from the server.",
+        steps=(
+            *_UPGRADE,
+            S("serve", until="stoptls", stoptls=True, otherwise="no-stoptls"),
+            S("one-sided-stoptls", fault=True),
+            S("expect-no-resume"),
+        ),
+        expect=_expect(
+            refused=Expect(P, "did not resume plaintext after a one-sided closure"),
+            resumed=Expect(F, "resumed plaintext although the server did not wait"),
+            ignored_closure=Expect(W, "kept sending under TLS after the server's close_notify"),
+        ),
+    ),
+    Scenario(
+        id="client.stoptls-wait",
+        title="The client's STOPTLS closure waits for the server's close_notify",
+        role="client",
+        rule=Rule.R4,
+        reference="RFC 5246 §7.2.1; RFC 4511 §4.14.3; closure-rules.md (STOPTLS)",
+        reason="The initiator of the closure sends nothing until the peer's close_notify.",
+        steps=(
+            *_UPGRADE,
+            S("serve", until="stoptls", stoptls=True, otherwise="no-stoptls"),
+            S("accept-stoptls", fault=True),
+            S("serve", until="end", stoptls=True),
+        ),
+        expect=_expect(
+            completed=Expect(P, "waited for the server's close_notify before plaintext"),
+            client_failed=Expect(F, "the conforming STOPTLS path broke"),
+            closed=Expect(F, "the conforming STOPTLS path broke"),
+        ),
+    ),
+    Scenario(
+        id="client.truncation",
+        title="TCP FIN without close_notify in the middle of the answer to a message",
+        role="client",
+        rule=Rule.R6,
+        reference="RFC 8446 §6.1; RFC 5246 §7.2.1; RFC 5321 §4.1.1.4",
+        reason="A reply cut by a truncation is not a reply; the client must report it.",
+        steps=(
+            *_UPGRADE,
+            S("serve", until="message", otherwise="no-message"),
+            S("truncate-reply", fault=True),
+            S("client-outcome"),
+        ),
+        expect=_expect(
+            reported=Expect(P, "reported the truncated session as a failure"),
+            accepted=Expect(F, "took a reply cut by a truncation as complete"),
+            no_message=Expect(K, "the client sent no message, so no answer could be cut"),
+        ),
+    ),
+    Scenario(
+        id="client.close-notify-reply",
+        title="The server sends close_notify first; the client answers at once",
+        role="client",
+        rule=Rule.R5,
+        reference="RFC 5246 §7.2.1; RFC 4511 §4.14.3; RFC 8446 §6.1",
+        reason="The responder must answer close_notify with its own before anything else.",
+        steps=(
+            *_UPGRADE,
+            S("serve", until="tls-after-hello"),
+            S("close-notify", fault=True),
+            S("expect-close-notify"),
+        ),
+        expect=_expect(
+            answered=Expect(P, "answered close_notify at once"),
+            unanswered=Expect(W, "closed TCP instead of answering close_notify (no data exposed)"),
+            spoke_first=Expect(W, "sent another command before answering close_notify"),
+        ),
+    ),
+    Scenario(
+        id="client.stoptls-cycle",
+        title="Positive control: STARTTLS/STOPTLS cycles against a conforming server",
+        role="client",
+        rule=Rule.R3,
+        reference="closure-rules.md (STOPTLS)",
+        reason="The conforming path must work, or every refusal above means nothing.",
+        steps=(*_UPGRADE, S("serve", until="end", stoptls=True, cycles=3)),
+        expect=_expect(
+            completed=Expect(P, "made its STOPTLS cycles and completed the session"),
+            client_failed=Expect(F, "the conforming STOPTLS path broke"),
+            closed=Expect(F, "the conforming STOPTLS path broke"),
+        ),
+    ),
+    Scenario(
+        id="client.state-reset",
+        title="The client forgets the plaintext capabilities at STARTTLS and at STOPTLS",
+        role="client",
+        rule=Rule.R8,
+        reference="RFC 3207 §4.2; RFC 3501 §6.2.1; RFC 9051 §6.2.1",
+        reason="Knowledge from one phase must never be trusted in the next.",
+        steps=(
+            *_UPGRADE,
+            S("expect-hello", fault=True, after="starttls", stoptls=True),
+            S("serve", until="stoptls", stoptls=True, otherwise="completed"),
+            S("accept-stoptls"),
+            S("expect-hello", after="stoptls"),
+            S("serve", until="end", stoptls=True),
+        ),
+        expect=_expect(
+            completed=Expect(P, "asked for the capabilities again after every transition"),
+            state_kept=Expect(F, "relied on capabilities learned before a TLS transition"),
+            closed_before_check=Expect(E, "the client ended the session before the check"),
+        ),
+    ),
+)
+
+
+def client_by_id(scenario_id: str) -> Scenario:
+    for s in CLIENT_SCENARIOS:
+        if s.id == scenario_id:
+            return s
+    raise KeyError(scenario_id)
+
+
+# ------------------------------------------------------------ validation
+
+#: Bounds for validation runs: generous, never waited on by a conforming peer.
+CLIENT_VALIDATION_SETTINGS = RunSettings(reply_timeout=3.0, scenario_timeout=10.0)
+
+_STOPTLS_INITIATOR_BROKEN = {
+    "client.stoptls-wait": F,
+    "client.stoptls-cycle": F,
+    # The STOPTLS half of the state check sees the same R4 violation.
+    "client.state-reset": F,
+}
+
+#: behaviour -> {scenario id: verdict}; every scenario not listed must pass.
+#: The first entry of each is the scenario that guards the broken rule.
+CLIENT_EXPECTED: Dict[str, Dict[str, Verdict]] = {
+    "strict": {},
+    # R1: the injected response is read as the first TLS response.
+    "accept-injected-response": {"client.response-injection": F},
+    # R2: the raw plaintext reply is taken and the session goes on.
+    "plaintext-in-tls": {"client.plaintext-in-tls": F},
+    # R4: close_notify and the next plaintext command leave together.
+    "one-sided-close": dict(_STOPTLS_INITIATOR_BROKEN),
+    # R5: close_notify unanswered, TCP closed instead (no data exposed).
+    "no-close-notify-reply": {"client.close-notify-reply": W},
+    # R6 (SMTP only): the cut "250" is completed and the mail counts as sent.
+    "ignore-truncation": {"client.truncation": F},
+    # R8: AUTH/LOGIN straight after the handshake, on plaintext knowledge.
+    # It never re-reads the TLS capabilities, so it never learns of STOPTLS:
+    # the STOPTLS scenarios cannot be applied to it.
+    "no-state-reset": {
+        "client.state-reset": F,
+        "client.one-sided-close": K,
+        "client.stoptls-wait": K,
+        "client.stoptls-cycle": K,
+    },
+    # R9: AUTH/LOGIN in plaintext when STARTTLS is missing or refused.
+    "downgrade": {"client.starttls-stripped": F, "client.starttls-refused": F},
+}
+
+#: Where a dialect's client differs from :data:`CLIENT_EXPECTED`.
+CLIENT_EXPECTED_BY_DIALECT: Dict[Tuple[str, str], Dict[str, Verdict]] = {
+    # The IMAP client's relaxed engine also takes plaintext that arrives
+    # after its ClientHello (the SMTP one refuses it: only its hold gate is
+    # off, and aiosmtplib drops bytes no command waits for).
+    ("imap", "accept-injected-response"): {
+        "client.response-injection": F,
+        "client.response-injection-split": F,
+    },
+}
+
+
+def expected_client_verdicts(dialect: str, behaviour: str) -> Mapping[str, Verdict]:
+    """The exact non-pass verdicts expected of one reference client."""
+    specific = CLIENT_EXPECTED_BY_DIALECT.get((dialect, behaviour))
+    if specific is not None:
+        return specific
+    return CLIENT_EXPECTED[behaviour]

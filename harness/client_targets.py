@@ -1,0 +1,449 @@
+"""Clients under test: the reference clients and any external command.
+
+A :class:`ClientTarget` is something the harness can launch against its
+scripted server (:mod:`harness.fakeserver`): ``run(host, port, cafile,
+tls_version)`` starts one client session against that address, trusting the
+CA in ``cafile``, and returns a :class:`ClientOutcome` -- whether the client
+*reported* success.  Verdicts are mostly decided from what the client does
+on the wire; the outcome decides the truncation scenario (R6: a client must
+report a cut reply) and is kept as evidence everywhere else.
+
+Two kinds:
+
+* :class:`ReferenceClientTarget` runs :class:`clients.smtp.SMTPClient` or
+  :class:`clients.imap.ImapClient` (in any of their ``BEHAVIOURS``) through a
+  fixed session: connect, EHLO/CAPABILITY, STARTTLS (``require_tls=True``),
+  EHLO/CAPABILITY again, login, then -- if STOPTLS is offered -- ``cycles``
+  times STOPTLS + EHLO/CAPABILITY + STARTTLS + login, a mail / APPEND, and
+  QUIT/LOGOUT.
+* :class:`CommandClientTarget` runs an external program; ``{host}``,
+  ``{port}``, ``{cafile}``, ``{tls_version}`` and ``{cycles}`` in its argv are
+  replaced.  Its exit status decides the outcome; stdout/stderr are kept
+  (bounded).  The process is killed when the scenario is over.
+
+:func:`check_client` is what ``starttls-harness check-client`` calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable, List, Mapping, Optional, Sequence, Tuple
+
+from harness.aio import Timeouts
+from harness.catalogue import Scenario
+from harness.certs import client_context
+from harness.runner import Progress, RunSettings
+from harness.verdicts import Result, Verdict
+
+__all__ = [
+    "MESSAGE",
+    "PASSWORD",
+    "USER",
+    "ClientOutcome",
+    "ClientTarget",
+    "CommandClientTarget",
+    "ReferenceClientTarget",
+    "check_client",
+    "client_behaviours",
+    "validate_client",
+]
+
+#: The test user the reference session logs in with (any user is accepted).
+USER, PASSWORD = "tester", "correct horse"
+SENDER, RECIPIENT = "client@harness.invalid", "postmaster@harness.invalid"
+MESSAGE = b"Subject: starttls-harness\r\n\r\nA message from the client under test.\r\n"
+
+#: The bounds used when a caller gives none.
+DEFAULT_SETTINGS = RunSettings()
+
+#: How much of an external client's stdout/stderr is kept as evidence.
+OUTPUT_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ClientOutcome:
+    """What the client reported at the end of its session."""
+
+    ok: bool
+    detail: str
+    #: Exit status of an external client (None for in-process clients).
+    exit_status: Optional[int] = None
+    stdout: bytes = b""
+    stderr: bytes = b""
+
+
+RunClient = Callable[[str, int, Path, str], Awaitable[ClientOutcome]]
+
+
+class ClientTarget:
+    """A client under test (see the module docstring).
+
+    ``run(host, port, cafile, tls_version)`` runs one session.  A target that
+    can be told how many STOPTLS cycles to make (the positive control asks
+    for several) overrides :meth:`asking_for_cycles` and sets
+    ``accepts_cycles``.
+    """
+
+    accepts_cycles = False
+
+    def __init__(
+        self,
+        dialect: str,
+        run: RunClient,
+        label: str,
+        *,
+        tls_versions: Tuple[str, ...] = ("1.2", "1.3"),
+    ) -> None:
+        if dialect not in ("smtp", "imap"):
+            raise ValueError(f"unknown dialect {dialect!r}; use smtp or imap")
+        self.dialect = dialect
+        self.run = run
+        self.label = label
+        self.tls_versions = tls_versions
+
+    def asking_for_cycles(self, cycles: int) -> ClientTarget:
+        """The same client asked for ``cycles`` STOPTLS cycles (default: self)."""
+        return self
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.dialect} {self.label}>"
+
+
+# ------------------------------------------------------- reference clients
+
+
+class ReferenceClientTarget(ClientTarget):
+    """The project's reference client in one of its behaviours."""
+
+    accepts_cycles = True
+
+    def __init__(
+        self,
+        dialect: str,
+        behaviour: str = "strict",
+        *,
+        cycles: int = 1,
+        timeout: float = 5.0,
+        tls_versions: Tuple[str, ...] = ("1.2", "1.3"),
+    ) -> None:
+        if behaviour not in client_behaviours(dialect):
+            choices = ", ".join(client_behaviours(dialect))
+            raise ValueError(f"unknown {dialect} client behaviour {behaviour!r}; use {choices}")
+        self.behaviour = behaviour
+        self.cycles = cycles
+        self.timeout = timeout
+        session = _smtp_session if dialect == "smtp" else _imap_session
+        label = f"reference {dialect} client ({behaviour})"
+
+        async def run(host: str, port: int, cafile: Path, tls_version: str) -> ClientOutcome:
+            try:
+                return await session(self, host, port, cafile, tls_version)
+            except Exception as exc:  # the session reports, never raises
+                return ClientOutcome(False, f"{type(exc).__name__}: {exc}")
+
+        super().__init__(dialect, run, label, tls_versions=tls_versions)
+
+    def asking_for_cycles(self, cycles: int) -> ClientTarget:
+        return ReferenceClientTarget(
+            self.dialect,
+            self.behaviour,
+            cycles=cycles,
+            timeout=self.timeout,
+            tls_versions=self.tls_versions,
+        )
+
+    def timeouts(self) -> Timeouts:
+        return Timeouts(handshake=self.timeout, closure=self.timeout, connect=self.timeout)
+
+
+def client_behaviours(dialect: str) -> List[str]:
+    """The behaviour names of the reference client of ``dialect``."""
+    if dialect == "smtp":
+        from clients.smtp import BEHAVIOURS
+    elif dialect == "imap":
+        from clients.imap import BEHAVIOURS
+    else:
+        raise ValueError(f"unknown dialect {dialect!r}; use smtp or imap")
+    return list(BEHAVIOURS)
+
+
+def _failed(exc: BaseException) -> ClientOutcome:
+    return ClientOutcome(False, f"{type(exc).__name__}: {exc}")
+
+
+async def _smtp_session(
+    target: ReferenceClientTarget, host: str, port: int, cafile: Path, tls_version: str
+) -> ClientOutcome:
+    from aiosmtplib import SMTPException
+
+    from clients.smtp import SMTPClient
+
+    client = SMTPClient(
+        host,
+        port,
+        tls_context=client_context(tls_version, cafile=cafile),
+        server_hostname="localhost",
+        require_tls=True,
+        behaviour=target.behaviour,
+        timeout=target.timeout,
+        timeouts=target.timeouts(),
+    )
+
+    async def login() -> None:
+        if "plain" in client.smtp.server_auth_methods:
+            await client.login(USER, PASSWORD)
+
+    done = 0
+    try:
+        await client.connect()  # greeting, EHLO, STARTTLS, EHLO
+        await login()
+        for _ in range(target.cycles):
+            if "stoptls" not in client.extensions:
+                break
+            await client.stoptls()  # closure, greeting, EHLO
+            await client.starttls()  # handshake, EHLO
+            await login()
+            done += 1
+        await client.sendmail(SENDER, [RECIPIENT], MESSAGE)
+        with contextlib.suppress(SMTPException, ConnectionError):
+            await client.quit()  # the mail is sent; a sloppy goodbye is no failure
+    except (SMTPException, ConnectionError, OSError, asyncio.TimeoutError, RuntimeError) as exc:
+        return _failed(exc)
+    finally:
+        client.close()
+    return ClientOutcome(True, f"mail sent after {done} STOPTLS cycle(s)")
+
+
+async def _imap_session(
+    target: ReferenceClientTarget, host: str, port: int, cafile: Path, tls_version: str
+) -> ClientOutcome:
+    from clients.imap import ImapClient, ImapError
+
+    errors = (ImapError, ConnectionError, OSError, asyncio.TimeoutError, RuntimeError)
+    try:
+        client = await ImapClient.connect(
+            host,
+            port,
+            ssl_context=client_context(tls_version, cafile=cafile),
+            server_hostname="localhost",
+            require_tls=True,
+            behaviour=target.behaviour,
+            timeout=target.timeout,
+            timeouts=target.timeouts(),
+        )
+    except errors as exc:
+        return _failed(exc)
+    done = 0
+    try:
+        await client.starttls()  # CAPABILITY, STARTTLS, CAPABILITY
+        await client.login(USER, PASSWORD)
+        for _ in range(target.cycles):
+            if "STOPTLS" not in (client.capabilities or frozenset()):
+                break
+            await client.stoptls()  # closure, greeting, CAPABILITY
+            await client.starttls()
+            await client.login(USER, PASSWORD)
+            done += 1
+        await client.append(MESSAGE)
+        with contextlib.suppress(*errors):
+            await client.logout()
+    except errors as exc:
+        return _failed(exc)
+    finally:
+        client.close()
+    return ClientOutcome(True, f"message appended after {done} STOPTLS cycle(s)")
+
+
+# ------------------------------------------------------- external commands
+
+_PLACEHOLDERS = ("{host}", "{port}", "{cafile}", "{tls_version}", "{cycles}")
+
+
+class CommandClientTarget(ClientTarget):
+    """An external client program; its exit status is its outcome.
+
+    ``argv`` placeholders: ``{host}``, ``{port}``, ``{cafile}``,
+    ``{tls_version}`` and ``{cycles}`` (plain text replacement, so braces
+    elsewhere -- in a Python one-liner, say -- are left alone).  ``timeout``
+    bounds one run; the process is killed (with its process group) when the
+    run ends or is cancelled.
+    """
+
+    def __init__(
+        self,
+        dialect: str,
+        argv: Sequence[str],
+        *,
+        label: Optional[str] = None,
+        timeout: float = 30.0,
+        env: Optional[Mapping[str, str]] = None,
+        cycles: int = 1,
+        tls_versions: Tuple[str, ...] = ("1.2", "1.3"),
+    ) -> None:
+        if not argv:
+            raise ValueError("the client command is empty")
+        self.argv = list(argv)
+        self.timeout = timeout
+        self.env = dict(env) if env is not None else None
+        self.cycles = cycles
+        self.accepts_cycles = any("{cycles}" in a for a in self.argv)
+        super().__init__(
+            dialect, self._run, label or " ".join(self.argv), tls_versions=tls_versions
+        )
+
+    def asking_for_cycles(self, cycles: int) -> ClientTarget:
+        if not self.accepts_cycles:
+            return self
+        return CommandClientTarget(
+            self.dialect,
+            self.argv,
+            label=self.label,
+            timeout=self.timeout,
+            env=self.env,
+            cycles=cycles,
+            tls_versions=self.tls_versions,
+        )
+
+    def expand(self, host: str, port: int, cafile: Path, tls_version: str) -> List[str]:
+        values = dict(
+            zip(_PLACEHOLDERS, (host, str(port), str(cafile), tls_version, str(self.cycles)))
+        )
+        out = []
+        for arg in self.argv:
+            for key, value in values.items():
+                arg = arg.replace(key, value)
+            out.append(arg)
+        return out
+
+    async def _run(self, host: str, port: int, cafile: Path, tls_version: str) -> ClientOutcome:
+        argv = self.expand(host, port, cafile, tls_version)
+        env = None
+        if self.env is not None:
+            env = {**os.environ, **self.env}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            return ClientOutcome(False, f"cannot start {argv[0]!r}: {exc}")
+        assert proc.stdout is not None and proc.stderr is not None
+        out, err = bytearray(), bytearray()
+        readers = [
+            asyncio.ensure_future(_drain(proc.stdout, out)),
+            asyncio.ensure_future(_drain(proc.stderr, err)),
+        ]
+        timed_out = False
+        try:
+            try:
+                await asyncio.wait_for(proc.wait(), self.timeout)
+            except asyncio.TimeoutError:
+                timed_out = True
+            _kill(proc)
+            # The pipes end with the process group; bounded in case a
+            # grandchild escaped the group and holds them open.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*readers), 2.0)
+        finally:
+            _kill(proc)
+            for reader in readers:
+                reader.cancel()
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(proc.wait(), 2.0)
+        status = proc.returncode
+        if timed_out:
+            detail = f"killed after {self.timeout:g} s"
+        else:
+            detail = f"exit status {status}"
+            tail = bytes(err).strip().splitlines()[-1:] if err.strip() else []
+            if tail:
+                detail += f": {tail[0].decode('utf-8', 'replace')[:300]}"
+        return ClientOutcome(
+            ok=(status == 0 and not timed_out),
+            detail=detail,
+            exit_status=status,
+            stdout=bytes(out),
+            stderr=bytes(err),
+        )
+
+
+async def _drain(stream: asyncio.StreamReader, sink: bytearray) -> None:
+    """Read a pipe to its end, keeping the first OUTPUT_LIMIT bytes."""
+    while True:
+        chunk = await stream.read(65536)
+        if not chunk:
+            return
+        room = OUTPUT_LIMIT - len(sink)
+        if room > 0:
+            sink += chunk[:room]
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    """Kill the process we started and its process group (start_new_session)."""
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+
+
+# ------------------------------------------------------------ entry points
+
+
+async def check_client(
+    dialect: str,
+    argv: Sequence[str],
+    scenarios: Optional[Sequence[Scenario]] = None,
+    settings: RunSettings = DEFAULT_SETTINGS,
+    progress: Optional[Progress] = None,
+    *,
+    tls_versions: Optional[Sequence[str]] = None,
+    timeout: Optional[float] = None,
+) -> List[Result]:
+    """Run the client catalogue against an external client command."""
+    from harness.client_catalogue import CLIENT_SCENARIOS
+    from harness.fakeserver import run_client_target
+
+    chosen = list(scenarios) if scenarios is not None else list(CLIENT_SCENARIOS)
+    target = CommandClientTarget(
+        dialect, argv, timeout=timeout if timeout is not None else settings.scenario_timeout
+    )
+    return await run_client_target(
+        chosen,
+        target,
+        settings,
+        progress=progress,
+        tls_versions=tls_versions,
+    )
+
+
+async def validate_client(
+    dialect: str,
+    behaviour: str,
+    tls_versions: Sequence[str] = ("1.2", "1.3"),
+    settings: Optional[RunSettings] = None,
+) -> Tuple[List[Result], List[str]]:
+    """Run the client catalogue against one reference client; return mismatches."""
+    from harness.client_catalogue import (
+        CLIENT_SCENARIOS,
+        CLIENT_VALIDATION_SETTINGS,
+        expected_client_verdicts,
+    )
+    from harness.fakeserver import run_client_target
+    from harness.validation import mismatches
+
+    chosen = settings or CLIENT_VALIDATION_SETTINGS
+    target = ReferenceClientTarget(dialect, behaviour, timeout=chosen.reply_timeout)
+    results = await run_client_target(CLIENT_SCENARIOS, target, chosen, tls_versions=tls_versions)
+    expected: Mapping[str, Verdict] = expected_client_verdicts(dialect, behaviour)
+    return results, mismatches(results, expected)

@@ -1,0 +1,1510 @@
+"""The harness as a scripted (faulty) server for a client under test.
+
+Theory of operation
+===================
+
+For a client under test, each scenario x TLS version is one run: a fake
+server is started on ``127.0.0.1:0`` (it accepts one connection and refuses
+any other), a fresh CA and server certificate are written to a temporary
+directory, the client is launched once against that address
+(:class:`~harness.client_targets.ClientTarget`), and the scenario's steps
+are interpreted against the one connection it opens.
+
+The server runs on :func:`harness.aio.create_server` with a **strict**
+engine: whatever the client sends is judged by every rule (a client that
+pipelines plaintext after STARTTLS, speaks before our close_notify is
+answered, or hangs up instead of answering shows up as an engine event).
+Faults are *sent* around the rules: ``write_raw`` for plaintext inside TLS
+and injected responses, ``corked`` writes for declared coalescing, and
+direct engine operations (``start_tls``, ``unwrap``) where the fault is the
+timing of a switch.
+
+Everything the client does becomes an *act* in an inbox, in wire order: a
+complete command (line, IMAP literals inline, an SMTP DATA body as one
+unit), its close_notify, the handshake completing, or the connection ending
+(how and why).  Steps (the verb table :data:`_CLIENT_STEPS`) read acts with
+a bound, answer like a conforming server, apply the fault, and end the run
+with an *observation* label (:class:`harness.runner.Observed`) that the
+scenario turns into a verdict.  Decisions come from events -- the client's
+next command, its close_notify, its close, its exit status -- never from
+silence: a wait that runs out is ``timeout`` and therefore an ``error``.
+
+Sanity probes bracket every target x TLS version: the client must complete
+a normal STARTTLS session against the conforming fake server before and
+after the scenarios, or every result of that group is an ``error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import re
+import ssl
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import (
+    Awaitable,
+    Callable,
+    Deque,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+)
+
+from harness.aio import ConnectionEnded, SwitchableTransport, Timeouts, create_server
+from harness.catalogue import Expect, Scenario, Step
+from harness.certs import make_pki
+from harness.client_targets import ClientOutcome, ClientTarget
+from harness.engine import (
+    AlertReceived,
+    CloseNotifyReceived,
+    CloseNotifySent,
+    ClosureComplete,
+    Event,
+    HandshakeComplete,
+    HandshakeFailed,
+    PeerEOF,
+    PlaintextData,
+    Policy,
+    Rule,
+    TLSData,
+    Violation,
+)
+from harness.runner import Observed, Progress, RunSettings
+from harness.verdicts import Evidence, Result, Verdict
+
+__all__ = [
+    "SENSITIVE",
+    "Command",
+    "run_client_scenario",
+    "run_client_target",
+    "sanity_probe",
+    "unknown_client_steps",
+]
+
+#: The bounds used when a caller gives none.
+DEFAULT_SETTINGS = RunSettings()
+
+#: Longest command line the fake server buffers; largest literal / DATA body.
+MAX_LINE = 8192
+MAX_UNIT = 1 << 20
+
+#: Command kinds a client that requires TLS must never send before TLS (R9).
+SENSITIVE = frozenset(
+    {"auth", "mail", "rcpt", "data", "bdat", "message", "append", "select", "access"}
+)
+
+#: Capability the plaintext hello advertises and the TLS one never does
+#: (a client that still "knows" it under TLS did not reset its state, R8).
+SMTP_BAIT = "XHARNESS-PLAINTEXT-ONLY"
+IMAP_BAIT = "X-HARNESS-PLAINTEXT-ONLY"
+
+
+# ---------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True)
+class Command:
+    """One complete unit from the client, and how the server classifies it."""
+
+    raw: bytes
+    tls: bool
+    kind: str
+    verb: str = ""
+    tag: bytes = b""
+    #: Everything after the verb (SMTP) or after tag and verb (IMAP).
+    rest: bytes = b""
+
+    @property
+    def text(self) -> str:
+        return self.raw[:120].decode("latin-1").strip()
+
+
+_SMTP_KINDS = {
+    "EHLO": "hello",
+    "HELO": "hello",
+    "STARTTLS": "starttls",
+    "STOPTLS": "stoptls",
+    "AUTH": "auth",
+    "MAIL": "mail",
+    "RCPT": "rcpt",
+    "DATA": "data",
+    "BDAT": "bdat",
+    "QUIT": "quit",
+    "NOOP": "noop",
+    "RSET": "noop",
+}
+
+_IMAP_KINDS = {
+    "CAPABILITY": "hello",
+    "STARTTLS": "starttls",
+    "STOPTLS": "stoptls",
+    "LOGIN": "auth",
+    "AUTHENTICATE": "auth",
+    "APPEND": "append",
+    "SELECT": "select",
+    "EXAMINE": "select",
+    "LOGOUT": "quit",
+    "NOOP": "noop",
+    "ID": "noop",
+    "ENABLE": "noop",
+}
+#: IMAP commands of the authenticated/selected states (mail access).
+_IMAP_ACCESS = frozenset(
+    "LIST LSUB STATUS CREATE DELETE RENAME SUBSCRIBE UNSUBSCRIBE FETCH STORE SEARCH COPY MOVE"
+    " UID EXPUNGE CLOSE UNSELECT CHECK IDLE NAMESPACE GETQUOTAROOT".split()
+)
+
+_LITERAL_AT_END = re.compile(rb"\{(\d{1,10})(\+?)\}\r?\n\Z")
+_TAG_NUMBER = re.compile(rb"\A(.*?)(\d+)\Z")
+
+
+def next_tag(tag: bytes) -> Optional[bytes]:
+    """The tag a client numbering its commands will use next (``a2`` -> ``a3``)."""
+    found = _TAG_NUMBER.match(tag)
+    if found is None:
+        return None
+    digits = found.group(2)
+    return found.group(1) + str(int(digits) + 1).zfill(len(digits)).encode()
+
+
+class _ServerDialect:
+    """What a conforming server says; SMTP and IMAP below."""
+
+    name = ""
+
+    def parse(self, raw: bytes, tls: bool) -> Command:
+        raise NotImplementedError
+
+    def greeting(self) -> bytes:
+        raise NotImplementedError
+
+    def hello(self, cmd: Command, *, tls: bool, starttls: bool, stoptls: bool) -> bytes:
+        raise NotImplementedError
+
+    def starttls_ok(self, cmd: Command) -> bytes:
+        raise NotImplementedError
+
+    def starttls_refused(self, cmd: Command) -> bytes:
+        raise NotImplementedError
+
+    def not_offered(self, cmd: Command) -> bytes:
+        raise NotImplementedError
+
+    def stoptls_ok(self, cmd: Command) -> bytes:
+        raise NotImplementedError
+
+    def goodbye(self, cmd: Command) -> bytes:
+        raise NotImplementedError
+
+    def injection(self, starttls: Command) -> bytes:
+        """A response a client that reads it before the handshake acts on."""
+        raise NotImplementedError
+
+    def stored(self, cmd: Command) -> bytes:
+        """The answer to a complete message (end of DATA / APPEND)."""
+        raise NotImplementedError
+
+    def simple(self, cmd: Command) -> bytes:
+        """The final answer to any other command."""
+        raise NotImplementedError
+
+    def auth_prompts(self, cmd: Command) -> List[bytes]:
+        """Continuation prompts an AUTH/AUTHENTICATE needs before its answer."""
+        raise NotImplementedError
+
+    def auth_done(self, cmd: Command, ok: bool) -> bytes:
+        raise NotImplementedError
+
+
+def _smtp_lines(code: str, lines: Sequence[str]) -> bytes:
+    out = [f"{code}-{line}\r\n" for line in lines[:-1]]
+    out.append(f"{code} {lines[-1]}\r\n")
+    return "".join(out).encode("ascii")
+
+
+class _SmtpServer(_ServerDialect):
+    name = "smtp"
+
+    def parse(self, raw: bytes, tls: bool) -> Command:
+        words = raw.strip().split(None, 1)
+        verb = words[0].decode("latin-1").upper() if words else ""
+        rest = words[1] if len(words) > 1 else b""
+        return Command(raw, tls, _SMTP_KINDS.get(verb, "other"), verb, b"", rest)
+
+    def greeting(self) -> bytes:
+        return b"220 fake.invalid ESMTP starttls-harness\r\n"
+
+    def hello(self, cmd: Command, *, tls: bool, starttls: bool, stoptls: bool) -> bytes:
+        if cmd.verb == "HELO":
+            return b"250 fake.invalid\r\n"
+        words = ["fake.invalid", "8BITMIME", "AUTH PLAIN LOGIN"]
+        if not tls:
+            if starttls:
+                words.insert(1, "STARTTLS")
+            words.append(SMTP_BAIT)
+        elif stoptls:
+            words.append("STOPTLS")
+        return _smtp_lines("250", words)
+
+    def starttls_ok(self, cmd: Command) -> bytes:
+        return b"220 2.0.0 Ready to start TLS\r\n"
+
+    def starttls_refused(self, cmd: Command) -> bytes:
+        return b"454 4.7.0 TLS not available due to temporary reason\r\n"
+
+    def not_offered(self, cmd: Command) -> bytes:
+        return b"502 5.5.1 Command not offered here\r\n"
+
+    def stoptls_ok(self, cmd: Command) -> bytes:
+        return b"220 2.0.0 Ready to end TLS\r\n"
+
+    def goodbye(self, cmd: Command) -> bytes:
+        return b"221 2.0.0 Bye\r\n"
+
+    def injection(self, starttls: Command) -> bytes:
+        return b"554 5.7.0 injected by starttls-harness before the handshake\r\n"
+
+    def stored(self, cmd: Command) -> bytes:
+        return b"250 2.0.0 Ok: queued as HARNESS\r\n"
+
+    def simple(self, cmd: Command) -> bytes:
+        if cmd.kind == "mail":
+            return b"250 2.1.0 Ok\r\n"
+        if cmd.kind == "rcpt":
+            return b"250 2.1.5 Ok\r\n"
+        if cmd.kind == "noop":
+            return b"250 2.0.0 Ok\r\n"
+        if cmd.kind == "bdat":
+            return b"502 5.5.1 CHUNKING not offered\r\n"
+        return b"502 5.5.2 Command not recognized\r\n"
+
+    def auth_prompts(self, cmd: Command) -> List[bytes]:
+        words = cmd.rest.split()
+        mech = words[0].upper() if words else b""
+        if mech == b"PLAIN":
+            return [] if len(words) > 1 else [b"334 \r\n"]
+        if mech == b"LOGIN":
+            password = b"334 UGFzc3dvcmQ6\r\n"
+            return [password] if len(words) > 1 else [b"334 VXNlcm5hbWU6\r\n", password]
+        return []
+
+    def auth_done(self, cmd: Command, ok: bool) -> bytes:
+        mech = cmd.rest.split()[:1]
+        if not mech or mech[0].upper() not in (b"PLAIN", b"LOGIN"):
+            return b"504 5.5.4 Unrecognized authentication type\r\n"
+        if not ok:
+            return b"501 5.7.0 Authentication cancelled\r\n"
+        return b"235 2.7.0 Authentication successful\r\n"
+
+
+class _ImapServer(_ServerDialect):
+    name = "imap"
+
+    def parse(self, raw: bytes, tls: bool) -> Command:
+        words = raw.split(None, 2)
+        tag = words[0] if words else b""
+        verb = words[1].decode("latin-1").upper() if len(words) > 1 else ""
+        rest = words[2].strip() if len(words) > 2 else b""
+        kind = _IMAP_KINDS.get(verb, "access" if verb in _IMAP_ACCESS else "other")
+        return Command(raw, tls, kind, verb, tag, rest)
+
+    def greeting(self) -> bytes:
+        return b"* OK fake.invalid IMAP4rev1 starttls-harness ready\r\n"
+
+    def _tagged(self, cmd: Command, text: str) -> bytes:
+        return cmd.tag + b" " + text.encode("ascii") + b"\r\n"
+
+    def hello(self, cmd: Command, *, tls: bool, starttls: bool, stoptls: bool) -> bytes:
+        caps = ["IMAP4rev1", "AUTH=PLAIN"]
+        if not tls:
+            if starttls:
+                caps.append("STARTTLS")
+            caps.append(IMAP_BAIT)
+        elif stoptls:
+            caps.append("STOPTLS")
+        line = ("* CAPABILITY " + " ".join(caps) + "\r\n").encode("ascii")
+        return line + self._tagged(cmd, "OK CAPABILITY completed")
+
+    def starttls_ok(self, cmd: Command) -> bytes:
+        return self._tagged(cmd, "OK Begin TLS negotiation now")
+
+    def starttls_refused(self, cmd: Command) -> bytes:
+        return self._tagged(cmd, "NO [UNAVAILABLE] TLS not available")
+
+    def not_offered(self, cmd: Command) -> bytes:
+        return self._tagged(cmd, "BAD command not offered here")
+
+    def stoptls_ok(self, cmd: Command) -> bytes:
+        return self._tagged(cmd, "OK Begin TLS closure")
+
+    def goodbye(self, cmd: Command) -> bytes:
+        return b"* BYE fake.invalid logging out\r\n" + self._tagged(cmd, "OK LOGOUT completed")
+
+    def injection(self, starttls: Command) -> bytes:
+        # Untagged capabilities that forbid LOGIN, completed with the tag the
+        # client will most likely give its next command (CAPABILITY).
+        out = b"* CAPABILITY IMAP4rev1 LOGINDISABLED\r\n"
+        tag = next_tag(starttls.tag)
+        if tag is not None:
+            out += tag + b" OK CAPABILITY completed\r\n"
+        return out
+
+    def stored(self, cmd: Command) -> bytes:
+        return self._tagged(cmd, "OK [APPENDUID 1 1] APPEND completed")
+
+    def simple(self, cmd: Command) -> bytes:
+        if cmd.kind == "select":
+            return (
+                b"* 0 EXISTS\r\n* 0 RECENT\r\n* OK [UIDVALIDITY 1] UIDs valid\r\n"
+                b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)\r\n"
+                + self._tagged(cmd, f"OK [READ-WRITE] {cmd.verb} completed")
+            )
+        if cmd.kind in ("noop", "access", "auth"):
+            return self._tagged(cmd, f"OK {cmd.verb} completed")
+        return self._tagged(cmd, "BAD unknown command")
+
+    def auth_prompts(self, cmd: Command) -> List[bytes]:
+        if cmd.verb != "AUTHENTICATE":
+            return []
+        words = cmd.rest.split()
+        if words[:1] and words[0].upper() == b"PLAIN" and len(words) == 1:
+            return [b"+ \r\n"]
+        return []
+
+    def auth_done(self, cmd: Command, ok: bool) -> bytes:
+        if cmd.verb == "AUTHENTICATE":
+            words = cmd.rest.split()
+            if not words or words[0].upper() != b"PLAIN":
+                return self._tagged(cmd, "NO unsupported authentication mechanism")
+            if not ok:
+                return self._tagged(cmd, "BAD authentication cancelled")
+        return self._tagged(cmd, f"OK {cmd.verb} completed")
+
+
+_DIALECTS: Dict[str, _ServerDialect] = {"smtp": _SmtpServer(), "imap": _ImapServer()}
+
+
+# -------------------------------------------------------------- the inbox
+
+
+@dataclass(frozen=True)
+class Act:
+    """One thing the client did, in wire order.
+
+    ``kind`` is ``command``, ``close_notify``, ``handshake`` or ``gone``;
+    for ``gone``, ``how`` says in which way the connection ended: ``eof``
+    (a clean FIN), ``truncated`` (FIN/RST while TLS was up, no close_notify),
+    ``unanswered`` (FIN after our close_notify, R5), ``violation`` (the client
+    broke ``rule``), ``alert``, ``handshake-failed``, ``reset``, ``oversize``
+    or ``closed-by-us``.
+    """
+
+    kind: str
+    command: Optional[Command] = None
+    how: str = ""
+    rule: Optional[Rule] = None
+    detail: str = ""
+
+
+class _Gone(Exception):
+    def __init__(self, act: Act) -> None:
+        super().__init__(act.detail or act.how)
+        self.act = act
+
+
+class _Timeout(Exception):
+    pass
+
+
+class _FakeConnection(asyncio.Protocol):
+    """The one accepted connection: parses commands, queues acts, records evidence."""
+
+    def __init__(self, dialect: _ServerDialect, evidence: Evidence) -> None:
+        self.dialect = dialect
+        self.evidence = evidence
+        self.transport: Optional[SwitchableTransport] = None
+        self.connected = asyncio.get_running_loop().create_future()
+        self.acts: Deque[Act] = collections.deque()
+        self.gone: Optional[Act] = None
+        self.changed = asyncio.Event()
+        self.closing = False
+        #: Set while a STOPTLS closure we accepted is under way: the client's
+        #: close_notify then belongs to it and is not an act of its own.
+        self.in_closure = False
+        self.tls_sessions = 0
+        self._rx_tls = False
+        self._buf = bytearray()
+        self._unit = bytearray()
+        self._literal_left = 0
+        self.body_mode = False
+        #: Raw mode: bytes are collected in ``raw`` instead of parsed (used to
+        #: see the ClientHello before the server's TLS starts).
+        self.raw_mode = False
+        self.raw = bytearray()
+
+    # -------------------------------------------------------- asyncio API
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, SwitchableTransport)
+        self.transport = transport
+        transport.hold_after(self._is_starttls_line)
+        if not self.connected.done():
+            self.connected.set_result(None)
+
+    def _is_starttls_line(self, line: bytes) -> bool:
+        """Hold-gate predicate: a STARTTLS command line (not message content)."""
+        if self.body_mode or self._literal_left:
+            return False
+        return self.dialect.parse(line, False).kind == "starttls"
+
+    def engine_event(self, event: Event) -> None:
+        if isinstance(event, (TLSData, PlaintextData)):
+            self._rx_tls = isinstance(event, TLSData)
+            if not self.raw_mode:  # raw bytes are recorded by their reader
+                self.evidence.add("c2s", "tls" if self._rx_tls else "plaintext", event.data)
+        elif isinstance(event, HandshakeComplete):
+            self.tls_sessions += 1
+            self.evidence.note(f"TLS up: {event.version} {event.cipher}")
+            self._push(Act("handshake", detail=event.version))
+        elif isinstance(event, CloseNotifyReceived):
+            self.evidence.add("c2s", "close_notify")
+            if not self.in_closure:
+                self._push(Act("close_notify"))
+        elif isinstance(event, CloseNotifySent):
+            self.evidence.add("s2c", "close_notify")
+        elif isinstance(event, ClosureComplete):
+            self.in_closure = False
+            state = "plaintext resumes" if event.resumed else "the connection ends"
+            self.evidence.note(f"TLS closed both ways; {state}")
+        elif isinstance(event, Violation):
+            self.evidence.add("c2s", "note", event.data, f"{event.rule.value}: {event.message}")
+            if event.enforced:
+                self._end(_act_for_violation(event))
+        elif isinstance(event, AlertReceived):
+            self.evidence.add("c2s", "alert", note=event.description)
+            self._end(Act("gone", how="alert", detail=f"client sent alert {event.description}"))
+        elif isinstance(event, HandshakeFailed):
+            side = "client alert" if event.remote else "local"
+            self._end(
+                Act(
+                    "gone",
+                    how="handshake-failed",
+                    detail=f"handshake failed ({side}): {event.reason}",
+                )
+            )
+        elif isinstance(event, PeerEOF):
+            self.evidence.add("c2s", "eof")
+            self._end(Act("gone", how="eof", detail="the client closed the connection"))
+
+    def data_received(self, data: bytes) -> None:
+        if self.raw_mode:
+            self.raw += data
+            self._wake()
+            return
+        self._buf += data
+        self._parse()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        if self.gone is None:
+            if isinstance(exc, ConnectionEnded):
+                event = exc.event
+                if isinstance(event, Violation):
+                    self._end(_act_for_violation(event))
+                else:
+                    self._end(Act("gone", how="reset", detail=str(exc)))
+            elif self.closing:
+                self._end(Act("gone", how="closed-by-us", detail="the server closed"))
+            elif exc is None:
+                self.evidence.add("c2s", "eof")
+                self._end(Act("gone", how="eof", detail="the client closed the connection"))
+            else:
+                self.evidence.add("c2s", "eof", note=f"reset: {exc}")
+                self._end(Act("gone", how="reset", detail=f"connection lost: {exc}"))
+        self._wake()
+
+    # ----------------------------------------------------------- parsing
+
+    def _parse(self) -> None:
+        """Cut the buffer into commands (IMAP literals inline, DATA bodies whole)."""
+        buf = self._buf
+        while buf and self.gone is None:
+            if self.body_mode:
+                if not self._take_body():
+                    return
+                continue
+            if self._literal_left:
+                take = min(self._literal_left, len(buf))
+                self._unit += buf[:take]
+                del buf[:take]
+                self._literal_left -= take
+                continue
+            nl = buf.find(b"\n")
+            if nl < 0:
+                if len(buf) > MAX_LINE:
+                    self._oversize()
+                return
+            line = bytes(buf[: nl + 1])
+            del buf[: nl + 1]
+            if len(line) > MAX_LINE:
+                self._oversize()
+                return
+            self._unit += line
+            if self.dialect.name == "imap":
+                found = _LITERAL_AT_END.search(line)
+                if found is not None:
+                    size = int(found.group(1))
+                    if size > MAX_UNIT:
+                        self._oversize()
+                        return
+                    self._literal_left = size
+                    if not found.group(2):
+                        self.send(b"+ Ready for literal data\r\n")
+                    continue
+            unit = bytes(self._unit)
+            self._unit.clear()
+            self._push(Act("command", command=self.dialect.parse(unit, self._rx_tls)))
+
+    def _take_body(self) -> bool:
+        """An SMTP DATA body up to its final dot; False if incomplete."""
+        data = bytes(self._unit) + bytes(self._buf)
+        end = -1
+        if data.startswith(b".\r\n"):
+            end = 0
+        else:
+            pos = data.find(b"\r\n.\r\n")
+            end = pos + 2 if pos >= 0 else -1
+        if end < 0:
+            self._unit[:] = data
+            self._buf.clear()
+            if len(self._unit) > MAX_UNIT:
+                self._oversize()
+            return False
+        body, rest = data[:end], data[end + 3 :]
+        self._unit.clear()
+        self._buf[:] = rest
+        self.body_mode = False
+        self._push(Act("command", command=Command(body, self._rx_tls, "message", "DATA")))
+        return True
+
+    def _oversize(self) -> None:
+        self.evidence.note("the client sent more than the fake server buffers")
+        self._end(Act("gone", how="oversize", detail="client data exceeded the bound"))
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ------------------------------------------------------------ inbox
+
+    def _push(self, act: Act) -> None:
+        self.acts.append(act)
+        self._wake()
+
+    def _end(self, act: Act) -> None:
+        if self.gone is None:
+            self.gone = act
+        self._wake()
+
+    def _wake(self) -> None:
+        self.changed.set()
+
+    async def next_act(self, timeout: float) -> Act:
+        """The client's next act (``gone`` for ever once it is gone); bounded."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if self.acts:
+                return self.acts.popleft()
+            if self.gone is not None:
+                return self.gone
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise _Timeout(f"the client did nothing decisive within {timeout:g} s")
+            self.changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), remaining)
+
+    async def raw_record(self, timeout: float) -> bytes:
+        """Wait (in raw mode) for one complete TLS record, e.g. the ClientHello."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            raw = self.raw
+            if raw[:1] and raw[:1] != b"\x16":
+                return bytes(raw)  # not TLS: the caller decides
+            if len(raw) >= 5 and len(raw) >= 5 + ((raw[3] << 8) | raw[4]):
+                return bytes(raw)
+            if self.gone is not None:
+                raise _Gone(self.gone)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise _Timeout("no ClientHello arrived")
+            self.changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), remaining)
+
+    # ------------------------------------------------------------ output
+
+    def t(self) -> SwitchableTransport:
+        assert self.transport is not None
+        return self.transport
+
+    def send(self, data: bytes) -> None:
+        """Send in the current phase (plaintext, or under TLS)."""
+        t = self.t()
+        if t.is_closing():
+            return
+        self.evidence.add("s2c", "tls" if t.tls_active else "plaintext", data)
+        t.write(data)
+
+    def inject(self, data: bytes, note: str) -> None:
+        """Bytes around every rule, marked as injected in the evidence."""
+        t = self.t()
+        if t.is_closing():
+            return
+        self.evidence.add("s2c", "injected", data, note)
+        t.write_raw(data)
+
+    def handle(self, events: List[Event]) -> None:
+        """Engine events of an operation the script did on the engine itself."""
+        t = self.t()
+        t.events.extend(events)
+        for event in events:
+            self.engine_event(event)
+            if isinstance(event, HandshakeFailed) or (
+                isinstance(event, Violation) and event.enforced
+            ):
+                t.abort()
+
+    def close(self) -> None:
+        """Close as a conforming server (close_notify first under TLS)."""
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _act_for_violation(event: Violation) -> Act:
+    if event.rule is Rule.R6:
+        return Act("gone", how="truncated", rule=event.rule, detail=event.message)
+    if event.rule is Rule.R5:
+        return Act("gone", how="unanswered", rule=event.rule, detail=event.message)
+    return Act(
+        "gone",
+        how="violation",
+        rule=event.rule,
+        detail=f"the client broke {event.rule.value}: {event.message}",
+    )
+
+
+class _Refuser(asyncio.Protocol):
+    """Any connection after the first: closed at once (one client, one connection)."""
+
+    def __init__(self, evidence: Evidence) -> None:
+        self.evidence = evidence
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.evidence.note("a further connection from the client was refused")
+        transport.close()
+
+
+# ------------------------------------------------------------ the run state
+
+
+@dataclass
+class _Run:
+    scenario: Scenario
+    target: ClientTarget
+    dialect: _ServerDialect
+    conn: _FakeConnection
+    evidence: Evidence
+    settings: RunSettings
+    server_ctx: ssl.SSLContext
+    client: asyncio.Future[ClientOutcome]
+    #: STOPTLS cycles the client was asked for (1 unless the target accepts more).
+    cycles_asked: int = 1
+    fault_applied: bool = False
+    pending: Optional[Command] = None
+    offer_starttls: bool = True
+    offer_stoptls: bool = False
+    #: STOPTLS closures completed on this connection.
+    stoptls_done: int = 0
+
+    @property
+    def ever_tls(self) -> bool:
+        return self.conn.tls_sessions > 0
+
+    @property
+    def tls(self) -> bool:
+        return self.conn.t().tls_active
+
+    async def next_act(self) -> Act:
+        return await self.conn.next_act(self.settings.reply_timeout)
+
+    async def next_command(self) -> Command:
+        """The next command; the connection ending raises :class:`_Gone`."""
+        act = await self.next_act()
+        if act.kind == "command" and act.command is not None:
+            return act.command
+        if act.kind == "handshake":
+            return await self.next_command()
+        if act.kind == "close_notify":
+            raise _Gone(Act("gone", how="close_notify", detail="the client sent close_notify"))
+        raise _Gone(act)
+
+    async def outcome(self) -> Optional[ClientOutcome]:
+        """The client's reported outcome, waited for with a bound (None: none)."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.client), self.settings.reply_timeout)
+        except asyncio.TimeoutError:
+            return None
+
+
+# ---------------------------------------------------- conforming answers
+
+
+async def _answer(run: _Run, cmd: Command) -> str:
+    """Answer ``cmd`` as a conforming server; return "ended" after QUIT/LOGOUT.
+
+    STARTTLS and STOPTLS are carried out (when offered), AUTH continuations
+    and DATA bodies are read; the caller has already decided that ``cmd`` is
+    not where the scenario's fault goes.
+    """
+    conn, dialect = run.conn, run.dialect
+    kind = cmd.kind
+    if kind == "hello":
+        conn.send(
+            dialect.hello(cmd, tls=run.tls, starttls=run.offer_starttls, stoptls=run.offer_stoptls)
+        )
+    elif kind == "starttls":
+        if run.tls or not run.offer_starttls:
+            conn.send(dialect.not_offered(cmd))
+        else:
+            _switch_to_tls(run, cmd)
+            await _await_handshake(run)
+    elif kind == "stoptls":
+        if not run.tls or not run.offer_stoptls:
+            conn.send(dialect.not_offered(cmd))
+        else:
+            await _accept_stoptls(run, cmd)
+    elif kind == "auth":
+        ok = True
+        for prompt in dialect.auth_prompts(cmd):
+            conn.send(prompt)
+            response = await run.next_command()
+            if response.raw.strip() == b"*":
+                ok = False
+                break
+        conn.send(dialect.auth_done(cmd, ok))
+    elif kind == "data" and dialect.name == "smtp":
+        conn.body_mode = True
+        conn.send(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        body = await run.next_command()
+        conn.send(dialect.stored(body))
+    elif kind == "append":
+        conn.send(dialect.stored(cmd))
+    elif kind == "quit":
+        conn.send(dialect.goodbye(cmd))
+        conn.close()
+        return "ended"
+    else:
+        conn.send(dialect.simple(cmd))
+    return "answered"
+
+
+def _switch_to_tls(run: _Run, cmd: Command, inject: bytes = b"") -> None:
+    """Answer STARTTLS and switch in one write (with ``inject`` glued on)."""
+    conn = run.conn
+    t = conn.t()
+    with t.corked():
+        conn.send(run.dialect.starttls_ok(cmd))
+        if inject:
+            conn.inject(inject, "plaintext response after the STARTTLS answer (same segment)")
+        events = t.engine.start_tls(run.server_ctx, server_side=True)
+    conn.handle(events)
+
+
+async def _await_handshake(run: _Run) -> None:
+    while True:
+        act = await run.next_act()
+        if act.kind == "handshake":
+            return
+        if act.kind == "gone":
+            raise _Gone(act)
+        if act.kind == "command" and act.command is not None:
+            # Cannot happen on a strict engine; kept for a clear error.
+            raise Observed("unexpected-reply", f"command before the handshake: {act.command.text}")
+
+
+async def _accept_stoptls(run: _Run, cmd: Command) -> None:
+    """The conforming STOPTLS closure, then the plaintext greeting (R3-R5)."""
+    conn = run.conn
+    t = conn.t()
+    answer = run.dialect.stoptls_ok(cmd)
+    conn.evidence.add("s2c", "tls", answer)
+    conn.in_closure = True
+    try:
+        await t.accept_unwrap(preface=answer, timeout=run.settings.reply_timeout)
+    except asyncio.TimeoutError:
+        raise _Timeout("the client did not send its close_notify after STOPTLS") from None
+    except (ConnectionError, RuntimeError) as exc:
+        raise _Gone(conn.gone or Act("gone", how="reset", detail=str(exc))) from None
+    run.stoptls_done += 1
+    conn.send(run.dialect.greeting())
+
+
+# ------------------------------------------------------------------ steps
+
+
+async def step_greet(run: _Run, args: Mapping[str, object]) -> None:
+    """Wait for the client to connect (or exit), then greet it."""
+    conn = run.conn
+    await asyncio.wait(
+        [conn.connected, run.client],
+        timeout=run.settings.connect_timeout,
+        return_when=asyncio.FIRST_COMPLETED,
+    )
+    if not conn.connected.done():
+        if run.client.done():
+            outcome = run.client.result()
+            raise Observed("client-did-not-connect", f"client ended first: {outcome.detail}")
+        raise Observed("client-did-not-connect", "no connection within the bound")
+    conn.send(run.dialect.greeting())
+
+
+def _matches(until: str, cmd: Command) -> bool:
+    if until == "starttls":
+        return cmd.kind == "starttls" and not cmd.tls
+    if until == "stoptls":
+        return cmd.kind == "stoptls" and cmd.tls
+    if until == "tls-first":
+        return cmd.tls
+    if until == "tls-after-hello":
+        return cmd.tls and cmd.kind != "hello"
+    if until == "message":
+        return cmd.kind in ("message", "append")
+    return False
+
+
+async def step_serve(run: _Run, args: Mapping[str, object]) -> None:
+    """Answer as a conforming server until the command named by ``until``.
+
+    That command is left unanswered in ``run.pending`` for the next step.
+    ``until="end"`` serves the whole session and decides from its end (the
+    client's outcome, and with ``cycles`` the STOPTLS cycles it made).
+    If the session ends first, ``otherwise`` is the observation.
+    """
+    until = str(args.get("until", "end"))
+    run.offer_starttls = bool(args.get("starttls", True))
+    run.offer_stoptls = bool(args.get("stoptls", False))
+    for _ in range(200):  # a bound on commands, as on everything else
+        try:
+            cmd = await run.next_command()
+        except _Gone:
+            await _session_over(run, args)
+            raise
+        if not run.ever_tls and not cmd.tls and cmd.kind in SENSITIVE:
+            raise Observed("sent-in-plaintext", f"{cmd.text!r} sent before any TLS")
+        if _matches(until, cmd):
+            run.pending = cmd
+            return
+        if cmd.kind == "data" and until == "message" and run.dialect.name == "smtp":
+            run.conn.body_mode = True
+            run.conn.send(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+            run.pending = await run.next_command()
+            return
+        if await _answer(run, cmd) == "ended":
+            await _session_over(run, args)
+            raise _Gone(Act("gone", how="quit", detail="the client ended the session"))
+    raise Observed("unexpected-reply", "the client sent too many commands")
+
+
+async def _session_over(run: _Run, args: Mapping[str, object]) -> None:
+    """The session ended during ``serve``: decide, or let the caller raise."""
+    until = str(args.get("until", "end"))
+    otherwise = args.get("otherwise")
+    gone = run.conn.gone
+    if gone is not None and gone.how == "violation":
+        raise _Gone(gone)
+    if until != "end":
+        if otherwise:
+            raise Observed(str(otherwise), f"the session ended before {until}")
+        return
+    outcome = await run.outcome()
+    if outcome is None:
+        raise Observed("timeout", "the client did not finish after its session ended")
+    required = int(str(args.get("cycles", 0)))
+    if required:
+        if run.stoptls_done == 0:
+            raise Observed("no-stoptls", "the client made no STOPTLS cycle")
+        wanted = min(required, run.cycles_asked) if run.target.accepts_cycles else 1
+        if run.stoptls_done < wanted:
+            raise Observed(
+                "too-few-cycles", f"{run.stoptls_done} STOPTLS cycle(s), {wanted} asked for"
+            )
+    if not outcome.ok:
+        raise Observed("client-failed", f"the client reported failure: {outcome.detail}")
+    raise Observed("completed", f"session completed ({run.stoptls_done} STOPTLS cycle(s))")
+
+
+async def step_accept_starttls(run: _Run, args: Mapping[str, object]) -> None:
+    """Accept the pending STARTTLS, optionally injecting a plaintext response.
+
+    ``inject="same"``: the injected response leaves in the same TCP segment
+    as the STARTTLS answer.  ``inject="after-hello"``: the server waits for
+    the ClientHello and writes the injected response before its ServerHello,
+    in a segment of its own -- so the client has certainly read the answer
+    alone and started its handshake when the plaintext arrives.
+    """
+    cmd = run.pending
+    if cmd is None or cmd.kind != "starttls":
+        raise Observed("unexpected-reply", "no STARTTLS to accept")
+    run.pending = None
+    inject = str(args.get("inject", ""))
+    payload = run.dialect.injection(cmd) if inject else b""
+    if inject == "after-hello":
+        await _switch_after_client_hello(run, cmd, payload)
+    else:
+        _switch_to_tls(run, cmd, payload)
+
+
+async def _switch_after_client_hello(run: _Run, cmd: Command, payload: bytes) -> None:
+    conn = run.conn
+    t = conn.t()
+    t.release_held()  # nothing is held: the client waits for our answer
+    t.hold_after(None)
+    conn.raw_mode = True
+    conn.send(run.dialect.starttls_ok(cmd))
+    try:
+        hello = await conn.raw_record(run.settings.reply_timeout)
+    finally:
+        conn.raw_mode = False
+    conn.raw.clear()
+    if not hello.startswith(b"\x16"):
+        conn.evidence.add("c2s", "plaintext", hello, "plaintext instead of a ClientHello")
+        conn.abort()
+        raise _Gone(
+            Act("gone", how="violation", rule=Rule.R1, detail="plaintext after the STARTTLS answer")
+        )
+    conn.evidence.add("c2s", "tls-wire", hello, "ClientHello (raw record)")
+    conn.inject(payload, "plaintext response after the ClientHello, before the ServerHello")
+    with t.corked():
+        events = t.engine.start_tls(run.server_ctx, server_side=True)
+        events += t.engine.receive_data(hello)
+    conn.handle(events)
+    t.hold_after(conn._is_starttls_line)
+
+
+async def step_refuse_starttls(run: _Run, args: Mapping[str, object]) -> None:
+    cmd = run.pending
+    if cmd is None or cmd.kind != "starttls":
+        raise Observed("unexpected-reply", "no STARTTLS to refuse")
+    run.pending = None
+    run.conn.send(run.dialect.starttls_refused(cmd))
+    run.conn.t().release_held()
+
+
+async def step_handshake(run: _Run, args: Mapping[str, object]) -> None:
+    """Wait for the handshake; after a fault, a client that ends it refused."""
+    try:
+        await _await_handshake(run)
+    except _Gone as gone:
+        if gone.act.how == "violation":
+            raise
+        if run.fault_applied:
+            raise Observed("aborted", f"the client ended the upgrade: {gone.act.detail}") from None
+        if gone.act.how in ("handshake-failed", "alert"):
+            raise Observed("handshake-failed", gone.act.detail) from None
+        raise
+
+
+async def step_watch_plaintext(run: _Run, args: Mapping[str, object]) -> None:
+    """No TLS to be had: sensitive commands fail (R9), giving up passes."""
+    run.offer_starttls = bool(args.get("starttls", False))
+    run.offer_stoptls = False
+    for _ in range(50):
+        try:
+            cmd = await run.next_command()
+        except _Gone as gone:
+            if gone.act.how == "violation":
+                raise
+            raise Observed("gave-up", f"closed the connection: {gone.act.detail}") from None
+        if cmd.kind in SENSITIVE:
+            raise Observed("sent-in-plaintext", f"{cmd.text!r} sent without TLS")
+        if cmd.kind == "quit":
+            await _answer(run, cmd)
+            raise Observed("gave-up", "ended the session without TLS")
+        if cmd.kind == "starttls":
+            refusal = run.dialect.starttls_refused(cmd) if run.offer_starttls else None
+            run.conn.send(refusal or run.dialect.not_offered(cmd))
+            run.conn.t().release_held()
+            continue
+        await _answer(run, cmd)
+    raise Observed("unexpected-reply", "the client sent too many commands")
+
+
+async def step_judge_injection(run: _Run, args: Mapping[str, object]) -> None:
+    """After an injected response: did the client act on it?
+
+    SMTP: the injected ``554`` is taken as the answer to the first command
+    under TLS by a client that read it; such a client gives up right after
+    that command (QUIT, close, HELO or the same command again).  IMAP: the
+    injected capabilities say LOGINDISABLED; a client that believed them
+    never sends LOGIN.
+    """
+    if run.dialect.name == "smtp":
+        try:
+            first = await run.next_command()
+        except _Gone as gone:
+            if gone.act.how == "violation":
+                raise
+            raise Observed("injection-consumed", "closed right after the handshake") from None
+        await _answer(run, first)
+        try:
+            second = await run.next_command()
+        except _Gone as gone:
+            if gone.act.how == "violation":
+                raise
+            raise Observed(
+                "injection-consumed", f"gave up after {first.verb}: {gone.act.detail}"
+            ) from None
+        if second.kind == "quit" or second.verb in ("HELO", first.verb):
+            raise Observed("injection-consumed", f"{first.verb} then {second.verb}")
+        raise Observed("completed", f"{first.verb} then {second.verb}: carried on under TLS")
+    for _ in range(20):
+        try:
+            cmd = await run.next_command()
+        except _Gone as gone:
+            if gone.act.how == "violation":
+                raise
+            raise Observed("injection-consumed", f"no LOGIN: {gone.act.detail}") from None
+        if cmd.kind == "auth":
+            raise Observed("completed", f"{cmd.verb} sent under TLS")
+        if cmd.kind == "quit":
+            raise Observed("injection-consumed", "logged out without LOGIN")
+        await _answer(run, cmd)
+    raise Observed("unexpected-reply", "the client sent too many commands")
+
+
+async def step_raw_reply(run: _Run, args: Mapping[str, object]) -> None:
+    """Answer the pending command with its normal reply written raw (R2)."""
+    cmd = run.pending
+    if cmd is None:
+        raise Observed("unexpected-reply", "no command to answer")
+    run.pending = None
+    if cmd.kind == "hello":
+        reply = run.dialect.hello(cmd, tls=True, starttls=False, stoptls=run.offer_stoptls)
+    elif cmd.kind == "auth" and not run.dialect.auth_prompts(cmd):
+        reply = run.dialect.auth_done(cmd, True)
+    elif cmd.kind in ("append", "message"):
+        reply = run.dialect.stored(cmd)
+    else:
+        reply = run.dialect.simple(cmd)
+    run.conn.inject(reply, "plaintext reply written while TLS is up")
+
+
+async def step_expect_abort(run: _Run, args: Mapping[str, object]) -> None:
+    """After plaintext inside TLS: any further command means it was accepted."""
+    act = await run.next_act()
+    if act.kind == "command" and act.command is not None:
+        raise Observed("plaintext-accepted", f"then sent {act.command.text!r}")
+    if act.kind == "gone" and act.how == "violation":
+        raise _Gone(act)
+    raise Observed("refused", f"ended the connection ({act.detail or act.kind})")
+
+
+async def step_truncate_reply(run: _Run, args: Mapping[str, object]) -> None:
+    """Half of the answer to the pending message, then FIN without close_notify."""
+    cmd = run.pending
+    if cmd is None:
+        raise Observed("unexpected-reply", "no message to answer")
+    run.pending = None
+    reply = run.dialect.stored(cmd)
+    conn = run.conn
+    conn.send(reply[: max(4, len(reply) // 2)])
+    conn.evidence.add("s2c", "eof", note="TCP FIN without close_notify (truncation)")
+    conn.t().truncate()
+
+
+async def step_client_outcome(run: _Run, args: Mapping[str, object]) -> None:
+    """Decide from what the client reported (R6: it must report the cut)."""
+    outcome = await run.outcome()
+    if outcome is None:
+        raise Observed("timeout", "the client did not finish after the truncation")
+    if outcome.ok:
+        raise Observed("accepted", f"the client reported success: {outcome.detail}")
+    raise Observed("reported", f"the client reported failure: {outcome.detail}")
+
+
+async def step_close_notify(run: _Run, args: Mapping[str, object]) -> None:
+    """Instead of answering the pending command, send close_notify (R5)."""
+    if run.pending is None:
+        raise Observed("unexpected-reply", "no command to answer")
+    run.pending = None
+    run.conn.t().send_close_notify()
+
+
+async def step_expect_close_notify(run: _Run, args: Mapping[str, object]) -> None:
+    act = await run.next_act()
+    if act.kind == "close_notify":
+        raise Observed("answered", "the client answered with its close_notify at once")
+    if act.kind == "command" and act.command is not None:
+        raise Observed("spoke-first", f"sent {act.command.text!r} instead of close_notify")
+    if act.kind == "gone" and act.how == "violation":
+        raise _Gone(act)
+    raise Observed("unanswered", f"no close_notify: {act.detail or act.how}")
+
+
+async def step_one_sided_stoptls(run: _Run, args: Mapping[str, object]) -> None:
+    """Answer STOPTLS, close_notify and the plaintext greeting in one segment (R4)."""
+    cmd = run.pending
+    if cmd is None or cmd.kind != "stoptls":
+        raise Observed("unexpected-reply", "no STOPTLS to answer")
+    run.pending = None
+    conn = run.conn
+    t = conn.t()
+    conn.in_closure = True
+    with t.corked():
+        conn.send(run.dialect.stoptls_ok(cmd))
+        conn.handle(t.engine.unwrap())
+        conn.inject(run.dialect.greeting(), "plaintext greeting before the client's close_notify")
+
+
+async def step_expect_no_resume(run: _Run, args: Mapping[str, object]) -> None:
+    """After a one-sided closure: plaintext from the client means it resumed."""
+    for _ in range(5):
+        act = await run.next_act()
+        if act.kind == "command" and act.command is not None:
+            if not act.command.tls:
+                raise Observed("resumed", f"answered the early greeting: {act.command.text!r}")
+            raise Observed("ignored-closure", f"still sent {act.command.text!r} under TLS")
+        if act.kind == "gone":
+            if act.how == "violation":
+                raise _Gone(act)
+            raise Observed("refused", f"ended the connection ({act.detail or act.how})")
+    raise Observed("unexpected-reply", "no decisive act")
+
+
+async def step_accept_stoptls(run: _Run, args: Mapping[str, object]) -> None:
+    cmd = run.pending
+    if cmd is None or cmd.kind != "stoptls":
+        raise Observed("unexpected-reply", "no STOPTLS to accept")
+    run.pending = None
+    await _accept_stoptls(run, cmd)
+
+
+async def step_expect_hello(run: _Run, args: Mapping[str, object]) -> None:
+    """R8: the first command after a transition must be EHLO/CAPABILITY."""
+    after = str(args.get("after", "starttls"))
+    if "stoptls" in args:
+        run.offer_stoptls = bool(args["stoptls"])
+    try:
+        cmd = await run.next_command()
+    except _Gone as gone:
+        if gone.act.how == "violation":
+            raise
+        raise Observed("closed-before-check", gone.act.detail) from None
+    if cmd.kind == "hello":
+        await _answer(run, cmd)
+        return
+    if cmd.kind == "quit":
+        await _answer(run, cmd)
+        raise Observed("closed-before-check", f"{cmd.verb} right after {after}")
+    raise Observed("state-kept", f"first command after {after} was {cmd.text!r}")
+
+
+StepFunc = Callable[[_Run, Mapping[str, object]], Awaitable[None]]
+
+#: The verb table: every step action a client-role scenario may name.
+_CLIENT_STEPS: Dict[str, StepFunc] = {
+    "greet": step_greet,
+    "serve": step_serve,
+    "accept-starttls": step_accept_starttls,
+    "refuse-starttls": step_refuse_starttls,
+    "handshake": step_handshake,
+    "watch-plaintext": step_watch_plaintext,
+    "judge-injection": step_judge_injection,
+    "raw-reply": step_raw_reply,
+    "expect-abort": step_expect_abort,
+    "truncate-reply": step_truncate_reply,
+    "client-outcome": step_client_outcome,
+    "close-notify": step_close_notify,
+    "expect-close-notify": step_expect_close_notify,
+    "one-sided-stoptls": step_one_sided_stoptls,
+    "expect-no-resume": step_expect_no_resume,
+    "accept-stoptls": step_accept_stoptls,
+    "expect-hello": step_expect_hello,
+}
+
+CLIENT_STEP_NAMES = frozenset(_CLIENT_STEPS)
+
+
+def unknown_client_steps(scenarios: Sequence[Scenario]) -> List[Tuple[str, str]]:
+    """(scenario id, action) pairs the client verb table does not know (a test)."""
+    return [
+        (s.id, step.action)
+        for s in scenarios
+        if s.role == "client"
+        for step in s.steps
+        if step.action not in _CLIENT_STEPS
+    ]
+
+
+# ------------------------------------------------------------- one scenario
+
+
+async def _interpret(run: _Run) -> str:
+    for step in run.scenario.steps:
+        if step.fault:
+            run.fault_applied = True
+        try:
+            await _CLIENT_STEPS[step.action](run, step.args)
+        except Observed as seen:
+            if seen.detail:
+                run.evidence.note(seen.detail)
+            return seen.label
+        except _Timeout as exc:
+            run.evidence.note(str(exc))
+            return "timeout"
+        except _Gone as gone:
+            act = gone.act
+            run.evidence.note(act.detail or act.how)
+            if act.how == "violation" and act.rule is not None:
+                return f"violation:{act.rule.value}"
+            return "closed" if run.fault_applied else "closed-before-fault"
+    return "completed"
+
+
+async def _call_client(
+    target: ClientTarget, host: str, port: int, cafile: Path, tls_version: str
+) -> ClientOutcome:
+    try:
+        return await target.run(host, port, cafile, tls_version)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # a target must report, never raise
+        return ClientOutcome(False, f"{type(exc).__name__}: {exc}")
+
+
+def _requested_cycles(scenario: Scenario) -> int:
+    counts = [int(str(s.args.get("cycles", 1))) for s in scenario.steps]
+    return max(counts, default=1)
+
+
+async def run_client_scenario(
+    scenario: Scenario,
+    target: ClientTarget,
+    tls_version: str,
+    settings: RunSettings = DEFAULT_SETTINGS,
+) -> Result:
+    """One scenario x TLS version against a client; never raises."""
+    evidence = Evidence()
+    start = time.monotonic()
+    label = "harness-error"
+    dialect = _DIALECTS[target.dialect]
+    asked = _requested_cycles(scenario)
+    client_target = target.asking_for_cycles(asked) if asked > 1 else target
+    server: Optional[asyncio.AbstractServer] = None
+    conn: Optional[_FakeConnection] = None
+    client: Optional[asyncio.Future[ClientOutcome]] = None
+    outcome: Optional[ClientOutcome] = None
+    with tempfile.TemporaryDirectory(prefix="starttls-harness-client-") as tmp:
+        try:
+            pki = make_pki(directory=tmp)
+            assert pki.cafile is not None
+            keylog = None
+            if settings.keylog_dir is not None:
+                settings.keylog_dir.mkdir(parents=True, exist_ok=True)
+                keylog = (
+                    settings.keylog_dir / f"{scenario.id}-{target.dialect}-tls{tls_version}.keys"
+                )
+                evidence.keylog = str(keylog)
+            server_ctx = pki.server_context(tls_version, keylog=keylog)
+            conn = _FakeConnection(dialect, evidence)
+            accepted: List[bool] = []
+
+            def factory() -> asyncio.Protocol:
+                if accepted:
+                    return _Refuser(evidence)
+                accepted.append(True)
+                assert conn is not None
+                return conn
+
+            timeouts = Timeouts(
+                handshake=settings.reply_timeout,
+                closure=settings.reply_timeout,
+                connect=settings.connect_timeout,
+            )
+            server = await create_server(
+                factory, "127.0.0.1", 0, policy=Policy.strict(), timeouts=timeouts
+            )
+            port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+            evidence.note(
+                f"fake {target.dialect} server on 127.0.0.1:{port}; client: {target.label}"
+            )
+            client = asyncio.ensure_future(
+                _call_client(client_target, "127.0.0.1", port, pki.cafile, tls_version)
+            )
+            run = _Run(
+                scenario,
+                client_target,
+                dialect,
+                conn,
+                evidence,
+                settings,
+                server_ctx,
+                client,
+                cycles_asked=asked if client_target.accepts_cycles else 1,
+            )
+            try:
+                label = await asyncio.wait_for(_interpret(run), settings.scenario_timeout)
+            except asyncio.TimeoutError:
+                label = "timeout"
+                evidence.note(f"scenario exceeded its {settings.scenario_timeout:g} s bound")
+        except Exception as exc:  # a harness bug must not take the run down
+            label = "harness-error"
+            evidence.note(f"harness error: {type(exc).__name__}: {exc}")
+        finally:
+            if conn is not None:
+                conn.abort()
+            if server is not None:
+                server.close()
+            if client is not None:
+                outcome = await _stop_client(client, settings.reply_timeout)
+            if server is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(server.wait_closed(), settings.reply_timeout)
+    if outcome is not None:
+        evidence.note(f"client outcome: {'success' if outcome.ok else 'failure'}: {outcome.detail}")
+        if outcome.stderr:
+            evidence.add("--", "note", outcome.stderr[-2000:], "client stderr (tail)")
+    expect = scenario.outcome(label)
+    return Result(
+        id=scenario.id,
+        dialect=target.dialect,
+        tls_version=tls_version,
+        verdict=expect.verdict,
+        rule=scenario.rule.value,
+        summary=expect.summary,
+        evidence=evidence,
+        duration=time.monotonic() - start,
+        title=scenario.title,
+        reference=scenario.reference,
+    )
+
+
+async def _stop_client(
+    client: asyncio.Future[ClientOutcome], grace: float
+) -> Optional[ClientOutcome]:
+    """Give the client a bounded moment to report, then cancel (kill) it."""
+    if not client.done():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(client), grace)
+    if not client.done():
+        client.cancel()
+        with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+            await asyncio.wait_for(client, grace)
+        return None
+    if client.cancelled():
+        return None
+    return client.result()
+
+
+# ------------------------------------------------------------ many scenarios
+
+SANITY = Scenario(
+    id="client.sanity",
+    title="sanity probe: a normal STARTTLS session",
+    role="client",
+    rule=Rule.R1,
+    reference="",
+    reason="A client that cannot complete the conforming path makes every refusal meaningless.",
+    steps=(
+        Step("greet"),
+        Step("serve", {"until": "starttls"}),
+        Step("accept-starttls", fault=True),
+        Step("handshake"),
+        Step("serve", {"until": "end"}),
+    ),
+    expect={"completed": Expect(Verdict.PASS, "the client completed a normal session")},
+)
+
+
+async def sanity_probe(
+    target: ClientTarget, tls_version: str, settings: RunSettings
+) -> Optional[str]:
+    """None if the client completes a normal STARTTLS session; otherwise why not."""
+    result = await run_client_scenario(SANITY, target, tls_version, settings)
+    if result.verdict is Verdict.PASS:
+        return None
+    notes = [e.note for e in result.evidence.exchanges if e.kind == "note" and e.note]
+    return "; ".join(notes[-2:]) if notes else result.summary
+
+
+async def run_client_target(
+    scenarios: Sequence[Scenario],
+    target: ClientTarget,
+    settings: RunSettings = DEFAULT_SETTINGS,
+    progress: Optional[Progress] = None,
+    tls_versions: Optional[Sequence[str]] = None,
+) -> List[Result]:
+    """Every applicable client scenario x TLS version, bracketed by sanity probes."""
+    versions = [v for v in (tls_versions or target.tls_versions) if v in target.tls_versions]
+    semaphore = asyncio.Semaphore(max(1, settings.concurrency))
+    results: List[Result] = []
+
+    async def one(scenario: Scenario, version: str) -> Result:
+        async with semaphore:
+            result = await run_client_scenario(scenario, target, version, settings)
+        if progress is not None:
+            progress(result)
+        return result
+
+    for version in versions:
+        applicable = [
+            s
+            for s in scenarios
+            if s.role == "client" and target.dialect in s.dialects and version in s.tls_versions
+        ]
+        if not applicable:
+            continue
+        if settings.sanity:
+            problem = await sanity_probe(target, version, settings)
+            if problem is not None:
+                for s in applicable:
+                    r = Result(
+                        s.id,
+                        target.dialect,
+                        version,
+                        Verdict.ERROR,
+                        s.rule.value,
+                        f"sanity probe failed before the run: {problem}",
+                        title=s.title,
+                        reference=s.reference,
+                    )
+                    results.append(r)
+                    if progress is not None:
+                        progress(r)
+                continue
+        group = await asyncio.gather(*(one(s, version) for s in applicable))
+        if settings.sanity:
+            problem = await sanity_probe(target, version, settings)
+            if problem is not None:
+                for r in group:
+                    if r.verdict is Verdict.PASS:
+                        r.verdict = Verdict.ERROR
+                        r.summary = f"sanity probe failed after the run: {problem}"
+        results.extend(group)
+    return results
