@@ -1,0 +1,1177 @@
+"""Runs the on-path scenarios: a client and a server under test, the proxy between.
+
+Theory of operation
+===================
+
+One scenario x TLS version is one run:
+
+1. the pair's server is started (the reference pair starts a fresh server
+   per run, so that what it stores and reports belongs to this run only);
+2. a :class:`~harness.proxy.Proxy` listens in front of it, following the
+   conversation with the key log the client's TLS context writes (TLS 1.3
+   close_notify alerts are then identified by decryption, not guessed);
+3. the pair's client is driven through the proxy by a
+   :class:`ClientDriver`, one verb per step of the scenario (the verb
+   table :data:`_VERBS`).  The fault step arms the scenario's
+   :class:`~harness.proxy.Fault` on the proxied connection -- before its
+   verb, or from inside it (``hooks.arm``) when only the driver knows
+   where a unit's records begin;
+4. the verdict is decided from the proxy's event log, in order: the first
+   thing the *receiver* of the fault did after the harness acted -- wrote
+   plaintext, wrote TLS application data, or closed.  What the in-process
+   peers report (engine events, stored messages, a verb that completed on
+   a cut reply) is supporting evidence: it can turn a close into a fail
+   (the bytes were taken in), never a silence into a pass.
+
+A rule the proxy sees either peer break on the wire (plaintext after its
+own close_notify before the peer's, plaintext inside TLS) is a fail of its
+own, reported with the side that broke it.  Every wait is bounded by a
+:class:`~harness.runner.RunSettings` field; a wait that runs out is a
+``timeout`` -- an ``error``, never a ``pass``.  Sanity runs of the plain
+session (no fault) bracket every TLS version's group, as in
+:func:`harness.runner.run_server_target`.  The proxy, the client and the
+server are closed in ``finally``.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import importlib
+import ssl
+import tempfile
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import (
+    Any,
+    Awaitable,
+    Callable,
+    Dict,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+)
+
+from clients.imap import ImapClient
+from clients.imap import StopTLSNotSupported as ImapNoStopTLS
+from clients.smtp import SMTPClient
+from clients.smtp import StopTLSNotSupported as SmtpNoStopTLS
+from harness.aio import Timeouts
+from harness.catalogue import Expect, Scenario, Step
+from harness.certs import Pki, make_pki
+from harness.dialects import Dialect, dialect_named
+from harness.engine import Event, PeerEOF, Rule, Violation
+from harness.path_catalogue import PATH_SCENARIOS, fault_data, fault_step
+from harness.proxy import C2S, S2C, EventNotSeen, Fault, Proxy, ProxyConnection, ProxyEvent
+from harness.runner import Progress, RunSettings
+from harness.verdicts import Evidence, Exchange, Result, Verdict
+from servers.base import RunningServer, ServerConfig
+
+__all__ = [
+    "PATH_EXPECTED",
+    "PATH_VALIDATION_CLOSURE",
+    "PATH_VALIDATION_SETTINGS",
+    "STOPTLS_SCENARIOS",
+    "ClientDriver",
+    "ClientSpec",
+    "PathPair",
+    "PathServer",
+    "StepHooks",
+    "StopTLSUnsupported",
+    "path_sanity",
+    "reference_pair",
+    "run_path_scenario",
+    "run_path_target",
+    "scenario_fault",
+    "unknown_path_steps",
+    "validate_path",
+]
+
+F, W, K = Verdict.FAIL, Verdict.WARN, Verdict.SKIP
+
+SIDES = {C2S: "client", S2C: "server"}
+_DEFAULTS = RunSettings()
+
+
+def _other(direction: str) -> str:
+    return S2C if direction == C2S else C2S
+
+
+# ------------------------------------------------------------------ the pair
+
+
+class StopTLSUnsupported(Exception):
+    """The pair cannot return to plaintext: scenarios that need it are skipped."""
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """Where and how the client under test connects (to the proxy)."""
+
+    dialect: str
+    host: str
+    port: int
+    tls_version: str
+    tls_context: ssl.SSLContext
+    server_hostname: str
+    #: Bound of every reply and of the handshake and closure.
+    timeout: float
+
+
+class StepHooks:
+    """Given to every verb: ``arm()`` arms the scenario's fault, at most once."""
+
+    def __init__(self, run: _PathRun, step: Step) -> None:
+        self._run = run
+        self._step = step
+
+    def arm(self, nth: int = 1) -> None:
+        """Arm the fault now; it hits the ``nth`` matching unit from here.
+
+        A verb that sends or expects a unit of several records calls this
+        right before the unit, with ``nth`` the record the fault replaces.
+        Harmless on steps without a fault.
+        """
+        if self._step.fault:
+            self._run.arm(nth)
+
+
+class ClientDriver(abc.ABC):
+    """The client under test, driven one verb at a time (see the catalogue).
+
+    A verb returns when the client did it; it raises whatever the client
+    raised when it could not (a refusal, a closed connection, a timeout),
+    and :class:`StopTLSUnsupported` from :meth:`stoptls` when the pair has no
+    way back to plaintext.  Every wait inside is bounded by the spec's
+    ``timeout``.
+    """
+
+    @abc.abstractmethod
+    async def connect(self, hooks: StepHooks) -> None: ...
+
+    @abc.abstractmethod
+    async def starttls(self, hooks: StepHooks) -> None: ...
+
+    @abc.abstractmethod
+    async def command(self, hooks: StepHooks) -> None: ...
+
+    @abc.abstractmethod
+    async def stoptls(self, hooks: StepHooks) -> None: ...
+
+    @abc.abstractmethod
+    async def send_unit(self, hooks: StepHooks) -> None: ...
+
+    @abc.abstractmethod
+    async def fetch_unit(self, hooks: StepHooks) -> None: ...
+
+    @abc.abstractmethod
+    async def quit(self, hooks: StepHooks) -> None: ...
+
+    def engine_events(self) -> Optional[Sequence[Event]]:
+        """The client's own TLS-layer events, if it can tell (None: it cannot)."""
+        return None
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close the connection (bounded); called once, always."""
+
+
+class PathServer(abc.ABC):
+    """A server under test, started for one run."""
+
+    address: Tuple[str, int]
+
+    def engine_events(self) -> Optional[Sequence[Event]]:
+        """The server's TLS-layer events for this run, if observable."""
+        return None
+
+    def stored(self) -> Optional[int]:
+        """How many messages the server holds, if observable."""
+        return None
+
+    async def settle(self, timeout: float) -> None:
+        """Wait (bounded) until the server finished with this run's connections."""
+        return None  # nothing to wait for unless the server can tell
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+ServerFactory = Callable[[str, RunSettings], Awaitable[PathServer]]
+ClientFactory = Callable[[ClientSpec], ClientDriver]
+ContextFactory = Callable[[str, Optional[Path]], ssl.SSLContext]
+
+
+@dataclass
+class PathPair:
+    """How to start the server under test and drive the client under test.
+
+    ``client_context(tls_version, keylog)`` makes the client's TLS context;
+    with ``writes_keylog`` it writes the NSS key log to ``keylog``, which
+    the proxy reads to follow TLS 1.3 exactly.
+    """
+
+    dialect: str
+    name: str
+    start_server: ServerFactory
+    client: ClientFactory
+    client_context: ContextFactory
+    server_hostname: str = "localhost"
+    writes_keylog: bool = True
+    tls_versions: Tuple[str, ...] = ("1.2", "1.3")
+
+
+# ------------------------------------------------- the reference pair (built in)
+
+#: A message over two TLS records (16 KiB is the record limit), short lines.
+BIG_MESSAGE = b"Subject: cut by the path harness\r\n\r\n" + (b"x" * 70 + b"\r\n") * 300
+_SENDER = "path@harness.invalid"
+_RECIPIENT = "postmaster@localhost"
+
+
+def _transport_events(transport: Any) -> List[Event]:
+    events = getattr(transport, "events", None)
+    return list(events) if isinstance(events, list) else []
+
+
+class _ReferenceServer(PathServer):
+    """A reference server started for one run."""
+
+    def __init__(self, running: RunningServer) -> None:
+        self.running = running
+        self.address = running.address
+
+    def engine_events(self) -> Optional[Sequence[Event]]:
+        out: List[Event] = []
+        for conn in list(self.running.connections):
+            out.extend(_transport_events(getattr(conn, "transport", None)))
+        return out
+
+    def stored(self) -> Optional[int]:
+        return len(self.running.messages)
+
+    async def settle(self, timeout: float) -> None:
+        waits: List[Awaitable[Any]] = []
+        for conn in list(self.running.connections):
+            closed = getattr(conn, "closed", None)  # SMTP: set at connection loss
+            if isinstance(closed, asyncio.Event):
+                waits.append(closed.wait())
+            finished = getattr(conn, "finished", None)  # IMAP: set when the session ends
+            if isinstance(finished, asyncio.Future):
+                waits.append(asyncio.shield(finished))
+        if waits:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), timeout)
+
+    async def close(self) -> None:
+        await self.running.close()
+
+
+class _SmtpDriver(ClientDriver):
+    """clients.smtp.SMTPClient through the proxy."""
+
+    def __init__(self, spec: ClientSpec, behaviour: str) -> None:
+        self.client = SMTPClient(
+            spec.host,
+            spec.port,
+            tls_context=spec.tls_context,
+            server_hostname=spec.server_hostname,
+            behaviour=behaviour,
+            timeout=spec.timeout,
+            timeouts=Timeouts(handshake=spec.timeout, closure=spec.timeout, connect=spec.timeout),
+        )
+
+    async def connect(self, hooks: StepHooks) -> None:
+        await self.client.connect()
+        await self.client.ehlo()
+
+    async def starttls(self, hooks: StepHooks) -> None:
+        await self.client.starttls()
+
+    async def command(self, hooks: StepHooks) -> None:
+        await self.client.execute_command(b"NOOP")
+
+    async def stoptls(self, hooks: StepHooks) -> None:
+        try:
+            await self.client.stoptls()
+        except SmtpNoStopTLS as exc:
+            raise StopTLSUnsupported(str(exc)) from exc
+
+    async def send_unit(self, hooks: StepHooks) -> None:
+        """MAIL, RCPT, then DATA whose body takes two records: FIN replaces the second."""
+        await self.client.ehlo()
+        await self.client.execute_command(f"MAIL FROM:<{_SENDER}>".encode())
+        await self.client.execute_command(f"RCPT TO:<{_RECIPIENT}>".encode())
+        hooks.arm(nth=3)  # 1: DATA, 2-3: the body (16 KiB + the rest with the final dot)
+        await self.client.smtp.data(BIG_MESSAGE, timeout=self.client.timeout)
+
+    async def fetch_unit(self, hooks: StepHooks) -> None:
+        """EHLO under TLS: the reference server writes one record per reply line."""
+        hooks.arm(nth=2)
+        await self.client.ehlo()
+
+    async def quit(self, hooks: StepHooks) -> None:
+        await self.client.quit()
+
+    def engine_events(self) -> Optional[Sequence[Event]]:
+        return _transport_events(self.client.transport)
+
+    async def close(self) -> None:
+        self.client.close()
+
+
+class _ImapDriver(ClientDriver):
+    """clients.imap.ImapClient through the proxy."""
+
+    def __init__(self, spec: ClientSpec, behaviour: str, user: str, password: str) -> None:
+        self.spec = spec
+        self.behaviour = behaviour
+        self.user = user
+        self.password = password
+        self.client: Optional[ImapClient] = None
+
+    def _client(self) -> ImapClient:
+        if self.client is None:
+            raise ConnectionError("not connected")
+        return self.client
+
+    async def connect(self, hooks: StepHooks) -> None:
+        spec = self.spec
+        self.client = await ImapClient.connect(
+            spec.host,
+            spec.port,
+            ssl_context=spec.tls_context,
+            server_hostname=spec.server_hostname,
+            behaviour=self.behaviour,
+            timeout=spec.timeout,
+            timeouts=Timeouts(handshake=spec.timeout, closure=spec.timeout, connect=spec.timeout),
+        )
+
+    async def starttls(self, hooks: StepHooks) -> None:
+        if not await self._client().starttls():
+            raise ConnectionError("the client carried on without TLS")
+
+    async def command(self, hooks: StepHooks) -> None:
+        await self._client().noop()
+
+    async def stoptls(self, hooks: StepHooks) -> None:
+        try:
+            await self._client().stoptls()
+        except ImapNoStopTLS as exc:
+            raise StopTLSUnsupported(str(exc)) from exc
+
+    async def send_unit(self, hooks: StepHooks) -> None:
+        """APPEND of a literal over two records: FIN cuts the literal."""
+        client = self._client()
+        await client.capability()  # what the server offers now, whatever was kept
+        await client.login(self.user, self.password)
+        # LITERAL+: command and literal in one write (records 1-2); otherwise
+        # the command line is record 1 and the literal records 2-3.
+        hooks.arm(nth=2 if "LITERAL+" in (client.capabilities or ()) else 3)
+        await client.append(BIG_MESSAGE)
+
+    async def fetch_unit(self, hooks: StepHooks) -> None:
+        """FETCH of a message whose literal takes two records: FIN cuts it."""
+        client = self._client()
+        await client.capability()
+        await client.login(self.user, self.password)
+        await client.append(BIG_MESSAGE)
+        await client.select()
+        hooks.arm(nth=2)
+        await client.fetch(1, "(RFC822)")
+
+    async def quit(self, hooks: StepHooks) -> None:
+        await self._client().logout()
+
+    def engine_events(self) -> Optional[Sequence[Event]]:
+        if self.client is None:
+            return None
+        return _transport_events(self.client.transport)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+
+_SERVER_MODULES = {"smtp": "servers.smtp", "imap": "servers.imap"}
+
+
+def reference_pair(
+    dialect: str,
+    server_behaviour: str = "strict",
+    client_behaviour: str = "strict",
+    *,
+    pki: Optional[Pki] = None,
+    closure_timeout: Optional[float] = None,
+) -> PathPair:
+    """The built-in pair: a reference server and a reference client.
+
+    A fresh server is started for every run (shared PKI).  Its closure
+    bound is ``closure_timeout`` (default: half the run's reply bound), so
+    that a server which took the attacker's bytes in and waits gives up
+    before the harness's own bounds run out.
+    """
+    dialect_named(dialect)
+    module = importlib.import_module(_SERVER_MODULES[dialect])
+    client_module = importlib.import_module(f"clients.{dialect}")
+    for name, known in (
+        (server_behaviour, module.BEHAVIOURS),
+        (client_behaviour, client_module.BEHAVIOURS),
+    ):
+        if name not in known:
+            choices = ", ".join(sorted(known))
+            raise ValueError(f"unknown behaviour {name!r}; choose one of: {choices}")
+    holder: List[Pki] = [pki] if pki is not None else []
+    # The reference servers' test user (the IMAP units need a login).
+    defaults = {f.name: f.default for f in fields(ServerConfig)}
+    user, password = str(defaults["user"]), str(defaults["password"])
+
+    def the_pki() -> Pki:
+        if not holder:
+            holder.append(make_pki())
+        return holder[0]
+
+    async def start_server(tls_version: str, settings: RunSettings) -> PathServer:
+        closure = closure_timeout if closure_timeout is not None else settings.reply_timeout / 2
+        config = ServerConfig(
+            pki=the_pki(),
+            behaviour=server_behaviour,
+            timeouts=Timeouts(
+                handshake=settings.reply_timeout,
+                closure=closure,
+                connect=settings.connect_timeout,
+            ),
+        )
+        running: RunningServer = await module.start_server(config)
+        return _ReferenceServer(running)
+
+    def client(spec: ClientSpec) -> ClientDriver:
+        if dialect == "smtp":
+            return _SmtpDriver(spec, client_behaviour)
+        return _ImapDriver(spec, client_behaviour, user, password)
+
+    def context(tls_version: str, keylog: Optional[Path]) -> ssl.SSLContext:
+        return the_pki().client_context(tls_version, keylog)
+
+    return PathPair(
+        dialect=dialect,
+        name=f"reference {dialect} server={server_behaviour} client={client_behaviour}",
+        start_server=start_server,
+        client=client,
+        client_context=context,
+    )
+
+
+# ------------------------------------------------------------------ one run
+
+Verb = Callable[[ClientDriver, StepHooks], Awaitable[None]]
+
+#: The verb table: every step action a path scenario may name.
+_VERBS: Dict[str, Verb] = {
+    "connect": lambda d, h: d.connect(h),
+    "starttls": lambda d, h: d.starttls(h),
+    "command": lambda d, h: d.command(h),
+    "stoptls": lambda d, h: d.stoptls(h),
+    "send-unit": lambda d, h: d.send_unit(h),
+    "fetch-unit": lambda d, h: d.fetch_unit(h),
+    "quit": lambda d, h: d.quit(h),
+}
+
+
+def unknown_path_steps(scenarios: Sequence[Scenario]) -> List[Tuple[str, str]]:
+    """(scenario id, action) pairs the verb table does not know (a test)."""
+    return [
+        (s.id, step.action)
+        for s in scenarios
+        if s.role == "path"
+        for step in s.steps
+        if step.action not in _VERBS
+    ]
+
+
+def scenario_fault(scenario: Scenario, dialect: Dialect) -> Tuple[Fault, str, str]:
+    """The scenario's fault (nth 1), its judge and when it is armed."""
+    step = fault_step(scenario)
+    args = step.args
+    fault = Fault(
+        direction=str(args["direction"]),
+        at=str(args["at"]),
+        action=str(args["op"]),
+        data=fault_data(str(args.get("data", "")), dialect),
+        same_segment=bool(args.get("same_segment", True)),
+        before=bool(args.get("before", False)),
+        name=scenario.id,
+    )
+    return fault, str(args["judge"]), str(args.get("arm", "before"))
+
+
+#: The plain session a sanity run drives: the pair must connect, upgrade and
+#: talk under TLS (what the return to plaintext does is the scenarios' job).
+_SANITY_STEPS = (Step("connect"), Step("starttls"), Step("command"), Step("quit"))
+
+
+@dataclass
+class _PathRun:
+    """State of one run (a scenario or a sanity run) x TLS version."""
+
+    steps: Tuple[Step, ...]
+    scenario: Optional[Scenario]
+    pair: PathPair
+    tls_version: str
+    settings: RunSettings
+    keylog: Optional[Path]
+    fault: Optional[Fault] = None
+    judge: str = ""
+    arm_mode: str = "before"
+    server: Optional[PathServer] = None
+    proxy: Optional[Proxy] = None
+    conn: Optional[ProxyConnection] = None
+    driver: Optional[ClientDriver] = None
+    armed: bool = False
+    #: Engine events each in-process peer had when the fault was armed, and
+    #: when the session ended (what came after is the harness closing up).
+    server_mark: int = 0
+    client_mark: int = 0
+    server_upto: Optional[int] = None
+    client_upto: Optional[int] = None
+    stored_before: Optional[int] = None
+    #: (proxy event index, text): harness notes, merged into the evidence.
+    notes: List[Tuple[int, str]] = field(default_factory=list)
+    #: Why the session stopped early: (step action, exception).
+    stopped: Optional[Tuple[str, BaseException]] = None
+    no_stoptls: bool = False
+    #: Proxy event index when the fault step's verb returned (None: it did not).
+    verb_done_at: Optional[int] = None
+    completed: bool = False
+    client_closed: bool = False
+
+    def note(self, text: str) -> None:
+        index = len(self.conn.events) if self.conn is not None else 0
+        self.notes.append((index, text))
+
+    def connection(self) -> Optional[ProxyConnection]:
+        if self.conn is None and self.proxy is not None and self.proxy.connections:
+            self.conn = self.proxy.connections[0]
+        return self.conn
+
+    def arm(self, nth: int) -> None:
+        conn = self.connection()
+        if self.fault is None or self.armed or conn is None:
+            return
+        fault = replace(self.fault, nth=nth)
+        # Faults of a proxied connection are read unit by unit: one appended
+        # now counts its matches from here on (nth after arming).
+        conn.faults = (*conn.faults, fault)
+        self.armed = True
+        self.server_mark = len(_events(self.server))
+        self.client_mark = len(_events(self.driver))
+        self.stored_before = self.server.stored() if self.server is not None else None
+        self.note(f"fault armed: {fault}")
+
+
+def _events(peer: Optional[Any]) -> Sequence[Event]:
+    if peer is None:
+        return []
+    return peer.engine_events() or []
+
+
+async def _session(run: _PathRun) -> None:
+    """Run the client's steps until one stops it; record how it ended."""
+    assert run.driver is not None and run.proxy is not None
+    for step in run.steps:
+        hooks = StepHooks(run, step)
+        if step.fault and run.arm_mode == "before":
+            run.arm(1)
+        try:
+            await _VERBS[step.action](run.driver, hooks)
+        except StopTLSUnsupported as exc:
+            run.note(f"client: {exc}")
+            run.no_stoptls = True
+            run.stopped = (step.action, exc)
+            return
+        except Exception as exc:  # whatever the client under test raised
+            run.stopped = (step.action, exc)
+            run.note(f"client: {step.action} stopped: {type(exc).__name__}: {exc}")
+            return
+        if step.fault:
+            run.verb_done_at = len(run.conn.events) if run.conn is not None else 0
+            run.note(f"client: {step.action} completed")
+        if step.action == "connect":
+            run.conn = await run.proxy.connection(0, timeout=run.settings.connect_timeout)
+    run.completed = True
+
+
+def _fault_index(events: Sequence[ProxyEvent]) -> Optional[int]:
+    for i, e in enumerate(events):
+        if e.kind in ("fault", "injected"):
+            return i
+    return None
+
+
+def _is_plaintext(e: ProxyEvent) -> bool:
+    return e.kind == "plaintext" or (e.kind == "fragment" and "incomplete line" in e.detail)
+
+
+def _is_app_record(e: ProxyEvent) -> bool:
+    """Application data for sure: without a key log (TLS 1.3 by position) a
+    server record may be a NewSessionTicket, so it decides nothing."""
+    return e.kind == "record" and "application-data" in e.points and e.method != "position"
+
+
+def _is_end(e: ProxyEvent) -> bool:
+    return e.kind in ("eof", "reset")
+
+
+def _reaction(e: ProxyEvent, receiver: str, judge: str) -> bool:
+    """Is ``e`` something the receiver (sending in direction ``receiver``) did?"""
+    if e.direction != receiver:
+        return False
+    if _is_plaintext(e) or _is_end(e):
+        return True
+    return judge == "injection" and _is_app_record(e)
+
+
+@dataclass(frozen=True)
+class _WireFinding:
+    label: str
+    side: str
+    detail: str
+    index: int
+
+
+def _wire_findings(events: Sequence[ProxyEvent]) -> List[_WireFinding]:
+    """Rules the proxy saw a peer break on the wire, in order.
+
+    Plaintext after a direction's close_notify but before the other's is a
+    one-sided closure by that direction's sender (R4: the initiator did not
+    wait); plaintext the follower marks as inside TLS is R2.  A first
+    close_notify answered by TCP close instead of close_notify is R5.
+    """
+    out: List[_WireFinding] = []
+    closed = {C2S: False, S2C: False}
+    first: Optional[str] = None
+    for i, e in enumerate(events):
+        d = e.direction
+        if d not in closed:
+            continue
+        if e.kind in ("record", "note") and "close-notify" in e.points:
+            if not closed[d]:
+                closed[d] = True
+                first = first or d
+            if all(closed.values()):
+                closed = {C2S: False, S2C: False}
+                first = None
+        elif _is_plaintext(e):
+            if closed[d] and not closed[_other(d)]:
+                out.append(
+                    _WireFinding(
+                        "violation:R4",
+                        SIDES[d],
+                        "plaintext after its own close_notify, before the peer's "
+                        f"({e.data[:40]!r})",
+                        i,
+                    )
+                )
+            elif "plaintext-in-tls" in e.points:
+                out.append(
+                    _WireFinding(
+                        "violation:R2",
+                        SIDES[d],
+                        f"plaintext while TLS was up ({e.data[:40]!r})",
+                        i,
+                    )
+                )
+        elif _is_end(e) and first is not None and d != first and not closed[d]:
+            out.append(
+                _WireFinding(
+                    "close-notify-not-answered",
+                    SIDES[d],
+                    f"closed TCP instead of answering the {SIDES[first]}'s close_notify",
+                    i,
+                )
+            )
+            first = None
+    return out
+
+
+def _decide(run: _PathRun, events: Sequence[ProxyEvent]) -> Tuple[str, str]:
+    """The observation label and a detail for the evidence."""
+    findings = _wire_findings(events)
+    violations = [f for f in findings if f.label.startswith("violation:")]
+    fi = _fault_index(events)
+    if run.fault is None:  # a sanity run: the session must just work
+        if run.stopped is not None:
+            action, exc = run.stopped
+            return "unexpected-reply", f"{action}: {type(exc).__name__}: {exc}"
+        return "completed", ""
+    if fi is None:
+        if violations:
+            return violations[0].label, f"{violations[0].side}: {violations[0].detail}"
+        if run.no_stoptls:
+            return "no-stoptls", "the pair does not return to plaintext"
+        unanswered = [f for f in findings if f.label == "close-notify-not-answered"]
+        if unanswered:
+            return unanswered[0].label, f"{unanswered[0].side}: {unanswered[0].detail}"
+        if not run.armed:
+            return "fault-not-armed", _stopped_text(run)
+        return "closed-before-fault", _stopped_text(run)
+    judged = _judge(run, events, fi)
+    label = judged[0]
+    if run.fault is not None and _expect_verdict(run, label) is Verdict.FAIL:
+        return judged
+    if violations:
+        return violations[0].label, f"{violations[0].side}: {violations[0].detail}"
+    return judged
+
+
+def _expect_verdict(run: _PathRun, label: str) -> Optional[Verdict]:
+    if run.scenario is None:
+        return None
+    outcome: Expect = run.scenario.outcome(label)
+    return outcome.verdict
+
+
+def _stopped_text(run: _PathRun) -> str:
+    if run.stopped is None:
+        return "the session ended before the fault point"
+    action, exc = run.stopped
+    return f"the session stopped at {action}: {type(exc).__name__}: {exc}"
+
+
+def _judge(run: _PathRun, events: Sequence[ProxyEvent], fi: int) -> Tuple[str, str]:
+    """What the receiver of the fault did after it (wire first, then its own report)."""
+    assert run.fault is not None
+    receiver = _other(run.fault.direction)
+    side = SIDES[receiver]
+    closed_by: Optional[ProxyEvent] = None
+    for e in events[fi + 1 :]:
+        if not _reaction(e, receiver, run.judge):
+            continue
+        if _is_plaintext(e):
+            label = "plaintext-answered" if run.judge == "injection" else "plaintext-resumed"
+            return label, f"the {side} sent plaintext: {e.data[:60]!r}"
+        if _is_app_record(e):
+            return "answered-in-tls", f"the {side} sent TLS application data after the injection"
+        closed_by = e
+        break
+    own = _own_events(run, receiver)
+    accepted = _accepted(run, receiver)
+    if run.judge == "injection":
+        if accepted:
+            v = accepted[0]
+            return (
+                "accepted",
+                f"the {side} reported {v.rule.value} and took the bytes in: {v.message}",
+            )
+        if closed_by is not None:
+            refused = [v for v in own if isinstance(v, Violation) and v.enforced]
+            why = f" ({refused[0].rule.value}: {refused[0].message})" if refused else ""
+            return "refused", f"the {side} closed the connection{why}"
+        return "timeout", f"the {side} neither answered nor closed within the bound"
+    # truncation
+    if receiver == S2C and run.stored_before is not None and run.server is not None:
+        after = run.server.stored()
+        if after is not None and after > run.stored_before:
+            return "stored-truncated", f"stored messages went {run.stored_before} -> {after}"
+    if receiver == C2S and run.verb_done_at is not None and run.verb_done_at > fi:
+        return "unit-accepted", "the client's verb completed on the cut reply"
+    reported = [v for v in own if isinstance(v, Violation) and v.rule is Rule.R6]
+    clean = [e for e in own if isinstance(e, PeerEOF)]
+    if not reported and clean:
+        return "truncation-not-reported", f"the {side}'s TLS layer reported a clean end"
+    if closed_by is not None:
+        if reported:
+            return "truncation-reported", f"the {side} reported R6: {reported[0].message}"
+        return "closed", f"the {side} closed the connection"
+    return "timeout", f"the {side} did not close within the bound"
+
+
+def _own_events(run: _PathRun, receiver: str) -> List[Event]:
+    """What the receiver's own TLS layer reported since the fault was armed."""
+    if receiver == S2C:
+        return list(_events(run.server))[run.server_mark : run.server_upto]
+    return list(_events(run.driver))[run.client_mark : run.client_upto]
+
+
+def _accepted(run: _PathRun, receiver: str) -> List[Violation]:
+    """Violations the receiver reported but let in (a relaxed rule)."""
+    own = _own_events(run, receiver)
+    return [v for v in own if isinstance(v, Violation) and not v.enforced]
+
+
+async def _await_reaction(run: _PathRun, conn: ProxyConnection) -> None:
+    """Wait (bounded) until the receiver of the fault did something decisive."""
+    if run.fault is None:
+        return
+    fi = _fault_index(conn.events)
+    if fi is None:
+        return
+    receiver = _other(run.fault.direction)
+    if _accepted(run, receiver):
+        return  # its own report already decides; nothing to wait for
+    events = conn.events
+
+    def after_fault(e: ProxyEvent) -> bool:
+        if not _reaction(e, receiver, run.judge):
+            return False
+        for i in range(len(events) - 1, fi, -1):
+            if events[i] is e:
+                return True
+        return False
+
+    with contextlib.suppress(asyncio.TimeoutError, EventNotSeen):
+        await conn.wait_for(after_fault, timeout=run.settings.reply_timeout)
+
+
+def _exchanges(run: _PathRun, events: Sequence[ProxyEvent], marker: int) -> List[Exchange]:
+    """The proxy's log as evidence: both directions, injected bytes and faults marked."""
+    notes: Dict[int, List[str]] = {}
+    for index, text in run.notes:
+        notes.setdefault(index, []).append(text)
+    notes.setdefault(marker, []).append("end of the session: the harness closes the client")
+    out: List[Exchange] = []
+    t = 0.0
+    for i, e in enumerate(events):
+        t = e.time
+        for text in notes.pop(i, []):
+            out.append(Exchange(t, "--", "note", b"", text))
+        converted = _exchange(e)
+        if converted is not None:
+            out.append(converted)
+    for index in sorted(notes):
+        for text in notes[index]:
+            out.append(Exchange(t, "--", "note", b"", text))
+    return out
+
+
+def _exchange(e: ProxyEvent) -> Optional[Exchange]:
+    d = e.direction
+    where = ",".join(p for p in e.points if p not in ("record", "plaintext"))
+    text = "; ".join(x for x in (where, e.method, e.detail) if x)
+    if e.action and e.action != "discarded":
+        text = f"FAULT {e.action}: {text}" if text else f"FAULT {e.action}"
+    elif e.action == "discarded":
+        text = f"not relayed (direction ended by the harness): {text}"
+    if e.kind in ("plaintext", "fragment"):
+        return Exchange(e.time, d, "plaintext", e.data, text)
+    if e.kind == "record":
+        # Ciphertext says nothing to a reader: its size and classification do.
+        kind = "close_notify" if "close-notify" in e.points else "tls-wire"
+        return Exchange(e.time, d, kind, b"", text)
+    if e.kind in ("eof", "reset"):
+        return Exchange(e.time, d, "eof", b"", text or e.kind)
+    if e.kind == "injected":
+        return Exchange(e.time, d, "injected", e.data, f"injected by the harness: {e.detail}")
+    if e.kind == "fault":
+        what = "FIN" if e.action == "fin" else ("RST" if e.action == "rst" else "")
+        if what:
+            return Exchange(e.time, d, "injected", b"", f"{what} by the harness: {e.detail}")
+        return Exchange(e.time, "--", "note", b"", f"FAULT [{d}] {e.detail}")
+    if e.kind in ("note", "error"):
+        return Exchange(e.time, "--", "note", b"", f"proxy [{d or '--'}]: {e.detail}")
+    return None  # sent, fin-sent, rst-sent, connect, closed: the relay's own bookkeeping
+
+
+async def _execute(run: _PathRun) -> Tuple[str, str, List[Exchange]]:
+    """Start the pieces, drive the session, decide; always clean up."""
+    settings, pair = run.settings, run.pair
+    try:
+        run.server = await asyncio.wait_for(
+            pair.start_server(run.tls_version, settings), settings.connect_timeout
+        )
+        run.proxy = await Proxy.start(
+            ("127.0.0.1", 0),
+            run.server.address,
+            pair.dialect,
+            (),
+            run.keylog if pair.writes_keylog else None,
+            connect_timeout=settings.connect_timeout,
+            idle_timeout=settings.scenario_timeout,
+        )
+        host, port = run.proxy.address
+        spec = ClientSpec(
+            dialect=pair.dialect,
+            host=host,
+            port=port,
+            tls_version=run.tls_version,
+            tls_context=pair.client_context(run.tls_version, run.keylog),
+            server_hostname=pair.server_hostname,
+            timeout=settings.reply_timeout,
+        )
+        run.driver = pair.client(spec)
+        try:
+            await asyncio.wait_for(_session(run), settings.scenario_timeout)
+        except asyncio.TimeoutError:
+            run.note(f"the session exceeded its {settings.scenario_timeout:g} s bound")
+        conn = run.connection()
+        if conn is None:
+            stopped = _stopped_text(run)
+            return ("refused" if run.stopped else "timeout"), stopped, []
+        await _await_reaction(run, conn)
+        marker = len(conn.events)
+        run.server_upto = len(_events(run.server))
+        run.client_upto = len(_events(run.driver))
+        await _close_client(run)
+        with contextlib.suppress(asyncio.TimeoutError, RuntimeError):
+            await conn.wait_closed(settings.reply_timeout)
+        await run.server.settle(settings.reply_timeout)
+        events = list(conn.events)
+        label, detail = _decide(run, events[:marker])
+        return label, detail, _exchanges(run, events, marker)
+    finally:
+        await _cleanup(run)
+
+
+async def _close_client(run: _PathRun) -> None:
+    """Close the client once (it stays around for its engine events)."""
+    if run.driver is None or run.client_closed:
+        return
+    run.client_closed = True
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(run.driver.close(), run.settings.reply_timeout)
+
+
+async def _cleanup(run: _PathRun) -> None:
+    await _close_client(run)
+    if run.proxy is not None:
+        run.proxy.close()
+        with contextlib.suppress(Exception):
+            await run.proxy.wait_closed(run.settings.reply_timeout)
+    if run.server is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(run.server.close(), run.settings.reply_timeout)
+
+
+def _keylog_path(directory: Path, name: str, dialect: str, tls_version: str) -> Path:
+    stem = name.replace("/", "_").replace(".", "_")
+    return directory / f"{stem}-{dialect}-tls{tls_version}-{time.monotonic_ns()}.keys"
+
+
+async def run_path_scenario(
+    scenario: Scenario,
+    pair: PathPair,
+    tls_version: str,
+    settings: RunSettings = _DEFAULTS,
+    *,
+    keylog_dir: Optional[Path] = None,
+) -> Result:
+    """One path scenario x TLS version with ``pair``; never raises."""
+    dialect = dialect_named(pair.dialect)
+    start = time.monotonic()
+    evidence = Evidence()
+    with contextlib.ExitStack() as stack:
+        directory = keylog_dir or settings.keylog_dir
+        if directory is None:
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="path-")))
+        directory.mkdir(parents=True, exist_ok=True)
+        keylog = _keylog_path(directory, scenario.id, pair.dialect, tls_version)
+        if settings.keylog_dir is not None:
+            evidence.keylog = str(keylog)
+        run = _PathRun(scenario.steps, scenario, pair, tls_version, settings, keylog)
+        label, detail = "harness-error", ""
+        try:
+            run.fault, run.judge, run.arm_mode = scenario_fault(scenario, dialect)
+            label, detail, exchanges = await _execute(run)
+            evidence.exchanges.extend(exchanges)
+        except Exception as exc:  # a harness bug must not take the run down
+            label, detail = "harness-error", f"harness error: {type(exc).__name__}: {exc}"
+    if detail:
+        evidence.exchanges.append(
+            Exchange(
+                evidence.exchanges[-1].t if evidence.exchanges else 0.0, "--", "note", b"", detail
+            )
+        )
+    outcome = scenario.outcome(label)
+    rule = scenario.rule.value
+    summary = outcome.summary
+    if label.startswith("violation:"):
+        rule = label.split(":", 1)[1]
+        summary = f"a peer broke {rule} on the wire: {detail}"
+    return Result(
+        id=scenario.id,
+        dialect=pair.dialect,
+        tls_version=tls_version,
+        verdict=outcome.verdict,
+        rule=rule,
+        summary=summary,
+        evidence=evidence,
+        duration=time.monotonic() - start,
+        title=scenario.title,
+        reference=scenario.reference,
+    )
+
+
+async def path_sanity(
+    pair: PathPair, tls_version: str, settings: RunSettings, keylog_dir: Path
+) -> Optional[str]:
+    """None if the pair connects, upgrades and talks under TLS through the
+    proxy (no fault); otherwise why not."""
+    keylog = _keylog_path(keylog_dir, "sanity", pair.dialect, tls_version)
+    run = _PathRun(_SANITY_STEPS, None, pair, tls_version, settings, keylog)
+    try:
+        label, detail, _ = await _execute(run)
+    except Exception as exc:
+        return f"harness error: {type(exc).__name__}: {exc}"
+    if label != "completed":
+        return f"{label}: {detail}" if detail else label
+    return None
+
+
+async def run_path_target(
+    scenarios: Sequence[Scenario],
+    pair: PathPair,
+    settings: RunSettings = _DEFAULTS,
+    progress: Optional[Progress] = None,
+    tls_versions: Optional[Sequence[str]] = None,
+) -> List[Result]:
+    """Every applicable path scenario x TLS version, bracketed by sanity runs."""
+    versions = [v for v in (tls_versions or pair.tls_versions) if v in pair.tls_versions]
+    semaphore = asyncio.Semaphore(max(1, settings.concurrency))
+    results: List[Result] = []
+    with contextlib.ExitStack() as stack:
+        directory = settings.keylog_dir
+        if directory is None:
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="path-")))
+        directory.mkdir(parents=True, exist_ok=True)
+
+        async def one(scenario: Scenario, version: str) -> Result:
+            async with semaphore:
+                result = await run_path_scenario(
+                    scenario, pair, version, settings, keylog_dir=directory
+                )
+            if progress is not None:
+                progress(result)
+            return result
+
+        for version in versions:
+            applicable = [
+                s
+                for s in scenarios
+                if s.role == "path" and pair.dialect in s.dialects and version in s.tls_versions
+            ]
+            if not applicable:
+                continue
+            if settings.sanity:
+                problem = await path_sanity(pair, version, settings, directory)
+                if problem is not None:
+                    for s in applicable:
+                        r = Result(
+                            s.id,
+                            pair.dialect,
+                            version,
+                            Verdict.ERROR,
+                            s.rule.value,
+                            f"sanity run failed before the scenarios: {problem}",
+                            title=s.title,
+                            reference=s.reference,
+                        )
+                        results.append(r)
+                        if progress is not None:
+                            progress(r)
+                    continue
+            group = await asyncio.gather(*(one(s, version) for s in applicable))
+            if settings.sanity:
+                problem = await path_sanity(pair, version, settings, directory)
+                if problem is not None:
+                    for r in group:
+                        if r.verdict is Verdict.PASS:
+                            r.verdict = Verdict.ERROR
+                            r.summary = f"sanity run failed after the scenarios: {problem}"
+            results.extend(group)
+    return results
+
+
+# ------------------------------------------------------------- validation
+
+#: Bounds for validation runs: generous; a conforming pair never waits on them.
+PATH_VALIDATION_SETTINGS = RunSettings(reply_timeout=1.5, scenario_timeout=10.0)
+#: The reference server's closure bound in validation runs: a closure
+#: between conforming peers takes milliseconds; a server that took injected
+#: bytes in and waits for a close_notify that never comes gives up after it.
+PATH_VALIDATION_CLOSURE = 0.5
+
+#: The scenarios that need the return to plaintext (STOPTLS).
+STOPTLS_SCENARIOS = (
+    "path.drop-close-notify-c2s",
+    "path.drop-close-notify-s2c",
+    "path.inject-after-close",
+    "path.inject-before-close-s2c",
+)
+
+
+def _all(verdict: Verdict) -> Dict[str, Verdict]:
+    return {sid: verdict for sid in STOPTLS_SCENARIOS}
+
+
+#: (side, behaviour) -> {scenario id: verdict}, the other side strict; every
+#: path scenario not listed must pass.  Exact, as harness.validation's: an
+#: unexpected pass is as much a failure of the harness as an unexpected
+#: fail.  Each entry's first line is the scenario that guards its rule;
+#: behaviours whose rule no path scenario exercises (R1, R7, R8 on the
+#: server; R1, R5, R9 on the client) pass everything.
+PATH_EXPECTED: Dict[Tuple[str, str], Dict[str, Verdict]] = {
+    ("server", "strict"): {},
+    ("client", "strict"): {},
+    # R2: the injected plaintext is taken in as TLS data (and answered).
+    ("server", "plaintext-in-tls"): {
+        "path.inject-in-tls-c2s": F,
+        "path.drop-close-notify-c2s": F,
+    },
+    # R3: close_notify and the plaintext greeting leave before the client's
+    # close_notify: the proxy sees the one-sided closure in every STOPTLS run.
+    ("server", "early-plaintext"): _all(F),
+    # R4: plaintext glued to the client's close_notify is answered.
+    ("server", "one-sided-resume"): {"path.inject-after-close": F},
+    # R5: the server's close_notify, where the s2c faults aim, never comes.
+    ("server", "no-close-notify-reply"): {
+        "path.drop-close-notify-s2c": W,
+        "path.inject-before-close-s2c": W,
+    },
+    # R6: the cut DATA body / APPEND literal is stored.
+    ("server", "ignore-truncation"): {"path.truncate-c2s": F},
+    ("server", "keep-buffer"): {},
+    ("server", "alert-as-close"): {},
+    ("server", "no-state-reset"): {},
+    # R2: a plaintext reply inside TLS is taken in.
+    ("client", "plaintext-in-tls"): {"path.inject-in-tls-s2c": F},
+    # R4: close_notify and the next command in one segment, in every STOPTLS run.
+    ("client", "one-sided-close"): _all(F),
+    # R6 (SMTP client only): a reply cut by FIN is completed and accepted.
+    ("client", "ignore-truncation"): {"path.truncate-s2c": F},
+    # R8: the plaintext capabilities kept after STARTTLS do not list STOPTLS,
+    # so the client never returns to plaintext: those scenarios do not apply.
+    ("client", "no-state-reset"): _all(K),
+    ("client", "accept-injected-response"): {},
+    ("client", "no-close-notify-reply"): {},
+    ("client", "downgrade"): {},
+}
+
+
+async def validate_path(
+    dialect: str,
+    side: str,
+    behaviour: str,
+    tls_versions: Sequence[str] = ("1.2", "1.3"),
+    scenarios: Tuple[Scenario, ...] = PATH_SCENARIOS,
+    settings: RunSettings = PATH_VALIDATION_SETTINGS,
+    *,
+    pki: Optional[Pki] = None,
+    closure_timeout: float = PATH_VALIDATION_CLOSURE,
+) -> Tuple[List[Result], List[str]]:
+    """Run the path catalogue with one misbehaving reference peer; return mismatches."""
+    from harness.validation import mismatches
+
+    if side not in ("server", "client"):
+        raise ValueError(f"side must be 'server' or 'client', not {side!r}")
+    pair = reference_pair(
+        dialect,
+        server_behaviour=behaviour if side == "server" else "strict",
+        client_behaviour=behaviour if side == "client" else "strict",
+        pki=pki,
+        closure_timeout=closure_timeout,
+    )
+    results = await run_path_target(scenarios, pair, settings, tls_versions=tls_versions)
+    return results, mismatches(results, PATH_EXPECTED[(side, behaviour)])
