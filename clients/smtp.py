@@ -189,7 +189,7 @@ class RuleViolation(SMTPServerDisconnected):
         self.rule: Rule = event.rule
         self.event: Violation = event
         super().__init__(
-            f"the server broke rule {event.rule.value} ({event.rule.title}):"
+            f"the server broke rule {event.rule.value} ({event.rule.summary}):"
             f" {event.message}; the connection was closed"
         )
 

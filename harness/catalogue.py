@@ -380,6 +380,14 @@ _SERVER: List[Scenario] = [
 CATALOGUE: Tuple[Scenario, ...] = tuple(_SERVER)
 
 
+def everything() -> Tuple[Scenario, ...]:
+    """Server, client and path scenarios: the whole catalogue."""
+    from harness.client_catalogue import CLIENT_SCENARIOS
+    from harness.path_catalogue import PATH_SCENARIOS
+
+    return CATALOGUE + tuple(CLIENT_SCENARIOS) + tuple(PATH_SCENARIOS)
+
+
 def by_id(scenario_id: str) -> Scenario:
     for s in CATALOGUE:
         if s.id == scenario_id:

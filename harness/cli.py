@@ -12,17 +12,32 @@ import contextlib
 import datetime
 import logging
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
 import time
 import urllib.parse
 from pathlib import Path
-from typing import TYPE_CHECKING, Awaitable, Callable, Dict, List, Optional, TextIO, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    AsyncContextManager,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Dict,
+    List,
+    Optional,
+    TextIO,
+    Tuple,
+)
 
 from harness import __version__
 
 if TYPE_CHECKING:
+    from harness.catalogue import Scenario
+    from harness.client_targets import ClientOutcome
     from harness.verdicts import Result
 
 EXIT_OK = 0
@@ -227,6 +242,152 @@ def _add_check(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.set_defaults(func=cmd_check)
 
 
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by check and check-client."""
+    p.add_argument(
+        "--tls-version",
+        choices=("1.2", "1.3", "all"),
+        default="all",
+        help="TLS version(s) to test (default: all)",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="PATTERN",
+        help="run only scenario ids matching this glob (repeatable), e.g. 'server.*close*'",
+    )
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the JSON report here")
+    p.add_argument("--junit-xml", type=Path, metavar="PATH", help="write JUnit XML here")
+    p.add_argument(
+        "--evidence",
+        type=Path,
+        metavar="DIR",
+        help="write a ladder diagram and the TLS key log for every non-passing result",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="hard bound for one scenario (default: %(default)s)",
+    )
+    p.add_argument(
+        "--reply-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="bound for one reply, close or handshake (default: %(default)s)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=8,
+        help="scenarios run at once against one target (default: %(default)s)",
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+
+
+def _add_check_client(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "check-client",
+        help="run the client catalogue against a client program",
+        description=(
+            "Play a scripted (and for most scenarios, faulty) server on 127.0.0.1 and run "
+            "COMMAND once per scenario and TLS version. In COMMAND's arguments {host}, {port}, "
+            "{cafile} (the CA of the throwaway server certificate), {tls_version} and {cycles} "
+            "are replaced. The client should connect, require STARTTLS, log in (any "
+            "credentials are accepted), send one message (SMTP) or APPEND one (IMAP), quit, and "
+            "exit 0 on success and non-zero on any error."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "exit status: as for check\n\n"
+            "example:\n"
+            "  starttls-harness check-client --protocol smtp -- \\\n"
+            "      python3 send.py --host {host} --port {port} --cafile {cafile}"
+        ),
+    )
+    p.add_argument("--protocol", choices=("smtp", "imap"), required=True)
+    _add_run_options(p)
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ARG...")
+    p.set_defaults(func=cmd_check_client)
+
+
+def cmd_check_client(args: argparse.Namespace) -> int:
+    from harness.client_targets import CommandClientTarget
+    from harness.fakeserver import run_client_target
+
+    argv = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not argv:
+        raise UsageError("give the client command after --, e.g. -- python3 send.py {port}")
+    if shutil.which(argv[0]) is None and not Path(argv[0]).exists():
+        raise UsageError(f"{argv[0]!r}: command not found")
+    scenarios = [s for s in _select(args.only, "client") if args.protocol in s.dialects]
+    if not scenarios:
+        raise UsageError(f"--only {args.only}: no client scenario matches")
+    setup = _RunSetup(args)
+    target = CommandClientTarget(args.protocol, argv, timeout=args.timeout)
+
+    @contextlib.asynccontextmanager
+    async def jobs() -> AsyncIterator[Tuple[str, List[Job]]]:
+        async def job(progress: Callable[[Result], None]) -> List[Result]:
+            return await run_client_target(
+                scenarios, target, setup.settings, progress, setup.versions
+            )
+
+        label = " ".join(argv)
+        setup.out.write(f"checking the {args.protocol} client: {label}\n")
+        yield label, [(label, job, setup.count(scenarios, [args.protocol]))]
+
+    return setup.run(jobs)
+
+
+def _add_client(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "client",
+        help="run one session of a reference client (for check-client or by hand)",
+        description=(
+            "Connect a reference client, require STARTTLS, log in, send a message (SMTP) or "
+            "APPEND one (IMAP) and quit; with --cycles N and a server that offers STOPTLS, "
+            "return to plaintext and upgrade again N times. Exit 0 on success, 1 on any error."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "example (the reference client checked by the client catalogue):\n"
+            "  starttls-harness check-client --protocol imap -- \\\n"
+            "      starttls-harness client imap --port {port} --cafile {cafile}"
+        ),
+    )
+    p.add_argument("protocol", choices=("smtp", "imap"))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument(
+        "--cafile", type=Path, required=True, help="CA that signed the server's certificate"
+    )
+    p.add_argument("--tls-version", choices=("1.2", "1.3"), default="1.3")
+    p.add_argument("--behaviour", default="strict", help="strict or a misbehaving mode")
+    p.add_argument("--cycles", type=int, default=1, help="STOPTLS/STARTTLS cycles (default 1)")
+    p.add_argument("--timeout", type=float, default=5.0, help="bound of each reply (seconds)")
+    p.set_defaults(func=cmd_client)
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from harness.client_targets import ReferenceClientTarget, client_behaviours
+
+    if args.behaviour != "strict" and args.behaviour not in client_behaviours(args.protocol):
+        choices = ", ".join(["strict", *client_behaviours(args.protocol)])
+        raise UsageError(f"unknown behaviour {args.behaviour!r}; choose one of: {choices}")
+    target = ReferenceClientTarget(
+        args.protocol, args.behaviour, cycles=args.cycles, timeout=args.timeout
+    )
+    async def session() -> ClientOutcome:
+        return await target.run(args.host, args.port, args.cafile, args.tls_version)
+
+    outcome = asyncio.run(session())
+    print(f"{'ok' if outcome.ok else 'failed'}: {outcome.detail}")
+    return EXIT_OK if outcome.ok else EXIT_FAIL
+
+
 def _add_proxy(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "proxy",
@@ -272,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_check(sub)
+    _add_check_client(sub)
     _add_serve(sub)
+    _add_client(sub)
     _add_proxy(sub)
     _add_scenarios(sub)
     _add_behaviours(sub)
@@ -407,78 +570,150 @@ class _Progress:
         self.out.flush()
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    from harness.catalogue import select
-    from harness.report import (
-        summary_table,
-        to_json,
-        to_junit,
-        write_evidence,
-        write_json,
-        write_junit,
-    )
-    from harness.runner import RunSettings, ServerTarget, run_server_target
-    from harness.verdicts import Verdict
+Job = Tuple[str, Callable[[Callable[["Result"], None]], Awaitable[List["Result"]]], int]
 
-    versions = ("1.2", "1.3") if args.tls_version == "all" else (args.tls_version,)
-    if args.timeout <= 0 or args.reply_timeout <= 0 or args.concurrency < 1:
-        raise UsageError("--timeout and --reply-timeout must be > 0, --concurrency >= 1")
+
+class _RunSetup:
+    """What ``check`` and ``check-client`` share: bounds, key logs, output."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from harness.runner import RunSettings
+
+        if args.timeout <= 0 or args.reply_timeout <= 0 or args.concurrency < 1:
+            raise UsageError("--timeout and --reply-timeout must be > 0, --concurrency >= 1")
+        self.args = args
+        self.versions = ("1.2", "1.3") if args.tls_version == "all" else (args.tls_version,)
+        # Key logs are secrets: a private temporary folder, removed at the end;
+        # --evidence copies those of the non-passing results (0600).
+        self.keys_tmp = (
+            tempfile.TemporaryDirectory(prefix="starttls-keys-") if args.evidence else None
+        )
+        self.settings = RunSettings(
+            scenario_timeout=args.timeout,
+            reply_timeout=args.reply_timeout,
+            connect_timeout=args.reply_timeout,
+            concurrency=args.concurrency,
+            keylog_dir=Path(self.keys_tmp.name) if self.keys_tmp is not None else None,
+        )
+        # aiosmtpd logs every unknown command of the reference server to
+        # stderr; the report already says what happened.
+        logging.getLogger("mail.log").setLevel(logging.CRITICAL)
+        self.started = datetime.datetime.now(datetime.timezone.utc)
+        self.t0 = time.monotonic()
+        self.out = sys.stdout
+
+    def count(self, scenarios: List[Scenario], dialects: List[str]) -> int:
+        return sum(
+            1
+            for d in dialects
+            for v in self.versions
+            for s in scenarios
+            if d in s.dialects and v in s.tls_versions
+        )
+
+    def run(self, jobs: Callable[[], AsyncContextManager[Tuple[str, List[Job]]]]) -> int:
+        """Run the jobs with one progress display; report; the exit status."""
+
+        async def main() -> Tuple[str, List[Result]]:
+            async with jobs() as (label, todo):
+                progress = _Progress(sum(n for _, _, n in todo), sys.stderr, self.args.quiet)
+                results: List[Result] = []
+                for _, job, _ in todo:
+                    results += await job(progress)
+                return label, results
+
+        try:
+            label, results = asyncio.run(main())
+            return self.report(label, results)
+        finally:
+            if self.keys_tmp is not None:
+                self.keys_tmp.cleanup()
+
+    def report(self, label: str, results: List[Result]) -> int:
+        from harness.report import (
+            summary_table,
+            to_json,
+            to_junit,
+            write_evidence,
+            write_json,
+            write_junit,
+        )
+        from harness.verdicts import Verdict
+
+        args, out = self.args, self.out
+        duration = time.monotonic() - self.t0
+        summary_table(results, out, color=out.isatty())
+        out.write(f"{len(results)} scenario runs in {duration:.2f} s\n")
+        if args.json:
+            doc = to_json(results, target=label, started=self.started, duration=duration)
+            write_json(args.json, doc)
+        if args.junit_xml:
+            write_junit(args.junit_xml, to_junit(results, target=label, duration=duration))
+        if args.evidence:
+            written = write_evidence(results, args.evidence)
+            out.write(f"evidence: {len(written)} files in {args.evidence}\n")
+        verdicts = {r.verdict for r in results}
+        if Verdict.ERROR in verdicts:
+            return EXIT_ERROR
+        if Verdict.FAIL in verdicts:
+            return EXIT_FAIL
+        return EXIT_OK
+
+
+def _select(patterns: Optional[List[str]], role: str) -> List[Scenario]:
+    from harness.catalogue import everything, select
+
+    return select(patterns, role=role, catalogue=everything())
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from harness.runner import ServerTarget, run_server_target
+
     if args.cafile is not None and not args.cafile.is_file():
         raise UsageError(f"--cafile {args.cafile}: no such file")
-    scenarios = select(args.only, role="server")
-    if not scenarios:
+    roles = ("server",) if args.target else ("server", "client", "path")
+    chosen = {role: _select(args.only, role) for role in roles}
+    if not any(chosen.values()):
         raise UsageError(f"--only {args.only}: no scenario matches")
-    # Key logs are secrets: a private temporary folder, removed at the end;
-    # --evidence copies those of the non-passing results (0600).
-    keys_tmp = tempfile.TemporaryDirectory(prefix="starttls-keys-") if args.evidence else None
-    keylog_dir = Path(keys_tmp.name) if keys_tmp is not None else None
-    settings = RunSettings(
-        scenario_timeout=args.timeout,
-        reply_timeout=args.reply_timeout,
-        connect_timeout=args.reply_timeout,
-        concurrency=args.concurrency,
-        keylog_dir=keylog_dir,
+    setup = _RunSetup(args)
+    settings, versions, out = setup.settings, setup.versions, setup.out
+
+    def server_job(target: ServerTarget) -> Job:
+        scenarios = chosen["server"]
+
+        async def job(progress: Callable[[Result], None]) -> List[Result]:
+            return await run_server_target(scenarios, target, settings, progress, versions)
+
+        return (target.url, job, setup.count(scenarios, [target.dialect]))
+
+    @contextlib.asynccontextmanager
+    async def reference_jobs() -> AsyncIterator[Tuple[str, List[Job]]]:
+        from harness.reference import reference_servers
+
+        out.write("checking the built-in reference peers: servers, clients, and both on a path\n")
+        async with reference_servers() as targets:
+            jobs = [server_job(t) for t in targets] if chosen["server"] else []
+            jobs += _client_jobs(chosen["client"], setup)
+            jobs += _path_jobs(chosen["path"], setup)
+            yield "reference peers", jobs
+
+    if args.target is None:
+        return setup.run(reference_jobs)
+
+    dialect, host, port = parse_target(args.target)
+    target = ServerTarget(
+        dialect=dialect,
+        host=host,
+        port=port,
+        cafile=args.cafile,
+        server_hostname=args.server_name or host,
+        user=args.user,
+        password=args.password,
+        rcpt=args.rcpt,
     )
-    # aiosmtpd logs every unknown command of the reference server to stderr;
-    # the report already says what happened.
-    logging.getLogger("mail.log").setLevel(logging.CRITICAL)
-    started = datetime.datetime.now(datetime.timezone.utc)
-    t0 = time.monotonic()
-    out = sys.stdout
 
-    async def against(targets: List[ServerTarget]) -> List[Result]:
-        total = sum(
-            1
-            for t in targets
-            for v in versions
-            for s in scenarios
-            if t.dialect in s.dialects and v in s.tls_versions
-        )
-        progress = _Progress(total, sys.stderr, args.quiet)
-        results: List[Result] = []
-        for target in targets:
-            results += await run_server_target(scenarios, target, settings, progress, versions)
-        return results
-
-    async def main() -> Tuple[str, List[Result]]:
-        if args.target is None:
-            from harness.reference import reference_servers
-
-            async with reference_servers() as targets:
-                out.write("checking the built-in reference servers: ")
-                out.write(", ".join(t.url for t in targets) + "\n")
-                return "reference peers", await against(targets)
-        dialect, host, port = parse_target(args.target)
-        target = ServerTarget(
-            dialect=dialect,
-            host=host,
-            port=port,
-            cafile=args.cafile,
-            server_hostname=args.server_name or host,
-            user=args.user,
-            password=args.password,
-            rcpt=args.rcpt,
-        )
+    @contextlib.asynccontextmanager
+    async def target_jobs() -> AsyncIterator[Tuple[str, List[Job]]]:
         if args.storage_probe:
             target.storage_count = _storage_probe(args.storage_probe, args.reply_timeout)
             try:
@@ -489,32 +724,44 @@ def cmd_check(args: argparse.Namespace) -> int:
         if args.cafile is None:
             out.write("note: the target's certificate is NOT verified (give --cafile to verify)\n")
         out.write(f"checking {target.url}\n")
-        return target.url, await against([target])
+        yield target.url, [server_job(target)]
 
-    try:
-        label, results = asyncio.run(main())
-    except BaseException:
-        if keys_tmp is not None:
-            keys_tmp.cleanup()
-        raise
-    duration = time.monotonic() - t0
-    summary_table(results, out, color=out.isatty())
-    out.write(f"{len(results)} scenario runs in {duration:.2f} s\n")
-    if args.json:
-        write_json(args.json, to_json(results, target=label, started=started, duration=duration))
-    if args.junit_xml:
-        write_junit(args.junit_xml, to_junit(results, target=label, duration=duration))
-    if args.evidence:
-        written = write_evidence(results, args.evidence)
-        out.write(f"evidence: {len(written)} files in {args.evidence}\n")
-    if keys_tmp is not None:
-        keys_tmp.cleanup()
-    verdicts = {r.verdict for r in results}
-    if Verdict.ERROR in verdicts:
-        return EXIT_ERROR
-    if Verdict.FAIL in verdicts:
-        return EXIT_FAIL
-    return EXIT_OK
+    return setup.run(target_jobs)
+
+
+def _client_jobs(scenarios: List[Scenario], setup: _RunSetup) -> List[Job]:
+    """The client catalogue against the reference clients, per dialect."""
+    from harness.client_targets import ReferenceClientTarget
+    from harness.fakeserver import run_client_target
+
+    jobs: List[Job] = []
+    for dialect in ("smtp", "imap") if scenarios else ():
+        target = ReferenceClientTarget(dialect)
+
+        async def job(progress: Callable[[Result], None], t: Any = target) -> List[Result]:
+            return await run_client_target(scenarios, t, setup.settings, progress, setup.versions)
+
+        jobs.append((f"reference {dialect} client", job, setup.count(scenarios, [dialect])))
+    return jobs
+
+
+def _path_jobs(scenarios: List[Scenario], setup: _RunSetup) -> List[Job]:
+    """The path catalogue: reference client -> fault proxy -> reference server."""
+    from harness.pathrun import reference_pair, run_path_target
+
+    jobs: List[Job] = []
+    for dialect in ("smtp", "imap") if scenarios else ():
+        mine = [s for s in scenarios if dialect in s.dialects]
+
+        async def job(
+            progress: Callable[[Result], None], d: str = dialect, chosen: Any = mine
+        ) -> List[Result]:
+            return await run_path_target(
+                chosen, reference_pair(d), setup.settings, progress, setup.versions
+            )
+
+        jobs.append((f"{dialect} pair on a path", job, setup.count(mine, [dialect])))
+    return jobs
 
 
 def _storage_probe(command: str, timeout: float) -> Callable[[], Awaitable[int]]:

@@ -210,3 +210,100 @@ def test_storage_probe_is_wired_and_checked() -> None:
     code, out, err = asyncio.run(go())
     assert code == 0, out + err
     assert re.search(r"server\.truncation\s+smtp\s+1\.3\s+PASS\s+discarded", out)
+
+
+SMTPLIB_CLIENT = """
+import smtplib, ssl, sys
+host, port, cafile = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ctx = ssl.create_default_context(cafile=cafile)
+with smtplib.SMTP(host, port, timeout=5) as s:
+    s.starttls(context=ctx)
+    s.login("tester", "secret")
+    s.sendmail("a@example.org", ["b@example.org"], "Subject: x\\r\\n\\r\\nhi\\r\\n")
+"""
+
+IMAPLIB_CLIENT = """
+import imaplib, ssl, sys
+host, port, cafile = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ctx = ssl.create_default_context(cafile=cafile)
+m = imaplib.IMAP4(host, port, timeout=5)
+m.starttls(ssl_context=ctx)
+m.login("tester", "secret")
+m.append("INBOX", None, None, b"Subject: x\\r\\n\\r\\nhi\\r\\n")
+m.logout()
+"""
+
+
+@pytest.mark.parametrize(
+    ("protocol", "script", "code", "verdicts"),
+    [
+        # smtplib reads a FIN without close_notify as a clean end (ragged EOFs
+        # are suppressed) and takes the cut reply for a whole one.
+        ("smtp", SMTPLIB_CLIENT, 1, {"client.truncation": "FAIL", "client.state-reset": "PASS"}),
+        (
+            "imap",
+            IMAPLIB_CLIENT,
+            0,
+            {"client.truncation": "PASS", "client.starttls-stripped": "PASS"},
+        ),
+    ],
+)
+def test_check_client_with_stdlib_clients(
+    tmp_path: Path,
+    protocol: str,
+    script: str,
+    code: int,
+    verdicts: dict,  # type: ignore[type-arg]
+) -> None:
+    path = tmp_path / "client.py"
+    path.write_text(script)
+    got, out, err = run_cli(
+        "check-client",
+        "--protocol",
+        protocol,
+        "--tls-version",
+        "1.3",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--",
+        sys.executable,
+        str(path),
+        "{host}",
+        "{port}",
+        "{cafile}",
+    )
+    assert got == code, out + err
+    for scenario, verdict in verdicts.items():
+        assert re.search(rf"{re.escape(scenario)}\s+{protocol}\s+1\.3\s+{verdict}", out), out
+    doc = json.loads((tmp_path / "r.json").read_text())
+    jsonschema.validate(doc, json.loads((SCHEMAS / "report.schema.json").read_text()))
+
+
+@pytest.mark.parametrize("protocol", ["smtp", "imap"])
+def test_check_client_with_the_reference_client(protocol: str) -> None:
+    code, out, err = run_cli(
+        "check-client",
+        "--protocol",
+        protocol,
+        "--",
+        *CLI,
+        "client",
+        protocol,
+        "--port",
+        "{port}",
+        "--cafile",
+        "{cafile}",
+        "--tls-version",
+        "{tls_version}",
+        "--cycles",
+        "{cycles}",
+    )
+    assert code == 0, out + err
+    assert "FAIL" not in out and "ERROR" not in out and "SKIP" not in out
+
+
+def test_check_client_needs_a_command() -> None:
+    code, _, err = run_cli("check-client", "--protocol", "smtp")
+    assert code == 2 and "give the client command" in err
+    code, _, err = run_cli("check-client", "--protocol", "smtp", "--", "/no/such/program")
+    assert code == 2 and "not found" in err
