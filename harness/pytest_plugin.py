@@ -47,6 +47,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import (
+    TYPE_CHECKING,
     Any,
     AsyncContextManager,
     AsyncIterator,
@@ -59,7 +60,7 @@ from typing import (
 
 import pytest
 
-from harness.catalogue import CATALOGUE, Scenario, select
+from harness.catalogue import Scenario, everything, select
 from harness.certs import Pki, make_pki
 from harness.report import ladder
 from harness.runner import RunSettings, ServerTarget, run_server_scenario
@@ -68,6 +69,9 @@ from harness.verdicts import Result, Verdict
 __all__ = ["ScenarioOutcome", "ServerFactory"]
 
 ServerFactory = Callable[[Pki, str], AsyncContextManager[ServerTarget]]
+
+if TYPE_CHECKING:
+    from harness.client_targets import ClientTarget
 
 MARKER = "starttls"
 
@@ -108,9 +112,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "starttls_scenario" not in metafunc.fixturenames:
         return
     opts = _options(metafunc.definition)
-    if opts.role != "server":
-        raise pytest.UsageError(f"starttls marker: role {opts.role!r} is not supported here")
-    scenarios = select(opts.only, role=opts.role, dialect=opts.dialect)
+    if opts.role not in ("server", "client"):
+        raise pytest.UsageError(
+            f"starttls marker: role must be 'server' or 'client', not {opts.role!r}"
+        )
+    scenarios = select(opts.only, role=opts.role, dialect=opts.dialect, catalogue=everything())
     params = [
         pytest.param((s.id, v), id=f"{s.id}-tls{v}")
         for s in scenarios
@@ -168,6 +174,18 @@ def starttls_server(request: pytest.FixtureRequest, starttls_host: str) -> Serve
     return reference
 
 
+@pytest.fixture
+def starttls_client(request: pytest.FixtureRequest) -> ClientTarget:
+    """The client under test (role='client').  Default: the strict reference client.
+
+    Override with a :class:`harness.client_targets.ClientTarget`, e.g.
+    ``CommandClientTarget("smtp", ["my-client", "--port", "{port}", "--ca", "{cafile}"])``.
+    """
+    from harness.client_targets import ReferenceClientTarget
+
+    return ReferenceClientTarget(_options(request.node).dialect)
+
+
 @dataclass
 class ScenarioOutcome:
     """What ``starttls_result`` gives the test: the result and its check."""
@@ -197,19 +215,23 @@ def starttls_result(
     request: pytest.FixtureRequest,
     starttls_scenario: Tuple[str, str],
     starttls_pki: Pki,
-    starttls_server: ServerFactory,
     starttls_settings: RunSettings,
 ) -> ScenarioOutcome:
-    """Run this test's scenario against the server under test."""
+    """Run this test's scenario against the server (or client) under test."""
     scenario_id, tls_version = starttls_scenario
-    scenario = next(s for s in CATALOGUE if s.id == scenario_id)
+    scenario = next(s for s in everything() if s.id == scenario_id)
     opts = _options(request.node)
     allowed = Verdict(opts.expect.get(scenario_id, "pass"))
+    if scenario.role == "client":
+        from harness.fakeserver import run_client_scenario
+
+        client = request.getfixturevalue("starttls_client")
+        result = asyncio.run(run_client_scenario(scenario, client, tls_version, starttls_settings))
+        return ScenarioOutcome(scenario, result, allowed)
     if starttls_pki.cafile is None:
         starttls_pki.write(Path(tempfile.mkdtemp(prefix="starttls-pki-")))
-    result = asyncio.run(
-        _run(scenario, tls_version, starttls_pki, starttls_server, starttls_settings)
-    )
+    factory: ServerFactory = request.getfixturevalue("starttls_server")
+    result = asyncio.run(_run(scenario, tls_version, starttls_pki, factory, starttls_settings))
     return ScenarioOutcome(scenario, result, allowed)
 
 

@@ -116,3 +116,36 @@ def test_works_under_xdist(pytester: pytest.Pytester) -> None:
     outcomes = result.parseoutcomes()
     assert outcomes.get("passed", 0) >= 10
     assert "failed" not in outcomes and "error" not in outcomes
+
+
+def test_client_role_with_a_command_client(pytester: pytest.Pytester) -> None:
+    """A downstream client (here smtplib in a script) checked as role='client'."""
+    pytester.makepyfile(
+        client_script="""
+import smtplib, ssl, sys
+host, port, cafile = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+with smtplib.SMTP(host, port, timeout=5) as s:
+    s.starttls(context=ssl.create_default_context(cafile=cafile))
+    s.login("u", "p")
+    s.sendmail("a@example.org", ["b@example.org"], "Subject: x\\r\\n\\r\\nhi\\r\\n")
+""",
+        test_client="""
+import sys, pytest
+from pathlib import Path
+from harness.client_targets import CommandClientTarget
+
+@pytest.fixture
+def starttls_client():
+    script = str(Path(__file__).parent / "client_script.py")
+    return CommandClientTarget("smtp", [sys.executable, script, "{host}", "{port}", "{cafile}"])
+
+@pytest.mark.starttls(role="client", dialect="smtp", tls_versions=("1.3",),
+                      only=["client.response-injection", "client.truncation"])
+def test_client(starttls_result):
+    starttls_result.check()
+""",
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    # smtplib takes a reply cut by a truncation for a whole one (R6).
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*client.truncation (TLS 1.3): expected pass, got fail*"])
