@@ -91,6 +91,9 @@ COMMON: Dict[str, Expect] = {
     "handshake-failed": Expect(E, "the TLS handshake failed"),
     "unexpected-reply": Expect(E, "the target answered something the scenario cannot classify"),
     "closed-before-fault": Expect(E, "the target closed the connection before the fault"),
+    "reply-bound": Expect(
+        E, "the target sent more than the reply bound without completing a reply"
+    ),
 }
 
 _STARTTLS = (S("connect"), S("hello"), S("require", cap="STARTTLS"))

@@ -384,6 +384,9 @@ class Connection:
         self._relaxed_leftover = b""
         self._peer_data_after_our_close = False
         self._close_notify_unflushed = False
+        #: A fatal alert ended TLS and no byte has followed it yet: the first
+        #: ones to come are reported (R7) whichever read they arrive in.
+        self._after_alert = False
         self._events: List[Event] = []
 
     # ------------------------------------------------------------ properties
@@ -465,6 +468,7 @@ class Connection:
         self._tls_bytes_seen = False
         self._peer_data_after_our_close = False
         self._close_notify_unflushed = False
+        self._after_alert = False
         pending = self._gate.take() + bytes(leftover)
         if pending:
             enforced = self.policy.enforces(Rule.R1)
@@ -574,6 +578,9 @@ class Connection:
 
     def _dispatch(self, data: bytes) -> None:
         state = self.state
+        if self._after_alert:
+            self._bytes_after_alert(data)
+            return
         if state is State.PLAINTEXT:
             self._deliver_plaintext(data)
         elif state in (State.HANDSHAKING, State.TLS, State.CLOSE_SENT):
@@ -711,24 +718,31 @@ class Connection:
             after = bytes(self._rx) + self._in.read()
             self._rx.clear()
             if self.policy.enforces(Rule.R7):
-                if after:
-                    self._events.append(
-                        Violation(Rule.R7, "bytes after a fatal alert", after, True)
-                    )
                 self._fail()
             else:
                 self.state = transition(self.state, Input.FORCED_RESUME)
-                if after:
-                    self._events.append(
-                        Violation(Rule.R7, "plaintext resumed after a fatal alert", after, False)
-                    )
-                    self._deliver_plaintext(after)
+            # Whether the bytes that follow came in this read or a later one
+            # must not change the report (tests/test_properties.py).
+            self._after_alert = True
+            if after:
+                self._bytes_after_alert(after)
             return
         self._events.append(
             Violation(Rule.R2, f"invalid TLS record ({_reason(exc)})", bytes(self._rx), True)
         )
         self._rx.clear()
         self._fail()
+
+    def _bytes_after_alert(self, data: bytes) -> None:
+        """The first bytes after a fatal alert (R7): refused, or (relaxed) resumed."""
+        self._after_alert = False
+        if self.policy.enforces(Rule.R7):
+            self._events.append(Violation(Rule.R7, "bytes after a fatal alert", data, True))
+            return
+        self._events.append(
+            Violation(Rule.R7, "plaintext resumed after a fatal alert", data, False)
+        )
+        self._dispatch(data)
 
     def _on_close_notify(self) -> None:
         """The peer's close_notify was in the record just fed."""

@@ -44,13 +44,19 @@ class ProbeSettings:
     handshake_timeout: float = 5.0
     #: Largest reply the probe buffers before calling the target hostile.
     max_buffer: int = 1 << 20
+    #: Most lines the probe buffers without a complete reply: a flood of
+    #: short lines is cut off here instead of being re-parsed until the
+    #: reply bound runs out (quadratic work; tests/test_hostile.py).
+    max_lines: int = 1000
 
 
 class PeerClosed(Exception):
     """The target ended the connection; ``how`` says in which way.
 
     ``how`` is ``eof``, ``reset``, ``alert``, ``handshake`` or ``violation``
-    (then ``rule`` names the rule the target broke, as seen by our engine).
+    (then ``rule`` names the rule the target broke, as seen by our engine),
+    or ``overflow``: the *probe* hung up because the target sent more than
+    the reply bound -- the target did not close anything.
     """
 
     def __init__(self, how: str, detail: str, rule: Optional[Rule] = None) -> None:
@@ -120,8 +126,16 @@ class Probe:
 
     def _on_data(self, data: bytes) -> None:
         self._buf += data
-        if len(self._buf) > self.settings.max_buffer:
-            self._closed = PeerClosed("violation", "target sent more than the reply bound")
+        lines = self._buf.count(b"\n")
+        if self._closed is None and (
+            len(self._buf) > self.settings.max_buffer or lines > self.settings.max_lines
+        ):
+            self._closed = PeerClosed(
+                "overflow",
+                f"target sent more than the reply bound ({len(self._buf)} bytes, "
+                f"{lines} lines, no complete reply); the probe hung up",
+            )
+            self.evidence.add("c2s", "eof", note=self._closed.detail)
             if self.transport is not None:
                 self.transport.abort()
         self._changed.set()

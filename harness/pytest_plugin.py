@@ -63,7 +63,7 @@ import pytest
 from harness.catalogue import Scenario, everything, select
 from harness.certs import Pki, make_pki
 from harness.report import ladder
-from harness.runner import RunSettings, ServerTarget, run_server_scenario
+from harness.runner import RunSettings, ServerTarget, run_server_scenario, sanity_probe
 from harness.verdicts import Result, Verdict
 
 __all__ = ["ScenarioOutcome", "ServerFactory"]
@@ -251,7 +251,20 @@ async def _run(
 
     loop.set_exception_handler(on_error)
     async with factory(pki, tls_version) as target:
-        result = await run_server_scenario(scenario, target, tls_version, settings)
+        # A target whose conforming path is broken must not pass a refusal test.
+        problem = await sanity_probe(target, tls_version, settings)
+        if problem is not None:
+            result = Result(
+                scenario.id,
+                target.dialect,
+                tls_version,
+                Verdict.ERROR,
+                scenario.rule.value,
+                f"sanity probe failed: {problem}",
+                title=scenario.title,
+            )
+        else:
+            result = await run_server_scenario(scenario, target, tls_version, settings)
     if errors:
         raise errors[0]
     return result

@@ -215,8 +215,8 @@ async def step_expect_close(run: _Run, args: Mapping[str, object]) -> None:
     try:
         reply = await run.probe.reply(greeting=True)
     except PeerClosed as closed:
-        if closed.how == "violation":
-            raise
+        if closed.how in ("violation", "overflow"):
+            raise  # the probe hung up on an overflow: the target closed nothing
         raise Observed("closed", closed.detail) from None
     raise Observed("plaintext-answered", reply.text)
 
@@ -233,6 +233,8 @@ async def step_expect_silent_close(run: _Run, args: Mapping[str, object]) -> Non
     ]
     if spoke or run.probe.pending:
         raise Observed("spoke-after-close", "plaintext after the closure")
+    if closed.how == "overflow":
+        raise closed  # the probe hung up: not a close by the target
     if closed.how == "violation" and closed.rule is not None:
         raise Observed(f"violation:{closed.rule.value}", closed.detail)
     raise Observed("closed", closed.detail)
@@ -498,6 +500,8 @@ async def _interpret(run: _Run) -> str:
             run.evidence.note(closed.detail)
             if closed.how == "refused":
                 return "refused"
+            if closed.how == "overflow":
+                return "reply-bound"  # an error: the target closed nothing
             if closed.how == "violation" and closed.rule is not None:
                 return f"violation:{closed.rule.value}"
             if not run.fault_applied:
