@@ -50,6 +50,7 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Callable, FrozenSet, Iterable, List, Optional, Union
 
+from harness.records import check_header
 from harness.states import Input, State, TransitionError, transition
 
 __all__ = [
@@ -254,8 +255,6 @@ class Segment:
 #: the name although its default context sets the bit.
 OP_IGNORE_UNEXPECTED_EOF: int = int(getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 1 << 7))
 
-_RECORD_TYPES = frozenset({20, 21, 22, 23, 24})
-_MAX_RECORD = (1 << 14) + 2048
 _READ_SIZE = 1 << 16
 
 
@@ -269,21 +268,10 @@ def _header_problem(buf: Union[bytes, bytearray]) -> Optional[str]:
     """Why ``buf`` cannot start a TLS record, or None if it may.
 
     Looks at as many header bytes as there are, so a short plaintext
-    command is recognised without waiting for five bytes.
+    command is recognised without waiting for five bytes (the one header
+    check of the project: :func:`harness.records.check_header`).
     """
-    if not buf:
-        return None
-    if buf[0] not in _RECORD_TYPES:
-        return f"byte 0x{buf[0]:02x} is not a TLS record type"
-    if len(buf) >= 2 and buf[1] != 3:
-        return f"record version major byte 0x{buf[1]:02x} is not 3"
-    if len(buf) >= 3 and buf[2] > 4:
-        return f"record version minor byte 0x{buf[2]:02x} is out of range"
-    if len(buf) >= 5:
-        length = (buf[3] << 8) | buf[4]
-        if length > _MAX_RECORD:
-            return f"record length {length} exceeds the TLS maximum"
-    return None
+    return check_header(bytes(buf[:5]))
 
 
 def _tls_resumes_at(data: bytes) -> int:
