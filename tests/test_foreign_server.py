@@ -9,6 +9,7 @@ foreign server is judged shows up here.
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Dict, List
 
 from aiosmtpd.smtp import SMTP
@@ -32,7 +33,9 @@ EXPECTED: Dict[str, str] = {
     "server.data-after-close-notify": "pass",
     "server.truncation": "pass",  # an unfinished DATA body is dropped
     "server.alert-then-plaintext": "pass",
-    "server.close-notify-reply": "pass",
+    # asyncio's own TLS layer answers close_notify since its rewrite in
+    # Python 3.11; before that it closes TCP without answering (R5: warn).
+    "server.close-notify-reply": "pass" if sys.version_info >= (3, 11) else "warn",
     "server.stoptls-cycle": "skip",
     "server.state-reset": "pass",
 }
