@@ -156,8 +156,10 @@ def _add_check(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
             "Run the scenario catalogue against a server under test and print a verdict per "
             "scenario and TLS version: pass, fail (a rule that protects data was broken), warn "
             "(a deviation that exposes nothing), skip (not applicable) or error (could not "
-            "decide). Without TARGET, the built-in strict reference servers (SMTP and IMAP) "
-            "are started and checked: every scenario should pass."
+            "decide). Without TARGET, the built-in strict reference peers are started and "
+            "the whole catalogue runs: server scenarios against the SMTP and IMAP servers, "
+            "client scenarios against the clients, path scenarios through the fault proxy "
+            "between the two. Every scenario should pass."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
@@ -173,28 +175,9 @@ def _add_check(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "target",
         nargs="?",
         metavar="TARGET",
-        help="smtp://HOST:PORT or imap://HOST:PORT (default: the built-in reference servers)",
+        help="smtp://HOST:PORT or imap://HOST:PORT (default: the built-in reference peers)",
     )
-    p.add_argument(
-        "--tls-version",
-        choices=("1.2", "1.3", "all"),
-        default="all",
-        help="TLS version(s) to test (default: all)",
-    )
-    p.add_argument(
-        "--only",
-        action="append",
-        metavar="PATTERN",
-        help="run only scenario ids matching this glob (repeatable), e.g. 'server.*close*'",
-    )
-    p.add_argument("--json", type=Path, metavar="PATH", help="write the JSON report here")
-    p.add_argument("--junit-xml", type=Path, metavar="PATH", help="write JUnit XML here")
-    p.add_argument(
-        "--evidence",
-        type=Path,
-        metavar="DIR",
-        help="write a ladder diagram and the TLS key log for every non-passing result",
-    )
+    _add_run_options(p)
     p.add_argument(
         "--cafile",
         type=Path,
@@ -204,26 +187,6 @@ def _add_check(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--server-name",
         default=None,
         help="TLS server name to send and verify (default: the target host)",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=20.0,
-        metavar="SECONDS",
-        help="hard bound for one scenario (default: %(default)s)",
-    )
-    p.add_argument(
-        "--reply-timeout",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="bound for one reply, close or handshake (default: %(default)s)",
-    )
-    p.add_argument(
-        "--concurrency",
-        type=int,
-        default=8,
-        help="scenarios run at once against one target (default: %(default)s)",
     )
     p.add_argument("--user", help="test user, for scenarios that log in")
     p.add_argument("--password", help="password of the test user")
@@ -238,7 +201,6 @@ def _add_check(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="a command (no shell) that prints how many messages the target holds; "
         "lets server.truncation see whether a cut message was stored",
     )
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_check)
 
 
@@ -380,6 +342,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     target = ReferenceClientTarget(
         args.protocol, args.behaviour, cycles=args.cycles, timeout=args.timeout
     )
+
     async def session() -> ClientOutcome:
         return await target.run(args.host, args.port, args.cafile, args.tls_version)
 

@@ -76,7 +76,7 @@ from harness.engine import (
     TLSData,
     Violation,
 )
-from harness.runner import Observed, Progress, RunSettings
+from harness.runner import Observed, Progress, RunSettings, run_bracketed
 from harness.verdicts import Evidence, Result, Verdict
 
 __all__ = [
@@ -1462,49 +1462,20 @@ async def run_client_target(
 ) -> List[Result]:
     """Every applicable client scenario x TLS version, bracketed by sanity probes."""
     versions = [v for v in (tls_versions or target.tls_versions) if v in target.tls_versions]
-    semaphore = asyncio.Semaphore(max(1, settings.concurrency))
-    results: List[Result] = []
 
-    async def one(scenario: Scenario, version: str) -> Result:
-        async with semaphore:
-            result = await run_client_scenario(scenario, target, version, settings)
-        if progress is not None:
-            progress(result)
-        return result
+    async def run_one(scenario: Scenario, version: str) -> Result:
+        return await run_client_scenario(scenario, target, version, settings)
 
-    for version in versions:
-        applicable = [
-            s
-            for s in scenarios
-            if s.role == "client" and target.dialect in s.dialects and version in s.tls_versions
-        ]
-        if not applicable:
-            continue
-        if settings.sanity:
-            problem = await sanity_probe(target, version, settings)
-            if problem is not None:
-                for s in applicable:
-                    r = Result(
-                        s.id,
-                        target.dialect,
-                        version,
-                        Verdict.ERROR,
-                        s.rule.value,
-                        f"sanity probe failed before the run: {problem}",
-                        title=s.title,
-                        reference=s.reference,
-                    )
-                    results.append(r)
-                    if progress is not None:
-                        progress(r)
-                continue
-        group = await asyncio.gather(*(one(s, version) for s in applicable))
-        if settings.sanity:
-            problem = await sanity_probe(target, version, settings)
-            if problem is not None:
-                for r in group:
-                    if r.verdict is Verdict.PASS:
-                        r.verdict = Verdict.ERROR
-                        r.summary = f"sanity probe failed after the run: {problem}"
-        results.extend(group)
-    return results
+    async def sanity(version: str) -> Optional[str]:
+        return await sanity_probe(target, version, settings)
+
+    return await run_bracketed(
+        scenarios,
+        role="client",
+        dialect=target.dialect,
+        versions=versions,
+        settings=settings,
+        run_one=run_one,
+        sanity=sanity,
+        progress=progress,
+    )

@@ -66,7 +66,7 @@ from harness.dialects import Dialect, dialect_named
 from harness.engine import Event, PeerEOF, Rule, Violation
 from harness.path_catalogue import PATH_SCENARIOS, fault_data, fault_step
 from harness.proxy import C2S, S2C, EventNotSeen, Fault, Proxy, ProxyConnection, ProxyEvent
-from harness.runner import Progress, RunSettings
+from harness.runner import Progress, RunSettings, run_bracketed
 from harness.verdicts import Evidence, Exchange, Result, Verdict
 from servers.base import RunningServer, ServerConfig
 
@@ -1029,59 +1029,29 @@ async def run_path_target(
 ) -> List[Result]:
     """Every applicable path scenario x TLS version, bracketed by sanity runs."""
     versions = [v for v in (tls_versions or pair.tls_versions) if v in pair.tls_versions]
-    semaphore = asyncio.Semaphore(max(1, settings.concurrency))
-    results: List[Result] = []
     with contextlib.ExitStack() as stack:
         directory = settings.keylog_dir
         if directory is None:
             directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="path-")))
         directory.mkdir(parents=True, exist_ok=True)
+        keys = directory
 
-        async def one(scenario: Scenario, version: str) -> Result:
-            async with semaphore:
-                result = await run_path_scenario(
-                    scenario, pair, version, settings, keylog_dir=directory
-                )
-            if progress is not None:
-                progress(result)
-            return result
+        async def run_one(scenario: Scenario, version: str) -> Result:
+            return await run_path_scenario(scenario, pair, version, settings, keylog_dir=keys)
 
-        for version in versions:
-            applicable = [
-                s
-                for s in scenarios
-                if s.role == "path" and pair.dialect in s.dialects and version in s.tls_versions
-            ]
-            if not applicable:
-                continue
-            if settings.sanity:
-                problem = await path_sanity(pair, version, settings, directory)
-                if problem is not None:
-                    for s in applicable:
-                        r = Result(
-                            s.id,
-                            pair.dialect,
-                            version,
-                            Verdict.ERROR,
-                            s.rule.value,
-                            f"sanity run failed before the scenarios: {problem}",
-                            title=s.title,
-                            reference=s.reference,
-                        )
-                        results.append(r)
-                        if progress is not None:
-                            progress(r)
-                    continue
-            group = await asyncio.gather(*(one(s, version) for s in applicable))
-            if settings.sanity:
-                problem = await path_sanity(pair, version, settings, directory)
-                if problem is not None:
-                    for r in group:
-                        if r.verdict is Verdict.PASS:
-                            r.verdict = Verdict.ERROR
-                            r.summary = f"sanity run failed after the scenarios: {problem}"
-            results.extend(group)
-    return results
+        async def sanity(version: str) -> Optional[str]:
+            return await path_sanity(pair, version, settings, keys)
+
+        return await run_bracketed(
+            scenarios,
+            role="path",
+            dialect=pair.dialect,
+            versions=versions,
+            settings=settings,
+            run_one=run_one,
+            sanity=sanity,
+            progress=progress,
+        )
 
 
 # ------------------------------------------------------------- validation

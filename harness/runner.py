@@ -603,21 +603,31 @@ async def sanity_probe(
     return notes[-1] if notes else result.summary
 
 
-async def run_server_target(
+async def run_bracketed(
     scenarios: Sequence[Scenario],
-    target: ServerTarget,
-    settings: RunSettings = RunSettings(),
+    *,
+    role: str,
+    dialect: str,
+    versions: Sequence[str],
+    settings: RunSettings,
+    run_one: Callable[[Scenario, str], Awaitable[Result]],
+    sanity: Callable[[str], Awaitable[Optional[str]]],
     progress: Optional[Progress] = None,
-    tls_versions: Optional[Sequence[str]] = None,
 ) -> List[Result]:
-    """Every applicable scenario x TLS version, bracketed by sanity probes."""
-    versions = [v for v in (tls_versions or target.tls_versions) if v in target.tls_versions]
+    """Every applicable scenario x TLS version, bracketed by sanity probes.
+
+    Shared by the server, client and path runners: ``run_one`` runs one
+    scenario (and never raises), ``sanity`` returns why the conforming path
+    does not work, or None.  A failed probe *before* a TLS version's group
+    makes all of it ``error``; one *after* turns its passes into errors (the
+    target may have been wedged by the scenarios themselves).
+    """
     semaphore = asyncio.Semaphore(max(1, settings.concurrency))
     results: List[Result] = []
 
     async def one(scenario: Scenario, version: str) -> Result:
         async with semaphore:
-            result = await run_server_scenario(scenario, target, version, settings)
+            result = await run_one(scenario, version)
         if progress is not None:
             progress(result)
         return result
@@ -626,17 +636,17 @@ async def run_server_target(
         applicable = [
             s
             for s in scenarios
-            if s.role == "server" and target.dialect in s.dialects and version in s.tls_versions
+            if s.role == role and dialect in s.dialects and version in s.tls_versions
         ]
         if not applicable:
             continue
         if settings.sanity:
-            problem = await sanity_probe(target, version, settings)
+            problem = await sanity(version)
             if problem is not None:
                 for s in applicable:
                     r = Result(
                         s.id,
-                        target.dialect,
+                        dialect,
                         version,
                         Verdict.ERROR,
                         s.rule.value,
@@ -650,7 +660,7 @@ async def run_server_target(
                 continue
         group = await asyncio.gather(*(one(s, version) for s in applicable))
         if settings.sanity:
-            problem = await sanity_probe(target, version, settings)
+            problem = await sanity(version)
             if problem is not None:
                 for r in group:
                     if r.verdict is Verdict.PASS:
@@ -658,3 +668,31 @@ async def run_server_target(
                         r.summary = f"sanity probe failed after the run: {problem}"
         results.extend(group)
     return results
+
+
+async def run_server_target(
+    scenarios: Sequence[Scenario],
+    target: ServerTarget,
+    settings: RunSettings = RunSettings(),
+    progress: Optional[Progress] = None,
+    tls_versions: Optional[Sequence[str]] = None,
+) -> List[Result]:
+    """Every applicable server scenario x TLS version against ``target``."""
+    versions = [v for v in (tls_versions or target.tls_versions) if v in target.tls_versions]
+
+    async def run_one(scenario: Scenario, version: str) -> Result:
+        return await run_server_scenario(scenario, target, version, settings)
+
+    async def sanity(version: str) -> Optional[str]:
+        return await sanity_probe(target, version, settings)
+
+    return await run_bracketed(
+        scenarios,
+        role="server",
+        dialect=target.dialect,
+        versions=versions,
+        settings=settings,
+        run_one=run_one,
+        sanity=sanity,
+        progress=progress,
+    )
