@@ -17,9 +17,9 @@ import os
 import sys
 from typing import Any, Callable, Dict, List, Optional
 
-from harness.catalogue import by_id
-from harness.certs import make_pki
-from harness.runner import RunSettings
+from starttls_harness.run.server import RunSettings
+from starttls_harness.scenarios.server import by_id
+from starttls_harness.tls.certs import make_pki
 
 from ._common import Timing, machine, time_batches
 from .bare_asyncio import BareBench
@@ -73,7 +73,7 @@ def bench_cycles(version: str, n: int, batches: int) -> Dict[str, Timing]:
             loops += [loop, loop]
             benches += [bare, bench]
             runners[f"{name} + SSLObject, no engine"] = bare_runner(loop, bare)
-            runners[f"engine + harness.aio ({name})"] = loop_runner(loop, bench)
+            runners[f"engine + starttls_harness.tls.aio ({name})"] = loop_runner(loop, bench)
         timings = {name: Timing(name) for name in runners}
         time_batches(timings, runners, n, batches)
         return timings

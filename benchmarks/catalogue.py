@@ -4,8 +4,8 @@ Runs every server scenario x TLS version against the strict reference SMTP
 and IMAP servers (in this process, as ``starttls-harness check`` does), at
 concurrency 1 and at the default concurrency; each sanity probe is a
 scenario run too and is counted as one.  When the modules exist, the
-client catalogue (``harness.fakeserver`` against the reference clients)
-and the path catalogue (``harness.pathrun``: reference client -> fault
+client catalogue (``starttls_harness.run.client`` against the reference clients)
+and the path catalogue (``starttls_harness.run.path``: reference client -> fault
 proxy -> reference server) are measured the same way; otherwise the result
 says they were not.
 
@@ -23,17 +23,21 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Awaitable, Callable, Dict, List, Optional, Sequence
 
-from harness.catalogue import CATALOGUE
-from harness.reference import reference_servers
-from harness.runner import RunSettings, run_server_target
-from harness.verdicts import Result, Verdict, count_verdicts
+from starttls_harness.report.verdicts import Result, Verdict, count_verdicts
+from starttls_harness.run.reference import reference_servers
+from starttls_harness.run.server import RunSettings, run_server_target
+from starttls_harness.scenarios.server import CATALOGUE
 
 __all__ = ["CatalogueRun", "catalogue_runs", "missing_roles"]
 
 #: Modules that run client-role and path-role scenarios.
 ROLE_MODULES = {
-    "client": ("harness.fakeserver", "harness.client_targets", "harness.client_catalogue"),
-    "path": ("harness.pathrun", "harness.path_catalogue"),
+    "client": (
+        "starttls_harness.run.client",
+        "starttls_harness.run.targets",
+        "starttls_harness.scenarios.client",
+    ),
+    "path": ("starttls_harness.run.path", "starttls_harness.scenarios.path"),
 }
 
 
@@ -102,24 +106,24 @@ Job = Callable[[RunSettings], Awaitable[List[Result]]]
 def _jobs(role: str, targets: Sequence[object]) -> List[Job]:
     """One job per reference peer (or pair) for ``role``."""
     if role == "server":
-        from harness.runner import ServerTarget
+        from starttls_harness.run.server import ServerTarget
 
         def server(target: ServerTarget) -> Job:
             return lambda settings: run_server_target(CATALOGUE, target, settings)
 
         return [server(t) for t in targets if isinstance(t, ServerTarget)]
     if role == "client":
-        from harness.client_catalogue import CLIENT_SCENARIOS
-        from harness.client_targets import ReferenceClientTarget
-        from harness.fakeserver import run_client_target
+        from starttls_harness.run.client import run_client_target
+        from starttls_harness.run.targets import ReferenceClientTarget
+        from starttls_harness.scenarios.client import CLIENT_SCENARIOS
 
         def client(dialect: str) -> Job:
             target = ReferenceClientTarget(dialect)
             return lambda settings: run_client_target(CLIENT_SCENARIOS, target, settings)
 
         return [client(d) for d in ("smtp", "imap")]
-    from harness.path_catalogue import PATH_SCENARIOS
-    from harness.pathrun import reference_pair, run_path_target
+    from starttls_harness.run.path import reference_pair, run_path_target
+    from starttls_harness.scenarios.path import PATH_SCENARIOS
 
     def path(dialect: str) -> Job:
         chosen = [s for s in PATH_SCENARIOS if dialect in s.dialects]

@@ -1,7 +1,7 @@
 """(b) The floor's cycle through the project's engine and asyncio adapter.
 
 Same conversation, same certificates, same loopback sockets as
-:mod:`benchmarks.floor`, but both ends are :class:`harness.aio` transports
+:mod:`benchmarks.floor`, but both ends are :class:`starttls_harness.tls.aio` transports
 on one event loop: the server arms the hold gate on ``STARTTLS`` and
 upgrades with ``start_tls(preface=...)``; after the ``NOOP`` it answers
 ``250`` and agrees to the closure in one step (``accept_unwrap``), the
@@ -9,7 +9,7 @@ client initiates it with ``unwrap()``, and the server greets again in
 plaintext.  Engines record their transcript (the default), as in a real run.
 
 :func:`pair_cycle` is the same without sockets or event loop: the sans-I/O
-engine on an in-memory :class:`harness.engine.Pair` (compare with
+engine on an in-memory :class:`starttls_harness.tls.engine.Pair` (compare with
 :func:`benchmarks.floor.memory_cycle`).
 """
 
@@ -19,8 +19,8 @@ import asyncio
 import ssl
 from typing import Any, Callable, List, Optional, Set
 
-from harness.aio import SwitchableTransport, create_server, open_connection
-from harness.engine import ClosureComplete, Connection, Pair, PlaintextData, TLSData
+from starttls_harness.tls.aio import SwitchableTransport, create_server, open_connection
+from starttls_harness.tls.engine import ClosureComplete, Connection, Pair, PlaintextData, TLSData
 
 from .floor import AGAIN, GO, GREETING, NOOP, OK, STARTTLS
 

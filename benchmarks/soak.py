@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.soak`` (not part of the test suite; a few minutes):
 
-1. **Determinism.**  For every behaviour of ``harness.validation.SERVER_EXPECTED``
+1. **Determinism.**  For every behaviour of ``starttls_harness.run.validation.SERVER_EXPECTED``
    (the strict servers and each misbehaving one) and both dialects, one
    reference server is started and the whole server catalogue is run
    against it ``--passes`` times (50 by default), both TLS versions, at the
@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from harness.catalogue import CATALOGUE
-from harness.certs import make_pki
-from harness.reference import reference_servers
-from harness.runner import RunSettings, run_server_target
-from harness.validation import SERVER_EXPECTED, VALIDATION_SETTINGS, mismatches
-from harness.verdicts import Verdict
+from starttls_harness.report.verdicts import Verdict
+from starttls_harness.run.reference import reference_servers
+from starttls_harness.run.server import RunSettings, run_server_target
+from starttls_harness.run.validation import SERVER_EXPECTED, VALIDATION_SETTINGS, mismatches
+from starttls_harness.scenarios.server import CATALOGUE
+from starttls_harness.tls.certs import make_pki
 
 Key = Tuple[str, str, str, str]  # behaviour, dialect, scenario, TLS version
 

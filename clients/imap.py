@@ -7,7 +7,7 @@ fits; none does:
   socket with ``SSLContext.wrap_socket`` and replaces its buffered reader, so
   plaintext read ahead at the upgrade is silently dropped (R1 can be neither
   checked nor reported), and it has no way back to plaintext.  It cannot run
-  on :class:`harness.aio.SwitchableTransport`; the tests use it as an
+  on :class:`starttls_harness.tls.aio.SwitchableTransport`; the tests use it as an
   independent interoperability peer of the reference server instead.
 * ``aioimaplib`` (2.0.3 inspected) has no STARTTLS at all -- TLS only at
   connect time through ``loop.create_connection(ssl=...)`` -- keeps partial
@@ -64,11 +64,8 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
-from harness.aio import ConnectionEnded, SwitchableTransport, Timeouts, open_connection
-from harness.engine import CloseNotifyReceived, ClosureComplete, Event, Rule
-from harness.states import State
-from servers.base import STRICT, Behaviour, behaviour_named
-from servers.imap import (
+from starttls_harness.servers.base import STRICT, Behaviour, behaviour_named
+from starttls_harness.servers.imap import (
     LITERAL_AT_END,
     Atom,
     LineReader,
@@ -77,6 +74,9 @@ from servers.imap import (
     quote,
     tokenize,
 )
+from starttls_harness.tls.aio import ConnectionEnded, SwitchableTransport, Timeouts, open_connection
+from starttls_harness.tls.engine import CloseNotifyReceived, ClosureComplete, Event, Rule
+from starttls_harness.tls.states import State
 
 __all__ = [
     "BEHAVIOURS",
@@ -317,7 +317,7 @@ class ImapClient:
     """An IMAP client on the switchable transport (see the module docstring).
 
     Create it with :meth:`connect`.  Transport failures surface as
-    ``ConnectionError`` (:class:`harness.aio.ConnectionEnded` carries the
+    ``ConnectionError`` (:class:`starttls_harness.tls.aio.ConnectionEnded` carries the
     rule when a violation ended the connection).
     """
 

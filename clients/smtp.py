@@ -9,8 +9,8 @@ the TLS switch:
 * the connection's asyncio protocol is a subclass of
   :class:`aiosmtplib.protocol.SMTPProtocol` (reply parsing, command
   execution, DATA dot-stuffing), running on a
-  :class:`~harness.aio.SwitchableTransport` opened with
-  :func:`harness.aio.open_connection`;
+  :class:`~starttls_harness.tls.aio.SwitchableTransport` opened with
+  :func:`starttls_harness.tls.aio.open_connection`;
 * the commands (EHLO, AUTH PLAIN, MAIL/RCPT/DATA, QUIT) are
   :class:`aiosmtplib.SMTP` methods; an ``aiosmtplib.SMTP`` object is
   given our protocol and transport through its public ``protocol`` and
@@ -98,10 +98,10 @@ from aiosmtplib import (
     SMTPServerDisconnected,
 )
 from aiosmtplib.protocol import SMTPProtocol
-
-from harness.aio import ConnectionEnded, SwitchableTransport, Timeouts, open_connection
-from harness.certs import client_context
-from harness.engine import (
+from starttls_harness.servers.base import STRICT, Behaviour, behaviour_named
+from starttls_harness.tls.aio import ConnectionEnded, SwitchableTransport, Timeouts, open_connection
+from starttls_harness.tls.certs import client_context
+from starttls_harness.tls.engine import (
     CloseNotifyReceived,
     ClosureComplete,
     Event,
@@ -110,8 +110,7 @@ from harness.engine import (
     Segment,
     Violation,
 )
-from harness.states import State
-from servers.base import STRICT, Behaviour, behaviour_named
+from starttls_harness.tls.states import State
 
 __all__ = [
     "BEHAVIOURS",
@@ -625,9 +624,7 @@ class SMTPClient:
         if "plain" not in self.smtp.server_auth_methods:
             where = "under TLS" if self.tls_active else "in plaintext"
             raise SMTPNotSupported(f"the server does not offer AUTH PLAIN {where}")
-        return await self._guard(
-            self.smtp.auth_plain(username, password, timeout=self.timeout)
-        )
+        return await self._guard(self.smtp.auth_plain(username, password, timeout=self.timeout))
 
     async def sendmail(
         self,

@@ -1,7 +1,7 @@
-"""``python -m harness`` runs the ``starttls-harness`` command."""
+"""``python -m starttls_harness`` runs the ``starttls-harness`` command."""
 
 import sys
 
-from harness.cli import main
+from starttls_harness.cli import main
 
 sys.exit(main())

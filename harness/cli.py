@@ -33,12 +33,12 @@ from typing import (
     Tuple,
 )
 
-from harness import __version__
+from starttls_harness import __version__
 
 if TYPE_CHECKING:
-    from harness.catalogue import Scenario
-    from harness.client_targets import ClientOutcome
-    from harness.verdicts import Result
+    from starttls_harness.report.verdicts import Result
+    from starttls_harness.run.targets import ClientOutcome
+    from starttls_harness.scenarios.server import Scenario
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -128,7 +128,7 @@ def _add_scenarios(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
 
 
 def cmd_scenarios(args: argparse.Namespace) -> int:
-    from harness.catalogue import CATALOGUE
+    from starttls_harness.scenarios.server import CATALOGUE
 
     for s in CATALOGUE:
         print(f"{s.id:<38} {s.rule.value}  {'/'.join(s.dialects):<9} {s.title}")
@@ -276,8 +276,8 @@ def _add_check_client(sub: argparse._SubParsersAction) -> None:  # type: ignore[
 
 
 def cmd_check_client(args: argparse.Namespace) -> int:
-    from harness.client_targets import CommandClientTarget
-    from harness.fakeserver import run_client_target
+    from starttls_harness.run.client import run_client_target
+    from starttls_harness.run.targets import CommandClientTarget
 
     argv = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not argv:
@@ -334,7 +334,7 @@ def _add_client(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    from harness.client_targets import ReferenceClientTarget, client_behaviours
+    from starttls_harness.run.targets import ReferenceClientTarget, client_behaviours
 
     if args.behaviour != "strict" and args.behaviour not in client_behaviours(args.protocol):
         choices = ", ".join(["strict", *client_behaviours(args.protocol)])
@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_states(args: argparse.Namespace) -> int:
-    from harness.states import TRANSITIONS, to_dot
+    from starttls_harness.tls.states import TRANSITIONS, to_dot
 
     if args.dot:
         print(to_dot())
@@ -421,11 +421,11 @@ def cmd_states(args: argparse.Namespace) -> int:
 
 
 def _server_modules() -> Dict[str, str]:
-    return {"smtp": "servers.smtp", "imap": "servers.imap"}
+    return {"smtp": "starttls_harness.servers.smtp", "imap": "starttls_harness.servers.imap"}
 
 
 def _client_modules() -> Dict[str, str]:
-    return {"smtp": "clients.smtp", "imap": "clients.imap"}
+    return {"smtp": "starttls_harness.clients.smtp", "imap": "starttls_harness.clients.imap"}
 
 
 def cmd_behaviours(args: argparse.Namespace) -> int:
@@ -444,8 +444,8 @@ def cmd_behaviours(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import importlib
 
-    from harness.certs import make_pki
-    from servers.base import ServerConfig, behaviour_named
+    from starttls_harness.servers.base import ServerConfig, behaviour_named
+    from starttls_harness.tls.certs import make_pki
 
     module = importlib.import_module(_server_modules()[args.protocol])
     try:
@@ -540,7 +540,7 @@ class _RunSetup:
     """What ``check`` and ``check-client`` share: bounds, key logs, output."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from harness.runner import RunSettings
+        from starttls_harness.run.server import RunSettings
 
         if args.timeout <= 0 or args.reply_timeout <= 0 or args.concurrency < 1:
             raise UsageError("--timeout and --reply-timeout must be > 0, --concurrency >= 1")
@@ -593,7 +593,7 @@ class _RunSetup:
                 self.keys_tmp.cleanup()
 
     def report(self, label: str, results: List[Result]) -> int:
-        from harness.report import (
+        from starttls_harness.report.formats import (
             summary_table,
             to_json,
             to_junit,
@@ -601,7 +601,7 @@ class _RunSetup:
             write_json,
             write_junit,
         )
-        from harness.verdicts import Verdict
+        from starttls_harness.report.verdicts import Verdict
 
         args, out = self.args, self.out
         duration = time.monotonic() - self.t0
@@ -624,13 +624,13 @@ class _RunSetup:
 
 
 def _select(patterns: Optional[List[str]], role: str) -> List[Scenario]:
-    from harness.catalogue import everything, select
+    from starttls_harness.scenarios.server import everything, select
 
     return select(patterns, role=role, catalogue=everything())
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from harness.runner import ServerTarget, run_server_target
+    from starttls_harness.run.server import ServerTarget, run_server_target
 
     if args.cafile is not None and not args.cafile.is_file():
         raise UsageError(f"--cafile {args.cafile}: no such file")
@@ -651,7 +651,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     @contextlib.asynccontextmanager
     async def reference_jobs() -> AsyncIterator[Tuple[str, List[Job]]]:
-        from harness.reference import reference_servers
+        from starttls_harness.run.reference import reference_servers
 
         out.write("checking the built-in reference peers: servers, clients, and both on a path\n")
         async with reference_servers() as targets:
@@ -694,8 +694,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _client_jobs(scenarios: List[Scenario], setup: _RunSetup) -> List[Job]:
     """The client catalogue against the reference clients, per dialect."""
-    from harness.client_targets import ReferenceClientTarget
-    from harness.fakeserver import run_client_target
+    from starttls_harness.run.client import run_client_target
+    from starttls_harness.run.targets import ReferenceClientTarget
 
     jobs: List[Job] = []
     for dialect in ("smtp", "imap") if scenarios else ():
@@ -710,7 +710,7 @@ def _client_jobs(scenarios: List[Scenario], setup: _RunSetup) -> List[Job]:
 
 def _path_jobs(scenarios: List[Scenario], setup: _RunSetup) -> List[Job]:
     """The path catalogue: reference client -> fault proxy -> reference server."""
-    from harness.pathrun import reference_pair, run_path_target
+    from starttls_harness.run.path import reference_pair, run_path_target
 
     jobs: List[Job] = []
     for dialect in ("smtp", "imap") if scenarios else ():
@@ -767,7 +767,7 @@ async def _reachable(host: str, port: int, timeout: float) -> None:
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
-    from harness import proxy
+    from starttls_harness.proxy import core as proxy
 
     if args.list_faults:
         for name, text in proxy.FAULT_NAMES.items():

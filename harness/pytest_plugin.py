@@ -8,7 +8,7 @@ into one pytest test per scenario x TLS version::
 
     import contextlib
     import pytest
-    from harness.runner import ServerTarget
+    from starttls_harness.run.server import ServerTarget
 
     @pytest.fixture
     def starttls_server():
@@ -29,7 +29,7 @@ Fixtures (all overridable): ``starttls_pki`` (a throwaway CA and server
 certificate, written 0600, per session), ``starttls_host`` (the address to
 bind, 127.0.0.1), ``starttls_settings`` (time bounds),
 ``starttls_server`` (an async context manager factory that starts the
-server under test and yields a :class:`~harness.runner.ServerTarget`;
+server under test and yields a :class:`~starttls_harness.run.server.ServerTarget`;
 default: the strict reference server of the marker's dialect).
 
 The server factory runs on the same event loop as the scenario; any
@@ -59,19 +59,18 @@ from typing import (
 )
 
 import pytest
-
-from harness.catalogue import Scenario, everything, select
-from harness.certs import Pki, make_pki
-from harness.report import ladder
-from harness.runner import RunSettings, ServerTarget, run_server_scenario, sanity_probe
-from harness.verdicts import Result, Verdict
+from starttls_harness.report.formats import ladder
+from starttls_harness.report.verdicts import Result, Verdict
+from starttls_harness.run.server import RunSettings, ServerTarget, run_server_scenario, sanity_probe
+from starttls_harness.scenarios.server import Scenario, everything, select
+from starttls_harness.tls.certs import Pki, make_pki
 
 __all__ = ["ScenarioOutcome", "ServerFactory"]
 
 ServerFactory = Callable[[Pki, str], AsyncContextManager[ServerTarget]]
 
 if TYPE_CHECKING:
-    from harness.client_targets import ClientTarget
+    from starttls_harness.run.targets import ClientTarget
 
 MARKER = "starttls"
 
@@ -153,8 +152,8 @@ def starttls_server(request: pytest.FixtureRequest, starttls_host: str) -> Serve
 
     @contextlib.asynccontextmanager
     async def reference(pki: Pki, tls_version: str) -> AsyncIterator[ServerTarget]:
-        from harness.reference import server_module
-        from servers.base import ServerConfig
+        from starttls_harness.run.reference import server_module
+        from starttls_harness.servers.base import ServerConfig
 
         config = ServerConfig(pki=pki, host=starttls_host)
         running = await server_module(dialect).start_server(config)
@@ -178,10 +177,10 @@ def starttls_server(request: pytest.FixtureRequest, starttls_host: str) -> Serve
 def starttls_client(request: pytest.FixtureRequest) -> ClientTarget:
     """The client under test (role='client').  Default: the strict reference client.
 
-    Override with a :class:`harness.client_targets.ClientTarget`, e.g.
+    Override with a :class:`starttls_harness.run.targets.ClientTarget`, e.g.
     ``CommandClientTarget("smtp", ["my-client", "--port", "{port}", "--ca", "{cafile}"])``.
     """
-    from harness.client_targets import ReferenceClientTarget
+    from starttls_harness.run.targets import ReferenceClientTarget
 
     return ReferenceClientTarget(_options(request.node).dialect)
 
@@ -223,7 +222,7 @@ def starttls_result(
     opts = _options(request.node)
     allowed = Verdict(opts.expect.get(scenario_id, "pass"))
     if scenario.role == "client":
-        from harness.fakeserver import run_client_scenario
+        from starttls_harness.run.client import run_client_scenario
 
         client = request.getfixturevalue("starttls_client")
         result = asyncio.run(run_client_scenario(scenario, client, tls_version, starttls_settings))

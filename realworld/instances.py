@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from harness.certs import Pki
+from starttls_harness.tls.certs import Pki
+
 from realworld.count_stored import count_stored
 
 __all__ = [

@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from harness.certs import make_pki
+from starttls_harness.tls.certs import make_pki
+
 from realworld import compare
 from realworld.instances import (
     TEST_PASSWORD,
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-HARNESS = [sys.executable, "-m", "harness"]
+HARNESS = [sys.executable, "-m", "starttls_harness"]
 
 
 def check_has_storage_probe() -> bool:

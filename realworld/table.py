@@ -19,7 +19,7 @@ from realworld import compare
 
 def catalogue_rules() -> Dict[str, str]:
     """Scenario id -> the rule it guards, from the catalogue this checkout runs."""
-    from harness.catalogue import CATALOGUE
+    from starttls_harness.scenarios.server import CATALOGUE
 
     return {s.id: s.rule.value for s in CATALOGUE}
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from harness.aio import Timeouts
-from harness.certs import Pki
-from harness.engine import Policy, Rule
+from starttls_harness.tls.aio import Timeouts
+from starttls_harness.tls.certs import Pki
+from starttls_harness.tls.engine import Policy, Rule
 
 __all__ = ["STRICT", "Behaviour", "Limits", "RunningServer", "ServerConfig", "behaviour_named"]
 
@@ -51,7 +51,7 @@ def behaviour_named(behaviours: Dict[str, Behaviour], name: str) -> Behaviour:
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds that keep a reference server safe against hostile clients."""
+    """Bounds that keep a reference server safe against hostile starttls_harness.clients."""
 
     max_line: int = 2048
     max_literal: int = 1 << 20

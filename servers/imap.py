@@ -1,6 +1,6 @@
 """Reference IMAP4rev1 server: STARTTLS, the STOPTLS extension, and misbehaviours.
 
-The server is an ``asyncio.Protocol`` on :class:`harness.aio.SwitchableTransport`:
+The server is an ``asyncio.Protocol`` on :class:`starttls_harness.tls.aio.SwitchableTransport`:
 one coroutine per connection reads commands (lines and literals) from a
 :class:`LineReader` and answers them, so STARTTLS and STOPTLS can simply
 ``await`` the transport's switch.  It implements what the closure rules need
@@ -92,8 +92,16 @@ from typing import (
     Union,
 )
 
-from harness.aio import SwitchableTransport, create_server
-from harness.engine import (
+from starttls_harness.servers.base import (
+    STRICT,
+    Behaviour,
+    Limits,
+    RunningServer,
+    ServerConfig,
+    behaviour_named,
+)
+from starttls_harness.tls.aio import SwitchableTransport, create_server
+from starttls_harness.tls.engine import (
     AlertReceived,
     CloseNotifyReceived,
     ClosureComplete,
@@ -102,15 +110,7 @@ from harness.engine import (
     Rule,
     TransitionError,
 )
-from harness.states import State
-from servers.base import (
-    STRICT,
-    Behaviour,
-    Limits,
-    RunningServer,
-    ServerConfig,
-    behaviour_named,
-)
+from starttls_harness.tls.states import State
 
 __all__ = [
     "BEHAVIOURS",

@@ -7,10 +7,10 @@ aiosmtpd parses and answers SMTP commands well, but its STARTTLS reaches
 into asyncio's private ``sslproto`` and clears the stream reader's private
 buffer, and it cannot return to plaintext.  :class:`ReferenceSMTP`
 subclasses :class:`aiosmtpd.smtp.SMTP` and keeps everything except the TLS
-switch, which runs in the harness engine (:mod:`harness.aio`):
+switch, which runs in the harness engine (:mod:`starttls_harness.tls.aio`):
 
 * aiosmtpd never gets a ``tls_context``: it sees one ordinary transport (a
-  :class:`~harness.aio.SwitchableTransport`, passed to ``connection_made``
+  :class:`~starttls_harness.tls.aio.SwitchableTransport`, passed to ``connection_made``
   once), and the STARTTLS/STOPTLS/AUTH keywords are edited in the handler's
   public ``handle_EHLO`` hook;
 * ``smtp_STARTTLS`` and ``smtp_STOPTLS`` are overridden and call
@@ -80,9 +80,15 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
-
-from harness.aio import SwitchableTransport, create_server
-from harness.engine import (
+from starttls_harness.servers.base import (
+    STRICT,
+    Behaviour,
+    RunningServer,
+    ServerConfig,
+    behaviour_named,
+)
+from starttls_harness.tls.aio import SwitchableTransport, create_server
+from starttls_harness.tls.engine import (
     AlertReceived,
     CloseNotifyReceived,
     ClosureComplete,
@@ -92,7 +98,6 @@ from harness.engine import (
     TLSData,
     Violation,
 )
-from servers.base import STRICT, Behaviour, RunningServer, ServerConfig, behaviour_named
 
 __all__ = [
     "BEHAVIOURS",
@@ -406,11 +411,7 @@ class ReferenceSMTP(SMTP):
             self.record.closed.set()
 
     def eof_received(self) -> Optional[bool]:
-        if (
-            self.behaviour.name == "ignore-truncation"
-            and self.phase_tls
-            and self._in_data
-        ):
+        if self.behaviour.name == "ignore-truncation" and self.phase_tls and self._in_data:
             # R6 broken on purpose: finish the cut body as if the final dot
             # had arrived, and let aiosmtpd store it.
             end = b".\r\n" if self._last_byte_newline else b"\r\n.\r\n"

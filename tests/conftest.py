@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator, List, TypeVar
 
 import pytest
-
-from harness.certs import TLS_ENV, Pki, make_pki
+from starttls_harness.tls.certs import TLS_ENV, Pki, make_pki
 
 T = TypeVar("T")
 

@@ -14,10 +14,14 @@ import struct
 from typing import List, Optional, Set, Tuple, Union
 
 import pytest
-
-from harness.aio import ConnectionEnded, SwitchableTransport, create_server, open_connection
-from harness.certs import Pki
-from harness.engine import AlertReceived, ClosureComplete, Policy, Rule
+from starttls_harness.tls.aio import (
+    ConnectionEnded,
+    SwitchableTransport,
+    create_server,
+    open_connection,
+)
+from starttls_harness.tls.certs import Pki
+from starttls_harness.tls.engine import AlertReceived, ClosureComplete, Policy, Rule
 
 Item = Union[bytes, Optional[BaseException]]
 

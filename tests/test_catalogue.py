@@ -2,7 +2,7 @@
 
 Every scenario passes against the strict reference servers, and every
 misbehaving server gets exactly the verdicts listed in
-:data:`harness.validation.SERVER_EXPECTED` -- no more, no fewer.
+:data:`starttls_harness.run.validation.SERVER_EXPECTED` -- no more, no fewer.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ import importlib
 from typing import Any
 
 import pytest
-
-from harness.catalogue import CATALOGUE, COMMON, Scenario
-from harness.runner import unknown_steps
-from harness.validation import SERVER_EXPECTED, validate_server
-from harness.verdicts import Verdict
+from starttls_harness.report.verdicts import Verdict
+from starttls_harness.run.server import unknown_steps
+from starttls_harness.run.validation import SERVER_EXPECTED, validate_server
+from starttls_harness.scenarios.server import CATALOGUE, COMMON, Scenario
 
 SPEC_SERVER_IDS = {
     "server.command-injection",
@@ -61,7 +60,7 @@ def test_common_outcomes_never_pass() -> None:
 
 
 def _behaviours(dialect: str) -> Any:
-    module = importlib.import_module(f"servers.{dialect}")
+    module = importlib.import_module(f"starttls_harness.servers.{dialect}")
     return list(module.BEHAVIOURS)
 
 

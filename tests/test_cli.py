@@ -14,11 +14,10 @@ from typing import AsyncIterator, List, Tuple
 import jsonschema
 import pytest
 import xmlschema
+from starttls_harness.cli import main
 
-from harness.cli import main
-
-SCHEMAS = Path(__file__).resolve().parent.parent / "harness" / "schemas"
-CLI = [sys.executable, "-m", "harness"]
+SCHEMAS = Path(__file__).resolve().parent.parent / "harness" / "report" / "schemas"
+CLI = [sys.executable, "-m", "starttls_harness"]
 
 
 def run_cli(*args: str, timeout: float = 120) -> Tuple[int, str, str]:

@@ -1,9 +1,9 @@
 """The client catalogue is sound, and its validation matrix holds on real sockets.
 
 The harness plays a scripted (faulty) server against a client under test
-(:mod:`harness.fakeserver`).  Every scenario passes against the strict
+(:mod:`starttls_harness.run.client`).  Every scenario passes against the strict
 reference clients; every misbehaving reference client gets exactly the
-verdicts of :data:`harness.client_catalogue.CLIENT_EXPECTED` -- no more, no
+verdicts of :data:`starttls_harness.scenarios.client.CLIENT_EXPECTED` -- no more, no
 fewer; and two real clients, ``smtplib`` and ``imaplib``, run as external
 commands show the command path end to end.
 """
@@ -18,11 +18,26 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import pytest
-
-from harness.aio import SwitchableTransport, open_connection
-from harness.catalogue import COMMON, Scenario
-from harness.certs import client_context
-from harness.client_catalogue import (
+from starttls_harness.report.verdicts import Result, Verdict
+from starttls_harness.run.client import (
+    CLIENT_STEP_NAMES,
+    next_tag,
+    run_client_scenario,
+    run_client_target,
+    unknown_client_steps,
+)
+from starttls_harness.run.server import RunSettings
+from starttls_harness.run.targets import (
+    ClientOutcome,
+    ClientTarget,
+    CommandClientTarget,
+    ReferenceClientTarget,
+    check_client,
+    client_behaviours,
+    validate_client,
+)
+from starttls_harness.run.validation import mismatches
+from starttls_harness.scenarios.client import (
     CLIENT_COMMON,
     CLIENT_EXPECTED,
     CLIENT_EXPECTED_BY_DIALECT,
@@ -32,26 +47,10 @@ from harness.client_catalogue import (
     client_by_id,
     expected_client_verdicts,
 )
-from harness.client_targets import (
-    ClientOutcome,
-    ClientTarget,
-    CommandClientTarget,
-    ReferenceClientTarget,
-    check_client,
-    client_behaviours,
-    validate_client,
-)
-from harness.engine import Policy, Rule
-from harness.fakeserver import (
-    CLIENT_STEP_NAMES,
-    next_tag,
-    run_client_scenario,
-    run_client_target,
-    unknown_client_steps,
-)
-from harness.runner import RunSettings
-from harness.validation import mismatches
-from harness.verdicts import Result, Verdict
+from starttls_harness.scenarios.server import COMMON, Scenario
+from starttls_harness.tls.aio import SwitchableTransport, open_connection
+from starttls_harness.tls.certs import client_context
+from starttls_harness.tls.engine import Policy, Rule
 
 P, F, W, K, E = Verdict.PASS, Verdict.FAIL, Verdict.WARN, Verdict.SKIP, Verdict.ERROR
 

@@ -12,9 +12,8 @@ import ssl
 from typing import List, Optional
 
 import pytest
-
-from harness.certs import Pki
-from harness.engine import (
+from starttls_harness.tls.certs import Pki
+from starttls_harness.tls.engine import (
     OP_IGNORE_UNEXPECTED_EOF,
     AlertReceived,
     ClosureComplete,
@@ -32,7 +31,14 @@ from harness.engine import (
     Violation,
     violations,
 )
-from harness.states import TRANSITIONS, Input, State, TransitionError, to_dot, transition
+from starttls_harness.tls.states import (
+    TRANSITIONS,
+    Input,
+    State,
+    TransitionError,
+    to_dot,
+    transition,
+)
 
 SEGMENTATION = {"lump": None, "bytewise": 1}
 

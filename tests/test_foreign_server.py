@@ -13,11 +13,10 @@ import sys
 from typing import Dict, List
 
 from aiosmtpd.smtp import SMTP
-
-from harness.catalogue import CATALOGUE
-from harness.certs import Pki
-from harness.runner import RunSettings, ServerTarget, run_server_target
-from harness.verdicts import Result
+from starttls_harness.report.verdicts import Result
+from starttls_harness.run.server import RunSettings, ServerTarget, run_server_target
+from starttls_harness.scenarios.server import CATALOGUE
+from starttls_harness.tls.certs import Pki
 
 EXPECTED: Dict[str, str] = {
     "server.command-injection": "pass",  # 1.4.6 clears its buffer (CVE-2024-34083 fix)

@@ -59,13 +59,19 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Dict, FrozenSet, List, Optional, Set, Tuple
 
 import pytest
-
-from harness.aio import SwitchableTransport, create_server
-from harness.catalogue import CATALOGUE
-from harness.certs import Pki
-from harness.engine import CloseNotifyReceived, Event, HandshakeComplete, Policy, Rule, TLSData
-from harness.runner import RunSettings, ServerTarget, run_server_target
-from harness.verdicts import Result, Verdict
+from starttls_harness.report.verdicts import Result, Verdict
+from starttls_harness.run.server import RunSettings, ServerTarget, run_server_target
+from starttls_harness.scenarios.server import CATALOGUE
+from starttls_harness.tls.aio import SwitchableTransport, create_server
+from starttls_harness.tls.certs import Pki
+from starttls_harness.tls.engine import (
+    CloseNotifyReceived,
+    Event,
+    HandshakeComplete,
+    Policy,
+    Rule,
+    TLSData,
+)
 
 Runner = Callable[..., Any]
 

@@ -16,10 +16,8 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, List, Optional, Tuple
 
 import pytest
-from test_imap_server import WAIT, RawPeer, Runner, serving
-
-import clients.imap
-from clients.imap import (
+import starttls_harness.clients.imap
+from starttls_harness.clients.imap import (
     BEHAVIOURS,
     CommandError,
     ImapClient,
@@ -28,10 +26,11 @@ from clients.imap import (
     StopTLSNotSupported,
     TLSRequired,
 )
-from harness.aio import ConnectionEnded
-from harness.certs import Pki
-from harness.engine import ClosureComplete, Policy, Rule
-from harness.states import State
+from starttls_harness.tls.aio import ConnectionEnded
+from starttls_harness.tls.certs import Pki
+from starttls_harness.tls.engine import ClosureComplete, Policy, Rule
+from starttls_harness.tls.states import State
+from test_imap_server import WAIT, RawPeer, Runner, serving
 
 USER, PASSWORD = "tester", "correct horse"
 
@@ -151,7 +150,7 @@ def test_errors_and_guards(pki: Pki, tls_version: str, run: Runner) -> None:
             client = await connect(server.address, pki, tls_version, require_tls=False)
             with pytest.raises(LoginDisabled):
                 await client.login(USER, PASSWORD)
-            with pytest.raises(clients.imap.ImapError):
+            with pytest.raises(starttls_harness.clients.imap.ImapError):
                 await client.stoptls()  # not under TLS
             with pytest.raises(ValueError):
                 await client.command("STARTTLS")
@@ -473,7 +472,7 @@ COVERAGE = {
 
 
 def test_every_behaviour_is_documented_and_tested() -> None:
-    doc = clients.imap.__doc__ or ""
+    doc = starttls_harness.clients.imap.__doc__ or ""
     for name, behaviour in BEHAVIOURS.items():
         if name == "strict":
             continue

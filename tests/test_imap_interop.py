@@ -12,10 +12,9 @@ import imaplib
 from typing import Any, Callable, List, Tuple, TypeVar
 
 import pytest
+from starttls_harness.servers.base import Limits
+from starttls_harness.tls.certs import Pki
 from test_imap_server import WAIT, Runner, serving
-
-from harness.certs import Pki
-from servers.base import Limits
 
 T = TypeVar("T")
 USER, PASSWORD = "tester", "correct horse"

@@ -28,10 +28,18 @@ from typing import (
 )
 
 import pytest
-
-import servers.imap
-from harness.certs import Pki
-from harness.engine import (
+import starttls_harness.servers.imap
+from starttls_harness.servers.base import Limits, RunningServer, ServerConfig
+from starttls_harness.servers.imap import (
+    BEHAVIOURS,
+    ImapServerProtocol,
+    StartTLSLine,
+    is_starttls_line,
+    start_server,
+    tokenize,
+)
+from starttls_harness.tls.certs import Pki
+from starttls_harness.tls.engine import (
     AlertReceived,
     ClosureComplete,
     Connection,
@@ -44,16 +52,7 @@ from harness.engine import (
     TLSData,
     Violation,
 )
-from harness.states import State
-from servers.base import Limits, RunningServer, ServerConfig
-from servers.imap import (
-    BEHAVIOURS,
-    ImapServerProtocol,
-    StartTLSLine,
-    is_starttls_line,
-    start_server,
-    tokenize,
-)
+from starttls_harness.tls.states import State
 
 Runner = Callable[..., Any]
 WAIT = 5.0
@@ -292,9 +291,9 @@ def test_tokenizer() -> None:
         b"abc",
         b"BODY[HEADER.FIELDS (A B)]",
     ]
-    assert isinstance(tokens[5], servers.imap.Literal)
+    assert isinstance(tokens[5], starttls_harness.servers.imap.Literal)
     for bad in (b"a1 (x\r\n", b"a1 x)\r\n", b'a1 "x\r\n', b"a1 {9}\r\nab\r\n"):
-        with pytest.raises(servers.imap.ParseError):
+        with pytest.raises(starttls_harness.servers.imap.ParseError):
             tokenize(bad)
 
 
@@ -772,7 +771,7 @@ COVERAGE: Dict[str, Callable[..., None]] = {
 
 
 def test_every_behaviour_is_documented_and_tested() -> None:
-    doc = servers.imap.__doc__ or ""
+    doc = starttls_harness.servers.imap.__doc__ or ""
     for name, behaviour in BEHAVIOURS.items():
         if name == "strict":
             continue

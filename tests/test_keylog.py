@@ -1,4 +1,4 @@
-"""Tests for harness.keylog against real TLS connections made by OpenSSL.
+"""Tests for starttls_harness.tls.keylog against real TLS connections made by OpenSSL.
 
 Client and server are ``ssl.SSLObject`` pairs joined by ``MemoryBIO`` pumps;
 every byte in each direction is captured in wire order, the client writes an
@@ -23,8 +23,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-from harness.keylog import (
+from starttls_harness.tls.keylog import (
     CLIENT_HANDSHAKE_TRAFFIC_SECRET,
     CLIENT_TRAFFIC_SECRET_0,
     SERVER_HANDSHAKE_TRAFFIC_SECRET,
@@ -50,7 +49,7 @@ from harness.keylog import (
     read_keylog,
     traffic_key_and_iv,
 )
-from harness.records import (
+from starttls_harness.tls.records import (
     CT_ALERT,
     CT_APPLICATION_DATA,
     CT_HANDSHAKE,

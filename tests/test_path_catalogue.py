@@ -2,7 +2,7 @@
 
 A strict reference client and server, with the proxy between them, pass
 every path scenario; every misbehaving reference peer (the other side
-strict) gets exactly the verdicts of :data:`harness.pathrun.PATH_EXPECTED`
+strict) gets exactly the verdicts of :data:`starttls_harness.run.path.PATH_EXPECTED`
 -- no more, no fewer.  No reference client relaxes R3, so a minimal client
 that does (it resumes at the first plaintext after its own close_notify)
 is defined here to show that the s2c scenarios catch it.
@@ -17,14 +17,10 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
-
-from harness.aio import SwitchableTransport, open_connection
-from harness.catalogue import CATALOGUE, COMMON
-from harness.certs import Pki
-from harness.dialects import Reply, dialect_named
-from harness.engine import Event, Policy, Rule
-from harness.path_catalogue import PATH_COMMON, PATH_SCENARIOS, fault_step, path_by_id
-from harness.pathrun import (
+from starttls_harness.dialects import Reply, dialect_named
+from starttls_harness.proxy.core import POINTS, Fault
+from starttls_harness.report.verdicts import Result, Verdict
+from starttls_harness.run.path import (
     PATH_EXPECTED,
     STOPTLS_SCENARIOS,
     ClientDriver,
@@ -38,9 +34,12 @@ from harness.pathrun import (
     unknown_path_steps,
     validate_path,
 )
-from harness.proxy import POINTS, Fault
-from harness.runner import RunSettings
-from harness.verdicts import Result, Verdict
+from starttls_harness.run.server import RunSettings
+from starttls_harness.scenarios.path import PATH_COMMON, PATH_SCENARIOS, fault_step, path_by_id
+from starttls_harness.scenarios.server import CATALOGUE, COMMON
+from starttls_harness.tls.aio import SwitchableTransport, open_connection
+from starttls_harness.tls.certs import Pki
+from starttls_harness.tls.engine import Event, Policy, Rule
 
 Runner = Callable[..., Any]
 P, F, W, K, E = Verdict.PASS, Verdict.FAIL, Verdict.WARN, Verdict.SKIP, Verdict.ERROR
@@ -99,7 +98,7 @@ def test_shared_outcomes_never_pass() -> None:
 
 
 def _behaviours(side: str, dialect: str) -> List[str]:
-    module = importlib.import_module(f"{side}s.{dialect}")
+    module = importlib.import_module(f"starttls_harness.{side}s.{dialect}")
     return list(module.BEHAVIOURS)
 
 

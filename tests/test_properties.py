@@ -60,10 +60,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from harness.certs import Pki
-from harness.dialects import IMAP, SMTP
-from harness.engine import (
+from starttls_harness.dialects import IMAP, SMTP
+from starttls_harness.proxy.core import C2S, S2C, Follower
+from starttls_harness.tls.certs import Pki
+from starttls_harness.tls.engine import (
     Connection,
     Event,
     PlaintextData,
@@ -72,9 +72,8 @@ from harness.engine import (
     TLSData,
     Violation,
 )
-from harness.proxy import C2S, S2C, Follower
-from harness.records import NotTLSError, RecordSplitter
-from harness.states import State
+from starttls_harness.tls.records import NotTLSError, RecordSplitter
+from starttls_harness.tls.states import State
 
 RANDOM = bool(os.environ.get("STARTTLS_HARNESS_RANDOM"))
 

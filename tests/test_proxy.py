@@ -19,11 +19,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, List, Optional, Sequence, Set, Tuple, Union
 
 import pytest
-
-from harness.aio import ConnectionEnded, SwitchableTransport, create_server, open_connection
-from harness.certs import Pki
-from harness.engine import Connection
-from harness.proxy import (
+from starttls_harness.proxy.core import (
     ACTIONS,
     C2S,
     FAULT_NAMES,
@@ -41,6 +37,14 @@ from harness.proxy import (
     parse_fault,
     run_proxy,
 )
+from starttls_harness.tls.aio import (
+    ConnectionEnded,
+    SwitchableTransport,
+    create_server,
+    open_connection,
+)
+from starttls_harness.tls.certs import Pki
+from starttls_harness.tls.engine import Connection
 
 Runner = Callable[..., Any]
 Item = Union[bytes, Optional[BaseException]]
@@ -810,10 +814,12 @@ def test_follower_position_inference_from_plaintext(
 ) -> None:
     """Without a key log, when no record has the size of an encrypted alert,
     the last record before plaintext is taken for close_notify (a note)."""
-    import harness.proxy
+    import starttls_harness.proxy.core
 
     wire = in_memory_transcript(pki, "1.3", tmp_path / "k.log", "smtp")
-    monkeypatch.setattr(harness.proxy._Session, "tag_length", property(lambda self: 99))
+    monkeypatch.setattr(
+        starttls_harness.proxy.core._Session, "tag_length", property(lambda self: 99)
+    )
     units = follow(Follower("smtp"), wire)
     notes = [u for u in units if u.kind == "note" and Point.CLOSE_NOTIFY.value in u.points]
     assert [(u.direction, u.method) for u in notes] == [(S2C, "position"), (C2S, "position")]

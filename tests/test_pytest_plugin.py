@@ -17,9 +17,9 @@ def test_conformance(starttls_result):
 MISBEHAVING = """
 import contextlib
 import pytest
-from harness.runner import ServerTarget
-from servers.base import ServerConfig
-from servers.smtp import start_server
+from starttls_harness.run.server import ServerTarget
+from starttls_harness.servers.base import ServerConfig
+from starttls_harness.servers.smtp import start_server
 
 @pytest.fixture
 def starttls_server():
@@ -82,9 +82,9 @@ def test_server_side_errors_are_raised_in_the_test(pytester: pytest.Pytester) ->
         """
         import asyncio, contextlib
         import pytest
-        from harness.runner import ServerTarget
-        from servers.base import ServerConfig
-        from servers.smtp import start_server
+        from starttls_harness.run.server import ServerTarget
+        from starttls_harness.servers.base import ServerConfig
+        from starttls_harness.servers.smtp import start_server
 
         @pytest.fixture
         def starttls_server():
@@ -132,7 +132,7 @@ with smtplib.SMTP(host, port, timeout=5) as s:
         test_client="""
 import sys, pytest
 from pathlib import Path
-from harness.client_targets import CommandClientTarget
+from starttls_harness.run.targets import CommandClientTarget
 
 @pytest.fixture
 def starttls_client():

@@ -24,7 +24,8 @@ if str(ROOT) not in sys.path:
     # distribution; appended so the installed harness still wins.
     sys.path.append(str(ROOT))
 
-from harness.catalogue import CATALOGUE  # noqa: E402
+from starttls_harness.scenarios.server import CATALOGUE  # noqa: E402
+
 from realworld import compare, count_stored, instances, table  # noqa: E402
 from realworld.compare import Cell, Outcome  # noqa: E402
 
@@ -143,7 +144,7 @@ def test_merge_accumulates_outcomes_until_the_verdict_changes() -> None:
 
 def test_observed_cells_come_from_a_real_check_report(tmp_path: Path) -> None:
     """The JSON contract: what ``check --json`` writes is what the tier reads."""
-    from harness.cli import main
+    from starttls_harness.cli import main
 
     report = tmp_path / "r.json"
     code = main(["check", "--only", "server.starttls-in-tls", "--json", str(report), "-q"])

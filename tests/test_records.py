@@ -1,4 +1,4 @@
-"""Tests for harness.records on byte streams captured from real TLS sessions."""
+"""Tests for starttls_harness.tls.records on byte streams captured from real TLS sessions."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from typing import Dict, List
 
 import pytest
 import trustme
-
-from harness.records import (
+from starttls_harness.tls.records import (
     CLOSE_NOTIFY,
     CT_ALERT,
     CT_APPLICATION_DATA,

@@ -17,18 +17,17 @@ import resource
 from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
-
-from clients.imap import ImapClient
-from clients.smtp import SMTPClient
-from harness.aio import Timeouts
-from harness.catalogue import CATALOGUE
-from harness.certs import Pki
-from harness.reference import reference_servers
-from harness.runner import RunSettings, run_server_target
-from harness.verdicts import Verdict
-from servers import imap as imap_server
-from servers import smtp as smtp_server
-from servers.base import RunningServer, ServerConfig
+from starttls_harness.clients.imap import ImapClient
+from starttls_harness.clients.smtp import SMTPClient
+from starttls_harness.report.verdicts import Verdict
+from starttls_harness.run.reference import reference_servers
+from starttls_harness.run.server import RunSettings, run_server_target
+from starttls_harness.scenarios.server import CATALOGUE
+from starttls_harness.servers import imap as imap_server
+from starttls_harness.servers import smtp as smtp_server
+from starttls_harness.servers.base import RunningServer, ServerConfig
+from starttls_harness.tls.aio import Timeouts
+from starttls_harness.tls.certs import Pki
 
 Runner = Callable[..., Any]
 

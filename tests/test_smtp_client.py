@@ -14,16 +14,17 @@ from typing import Any, Awaitable, Callable, List, Optional, Sequence, Tuple
 
 import pytest
 from aiosmtplib import SMTPReadTimeoutError, SMTPSenderRefused, SMTPServerDisconnected
-
-from clients.smtp import (
+from starttls_harness.clients.smtp import (
     BEHAVIOURS,
     RuleViolation,
     SMTPClient,
     StopTLSNotSupported,
     TLSRequiredError,
 )
-from harness.certs import Pki
-from harness.engine import (
+from starttls_harness.servers.base import RunningServer, ServerConfig
+from starttls_harness.servers.smtp import start_server
+from starttls_harness.tls.certs import Pki
+from starttls_harness.tls.engine import (
     CloseNotifyReceived,
     ClosureComplete,
     Connection,
@@ -34,8 +35,6 @@ from harness.engine import (
     TLSData,
     Violation,
 )
-from servers.base import RunningServer, ServerConfig
-from servers.smtp import start_server
 
 Run = Callable[[Callable[[], Awaitable[None]]], None]
 
@@ -179,9 +178,7 @@ async def greet(
     return peer
 
 
-async def upgraded(
-    servers: WireServers, client: SMTPClient, pki: Pki, version: str
-) -> WireServer:
+async def upgraded(servers: WireServers, client: SMTPClient, pki: Pki, version: str) -> WireServer:
     """Connect, EHLO, STARTTLS, EHLO under TLS (STOPTLS and AUTH offered)."""
     peer = await greet(servers, client)
     starting = asyncio.ensure_future(client.starttls())
@@ -280,7 +277,10 @@ def test_strict_client_says_ehlo_first_after_every_transition(
         phases = [(phase, data.split(b" ")[0]) for phase, data in record.received]
         firsts = [p for i, p in enumerate(phases) if i == 0 or phases[i - 1][0] != p[0]]
         assert firsts == [
-            ("plaintext", b"EHLO"), ("tls", b"EHLO"), ("plaintext", b"EHLO"), ("tls", b"EHLO")
+            ("plaintext", b"EHLO"),
+            ("tls", b"EHLO"),
+            ("plaintext", b"EHLO"),
+            ("tls", b"EHLO"),
         ]
         assert b"MAIL" not in record.received_in("plaintext")
         assert b"AUTH" not in record.received_in("plaintext")
@@ -484,9 +484,7 @@ def test_r8_client_forgets_after_starttls(
 
 @pytest.mark.parametrize("behaviour", ["strict", "downgrade"])
 @pytest.mark.parametrize("how", ["stripped", "refused"])
-def test_r9_no_downgrade(
-    pki: Pki, tls_version: str, run: Run, behaviour: str, how: str
-) -> None:
+def test_r9_no_downgrade(pki: Pki, tls_version: str, run: Run, behaviour: str, how: str) -> None:
     async def body() -> None:
         servers = WireServers()
         port = await servers.start()

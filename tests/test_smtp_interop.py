@@ -17,11 +17,10 @@ import aiosmtplib
 import pytest
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 from aiosmtpd.smtp import AuthResult, Envelope, Session
-
-from clients.smtp import SMTPClient, StopTLSNotSupported
-from harness.certs import Pki
-from servers.base import RunningServer, ServerConfig
-from servers.smtp import start_server
+from starttls_harness.clients.smtp import SMTPClient, StopTLSNotSupported
+from starttls_harness.servers.base import RunningServer, ServerConfig
+from starttls_harness.servers.smtp import start_server
+from starttls_harness.tls.certs import Pki
 
 Run = Callable[[Callable[[], Awaitable[None]]], None]
 
@@ -44,9 +43,7 @@ async def stop(server: RunningServer) -> None:
 
 
 @pytest.mark.parametrize("trust", ["tls_context", "cert_bundle"])
-def test_reference_server_with_aiosmtplib(
-    pki: Pki, tls_version: str, run: Run, trust: str
-) -> None:
+def test_reference_server_with_aiosmtplib(pki: Pki, tls_version: str, run: Run, trust: str) -> None:
     async def body() -> None:
         server = await reference_server(pki, tls_version)
         options: Dict[str, Any] = (

@@ -13,10 +13,11 @@ import os
 from typing import Awaitable, Callable, List, Optional, Tuple
 
 import pytest
-
-from clients.smtp import SMTPClient
-from harness.certs import Pki
-from harness.engine import (
+from starttls_harness.clients.smtp import SMTPClient
+from starttls_harness.servers.base import Limits, RunningServer, ServerConfig, behaviour_named
+from starttls_harness.servers.smtp import BEHAVIOURS, SMTPConnection, start_server
+from starttls_harness.tls.certs import Pki
+from starttls_harness.tls.engine import (
     AlertReceived,
     CloseNotifyReceived,
     CloseNotifySent,
@@ -30,9 +31,7 @@ from harness.engine import (
     TLSData,
     Violation,
 )
-from harness.states import State
-from servers.base import Limits, RunningServer, ServerConfig, behaviour_named
-from servers.smtp import BEHAVIOURS, SMTPConnection, start_server
+from starttls_harness.tls.states import State
 
 Run = Callable[[Callable[[], Awaitable[None]]], None]
 
@@ -235,7 +234,9 @@ def test_three_cycles_with_mail_in_every_phase(pki: Pki, tls_version: str, run: 
     async def body() -> None:
         server = await start(pki, tls_version)
         client = SMTPClient(
-            server.host, server.port, tls_context=pki.client_context(tls_version),
+            server.host,
+            server.port,
+            tls_context=pki.client_context(tls_version),
             server_hostname="localhost",
         )
         await client.connect()
@@ -262,9 +263,12 @@ def test_three_cycles_with_mail_in_every_phase(pki: Pki, tls_version: str, run: 
         assert record.tls_cycles == 3
         phases = [(m.tls, m.cycle, m.auth_user) for m in server.messages]
         assert phases == [
-            (False, 0, None), (True, 1, USER),
-            (False, 1, None), (True, 2, USER),
-            (False, 2, None), (True, 3, USER),
+            (False, 0, None),
+            (True, 1, USER),
+            (False, 1, None),
+            (True, 2, USER),
+            (False, 2, None),
+            (True, 3, USER),
             (False, 3, None),
         ]
         version = {"1.2": "TLSv1.2", "1.3": "TLSv1.3"}[tls_version]

@@ -16,11 +16,10 @@ from typing import List
 import aiosmtpd
 import pytest
 from aiosmtpd.smtp import SMTP
-
-from harness.catalogue import by_id
-from harness.certs import Pki
-from harness.runner import RunSettings, ServerTarget, run_server_scenario
-from harness.verdicts import Result
+from starttls_harness.report.verdicts import Result
+from starttls_harness.run.server import RunSettings, ServerTarget, run_server_scenario
+from starttls_harness.scenarios.server import by_id
+from starttls_harness.tls.certs import Pki
 
 EXPECT = os.environ.get("CVE_AIOSMTPD_EXPECT", "pass")
 VERSION = os.environ.get("CVE_AIOSMTPD_VERSION")

@@ -8,7 +8,7 @@ plaintext -> TLS -> plaintext cycles.  It owns no socket and no event loop:
 the caller feeds it the bytes read from the network (:meth:`receive_data`,
 ``b""`` for EOF), writes out what :meth:`data_to_send` returns, and acts on the
 :class:`Event` objects the engine hands back.  The asyncio adapter
-(:mod:`harness.aio`) and the tests' in-memory pairs are such callers.
+(:mod:`starttls_harness.tls.aio`) and the tests' in-memory pairs are such callers.
 
 TLS itself is OpenSSL through ``ssl.SSLObject`` with two ``ssl.MemoryBIO``.
 The engine never lets OpenSSL see the raw stream directly: it cuts incoming
@@ -40,7 +40,7 @@ Every rule is enforced by default; a :class:`Policy` relaxes single rules
 on purpose to build the misbehaving reference peers.  Violations by the peer
 are :class:`Violation` events (with the rule id and the offending bytes);
 misuse by the local application raises :class:`LocalProtocolError`.  All
-state changes go through the table in :mod:`harness.states`.
+state changes go through the table in :mod:`starttls_harness.tls.states`.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Callable, FrozenSet, Iterable, List, Optional, Union
 
-from harness.records import check_header
-from harness.states import Input, State, TransitionError, transition
+from starttls_harness.tls.records import check_header
+from starttls_harness.tls.states import Input, State, TransitionError, transition
 
 __all__ = [
     "AlertReceived",
@@ -269,7 +269,7 @@ def _header_problem(buf: Union[bytes, bytearray]) -> Optional[str]:
 
     Looks at as many header bytes as there are, so a short plaintext
     command is recognised without waiting for five bytes (the one header
-    check of the project: :func:`harness.records.check_header`).
+    check of the project: :func:`starttls_harness.tls.records.check_header`).
     """
     return check_header(bytes(buf[:5]))
 

@@ -16,9 +16,10 @@ import ssl
 from dataclasses import dataclass
 from typing import FrozenSet, Optional
 
-from harness.aio import ConnectionEnded, SwitchableTransport, Timeouts, open_connection
-from harness.dialects import Dialect, Reply
-from harness.engine import (
+from starttls_harness.dialects import Dialect, Reply
+from starttls_harness.report.verdicts import Evidence
+from starttls_harness.tls.aio import ConnectionEnded, SwitchableTransport, Timeouts, open_connection
+from starttls_harness.tls.engine import (
     AlertReceived,
     CloseNotifyReceived,
     CloseNotifySent,
@@ -30,7 +31,6 @@ from harness.engine import (
     TLSData,
     Violation,
 )
-from harness.verdicts import Evidence
 
 __all__ = ["PeerClosed", "Probe", "ProbeSettings", "ProbeTimeout"]
 

@@ -1,14 +1,14 @@
 """The on-path part of the conformance catalogue, as data.
 
-Here the harness is neither peer: it is the proxy of :mod:`harness.proxy`
+Here the harness is neither peer: it is the proxy of :mod:`starttls_harness.proxy.core`
 between a client and a server, both under test, and it plays the attacker
 who owns the wire.  A scenario is the client's session (the steps, run by
-a :class:`harness.pathrun.ClientDriver`) with one step that arms a fault:
-a :class:`harness.proxy.Fault` in the step's arguments.  The *receiver* of
+a :class:`starttls_harness.run.path.ClientDriver`) with one step that arms a fault:
+a :class:`starttls_harness.proxy.core.Fault` in the step's arguments.  The *receiver* of
 the fault -- the server for ``c2s``, the client for ``s2c`` -- is the side
 whose reaction decides the verdict (principle 5: scenarios are data).
 
-Step actions (the client's verbs; see ``harness.pathrun``):
+Step actions (the client's verbs; see ``starttls_harness.run.path``):
 
 ``connect``     connect through the proxy, read the greeting, say hello
 ``starttls``    STARTTLS, handshake, hello again (R8)
@@ -46,7 +46,7 @@ Outcomes shared by every path scenario: a rule the proxy saw either peer
 break on the wire (unless the receiver's reaction is a fail already) is
 ``violation:Rn``, a fail; a closure the responder never answered, so that
 the fault point never came, is ``close-notify-not-answered`` (a warn, as R5
-is elsewhere); the labels of :data:`harness.catalogue.COMMON`
+is elsewhere); the labels of :data:`starttls_harness.scenarios.server.COMMON`
 (``no-stoptls`` is a skip: the pair has no way back to plaintext).
 
 Why plaintext is appended to the *client's* close_notify only: in a STOPTLS
@@ -62,10 +62,10 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
-from harness.catalogue import Expect, S, Scenario, Step
-from harness.dialects import Dialect
-from harness.engine import Rule
-from harness.verdicts import Verdict
+from starttls_harness.dialects import Dialect
+from starttls_harness.report.verdicts import Verdict
+from starttls_harness.scenarios.server import Expect, S, Scenario, Step
+from starttls_harness.tls.engine import Rule
 
 __all__ = [
     "FAKE_GREETINGS",
@@ -104,7 +104,7 @@ def fault_step(scenario: Scenario) -> Step:
     return steps[0]
 
 
-#: Outcomes every path scenario shares (on top of harness.catalogue.COMMON).
+#: Outcomes every path scenario shares (on top of starttls_harness.scenarios.server.COMMON).
 PATH_COMMON: Dict[str, Expect] = {
     "close-notify-not-answered": Expect(
         W,

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import trustme
-
-from harness.engine import clear_ignore_unexpected_eof
+from starttls_harness.tls.engine import clear_ignore_unexpected_eof
 
 __all__ = [
     "TLS_VERSIONS",

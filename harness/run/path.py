@@ -7,13 +7,13 @@ One scenario x TLS version is one run:
 
 1. the pair's server is started (the reference pair starts a fresh server
    per run, so that what it stores and reports belongs to this run only);
-2. a :class:`~harness.proxy.Proxy` listens in front of it, following the
+2. a :class:`~starttls_harness.proxy.core.Proxy` listens in front of it, following the
    conversation with the key log the client's TLS context writes (TLS 1.3
    close_notify alerts are then identified by decryption, not guessed);
 3. the pair's client is driven through the proxy by a
    :class:`ClientDriver`, one verb per step of the scenario (the verb
    table :data:`_VERBS`).  The fault step arms the scenario's
-   :class:`~harness.proxy.Fault` on the proxied connection -- before its
+   :class:`~starttls_harness.proxy.core.Fault` on the proxied connection -- before its
    verb, or from inside it (``hooks.arm``) when only the driver knows
    where a unit's records begin;
 4. the verdict is decided from the proxy's event log, in order: the first
@@ -26,10 +26,10 @@ One scenario x TLS version is one run:
 A rule the proxy sees either peer break on the wire (plaintext after its
 own close_notify before the peer's, plaintext inside TLS) is a fail of its
 own, reported with the side that broke it.  Every wait is bounded by a
-:class:`~harness.runner.RunSettings` field; a wait that runs out is a
+:class:`~starttls_harness.run.server.RunSettings` field; a wait that runs out is a
 ``timeout`` -- an ``error``, never a ``pass``.  Sanity runs of the plain
 session (no fault) bracket every TLS version's group, as in
-:func:`harness.runner.run_server_target`.  The proxy, the client and the
+:func:`starttls_harness.run.server.run_server_target`.  The proxy, the client and the
 server are closed in ``finally``.
 """
 
@@ -55,20 +55,28 @@ from typing import (
     Tuple,
 )
 
-from clients.imap import ImapClient
-from clients.imap import StopTLSNotSupported as ImapNoStopTLS
-from clients.smtp import SMTPClient
-from clients.smtp import StopTLSNotSupported as SmtpNoStopTLS
-from harness.aio import Timeouts
-from harness.catalogue import Expect, Scenario, Step
-from harness.certs import Pki, make_pki
-from harness.dialects import Dialect, dialect_named
-from harness.engine import Event, PeerEOF, Rule, Violation
-from harness.path_catalogue import PATH_SCENARIOS, fault_data, fault_step
-from harness.proxy import C2S, S2C, EventNotSeen, Fault, Proxy, ProxyConnection, ProxyEvent
-from harness.runner import Progress, RunSettings, run_bracketed
-from harness.verdicts import Evidence, Exchange, Result, Verdict
-from servers.base import RunningServer, ServerConfig
+from starttls_harness.clients.imap import ImapClient
+from starttls_harness.clients.imap import StopTLSNotSupported as ImapNoStopTLS
+from starttls_harness.clients.smtp import SMTPClient
+from starttls_harness.clients.smtp import StopTLSNotSupported as SmtpNoStopTLS
+from starttls_harness.dialects import Dialect, dialect_named
+from starttls_harness.proxy.core import (
+    C2S,
+    S2C,
+    EventNotSeen,
+    Fault,
+    Proxy,
+    ProxyConnection,
+    ProxyEvent,
+)
+from starttls_harness.report.verdicts import Evidence, Exchange, Result, Verdict
+from starttls_harness.run.server import Progress, RunSettings, run_bracketed
+from starttls_harness.scenarios.path import PATH_SCENARIOS, fault_data, fault_step
+from starttls_harness.scenarios.server import Expect, Scenario, Step
+from starttls_harness.servers.base import RunningServer, ServerConfig
+from starttls_harness.tls.aio import Timeouts
+from starttls_harness.tls.certs import Pki, make_pki
+from starttls_harness.tls.engine import Event, PeerEOF, Rule, Violation
 
 __all__ = [
     "PATH_EXPECTED",
@@ -396,7 +404,7 @@ class _ImapDriver(ClientDriver):
             await self.client.aclose()
 
 
-_SERVER_MODULES = {"smtp": "servers.smtp", "imap": "servers.imap"}
+_SERVER_MODULES = {"smtp": "starttls_harness.servers.smtp", "imap": "starttls_harness.servers.imap"}
 
 
 def reference_pair(
@@ -416,7 +424,7 @@ def reference_pair(
     """
     dialect_named(dialect)
     module = importlib.import_module(_SERVER_MODULES[dialect])
-    client_module = importlib.import_module(f"clients.{dialect}")
+    client_module = importlib.import_module(f"starttls_harness.clients.{dialect}")
     for name, known in (
         (server_behaviour, module.BEHAVIOURS),
         (client_behaviour, client_module.BEHAVIOURS),
@@ -1077,7 +1085,7 @@ def _all(verdict: Verdict) -> Dict[str, Verdict]:
 
 
 #: (side, behaviour) -> {scenario id: verdict}, the other side strict; every
-#: path scenario not listed must pass.  Exact, as harness.validation's: an
+#: path scenario not listed must pass.  Exact, as starttls_harness.run.validation's: an
 #: unexpected pass is as much a failure of the harness as an unexpected
 #: fail.  Each entry's first line is the scenario that guards its rule;
 #: behaviours whose rule no path scenario exercises (R1, R7, R8 on the
@@ -1132,7 +1140,7 @@ async def validate_path(
     closure_timeout: float = PATH_VALIDATION_CLOSURE,
 ) -> Tuple[List[Result], List[str]]:
     """Run the path catalogue with one misbehaving reference peer; return mismatches."""
-    from harness.validation import mismatches
+    from starttls_harness.run.validation import mismatches
 
     if side not in ("server", "client"):
         raise ValueError(f"side must be 'server' or 'client', not {side!r}")

@@ -1,7 +1,7 @@
 """The built-in reference peers as targets (the main job's default run).
 
 Starts the reference servers in this process, on loopback ports picked by
-the OS, and describes them as :class:`~harness.runner.ServerTarget` objects
+the OS, and describes them as :class:`~starttls_harness.run.server.ServerTarget` objects
 with what only an in-process target can offer: the test user and a storage
 probe (how many messages the server holds), so that every scenario can be
 decided.
@@ -15,13 +15,16 @@ import tempfile
 from pathlib import Path
 from typing import AsyncIterator, Dict, List, Optional, Sequence
 
-from harness.certs import Pki, make_pki
-from harness.runner import ServerTarget
-from servers.base import RunningServer, ServerConfig
+from starttls_harness.run.server import ServerTarget
+from starttls_harness.servers.base import RunningServer, ServerConfig
+from starttls_harness.tls.certs import Pki, make_pki
 
 __all__ = ["SERVER_MODULES", "reference_servers"]
 
-SERVER_MODULES: Dict[str, str] = {"smtp": "servers.smtp", "imap": "servers.imap"}
+SERVER_MODULES: Dict[str, str] = {
+    "smtp": "starttls_harness.servers.smtp",
+    "imap": "starttls_harness.servers.imap",
+}
 
 
 def server_module(dialect: str):  # type: ignore[no-untyped-def]

@@ -7,10 +7,10 @@ For a client under test, each scenario x TLS version is one run: a fake
 server is started on ``127.0.0.1:0`` (it accepts one connection and refuses
 any other), a fresh CA and server certificate are written to a temporary
 directory, the client is launched once against that address
-(:class:`~harness.client_targets.ClientTarget`), and the scenario's steps
+(:class:`~starttls_harness.run.targets.ClientTarget`), and the scenario's steps
 are interpreted against the one connection it opens.
 
-The server runs on :func:`harness.aio.create_server` with a **strict**
+The server runs on :func:`starttls_harness.tls.aio.create_server` with a **strict**
 engine: whatever the client sends is judged by every rule (a client that
 pipelines plaintext after STARTTLS, speaks before our close_notify is
 answered, or hangs up instead of answering shows up as an engine event).
@@ -24,7 +24,7 @@ complete command (line, IMAP literals inline, an SMTP DATA body as one
 unit), its close_notify, the handshake completing, or the connection ending
 (how and why).  Steps (the verb table :data:`_CLIENT_STEPS`) read acts with
 a bound, answer like a conforming server, apply the fault, and end the run
-with an *observation* label (:class:`harness.runner.Observed`) that the
+with an *observation* label (:class:`starttls_harness.run.server.Observed`) that the
 scenario turns into a verdict.  Decisions come from events -- the client's
 next command, its close_notify, its close, its exit status -- never from
 silence: a wait that runs out is ``timeout`` and therefore an ``error``.
@@ -57,11 +57,13 @@ from typing import (
     Tuple,
 )
 
-from harness.aio import ConnectionEnded, SwitchableTransport, Timeouts, create_server
-from harness.catalogue import Expect, Scenario, Step
-from harness.certs import make_pki
-from harness.client_targets import ClientOutcome, ClientTarget
-from harness.engine import (
+from starttls_harness.report.verdicts import Evidence, Result, Verdict
+from starttls_harness.run.server import Observed, Progress, RunSettings, run_bracketed
+from starttls_harness.run.targets import ClientOutcome, ClientTarget
+from starttls_harness.scenarios.server import Expect, Scenario, Step
+from starttls_harness.tls.aio import ConnectionEnded, SwitchableTransport, Timeouts, create_server
+from starttls_harness.tls.certs import make_pki
+from starttls_harness.tls.engine import (
     AlertReceived,
     CloseNotifyReceived,
     CloseNotifySent,
@@ -76,8 +78,6 @@ from harness.engine import (
     TLSData,
     Violation,
 )
-from harness.runner import Observed, Progress, RunSettings, run_bracketed
-from harness.verdicts import Evidence, Result, Verdict
 
 __all__ = [
     "SENSITIVE",

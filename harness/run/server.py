@@ -4,7 +4,7 @@ Theory of operation
 ===================
 
 For a server under test, each scenario x TLS version is one fresh TCP
-connection driven by a :class:`~harness.probe.Probe`.  The steps of the
+connection driven by a :class:`~starttls_harness.run.probe.Probe`.  The steps of the
 scenario are looked up in :data:`_SERVER_STEPS` (a verb table) and run in
 order; a step that sees the target deviate raises :class:`Observed` with a
 label, and the scenario's ``expect`` table turns the label into a verdict.
@@ -43,11 +43,11 @@ from typing import (
     Union,
 )
 
-from harness.catalogue import Scenario, Step
-from harness.certs import client_context
-from harness.dialects import Dialect, Reply, dialect_named
-from harness.probe import PeerClosed, Probe, ProbeSettings, ProbeTimeout
-from harness.verdicts import Evidence, Result, Verdict
+from starttls_harness.dialects import Dialect, Reply, dialect_named
+from starttls_harness.report.verdicts import Evidence, Result, Verdict
+from starttls_harness.run.probe import PeerClosed, Probe, ProbeSettings, ProbeTimeout
+from starttls_harness.scenarios.server import Scenario, Step
+from starttls_harness.tls.certs import client_context
 
 __all__ = [
     "Observed",
@@ -583,8 +583,8 @@ async def sanity_probe(
     target: ServerTarget, tls_version: str, settings: RunSettings
 ) -> Optional[str]:
     """None if the conforming path works; otherwise why it does not."""
-    from harness.catalogue import Expect
-    from harness.engine import Rule
+    from starttls_harness.scenarios.server import Expect
+    from starttls_harness.tls.engine import Rule
 
     probe_scenario = Scenario(
         id="sanity",

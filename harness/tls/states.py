@@ -1,6 +1,6 @@
 """The one transition table of the STARTTLS/closure engine.
 
-Rule 1 of this module: every state change of :class:`harness.engine.Connection`
+Rule 1 of this module: every state change of :class:`starttls_harness.tls.engine.Connection`
 goes through :func:`transition`, and every legal ``(state, input)`` pair is
 listed in :data:`TRANSITIONS`.  A pair that is not listed raises
 :class:`TransitionError`, which names both, so an impossible sequence of

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, TextIO
 from xml.etree import ElementTree as ET
 
-from harness import __version__
-from harness.verdicts import Exchange, Result, Verdict, count_verdicts
+from starttls_harness import __version__
+from starttls_harness.report.verdicts import Exchange, Result, Verdict, count_verdicts
 
 __all__ = ["ladder", "summary_table", "to_json", "to_junit", "write_evidence"]
 

@@ -5,7 +5,7 @@ Theory of operation
 
 ``loop.start_tls`` cannot return to plaintext (it closes TCP when TLS ends)
 and does not report truncation, so the harness runs its own TLS layer: the
-sans-I/O :class:`harness.engine.Connection`.  This module is the thin loop
+sans-I/O :class:`starttls_harness.tls.engine.Connection`.  This module is the thin loop
 around it:
 
 * :class:`_WireProtocol` is the asyncio protocol of the real TCP connection.
@@ -40,7 +40,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional, Tuple, TypeVar, Union, cast
 
-from harness.engine import (
+from starttls_harness.tls.engine import (
     AlertReceived,
     ClosureComplete,
     Connection,
@@ -55,7 +55,7 @@ from harness.engine import (
     TLSData,
     Violation,
 )
-from harness.states import State
+from starttls_harness.tls.states import State
 
 _T = TypeVar("_T")
 

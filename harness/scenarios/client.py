@@ -1,13 +1,13 @@
 """The client half of the conformance catalogue: the harness plays the server.
 
-Scenarios are data, as in :mod:`harness.catalogue` (same :class:`Scenario`,
+Scenarios are data, as in :mod:`starttls_harness.scenarios.server` (same :class:`Scenario`,
 ``S()`` steps and :class:`Expect` outcomes, ``role="client"``); their steps
-are the verbs of :mod:`harness.fakeserver`.  Each run ends in one
+are the verbs of :mod:`starttls_harness.run.client`.  Each run ends in one
 observation label, decided from the client's *acts* -- its next command,
 its close_notify, its close, its exit status -- never from silence.
 
 Decision rules (label -> verdict; labels not listed fall back to
-:data:`CLIENT_COMMON`, then to :data:`harness.catalogue.COMMON`):
+:data:`CLIENT_COMMON`, then to :data:`starttls_harness.scenarios.server.COMMON`):
 
 ``client.response-injection`` / ``-split`` (R1)
     A response is injected in plaintext after the STARTTLS answer (same
@@ -54,10 +54,10 @@ from __future__ import annotations
 
 from typing import Dict, Mapping, Tuple
 
-from harness.catalogue import Expect, S, Scenario, Step
-from harness.engine import Rule
-from harness.runner import RunSettings
-from harness.verdicts import Verdict
+from starttls_harness.report.verdicts import Verdict
+from starttls_harness.run.server import RunSettings
+from starttls_harness.scenarios.server import Expect, S, Scenario, Step
+from starttls_harness.tls.engine import Rule
 
 __all__ = [
     "CLIENT_COMMON",

@@ -64,8 +64,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
-
-from harness.records import (
+from starttls_harness.tls.records import (
     CLOSE_NOTIFY,
     CT_ALERT,
     CT_APPLICATION_DATA,

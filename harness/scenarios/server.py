@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from harness.engine import Rule
-from harness.verdicts import Verdict
+from starttls_harness.report.verdicts import Verdict
+from starttls_harness.tls.engine import Rule
 
 __all__ = [
     "CATALOGUE",
@@ -385,8 +385,8 @@ CATALOGUE: Tuple[Scenario, ...] = tuple(_SERVER)
 
 def everything() -> Tuple[Scenario, ...]:
     """Server, client and path scenarios: the whole catalogue."""
-    from harness.client_catalogue import CLIENT_SCENARIOS
-    from harness.path_catalogue import PATH_SCENARIOS
+    from starttls_harness.scenarios.client import CLIENT_SCENARIOS
+    from starttls_harness.scenarios.path import PATH_SCENARIOS
 
     return CATALOGUE + tuple(CLIENT_SCENARIOS) + tuple(PATH_SCENARIOS)
 

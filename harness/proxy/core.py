@@ -32,7 +32,7 @@ Plaintext is line based (SMTP, IMAP).  The follower reads the dialect's
 ``220``; IMAP ``<tag> OK``).  A positive answer starts a TLS *session*.
 
 At every unit boundary the follower looks at the next bytes: if they can
-start a TLS record header (:func:`harness.records.check_header`) they are cut
+start a TLS record header (:func:`starttls_harness.tls.records.check_header`) they are cut
 as a record, otherwise as a plaintext line.  Mail text never starts with the
 bytes 0x14-0x18 followed by 0x03, so this is unambiguous for the dialects
 here, and it is what lets the proxy see plaintext where TLS is expected
@@ -51,7 +51,7 @@ alerts, identified in one of three ways -- each logged event says which in
     first one each way is ``handshake-done``.  ``STOPTLS`` cannot be read.
 ``keylog`` (TLS 1.3 with a key log)
     Records are decrypted with the secrets of the NSS key log
-    (``SSLKEYLOGFILE``; :mod:`harness.keylog`).  Alerts, handshake messages
+    (``SSLKEYLOGFILE``; :mod:`starttls_harness.tls.keylog`).  Alerts, handshake messages
     (Finished, NewSessionTicket, KeyUpdate) and application data are known
     exactly, and so are the ``STOPTLS`` command and its reply.  The server's
     first protected records pass before the client has logged the secrets
@@ -112,7 +112,7 @@ from typing import (
     cast,
 )
 
-from harness.keylog import (
+from starttls_harness.tls.keylog import (
     C2S,
     DIRECTIONS,
     S2C,
@@ -124,7 +124,7 @@ from harness.keylog import (
     Tls13Follower,
     keylog_file_provider,
 )
-from harness.records import (
+from starttls_harness.tls.records import (
     CLOSE_NOTIFY,
     CT_ALERT,
     CT_APPLICATION_DATA,
@@ -406,7 +406,7 @@ class Follower:
     the :class:`Unit` objects completed by them, in order; :meth:`feed_eof`
     and :meth:`feed_reset` report the end of a direction.  ``keylog`` is a
     key log path, a secrets provider or a mapping (see
-    :mod:`harness.keylog`); without it TLS 1.3 is followed by position.
+    :mod:`starttls_harness.tls.keylog`); without it TLS 1.3 is followed by position.
     """
 
     def __init__(

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Dict, List, Mapping, Sequence, Tuple
 
-from harness.catalogue import CATALOGUE, Scenario
-from harness.reference import reference_servers
-from harness.runner import RunSettings, run_server_target
-from harness.verdicts import Result, Verdict
+from starttls_harness.report.verdicts import Result, Verdict
+from starttls_harness.run.reference import reference_servers
+from starttls_harness.run.server import RunSettings, run_server_target
+from starttls_harness.scenarios.server import CATALOGUE, Scenario
 
 __all__ = ["SERVER_EXPECTED", "mismatches", "validate_server"]
 

@@ -1,7 +1,7 @@
 """Clients under test: the reference clients and any external command.
 
 A :class:`ClientTarget` is something the harness can launch against its
-scripted server (:mod:`harness.fakeserver`): ``run(host, port, cafile,
+scripted server (:mod:`starttls_harness.run.client`): ``run(host, port, cafile,
 tls_version)`` starts one client session against that address, trusting the
 CA in ``cafile``, and returns a :class:`ClientOutcome` -- whether the client
 *reported* success.  Verdicts are mostly decided from what the client does
@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, List, Mapping, Optional, Sequence, Tuple
 
-from harness.aio import Timeouts
-from harness.catalogue import Scenario
-from harness.certs import client_context
-from harness.runner import Progress, RunSettings
-from harness.verdicts import Result, Verdict
+from starttls_harness.report.verdicts import Result, Verdict
+from starttls_harness.run.server import Progress, RunSettings
+from starttls_harness.scenarios.server import Scenario
+from starttls_harness.tls.aio import Timeouts
+from starttls_harness.tls.certs import client_context
 
 __all__ = [
     "MESSAGE",
@@ -164,9 +164,9 @@ class ReferenceClientTarget(ClientTarget):
 def client_behaviours(dialect: str) -> List[str]:
     """The behaviour names of the reference client of ``dialect``."""
     if dialect == "smtp":
-        from clients.smtp import BEHAVIOURS
+        from starttls_harness.clients.smtp import BEHAVIOURS
     elif dialect == "imap":
-        from clients.imap import BEHAVIOURS
+        from starttls_harness.clients.imap import BEHAVIOURS
     else:
         raise ValueError(f"unknown dialect {dialect!r}; use smtp or imap")
     return list(BEHAVIOURS)
@@ -180,8 +180,7 @@ async def _smtp_session(
     target: ReferenceClientTarget, host: str, port: int, cafile: Path, tls_version: str
 ) -> ClientOutcome:
     from aiosmtplib import SMTPException
-
-    from clients.smtp import SMTPClient
+    from starttls_harness.clients.smtp import SMTPClient
 
     client = SMTPClient(
         host,
@@ -222,7 +221,7 @@ async def _smtp_session(
 async def _imap_session(
     target: ReferenceClientTarget, host: str, port: int, cafile: Path, tls_version: str
 ) -> ClientOutcome:
-    from clients.imap import ImapClient, ImapError
+    from starttls_harness.clients.imap import ImapClient, ImapError
 
     errors = (ImapError, ConnectionError, OSError, asyncio.TimeoutError, RuntimeError)
     try:
@@ -411,8 +410,8 @@ async def check_client(
     timeout: Optional[float] = None,
 ) -> List[Result]:
     """Run the client catalogue against an external client command."""
-    from harness.client_catalogue import CLIENT_SCENARIOS
-    from harness.fakeserver import run_client_target
+    from starttls_harness.run.client import run_client_target
+    from starttls_harness.scenarios.client import CLIENT_SCENARIOS
 
     chosen = list(scenarios) if scenarios is not None else list(CLIENT_SCENARIOS)
     target = CommandClientTarget(
@@ -434,13 +433,13 @@ async def validate_client(
     settings: Optional[RunSettings] = None,
 ) -> Tuple[List[Result], List[str]]:
     """Run the client catalogue against one reference client; return mismatches."""
-    from harness.client_catalogue import (
+    from starttls_harness.run.client import run_client_target
+    from starttls_harness.run.validation import mismatches
+    from starttls_harness.scenarios.client import (
         CLIENT_SCENARIOS,
         CLIENT_VALIDATION_SETTINGS,
         expected_client_verdicts,
     )
-    from harness.fakeserver import run_client_target
-    from harness.validation import mismatches
 
     chosen = settings or CLIENT_VALIDATION_SETTINGS
     target = ReferenceClientTarget(dialect, behaviour, timeout=chosen.reply_timeout)
