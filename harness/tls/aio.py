@@ -55,6 +55,7 @@ from starttls_harness.tls.engine import (
     TLSData,
     Violation,
 )
+from starttls_harness.tls.framing import Framer
 from starttls_harness.tls.states import State
 
 _T = TypeVar("_T")
@@ -224,9 +225,15 @@ class SwitchableTransport(asyncio.Transport):
     def violations(self) -> List[Violation]:
         return [e for e in self.events if isinstance(e, Violation)]
 
-    def hold_after(self, predicate: Optional[LinePredicate], *, once: bool = False) -> None:
+    def hold_after(
+        self,
+        predicate: Optional[LinePredicate],
+        *,
+        once: bool = False,
+        framer: Optional[Framer] = None,
+    ) -> None:
         """Arm the engine's hold gate (see :meth:`Connection.hold_after`)."""
-        self.engine.hold_after(predicate, once=once)
+        self.engine.hold_after(predicate, once=once, framer=framer)
 
     def release_held(self) -> None:
         """Deliver plaintext the gate held back (the upgrade did not happen)."""

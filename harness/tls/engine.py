@@ -50,6 +50,7 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Callable, FrozenSet, Iterable, List, Optional, Union
 
+from starttls_harness.tls.framing import Framer, LineFramer
 from starttls_harness.tls.records import check_header
 from starttls_harness.tls.states import Input, State, TransitionError, transition
 
@@ -297,16 +298,24 @@ def _reason(exc: BaseException) -> str:
     return str(reason) if reason else str(exc)
 
 
-LinePredicate = Callable[[bytes], bool]
+#: A predicate over one complete plaintext unit (a line, a message...).
+UnitPredicate = Callable[[bytes], bool]
+LinePredicate = UnitPredicate  # the mail dialects' units are lines
 
 
 class _HoldGate:
-    """Delivers plaintext eagerly but holds everything after a trigger line."""
+    """Delivers plaintext eagerly but holds everything after a trigger unit.
+
+    Units are cut by the dialect's framer (:mod:`starttls_harness.tls.framing`);
+    bytes of an incomplete unit are delivered at once but also kept, so the
+    predicate sees the unit whole when its end arrives.
+    """
 
     def __init__(self) -> None:
-        self.predicate: Optional[LinePredicate] = None
+        self.predicate: Optional[UnitPredicate] = None
         self.once = False
-        self.line = bytearray()  # current incomplete line, for the predicate
+        self.framer: Framer = LineFramer()
+        self.line = bytearray()  # current incomplete unit, for the predicate
         self.held = bytearray()
         self.holding = False
 
@@ -317,22 +326,22 @@ class _HoldGate:
             return b""
         if self.predicate is None:
             return data
-        start = 0
-        while True:
-            nl = data.find(b"\n", start)
-            if nl < 0:
-                self.line += data[start:]
-                return data
-            self.line += data[start : nl + 1]
-            line = bytes(self.line)
-            self.line.clear()
-            start = nl + 1
-            if self.predicate(line):
+        before = len(self.line)
+        self.line += data
+        units, _used = self.framer.split(bytes(self.line))
+        end = 0
+        for unit in units:
+            end += len(unit)
+            if self.predicate(unit):
                 self.holding = True
-                self.held += data[start:]
+                cut = end - before  # offset in ``data`` just after the unit
+                self.held += data[cut:]
+                self.line.clear()
                 if self.once:
                     self.predicate = None
-                return data[:start]
+                return data[:cut]
+        del self.line[:end]
+        return data
 
     def take(self) -> bytes:
         held = bytes(self.held)
@@ -398,11 +407,18 @@ class Connection:
 
     # ------------------------------------------------------------ plaintext
 
-    def hold_after(self, predicate: Optional[LinePredicate], *, once: bool = False) -> None:
-        """Hold received plaintext after the first complete line that matches.
+    def hold_after(
+        self,
+        predicate: Optional[UnitPredicate],
+        *,
+        once: bool = False,
+        framer: Optional[Framer] = None,
+    ) -> None:
+        """Hold received plaintext after the first complete unit that matches.
 
-        A server arms it with "is this line STARTTLS"; a client, just before
-        sending STARTTLS, with "is this the final line of the answer".
+        A server arms it with "is this unit STARTTLS"; a client, just before
+        sending STARTTLS, with "is this the final unit of the answer".  Units
+        are cut by ``framer`` (the dialect's; CRLF lines when not given).
         ``None`` disarms the gate (held bytes stay held until released).
         """
         if self._gate.held:
@@ -411,6 +427,7 @@ class Connection:
             )
         self._gate.predicate = predicate
         self._gate.once = once
+        self._gate.framer = framer if framer is not None else LineFramer()
         self._gate.holding = False
         self._gate.line.clear()
 
