@@ -8,7 +8,8 @@ is split like the engine (principle 1):
 
 * :class:`Follower` is sans-I/O.  It is fed the bytes of each direction as
   they arrive (any chunking) and cuts them into *units*: complete plaintext
-  lines, complete TLS records, EOF, RST.  It tracks the phase of the
+  units (cut by the dialect's framer: CRLF lines for the mail dialects),
+  complete TLS records, EOF, RST.  It tracks the phase of the
   conversation -- plaintext, ``STARTTLS`` asked and answered, TLS, closure,
   plaintext again -- and tags each unit with the named protocol points
   (:class:`Point`) it marks, so that a fault can be aimed at "the client's

@@ -178,24 +178,26 @@ class Follower:
         """
         framer = self._framers[direction]
         data = bytes(buf)
-        units, used = framer.split(data)
-        if sum(len(unit) for unit in units) != used:
-            raise ValueError(
-                f"framer {type(framer).__name__} returned units that are not the "
-                f"{used} bytes it consumed"
-            )
+        units, _used = framer.split(data)
         if not units:
             if len(data) < self.max_line:
                 return False
             units = [data[: self.max_line]]  # a framer that ignores max_unit
             framer.reset()
+        limit = min(framer.max_unit, self.max_line)
         start = 0
         for unit in units:
             if start and check_header(data[start : start + HEADER_LEN]) is None:
                 framer.reset()  # a record (or the start of one) follows this plaintext
                 break
+            if not unit or not data.startswith(unit, start):
+                raise ValueError(
+                    f"framer {type(framer).__name__} returned a unit that is not the next "
+                    f"bytes of the stream ({unit[:16]!r}...)"
+                )
             start += len(unit)
-            out.extend(self._on_plaintext(direction, unit, self._cut_note(framer, unit)))
+            note = self._cut_note(unit) if len(unit) >= limit else ""
+            out.extend(self._on_plaintext(direction, unit, note))
         del buf[:start]
         return True
 
@@ -204,10 +206,9 @@ class Follower:
         framer.max_unit = min(framer.max_unit, self.max_line)
         return framer
 
-    def _cut_note(self, framer: Framer, unit: bytes) -> str:
-        """Say so if ``unit`` was cut at the size limit rather than at its end."""
-        if len(unit) < min(framer.max_unit, self.max_line):
-            return ""
+    def _cut_note(self, unit: bytes) -> str:
+        """Say so if ``unit``, as long as the limit, was cut there rather than
+        ending there (a fresh framer without the limit tells)."""
         unbounded = self._make_framer()
         unbounded.max_unit = len(unit) + 1
         if unbounded.split(unit)[1] == len(unit):
