@@ -320,6 +320,22 @@ def test_follower_line_limit_note() -> None:
     assert (tail.data, tail.detail) == (b"ij\r\n", "")
 
 
+class StrippingFramer(Framer):
+    """A broken framer: it hands out payloads without their prefix."""
+
+    def split(self, data: bytes) -> Tuple[List[bytes], int]:
+        units, used = PrefixFramer().split(data)
+        return [u[2:] for u in units], used
+
+
+def test_follower_refuses_units_that_are_not_the_stream() -> None:
+    """The proxy relays units as they are: a framer that rewrites bytes would
+    corrupt the relay, so the follower refuses it loudly."""
+    follower = Follower("smtp", framer=StrippingFramer)
+    with pytest.raises(ValueError, match="not the next bytes"):
+        follower.feed(C2S, unit(b"NOOP"))
+
+
 # ------------------------------------------------------------------ proxy
 
 
