@@ -1,7 +1,7 @@
 """(d) The proxy's added latency per round trip.
 
 A client does ``NOOP`` round trips with the strict reference SMTP server,
-once directly and once through :class:`starttls_harness.proxy.core.Proxy` with no
+once directly and once through :class:`starttls_harness.proxy.Proxy` with no
 faults, on one event loop.  Two clients: a bare asyncio stream in
 plaintext (the proxy's line path), and :class:`clients.smtp.SMTPClient`
 after ``STARTTLS`` (the proxy's record path; TLS 1.3 followed by
@@ -16,7 +16,7 @@ import time
 from typing import Dict, List, Tuple
 
 from starttls_harness.clients.smtp import SMTPClient
-from starttls_harness.proxy.core import Proxy
+from starttls_harness.proxy import Proxy
 from starttls_harness.run.reference import reference_servers
 from starttls_harness.tls.certs import client_context
 

@@ -767,7 +767,7 @@ async def _reachable(host: str, port: int, timeout: float) -> None:
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
-    from starttls_harness.proxy import core as proxy
+    import starttls_harness.proxy as proxy
 
     if args.list_faults:
         for name, text in proxy.FAULT_NAMES.items():

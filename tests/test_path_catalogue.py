@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 from starttls_harness.dialects import Reply, dialect_named
-from starttls_harness.proxy.core import POINTS, Fault
+from starttls_harness.proxy import POINTS, Fault
 from starttls_harness.report.verdicts import Result, Verdict
 from starttls_harness.run.path import (
     PATH_EXPECTED,

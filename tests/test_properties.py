@@ -61,7 +61,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starttls_harness.dialects import IMAP, SMTP
-from starttls_harness.proxy.core import C2S, S2C, Follower
+from starttls_harness.proxy import C2S, S2C, Follower
 from starttls_harness.tls.certs import Pki
 from starttls_harness.tls.engine import (
     Connection,

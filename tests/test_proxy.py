@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, List, Optional, Sequence, Set, Tuple, Union
 
 import pytest
-from starttls_harness.proxy.core import (
+from starttls_harness.proxy import (
     ACTIONS,
     C2S,
     FAULT_NAMES,
@@ -814,11 +814,11 @@ def test_follower_position_inference_from_plaintext(
 ) -> None:
     """Without a key log, when no record has the size of an encrypted alert,
     the last record before plaintext is taken for close_notify (a note)."""
-    import starttls_harness.proxy.core
+    import starttls_harness.proxy.session
 
     wire = in_memory_transcript(pki, "1.3", tmp_path / "k.log", "smtp")
     monkeypatch.setattr(
-        starttls_harness.proxy.core._Session, "tag_length", property(lambda self: 99)
+        starttls_harness.proxy.session.Session, "tag_length", property(lambda self: 99)
     )
     units = follow(Follower("smtp"), wire)
     notes = [u for u in units if u.kind == "note" and Point.CLOSE_NOTIFY.value in u.points]

@@ -60,7 +60,7 @@ from starttls_harness.clients.imap import StopTLSNotSupported as ImapNoStopTLS
 from starttls_harness.clients.smtp import SMTPClient
 from starttls_harness.clients.smtp import StopTLSNotSupported as SmtpNoStopTLS
 from starttls_harness.dialects import Dialect, dialect_named
-from starttls_harness.proxy.core import (
+from starttls_harness.proxy import (
     C2S,
     S2C,
     EventNotSeen,
