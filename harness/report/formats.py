@@ -165,19 +165,44 @@ def write_junit(path: Path, tree: ET.ElementTree) -> None:
 # ------------------------------------------------------------------ ladder
 
 
-def _rows(data: bytes, width: int) -> List[str]:
-    """Bytes as printable rows: one per line (\u23ce marks its end), wrapped at spaces.
+def _wrap(text: str, column: int, first: str, rest: str) -> List[str]:
+    """``text`` in rows of ``column`` characters, cut at spaces only.
 
-    A word is cut only when it alone is wider than the column.
+    A word that does not fit after ``first`` starts the next row; a word is
+    cut only when it alone is wider than a whole row.
     """
+    head = text.split(" ", 1)[0]
+    rows: List[str] = []
+    if len(first) + len(head) > column >= len(rest) + len(head):
+        rows.append(first.rstrip())
+        first = rest
+    wrapped = textwrap.wrap(
+        text,
+        column,
+        initial_indent=first,
+        subsequent_indent=rest,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+    for row in wrapped or [first.rstrip()]:
+        while len(row) > column:  # one word wider than a row: cut it
+            rows.append(row[:column])
+            row = rest + row[column:]
+        rows.append(row)
+    return rows
+
+
+def _rows(data: bytes, column: int, tag: str) -> List[str]:
+    """Bytes as printable rows, ``tag`` first: one or more rows per line
+    (\u23ce marks where a line ended)."""
     text = data.decode("latin-1")
     rows: List[str] = []
     for line in text.splitlines(keepends=True):
         body = line.rstrip("\r\n")
         ending = "\u23ce" if line[len(body) :] else ""
         shown = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in body) + ending
-        rows += textwrap.wrap(shown, width, break_on_hyphens=False) or [""]
-    return rows or [""]
+        rows += _wrap(shown, column, tag if not rows else "  ", "  ")
+    return rows or [tag.rstrip()]
 
 
 def _arrow(e: Exchange) -> str:
@@ -231,20 +256,18 @@ def ladder(result: Result, width: Optional[int] = None, *, secrets: Secrets = ()
             continue
         tag = f"[{_arrow(e)}] "
         column = left if e.direction == "c2s" else right
-        room = max(10, column - len(tag))
-        rows = _rows(e.data, room) if e.data else [""]
+        rows = _rows(e.data, column, tag)
         if e.note:
-            rows += textwrap.wrap(f"({e.note})", room)
+            rows += _wrap(f"({e.note})", column, "  ", "  ")
         marker = "!!" if e.kind == "injected" else "  "
         for i, row in enumerate(rows):
-            label = tag if i == 0 else " " * len(tag)
             start = f"{stamp}{marker}" if i == 0 else " " * 10
             if e.direction == "c2s":
                 arrow = "==>" if e.kind == "injected" else "-->"
-                lines.append(f"{start}{label + row:<{left}} {arrow}")
+                lines.append(f"{start}{row:<{left}} {arrow}")
             else:
                 arrow = "<==" if e.kind == "injected" else "<--"
-                lines.append(f"{start}{'':<{left}} {arrow} {label}{row}")
+                lines.append(f"{start}{'':<{left}} {arrow} {row}")
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
