@@ -298,7 +298,7 @@ def _add_check_client(sub: argparse._SubParsersAction) -> None:  # type: ignore[
             "exit status: as for check\n\n"
             "example:\n"
             "  starttls-harness check-client --protocol smtp -- \\\n"
-            "      python3 send.py --host {host} --port {port} --cafile {cafile}"
+            "      python3 send.py {host} {port} {cafile}"
         ),
     )
     p.add_argument("--protocol", choices=("smtp", "imap"), required=True)
@@ -536,16 +536,17 @@ def _serve(args: argparse.Namespace, module: Any, state_dir: Path, temporary: bo
     async def serve() -> None:
         running = await module.start_server(config)
         host, port = running.address
+        # Ctrl-C is handled before "Ctrl-C stops it" is said.
+        stop = asyncio.get_running_loop().create_future()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                asyncio.get_running_loop().add_signal_handler(sig, _set_done, stop)
         print(f"{args.protocol.upper()} reference server ({args.behaviour}) on {host}:{port}")
         print(f"  trust this CA:  {pki.cafile}")
         print(f"  TLS key log:    {config.keylog}")
         if temporary:
             print(f"  {state_dir} is removed when it stops (keep it: --state-dir DIR)")
         print("  Ctrl-C stops it.", flush=True)
-        stop = asyncio.get_running_loop().create_future()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                asyncio.get_running_loop().add_signal_handler(sig, _set_done, stop)
         try:
             await stop
         finally:
