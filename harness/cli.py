@@ -480,7 +480,8 @@ def cmd_behaviours(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import importlib
 
-    from starttls_harness.servers.base import behaviour_named
+    from starttls_harness.servers.base import ServerConfig, behaviour_named
+    from starttls_harness.tls.certs import make_pki
 
     module = importlib.import_module(_server_modules()[args.protocol])
     try:
@@ -492,7 +493,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # however serve ends (Ctrl-C, SIGTERM, an error); SIGTERM is turned into
     # an interrupt until the event loop takes it over.
     temporary = args.state_dir is None
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        previous: Any = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread: signals stay as they are
+        previous = None
     try:
         if temporary:
             state_dir = Path(tempfile.mkdtemp(prefix="starttls-harness-"))
@@ -502,9 +506,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             except OSError as exc:
                 raise UsageError(f"--state-dir {state_dir}: {exc.strerror or exc}") from None
-        return _serve(args, module, state_dir, temporary)
+        pki = make_pki(directory=state_dir)
+        config = ServerConfig(
+            pki=pki,
+            host=args.host,
+            port=args.port,
+            tls_version=None if args.tls_version == "all" else args.tls_version,
+            behaviour=args.behaviour,
+            keylog=state_dir / "keys.log",
+        )
+        return _serve(args, module, config, temporary)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if temporary:
             shutil.rmtree(state_dir, ignore_errors=True)
 
@@ -519,19 +533,10 @@ def _quiet_aiosmtpd() -> None:
     logging.getLogger("mail.log").setLevel(logging.CRITICAL)
 
 
-def _serve(args: argparse.Namespace, module: Any, state_dir: Path, temporary: bool) -> int:
-    from starttls_harness.servers.base import ServerConfig
-    from starttls_harness.tls.certs import make_pki
-
-    pki = make_pki(directory=state_dir)
-    config = ServerConfig(
-        pki=pki,
-        host=args.host,
-        port=args.port,
-        tls_version=None if args.tls_version == "all" else args.tls_version,
-        behaviour=args.behaviour,
-        keylog=state_dir / "keys.log",
-    )
+def _serve(args: argparse.Namespace, module: Any, config: Any, temporary: bool) -> int:
+    """Serve until Ctrl-C or SIGTERM; ``config`` is the server's ServerConfig."""
+    pki = config.pki
+    state_dir = Path(config.keylog).parent
 
     async def serve() -> None:
         running = await module.start_server(config)
@@ -834,13 +839,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     setup = _RunSetup(args)
     settings, versions, out = setup.settings, setup.versions, setup.out
 
-    def server_job(target: ServerTarget) -> Job:
+    def server_job(target: ServerTarget, label: Optional[str] = None) -> Job:
         scenarios = chosen["server"]
 
         async def job(progress: Callable[[Result], None]) -> List[Result]:
             return await run_server_target(scenarios, target, settings, progress, versions)
 
-        return (target.url, job, setup.count(scenarios, [target.dialect]))
+        return (label or target.url, job, setup.count(scenarios, [target.dialect]))
 
     @contextlib.asynccontextmanager
     async def reference_jobs() -> AsyncIterator[Tuple[str, List[Job]]]:
@@ -851,7 +856,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         setup.reference = True
         out.write("checking the built-in reference peers: servers, clients, and both on a path\n")
         async with reference_servers() as targets:
-            jobs = [server_job(t) for t in targets] if chosen["server"] else []
+            jobs = [server_job(t, f"reference {t.dialect} server") for t in targets]
+            jobs = jobs if chosen["server"] else []
             jobs += _client_jobs(chosen["client"], setup)
             jobs += _path_jobs(chosen["path"], setup)
             yield "reference peers", jobs

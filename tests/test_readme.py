@@ -237,7 +237,7 @@ async def _run(argv: List[str], cwd: Path) -> Tuple[int, str]:
     [
         pytest.param(
             c,
-            id=c.replace(PROG + " ", ""),
+            id=c.replace(PROG + " ", "", 1),
             marks=[pytest.mark.xfail(reason=EXAMPLES[c].xfail, strict=False)]
             if c in EXAMPLES and EXAMPLES[c].xfail
             else [],
