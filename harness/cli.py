@@ -665,9 +665,15 @@ class _Progress:
             f"{result.id} ({result.dialect}, TLS {result.tls_version})"
         )
         # A line wider than the terminal would wrap, and \r redraws only the last row.
-        columns = shutil.get_terminal_size((80, 24)).columns
-        self.out.write("\r\033[K" + line[: max(1, columns - 1)])
+        self.out.write("\r\033[K" + line[: max(1, self._columns() - 1)])
         self.out.flush()
+
+    def _columns(self) -> int:
+        """The width of the terminal the progress goes to (not stdout's)."""
+        try:
+            return os.get_terminal_size(self.out.fileno()).columns or 80
+        except (OSError, ValueError, AttributeError):
+            return shutil.get_terminal_size((80, 24)).columns
 
     def job_finished(self, label: str) -> None:
         """One target's runs are over: a heartbeat line in a log."""

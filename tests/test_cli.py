@@ -529,13 +529,19 @@ def test_ci_log_has_no_line_per_scenario_and_a_closing_line() -> None:
 
 
 def test_terminal_progress_redraws_one_line() -> None:
+    import fcntl
     import pty
+    import struct
+    import termios
 
     parent, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 40, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     proc = subprocess.Popen(
         [*CLI, "check", "--only", "server.truncation"],
         stdout=subprocess.PIPE,
         stderr=child,
+        env=env,
     )
     os.close(child)
     out, _ = proc.communicate(timeout=120)
@@ -550,6 +556,9 @@ def test_terminal_progress_redraws_one_line() -> None:
     shown = b"".join(chunks).decode()
     assert proc.returncode == 0, out
     assert shown.count("\r\033[K") >= 4 and "\n" not in shown.replace("\r\n", "\n").strip("\n")
+    # never wider than the (40-column) terminal, or \r could not redraw it
+    drawn = shown.replace("\033[K", "").split("\r")
+    assert drawn and max(len(line) for line in drawn) < 40, drawn
 
 
 def test_ladder_fits_100_columns_and_keeps_words(tmp_path: Path) -> None:
