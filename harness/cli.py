@@ -52,8 +52,8 @@ EXIT_INTERRUPTED = 130
 
 DESCRIPTION = """\
 Test STARTTLS implementations: the upgrade from plaintext to TLS, and the
-return to plaintext after a bidirectional close_notify (rules R1-R9 of the
-closure spec).
+return to plaintext after a bidirectional close_notify (rules R1-R9, explained
+in docs/rules.md).
 
 examples:
   starttls-harness check                      # every scenario vs the built-in reference peers
@@ -371,6 +371,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     if args.behaviour != "strict" and args.behaviour not in client_behaviours(args.protocol):
         choices = ", ".join(["strict", *client_behaviours(args.protocol)])
         raise UsageError(f"unknown behaviour {args.behaviour!r}; choose one of: {choices}")
+    check_port("--port", args.port, zero=False)
     check_cafile("--cafile", args.cafile)
     check_seconds("--timeout", args.timeout)
     if args.cycles < 1:
@@ -488,6 +489,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         behaviour_named(module.BEHAVIOURS, args.behaviour)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    check_port("--port", args.port, zero=True)
     _quiet_aiosmtpd()
     # The folder holds the server's private key: a temporary one is removed
     # however serve ends (Ctrl-C, SIGTERM, an error); SIGTERM is turned into
@@ -592,6 +594,12 @@ def check_seconds(option: str, value: float) -> None:
     """A bound in seconds must be a finite number above zero."""
     if not math.isfinite(value) or value <= 0:
         raise UsageError(f"{option} {value}: give a number of seconds above 0, e.g. 5")
+
+
+def check_port(option: str, value: int, *, zero: bool) -> None:
+    """A TCP port: 1-65535 (0 too where it means "pick a free one")."""
+    if not (0 if zero else 1) <= value <= 65535:
+        raise UsageError(f"{option} {value}: a port is {'0' if zero else '1'}-65535")
 
 
 def check_cafile(option: str, path: Path) -> None:

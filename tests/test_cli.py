@@ -341,6 +341,8 @@ def _bad_inputs(tmp: Path) -> List[Tuple[List[str], str]]:
         (["client", "smtp", "--port", "1", "--cafile", str(not_pem)], "--cafile"),
         (["client", "smtp", "--port", "1", "--cafile", str(not_pem), "--timeout", "inf"], ""),
         (["serve", "smtp", "--state-dir", str(blocker / "state")], "--state-dir"),
+        (["serve", "smtp", "--port", "70000"], "--port"),
+        (["client", "smtp", "--port", "0", "--cafile", str(not_pem)], "--port"),
     ]
 
 
