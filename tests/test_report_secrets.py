@@ -95,6 +95,14 @@ def test_named_secret_is_hidden_in_free_text_too() -> None:
     assert Redactor([]).text("login hunter2! refused") == "login hunter2! refused"
 
 
+def test_a_one_letter_password_is_hidden_by_shape_only() -> None:
+    """``--password p`` must not turn every "p" of a report into a mark."""
+    redactor = Redactor(["p"])
+    assert redactor.text("plaintext resumed") == "plaintext resumed"
+    login = redactor.exchanges([Exchange(0.0, "c2s", "tls", b'l1 LOGIN "u" "p"\r\n')])
+    assert login[0].data == b'l1 LOGIN "u" "' + mark(1).encode() + b'"\r\n'
+
+
 def _now():  # type: ignore[no-untyped-def]
     import datetime
 

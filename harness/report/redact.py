@@ -9,9 +9,9 @@ show the bytes that crossed the wire, and a test login crosses it: IMAP
   every SASL token sent after ``AUTH``/``AUTHENTICATE`` (works for a client
   under test whose password the harness never sees);
 * by value, for the secrets the caller names (``--password``, the reference
-  peers' test password): the text itself, its IMAP-quoted form, and any
-  base64 token that decodes to something holding it -- in the data, the
-  notes and the one-line summary.
+  peers' test password) of at least MIN_BY_VALUE characters: the text
+  itself, its IMAP-quoted form, and any base64 token that decodes to
+  something holding it -- in the data, the notes and the one-line summary.
 
 What is hidden becomes ``******** (N chars)``, N the length of what it
 replaced, so a reader still sees that something was sent and how long it was.
@@ -44,9 +44,14 @@ _SASL_START = re.compile(rb"^(?:AUTH|[^ \r\n]+ +AUTHENTICATE) ", re.IGNORECASE)
 _SASL_ANSWER = re.compile(rb"^(?:[A-Za-z0-9+/]*={0,2}|\*)$")
 
 
+#: Shorter secrets are hidden by shape only: replacing every "p" of a report
+#: (``--password p``) would hide nothing and garble everything.
+MIN_BY_VALUE = 4
+
+
 def mark(length: int) -> str:
     """What replaces a hidden value of ``length`` characters."""
-    return f"******** ({length} chars)"
+    return f"******** ({length} char{'' if length == 1 else 's'})"
 
 
 def _mark_bytes(length: int) -> bytes:
@@ -67,7 +72,7 @@ class Redactor:
     def __init__(self, secrets: Iterable[Optional[str]] = ()) -> None:
         self.secrets: List[bytes] = []
         for secret in secrets:
-            if not secret:
+            if not secret or len(secret) < MIN_BY_VALUE:
                 continue
             for form in (secret, secret.replace("\\", "\\\\").replace('"', '\\"')):
                 encoded = form.encode("utf-8")
