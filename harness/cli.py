@@ -221,7 +221,9 @@ def _add_check(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="TLS server name to send and verify (default: the target host)",
     )
     p.add_argument("--user", help="test user, for scenarios that log in")
-    p.add_argument("--password", help="password of the test user")
+    p.add_argument(
+        "--password", help="password of the test user (hidden in every report and ladder)"
+    )
     p.add_argument(
         "--rcpt",
         default="postmaster@localhost",
