@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import AsyncIterator, List, Tuple
 
@@ -306,3 +309,277 @@ def test_check_client_needs_a_command() -> None:
     assert code == 2 and "give the client command" in err
     code, _, err = run_cli("check-client", "--protocol", "smtp", "--", "/no/such/program")
     assert code == 2 and "not found" in err
+
+
+# ------------------------------------------------- a newcomer's first hour
+
+
+def _bad_inputs(tmp: Path) -> List[Tuple[List[str], str]]:
+    """(arguments, what the one line must name): checked before anything runs."""
+    blocker = tmp / "a-file"
+    blocker.write_text("x")
+    not_pem = tmp / "not-a-cert.pem"
+    not_pem.write_text("hello\n")
+    check = ["check", "--only", "server.command-injection"]
+    client = ["check-client", "--protocol", "smtp"]
+    command = ["--", sys.executable, "-c", "pass"]
+    return [
+        ([*check, "--json", str(blocker / "r.json")], "--json"),
+        ([*check, "--json", "/proc/no-such/r.json"], "--json"),
+        ([*check, "--json", str(tmp)], "--json"),
+        ([*check, "--junit-xml", str(blocker / "j.xml")], "--junit-xml"),
+        ([*check, "--evidence", str(blocker / "ev")], "--evidence"),
+        ([*check, "--evidence", str(blocker)], "--evidence"),
+        ([*check, "--cafile", str(not_pem)], "--cafile"),
+        ([*check, "--cafile", str(tmp)], "--cafile"),
+        ([*check, "--timeout", "nan"], "--timeout"),
+        ([*check, "--timeout", "-1"], "--timeout"),
+        ([*check, "--timeout", "inf"], "--timeout"),
+        ([*check, "--reply-timeout", "nan"], "--reply-timeout"),
+        ([*client, "--timeout", "nan", *command], "--timeout"),
+        ([*client, "--json", str(blocker / "r.json"), *command], "--json"),
+        (["client", "smtp", "--port", "1", "--cafile", str(not_pem)], "--cafile"),
+        (["client", "smtp", "--port", "1", "--cafile", str(not_pem), "--timeout", "inf"], ""),
+        (["serve", "smtp", "--state-dir", str(blocker / "state")], "--state-dir"),
+        (["serve", "smtp", "--port", "70000"], "--port"),
+        (["client", "smtp", "--port", "0", "--cafile", str(not_pem)], "--port"),
+    ]
+
+
+def test_bad_inputs_are_one_line_and_exit_2_before_running(tmp_path: Path) -> None:
+    for args, named in _bad_inputs(tmp_path):
+        started = time.monotonic()
+        code, out, err = run_cli(*args)
+        assert code == 2, (args, out, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("starttls-harness: "), (args, err)
+        assert named in lines[0], (args, err)
+        assert "checking" not in out and "scenario runs" not in out, (args, out)
+        assert time.monotonic() - started < 30
+    assert not list((tmp_path / "a-file").parent.glob("*.json"))
+
+
+def _closed_pipe_run(*args: str, timeout: float = 120) -> Tuple[int, str]:
+    """Run the command with stdout a pipe whose reader is already gone (``| head``)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run(
+            [*CLI, *args], stdout=write, stderr=subprocess.PIPE, timeout=timeout, check=False
+        )
+    finally:
+        os.close(write)
+    return proc.returncode, proc.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["check", "--help"],
+        ["behaviours"],
+        ["scenarios", "--long"],
+        ["states"],
+        ["states", "--dot"],
+        ["proxy", "--list-faults"],
+        ["check", "--only", "server.command-injection", "--only", "client.truncation", "-q"],
+        [
+            "check-client",
+            "--protocol",
+            "smtp",
+            "--only",
+            "client.starttls-refused",
+            "--",
+            sys.executable,
+            "-c",
+            "import sys; sys.exit(1)",
+        ],
+    ],
+    ids=lambda a: " ".join(a[:2]),
+)
+def test_a_closed_pipe_is_no_traceback(args: List[str]) -> None:
+    code, err = _closed_pipe_run(*args)
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err
+    assert code in (0, 1, 2), err  # the exit status of the command itself
+
+
+def test_a_closed_pipe_still_writes_the_report(tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    code, err = _closed_pipe_run("check", "--only", "server.truncation", "--json", str(report))
+    assert code == 0 and "Traceback" not in err, err
+    assert json.loads(report.read_text())["counts"]["pass"] == 4
+
+
+def test_serve_and_client_survive_a_closed_pipe() -> None:
+    read, write = os.pipe()
+    os.close(read)
+    proc = subprocess.Popen([*CLI, "serve", "smtp"], stdout=write, stderr=subprocess.PIPE)
+    os.close(write)
+    try:
+        # serve keeps serving with nobody reading; it stops cleanly on Ctrl-C.
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=3)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and "Traceback" not in err.decode(), err.decode()
+
+
+def test_scenarios_lists_every_role_and_filters() -> None:
+    from starttls_harness.scenarios.server import everything
+
+    code, out, _ = run_cli("scenarios")
+    assert code == 0
+    listed = {line.split()[0] for line in out.splitlines() if line.strip()}
+    assert listed == {s.id for s in everything()}
+    assert {i.split(".")[0] for i in listed} == {"server", "client", "path"}
+    for role in ("server", "client", "path"):
+        code, out, _ = run_cli("scenarios", "--role", role)
+        ids = {line.split()[0] for line in out.splitlines() if line.strip()}
+        assert code == 0 and ids and all(i.startswith(role + ".") for i in ids), out
+    code, out, _ = run_cli("scenarios", "--role", "path", "--long")
+    assert code == 0 and "reference:" in out and "why:" in out
+    assert "docs/rules.md" in out and "closure-rules" not in out and "shared/" not in out
+
+
+def test_rules_live_in_the_projects_own_docs() -> None:
+    root = Path(__file__).resolve().parent.parent
+    rules = (root / "docs" / "rules.md").read_text()
+    for word in [f"R{n}" for n in range(1, 10)] + ["STOPTLS", "close_notify"]:
+        assert f"**{word}**" in rules or word in rules, word
+    for verdict in ("pass", "fail", "warn", "skip", "error"):
+        assert f"`{verdict}`" in rules, verdict
+    readme = (root / "README.md").read_text()
+    assert "(docs/rules.md)" in readme
+    assert "shared/spec" not in readme and "closure-rules" not in readme
+    code, out, _ = run_cli("scenarios", "--help")
+    assert code == 0 and "docs/rules.md" in out
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_serve_removes_its_private_key_and_keeps_aiosmtpd_quiet(how: int) -> None:
+    async def go() -> Tuple[int, Path, bytes]:
+        async with _serve("smtp") as served:
+            state = Path(served.cafile).parent
+            assert (state / "server.key").exists()
+            reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+            await reader.readline()
+            writer.write(b"EHLO x\r\nNO-SUCH-COMMAND\r\nQUIT\r\n")
+            await writer.drain()
+            while await asyncio.wait_for(reader.readline(), 5):
+                pass  # until the server closes after QUIT
+            writer.close()
+            served.proc.send_signal(how)
+            code = await asyncio.wait_for(served.proc.wait(), 10)
+            assert served.proc.stderr is not None
+            return code, state, await served.proc.stderr.read()
+
+    code, state, err = asyncio.run(go())
+    assert code == 0
+    assert not state.exists()
+    assert err == b"", err  # aiosmtpd's "unrecognised: NO-SUCH-COMMAND" stays out
+
+
+def test_serve_keeps_a_state_dir_it_was_given(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with _serve("imap", "--state-dir", str(tmp_path / "state")) as served:
+            assert Path(served.cafile).parent == tmp_path / "state"
+
+    asyncio.run(go())
+    assert (tmp_path / "state" / "ca.pem").exists()
+
+
+def test_proxy_banner_is_printed_once() -> None:
+    async def go() -> str:
+        async with _serve("smtp") as served:
+            proc = await asyncio.create_subprocess_exec(
+                *CLI,
+                "proxy",
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                f"127.0.0.1:{served.port}",
+                "--fault",
+                "inject-after-starttls:c2s",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            assert proc.stdout is not None
+            lines = []
+            while not lines or "Ctrl-C" not in lines[-1]:
+                line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+                assert line, lines
+                lines.append(line)
+            proc.send_signal(signal.SIGINT)
+            await asyncio.wait_for(proc.wait(), 10)
+            return "".join(lines)
+
+    out = asyncio.run(go())
+    assert out.count("127.0.0.1:") == 2, out  # listen -> upstream, once
+    assert out.count("fault: ") == 1, out
+
+
+def test_ci_log_has_no_line_per_scenario_and_a_closing_line() -> None:
+    code, out, err = run_cli("check", "--only", "server.truncation", "--only", "client.truncation")
+    assert code == 0, out + err
+    assert "[  1/" not in err and "server.truncation (" not in err
+    # one heartbeat per target, not per scenario: 2 servers + 2 clients
+    assert len(err.strip().splitlines()) == 4, err
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("proved:") and "check smtp://your-server:25" in last
+    assert "check-client --protocol smtp -- your-client" in last
+
+
+def test_terminal_progress_redraws_one_line() -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    parent, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 40, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.Popen(
+        [*CLI, "check", "--only", "server.truncation"],
+        stdout=subprocess.PIPE,
+        stderr=child,
+        env=env,
+    )
+    os.close(child)
+    out, _ = proc.communicate(timeout=120)
+    chunks = []
+    with contextlib.suppress(OSError):  # EIO once the child side is gone
+        while True:
+            data = os.read(parent, 4096)
+            if not data:
+                break
+            chunks.append(data)
+    os.close(parent)
+    shown = b"".join(chunks).decode()
+    assert proc.returncode == 0, out
+    assert shown.count("\r\033[K") >= 4 and "\n" not in shown.replace("\r\n", "\n").strip("\n")
+    # never wider than the (40-column) terminal, or \r could not redraw it
+    drawn = shown.replace("\033[K", "").split("\r")
+    assert drawn and max(len(line) for line in drawn) < 40, drawn
+
+
+def test_ladder_fits_100_columns_and_keeps_words(tmp_path: Path) -> None:
+    evidence = tmp_path / "ev"
+
+    async def go() -> int:
+        async with _serve("smtp", "--behaviour", "no-state-reset") as served:
+            code, _, _ = await asyncio.to_thread(
+                run_cli,
+                "check",
+                f"smtp://127.0.0.1:{served.port}",
+                "--only",
+                "server.state-reset",
+                "--evidence",
+                str(evidence),
+            )
+            return code
+
+    assert asyncio.run(go()) == 1
+    text = (evidence / "server.state-reset-smtp-tls1.3.txt").read_text()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "FROM:<state-control@harness.invalid>" in text  # not cut in two

@@ -11,7 +11,7 @@ __all__ = ["Evidence", "Exchange", "Result", "Verdict", "count_verdicts", "worst
 
 
 class Verdict(str, enum.Enum):
-    """How one scenario run ended (``shared/spec/closure-rules.md``)."""
+    """How one scenario run ended (``docs/rules.md``, "Verdicts")."""
 
     PASS = "pass"
     FAIL = "fail"
