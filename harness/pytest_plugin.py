@@ -59,6 +59,7 @@ from typing import (
 )
 
 import pytest
+from starttls_harness.dialects import names
 from starttls_harness.report.formats import ladder
 from starttls_harness.report.verdicts import Result, Verdict
 from starttls_harness.run.server import RunSettings, ServerTarget, run_server_scenario, sanity_probe
@@ -114,6 +115,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if opts.role not in ("server", "client"):
         raise pytest.UsageError(
             f"starttls marker: role must be 'server' or 'client', not {opts.role!r}"
+        )
+    if opts.dialect not in names():
+        raise pytest.UsageError(
+            f"starttls marker: unknown dialect {opts.dialect!r}; known: {', '.join(names())}"
         )
     scenarios = select(opts.only, role=opts.role, dialect=opts.dialect, catalogue=everything())
     params = [

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import pytest
+from starttls_harness.dialects.imap import next_tag
 from starttls_harness.report.verdicts import Result, Verdict
 from starttls_harness.run.client import (
     CLIENT_STEP_NAMES,
-    next_tag,
     run_client_scenario,
     run_client_target,
     unknown_client_steps,

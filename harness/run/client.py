@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import re
 import ssl
 import tempfile
 import time
@@ -57,6 +56,8 @@ from typing import (
     Tuple,
 )
 
+from starttls_harness.dialects import Dialect, dialect_named
+from starttls_harness.dialects.roles import Command, ScriptedServer
 from starttls_harness.report.verdicts import Evidence, Result, Verdict
 from starttls_harness.run.server import Observed, Progress, RunSettings, run_bracketed
 from starttls_harness.run.targets import ClientOutcome, ClientTarget
@@ -100,296 +101,6 @@ SENSITIVE = frozenset(
     {"auth", "mail", "rcpt", "data", "bdat", "message", "append", "select", "access"}
 )
 
-#: Capability the plaintext hello advertises and the TLS one never does
-#: (a client that still "knows" it under TLS did not reset its state, R8).
-SMTP_BAIT = "XHARNESS-PLAINTEXT-ONLY"
-IMAP_BAIT = "X-HARNESS-PLAINTEXT-ONLY"
-
-
-# ---------------------------------------------------------------- commands
-
-
-@dataclass(frozen=True)
-class Command:
-    """One complete unit from the client, and how the server classifies it."""
-
-    raw: bytes
-    tls: bool
-    kind: str
-    verb: str = ""
-    tag: bytes = b""
-    #: Everything after the verb (SMTP) or after tag and verb (IMAP).
-    rest: bytes = b""
-
-    @property
-    def text(self) -> str:
-        return self.raw[:120].decode("latin-1").strip()
-
-
-_SMTP_KINDS = {
-    "EHLO": "hello",
-    "HELO": "hello",
-    "STARTTLS": "starttls",
-    "STOPTLS": "stoptls",
-    "AUTH": "auth",
-    "MAIL": "mail",
-    "RCPT": "rcpt",
-    "DATA": "data",
-    "BDAT": "bdat",
-    "QUIT": "quit",
-    "NOOP": "noop",
-    "RSET": "noop",
-}
-
-_IMAP_KINDS = {
-    "CAPABILITY": "hello",
-    "STARTTLS": "starttls",
-    "STOPTLS": "stoptls",
-    "LOGIN": "auth",
-    "AUTHENTICATE": "auth",
-    "APPEND": "append",
-    "SELECT": "select",
-    "EXAMINE": "select",
-    "LOGOUT": "quit",
-    "NOOP": "noop",
-    "ID": "noop",
-    "ENABLE": "noop",
-}
-#: IMAP commands of the authenticated/selected states (mail access).
-_IMAP_ACCESS = frozenset(
-    "LIST LSUB STATUS CREATE DELETE RENAME SUBSCRIBE UNSUBSCRIBE FETCH STORE SEARCH COPY MOVE"
-    " UID EXPUNGE CLOSE UNSELECT CHECK IDLE NAMESPACE GETQUOTAROOT".split()
-)
-
-_LITERAL_AT_END = re.compile(rb"\{(\d{1,10})(\+?)\}\r?\n\Z")
-_TAG_NUMBER = re.compile(rb"\A(.*?)(\d+)\Z")
-
-
-def next_tag(tag: bytes) -> Optional[bytes]:
-    """The tag a client numbering its commands will use next (``a2`` -> ``a3``)."""
-    found = _TAG_NUMBER.match(tag)
-    if found is None:
-        return None
-    digits = found.group(2)
-    return found.group(1) + str(int(digits) + 1).zfill(len(digits)).encode()
-
-
-class _ServerDialect:
-    """What a conforming server says; SMTP and IMAP below."""
-
-    name = ""
-
-    def parse(self, raw: bytes, tls: bool) -> Command:
-        raise NotImplementedError
-
-    def greeting(self) -> bytes:
-        raise NotImplementedError
-
-    def hello(self, cmd: Command, *, tls: bool, starttls: bool, stoptls: bool) -> bytes:
-        raise NotImplementedError
-
-    def starttls_ok(self, cmd: Command) -> bytes:
-        raise NotImplementedError
-
-    def starttls_refused(self, cmd: Command) -> bytes:
-        raise NotImplementedError
-
-    def not_offered(self, cmd: Command) -> bytes:
-        raise NotImplementedError
-
-    def stoptls_ok(self, cmd: Command) -> bytes:
-        raise NotImplementedError
-
-    def goodbye(self, cmd: Command) -> bytes:
-        raise NotImplementedError
-
-    def injection(self, starttls: Command) -> bytes:
-        """A response a client that reads it before the handshake acts on."""
-        raise NotImplementedError
-
-    def stored(self, cmd: Command) -> bytes:
-        """The answer to a complete message (end of DATA / APPEND)."""
-        raise NotImplementedError
-
-    def simple(self, cmd: Command) -> bytes:
-        """The final answer to any other command."""
-        raise NotImplementedError
-
-    def auth_prompts(self, cmd: Command) -> List[bytes]:
-        """Continuation prompts an AUTH/AUTHENTICATE needs before its answer."""
-        raise NotImplementedError
-
-    def auth_done(self, cmd: Command, ok: bool) -> bytes:
-        raise NotImplementedError
-
-
-def _smtp_lines(code: str, lines: Sequence[str]) -> bytes:
-    out = [f"{code}-{line}\r\n" for line in lines[:-1]]
-    out.append(f"{code} {lines[-1]}\r\n")
-    return "".join(out).encode("ascii")
-
-
-class _SmtpServer(_ServerDialect):
-    name = "smtp"
-
-    def parse(self, raw: bytes, tls: bool) -> Command:
-        words = raw.strip().split(None, 1)
-        verb = words[0].decode("latin-1").upper() if words else ""
-        rest = words[1] if len(words) > 1 else b""
-        return Command(raw, tls, _SMTP_KINDS.get(verb, "other"), verb, b"", rest)
-
-    def greeting(self) -> bytes:
-        return b"220 fake.invalid ESMTP starttls-harness\r\n"
-
-    def hello(self, cmd: Command, *, tls: bool, starttls: bool, stoptls: bool) -> bytes:
-        if cmd.verb == "HELO":
-            return b"250 fake.invalid\r\n"
-        words = ["fake.invalid", "8BITMIME", "AUTH PLAIN LOGIN"]
-        if not tls:
-            if starttls:
-                words.insert(1, "STARTTLS")
-            words.append(SMTP_BAIT)
-        elif stoptls:
-            words.append("STOPTLS")
-        return _smtp_lines("250", words)
-
-    def starttls_ok(self, cmd: Command) -> bytes:
-        return b"220 2.0.0 Ready to start TLS\r\n"
-
-    def starttls_refused(self, cmd: Command) -> bytes:
-        return b"454 4.7.0 TLS not available due to temporary reason\r\n"
-
-    def not_offered(self, cmd: Command) -> bytes:
-        return b"502 5.5.1 Command not offered here\r\n"
-
-    def stoptls_ok(self, cmd: Command) -> bytes:
-        return b"220 2.0.0 Ready to end TLS\r\n"
-
-    def goodbye(self, cmd: Command) -> bytes:
-        return b"221 2.0.0 Bye\r\n"
-
-    def injection(self, starttls: Command) -> bytes:
-        return b"554 5.7.0 injected by starttls-harness before the handshake\r\n"
-
-    def stored(self, cmd: Command) -> bytes:
-        return b"250 2.0.0 Ok: queued as HARNESS\r\n"
-
-    def simple(self, cmd: Command) -> bytes:
-        if cmd.kind == "mail":
-            return b"250 2.1.0 Ok\r\n"
-        if cmd.kind == "rcpt":
-            return b"250 2.1.5 Ok\r\n"
-        if cmd.kind == "noop":
-            return b"250 2.0.0 Ok\r\n"
-        if cmd.kind == "bdat":
-            return b"502 5.5.1 CHUNKING not offered\r\n"
-        return b"502 5.5.2 Command not recognized\r\n"
-
-    def auth_prompts(self, cmd: Command) -> List[bytes]:
-        words = cmd.rest.split()
-        mech = words[0].upper() if words else b""
-        if mech == b"PLAIN":
-            return [] if len(words) > 1 else [b"334 \r\n"]
-        if mech == b"LOGIN":
-            password = b"334 UGFzc3dvcmQ6\r\n"
-            return [password] if len(words) > 1 else [b"334 VXNlcm5hbWU6\r\n", password]
-        return []
-
-    def auth_done(self, cmd: Command, ok: bool) -> bytes:
-        mech = cmd.rest.split()[:1]
-        if not mech or mech[0].upper() not in (b"PLAIN", b"LOGIN"):
-            return b"504 5.5.4 Unrecognized authentication type\r\n"
-        if not ok:
-            return b"501 5.7.0 Authentication cancelled\r\n"
-        return b"235 2.7.0 Authentication successful\r\n"
-
-
-class _ImapServer(_ServerDialect):
-    name = "imap"
-
-    def parse(self, raw: bytes, tls: bool) -> Command:
-        words = raw.split(None, 2)
-        tag = words[0] if words else b""
-        verb = words[1].decode("latin-1").upper() if len(words) > 1 else ""
-        rest = words[2].strip() if len(words) > 2 else b""
-        kind = _IMAP_KINDS.get(verb, "access" if verb in _IMAP_ACCESS else "other")
-        return Command(raw, tls, kind, verb, tag, rest)
-
-    def greeting(self) -> bytes:
-        return b"* OK fake.invalid IMAP4rev1 starttls-harness ready\r\n"
-
-    def _tagged(self, cmd: Command, text: str) -> bytes:
-        return cmd.tag + b" " + text.encode("ascii") + b"\r\n"
-
-    def hello(self, cmd: Command, *, tls: bool, starttls: bool, stoptls: bool) -> bytes:
-        caps = ["IMAP4rev1", "AUTH=PLAIN"]
-        if not tls:
-            if starttls:
-                caps.append("STARTTLS")
-            caps.append(IMAP_BAIT)
-        elif stoptls:
-            caps.append("STOPTLS")
-        line = ("* CAPABILITY " + " ".join(caps) + "\r\n").encode("ascii")
-        return line + self._tagged(cmd, "OK CAPABILITY completed")
-
-    def starttls_ok(self, cmd: Command) -> bytes:
-        return self._tagged(cmd, "OK Begin TLS negotiation now")
-
-    def starttls_refused(self, cmd: Command) -> bytes:
-        return self._tagged(cmd, "NO [UNAVAILABLE] TLS not available")
-
-    def not_offered(self, cmd: Command) -> bytes:
-        return self._tagged(cmd, "BAD command not offered here")
-
-    def stoptls_ok(self, cmd: Command) -> bytes:
-        return self._tagged(cmd, "OK Begin TLS closure")
-
-    def goodbye(self, cmd: Command) -> bytes:
-        return b"* BYE fake.invalid logging out\r\n" + self._tagged(cmd, "OK LOGOUT completed")
-
-    def injection(self, starttls: Command) -> bytes:
-        # Untagged capabilities that forbid LOGIN, completed with the tag the
-        # client will most likely give its next command (CAPABILITY).
-        out = b"* CAPABILITY IMAP4rev1 LOGINDISABLED\r\n"
-        tag = next_tag(starttls.tag)
-        if tag is not None:
-            out += tag + b" OK CAPABILITY completed\r\n"
-        return out
-
-    def stored(self, cmd: Command) -> bytes:
-        return self._tagged(cmd, "OK [APPENDUID 1 1] APPEND completed")
-
-    def simple(self, cmd: Command) -> bytes:
-        if cmd.kind == "select":
-            return (
-                b"* 0 EXISTS\r\n* 0 RECENT\r\n* OK [UIDVALIDITY 1] UIDs valid\r\n"
-                b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)\r\n"
-                + self._tagged(cmd, f"OK [READ-WRITE] {cmd.verb} completed")
-            )
-        if cmd.kind in ("noop", "access", "auth"):
-            return self._tagged(cmd, f"OK {cmd.verb} completed")
-        return self._tagged(cmd, "BAD unknown command")
-
-    def auth_prompts(self, cmd: Command) -> List[bytes]:
-        if cmd.verb != "AUTHENTICATE":
-            return []
-        words = cmd.rest.split()
-        if words[:1] and words[0].upper() == b"PLAIN" and len(words) == 1:
-            return [b"+ \r\n"]
-        return []
-
-    def auth_done(self, cmd: Command, ok: bool) -> bytes:
-        if cmd.verb == "AUTHENTICATE":
-            words = cmd.rest.split()
-            if not words or words[0].upper() != b"PLAIN":
-                return self._tagged(cmd, "NO unsupported authentication mechanism")
-            if not ok:
-                return self._tagged(cmd, "BAD authentication cancelled")
-        return self._tagged(cmd, f"OK {cmd.verb} completed")
-
-
-_DIALECTS: Dict[str, _ServerDialect] = {"smtp": _SmtpServer(), "imap": _ImapServer()}
-
 
 # -------------------------------------------------------------- the inbox
 
@@ -426,8 +137,11 @@ class _Timeout(Exception):
 class _FakeConnection(asyncio.Protocol):
     """The one accepted connection: parses commands, queues acts, records evidence."""
 
-    def __init__(self, dialect: _ServerDialect, evidence: Evidence) -> None:
-        self.dialect = dialect
+    def __init__(self, dialect: Dialect, evidence: Evidence) -> None:
+        self.dialect = dialect.scripted_server()
+        self.framer = dialect.framer()
+        #: A second framer for the hold gate (it keeps its own stream state).
+        self.gate_framer = dialect.framer()
         self.evidence = evidence
         self.transport: Optional[SwitchableTransport] = None
         self.connected = asyncio.get_running_loop().create_future()
@@ -454,7 +168,7 @@ class _FakeConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, SwitchableTransport)
         self.transport = transport
-        transport.hold_after(self._is_starttls_line)
+        transport.hold_after(self._is_starttls_line, framer=self.gate_framer)
         if not self.connected.done():
             self.connected.set_result(None)
 
@@ -535,7 +249,11 @@ class _FakeConnection(asyncio.Protocol):
     # ----------------------------------------------------------- parsing
 
     def _parse(self) -> None:
-        """Cut the buffer into commands (IMAP literals inline, DATA bodies whole)."""
+        """Cut the buffer into commands (literals inline, message bodies whole).
+
+        Lines are the dialect's framer's units; the scripted server says
+        which line announces a literal and which command opens a body.
+        """
         buf = self._buf
         while buf and self.gone is None:
             if self.body_mode:
@@ -548,52 +266,47 @@ class _FakeConnection(asyncio.Protocol):
                 del buf[:take]
                 self._literal_left -= take
                 continue
-            nl = buf.find(b"\n")
-            if nl < 0:
+            units, _used = self.framer.split(bytes(buf[: MAX_LINE + 1]))
+            if not units:
                 if len(buf) > MAX_LINE:
                     self._oversize()
                 return
-            line = bytes(buf[: nl + 1])
-            del buf[: nl + 1]
+            line = units[0]
+            del buf[: len(line)]
             if len(line) > MAX_LINE:
                 self._oversize()
                 return
             self._unit += line
-            if self.dialect.name == "imap":
-                found = _LITERAL_AT_END.search(line)
-                if found is not None:
-                    size = int(found.group(1))
-                    if size > MAX_UNIT:
-                        self._oversize()
-                        return
-                    self._literal_left = size
-                    if not found.group(2):
-                        self.send(b"+ Ready for literal data\r\n")
-                    continue
+            literal = self.dialect.literal_after(line)
+            if literal is not None:
+                size, synchronizing = literal
+                if size > MAX_UNIT:
+                    self._oversize()
+                    return
+                self._literal_left = size
+                if synchronizing:
+                    self.send(self.dialect.literal_prompt())
+                continue
             unit = bytes(self._unit)
             self._unit.clear()
             self._push(Act("command", command=self.dialect.parse(unit, self._rx_tls)))
 
     def _take_body(self) -> bool:
-        """An SMTP DATA body up to its final dot; False if incomplete."""
+        """A message body up to its end (the dialect says where); False if incomplete."""
         data = bytes(self._unit) + bytes(self._buf)
-        end = -1
-        if data.startswith(b".\r\n"):
-            end = 0
-        else:
-            pos = data.find(b"\r\n.\r\n")
-            end = pos + 2 if pos >= 0 else -1
-        if end < 0:
+        end = self.dialect.body_end(data)
+        if end is None:
             self._unit[:] = data
             self._buf.clear()
             if len(self._unit) > MAX_UNIT:
                 self._oversize()
             return False
-        body, rest = data[:end], data[end + 3 :]
+        size, used = end
+        body, rest = data[:size], data[used:]
         self._unit.clear()
         self._buf[:] = rest
         self.body_mode = False
-        self._push(Act("command", command=Command(body, self._rx_tls, "message", "DATA")))
+        self._push(Act("command", command=self.dialect.parse_body(body, self._rx_tls)))
         return True
 
     def _oversize(self) -> None:
@@ -727,7 +440,7 @@ class _Refuser(asyncio.Protocol):
 class _Run:
     scenario: Scenario
     target: ClientTarget
-    dialect: _ServerDialect
+    dialect: ScriptedServer
     conn: _FakeConnection
     evidence: Evidence
     settings: RunSettings
@@ -808,9 +521,8 @@ async def _answer(run: _Run, cmd: Command) -> str:
                 ok = False
                 break
         conn.send(dialect.auth_done(cmd, ok))
-    elif kind == "data" and dialect.name == "smtp":
-        conn.body_mode = True
-        conn.send(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+    elif dialect.body_prompt(cmd) is not None:
+        await _open_body(run, cmd)
         body = await run.next_command()
         conn.send(dialect.stored(body))
     elif kind == "append":
@@ -822,6 +534,14 @@ async def _answer(run: _Run, cmd: Command) -> str:
     else:
         conn.send(dialect.simple(cmd))
     return "answered"
+
+
+async def _open_body(run: _Run, cmd: Command) -> None:
+    """Invite the message body ``cmd`` announces; the next act is the whole body."""
+    prompt = run.dialect.body_prompt(cmd)
+    assert prompt is not None
+    run.conn.body_mode = True
+    run.conn.send(prompt)
 
 
 def _switch_to_tls(run: _Run, cmd: Command, inject: bytes = b"") -> None:
@@ -920,9 +640,8 @@ async def step_serve(run: _Run, args: Mapping[str, object]) -> None:
         if _matches(until, cmd):
             run.pending = cmd
             return
-        if cmd.kind == "data" and until == "message" and run.dialect.name == "smtp":
-            run.conn.body_mode = True
-            run.conn.send(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        if until == "message" and run.dialect.body_prompt(cmd) is not None:
+            await _open_body(run, cmd)
             run.pending = await run.next_command()
             return
         if await _answer(run, cmd) == "ended":
@@ -1004,7 +723,7 @@ async def _switch_after_client_hello(run: _Run, cmd: Command, payload: bytes) ->
         events = t.engine.start_tls(run.server_ctx, server_side=True)
         events += t.engine.receive_data(hello)
     conn.handle(events)
-    t.hold_after(conn._is_starttls_line)
+    t.hold_after(conn._is_starttls_line, framer=conn.gate_framer)
 
 
 async def step_refuse_starttls(run: _Run, args: Mapping[str, object]) -> None:
@@ -1058,31 +777,46 @@ async def step_watch_plaintext(run: _Run, args: Mapping[str, object]) -> None:
 async def step_judge_injection(run: _Run, args: Mapping[str, object]) -> None:
     """After an injected response: did the client act on it?
 
-    SMTP: the injected ``554`` is taken as the answer to the first command
-    under TLS by a client that read it; such a client gives up right after
-    that command (QUIT, close, HELO or the same command again).  IMAP: the
-    injected capabilities say LOGINDISABLED; a client that believed them
-    never sends LOGIN.
+    How a client shows it is the dialect's ``injection_effect`` (see
+    :class:`~starttls_harness.dialects.roles.ScriptedServer`); an effect the
+    run layer does not know is a harness error, never judged as another.
     """
-    if run.dialect.name == "smtp":
-        try:
-            first = await run.next_command()
-        except _Gone as gone:
-            if gone.act.how == "violation":
-                raise
-            raise Observed("injection-consumed", "closed right after the handshake") from None
-        await _answer(run, first)
-        try:
-            second = await run.next_command()
-        except _Gone as gone:
-            if gone.act.how == "violation":
-                raise
-            raise Observed(
-                "injection-consumed", f"gave up after {first.verb}: {gone.act.detail}"
-            ) from None
-        if second.kind == "quit" or second.verb in ("HELO", first.verb):
-            raise Observed("injection-consumed", f"{first.verb} then {second.verb}")
-        raise Observed("completed", f"{first.verb} then {second.verb}: carried on under TLS")
+    effect = run.dialect.injection_effect
+    judge = _INJECTION_JUDGES.get(effect)
+    if judge is None:
+        raise RuntimeError(f"unknown injection effect {effect!r} of the scripted server")
+    await judge(run)
+
+
+async def _judge_answer_taken(run: _Run) -> None:
+    """The injected reply was taken as the answer to the first command under TLS.
+
+    A client that read it gives up right after that command (goodbye, close,
+    one of the dialect's ``retreat_verbs`` or the same command again).
+    """
+    try:
+        first = await run.next_command()
+    except _Gone as gone:
+        if gone.act.how == "violation":
+            raise
+        raise Observed("injection-consumed", "closed right after the handshake") from None
+    await _answer(run, first)
+    try:
+        second = await run.next_command()
+    except _Gone as gone:
+        if gone.act.how == "violation":
+            raise
+        raise Observed(
+            "injection-consumed", f"gave up after {first.verb}: {gone.act.detail}"
+        ) from None
+    retreat = run.dialect.retreat_verbs
+    if second.kind == "quit" or second.verb == first.verb or second.verb in retreat:
+        raise Observed("injection-consumed", f"{first.verb} then {second.verb}")
+    raise Observed("completed", f"{first.verb} then {second.verb}: carried on under TLS")
+
+
+async def _judge_capabilities_believed(run: _Run) -> None:
+    """The injected capabilities forbid the login; a client that believed them never logs in."""
     for _ in range(20):
         try:
             cmd = await run.next_command()
@@ -1096,6 +830,12 @@ async def step_judge_injection(run: _Run, args: Mapping[str, object]) -> None:
             raise Observed("injection-consumed", "logged out without LOGIN")
         await _answer(run, cmd)
     raise Observed("unexpected-reply", "the client sent too many commands")
+
+
+_INJECTION_JUDGES: Dict[str, Callable[[_Run], Awaitable[None]]] = {
+    "answer-taken": _judge_answer_taken,
+    "capabilities-believed": _judge_capabilities_believed,
+}
 
 
 async def step_raw_reply(run: _Run, args: Mapping[str, object]) -> None:
@@ -1313,7 +1053,7 @@ async def run_client_scenario(
     evidence = Evidence()
     start = time.monotonic()
     label = "harness-error"
-    dialect = _DIALECTS[target.dialect]
+    dialect = dialect_named(target.dialect)
     asked = _requested_cycles(scenario)
     client_target = target.asking_for_cycles(asked) if asked > 1 else target
     server: Optional[asyncio.AbstractServer] = None
@@ -1360,7 +1100,7 @@ async def run_client_scenario(
             run = _Run(
                 scenario,
                 client_target,
-                dialect,
+                conn.dialect,
                 conn,
                 evidence,
                 settings,

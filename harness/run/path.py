@@ -38,7 +38,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import importlib
 import ssl
 import tempfile
 import time
@@ -55,11 +54,14 @@ from typing import (
     Tuple,
 )
 
-from starttls_harness.clients.imap import ImapClient
-from starttls_harness.clients.imap import StopTLSNotSupported as ImapNoStopTLS
-from starttls_harness.clients.smtp import SMTPClient
-from starttls_harness.clients.smtp import StopTLSNotSupported as SmtpNoStopTLS
 from starttls_harness.dialects import Dialect, dialect_named
+from starttls_harness.dialects.roles import (
+    PATH_MESSAGE,
+    ClientSpec,
+    PathDriver,
+    StopTLSUnsupported,
+    transport_events,
+)
 from starttls_harness.proxy.core import (
     C2S,
     S2C,
@@ -70,6 +72,7 @@ from starttls_harness.proxy.core import (
     ProxyEvent,
 )
 from starttls_harness.report.verdicts import Evidence, Exchange, Result, Verdict
+from starttls_harness.run.reference import reference_client_module, reference_server_module
 from starttls_harness.run.server import Progress, RunSettings, run_bracketed
 from starttls_harness.scenarios.path import PATH_SCENARIOS, fault_data, fault_step
 from starttls_harness.scenarios.server import Expect, Scenario, Step
@@ -111,24 +114,6 @@ def _other(direction: str) -> str:
 # ------------------------------------------------------------------ the pair
 
 
-class StopTLSUnsupported(Exception):
-    """The pair cannot return to plaintext: scenarios that need it are skipped."""
-
-
-@dataclass(frozen=True)
-class ClientSpec:
-    """Where and how the client under test connects (to the proxy)."""
-
-    dialect: str
-    host: str
-    port: int
-    tls_version: str
-    tls_context: ssl.SSLContext
-    server_hostname: str
-    #: Bound of every reply and of the handshake and closure.
-    timeout: float
-
-
 class StepHooks:
     """Given to every verb: ``arm()`` arms the scenario's fault, at most once."""
 
@@ -147,44 +132,8 @@ class StepHooks:
             self._run.arm(nth)
 
 
-class ClientDriver(abc.ABC):
-    """The client under test, driven one verb at a time (see the catalogue).
-
-    A verb returns when the client did it; it raises whatever the client
-    raised when it could not (a refusal, a closed connection, a timeout),
-    and :class:`StopTLSUnsupported` from :meth:`stoptls` when the pair has no
-    way back to plaintext.  Every wait inside is bounded by the spec's
-    ``timeout``.
-    """
-
-    @abc.abstractmethod
-    async def connect(self, hooks: StepHooks) -> None: ...
-
-    @abc.abstractmethod
-    async def starttls(self, hooks: StepHooks) -> None: ...
-
-    @abc.abstractmethod
-    async def command(self, hooks: StepHooks) -> None: ...
-
-    @abc.abstractmethod
-    async def stoptls(self, hooks: StepHooks) -> None: ...
-
-    @abc.abstractmethod
-    async def send_unit(self, hooks: StepHooks) -> None: ...
-
-    @abc.abstractmethod
-    async def fetch_unit(self, hooks: StepHooks) -> None: ...
-
-    @abc.abstractmethod
-    async def quit(self, hooks: StepHooks) -> None: ...
-
-    def engine_events(self) -> Optional[Sequence[Event]]:
-        """The client's own TLS-layer events, if it can tell (None: it cannot)."""
-        return None
-
-    @abc.abstractmethod
-    async def close(self) -> None:
-        """Close the connection (bounded); called once, always."""
+#: The client under test of the path role (the interface lives with the dialects).
+ClientDriver = PathDriver
 
 
 class PathServer(abc.ABC):
@@ -234,15 +183,8 @@ class PathPair:
 
 # ------------------------------------------------- the reference pair (built in)
 
-#: A message over two TLS records (16 KiB is the record limit), short lines.
-BIG_MESSAGE = b"Subject: cut by the path harness\r\n\r\n" + (b"x" * 70 + b"\r\n") * 300
-_SENDER = "path@harness.invalid"
-_RECIPIENT = "postmaster@localhost"
-
-
-def _transport_events(transport: Any) -> List[Event]:
-    events = getattr(transport, "events", None)
-    return list(events) if isinstance(events, list) else []
+BIG_MESSAGE = PATH_MESSAGE
+_transport_events = transport_events
 
 
 class _ReferenceServer(PathServer):
@@ -278,135 +220,6 @@ class _ReferenceServer(PathServer):
         await self.running.close()
 
 
-class _SmtpDriver(ClientDriver):
-    """clients.smtp.SMTPClient through the proxy."""
-
-    def __init__(self, spec: ClientSpec, behaviour: str) -> None:
-        self.client = SMTPClient(
-            spec.host,
-            spec.port,
-            tls_context=spec.tls_context,
-            server_hostname=spec.server_hostname,
-            behaviour=behaviour,
-            timeout=spec.timeout,
-            timeouts=Timeouts(handshake=spec.timeout, closure=spec.timeout, connect=spec.timeout),
-        )
-
-    async def connect(self, hooks: StepHooks) -> None:
-        await self.client.connect()
-        await self.client.ehlo()
-
-    async def starttls(self, hooks: StepHooks) -> None:
-        await self.client.starttls()
-
-    async def command(self, hooks: StepHooks) -> None:
-        await self.client.execute_command(b"NOOP")
-
-    async def stoptls(self, hooks: StepHooks) -> None:
-        try:
-            await self.client.stoptls()
-        except SmtpNoStopTLS as exc:
-            raise StopTLSUnsupported(str(exc)) from exc
-
-    async def send_unit(self, hooks: StepHooks) -> None:
-        """MAIL, RCPT, then DATA whose body takes two records: FIN replaces the second."""
-        await self.client.ehlo()
-        await self.client.execute_command(f"MAIL FROM:<{_SENDER}>".encode())
-        await self.client.execute_command(f"RCPT TO:<{_RECIPIENT}>".encode())
-        hooks.arm(nth=3)  # 1: DATA, 2-3: the body (16 KiB + the rest with the final dot)
-        await self.client.smtp.data(BIG_MESSAGE, timeout=self.client.timeout)
-
-    async def fetch_unit(self, hooks: StepHooks) -> None:
-        """EHLO under TLS: the reference server writes one record per reply line."""
-        hooks.arm(nth=2)
-        await self.client.ehlo()
-
-    async def quit(self, hooks: StepHooks) -> None:
-        await self.client.quit()
-
-    def engine_events(self) -> Optional[Sequence[Event]]:
-        return _transport_events(self.client.transport)
-
-    async def close(self) -> None:
-        self.client.close()
-
-
-class _ImapDriver(ClientDriver):
-    """clients.imap.ImapClient through the proxy."""
-
-    def __init__(self, spec: ClientSpec, behaviour: str, user: str, password: str) -> None:
-        self.spec = spec
-        self.behaviour = behaviour
-        self.user = user
-        self.password = password
-        self.client: Optional[ImapClient] = None
-
-    def _client(self) -> ImapClient:
-        if self.client is None:
-            raise ConnectionError("not connected")
-        return self.client
-
-    async def connect(self, hooks: StepHooks) -> None:
-        spec = self.spec
-        self.client = await ImapClient.connect(
-            spec.host,
-            spec.port,
-            ssl_context=spec.tls_context,
-            server_hostname=spec.server_hostname,
-            behaviour=self.behaviour,
-            timeout=spec.timeout,
-            timeouts=Timeouts(handshake=spec.timeout, closure=spec.timeout, connect=spec.timeout),
-        )
-
-    async def starttls(self, hooks: StepHooks) -> None:
-        if not await self._client().starttls():
-            raise ConnectionError("the client carried on without TLS")
-
-    async def command(self, hooks: StepHooks) -> None:
-        await self._client().noop()
-
-    async def stoptls(self, hooks: StepHooks) -> None:
-        try:
-            await self._client().stoptls()
-        except ImapNoStopTLS as exc:
-            raise StopTLSUnsupported(str(exc)) from exc
-
-    async def send_unit(self, hooks: StepHooks) -> None:
-        """APPEND of a literal over two records: FIN cuts the literal."""
-        client = self._client()
-        await client.capability()  # what the server offers now, whatever was kept
-        await client.login(self.user, self.password)
-        # LITERAL+: command and literal in one write (records 1-2); otherwise
-        # the command line is record 1 and the literal records 2-3.
-        hooks.arm(nth=2 if "LITERAL+" in (client.capabilities or ()) else 3)
-        await client.append(BIG_MESSAGE)
-
-    async def fetch_unit(self, hooks: StepHooks) -> None:
-        """FETCH of a message whose literal takes two records: FIN cuts it."""
-        client = self._client()
-        await client.capability()
-        await client.login(self.user, self.password)
-        await client.append(BIG_MESSAGE)
-        await client.select()
-        hooks.arm(nth=2)
-        await client.fetch(1, "(RFC822)")
-
-    async def quit(self, hooks: StepHooks) -> None:
-        await self._client().logout()
-
-    def engine_events(self) -> Optional[Sequence[Event]]:
-        if self.client is None:
-            return None
-        return _transport_events(self.client.transport)
-
-    async def close(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
-
-
-_SERVER_MODULES = {"smtp": "starttls_harness.servers.smtp", "imap": "starttls_harness.servers.imap"}
-
-
 def reference_pair(
     dialect: str,
     server_behaviour: str = "strict",
@@ -422,9 +235,8 @@ def reference_pair(
     that a server which took the attacker's bytes in and waits gives up
     before the harness's own bounds run out.
     """
-    dialect_named(dialect)
-    module = importlib.import_module(_SERVER_MODULES[dialect])
-    client_module = importlib.import_module(f"starttls_harness.clients.{dialect}")
+    module = reference_server_module(dialect)
+    client_module = reference_client_module(dialect)
     for name, known in (
         (server_behaviour, module.BEHAVIOURS),
         (client_behaviour, client_module.BEHAVIOURS),
@@ -457,9 +269,8 @@ def reference_pair(
         return _ReferenceServer(running)
 
     def client(spec: ClientSpec) -> ClientDriver:
-        if dialect == "smtp":
-            return _SmtpDriver(spec, client_behaviour)
-        return _ImapDriver(spec, client_behaviour, user, password)
+        driver: ClientDriver = client_module.path_driver(spec, client_behaviour, user, password)
+        return driver
 
     def context(tls_version: str, keylog: Optional[Path]) -> ssl.SSLContext:
         return the_pki().client_context(tls_version, keylog)

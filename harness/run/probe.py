@@ -230,8 +230,8 @@ class Probe:
         deadline = asyncio.get_running_loop().time() + self.settings.reply_timeout
         while True:
             expect = None if greeting else tag
-            if self.dialect.name == "imap" and not greeting and tag is None:
-                expect = "*"  # any tagged line completes a reply
+            if not greeting and tag is None:
+                expect = self.dialect.any_reply_tag  # e.g. IMAP: any tagged line
             reply, rest = self.dialect.split_reply(self._buf, expect)
             if reply is not None:
                 self._buf = rest

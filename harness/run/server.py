@@ -23,7 +23,6 @@ on top of the per-reply bounds; probes are always closed in ``finally``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import inspect
 import os
@@ -312,47 +311,35 @@ async def step_login(run: _Run, args: Mapping[str, object]) -> None:
             run.evidence.note("no test user: login skipped")
             return
         raise Observed("no-credentials")
-    if run.dialect.name == "smtp":
-        token = base64.b64encode(f"\0{target.user}\0{target.password}".encode()).decode()
-        reply = await run.probe.command(f"AUTH PLAIN {token}\r\n".encode())
-    else:
-        reply = await run.probe.command(
-            f'l1 LOGIN "{target.user}" "{target.password}"\r\n'.encode()
-        )
+    reply = await run.probe.command(run.dialect.login(target.user, target.password))
     if not reply.ok:
         raise Observed("unexpected-reply", f"login refused: {reply.text}")
 
 
 async def step_state_control(run: _Run, args: Mapping[str, object]) -> None:
-    """Control for the SMTP state probe: a fresh session must refuse MAIL.
+    """Control for the state probe: a fresh session must refuse the dialect's control.
 
-    A server that accepts MAIL without any EHLO at all cannot show whether
-    it resets state at STARTTLS, so the scenario cannot be decided.
+    A server that accepts (SMTP) MAIL without any EHLO at all cannot show
+    whether it resets state at STARTTLS, so the scenario cannot be decided.
     """
-    if run.dialect.name != "smtp":
+    command = run.dialect.state_control()
+    if command is None:
         return
-    reply = await run.probe.command(b"MAIL FROM:<state-control@harness.invalid>\r\n")
+    reply = await run.probe.command(command)
     if reply.ok:
-        raise Observed("no-hello-required", "MAIL is accepted without EHLO even before TLS")
+        raise Observed("no-hello-required", f"{_verb(command)} is accepted even before TLS")
+
+
+def _verb(command: bytes) -> str:
+    return command.decode("latin-1").strip()[:60]
 
 
 async def step_state_probe(run: _Run, args: Mapping[str, object]) -> None:
     after = str(args.get("after", "starttls"))
-    if run.dialect.name == "smtp":
-        reply = await run.probe.command(b"MAIL FROM:<state-probe@harness.invalid>\r\n")
-        if reply.ok:
-            raise Observed("state-kept", f"MAIL accepted without a new EHLO after {after}")
-        return
-    if after == "starttls":
-        reply = await run.probe.command(b"c1 CAPABILITY\r\n")
-        caps = run.dialect.capabilities(reply)
-        stale = caps & {"STARTTLS", "LOGINDISABLED"}
-        if stale:
-            raise Observed("state-kept", f"still advertises {sorted(stale)} inside TLS")
-        return
-    reply = await run.probe.command(b"r1 SELECT INBOX\r\n")
-    if reply.ok:
-        raise Observed("state-kept", "SELECT accepted without a new login after STOPTLS")
+    reply = await run.probe.command(run.dialect.state_probe(after))
+    kept = run.dialect.state_kept(after, reply)
+    if kept is not None:
+        raise Observed("state-kept", kept)
 
 
 async def _stored(run: _Run) -> int:
@@ -369,24 +356,22 @@ async def step_truncate_unit(run: _Run, args: Mapping[str, object]) -> None:
         raise Observed("no-storage-probe")
     probe = run.probe
     run.stored_before = await _stored(run)
-    if run.dialect.name == "smtp":
-        for command in (
-            b"MAIL FROM:<truncation@harness.invalid>\r\n",
-            f"RCPT TO:<{run.target.rcpt}>\r\n".encode(),
-            b"DATA\r\n",
-        ):
-            reply = await probe.command(command)
-            if not reply.ok:
-                raise Observed("unexpected-reply", f"{command.decode().strip()}: {reply.text}")
-        probe.write(b"Subject: truncated\r\n\r\nthis body never gets its final dot\r\n")
-    else:
+    if run.dialect.storage_needs_login:
         await step_login(run, {})
-        body = b"Subject: truncated\r\n\r\nthis literal is cut short\r\n"
-        probe.write(b"t1 APPEND INBOX {%d}\r\n" % (len(body) * 2))
-        reply = await probe.reply(greeting=True)
-        if not reply.key.startswith("+"):
-            raise Observed("unexpected-reply", f"APPEND: {reply.text}")
-        probe.write(body)
+    for unit in run.dialect.truncated_unit(run.target.rcpt):
+        if unit.answer == "none":
+            probe.write(unit.data)
+            continue
+        what = _verb(unit.data)
+        if unit.answer == "continue":
+            probe.write(unit.data)
+            reply = await probe.reply(greeting=True)
+            if not run.dialect.is_continuation(reply):
+                raise Observed("unexpected-reply", f"{what}: {reply.text}")
+            continue
+        reply = await probe.command(unit.data)
+        if not reply.ok:
+            raise Observed("unexpected-reply", f"{what}: {reply.text}")
     assert probe.transport is not None
     run.evidence.add("c2s", "eof", note="TCP FIN without close_notify (truncation)")
     probe.transport.truncate()

@@ -68,7 +68,6 @@ from starttls_harness.scenarios.server import Expect, S, Scenario, Step
 from starttls_harness.tls.engine import Rule
 
 __all__ = [
-    "FAKE_GREETINGS",
     "PATH_COMMON",
     "PATH_SCENARIOS",
     "fault_data",
@@ -78,19 +77,13 @@ __all__ = [
 
 P, F, W = Verdict.PASS, Verdict.FAIL, Verdict.WARN
 
-#: Plaintext greetings the attacker writes to a client (``data="greeting"``).
-FAKE_GREETINGS: Dict[str, bytes] = {
-    "smtp": b"220 attacker.invalid ESMTP injected greeting\r\n",
-    "imap": b"* OK [CAPABILITY IMAP4rev1] injected greeting\r\n",
-}
-
 
 def fault_data(symbol: str, dialect: Dialect) -> bytes:
     """The bytes a symbolic ``data`` argument stands for in ``dialect``."""
     if symbol == "command":
         return dialect.injected()
     if symbol == "greeting":
-        return FAKE_GREETINGS[dialect.name]
+        return dialect.fake_greeting()
     if symbol == "":
         return b""
     raise ValueError(f"unknown fault data {symbol!r}; use 'command' or 'greeting'")

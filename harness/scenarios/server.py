@@ -16,8 +16,9 @@ the fault would be applied has not refused anything.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from starttls_harness.dialects import EVERY_DIALECT
 from starttls_harness.report.verdicts import Verdict
 from starttls_harness.tls.engine import Rule
 
@@ -64,7 +65,8 @@ class Scenario:
     reason: str
     steps: Tuple[Step, ...]
     expect: Mapping[str, Expect]
-    dialects: Tuple[str, ...] = ("smtp", "imap")
+    #: The dialects it applies to (default: every registered one, read when asked).
+    dialects: Sequence[str] = EVERY_DIALECT
     tls_versions: Tuple[str, ...] = ("1.2", "1.3")
 
     def outcome(self, label: str) -> Expect:
