@@ -633,7 +633,7 @@ class _RunSetup:
 
 
 def _select(patterns: Optional[List[str]], role: str) -> List[Scenario]:
-    from starttls_harness.scenarios.server import everything, select
+    from starttls_harness.scenarios.catalogue import everything, select
 
     return select(patterns, role=role, catalogue=everything())
 

@@ -18,9 +18,10 @@ the registry refuses a dialect that does not.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import FrozenSet, List, Optional, Sequence, Tuple
+from typing import FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from starttls_harness.dialects.roles import ScriptedServer
+from starttls_harness.report.verdicts import Verdict
 from starttls_harness.tls.framing import Framer
 
 __all__ = ["REQUIRED", "REQUIRED_ATTRIBUTES", "Dialect", "LinePredicate", "Reply", "UnitStep"]
@@ -97,6 +98,9 @@ class Dialect:
     storage_needs_login = False
     #: The tag an untargeted reply ends with (IMAP: any tagged line, ``*``).
     any_reply_tag: Optional[str] = None
+    #: Reference-client behaviour -> {scenario id: verdict} where this
+    #: dialect's reference client differs from the client role's matrix.
+    reference_client_expected: Mapping[str, Mapping[str, Verdict]] = {}
 
     # ------------------------------------------------------- every role
 

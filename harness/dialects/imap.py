@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from typing import FrozenSet, List, Optional, Sequence, Set, Tuple
+from typing import FrozenSet, List, Mapping, Optional, Sequence, Set, Tuple
 
 from starttls_harness.dialects.base import Dialect, LinePredicate, Reply, UnitStep
 from starttls_harness.dialects.roles import Command, ScriptedServer
+from starttls_harness.report.verdicts import Verdict
 from starttls_harness.tls.framing import Framer, line_framer
 
 __all__ = ["BAIT", "IMAP", "next_tag"]
@@ -157,6 +158,15 @@ class _Imap(Dialect):
     has_return_to_plaintext = True
     storage_needs_login = True
     any_reply_tag = "*"
+    #: The reference IMAP client's relaxed engine also takes plaintext that
+    #: arrives after its ClientHello (the SMTP one refuses it: only its hold
+    #: gate is off, and aiosmtplib drops bytes no command waits for).
+    reference_client_expected: Mapping[str, Mapping[str, Verdict]] = {
+        "accept-injected-response": {
+            "client.response-injection": Verdict.FAIL,
+            "client.response-injection-split": Verdict.FAIL,
+        },
+    }
 
     def framer(self) -> Framer:
         return line_framer()

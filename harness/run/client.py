@@ -37,7 +37,6 @@ after the scenarios, or every result of that group is an ``error``.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import ssl
 import tempfile
@@ -47,7 +46,6 @@ from pathlib import Path
 from typing import (
     Awaitable,
     Callable,
-    Deque,
     Dict,
     List,
     Mapping,
@@ -56,381 +54,52 @@ from typing import (
     Tuple,
 )
 
-from starttls_harness.dialects import Dialect, dialect_named
+from starttls_harness.dialects import dialect_named
 from starttls_harness.dialects.roles import Command, ScriptedServer
 from starttls_harness.report.verdicts import Evidence, Result, Verdict
+from starttls_harness.run.scripted import (
+    Act,
+    Gone,
+    Refuser,
+    ScriptedConnection,
+    ScriptTimeout,
+)
 from starttls_harness.run.server import Observed, Progress, RunSettings, run_bracketed
-from starttls_harness.run.targets import ClientOutcome, ClientTarget
-from starttls_harness.scenarios.server import Expect, Scenario, Step
-from starttls_harness.tls.aio import ConnectionEnded, SwitchableTransport, Timeouts, create_server
+from starttls_harness.run.targets import (
+    ClientOutcome,
+    ClientTarget,
+    CommandClientTarget,
+    ReferenceClientTarget,
+)
+from starttls_harness.run.validation import CLIENT_VALIDATION_SETTINGS
+from starttls_harness.scenarios.client import CLIENT_SCENARIOS
+from starttls_harness.scenarios.expectations import expected_client_verdicts, mismatches
+from starttls_harness.scenarios.model import Expect, Scenario, Step
+from starttls_harness.tls.aio import Timeouts, create_server
 from starttls_harness.tls.certs import make_pki
 from starttls_harness.tls.engine import (
-    AlertReceived,
-    CloseNotifyReceived,
-    CloseNotifySent,
-    ClosureComplete,
-    Event,
-    HandshakeComplete,
-    HandshakeFailed,
-    PeerEOF,
-    PlaintextData,
     Policy,
     Rule,
-    TLSData,
-    Violation,
 )
 
 __all__ = [
     "SENSITIVE",
     "Command",
+    "check_client",
     "run_client_scenario",
     "run_client_target",
     "sanity_probe",
     "unknown_client_steps",
+    "validate_client",
 ]
 
 #: The bounds used when a caller gives none.
 DEFAULT_SETTINGS = RunSettings()
 
-#: Longest command line the fake server buffers; largest literal / DATA body.
-MAX_LINE = 8192
-MAX_UNIT = 1 << 20
-
 #: Command kinds a client that requires TLS must never send before TLS (R9).
 SENSITIVE = frozenset(
     {"auth", "mail", "rcpt", "data", "bdat", "message", "append", "select", "access"}
 )
-
-
-# -------------------------------------------------------------- the inbox
-
-
-@dataclass(frozen=True)
-class Act:
-    """One thing the client did, in wire order.
-
-    ``kind`` is ``command``, ``close_notify``, ``handshake`` or ``gone``;
-    for ``gone``, ``how`` says in which way the connection ended: ``eof``
-    (a clean FIN), ``truncated`` (FIN/RST while TLS was up, no close_notify),
-    ``unanswered`` (FIN after our close_notify, R5), ``violation`` (the client
-    broke ``rule``), ``alert``, ``handshake-failed``, ``reset``, ``oversize``
-    or ``closed-by-us``.
-    """
-
-    kind: str
-    command: Optional[Command] = None
-    how: str = ""
-    rule: Optional[Rule] = None
-    detail: str = ""
-
-
-class _Gone(Exception):
-    def __init__(self, act: Act) -> None:
-        super().__init__(act.detail or act.how)
-        self.act = act
-
-
-class _Timeout(Exception):
-    pass
-
-
-class _FakeConnection(asyncio.Protocol):
-    """The one accepted connection: parses commands, queues acts, records evidence."""
-
-    def __init__(self, dialect: Dialect, evidence: Evidence) -> None:
-        self.dialect = dialect.scripted_server()
-        self.framer = dialect.framer()
-        #: A second framer for the hold gate (it keeps its own stream state).
-        self.gate_framer = dialect.framer()
-        self.evidence = evidence
-        self.transport: Optional[SwitchableTransport] = None
-        self.connected = asyncio.get_running_loop().create_future()
-        self.acts: Deque[Act] = collections.deque()
-        self.gone: Optional[Act] = None
-        self.changed = asyncio.Event()
-        self.closing = False
-        #: Set while a STOPTLS closure we accepted is under way: the client's
-        #: close_notify then belongs to it and is not an act of its own.
-        self.in_closure = False
-        self.tls_sessions = 0
-        self._rx_tls = False
-        self._buf = bytearray()
-        self._unit = bytearray()
-        self._literal_left = 0
-        self.body_mode = False
-        #: Raw mode: bytes are collected in ``raw`` instead of parsed (used to
-        #: see the ClientHello before the server's TLS starts).
-        self.raw_mode = False
-        self.raw = bytearray()
-
-    # -------------------------------------------------------- asyncio API
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, SwitchableTransport)
-        self.transport = transport
-        transport.hold_after(self._is_starttls_line, framer=self.gate_framer)
-        if not self.connected.done():
-            self.connected.set_result(None)
-
-    def _is_starttls_line(self, line: bytes) -> bool:
-        """Hold-gate predicate: a STARTTLS command line (not message content)."""
-        if self.body_mode or self._literal_left:
-            return False
-        return self.dialect.parse(line, False).kind == "starttls"
-
-    def engine_event(self, event: Event) -> None:
-        if isinstance(event, (TLSData, PlaintextData)):
-            self._rx_tls = isinstance(event, TLSData)
-            if not self.raw_mode:  # raw bytes are recorded by their reader
-                self.evidence.add("c2s", "tls" if self._rx_tls else "plaintext", event.data)
-        elif isinstance(event, HandshakeComplete):
-            self.tls_sessions += 1
-            self.evidence.note(f"TLS up: {event.version} {event.cipher}")
-            self._push(Act("handshake", detail=event.version))
-        elif isinstance(event, CloseNotifyReceived):
-            self.evidence.add("c2s", "close_notify")
-            if not self.in_closure:
-                self._push(Act("close_notify"))
-        elif isinstance(event, CloseNotifySent):
-            self.evidence.add("s2c", "close_notify")
-        elif isinstance(event, ClosureComplete):
-            self.in_closure = False
-            state = "plaintext resumes" if event.resumed else "the connection ends"
-            self.evidence.note(f"TLS closed both ways; {state}")
-        elif isinstance(event, Violation):
-            self.evidence.add("c2s", "note", event.data, f"{event.rule.value}: {event.message}")
-            if event.enforced:
-                self._end(_act_for_violation(event))
-        elif isinstance(event, AlertReceived):
-            self.evidence.add("c2s", "alert", note=event.description)
-            self._end(Act("gone", how="alert", detail=f"client sent alert {event.description}"))
-        elif isinstance(event, HandshakeFailed):
-            side = "client alert" if event.remote else "local"
-            self._end(
-                Act(
-                    "gone",
-                    how="handshake-failed",
-                    detail=f"handshake failed ({side}): {event.reason}",
-                )
-            )
-        elif isinstance(event, PeerEOF):
-            self.evidence.add("c2s", "eof")
-            self._end(Act("gone", how="eof", detail="the client closed the connection"))
-
-    def data_received(self, data: bytes) -> None:
-        if self.raw_mode:
-            self.raw += data
-            self._wake()
-            return
-        self._buf += data
-        self._parse()
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        if self.gone is None:
-            if isinstance(exc, ConnectionEnded):
-                event = exc.event
-                if isinstance(event, Violation):
-                    self._end(_act_for_violation(event))
-                else:
-                    self._end(Act("gone", how="reset", detail=str(exc)))
-            elif self.closing:
-                self._end(Act("gone", how="closed-by-us", detail="the server closed"))
-            elif exc is None:
-                self.evidence.add("c2s", "eof")
-                self._end(Act("gone", how="eof", detail="the client closed the connection"))
-            else:
-                self.evidence.add("c2s", "eof", note=f"reset: {exc}")
-                self._end(Act("gone", how="reset", detail=f"connection lost: {exc}"))
-        self._wake()
-
-    # ----------------------------------------------------------- parsing
-
-    def _parse(self) -> None:
-        """Cut the buffer into commands (literals inline, message bodies whole).
-
-        Lines are the dialect's framer's units; the scripted server says
-        which line announces a literal and which command opens a body.
-        """
-        buf = self._buf
-        while buf and self.gone is None:
-            if self.body_mode:
-                if not self._take_body():
-                    return
-                continue
-            if self._literal_left:
-                take = min(self._literal_left, len(buf))
-                self._unit += buf[:take]
-                del buf[:take]
-                self._literal_left -= take
-                continue
-            units, _used = self.framer.split(bytes(buf[: MAX_LINE + 1]))
-            if not units:
-                if len(buf) > MAX_LINE:
-                    self._oversize()
-                return
-            line = units[0]
-            del buf[: len(line)]
-            if len(line) > MAX_LINE:
-                self._oversize()
-                return
-            self._unit += line
-            literal = self.dialect.literal_after(line)
-            if literal is not None:
-                size, synchronizing = literal
-                if size > MAX_UNIT:
-                    self._oversize()
-                    return
-                self._literal_left = size
-                if synchronizing:
-                    self.send(self.dialect.literal_prompt())
-                continue
-            unit = bytes(self._unit)
-            self._unit.clear()
-            self._push(Act("command", command=self.dialect.parse(unit, self._rx_tls)))
-
-    def _take_body(self) -> bool:
-        """A message body up to its end (the dialect says where); False if incomplete."""
-        data = bytes(self._unit) + bytes(self._buf)
-        end = self.dialect.body_end(data)
-        if end is None:
-            self._unit[:] = data
-            self._buf.clear()
-            if len(self._unit) > MAX_UNIT:
-                self._oversize()
-            return False
-        size, used = end
-        body, rest = data[:size], data[used:]
-        self._unit.clear()
-        self._buf[:] = rest
-        self.body_mode = False
-        self._push(Act("command", command=self.dialect.parse_body(body, self._rx_tls)))
-        return True
-
-    def _oversize(self) -> None:
-        self.evidence.note("the client sent more than the fake server buffers")
-        self._end(Act("gone", how="oversize", detail="client data exceeded the bound"))
-        if self.transport is not None:
-            self.transport.abort()
-
-    # ------------------------------------------------------------ inbox
-
-    def _push(self, act: Act) -> None:
-        self.acts.append(act)
-        self._wake()
-
-    def _end(self, act: Act) -> None:
-        if self.gone is None:
-            self.gone = act
-        self._wake()
-
-    def _wake(self) -> None:
-        self.changed.set()
-
-    async def next_act(self, timeout: float) -> Act:
-        """The client's next act (``gone`` for ever once it is gone); bounded."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            if self.acts:
-                return self.acts.popleft()
-            if self.gone is not None:
-                return self.gone
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise _Timeout(f"the client did nothing decisive within {timeout:g} s")
-            self.changed.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), remaining)
-
-    async def raw_record(self, timeout: float) -> bytes:
-        """Wait (in raw mode) for one complete TLS record, e.g. the ClientHello."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            raw = self.raw
-            if raw[:1] and raw[:1] != b"\x16":
-                return bytes(raw)  # not TLS: the caller decides
-            if len(raw) >= 5 and len(raw) >= 5 + ((raw[3] << 8) | raw[4]):
-                return bytes(raw)
-            if self.gone is not None:
-                raise _Gone(self.gone)
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise _Timeout("no ClientHello arrived")
-            self.changed.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), remaining)
-
-    # ------------------------------------------------------------ output
-
-    def t(self) -> SwitchableTransport:
-        assert self.transport is not None
-        return self.transport
-
-    def send(self, data: bytes) -> None:
-        """Send in the current phase (plaintext, or under TLS)."""
-        t = self.t()
-        if t.is_closing():
-            return
-        self.evidence.add("s2c", "tls" if t.tls_active else "plaintext", data)
-        t.write(data)
-
-    def inject(self, data: bytes, note: str) -> None:
-        """Bytes around every rule, marked as injected in the evidence."""
-        t = self.t()
-        if t.is_closing():
-            return
-        self.evidence.add("s2c", "injected", data, note)
-        t.write_raw(data)
-
-    def handle(self, events: List[Event]) -> None:
-        """Engine events of an operation the script did on the engine itself."""
-        t = self.t()
-        t.events.extend(events)
-        for event in events:
-            self.engine_event(event)
-            if isinstance(event, HandshakeFailed) or (
-                isinstance(event, Violation) and event.enforced
-            ):
-                t.abort()
-
-    def close(self) -> None:
-        """Close as a conforming server (close_notify first under TLS)."""
-        self.closing = True
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        self.closing = True
-        if self.transport is not None:
-            self.transport.abort()
-
-
-def _act_for_violation(event: Violation) -> Act:
-    if event.rule is Rule.R6:
-        return Act("gone", how="truncated", rule=event.rule, detail=event.message)
-    if event.rule is Rule.R5:
-        return Act("gone", how="unanswered", rule=event.rule, detail=event.message)
-    return Act(
-        "gone",
-        how="violation",
-        rule=event.rule,
-        detail=f"the client broke {event.rule.value}: {event.message}",
-    )
-
-
-class _Refuser(asyncio.Protocol):
-    """Any connection after the first: closed at once (one client, one connection)."""
-
-    def __init__(self, evidence: Evidence) -> None:
-        self.evidence = evidence
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.evidence.note("a further connection from the client was refused")
-        transport.close()
 
 
 # ------------------------------------------------------------ the run state
@@ -441,7 +110,7 @@ class _Run:
     scenario: Scenario
     target: ClientTarget
     dialect: ScriptedServer
-    conn: _FakeConnection
+    conn: ScriptedConnection
     evidence: Evidence
     settings: RunSettings
     server_ctx: ssl.SSLContext
@@ -467,15 +136,15 @@ class _Run:
         return await self.conn.next_act(self.settings.reply_timeout)
 
     async def next_command(self) -> Command:
-        """The next command; the connection ending raises :class:`_Gone`."""
+        """The next command; the connection ending raises :class:`Gone`."""
         act = await self.next_act()
         if act.kind == "command" and act.command is not None:
             return act.command
         if act.kind == "handshake":
             return await self.next_command()
         if act.kind == "close_notify":
-            raise _Gone(Act("gone", how="close_notify", detail="the client sent close_notify"))
-        raise _Gone(act)
+            raise Gone(Act("gone", how="close_notify", detail="the client sent close_notify"))
+        raise Gone(act)
 
     async def outcome(self) -> Optional[ClientOutcome]:
         """The client's reported outcome, waited for with a bound (None: none)."""
@@ -562,7 +231,7 @@ async def _await_handshake(run: _Run) -> None:
         if act.kind == "handshake":
             return
         if act.kind == "gone":
-            raise _Gone(act)
+            raise Gone(act)
         if act.kind == "command" and act.command is not None:
             # Cannot happen on a strict engine; kept for a clear error.
             raise Observed("unexpected-reply", f"command before the handshake: {act.command.text}")
@@ -578,9 +247,9 @@ async def _accept_stoptls(run: _Run, cmd: Command) -> None:
     try:
         await t.accept_unwrap(preface=answer, timeout=run.settings.reply_timeout)
     except asyncio.TimeoutError:
-        raise _Timeout("the client did not send its close_notify after STOPTLS") from None
+        raise ScriptTimeout("the client did not send its close_notify after STOPTLS") from None
     except (ConnectionError, RuntimeError) as exc:
-        raise _Gone(conn.gone or Act("gone", how="reset", detail=str(exc))) from None
+        raise Gone(conn.gone or Act("gone", how="reset", detail=str(exc))) from None
     run.stoptls_done += 1
     conn.send(run.dialect.greeting())
 
@@ -632,7 +301,7 @@ async def step_serve(run: _Run, args: Mapping[str, object]) -> None:
     for _ in range(200):  # a bound on commands, as on everything else
         try:
             cmd = await run.next_command()
-        except _Gone:
+        except Gone:
             await _session_over(run, args)
             raise
         if not run.ever_tls and not cmd.tls and cmd.kind in SENSITIVE:
@@ -646,7 +315,7 @@ async def step_serve(run: _Run, args: Mapping[str, object]) -> None:
             return
         if await _answer(run, cmd) == "ended":
             await _session_over(run, args)
-            raise _Gone(Act("gone", how="quit", detail="the client ended the session"))
+            raise Gone(Act("gone", how="quit", detail="the client ended the session"))
     raise Observed("unexpected-reply", "the client sent too many commands")
 
 
@@ -656,7 +325,7 @@ async def _session_over(run: _Run, args: Mapping[str, object]) -> None:
     otherwise = args.get("otherwise")
     gone = run.conn.gone
     if gone is not None and gone.how == "violation":
-        raise _Gone(gone)
+        raise Gone(gone)
     if until != "end":
         if otherwise:
             raise Observed(str(otherwise), f"the session ended before {until}")
@@ -714,7 +383,7 @@ async def _switch_after_client_hello(run: _Run, cmd: Command, payload: bytes) ->
     if not hello.startswith(b"\x16"):
         conn.evidence.add("c2s", "plaintext", hello, "plaintext instead of a ClientHello")
         conn.abort()
-        raise _Gone(
+        raise Gone(
             Act("gone", how="violation", rule=Rule.R1, detail="plaintext after the STARTTLS answer")
         )
     conn.evidence.add("c2s", "tls-wire", hello, "ClientHello (raw record)")
@@ -739,7 +408,7 @@ async def step_handshake(run: _Run, args: Mapping[str, object]) -> None:
     """Wait for the handshake; after a fault, a client that ends it refused."""
     try:
         await _await_handshake(run)
-    except _Gone as gone:
+    except Gone as gone:
         if gone.act.how == "violation":
             raise
         if run.fault_applied:
@@ -756,7 +425,7 @@ async def step_watch_plaintext(run: _Run, args: Mapping[str, object]) -> None:
     for _ in range(50):
         try:
             cmd = await run.next_command()
-        except _Gone as gone:
+        except Gone as gone:
             if gone.act.how == "violation":
                 raise
             raise Observed("gave-up", f"closed the connection: {gone.act.detail}") from None
@@ -796,14 +465,14 @@ async def _judge_answer_taken(run: _Run) -> None:
     """
     try:
         first = await run.next_command()
-    except _Gone as gone:
+    except Gone as gone:
         if gone.act.how == "violation":
             raise
         raise Observed("injection-consumed", "closed right after the handshake") from None
     await _answer(run, first)
     try:
         second = await run.next_command()
-    except _Gone as gone:
+    except Gone as gone:
         if gone.act.how == "violation":
             raise
         raise Observed(
@@ -820,7 +489,7 @@ async def _judge_capabilities_believed(run: _Run) -> None:
     for _ in range(20):
         try:
             cmd = await run.next_command()
-        except _Gone as gone:
+        except Gone as gone:
             if gone.act.how == "violation":
                 raise
             raise Observed("injection-consumed", f"no LOGIN: {gone.act.detail}") from None
@@ -861,7 +530,7 @@ async def step_expect_abort(run: _Run, args: Mapping[str, object]) -> None:
     if act.kind == "command" and act.command is not None:
         raise Observed("plaintext-accepted", f"then sent {act.command.text!r}")
     if act.kind == "gone" and act.how == "violation":
-        raise _Gone(act)
+        raise Gone(act)
     raise Observed("refused", f"ended the connection ({act.detail or act.kind})")
 
 
@@ -903,7 +572,7 @@ async def step_expect_close_notify(run: _Run, args: Mapping[str, object]) -> Non
     if act.kind == "command" and act.command is not None:
         raise Observed("spoke-first", f"sent {act.command.text!r} instead of close_notify")
     if act.kind == "gone" and act.how == "violation":
-        raise _Gone(act)
+        raise Gone(act)
     raise Observed("unanswered", f"no close_notify: {act.detail or act.how}")
 
 
@@ -932,7 +601,7 @@ async def step_expect_no_resume(run: _Run, args: Mapping[str, object]) -> None:
             raise Observed("ignored-closure", f"still sent {act.command.text!r} under TLS")
         if act.kind == "gone":
             if act.how == "violation":
-                raise _Gone(act)
+                raise Gone(act)
             raise Observed("refused", f"ended the connection ({act.detail or act.how})")
     raise Observed("unexpected-reply", "no decisive act")
 
@@ -952,7 +621,7 @@ async def step_expect_hello(run: _Run, args: Mapping[str, object]) -> None:
         run.offer_stoptls = bool(args["stoptls"])
     try:
         cmd = await run.next_command()
-    except _Gone as gone:
+    except Gone as gone:
         if gone.act.how == "violation":
             raise
         raise Observed("closed-before-check", gone.act.detail) from None
@@ -1015,10 +684,10 @@ async def _interpret(run: _Run) -> str:
             if seen.detail:
                 run.evidence.note(seen.detail)
             return seen.label
-        except _Timeout as exc:
+        except ScriptTimeout as exc:
             run.evidence.note(str(exc))
             return "timeout"
-        except _Gone as gone:
+        except Gone as gone:
             act = gone.act
             run.evidence.note(act.detail or act.how)
             if act.how == "violation" and act.rule is not None:
@@ -1057,7 +726,7 @@ async def run_client_scenario(
     asked = _requested_cycles(scenario)
     client_target = target.asking_for_cycles(asked) if asked > 1 else target
     server: Optional[asyncio.AbstractServer] = None
-    conn: Optional[_FakeConnection] = None
+    conn: Optional[ScriptedConnection] = None
     client: Optional[asyncio.Future[ClientOutcome]] = None
     outcome: Optional[ClientOutcome] = None
     with tempfile.TemporaryDirectory(prefix="starttls-harness-client-") as tmp:
@@ -1072,12 +741,12 @@ async def run_client_scenario(
                 )
                 evidence.keylog = str(keylog)
             server_ctx = pki.server_context(tls_version, keylog=keylog)
-            conn = _FakeConnection(dialect, evidence)
+            conn = ScriptedConnection(dialect, evidence)
             accepted: List[bool] = []
 
             def factory() -> asyncio.Protocol:
                 if accepted:
-                    return _Refuser(evidence)
+                    return Refuser(evidence)
                 accepted.append(True)
                 assert conn is not None
                 return conn
@@ -1219,3 +888,44 @@ async def run_client_target(
         sanity=sanity,
         progress=progress,
     )
+
+
+# ------------------------------------------------------------ entry points
+
+
+async def check_client(
+    dialect: str,
+    argv: Sequence[str],
+    scenarios: Optional[Sequence[Scenario]] = None,
+    settings: RunSettings = DEFAULT_SETTINGS,
+    progress: Optional[Progress] = None,
+    *,
+    tls_versions: Optional[Sequence[str]] = None,
+    timeout: Optional[float] = None,
+) -> List[Result]:
+    """Run the client catalogue against an external client command."""
+    chosen = list(scenarios) if scenarios is not None else list(CLIENT_SCENARIOS)
+    target = CommandClientTarget(
+        dialect, argv, timeout=timeout if timeout is not None else settings.scenario_timeout
+    )
+    return await run_client_target(
+        chosen,
+        target,
+        settings,
+        progress=progress,
+        tls_versions=tls_versions,
+    )
+
+
+async def validate_client(
+    dialect: str,
+    behaviour: str,
+    tls_versions: Sequence[str] = ("1.2", "1.3"),
+    settings: Optional[RunSettings] = None,
+) -> Tuple[List[Result], List[str]]:
+    """Run the client catalogue against one reference client; return mismatches."""
+    chosen = settings or CLIENT_VALIDATION_SETTINGS
+    target = ReferenceClientTarget(dialect, behaviour, timeout=chosen.reply_timeout)
+    results = await run_client_target(CLIENT_SCENARIOS, target, chosen, tls_versions=tls_versions)
+    expected: Mapping[str, Verdict] = expected_client_verdicts(dialect, behaviour)
+    return results, mismatches(results, expected)

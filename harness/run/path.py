@@ -74,6 +74,7 @@ from starttls_harness.proxy.core import (
 from starttls_harness.report.verdicts import Evidence, Exchange, Result, Verdict
 from starttls_harness.run.reference import reference_client_module, reference_server_module
 from starttls_harness.run.server import Progress, RunSettings, run_bracketed
+from starttls_harness.scenarios.expectations import PATH_EXPECTED, STOPTLS_SCENARIOS, mismatches
 from starttls_harness.scenarios.path import PATH_SCENARIOS, fault_data, fault_step
 from starttls_harness.scenarios.server import Expect, Scenario, Step
 from starttls_harness.servers.base import RunningServer, ServerConfig
@@ -882,62 +883,6 @@ PATH_VALIDATION_SETTINGS = RunSettings(reply_timeout=1.5, scenario_timeout=10.0)
 #: bytes in and waits for a close_notify that never comes gives up after it.
 PATH_VALIDATION_CLOSURE = 0.5
 
-#: The scenarios that need the return to plaintext (STOPTLS).
-STOPTLS_SCENARIOS = (
-    "path.drop-close-notify-c2s",
-    "path.drop-close-notify-s2c",
-    "path.inject-after-close",
-    "path.inject-before-close-s2c",
-)
-
-
-def _all(verdict: Verdict) -> Dict[str, Verdict]:
-    return {sid: verdict for sid in STOPTLS_SCENARIOS}
-
-
-#: (side, behaviour) -> {scenario id: verdict}, the other side strict; every
-#: path scenario not listed must pass.  Exact, as starttls_harness.run.validation's: an
-#: unexpected pass is as much a failure of the harness as an unexpected
-#: fail.  Each entry's first line is the scenario that guards its rule;
-#: behaviours whose rule no path scenario exercises (R1, R7, R8 on the
-#: server; R1, R5, R9 on the client) pass everything.
-PATH_EXPECTED: Dict[Tuple[str, str], Dict[str, Verdict]] = {
-    ("server", "strict"): {},
-    ("client", "strict"): {},
-    # R2: the injected plaintext is taken in as TLS data (and answered).
-    ("server", "plaintext-in-tls"): {
-        "path.inject-in-tls-c2s": F,
-        "path.drop-close-notify-c2s": F,
-    },
-    # R3: close_notify and the plaintext greeting leave before the client's
-    # close_notify: the proxy sees the one-sided closure in every STOPTLS run.
-    ("server", "early-plaintext"): _all(F),
-    # R4: plaintext glued to the client's close_notify is answered.
-    ("server", "one-sided-resume"): {"path.inject-after-close": F},
-    # R5: the server's close_notify, where the s2c faults aim, never comes.
-    ("server", "no-close-notify-reply"): {
-        "path.drop-close-notify-s2c": W,
-        "path.inject-before-close-s2c": W,
-    },
-    # R6: the cut DATA body / APPEND literal is stored.
-    ("server", "ignore-truncation"): {"path.truncate-c2s": F},
-    ("server", "keep-buffer"): {},
-    ("server", "alert-as-close"): {},
-    ("server", "no-state-reset"): {},
-    # R2: a plaintext reply inside TLS is taken in.
-    ("client", "plaintext-in-tls"): {"path.inject-in-tls-s2c": F},
-    # R4: close_notify and the next command in one segment, in every STOPTLS run.
-    ("client", "one-sided-close"): _all(F),
-    # R6 (SMTP client only): a reply cut by FIN is completed and accepted.
-    ("client", "ignore-truncation"): {"path.truncate-s2c": F},
-    # R8: the plaintext capabilities kept after STARTTLS do not list STOPTLS,
-    # so the client never returns to plaintext: those scenarios do not apply.
-    ("client", "no-state-reset"): _all(K),
-    ("client", "accept-injected-response"): {},
-    ("client", "no-close-notify-reply"): {},
-    ("client", "downgrade"): {},
-}
-
 
 async def validate_path(
     dialect: str,
@@ -951,8 +896,6 @@ async def validate_path(
     closure_timeout: float = PATH_VALIDATION_CLOSURE,
 ) -> Tuple[List[Result], List[str]]:
     """Run the path catalogue with one misbehaving reference peer; return mismatches."""
-    from starttls_harness.run.validation import mismatches
-
     if side not in ("server", "client"):
         raise ValueError(f"side must be 'server' or 'client', not {side!r}")
     pair = reference_pair(

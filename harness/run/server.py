@@ -45,8 +45,9 @@ from typing import (
 from starttls_harness.dialects import Dialect, Reply, dialect_named
 from starttls_harness.report.verdicts import Evidence, Result, Verdict
 from starttls_harness.run.probe import PeerClosed, Probe, ProbeSettings, ProbeTimeout
-from starttls_harness.scenarios.server import Scenario, Step
+from starttls_harness.scenarios.model import Expect, Scenario, Step
 from starttls_harness.tls.certs import client_context
+from starttls_harness.tls.engine import Rule
 
 __all__ = [
     "Observed",
@@ -159,7 +160,7 @@ async def step_starttls(run: _Run, args: Mapping[str, object]) -> None:
     command = dialect.starttls()
     transport = probe.transport
     assert transport is not None
-    transport.hold_after(dialect.final_line_of(command), once=True)
+    transport.hold_after(dialect.final_line_of(command), once=True, framer=dialect.framer())
     inject = bool(args.get("inject"))
     injected = dialect.injected() * int(args.get("count", 1)) if inject else b""  # type: ignore[call-overload]
     if inject and args.get("segment", "same") == "same":
@@ -568,9 +569,6 @@ async def sanity_probe(
     target: ServerTarget, tls_version: str, settings: RunSettings
 ) -> Optional[str]:
     """None if the conforming path works; otherwise why it does not."""
-    from starttls_harness.scenarios.server import Expect
-    from starttls_harness.tls.engine import Rule
-
     probe_scenario = Scenario(
         id="sanity",
         title="sanity probe",

@@ -21,7 +21,8 @@ Two kinds:
   replaced.  Its exit status decides the outcome; stdout/stderr are kept
   (bounded).  The process is killed when the scenario is over.
 
-:func:`check_client` is what ``starttls-harness check-client`` calls.
+:func:`starttls_harness.run.client.check_client` is what ``starttls-harness
+check-client`` calls.
 """
 
 from __future__ import annotations
@@ -35,10 +36,8 @@ from typing import Awaitable, Callable, List, Mapping, Optional, Sequence, Tuple
 
 from starttls_harness.dialects import dialect_named
 from starttls_harness.dialects.roles import ClientOutcome, SessionPlan, failed
-from starttls_harness.report.verdicts import Result, Verdict
 from starttls_harness.run.reference import reference_client_module
-from starttls_harness.run.server import Progress, RunSettings
-from starttls_harness.scenarios.server import Scenario
+from starttls_harness.run.server import RunSettings
 from starttls_harness.tls.aio import Timeouts
 from starttls_harness.tls.certs import client_context
 
@@ -50,9 +49,7 @@ __all__ = [
     "ClientTarget",
     "CommandClientTarget",
     "ReferenceClientTarget",
-    "check_client",
     "client_behaviours",
-    "validate_client",
 ]
 
 #: The test user the reference session logs in with (any user is accepted).
@@ -305,55 +302,3 @@ def _kill(proc: asyncio.subprocess.Process) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
         proc.kill()
-
-
-# ------------------------------------------------------------ entry points
-
-
-async def check_client(
-    dialect: str,
-    argv: Sequence[str],
-    scenarios: Optional[Sequence[Scenario]] = None,
-    settings: RunSettings = DEFAULT_SETTINGS,
-    progress: Optional[Progress] = None,
-    *,
-    tls_versions: Optional[Sequence[str]] = None,
-    timeout: Optional[float] = None,
-) -> List[Result]:
-    """Run the client catalogue against an external client command."""
-    from starttls_harness.run.client import run_client_target
-    from starttls_harness.scenarios.client import CLIENT_SCENARIOS
-
-    chosen = list(scenarios) if scenarios is not None else list(CLIENT_SCENARIOS)
-    target = CommandClientTarget(
-        dialect, argv, timeout=timeout if timeout is not None else settings.scenario_timeout
-    )
-    return await run_client_target(
-        chosen,
-        target,
-        settings,
-        progress=progress,
-        tls_versions=tls_versions,
-    )
-
-
-async def validate_client(
-    dialect: str,
-    behaviour: str,
-    tls_versions: Sequence[str] = ("1.2", "1.3"),
-    settings: Optional[RunSettings] = None,
-) -> Tuple[List[Result], List[str]]:
-    """Run the client catalogue against one reference client; return mismatches."""
-    from starttls_harness.run.client import run_client_target
-    from starttls_harness.run.validation import mismatches
-    from starttls_harness.scenarios.client import (
-        CLIENT_SCENARIOS,
-        CLIENT_VALIDATION_SETTINGS,
-        expected_client_verdicts,
-    )
-
-    chosen = settings or CLIENT_VALIDATION_SETTINGS
-    target = ReferenceClientTarget(dialect, behaviour, timeout=chosen.reply_timeout)
-    results = await run_client_target(CLIENT_SCENARIOS, target, chosen, tls_versions=tls_versions)
-    expected: Mapping[str, Verdict] = expected_client_verdicts(dialect, behaviour)
-    return results, mismatches(results, expected)

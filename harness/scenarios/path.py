@@ -64,7 +64,7 @@ from typing import Dict, Tuple
 
 from starttls_harness.dialects import Dialect
 from starttls_harness.report.verdicts import Verdict
-from starttls_harness.scenarios.server import Expect, S, Scenario, Step
+from starttls_harness.scenarios.model import Expect, S, Scenario, Step
 from starttls_harness.tls.engine import Rule
 
 __all__ = [
