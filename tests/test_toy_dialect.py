@@ -25,6 +25,7 @@ import pytest
 from starttls_harness.cli import _server_modules, build_parser, parse_target
 from starttls_harness.dialects import (
     DIALECTS,
+    RETURN_TO_PLAINTEXT,
     Dialect,
     IncompleteDialect,
     LinePredicate,
@@ -39,6 +40,8 @@ from starttls_harness.dialects.roles import Command, ScriptedServer
 from starttls_harness.report.verdicts import Result, Verdict
 from starttls_harness.run.reference import reference_server_module, reference_servers
 from starttls_harness.run.server import RunSettings, run_server_target
+from starttls_harness.scenarios.catalogue import ALL_SCENARIOS
+from starttls_harness.scenarios.expectations import STOPTLS_SCENARIOS
 from starttls_harness.scenarios.server import CATALOGUE, select
 from starttls_harness.servers.base import STRICT, Behaviour, RunningServer, ServerConfig
 from starttls_harness.tls.aio import SwitchableTransport, create_server
@@ -53,8 +56,7 @@ NAME = "toy"
 class _FinalLine(LinePredicate):
     """The last line of a toy reply: anything but an ``* info`` line."""
 
-    def __init__(self) -> None:
-        super().__init__("toy-final")
+    kind = "toy-final"
 
     def __call__(self, line: bytes) -> bool:
         return not line.startswith(b"* ")
@@ -420,6 +422,34 @@ def test_the_cli_takes_the_toy_from_the_registry(toy: Dialect) -> None:
     args = build_parser().parse_args(["check-client", "--protocol", NAME, "--", "true"])
     assert args.protocol == NAME
     assert _server_modules()[NAME] == __name__
+
+
+class OneWayToy(ToyDialect):
+    """The toy without a return to plaintext (its server still offers STOPTLS)."""
+
+    name = "toy1"
+    url_scheme = "toy1"
+    has_return_to_plaintext = False
+
+
+def test_scenarios_that_need_a_return_to_plaintext_skip_a_dialect_without_one() -> None:
+    one_way = register(OneWayToy())
+    try:
+        chosen = {s.id for s in select(role="server", dialect="toy1")}
+        server_ids = {s.id for s in CATALOGUE if s.role == "server"}
+        assert server_ids - chosen == {"server.one-sided-close-stoptls", "server.stoptls-cycle"}
+        everything_else = [s.id for s in ALL_SCENARIOS if "toy1" not in s.dialects]
+        assert set(everything_else) == {
+            "server.one-sided-close-stoptls",
+            "server.stoptls-cycle",
+            "client.one-sided-close",
+            "client.stoptls-wait",
+            "client.stoptls-cycle",
+            *STOPTLS_SCENARIOS,
+        }
+        assert "smtp" in RETURN_TO_PLAINTEXT and "toy1" not in RETURN_TO_PLAINTEXT
+    finally:
+        unregister(one_way.name)
 
 
 def test_without_the_toy_the_registry_is_back_to_the_mail_dialects() -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "DIALECTS",
     "EVERY_DIALECT",
     "IMAP",
+    "RETURN_TO_PLAINTEXT",
     "SMTP",
     "Dialect",
     "IncompleteDialect",
@@ -30,6 +31,7 @@ __all__ = [
     "UnitStep",
     "dialect_named",
     "dialect_of_scheme",
+    "dialects_with",
     "names",
     "register",
     "schemes",
@@ -99,7 +101,19 @@ class _EveryDialect(Sequence[str]):
 
     A scenario that applies to every dialect holds this view, so a dialect
     registered later (a plugin's, a test's toy) is covered without edits.
+    With ``flag``, only the dialects whose capability flag is true (see
+    :func:`dialects_with`).
     """
+
+    def __init__(self, flag: str = "") -> None:
+        if flag and not isinstance(getattr(Dialect, flag, None), bool):
+            raise ValueError(f"{flag!r} is not a capability flag of a dialect")
+        self.flag = flag
+
+    def _names(self) -> Tuple[str, ...]:
+        if not self.flag:
+            return names()
+        return tuple(n for n, d in DIALECTS.items() if getattr(d, self.flag))
 
     @overload
     def __getitem__(self, index: int) -> str: ...
@@ -108,23 +122,32 @@ class _EveryDialect(Sequence[str]):
     def __getitem__(self, index: slice) -> Sequence[str]: ...
 
     def __getitem__(self, index: Union[int, slice]) -> Union[str, Sequence[str]]:
-        return names()[index]
+        return self._names()[index]
 
     def __len__(self) -> int:
-        return len(DIALECTS)
+        return len(self._names())
 
     def __iter__(self) -> Iterator[str]:
-        return iter(names())
+        return iter(self._names())
 
     def __contains__(self, name: object) -> bool:
-        return name in DIALECTS
+        return name in self._names()
 
     def __repr__(self) -> str:
-        return "EVERY_DIALECT"
+        return f"dialects_with({self.flag!r})" if self.flag else "EVERY_DIALECT"
 
 
 #: Every registered dialect (see :class:`_EveryDialect`).
 EVERY_DIALECT: Sequence[str] = _EveryDialect()
+
+
+def dialects_with(flag: str) -> Sequence[str]:
+    """The registered dialects whose capability ``flag`` is true, read when asked."""
+    return _EveryDialect(flag)
+
+
+#: The dialects that can return from TLS to plaintext (STOPTLS and the like).
+RETURN_TO_PLAINTEXT: Sequence[str] = dialects_with("has_return_to_plaintext")
 
 register(SMTP)
 register(IMAP)

@@ -52,6 +52,15 @@ def next_tag(tag: bytes) -> Optional[bytes]:
     return found.group(1) + str(int(digits) + 1).zfill(len(digits)).encode()
 
 
+class _TaggedLine(LinePredicate):
+    """The tagged line that completes the answer to the command tagged ``arg``."""
+
+    kind = "imap-tagged"
+
+    def __call__(self, line: bytes) -> bool:
+        return line.split(b" ", 1)[0].decode("latin-1") == self.arg
+
+
 class _ScriptedImap(ScriptedServer):
     """The scripted server's IMAP: one INBOX, STARTTLS, LOGIN and AUTH=PLAIN."""
 
@@ -242,7 +251,7 @@ class _Imap(Dialect):
         return reply.key == "*" and reply.ok
 
     def final_line_of(self, command: bytes) -> LinePredicate:
-        return LinePredicate("imap-tagged", command.split(b" ", 1)[0].decode("latin-1"))
+        return _TaggedLine(command.split(b" ", 1)[0].decode("latin-1"))
 
     def tag_of(self, command: bytes) -> Optional[str]:
         return command.split(b" ", 1)[0].decode("latin-1")

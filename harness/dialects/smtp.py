@@ -37,6 +37,15 @@ def _lines(code: str, lines: Sequence[str]) -> bytes:
     return "".join(out).encode("ascii")
 
 
+class _FinalReplyLine(LinePredicate):
+    """The last line of an SMTP reply: a code followed by a space (or the line end)."""
+
+    kind = "smtp-final"
+
+    def __call__(self, line: bytes) -> bool:
+        return len(line) >= 4 and line[:3].isdigit() and line[3:4] in (b" ", b"\r", b"\n")
+
+
 class _ScriptedSmtp(ScriptedServer):
     """The scripted server's SMTP: a sink that offers STARTTLS and AUTH."""
 
@@ -206,7 +215,7 @@ class _Smtp(Dialect):
         return reply.key == "220"
 
     def final_line_of(self, command: bytes) -> LinePredicate:
-        return LinePredicate("smtp-final")
+        return _FinalReplyLine()
 
     def login(self, user: str, password: str) -> bytes:
         token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()

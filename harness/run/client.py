@@ -24,7 +24,7 @@ complete command (line, IMAP literals inline, an SMTP DATA body as one
 unit), its close_notify, the handshake completing, or the connection ending
 (how and why).  Steps (the verb table :data:`_CLIENT_STEPS`) read acts with
 a bound, answer like a conforming server, apply the fault, and end the run
-with an *observation* label (:class:`starttls_harness.run.server.Observed`) that the
+with an *observation* label (:class:`starttls_harness.run.outcomes.Observed`) that the
 scenario turns into a verdict.  Decisions come from events -- the client's
 next command, its close_notify, its close, its exit status -- never from
 silence: a wait that runs out is ``timeout`` and therefore an ``error``.
@@ -57,6 +57,13 @@ from typing import (
 from starttls_harness.dialects import dialect_named
 from starttls_harness.dialects.roles import Command, ScriptedServer
 from starttls_harness.report.verdicts import Evidence, Result, Verdict
+from starttls_harness.run.outcomes import (
+    HARNESS_ERROR,
+    TIMEOUT,
+    Observed,
+    harness_error,
+    violation,
+)
 from starttls_harness.run.scripted import (
     Act,
     Gone,
@@ -64,7 +71,7 @@ from starttls_harness.run.scripted import (
     ScriptedConnection,
     ScriptTimeout,
 )
-from starttls_harness.run.server import Observed, Progress, RunSettings, run_bracketed
+from starttls_harness.run.server import Progress, RunSettings, run_bracketed
 from starttls_harness.run.targets import (
     ClientOutcome,
     ClientTarget,
@@ -691,7 +698,7 @@ async def _interpret(run: _Run) -> str:
             act = gone.act
             run.evidence.note(act.detail or act.how)
             if act.how == "violation" and act.rule is not None:
-                return f"violation:{act.rule.value}"
+                return violation(act.rule)
             return "closed" if run.fault_applied else "closed-before-fault"
     return "completed"
 
@@ -721,7 +728,7 @@ async def run_client_scenario(
     """One scenario x TLS version against a client; never raises."""
     evidence = Evidence()
     start = time.monotonic()
-    label = "harness-error"
+    label = HARNESS_ERROR
     dialect = dialect_named(target.dialect)
     asked = _requested_cycles(scenario)
     client_target = target.asking_for_cycles(asked) if asked > 1 else target
@@ -780,11 +787,11 @@ async def run_client_scenario(
             try:
                 label = await asyncio.wait_for(_interpret(run), settings.scenario_timeout)
             except asyncio.TimeoutError:
-                label = "timeout"
+                label = TIMEOUT
                 evidence.note(f"scenario exceeded its {settings.scenario_timeout:g} s bound")
         except Exception as exc:  # a harness bug must not take the run down
-            label = "harness-error"
-            evidence.note(f"harness error: {type(exc).__name__}: {exc}")
+            label = HARNESS_ERROR
+            evidence.note(harness_error(exc))
         finally:
             if conn is not None:
                 conn.abort()

@@ -72,6 +72,7 @@ from starttls_harness.proxy.core import (
     ProxyEvent,
 )
 from starttls_harness.report.verdicts import Evidence, Exchange, Result, Verdict
+from starttls_harness.run.outcomes import HARNESS_ERROR, harness_error
 from starttls_harness.run.reference import reference_client_module, reference_server_module
 from starttls_harness.run.server import Progress, RunSettings, run_bracketed
 from starttls_harness.scenarios.expectations import PATH_EXPECTED, STOPTLS_SCENARIOS, mismatches
@@ -791,13 +792,13 @@ async def run_path_scenario(
         if settings.keylog_dir is not None:
             evidence.keylog = str(keylog)
         run = _PathRun(scenario.steps, scenario, pair, tls_version, settings, keylog)
-        label, detail = "harness-error", ""
+        label, detail = HARNESS_ERROR, ""
         try:
             run.fault, run.judge, run.arm_mode = scenario_fault(scenario, dialect)
             label, detail, exchanges = await _execute(run)
             evidence.exchanges.extend(exchanges)
         except Exception as exc:  # a harness bug must not take the run down
-            label, detail = "harness-error", f"harness error: {type(exc).__name__}: {exc}"
+            label, detail = HARNESS_ERROR, harness_error(exc)
     if detail:
         evidence.exchanges.append(
             Exchange(
@@ -834,7 +835,7 @@ async def path_sanity(
     try:
         label, detail, _ = await _execute(run)
     except Exception as exc:
-        return f"harness error: {type(exc).__name__}: {exc}"
+        return harness_error(exc)
     if label != "completed":
         return f"{label}: {detail}" if detail else label
     return None

@@ -18,6 +18,7 @@ from typing import FrozenSet, Optional
 
 from starttls_harness.dialects import Dialect, Reply
 from starttls_harness.report.verdicts import Evidence
+from starttls_harness.run.outcomes import RemoteEnded, WaitTimeout
 from starttls_harness.tls.aio import ConnectionEnded, SwitchableTransport, Timeouts, open_connection
 from starttls_harness.tls.engine import (
     AlertReceived,
@@ -50,7 +51,7 @@ class ProbeSettings:
     max_lines: int = 1000
 
 
-class PeerClosed(Exception):
+class PeerClosed(RemoteEnded):
     """The target ended the connection; ``how`` says in which way.
 
     ``how`` is ``eof``, ``reset``, ``alert``, ``handshake`` or ``violation``
@@ -60,13 +61,10 @@ class PeerClosed(Exception):
     """
 
     def __init__(self, how: str, detail: str, rule: Optional[Rule] = None) -> None:
-        super().__init__(detail)
-        self.how = how
-        self.detail = detail
-        self.rule = rule
+        super().__init__(how, detail, rule)
 
 
-class ProbeTimeout(Exception):
+class ProbeTimeout(WaitTimeout):
     """Nothing decisive arrived within the bound."""
 
 

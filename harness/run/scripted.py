@@ -20,6 +20,7 @@ from typing import Deque, List, Optional
 from starttls_harness.dialects import Dialect
 from starttls_harness.dialects.roles import Command
 from starttls_harness.report.verdicts import Evidence
+from starttls_harness.run.outcomes import RemoteEnded, WaitTimeout
 from starttls_harness.tls.aio import ConnectionEnded, SwitchableTransport
 from starttls_harness.tls.engine import (
     AlertReceived,
@@ -71,13 +72,15 @@ class Act:
     detail: str = ""
 
 
-class Gone(Exception):
+class Gone(RemoteEnded):
+    """The client ended the connection (the act says how, and which rule it broke)."""
+
     def __init__(self, act: Act) -> None:
-        super().__init__(act.detail or act.how)
+        super().__init__(act.how, act.detail, act.rule)
         self.act = act
 
 
-class ScriptTimeout(Exception):
+class ScriptTimeout(WaitTimeout):
     pass
 
 

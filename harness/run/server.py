@@ -44,6 +44,14 @@ from typing import (
 
 from starttls_harness.dialects import Dialect, Reply, dialect_named
 from starttls_harness.report.verdicts import Evidence, Result, Verdict
+from starttls_harness.run.outcomes import (
+    COMPLETED,
+    HARNESS_ERROR,
+    TIMEOUT,
+    Observed,
+    harness_error,
+    violation,
+)
 from starttls_harness.run.probe import PeerClosed, Probe, ProbeSettings, ProbeTimeout
 from starttls_harness.scenarios.model import Expect, Scenario, Step
 from starttls_harness.tls.certs import client_context
@@ -103,15 +111,6 @@ class RunSettings:
             reply_timeout=self.reply_timeout,
             handshake_timeout=self.reply_timeout,
         )
-
-
-class Observed(Exception):
-    """A step saw the target do something decisive; ``label`` names it."""
-
-    def __init__(self, label: str, detail: str = "") -> None:
-        super().__init__(detail or label)
-        self.label = label
-        self.detail = detail
 
 
 # ------------------------------------------------------------- the steps
@@ -481,7 +480,7 @@ async def _interpret(run: _Run) -> str:
             return seen.label
         except ProbeTimeout as exc:
             run.evidence.note(str(exc))
-            return "timeout"
+            return TIMEOUT
         except PeerClosed as closed:
             run.evidence.note(closed.detail)
             if closed.how == "refused":
@@ -489,7 +488,7 @@ async def _interpret(run: _Run) -> str:
             if closed.how == "overflow":
                 return "reply-bound"  # an error: the target closed nothing
             if closed.how == "violation" and closed.rule is not None:
-                return f"violation:{closed.rule.value}"
+                return violation(closed.rule)
             if not run.fault_applied:
                 return "closed-before-fault"
             if (
@@ -499,7 +498,7 @@ async def _interpret(run: _Run) -> str:
             ):
                 return "handshake-failed"
             return "closed"
-    return "completed"
+    return COMPLETED
 
 
 async def run_server_scenario(
@@ -530,11 +529,11 @@ async def run_server_scenario(
     try:
         label = await asyncio.wait_for(_interpret(run), settings.scenario_timeout)
     except asyncio.TimeoutError:
-        label = "timeout"
+        label = TIMEOUT
         evidence.note(f"scenario exceeded its {settings.scenario_timeout:g} s bound")
     except Exception as exc:  # a harness bug must not take the run down
-        label = "harness-error"
-        evidence.note(f"harness error: {type(exc).__name__}: {exc}")
+        label = HARNESS_ERROR
+        evidence.note(harness_error(exc))
     finally:
         probe.close()
     outcome = scenario.outcome(label)

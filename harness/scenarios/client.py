@@ -60,7 +60,7 @@ from starttls_harness.scenarios.expectations import (
     client_expected_by_dialect,
     expected_client_verdicts,
 )
-from starttls_harness.scenarios.model import Expect, S, Scenario, Step
+from starttls_harness.scenarios.model import Expect, S, Scenario, Step, needing_return
 from starttls_harness.tls.engine import Rule
 
 __all__ = [
@@ -123,7 +123,7 @@ _INJECTION = _expect(
     injection_consumed=Expect(F, "acted on a response injected before the handshake"),
 )
 
-CLIENT_SCENARIOS: Tuple[Scenario, ...] = (
+_CLIENT: Tuple[Scenario, ...] = (
     Scenario(
         id="client.response-injection",
         title="Plaintext response injected in the same segment as the STARTTLS answer",
@@ -310,6 +310,11 @@ CLIENT_SCENARIOS: Tuple[Scenario, ...] = (
             closed_before_check=Expect(E, "the client ended the session before the check"),
         ),
     ),
+)
+
+
+CLIENT_SCENARIOS: Tuple[Scenario, ...] = needing_return(
+    _CLIENT, ("client.one-sided-close", "client.stoptls-wait", "client.stoptls-cycle")
 )
 
 

@@ -16,14 +16,14 @@ the fault would be applied has not refused anything.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from starttls_harness.dialects import EVERY_DIALECT
+from starttls_harness.dialects import EVERY_DIALECT, RETURN_TO_PLAINTEXT
 from starttls_harness.report.verdicts import Verdict
 from starttls_harness.tls.engine import Rule
 
-__all__ = ["COMMON", "Expect", "S", "Scenario", "Step", "select"]
+__all__ = ["COMMON", "Expect", "S", "Scenario", "Step", "needing_return", "select"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,19 @@ COMMON: Dict[str, Expect] = {
         E, "the target sent more than the reply bound without completing a reply"
     ),
 }
+
+
+def needing_return(scenarios: Sequence[Scenario], ids: Sequence[str]) -> Tuple[Scenario, ...]:
+    """``scenarios`` with those in ``ids`` limited to dialects that can return to plaintext.
+
+    Such a scenario means nothing for a dialect without a return to
+    plaintext (it would only ever be skipped), so it does not apply there.
+    """
+    known = {s.id for s in scenarios}
+    unknown = sorted(set(ids) - known)
+    if unknown:
+        raise ValueError(f"no such scenarios: {', '.join(unknown)}")
+    return tuple(replace(s, dialects=RETURN_TO_PLAINTEXT) if s.id in ids else s for s in scenarios)
 
 
 def select(

@@ -64,7 +64,8 @@ from typing import Dict, Tuple
 
 from starttls_harness.dialects import Dialect
 from starttls_harness.report.verdicts import Verdict
-from starttls_harness.scenarios.model import Expect, S, Scenario, Step
+from starttls_harness.scenarios.expectations import STOPTLS_SCENARIOS
+from starttls_harness.scenarios.model import Expect, S, Scenario, Step, needing_return
 from starttls_harness.tls.engine import Rule
 
 __all__ = [
@@ -387,7 +388,7 @@ _PATH = [
     ),
 ]
 
-PATH_SCENARIOS: Tuple[Scenario, ...] = tuple(_PATH)
+PATH_SCENARIOS: Tuple[Scenario, ...] = needing_return(_PATH, STOPTLS_SCENARIOS)
 
 
 def path_by_id(scenario_id: str) -> Scenario:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 from starttls_harness.report.verdicts import Verdict
-from starttls_harness.scenarios.model import COMMON, Expect, S, Scenario, Step
+from starttls_harness.scenarios.model import COMMON, Expect, S, Scenario, Step, needing_return
 from starttls_harness.scenarios.model import select as select_from
 from starttls_harness.tls.engine import Rule
 
@@ -306,7 +306,9 @@ _SERVER: List[Scenario] = [
     ),
 ]
 
-CATALOGUE: Tuple[Scenario, ...] = tuple(_SERVER)
+CATALOGUE: Tuple[Scenario, ...] = needing_return(
+    _SERVER, ("server.one-sided-close-stoptls", "server.stoptls-cycle")
+)
 
 
 def by_id(scenario_id: str) -> Scenario:
