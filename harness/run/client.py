@@ -57,10 +57,12 @@ from typing import (
 from starttls_harness.dialects import dialect_named
 from starttls_harness.dialects.roles import Command, ScriptedServer
 from starttls_harness.report.verdicts import Evidence, Result, Verdict
+from starttls_harness.run.interpreter import interpret
 from starttls_harness.run.outcomes import (
     HARNESS_ERROR,
     TIMEOUT,
     Observed,
+    RemoteEnded,
     harness_error,
     violation,
 )
@@ -681,26 +683,15 @@ def unknown_client_steps(scenarios: Sequence[Scenario]) -> List[Tuple[str, str]]
 # ------------------------------------------------------------- one scenario
 
 
+def _gone(run: _Run, step: Step, gone: RemoteEnded) -> str:
+    """The client ended the connection."""
+    if gone.how == "violation" and gone.rule is not None:
+        return violation(gone.rule)
+    return "closed" if run.fault_applied else "closed-before-fault"
+
+
 async def _interpret(run: _Run) -> str:
-    for step in run.scenario.steps:
-        if step.fault:
-            run.fault_applied = True
-        try:
-            await _CLIENT_STEPS[step.action](run, step.args)
-        except Observed as seen:
-            if seen.detail:
-                run.evidence.note(seen.detail)
-            return seen.label
-        except ScriptTimeout as exc:
-            run.evidence.note(str(exc))
-            return "timeout"
-        except Gone as gone:
-            act = gone.act
-            run.evidence.note(act.detail or act.how)
-            if act.how == "violation" and act.rule is not None:
-                return violation(act.rule)
-            return "closed" if run.fault_applied else "closed-before-fault"
-    return "completed"
+    return await interpret(run, _CLIENT_STEPS, ended=_gone)
 
 
 async def _call_client(

@@ -44,11 +44,12 @@ from typing import (
 
 from starttls_harness.dialects import Dialect, Reply, dialect_named
 from starttls_harness.report.verdicts import Evidence, Result, Verdict
+from starttls_harness.run.interpreter import interpret
 from starttls_harness.run.outcomes import (
-    COMPLETED,
     HARNESS_ERROR,
     TIMEOUT,
     Observed,
+    RemoteEnded,
     harness_error,
     violation,
 )
@@ -461,44 +462,41 @@ def _shared_context(
     return client_context(tls_version, verify=False)
 
 
+def _skip(run: _Run, step: Step) -> Optional[str]:
+    """A step conditional on a capability the target does not offer is skipped."""
+    if_cap = step.args.get("if_cap")
+    if if_cap and str(if_cap) not in run.probe.capabilities:
+        return f"step {step.action} skipped: {if_cap} not offered"
+    return None
+
+
+def _mark(run: _Run) -> None:
+    """What the target says from the fault step on is what counts."""
+    run.mark = len(run.evidence.exchanges)
+
+
+def _closed(run: _Run, step: Step, closed: RemoteEnded) -> str:
+    """The target ended the connection during ``step``."""
+    if closed.how == "refused":
+        return "refused"
+    if closed.how == "overflow":
+        return "reply-bound"  # an error: the target closed nothing
+    if closed.how == "violation" and closed.rule is not None:
+        return violation(closed.rule)
+    if not run.fault_applied:
+        return "closed-before-fault"
+    if (
+        step.action == "handshake"
+        and closed.how == "handshake"
+        and not any(s.fault for s in run.scenario.steps)
+    ):
+        return "handshake-failed"
+    return "closed"
+
+
 async def _interpret(run: _Run) -> str:
     """Run the steps; return the observation label."""
-    for step in run.scenario.steps:
-        if_cap = step.args.get("if_cap")
-        if if_cap and str(if_cap) not in run.probe.capabilities:
-            run.evidence.note(f"step {step.action} skipped: {if_cap} not offered")
-            continue
-        if step.fault:
-            run.fault_applied = True
-            run.mark = len(run.evidence.exchanges)
-        func = _SERVER_STEPS[step.action]
-        try:
-            await func(run, step.args)
-        except Observed as seen:
-            if seen.detail:
-                run.evidence.note(seen.detail)
-            return seen.label
-        except ProbeTimeout as exc:
-            run.evidence.note(str(exc))
-            return TIMEOUT
-        except PeerClosed as closed:
-            run.evidence.note(closed.detail)
-            if closed.how == "refused":
-                return "refused"
-            if closed.how == "overflow":
-                return "reply-bound"  # an error: the target closed nothing
-            if closed.how == "violation" and closed.rule is not None:
-                return violation(closed.rule)
-            if not run.fault_applied:
-                return "closed-before-fault"
-            if (
-                step.action == "handshake"
-                and closed.how == "handshake"
-                and not any(s.fault for s in run.scenario.steps)
-            ):
-                return "handshake-failed"
-            return "closed"
-    return COMPLETED
+    return await interpret(run, _SERVER_STEPS, ended=_closed, skip=_skip, at_fault=_mark)
 
 
 async def run_server_scenario(
