@@ -8,6 +8,14 @@ applicability (:data:`EVERY_DIALECT`), the pytest plugin and the report
 schema's dialect enum all come from this registry.  An unknown name is an
 error that says which names exist; an incomplete dialect is refused when it
 is registered, with an error naming it and what it lacks.
+
+Adding a dialect: write ``dialects/<name>.py`` with a :class:`Dialect`
+subclass (every method in :data:`~starttls_harness.dialects.base.REQUIRED`,
+its framer, its scripted server, its capability flags), a reference server
+``servers/<name>.py`` (``start_server``, ``BEHAVIOURS``) and a reference
+client ``clients/<name>.py`` (``BEHAVIOURS``, ``path_driver``,
+``reference_session``), and :func:`register` it below.  Nothing else
+changes; ``tests/test_toy_dialect.py`` shows a whole one.
 """
 
 from __future__ import annotations

@@ -105,6 +105,7 @@ class Probe:
         policy: Optional[Policy] = None,
     ) -> None:
         self.dialect = dialect
+        self._framer = dialect.framer()
         self.host = host
         self.port = port
         self.ctx = client_context
@@ -124,7 +125,8 @@ class Probe:
 
     def _on_data(self, data: bytes) -> None:
         self._buf += data
-        lines = self._buf.count(b"\n")
+        self._framer.reset()
+        lines = len(self._framer.split(self._buf)[0])  # the dialect's units
         if self._closed is None and (
             len(self._buf) > self.settings.max_buffer or lines > self.settings.max_lines
         ):
