@@ -14,6 +14,9 @@ from starttls_harness.dialects import (
     names,
 )
 from starttls_harness.dialects.base import missing
+from starttls_harness.run.path import reference_pair
+from starttls_harness.run.server import ServerTarget
+from starttls_harness.run.targets import ReferenceClientTarget
 from starttls_harness.scenarios.server import CATALOGUE, select
 from starttls_harness.tls.framing import LineFramer
 
@@ -53,3 +56,12 @@ def test_scenarios_apply_to_every_registered_dialect_unless_they_say_otherwise()
     for name in names():
         assert select(dialect=name) == list(CATALOGUE)
     assert select(dialect="pop3") == []
+
+
+def test_targets_of_an_unknown_dialect_are_refused_when_made() -> None:
+    with pytest.raises(ValueError, match="unknown dialect 'pop3'"):
+        ServerTarget("pop3", "127.0.0.1", 110)
+    with pytest.raises(ValueError, match="unknown dialect 'pop3'"):
+        ReferenceClientTarget("pop3")
+    with pytest.raises(ValueError, match="unknown dialect 'pop3'"):
+        reference_pair("pop3")

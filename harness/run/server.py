@@ -89,6 +89,9 @@ class ServerTarget:
     #: How many messages the target has stored (None: not observable).
     storage_count: Optional[StorageProbe] = None
 
+    def __post_init__(self) -> None:
+        dialect_named(self.dialect)  # an unknown dialect is refused here, by name
+
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
