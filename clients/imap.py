@@ -19,7 +19,7 @@ So this client is small and written for the harness: an ``asyncio.Protocol``
 on the switchable transport, with the IMAP tokenizer and line reader shared
 with :mod:`servers.imap`.
 
-Rules it keeps (``shared/spec/closure-rules.md``):
+Rules it keeps (``docs/rules.md``):
 
 * R1: before sending STARTTLS it arms ``hold_after`` for the tagged answer
   line; plaintext after that line is the leftover, which the engine refuses
@@ -59,11 +59,23 @@ Behaviours (``BEHAVIOURS``; each breaks exactly one rule):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
+from starttls_harness.dialects.roles import (
+    PATH_MESSAGE,
+    ClientOutcome,
+    ClientSpec,
+    Hooks,
+    PathDriver,
+    SessionPlan,
+    StopTLSUnsupported,
+    failed,
+    transport_events,
+)
 from starttls_harness.servers.base import STRICT, Behaviour, behaviour_named
 from starttls_harness.servers.imap import (
     LITERAL_AT_END,
@@ -92,6 +104,8 @@ __all__ = [
     "StopTLSNotSupported",
     "TLSRequired",
     "Untagged",
+    "path_driver",
+    "reference_session",
 ]
 
 BEHAVIOURS: Dict[str, Behaviour] = {
@@ -730,3 +744,121 @@ class ImapClient:
             raise ImapProtocolError(f"unexpected greeting {unit[:80]!r}")
         self.greeting = item
         self.authenticated = self.authenticated or item.keyword == "PREAUTH"
+
+
+# ------------------------------------------------------ the harness's roles
+
+
+class _PathDriver(PathDriver):
+    """:class:`ImapClient` through the path proxy, one verb at a time."""
+
+    def __init__(self, spec: ClientSpec, behaviour: str, user: str, password: str) -> None:
+        self.spec = spec
+        self.behaviour = behaviour
+        self.user = user
+        self.password = password
+        self.client: Optional[ImapClient] = None
+
+    def _client(self) -> ImapClient:
+        if self.client is None:
+            raise ConnectionError("not connected")
+        return self.client
+
+    async def connect(self, hooks: Hooks) -> None:
+        spec = self.spec
+        self.client = await ImapClient.connect(
+            spec.host,
+            spec.port,
+            ssl_context=spec.tls_context,
+            server_hostname=spec.server_hostname,
+            behaviour=self.behaviour,
+            timeout=spec.timeout,
+            timeouts=Timeouts(handshake=spec.timeout, closure=spec.timeout, connect=spec.timeout),
+        )
+
+    async def starttls(self, hooks: Hooks) -> None:
+        if not await self._client().starttls():
+            raise ConnectionError("the client carried on without TLS")
+
+    async def command(self, hooks: Hooks) -> None:
+        await self._client().noop()
+
+    async def stoptls(self, hooks: Hooks) -> None:
+        try:
+            await self._client().stoptls()
+        except StopTLSNotSupported as exc:
+            raise StopTLSUnsupported(str(exc)) from exc
+
+    async def send_unit(self, hooks: Hooks) -> None:
+        """APPEND of a literal over two records: FIN cuts the literal."""
+        client = self._client()
+        await client.capability()  # what the server offers now, whatever was kept
+        await client.login(self.user, self.password)
+        # LITERAL+: command and literal in one write (records 1-2); otherwise
+        # the command line is record 1 and the literal records 2-3.
+        hooks.arm(nth=2 if "LITERAL+" in (client.capabilities or ()) else 3)
+        await client.append(PATH_MESSAGE)
+
+    async def fetch_unit(self, hooks: Hooks) -> None:
+        """FETCH of a message whose literal takes two records: FIN cuts it."""
+        client = self._client()
+        await client.capability()
+        await client.login(self.user, self.password)
+        await client.append(PATH_MESSAGE)
+        await client.select()
+        hooks.arm(nth=2)
+        await client.fetch(1, "(RFC822)")
+
+    async def quit(self, hooks: Hooks) -> None:
+        await self._client().logout()
+
+    def engine_events(self) -> Optional[Sequence[Event]]:
+        if self.client is None:
+            return None
+        return transport_events(self.client.transport)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+
+def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
+    """The reference client as the path role's client under test (it logs in)."""
+    return _PathDriver(spec, behaviour, user, password)
+
+
+async def reference_session(plan: SessionPlan) -> ClientOutcome:
+    """The reference client's normal session against the scripted server."""
+    errors = (ImapError, ConnectionError, OSError, asyncio.TimeoutError, RuntimeError)
+    try:
+        client = await ImapClient.connect(
+            plan.host,
+            plan.port,
+            ssl_context=plan.tls_context,
+            server_hostname="localhost",
+            require_tls=True,
+            behaviour=plan.behaviour,
+            timeout=plan.timeout,
+            timeouts=plan.timeouts,
+        )
+    except errors as exc:
+        return failed(exc)
+    done = 0
+    try:
+        await client.starttls()  # CAPABILITY, STARTTLS, CAPABILITY
+        await client.login(plan.user, plan.password)
+        for _ in range(plan.cycles):
+            if "STOPTLS" not in (client.capabilities or frozenset()):
+                break
+            await client.stoptls()  # closure, greeting, CAPABILITY
+            await client.starttls()
+            await client.login(plan.user, plan.password)
+            done += 1
+        await client.append(plan.message)
+        with contextlib.suppress(*errors):
+            await client.logout()
+    except errors as exc:
+        return failed(exc)
+    finally:
+        client.close()
+    return ClientOutcome(True, f"message appended after {done} STOPTLS cycle(s)")

@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ssl
 from types import TracebackType
 from typing import (
@@ -98,6 +99,19 @@ from aiosmtplib import (
     SMTPServerDisconnected,
 )
 from aiosmtplib.protocol import SMTPProtocol
+from starttls_harness.dialects.roles import (
+    PATH_MESSAGE,
+    PATH_RECIPIENT,
+    PATH_SENDER,
+    ClientOutcome,
+    ClientSpec,
+    Hooks,
+    PathDriver,
+    SessionPlan,
+    StopTLSUnsupported,
+    failed,
+    transport_events,
+)
 from starttls_harness.servers.base import STRICT, Behaviour, behaviour_named
 from starttls_harness.tls.aio import ConnectionEnded, SwitchableTransport, Timeouts, open_connection
 from starttls_harness.tls.certs import client_context
@@ -118,6 +132,8 @@ __all__ = [
     "SMTPClient",
     "StopTLSNotSupported",
     "TLSRequiredError",
+    "path_driver",
+    "reference_session",
 ]
 
 T = TypeVar("T")
@@ -708,3 +724,102 @@ class SMTPClient:
             if isinstance(exc, SMTPException) and failure is exc:
                 raise
             raise failure from exc
+
+
+# ------------------------------------------------------ the harness's roles
+
+
+class _PathDriver(PathDriver):
+    """:class:`SMTPClient` through the path proxy, one verb at a time."""
+
+    def __init__(self, spec: ClientSpec, behaviour: str) -> None:
+        self.client = SMTPClient(
+            spec.host,
+            spec.port,
+            tls_context=spec.tls_context,
+            server_hostname=spec.server_hostname,
+            behaviour=behaviour,
+            timeout=spec.timeout,
+            timeouts=Timeouts(handshake=spec.timeout, closure=spec.timeout, connect=spec.timeout),
+        )
+
+    async def connect(self, hooks: Hooks) -> None:
+        await self.client.connect()
+        await self.client.ehlo()
+
+    async def starttls(self, hooks: Hooks) -> None:
+        await self.client.starttls()
+
+    async def command(self, hooks: Hooks) -> None:
+        await self.client.execute_command(b"NOOP")
+
+    async def stoptls(self, hooks: Hooks) -> None:
+        try:
+            await self.client.stoptls()
+        except StopTLSNotSupported as exc:
+            raise StopTLSUnsupported(str(exc)) from exc
+
+    async def send_unit(self, hooks: Hooks) -> None:
+        """MAIL, RCPT, then DATA whose body takes two records: FIN replaces the second."""
+        await self.client.ehlo()
+        await self.client.execute_command(f"MAIL FROM:<{PATH_SENDER}>".encode())
+        await self.client.execute_command(f"RCPT TO:<{PATH_RECIPIENT}>".encode())
+        hooks.arm(nth=3)  # 1: DATA, 2-3: the body (16 KiB + the rest with the final dot)
+        await self.client.smtp.data(PATH_MESSAGE, timeout=self.client.timeout)
+
+    async def fetch_unit(self, hooks: Hooks) -> None:
+        """EHLO under TLS: the reference server writes one record per reply line."""
+        hooks.arm(nth=2)
+        await self.client.ehlo()
+
+    async def quit(self, hooks: Hooks) -> None:
+        await self.client.quit()
+
+    def engine_events(self) -> Optional[Sequence[Event]]:
+        return transport_events(self.client.transport)
+
+    async def close(self) -> None:
+        self.client.close()
+
+
+def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
+    """The reference client as the path role's client under test."""
+    return _PathDriver(spec, behaviour)
+
+
+async def reference_session(plan: SessionPlan) -> ClientOutcome:
+    """The reference client's normal session against the scripted server."""
+    client = SMTPClient(
+        plan.host,
+        plan.port,
+        tls_context=plan.tls_context,
+        server_hostname="localhost",
+        require_tls=True,
+        behaviour=plan.behaviour,
+        timeout=plan.timeout,
+        timeouts=plan.timeouts,
+    )
+
+    async def login() -> None:
+        if "plain" in client.smtp.server_auth_methods:
+            await client.login(plan.user, plan.password)
+
+    done = 0
+    try:
+        await client.connect()  # greeting, EHLO, STARTTLS, EHLO
+        await login()
+        for _ in range(plan.cycles):
+            if "stoptls" not in client.extensions:
+                break
+            await client.stoptls()  # closure, greeting, EHLO
+            await client.starttls()  # handshake, EHLO
+            await login()
+            done += 1
+        await client.sendmail(plan.sender, [plan.recipient], plan.message)
+        with contextlib.suppress(SMTPException, ConnectionError):
+            await client.quit()  # the mail is sent; a sloppy goodbye is no failure
+    except (SMTPException, ConnectionError, OSError, asyncio.TimeoutError, RuntimeError) as exc:
+        return failed(exc)
+    finally:
+        client.close()
+    return ClientOutcome(True, f"mail sent after {done} STOPTLS cycle(s)")

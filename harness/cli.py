@@ -39,6 +39,7 @@ from typing import (
 )
 
 from starttls_harness import __version__
+from starttls_harness.dialects import DIALECTS, dialect_of_scheme, names, schemes
 
 if TYPE_CHECKING:
     from starttls_harness.report.verdicts import Result, Verdict
@@ -86,7 +87,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
             "  openssl s_client -starttls smtp -connect 127.0.0.1:PORT -CAfile CAFILE"
         ),
     )
-    p.add_argument("protocol", choices=("smtp", "imap"), help="the dialect to serve")
+    p.add_argument("protocol", choices=names(), help="the dialect to serve")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=0, help="port; 0 picks a free one (default: 0)")
     p.add_argument(
@@ -154,7 +155,7 @@ def _doc_reference(text: str) -> str:
 
 
 def cmd_scenarios(args: argparse.Namespace) -> int:
-    from starttls_harness.scenarios.server import everything
+    from starttls_harness.scenarios.catalogue import everything
 
     roles = (args.role,) if args.role else ROLES
     catalogue = [s for role in roles for s in everything() if s.role == role]
@@ -303,7 +304,7 @@ def _add_check_client(sub: argparse._SubParsersAction) -> None:  # type: ignore[
             "      python3 send.py {host} {port} {cafile}"
         ),
     )
-    p.add_argument("--protocol", choices=("smtp", "imap"), required=True)
+    p.add_argument("--protocol", choices=names(), required=True)
     _add_run_options(p)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ARG...")
     p.set_defaults(func=cmd_check_client)
@@ -354,7 +355,7 @@ def _add_client(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
             "      starttls-harness client imap --port {port} --cafile {cafile}"
         ),
     )
-    p.add_argument("protocol", choices=("smtp", "imap"))
+    p.add_argument("protocol", choices=names())
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument(
@@ -420,7 +421,7 @@ def _add_proxy(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         metavar="NAME",
         help="a fault to apply (repeatable); see --list-faults",
     )
-    p.add_argument("--dialect", choices=("smtp", "imap"), default="smtp")
+    p.add_argument("--dialect", choices=names(), default="smtp")
     p.add_argument("--keylog", type=Path, help="TLS key log (SSLKEYLOGFILE format)")
     p.add_argument("--list-faults", action="store_true", help="list the fault names and exit")
     p.set_defaults(func=cmd_proxy)
@@ -460,11 +461,13 @@ def cmd_states(args: argparse.Namespace) -> int:
 
 
 def _server_modules() -> Dict[str, str]:
-    return {"smtp": "starttls_harness.servers.smtp", "imap": "starttls_harness.servers.imap"}
+    """The reference server module of every registered dialect."""
+    return {d.name: d.server_module for d in DIALECTS.values()}
 
 
 def _client_modules() -> Dict[str, str]:
-    return {"smtp": "starttls_harness.clients.smtp", "imap": "starttls_harness.clients.imap"}
+    """The reference client module of every registered dialect."""
+    return {d.name: d.client_module for d in DIALECTS.values()}
 
 
 def cmd_behaviours(args: argparse.Namespace) -> int:
@@ -574,17 +577,23 @@ def _serve(args: argparse.Namespace, module: Any, config: Any, temporary: bool) 
 
 
 def parse_target(text: str) -> Tuple[str, str, int]:
-    """``smtp://HOST:PORT`` -> (dialect, host, port), or UsageError."""
+    """``smtp://HOST:PORT`` -> (dialect, host, port), or UsageError.
+
+    The schemes are those of the registered dialects.
+    """
     parsed = urllib.parse.urlsplit(text)
-    if parsed.scheme not in ("smtp", "imap"):
-        raise UsageError(f"target {text!r}: use smtp://HOST:PORT or imap://HOST:PORT")
+    try:
+        dialect = dialect_of_scheme(parsed.scheme).name
+    except ValueError:
+        forms = " or ".join(f"{scheme}://HOST:PORT" for scheme in schemes())
+        raise UsageError(f"target {text!r}: use {forms}") from None
     try:
         port = parsed.port
     except ValueError:
         raise UsageError(f"target {text!r}: the port is not a number") from None
     if not parsed.hostname or port is None:
         raise UsageError(f"target {text!r}: HOST and PORT are both required")
-    return parsed.scheme, parsed.hostname, port
+    return dialect, parsed.hostname, port
 
 
 # ------------------------------------------------------------------ checks
@@ -838,7 +847,7 @@ def _after_reference_run(runs: int, verdicts: Set[Verdict]) -> str:
 
 
 def _select(patterns: Optional[List[str]], role: str) -> List[Scenario]:
-    from starttls_harness.scenarios.server import everything, select
+    from starttls_harness.scenarios.catalogue import everything, select
 
     return select(patterns, role=role, catalogue=everything())
 
@@ -916,7 +925,7 @@ def _client_jobs(scenarios: List[Scenario], setup: _RunSetup) -> List[Job]:
     from starttls_harness.run.targets import ReferenceClientTarget
 
     jobs: List[Job] = []
-    for dialect in ("smtp", "imap") if scenarios else ():
+    for dialect in names() if scenarios else ():
         target = ReferenceClientTarget(dialect)
 
         async def job(progress: Callable[[Result], None], t: Any = target) -> List[Result]:
@@ -931,7 +940,7 @@ def _path_jobs(scenarios: List[Scenario], setup: _RunSetup) -> List[Job]:
     from starttls_harness.run.path import reference_pair, run_path_target
 
     jobs: List[Job] = []
-    for dialect in ("smtp", "imap") if scenarios else ():
+    for dialect in names() if scenarios else ():
         mine = [s for s in scenarios if dialect in s.dialects]
 
         async def job(

@@ -47,7 +47,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import (
-    TYPE_CHECKING,
     Any,
     AsyncContextManager,
     AsyncIterator,
@@ -59,18 +58,22 @@ from typing import (
 )
 
 import pytest
+from starttls_harness.dialects import names
 from starttls_harness.report.formats import ladder
 from starttls_harness.report.verdicts import Result, Verdict
+from starttls_harness.run.client import run_client_scenario
+from starttls_harness.run.client import sanity_probe as client_sanity_probe
+from starttls_harness.run.reference import reference_server_module
 from starttls_harness.run.server import RunSettings, ServerTarget, run_server_scenario, sanity_probe
-from starttls_harness.scenarios.server import Scenario, everything, select
+from starttls_harness.run.targets import ClientTarget, ReferenceClientTarget
+from starttls_harness.scenarios.catalogue import everything, select
+from starttls_harness.scenarios.model import Scenario
+from starttls_harness.servers.base import ServerConfig
 from starttls_harness.tls.certs import Pki, make_pki
 
 __all__ = ["ScenarioOutcome", "ServerFactory"]
 
 ServerFactory = Callable[[Pki, str], AsyncContextManager[ServerTarget]]
-
-if TYPE_CHECKING:
-    from starttls_harness.run.targets import ClientTarget
 
 MARKER = "starttls"
 
@@ -115,6 +118,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         raise pytest.UsageError(
             f"starttls marker: role must be 'server' or 'client', not {opts.role!r}"
         )
+    if opts.dialect not in names():
+        raise pytest.UsageError(
+            f"starttls marker: unknown dialect {opts.dialect!r}; known: {', '.join(names())}"
+        )
     scenarios = select(opts.only, role=opts.role, dialect=opts.dialect, catalogue=everything())
     params = [
         pytest.param((s.id, v), id=f"{s.id}-tls{v}")
@@ -152,11 +159,8 @@ def starttls_server(request: pytest.FixtureRequest, starttls_host: str) -> Serve
 
     @contextlib.asynccontextmanager
     async def reference(pki: Pki, tls_version: str) -> AsyncIterator[ServerTarget]:
-        from starttls_harness.run.reference import server_module
-        from starttls_harness.servers.base import ServerConfig
-
         config = ServerConfig(pki=pki, host=starttls_host)
-        running = await server_module(dialect).start_server(config)
+        running = await reference_server_module(dialect).start_server(config)
         try:
             yield ServerTarget(
                 dialect,
@@ -180,8 +184,6 @@ def starttls_client(request: pytest.FixtureRequest) -> ClientTarget:
     Override with a :class:`starttls_harness.run.targets.ClientTarget`, e.g.
     ``CommandClientTarget("smtp", ["my-client", "--port", "{port}", "--ca", "{cafile}"])``.
     """
-    from starttls_harness.run.targets import ReferenceClientTarget
-
     return ReferenceClientTarget(_options(request.node).dialect)
 
 
@@ -222,16 +224,37 @@ def starttls_result(
     opts = _options(request.node)
     allowed = Verdict(opts.expect.get(scenario_id, "pass"))
     if scenario.role == "client":
-        from starttls_harness.run.client import run_client_scenario
-
         client = request.getfixturevalue("starttls_client")
-        result = asyncio.run(run_client_scenario(scenario, client, tls_version, starttls_settings))
+        result = asyncio.run(_run_client(scenario, client, tls_version, starttls_settings))
         return ScenarioOutcome(scenario, result, allowed)
     if starttls_pki.cafile is None:
         starttls_pki.write(Path(tempfile.mkdtemp(prefix="starttls-pki-")))
     factory: ServerFactory = request.getfixturevalue("starttls_server")
     result = asyncio.run(_run(scenario, tls_version, starttls_pki, factory, starttls_settings))
     return ScenarioOutcome(scenario, result, allowed)
+
+
+def _sanity_failed(scenario: Scenario, dialect: str, tls_version: str, problem: str) -> Result:
+    """The result of a scenario whose target failed its sanity probe: an error."""
+    return Result(
+        scenario.id,
+        dialect,
+        tls_version,
+        Verdict.ERROR,
+        scenario.rule.value,
+        f"sanity probe failed: {problem}",
+        title=scenario.title,
+    )
+
+
+async def _run_client(
+    scenario: Scenario, client: ClientTarget, tls_version: str, settings: RunSettings
+) -> Result:
+    """The client role: a client that cannot complete a normal session refuses nothing."""
+    problem = await client_sanity_probe(client, tls_version, settings)
+    if problem is not None:
+        return _sanity_failed(scenario, client.dialect, tls_version, problem)
+    return await run_client_scenario(scenario, client, tls_version, settings)
 
 
 async def _run(
@@ -253,15 +276,7 @@ async def _run(
         # A target whose conforming path is broken must not pass a refusal test.
         problem = await sanity_probe(target, tls_version, settings)
         if problem is not None:
-            result = Result(
-                scenario.id,
-                target.dialect,
-                tls_version,
-                Verdict.ERROR,
-                scenario.rule.value,
-                f"sanity probe failed: {problem}",
-                title=scenario.title,
-            )
+            result = _sanity_failed(scenario, target.dialect, tls_version, problem)
         else:
             result = await run_server_scenario(scenario, target, tls_version, settings)
     if errors:

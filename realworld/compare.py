@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
+from starttls_harness.dialects import names
+
 __all__ = [
     "EXPECTED_FILE",
     "README_FILE",
@@ -156,8 +158,9 @@ def parse_expected(doc: Mapping[str, Any]) -> Dict[str, ServerTable]:
         if not isinstance(entry, dict):
             raise TableError(f"servers.{name}: expected an object")
         dialect = entry.get("dialect")
-        if dialect not in ("smtp", "imap"):
-            raise TableError(f"servers.{name}.dialect: {dialect!r} is not smtp or imap")
+        if dialect not in names():
+            known = ", ".join(names())
+            raise TableError(f"servers.{name}.dialect: {dialect!r} is not one of {known}")
         scenarios = entry.get("scenarios")
         if not isinstance(scenarios, dict):
             raise TableError(f"servers.{name}.scenarios: expected an object")

@@ -426,7 +426,7 @@ def test_serve_and_client_survive_a_closed_pipe() -> None:
 
 
 def test_scenarios_lists_every_role_and_filters() -> None:
-    from starttls_harness.scenarios.server import everything
+    from starttls_harness.scenarios.catalogue import everything
 
     code, out, _ = run_cli("scenarios")
     assert code == 0

@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import pytest
+from starttls_harness.dialects.imap import next_tag
 from starttls_harness.report.verdicts import Result, Verdict
 from starttls_harness.run.client import (
     CLIENT_STEP_NAMES,
-    next_tag,
+    check_client,
     run_client_scenario,
     run_client_target,
     unknown_client_steps,
+    validate_client,
 )
 from starttls_harness.run.server import RunSettings
 from starttls_harness.run.targets import (
@@ -32,19 +34,16 @@ from starttls_harness.run.targets import (
     ClientTarget,
     CommandClientTarget,
     ReferenceClientTarget,
-    check_client,
     client_behaviours,
-    validate_client,
 )
-from starttls_harness.run.validation import mismatches
+from starttls_harness.run.validation import CLIENT_VALIDATION_SETTINGS, mismatches
 from starttls_harness.scenarios.client import (
     CLIENT_COMMON,
     CLIENT_EXPECTED,
-    CLIENT_EXPECTED_BY_DIALECT,
     CLIENT_SCENARIOS,
-    CLIENT_VALIDATION_SETTINGS,
     SPEC_CLIENT_IDS,
     client_by_id,
+    client_expected_by_dialect,
     expected_client_verdicts,
 )
 from starttls_harness.scenarios.server import COMMON, Scenario
@@ -115,7 +114,7 @@ def test_every_client_behaviour_has_an_expectation(dialect: str) -> None:
 
 
 def test_dialect_specific_expectations_name_real_behaviours() -> None:
-    for dialect, behaviour in CLIENT_EXPECTED_BY_DIALECT:
+    for dialect, behaviour in client_expected_by_dialect():
         assert behaviour in client_behaviours(dialect)
     # Every behaviour in the table exists in at least one client.
     assert set(CLIENT_EXPECTED) == set(client_behaviours("smtp")) | set(client_behaviours("imap"))

@@ -149,3 +149,42 @@ def test_client(starttls_result):
     # smtplib takes a reply cut by a truncation for a whole one (R6).
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*client.truncation (TLS 1.3): expected pass, got fail*"])
+
+
+def test_client_role_sanity_probe_turns_a_broken_client_into_an_error(
+    pytester: pytest.Pytester,
+) -> None:
+    """A client that cannot even complete a normal session refuses nothing: error, not pass."""
+    pytester.makepyfile(
+        test_broken_client="""
+import sys, pytest
+from starttls_harness.run.targets import CommandClientTarget
+
+@pytest.fixture
+def starttls_client():
+    return CommandClientTarget("smtp", [sys.executable, "-c", "pass"])
+
+@pytest.mark.starttls(role="client", dialect="smtp", tls_versions=("1.3",),
+                      only=["client.starttls-stripped"])
+def test_client(starttls_result):
+    starttls_result.check()
+""",
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*expected pass, got error*", "*sanity probe failed*"])
+
+
+def test_marker_with_an_unknown_dialect_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_pop3="""
+import pytest
+
+@pytest.mark.starttls(dialect="pop3")
+def test_server(starttls_result):
+    starttls_result.check()
+""",
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*unknown dialect 'pop3'; known: smtp, imap*"])

@@ -180,7 +180,7 @@ def _doc(**cell: Any) -> Dict[str, Any]:
         ({"format": 1, "servers": {}}, "non-empty"),
         (
             {"format": 1, "servers": {"p": {"dialect": "pop3", "scenarios": {}}}},
-            "not smtp or imap",
+            "'pop3' is not one of smtp, imap",
         ),
         (_doc(**{"1.2": {"verdict": "fine", "seen": ["a"]}}), "verdict 'fine'"),
         (_doc(**{"1.2": {"verdict": "pass", "seen": []}}), "non-empty list"),

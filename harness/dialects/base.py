@@ -1,18 +1,30 @@
-"""The mail dialects the harness speaks when it plays a peer: SMTP and IMAP.
+"""What a dialect must provide, in every role the harness plays.
 
 A dialect knows the bytes of the few commands a scenario needs (hello,
 STARTTLS, STOPTLS, a *sentinel* whose answer proves what the peer did, an
 *injected* command whose answer is recognisable) and how to cut the peer's
-byte stream into complete replies.  Scenarios are written once, against
-this interface, and run for both dialects.
+byte stream into complete replies (the prober's role, on :class:`Dialect`
+itself); what a conforming server says (:meth:`Dialect.scripted_server`,
+the client role); which reference server and client it comes with (by
+module name, loaded by the run layer; the client module also drives the
+path role and the client role's reference session); how its plaintext is
+cut into units (:meth:`Dialect.framer`); and capability flags.
+
+Scenarios are written once, against this interface, and run for every
+registered dialect.  :data:`REQUIRED` lists what a dialect must override;
+the registry refuses a dialect that does not.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import FrozenSet, Optional, Tuple
+from typing import FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["Dialect", "LinePredicate", "Reply"]
+from starttls_harness.dialects.roles import ScriptedServer
+from starttls_harness.report.verdicts import Verdict
+from starttls_harness.tls.framing import Framer
+
+__all__ = ["REQUIRED", "REQUIRED_ATTRIBUTES", "Dialect", "LinePredicate", "Reply", "UnitStep"]
 
 
 @dataclass(frozen=True)
@@ -33,29 +45,79 @@ class Reply:
         return self.raw.decode("latin-1").strip()
 
 
-class LinePredicate:
-    """A picklable, printable line predicate (for the engine's hold gate)."""
+@dataclass(frozen=True)
+class UnitStep:
+    """One write of the prober's storage action (a message, an APPEND).
 
-    def __init__(self, kind: str, arg: str = "") -> None:
-        self.kind = kind
+    ``answer`` says what must come back before the next step: ``ok`` (a
+    complete positive reply), ``continue`` (a continuation that invites
+    the rest) or ``none`` (nothing is awaited: the unit is cut after it).
+    """
+
+    data: bytes
+    answer: str = "ok"
+
+    def __post_init__(self) -> None:
+        if self.answer not in ("ok", "continue", "none"):
+            raise ValueError(f"unit step answer {self.answer!r}: use ok, continue or none")
+
+
+class LinePredicate:
+    """A picklable, printable unit predicate (for the engine's hold gate).
+
+    Each dialect subclasses it with its own test of "the final unit of the
+    answer"; ``kind`` and ``arg`` only name it in evidence and reprs.
+    """
+
+    kind = "unit"
+
+    def __init__(self, arg: str = "") -> None:
         self.arg = arg
 
-    def __call__(self, line: bytes) -> bool:
-        if self.kind == "smtp-final":
-            return len(line) >= 4 and line[:3].isdigit() and line[3:4] in (b" ", b"\r", b"\n")
-        if self.kind == "imap-tagged":
-            return line.split(b" ", 1)[0].decode("latin-1") == self.arg
-        raise ValueError(self.kind)  # pragma: no cover
+    def __call__(self, unit: bytes) -> bool:
+        raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"LinePredicate({self.kind!r}, {self.arg!r})"
+        return f"{type(self).__name__}({self.arg!r})"
 
 
 class Dialect:
-    """Base class; see :data:`SMTP` and :data:`IMAP`."""
+    """Base class; see :data:`~starttls_harness.dialects.smtp.SMTP` and ``IMAP``."""
 
     name = ""
     default_port = 0
+    #: The URL scheme of a target (``smtp://HOST:PORT``).
+    url_scheme = ""
+    #: Module names of the reference server and client (``start_server``,
+    #: ``BEHAVIOURS``; the client module also ``path_driver`` and
+    #: ``reference_session``).  Loaded by name by the run layer.
+    server_module = ""
+    client_module = ""
+    #: Capability flags.
+    has_return_to_plaintext = False
+    #: The storage action needs a login first.
+    storage_needs_login = False
+    #: The tag an untargeted reply ends with (IMAP: any tagged line, ``*``).
+    any_reply_tag: Optional[str] = None
+    #: Reference-client behaviour -> {scenario id: verdict} where this
+    #: dialect's reference client differs from the client role's matrix.
+    reference_client_expected: Mapping[str, Mapping[str, Verdict]] = {}
+
+    # ------------------------------------------------------- every role
+
+    def framer(self) -> Framer:
+        """A fresh framer of this dialect's plaintext units (one per stream)."""
+        raise NotImplementedError
+
+    def scripted_server(self) -> ScriptedServer:
+        """What a conforming server of this dialect says (the client role)."""
+        raise NotImplementedError
+
+    def fake_greeting(self) -> bytes:
+        """A plaintext greeting an attacker on the path writes to a client."""
+        raise NotImplementedError
+
+    # ------------------------------------------------- the prober's role
 
     def hello(self) -> bytes:
         raise NotImplementedError
@@ -102,3 +164,71 @@ class Dialect:
     def tag_of(self, command: bytes) -> Optional[str]:
         """The tag a reply to ``command`` ends with (IMAP), or None."""
         return None
+
+    def is_continuation(self, reply: Reply) -> bool:
+        """Whether ``reply`` invites the rest of a command (a literal, a body)."""
+        return False
+
+    def login(self, user: str, password: str) -> bytes:
+        """The command that logs the test user in."""
+        raise NotImplementedError
+
+    def state_control(self) -> Optional[bytes]:
+        """A command a fresh session must refuse (None: no control needed).
+
+        A server that accepts it cannot show whether it resets its state at
+        the upgrade, so the state scenarios cannot be decided.
+        """
+        return None
+
+    def state_probe(self, after: str) -> bytes:
+        """The command that shows whether state survived ``after`` (R8)."""
+        raise NotImplementedError
+
+    def state_kept(self, after: str, reply: Reply) -> Optional[str]:
+        """Why ``reply`` to :meth:`state_probe` shows kept state (None: reset)."""
+        raise NotImplementedError
+
+    def truncated_unit(self, recipient: str) -> Sequence[UnitStep]:
+        """The storage action whose last write is cut by a FIN (R6)."""
+        raise NotImplementedError
+
+
+#: Methods every dialect overrides (the registry checks it).
+REQUIRED: Tuple[str, ...] = (
+    "framer",
+    "scripted_server",
+    "fake_greeting",
+    "hello",
+    "starttls",
+    "stoptls",
+    "sentinel",
+    "injected",
+    "quit",
+    "is_injected_reply",
+    "is_sentinel_reply",
+    "split_reply",
+    "capabilities",
+    "greeting_ok",
+    "final_line_of",
+    "login",
+    "state_probe",
+    "state_kept",
+    "truncated_unit",
+)
+
+#: Attributes every dialect sets to something non-empty.
+REQUIRED_ATTRIBUTES: Tuple[str, ...] = (
+    "name",
+    "default_port",
+    "url_scheme",
+    "server_module",
+    "client_module",
+)
+
+
+def missing(dialect: Dialect) -> List[str]:
+    """What ``dialect`` lacks of :data:`REQUIRED` and :data:`REQUIRED_ATTRIBUTES`."""
+    gaps = [a for a in REQUIRED_ATTRIBUTES if not getattr(dialect, a, None)]
+    gaps += [m for m in REQUIRED if getattr(type(dialect), m, None) is getattr(Dialect, m)]
+    return gaps

@@ -24,7 +24,7 @@ complete command (line, IMAP literals inline, an SMTP DATA body as one
 unit), its close_notify, the handshake completing, or the connection ending
 (how and why).  Steps (the verb table :data:`_CLIENT_STEPS`) read acts with
 a bound, answer like a conforming server, apply the fault, and end the run
-with an *observation* label (:class:`starttls_harness.run.server.Observed`) that the
+with an *observation* label (:class:`starttls_harness.run.outcomes.Observed`) that the
 scenario turns into a verdict.  Decisions come from events -- the client's
 next command, its close_notify, its close, its exit status -- never from
 silence: a wait that runs out is ``timeout`` and therefore an ``error``.
@@ -37,9 +37,7 @@ after the scenarios, or every result of that group is an ``error``.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import re
 import ssl
 import tempfile
 import time
@@ -48,7 +46,6 @@ from pathlib import Path
 from typing import (
     Awaitable,
     Callable,
-    Deque,
     Dict,
     List,
     Mapping,
@@ -57,667 +54,61 @@ from typing import (
     Tuple,
 )
 
+from starttls_harness.dialects import dialect_named
+from starttls_harness.dialects.roles import Command, ScriptedServer
 from starttls_harness.report.verdicts import Evidence, Result, Verdict
-from starttls_harness.run.server import Observed, Progress, RunSettings, run_bracketed
-from starttls_harness.run.targets import ClientOutcome, ClientTarget
-from starttls_harness.scenarios.server import Expect, Scenario, Step
-from starttls_harness.tls.aio import ConnectionEnded, SwitchableTransport, Timeouts, create_server
+from starttls_harness.run.interpreter import interpret
+from starttls_harness.run.outcomes import (
+    HARNESS_ERROR,
+    TIMEOUT,
+    Observed,
+    RemoteEnded,
+    harness_error,
+    violation,
+)
+from starttls_harness.run.scripted import (
+    Act,
+    Gone,
+    Refuser,
+    ScriptedConnection,
+    ScriptTimeout,
+)
+from starttls_harness.run.server import Progress, RunSettings, run_bracketed
+from starttls_harness.run.targets import (
+    ClientOutcome,
+    ClientTarget,
+    CommandClientTarget,
+    ReferenceClientTarget,
+)
+from starttls_harness.run.validation import CLIENT_VALIDATION_SETTINGS
+from starttls_harness.scenarios.client import CLIENT_SCENARIOS
+from starttls_harness.scenarios.expectations import expected_client_verdicts, mismatches
+from starttls_harness.scenarios.model import Expect, Scenario, Step
+from starttls_harness.tls.aio import Timeouts, create_server
 from starttls_harness.tls.certs import make_pki
 from starttls_harness.tls.engine import (
-    AlertReceived,
-    CloseNotifyReceived,
-    CloseNotifySent,
-    ClosureComplete,
-    Event,
-    HandshakeComplete,
-    HandshakeFailed,
-    PeerEOF,
-    PlaintextData,
     Policy,
     Rule,
-    TLSData,
-    Violation,
 )
 
 __all__ = [
     "SENSITIVE",
     "Command",
+    "check_client",
     "run_client_scenario",
     "run_client_target",
     "sanity_probe",
     "unknown_client_steps",
+    "validate_client",
 ]
 
 #: The bounds used when a caller gives none.
 DEFAULT_SETTINGS = RunSettings()
 
-#: Longest command line the fake server buffers; largest literal / DATA body.
-MAX_LINE = 8192
-MAX_UNIT = 1 << 20
-
 #: Command kinds a client that requires TLS must never send before TLS (R9).
 SENSITIVE = frozenset(
     {"auth", "mail", "rcpt", "data", "bdat", "message", "append", "select", "access"}
 )
-
-#: Capability the plaintext hello advertises and the TLS one never does
-#: (a client that still "knows" it under TLS did not reset its state, R8).
-SMTP_BAIT = "XHARNESS-PLAINTEXT-ONLY"
-IMAP_BAIT = "X-HARNESS-PLAINTEXT-ONLY"
-
-
-# ---------------------------------------------------------------- commands
-
-
-@dataclass(frozen=True)
-class Command:
-    """One complete unit from the client, and how the server classifies it."""
-
-    raw: bytes
-    tls: bool
-    kind: str
-    verb: str = ""
-    tag: bytes = b""
-    #: Everything after the verb (SMTP) or after tag and verb (IMAP).
-    rest: bytes = b""
-
-    @property
-    def text(self) -> str:
-        return self.raw[:120].decode("latin-1").strip()
-
-
-_SMTP_KINDS = {
-    "EHLO": "hello",
-    "HELO": "hello",
-    "STARTTLS": "starttls",
-    "STOPTLS": "stoptls",
-    "AUTH": "auth",
-    "MAIL": "mail",
-    "RCPT": "rcpt",
-    "DATA": "data",
-    "BDAT": "bdat",
-    "QUIT": "quit",
-    "NOOP": "noop",
-    "RSET": "noop",
-}
-
-_IMAP_KINDS = {
-    "CAPABILITY": "hello",
-    "STARTTLS": "starttls",
-    "STOPTLS": "stoptls",
-    "LOGIN": "auth",
-    "AUTHENTICATE": "auth",
-    "APPEND": "append",
-    "SELECT": "select",
-    "EXAMINE": "select",
-    "LOGOUT": "quit",
-    "NOOP": "noop",
-    "ID": "noop",
-    "ENABLE": "noop",
-}
-#: IMAP commands of the authenticated/selected states (mail access).
-_IMAP_ACCESS = frozenset(
-    "LIST LSUB STATUS CREATE DELETE RENAME SUBSCRIBE UNSUBSCRIBE FETCH STORE SEARCH COPY MOVE"
-    " UID EXPUNGE CLOSE UNSELECT CHECK IDLE NAMESPACE GETQUOTAROOT".split()
-)
-
-_LITERAL_AT_END = re.compile(rb"\{(\d{1,10})(\+?)\}\r?\n\Z")
-_TAG_NUMBER = re.compile(rb"\A(.*?)(\d+)\Z")
-
-
-def next_tag(tag: bytes) -> Optional[bytes]:
-    """The tag a client numbering its commands will use next (``a2`` -> ``a3``)."""
-    found = _TAG_NUMBER.match(tag)
-    if found is None:
-        return None
-    digits = found.group(2)
-    return found.group(1) + str(int(digits) + 1).zfill(len(digits)).encode()
-
-
-class _ServerDialect:
-    """What a conforming server says; SMTP and IMAP below."""
-
-    name = ""
-
-    def parse(self, raw: bytes, tls: bool) -> Command:
-        raise NotImplementedError
-
-    def greeting(self) -> bytes:
-        raise NotImplementedError
-
-    def hello(self, cmd: Command, *, tls: bool, starttls: bool, stoptls: bool) -> bytes:
-        raise NotImplementedError
-
-    def starttls_ok(self, cmd: Command) -> bytes:
-        raise NotImplementedError
-
-    def starttls_refused(self, cmd: Command) -> bytes:
-        raise NotImplementedError
-
-    def not_offered(self, cmd: Command) -> bytes:
-        raise NotImplementedError
-
-    def stoptls_ok(self, cmd: Command) -> bytes:
-        raise NotImplementedError
-
-    def goodbye(self, cmd: Command) -> bytes:
-        raise NotImplementedError
-
-    def injection(self, starttls: Command) -> bytes:
-        """A response a client that reads it before the handshake acts on."""
-        raise NotImplementedError
-
-    def stored(self, cmd: Command) -> bytes:
-        """The answer to a complete message (end of DATA / APPEND)."""
-        raise NotImplementedError
-
-    def simple(self, cmd: Command) -> bytes:
-        """The final answer to any other command."""
-        raise NotImplementedError
-
-    def auth_prompts(self, cmd: Command) -> List[bytes]:
-        """Continuation prompts an AUTH/AUTHENTICATE needs before its answer."""
-        raise NotImplementedError
-
-    def auth_done(self, cmd: Command, ok: bool) -> bytes:
-        raise NotImplementedError
-
-
-def _smtp_lines(code: str, lines: Sequence[str]) -> bytes:
-    out = [f"{code}-{line}\r\n" for line in lines[:-1]]
-    out.append(f"{code} {lines[-1]}\r\n")
-    return "".join(out).encode("ascii")
-
-
-class _SmtpServer(_ServerDialect):
-    name = "smtp"
-
-    def parse(self, raw: bytes, tls: bool) -> Command:
-        words = raw.strip().split(None, 1)
-        verb = words[0].decode("latin-1").upper() if words else ""
-        rest = words[1] if len(words) > 1 else b""
-        return Command(raw, tls, _SMTP_KINDS.get(verb, "other"), verb, b"", rest)
-
-    def greeting(self) -> bytes:
-        return b"220 fake.invalid ESMTP starttls-harness\r\n"
-
-    def hello(self, cmd: Command, *, tls: bool, starttls: bool, stoptls: bool) -> bytes:
-        if cmd.verb == "HELO":
-            return b"250 fake.invalid\r\n"
-        words = ["fake.invalid", "8BITMIME", "AUTH PLAIN LOGIN"]
-        if not tls:
-            if starttls:
-                words.insert(1, "STARTTLS")
-            words.append(SMTP_BAIT)
-        elif stoptls:
-            words.append("STOPTLS")
-        return _smtp_lines("250", words)
-
-    def starttls_ok(self, cmd: Command) -> bytes:
-        return b"220 2.0.0 Ready to start TLS\r\n"
-
-    def starttls_refused(self, cmd: Command) -> bytes:
-        return b"454 4.7.0 TLS not available due to temporary reason\r\n"
-
-    def not_offered(self, cmd: Command) -> bytes:
-        return b"502 5.5.1 Command not offered here\r\n"
-
-    def stoptls_ok(self, cmd: Command) -> bytes:
-        return b"220 2.0.0 Ready to end TLS\r\n"
-
-    def goodbye(self, cmd: Command) -> bytes:
-        return b"221 2.0.0 Bye\r\n"
-
-    def injection(self, starttls: Command) -> bytes:
-        return b"554 5.7.0 injected by starttls-harness before the handshake\r\n"
-
-    def stored(self, cmd: Command) -> bytes:
-        return b"250 2.0.0 Ok: queued as HARNESS\r\n"
-
-    def simple(self, cmd: Command) -> bytes:
-        if cmd.kind == "mail":
-            return b"250 2.1.0 Ok\r\n"
-        if cmd.kind == "rcpt":
-            return b"250 2.1.5 Ok\r\n"
-        if cmd.kind == "noop":
-            return b"250 2.0.0 Ok\r\n"
-        if cmd.kind == "bdat":
-            return b"502 5.5.1 CHUNKING not offered\r\n"
-        return b"502 5.5.2 Command not recognized\r\n"
-
-    def auth_prompts(self, cmd: Command) -> List[bytes]:
-        words = cmd.rest.split()
-        mech = words[0].upper() if words else b""
-        if mech == b"PLAIN":
-            return [] if len(words) > 1 else [b"334 \r\n"]
-        if mech == b"LOGIN":
-            password = b"334 UGFzc3dvcmQ6\r\n"
-            return [password] if len(words) > 1 else [b"334 VXNlcm5hbWU6\r\n", password]
-        return []
-
-    def auth_done(self, cmd: Command, ok: bool) -> bytes:
-        mech = cmd.rest.split()[:1]
-        if not mech or mech[0].upper() not in (b"PLAIN", b"LOGIN"):
-            return b"504 5.5.4 Unrecognized authentication type\r\n"
-        if not ok:
-            return b"501 5.7.0 Authentication cancelled\r\n"
-        return b"235 2.7.0 Authentication successful\r\n"
-
-
-class _ImapServer(_ServerDialect):
-    name = "imap"
-
-    def parse(self, raw: bytes, tls: bool) -> Command:
-        words = raw.split(None, 2)
-        tag = words[0] if words else b""
-        verb = words[1].decode("latin-1").upper() if len(words) > 1 else ""
-        rest = words[2].strip() if len(words) > 2 else b""
-        kind = _IMAP_KINDS.get(verb, "access" if verb in _IMAP_ACCESS else "other")
-        return Command(raw, tls, kind, verb, tag, rest)
-
-    def greeting(self) -> bytes:
-        return b"* OK fake.invalid IMAP4rev1 starttls-harness ready\r\n"
-
-    def _tagged(self, cmd: Command, text: str) -> bytes:
-        return cmd.tag + b" " + text.encode("ascii") + b"\r\n"
-
-    def hello(self, cmd: Command, *, tls: bool, starttls: bool, stoptls: bool) -> bytes:
-        caps = ["IMAP4rev1", "AUTH=PLAIN"]
-        if not tls:
-            if starttls:
-                caps.append("STARTTLS")
-            caps.append(IMAP_BAIT)
-        elif stoptls:
-            caps.append("STOPTLS")
-        line = ("* CAPABILITY " + " ".join(caps) + "\r\n").encode("ascii")
-        return line + self._tagged(cmd, "OK CAPABILITY completed")
-
-    def starttls_ok(self, cmd: Command) -> bytes:
-        return self._tagged(cmd, "OK Begin TLS negotiation now")
-
-    def starttls_refused(self, cmd: Command) -> bytes:
-        return self._tagged(cmd, "NO [UNAVAILABLE] TLS not available")
-
-    def not_offered(self, cmd: Command) -> bytes:
-        return self._tagged(cmd, "BAD command not offered here")
-
-    def stoptls_ok(self, cmd: Command) -> bytes:
-        return self._tagged(cmd, "OK Begin TLS closure")
-
-    def goodbye(self, cmd: Command) -> bytes:
-        return b"* BYE fake.invalid logging out\r\n" + self._tagged(cmd, "OK LOGOUT completed")
-
-    def injection(self, starttls: Command) -> bytes:
-        # Untagged capabilities that forbid LOGIN, completed with the tag the
-        # client will most likely give its next command (CAPABILITY).
-        out = b"* CAPABILITY IMAP4rev1 LOGINDISABLED\r\n"
-        tag = next_tag(starttls.tag)
-        if tag is not None:
-            out += tag + b" OK CAPABILITY completed\r\n"
-        return out
-
-    def stored(self, cmd: Command) -> bytes:
-        return self._tagged(cmd, "OK [APPENDUID 1 1] APPEND completed")
-
-    def simple(self, cmd: Command) -> bytes:
-        if cmd.kind == "select":
-            return (
-                b"* 0 EXISTS\r\n* 0 RECENT\r\n* OK [UIDVALIDITY 1] UIDs valid\r\n"
-                b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)\r\n"
-                + self._tagged(cmd, f"OK [READ-WRITE] {cmd.verb} completed")
-            )
-        if cmd.kind in ("noop", "access", "auth"):
-            return self._tagged(cmd, f"OK {cmd.verb} completed")
-        return self._tagged(cmd, "BAD unknown command")
-
-    def auth_prompts(self, cmd: Command) -> List[bytes]:
-        if cmd.verb != "AUTHENTICATE":
-            return []
-        words = cmd.rest.split()
-        if words[:1] and words[0].upper() == b"PLAIN" and len(words) == 1:
-            return [b"+ \r\n"]
-        return []
-
-    def auth_done(self, cmd: Command, ok: bool) -> bytes:
-        if cmd.verb == "AUTHENTICATE":
-            words = cmd.rest.split()
-            if not words or words[0].upper() != b"PLAIN":
-                return self._tagged(cmd, "NO unsupported authentication mechanism")
-            if not ok:
-                return self._tagged(cmd, "BAD authentication cancelled")
-        return self._tagged(cmd, f"OK {cmd.verb} completed")
-
-
-_DIALECTS: Dict[str, _ServerDialect] = {"smtp": _SmtpServer(), "imap": _ImapServer()}
-
-
-# -------------------------------------------------------------- the inbox
-
-
-@dataclass(frozen=True)
-class Act:
-    """One thing the client did, in wire order.
-
-    ``kind`` is ``command``, ``close_notify``, ``handshake`` or ``gone``;
-    for ``gone``, ``how`` says in which way the connection ended: ``eof``
-    (a clean FIN), ``truncated`` (FIN/RST while TLS was up, no close_notify),
-    ``unanswered`` (FIN after our close_notify, R5), ``violation`` (the client
-    broke ``rule``), ``alert``, ``handshake-failed``, ``reset``, ``oversize``
-    or ``closed-by-us``.
-    """
-
-    kind: str
-    command: Optional[Command] = None
-    how: str = ""
-    rule: Optional[Rule] = None
-    detail: str = ""
-
-
-class _Gone(Exception):
-    def __init__(self, act: Act) -> None:
-        super().__init__(act.detail or act.how)
-        self.act = act
-
-
-class _Timeout(Exception):
-    pass
-
-
-class _FakeConnection(asyncio.Protocol):
-    """The one accepted connection: parses commands, queues acts, records evidence."""
-
-    def __init__(self, dialect: _ServerDialect, evidence: Evidence) -> None:
-        self.dialect = dialect
-        self.evidence = evidence
-        self.transport: Optional[SwitchableTransport] = None
-        self.connected = asyncio.get_running_loop().create_future()
-        self.acts: Deque[Act] = collections.deque()
-        self.gone: Optional[Act] = None
-        self.changed = asyncio.Event()
-        self.closing = False
-        #: Set while a STOPTLS closure we accepted is under way: the client's
-        #: close_notify then belongs to it and is not an act of its own.
-        self.in_closure = False
-        self.tls_sessions = 0
-        self._rx_tls = False
-        self._buf = bytearray()
-        self._unit = bytearray()
-        self._literal_left = 0
-        self.body_mode = False
-        #: Raw mode: bytes are collected in ``raw`` instead of parsed (used to
-        #: see the ClientHello before the server's TLS starts).
-        self.raw_mode = False
-        self.raw = bytearray()
-
-    # -------------------------------------------------------- asyncio API
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, SwitchableTransport)
-        self.transport = transport
-        transport.hold_after(self._is_starttls_line)
-        if not self.connected.done():
-            self.connected.set_result(None)
-
-    def _is_starttls_line(self, line: bytes) -> bool:
-        """Hold-gate predicate: a STARTTLS command line (not message content)."""
-        if self.body_mode or self._literal_left:
-            return False
-        return self.dialect.parse(line, False).kind == "starttls"
-
-    def engine_event(self, event: Event) -> None:
-        if isinstance(event, (TLSData, PlaintextData)):
-            self._rx_tls = isinstance(event, TLSData)
-            if not self.raw_mode:  # raw bytes are recorded by their reader
-                self.evidence.add("c2s", "tls" if self._rx_tls else "plaintext", event.data)
-        elif isinstance(event, HandshakeComplete):
-            self.tls_sessions += 1
-            self.evidence.note(f"TLS up: {event.version} {event.cipher}")
-            self._push(Act("handshake", detail=event.version))
-        elif isinstance(event, CloseNotifyReceived):
-            self.evidence.add("c2s", "close_notify")
-            if not self.in_closure:
-                self._push(Act("close_notify"))
-        elif isinstance(event, CloseNotifySent):
-            self.evidence.add("s2c", "close_notify")
-        elif isinstance(event, ClosureComplete):
-            self.in_closure = False
-            state = "plaintext resumes" if event.resumed else "the connection ends"
-            self.evidence.note(f"TLS closed both ways; {state}")
-        elif isinstance(event, Violation):
-            self.evidence.add("c2s", "note", event.data, f"{event.rule.value}: {event.message}")
-            if event.enforced:
-                self._end(_act_for_violation(event))
-        elif isinstance(event, AlertReceived):
-            self.evidence.add("c2s", "alert", note=event.description)
-            self._end(Act("gone", how="alert", detail=f"client sent alert {event.description}"))
-        elif isinstance(event, HandshakeFailed):
-            side = "client alert" if event.remote else "local"
-            self._end(
-                Act(
-                    "gone",
-                    how="handshake-failed",
-                    detail=f"handshake failed ({side}): {event.reason}",
-                )
-            )
-        elif isinstance(event, PeerEOF):
-            self.evidence.add("c2s", "eof")
-            self._end(Act("gone", how="eof", detail="the client closed the connection"))
-
-    def data_received(self, data: bytes) -> None:
-        if self.raw_mode:
-            self.raw += data
-            self._wake()
-            return
-        self._buf += data
-        self._parse()
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        if self.gone is None:
-            if isinstance(exc, ConnectionEnded):
-                event = exc.event
-                if isinstance(event, Violation):
-                    self._end(_act_for_violation(event))
-                else:
-                    self._end(Act("gone", how="reset", detail=str(exc)))
-            elif self.closing:
-                self._end(Act("gone", how="closed-by-us", detail="the server closed"))
-            elif exc is None:
-                self.evidence.add("c2s", "eof")
-                self._end(Act("gone", how="eof", detail="the client closed the connection"))
-            else:
-                self.evidence.add("c2s", "eof", note=f"reset: {exc}")
-                self._end(Act("gone", how="reset", detail=f"connection lost: {exc}"))
-        self._wake()
-
-    # ----------------------------------------------------------- parsing
-
-    def _parse(self) -> None:
-        """Cut the buffer into commands (IMAP literals inline, DATA bodies whole)."""
-        buf = self._buf
-        while buf and self.gone is None:
-            if self.body_mode:
-                if not self._take_body():
-                    return
-                continue
-            if self._literal_left:
-                take = min(self._literal_left, len(buf))
-                self._unit += buf[:take]
-                del buf[:take]
-                self._literal_left -= take
-                continue
-            nl = buf.find(b"\n")
-            if nl < 0:
-                if len(buf) > MAX_LINE:
-                    self._oversize()
-                return
-            line = bytes(buf[: nl + 1])
-            del buf[: nl + 1]
-            if len(line) > MAX_LINE:
-                self._oversize()
-                return
-            self._unit += line
-            if self.dialect.name == "imap":
-                found = _LITERAL_AT_END.search(line)
-                if found is not None:
-                    size = int(found.group(1))
-                    if size > MAX_UNIT:
-                        self._oversize()
-                        return
-                    self._literal_left = size
-                    if not found.group(2):
-                        self.send(b"+ Ready for literal data\r\n")
-                    continue
-            unit = bytes(self._unit)
-            self._unit.clear()
-            self._push(Act("command", command=self.dialect.parse(unit, self._rx_tls)))
-
-    def _take_body(self) -> bool:
-        """An SMTP DATA body up to its final dot; False if incomplete."""
-        data = bytes(self._unit) + bytes(self._buf)
-        end = -1
-        if data.startswith(b".\r\n"):
-            end = 0
-        else:
-            pos = data.find(b"\r\n.\r\n")
-            end = pos + 2 if pos >= 0 else -1
-        if end < 0:
-            self._unit[:] = data
-            self._buf.clear()
-            if len(self._unit) > MAX_UNIT:
-                self._oversize()
-            return False
-        body, rest = data[:end], data[end + 3 :]
-        self._unit.clear()
-        self._buf[:] = rest
-        self.body_mode = False
-        self._push(Act("command", command=Command(body, self._rx_tls, "message", "DATA")))
-        return True
-
-    def _oversize(self) -> None:
-        self.evidence.note("the client sent more than the fake server buffers")
-        self._end(Act("gone", how="oversize", detail="client data exceeded the bound"))
-        if self.transport is not None:
-            self.transport.abort()
-
-    # ------------------------------------------------------------ inbox
-
-    def _push(self, act: Act) -> None:
-        self.acts.append(act)
-        self._wake()
-
-    def _end(self, act: Act) -> None:
-        if self.gone is None:
-            self.gone = act
-        self._wake()
-
-    def _wake(self) -> None:
-        self.changed.set()
-
-    async def next_act(self, timeout: float) -> Act:
-        """The client's next act (``gone`` for ever once it is gone); bounded."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            if self.acts:
-                return self.acts.popleft()
-            if self.gone is not None:
-                return self.gone
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise _Timeout(f"the client did nothing decisive within {timeout:g} s")
-            self.changed.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), remaining)
-
-    async def raw_record(self, timeout: float) -> bytes:
-        """Wait (in raw mode) for one complete TLS record, e.g. the ClientHello."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            raw = self.raw
-            if raw[:1] and raw[:1] != b"\x16":
-                return bytes(raw)  # not TLS: the caller decides
-            if len(raw) >= 5 and len(raw) >= 5 + ((raw[3] << 8) | raw[4]):
-                return bytes(raw)
-            if self.gone is not None:
-                raise _Gone(self.gone)
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise _Timeout("no ClientHello arrived")
-            self.changed.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), remaining)
-
-    # ------------------------------------------------------------ output
-
-    def t(self) -> SwitchableTransport:
-        assert self.transport is not None
-        return self.transport
-
-    def send(self, data: bytes) -> None:
-        """Send in the current phase (plaintext, or under TLS)."""
-        t = self.t()
-        if t.is_closing():
-            return
-        self.evidence.add("s2c", "tls" if t.tls_active else "plaintext", data)
-        t.write(data)
-
-    def inject(self, data: bytes, note: str) -> None:
-        """Bytes around every rule, marked as injected in the evidence."""
-        t = self.t()
-        if t.is_closing():
-            return
-        self.evidence.add("s2c", "injected", data, note)
-        t.write_raw(data)
-
-    def handle(self, events: List[Event]) -> None:
-        """Engine events of an operation the script did on the engine itself."""
-        t = self.t()
-        t.events.extend(events)
-        for event in events:
-            self.engine_event(event)
-            if isinstance(event, HandshakeFailed) or (
-                isinstance(event, Violation) and event.enforced
-            ):
-                t.abort()
-
-    def close(self) -> None:
-        """Close as a conforming server (close_notify first under TLS)."""
-        self.closing = True
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        self.closing = True
-        if self.transport is not None:
-            self.transport.abort()
-
-
-def _act_for_violation(event: Violation) -> Act:
-    if event.rule is Rule.R6:
-        return Act("gone", how="truncated", rule=event.rule, detail=event.message)
-    if event.rule is Rule.R5:
-        return Act("gone", how="unanswered", rule=event.rule, detail=event.message)
-    return Act(
-        "gone",
-        how="violation",
-        rule=event.rule,
-        detail=f"the client broke {event.rule.value}: {event.message}",
-    )
-
-
-class _Refuser(asyncio.Protocol):
-    """Any connection after the first: closed at once (one client, one connection)."""
-
-    def __init__(self, evidence: Evidence) -> None:
-        self.evidence = evidence
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.evidence.note("a further connection from the client was refused")
-        transport.close()
 
 
 # ------------------------------------------------------------ the run state
@@ -727,8 +118,8 @@ class _Refuser(asyncio.Protocol):
 class _Run:
     scenario: Scenario
     target: ClientTarget
-    dialect: _ServerDialect
-    conn: _FakeConnection
+    dialect: ScriptedServer
+    conn: ScriptedConnection
     evidence: Evidence
     settings: RunSettings
     server_ctx: ssl.SSLContext
@@ -754,15 +145,15 @@ class _Run:
         return await self.conn.next_act(self.settings.reply_timeout)
 
     async def next_command(self) -> Command:
-        """The next command; the connection ending raises :class:`_Gone`."""
+        """The next command; the connection ending raises :class:`Gone`."""
         act = await self.next_act()
         if act.kind == "command" and act.command is not None:
             return act.command
         if act.kind == "handshake":
             return await self.next_command()
         if act.kind == "close_notify":
-            raise _Gone(Act("gone", how="close_notify", detail="the client sent close_notify"))
-        raise _Gone(act)
+            raise Gone(Act("gone", how="close_notify", detail="the client sent close_notify"))
+        raise Gone(act)
 
     async def outcome(self) -> Optional[ClientOutcome]:
         """The client's reported outcome, waited for with a bound (None: none)."""
@@ -808,9 +199,8 @@ async def _answer(run: _Run, cmd: Command) -> str:
                 ok = False
                 break
         conn.send(dialect.auth_done(cmd, ok))
-    elif kind == "data" and dialect.name == "smtp":
-        conn.body_mode = True
-        conn.send(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+    elif dialect.body_prompt(cmd) is not None:
+        await _open_body(run, cmd)
         body = await run.next_command()
         conn.send(dialect.stored(body))
     elif kind == "append":
@@ -822,6 +212,14 @@ async def _answer(run: _Run, cmd: Command) -> str:
     else:
         conn.send(dialect.simple(cmd))
     return "answered"
+
+
+async def _open_body(run: _Run, cmd: Command) -> None:
+    """Invite the message body ``cmd`` announces; the next act is the whole body."""
+    prompt = run.dialect.body_prompt(cmd)
+    assert prompt is not None
+    run.conn.body_mode = True
+    run.conn.send(prompt)
 
 
 def _switch_to_tls(run: _Run, cmd: Command, inject: bytes = b"") -> None:
@@ -842,7 +240,7 @@ async def _await_handshake(run: _Run) -> None:
         if act.kind == "handshake":
             return
         if act.kind == "gone":
-            raise _Gone(act)
+            raise Gone(act)
         if act.kind == "command" and act.command is not None:
             # Cannot happen on a strict engine; kept for a clear error.
             raise Observed("unexpected-reply", f"command before the handshake: {act.command.text}")
@@ -858,9 +256,9 @@ async def _accept_stoptls(run: _Run, cmd: Command) -> None:
     try:
         await t.accept_unwrap(preface=answer, timeout=run.settings.reply_timeout)
     except asyncio.TimeoutError:
-        raise _Timeout("the client did not send its close_notify after STOPTLS") from None
+        raise ScriptTimeout("the client did not send its close_notify after STOPTLS") from None
     except (ConnectionError, RuntimeError) as exc:
-        raise _Gone(conn.gone or Act("gone", how="reset", detail=str(exc))) from None
+        raise Gone(conn.gone or Act("gone", how="reset", detail=str(exc))) from None
     run.stoptls_done += 1
     conn.send(run.dialect.greeting())
 
@@ -912,7 +310,7 @@ async def step_serve(run: _Run, args: Mapping[str, object]) -> None:
     for _ in range(200):  # a bound on commands, as on everything else
         try:
             cmd = await run.next_command()
-        except _Gone:
+        except Gone:
             await _session_over(run, args)
             raise
         if not run.ever_tls and not cmd.tls and cmd.kind in SENSITIVE:
@@ -920,14 +318,13 @@ async def step_serve(run: _Run, args: Mapping[str, object]) -> None:
         if _matches(until, cmd):
             run.pending = cmd
             return
-        if cmd.kind == "data" and until == "message" and run.dialect.name == "smtp":
-            run.conn.body_mode = True
-            run.conn.send(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        if until == "message" and run.dialect.body_prompt(cmd) is not None:
+            await _open_body(run, cmd)
             run.pending = await run.next_command()
             return
         if await _answer(run, cmd) == "ended":
             await _session_over(run, args)
-            raise _Gone(Act("gone", how="quit", detail="the client ended the session"))
+            raise Gone(Act("gone", how="quit", detail="the client ended the session"))
     raise Observed("unexpected-reply", "the client sent too many commands")
 
 
@@ -937,7 +334,7 @@ async def _session_over(run: _Run, args: Mapping[str, object]) -> None:
     otherwise = args.get("otherwise")
     gone = run.conn.gone
     if gone is not None and gone.how == "violation":
-        raise _Gone(gone)
+        raise Gone(gone)
     if until != "end":
         if otherwise:
             raise Observed(str(otherwise), f"the session ended before {until}")
@@ -995,7 +392,7 @@ async def _switch_after_client_hello(run: _Run, cmd: Command, payload: bytes) ->
     if not hello.startswith(b"\x16"):
         conn.evidence.add("c2s", "plaintext", hello, "plaintext instead of a ClientHello")
         conn.abort()
-        raise _Gone(
+        raise Gone(
             Act("gone", how="violation", rule=Rule.R1, detail="plaintext after the STARTTLS answer")
         )
     conn.evidence.add("c2s", "tls-wire", hello, "ClientHello (raw record)")
@@ -1004,7 +401,7 @@ async def _switch_after_client_hello(run: _Run, cmd: Command, payload: bytes) ->
         events = t.engine.start_tls(run.server_ctx, server_side=True)
         events += t.engine.receive_data(hello)
     conn.handle(events)
-    t.hold_after(conn._is_starttls_line)
+    t.hold_after(conn._is_starttls_line, framer=conn.gate_framer)
 
 
 async def step_refuse_starttls(run: _Run, args: Mapping[str, object]) -> None:
@@ -1020,7 +417,7 @@ async def step_handshake(run: _Run, args: Mapping[str, object]) -> None:
     """Wait for the handshake; after a fault, a client that ends it refused."""
     try:
         await _await_handshake(run)
-    except _Gone as gone:
+    except Gone as gone:
         if gone.act.how == "violation":
             raise
         if run.fault_applied:
@@ -1037,7 +434,7 @@ async def step_watch_plaintext(run: _Run, args: Mapping[str, object]) -> None:
     for _ in range(50):
         try:
             cmd = await run.next_command()
-        except _Gone as gone:
+        except Gone as gone:
             if gone.act.how == "violation":
                 raise
             raise Observed("gave-up", f"closed the connection: {gone.act.detail}") from None
@@ -1058,35 +455,50 @@ async def step_watch_plaintext(run: _Run, args: Mapping[str, object]) -> None:
 async def step_judge_injection(run: _Run, args: Mapping[str, object]) -> None:
     """After an injected response: did the client act on it?
 
-    SMTP: the injected ``554`` is taken as the answer to the first command
-    under TLS by a client that read it; such a client gives up right after
-    that command (QUIT, close, HELO or the same command again).  IMAP: the
-    injected capabilities say LOGINDISABLED; a client that believed them
-    never sends LOGIN.
+    How a client shows it is the dialect's ``injection_effect`` (see
+    :class:`~starttls_harness.dialects.roles.ScriptedServer`); an effect the
+    run layer does not know is a harness error, never judged as another.
     """
-    if run.dialect.name == "smtp":
-        try:
-            first = await run.next_command()
-        except _Gone as gone:
-            if gone.act.how == "violation":
-                raise
-            raise Observed("injection-consumed", "closed right after the handshake") from None
-        await _answer(run, first)
-        try:
-            second = await run.next_command()
-        except _Gone as gone:
-            if gone.act.how == "violation":
-                raise
-            raise Observed(
-                "injection-consumed", f"gave up after {first.verb}: {gone.act.detail}"
-            ) from None
-        if second.kind == "quit" or second.verb in ("HELO", first.verb):
-            raise Observed("injection-consumed", f"{first.verb} then {second.verb}")
-        raise Observed("completed", f"{first.verb} then {second.verb}: carried on under TLS")
+    effect = run.dialect.injection_effect
+    judge = _INJECTION_JUDGES.get(effect)
+    if judge is None:
+        raise RuntimeError(f"unknown injection effect {effect!r} of the scripted server")
+    await judge(run)
+
+
+async def _judge_answer_taken(run: _Run) -> None:
+    """The injected reply was taken as the answer to the first command under TLS.
+
+    A client that read it gives up right after that command (goodbye, close,
+    one of the dialect's ``retreat_verbs`` or the same command again).
+    """
+    try:
+        first = await run.next_command()
+    except Gone as gone:
+        if gone.act.how == "violation":
+            raise
+        raise Observed("injection-consumed", "closed right after the handshake") from None
+    await _answer(run, first)
+    try:
+        second = await run.next_command()
+    except Gone as gone:
+        if gone.act.how == "violation":
+            raise
+        raise Observed(
+            "injection-consumed", f"gave up after {first.verb}: {gone.act.detail}"
+        ) from None
+    retreat = run.dialect.retreat_verbs
+    if second.kind == "quit" or second.verb == first.verb or second.verb in retreat:
+        raise Observed("injection-consumed", f"{first.verb} then {second.verb}")
+    raise Observed("completed", f"{first.verb} then {second.verb}: carried on under TLS")
+
+
+async def _judge_capabilities_believed(run: _Run) -> None:
+    """The injected capabilities forbid the login; a client that believed them never logs in."""
     for _ in range(20):
         try:
             cmd = await run.next_command()
-        except _Gone as gone:
+        except Gone as gone:
             if gone.act.how == "violation":
                 raise
             raise Observed("injection-consumed", f"no LOGIN: {gone.act.detail}") from None
@@ -1096,6 +508,12 @@ async def step_judge_injection(run: _Run, args: Mapping[str, object]) -> None:
             raise Observed("injection-consumed", "logged out without LOGIN")
         await _answer(run, cmd)
     raise Observed("unexpected-reply", "the client sent too many commands")
+
+
+_INJECTION_JUDGES: Dict[str, Callable[[_Run], Awaitable[None]]] = {
+    "answer-taken": _judge_answer_taken,
+    "capabilities-believed": _judge_capabilities_believed,
+}
 
 
 async def step_raw_reply(run: _Run, args: Mapping[str, object]) -> None:
@@ -1121,7 +539,7 @@ async def step_expect_abort(run: _Run, args: Mapping[str, object]) -> None:
     if act.kind == "command" and act.command is not None:
         raise Observed("plaintext-accepted", f"then sent {act.command.text!r}")
     if act.kind == "gone" and act.how == "violation":
-        raise _Gone(act)
+        raise Gone(act)
     raise Observed("refused", f"ended the connection ({act.detail or act.kind})")
 
 
@@ -1163,7 +581,7 @@ async def step_expect_close_notify(run: _Run, args: Mapping[str, object]) -> Non
     if act.kind == "command" and act.command is not None:
         raise Observed("spoke-first", f"sent {act.command.text!r} instead of close_notify")
     if act.kind == "gone" and act.how == "violation":
-        raise _Gone(act)
+        raise Gone(act)
     raise Observed("unanswered", f"no close_notify: {act.detail or act.how}")
 
 
@@ -1192,7 +610,7 @@ async def step_expect_no_resume(run: _Run, args: Mapping[str, object]) -> None:
             raise Observed("ignored-closure", f"still sent {act.command.text!r} under TLS")
         if act.kind == "gone":
             if act.how == "violation":
-                raise _Gone(act)
+                raise Gone(act)
             raise Observed("refused", f"ended the connection ({act.detail or act.how})")
     raise Observed("unexpected-reply", "no decisive act")
 
@@ -1212,7 +630,7 @@ async def step_expect_hello(run: _Run, args: Mapping[str, object]) -> None:
         run.offer_stoptls = bool(args["stoptls"])
     try:
         cmd = await run.next_command()
-    except _Gone as gone:
+    except Gone as gone:
         if gone.act.how == "violation":
             raise
         raise Observed("closed-before-check", gone.act.detail) from None
@@ -1265,26 +683,15 @@ def unknown_client_steps(scenarios: Sequence[Scenario]) -> List[Tuple[str, str]]
 # ------------------------------------------------------------- one scenario
 
 
+def _gone(run: _Run, step: Step, gone: RemoteEnded) -> str:
+    """The client ended the connection."""
+    if gone.how == "violation" and gone.rule is not None:
+        return violation(gone.rule)
+    return "closed" if run.fault_applied else "closed-before-fault"
+
+
 async def _interpret(run: _Run) -> str:
-    for step in run.scenario.steps:
-        if step.fault:
-            run.fault_applied = True
-        try:
-            await _CLIENT_STEPS[step.action](run, step.args)
-        except Observed as seen:
-            if seen.detail:
-                run.evidence.note(seen.detail)
-            return seen.label
-        except _Timeout as exc:
-            run.evidence.note(str(exc))
-            return "timeout"
-        except _Gone as gone:
-            act = gone.act
-            run.evidence.note(act.detail or act.how)
-            if act.how == "violation" and act.rule is not None:
-                return f"violation:{act.rule.value}"
-            return "closed" if run.fault_applied else "closed-before-fault"
-    return "completed"
+    return await interpret(run, _CLIENT_STEPS, ended=_gone)
 
 
 async def _call_client(
@@ -1312,12 +719,12 @@ async def run_client_scenario(
     """One scenario x TLS version against a client; never raises."""
     evidence = Evidence()
     start = time.monotonic()
-    label = "harness-error"
-    dialect = _DIALECTS[target.dialect]
+    label = HARNESS_ERROR
+    dialect = dialect_named(target.dialect)
     asked = _requested_cycles(scenario)
     client_target = target.asking_for_cycles(asked) if asked > 1 else target
     server: Optional[asyncio.AbstractServer] = None
-    conn: Optional[_FakeConnection] = None
+    conn: Optional[ScriptedConnection] = None
     client: Optional[asyncio.Future[ClientOutcome]] = None
     outcome: Optional[ClientOutcome] = None
     with tempfile.TemporaryDirectory(prefix="starttls-harness-client-") as tmp:
@@ -1332,12 +739,12 @@ async def run_client_scenario(
                 )
                 evidence.keylog = str(keylog)
             server_ctx = pki.server_context(tls_version, keylog=keylog)
-            conn = _FakeConnection(dialect, evidence)
+            conn = ScriptedConnection(dialect, evidence)
             accepted: List[bool] = []
 
             def factory() -> asyncio.Protocol:
                 if accepted:
-                    return _Refuser(evidence)
+                    return Refuser(evidence)
                 accepted.append(True)
                 assert conn is not None
                 return conn
@@ -1360,7 +767,7 @@ async def run_client_scenario(
             run = _Run(
                 scenario,
                 client_target,
-                dialect,
+                conn.dialect,
                 conn,
                 evidence,
                 settings,
@@ -1371,11 +778,11 @@ async def run_client_scenario(
             try:
                 label = await asyncio.wait_for(_interpret(run), settings.scenario_timeout)
             except asyncio.TimeoutError:
-                label = "timeout"
+                label = TIMEOUT
                 evidence.note(f"scenario exceeded its {settings.scenario_timeout:g} s bound")
         except Exception as exc:  # a harness bug must not take the run down
-            label = "harness-error"
-            evidence.note(f"harness error: {type(exc).__name__}: {exc}")
+            label = HARNESS_ERROR
+            evidence.note(harness_error(exc))
         finally:
             if conn is not None:
                 conn.abort()
@@ -1479,3 +886,44 @@ async def run_client_target(
         sanity=sanity,
         progress=progress,
     )
+
+
+# ------------------------------------------------------------ entry points
+
+
+async def check_client(
+    dialect: str,
+    argv: Sequence[str],
+    scenarios: Optional[Sequence[Scenario]] = None,
+    settings: RunSettings = DEFAULT_SETTINGS,
+    progress: Optional[Progress] = None,
+    *,
+    tls_versions: Optional[Sequence[str]] = None,
+    timeout: Optional[float] = None,
+) -> List[Result]:
+    """Run the client catalogue against an external client command."""
+    chosen = list(scenarios) if scenarios is not None else list(CLIENT_SCENARIOS)
+    target = CommandClientTarget(
+        dialect, argv, timeout=timeout if timeout is not None else settings.scenario_timeout
+    )
+    return await run_client_target(
+        chosen,
+        target,
+        settings,
+        progress=progress,
+        tls_versions=tls_versions,
+    )
+
+
+async def validate_client(
+    dialect: str,
+    behaviour: str,
+    tls_versions: Sequence[str] = ("1.2", "1.3"),
+    settings: Optional[RunSettings] = None,
+) -> Tuple[List[Result], List[str]]:
+    """Run the client catalogue against one reference client; return mismatches."""
+    chosen = settings or CLIENT_VALIDATION_SETTINGS
+    target = ReferenceClientTarget(dialect, behaviour, timeout=chosen.reply_timeout)
+    results = await run_client_target(CLIENT_SCENARIOS, target, chosen, tls_versions=tls_versions)
+    expected: Mapping[str, Verdict] = expected_client_verdicts(dialect, behaviour)
+    return results, mismatches(results, expected)

@@ -7,13 +7,13 @@ One scenario x TLS version is one run:
 
 1. the pair's server is started (the reference pair starts a fresh server
    per run, so that what it stores and reports belongs to this run only);
-2. a :class:`~starttls_harness.proxy.core.Proxy` listens in front of it, following the
+2. a :class:`~starttls_harness.proxy.Proxy` listens in front of it, following the
    conversation with the key log the client's TLS context writes (TLS 1.3
    close_notify alerts are then identified by decryption, not guessed);
 3. the pair's client is driven through the proxy by a
    :class:`ClientDriver`, one verb per step of the scenario (the verb
    table :data:`_VERBS`).  The fault step arms the scenario's
-   :class:`~starttls_harness.proxy.core.Fault` on the proxied connection -- before its
+   :class:`~starttls_harness.proxy.Fault` on the proxied connection -- before its
    verb, or from inside it (``hooks.arm``) when only the driver knows
    where a unit's records begin;
 4. the verdict is decided from the proxy's event log, in order: the first
@@ -38,7 +38,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import importlib
 import ssl
 import tempfile
 import time
@@ -55,11 +54,14 @@ from typing import (
     Tuple,
 )
 
-from starttls_harness.clients.imap import ImapClient
-from starttls_harness.clients.imap import StopTLSNotSupported as ImapNoStopTLS
-from starttls_harness.clients.smtp import SMTPClient
-from starttls_harness.clients.smtp import StopTLSNotSupported as SmtpNoStopTLS
 from starttls_harness.dialects import Dialect, dialect_named
+from starttls_harness.dialects.roles import (
+    PATH_MESSAGE,
+    ClientSpec,
+    PathDriver,
+    StopTLSUnsupported,
+    transport_events,
+)
 from starttls_harness.proxy import (
     C2S,
     S2C,
@@ -70,7 +72,10 @@ from starttls_harness.proxy import (
     ProxyEvent,
 )
 from starttls_harness.report.verdicts import Evidence, Exchange, Result, Verdict
+from starttls_harness.run.outcomes import HARNESS_ERROR, harness_error
+from starttls_harness.run.reference import reference_client_module, reference_server_module
 from starttls_harness.run.server import Progress, RunSettings, run_bracketed
+from starttls_harness.scenarios.expectations import PATH_EXPECTED, STOPTLS_SCENARIOS, mismatches
 from starttls_harness.scenarios.path import PATH_SCENARIOS, fault_data, fault_step
 from starttls_harness.scenarios.server import Expect, Scenario, Step
 from starttls_harness.servers.base import RunningServer, ServerConfig
@@ -111,24 +116,6 @@ def _other(direction: str) -> str:
 # ------------------------------------------------------------------ the pair
 
 
-class StopTLSUnsupported(Exception):
-    """The pair cannot return to plaintext: scenarios that need it are skipped."""
-
-
-@dataclass(frozen=True)
-class ClientSpec:
-    """Where and how the client under test connects (to the proxy)."""
-
-    dialect: str
-    host: str
-    port: int
-    tls_version: str
-    tls_context: ssl.SSLContext
-    server_hostname: str
-    #: Bound of every reply and of the handshake and closure.
-    timeout: float
-
-
 class StepHooks:
     """Given to every verb: ``arm()`` arms the scenario's fault, at most once."""
 
@@ -147,44 +134,8 @@ class StepHooks:
             self._run.arm(nth)
 
 
-class ClientDriver(abc.ABC):
-    """The client under test, driven one verb at a time (see the catalogue).
-
-    A verb returns when the client did it; it raises whatever the client
-    raised when it could not (a refusal, a closed connection, a timeout),
-    and :class:`StopTLSUnsupported` from :meth:`stoptls` when the pair has no
-    way back to plaintext.  Every wait inside is bounded by the spec's
-    ``timeout``.
-    """
-
-    @abc.abstractmethod
-    async def connect(self, hooks: StepHooks) -> None: ...
-
-    @abc.abstractmethod
-    async def starttls(self, hooks: StepHooks) -> None: ...
-
-    @abc.abstractmethod
-    async def command(self, hooks: StepHooks) -> None: ...
-
-    @abc.abstractmethod
-    async def stoptls(self, hooks: StepHooks) -> None: ...
-
-    @abc.abstractmethod
-    async def send_unit(self, hooks: StepHooks) -> None: ...
-
-    @abc.abstractmethod
-    async def fetch_unit(self, hooks: StepHooks) -> None: ...
-
-    @abc.abstractmethod
-    async def quit(self, hooks: StepHooks) -> None: ...
-
-    def engine_events(self) -> Optional[Sequence[Event]]:
-        """The client's own TLS-layer events, if it can tell (None: it cannot)."""
-        return None
-
-    @abc.abstractmethod
-    async def close(self) -> None:
-        """Close the connection (bounded); called once, always."""
+#: The client under test of the path role (the interface lives with the dialects).
+ClientDriver = PathDriver
 
 
 class PathServer(abc.ABC):
@@ -234,15 +185,8 @@ class PathPair:
 
 # ------------------------------------------------- the reference pair (built in)
 
-#: A message over two TLS records (16 KiB is the record limit), short lines.
-BIG_MESSAGE = b"Subject: cut by the path harness\r\n\r\n" + (b"x" * 70 + b"\r\n") * 300
-_SENDER = "path@harness.invalid"
-_RECIPIENT = "postmaster@localhost"
-
-
-def _transport_events(transport: Any) -> List[Event]:
-    events = getattr(transport, "events", None)
-    return list(events) if isinstance(events, list) else []
+BIG_MESSAGE = PATH_MESSAGE
+_transport_events = transport_events
 
 
 class _ReferenceServer(PathServer):
@@ -278,135 +222,6 @@ class _ReferenceServer(PathServer):
         await self.running.close()
 
 
-class _SmtpDriver(ClientDriver):
-    """clients.smtp.SMTPClient through the proxy."""
-
-    def __init__(self, spec: ClientSpec, behaviour: str) -> None:
-        self.client = SMTPClient(
-            spec.host,
-            spec.port,
-            tls_context=spec.tls_context,
-            server_hostname=spec.server_hostname,
-            behaviour=behaviour,
-            timeout=spec.timeout,
-            timeouts=Timeouts(handshake=spec.timeout, closure=spec.timeout, connect=spec.timeout),
-        )
-
-    async def connect(self, hooks: StepHooks) -> None:
-        await self.client.connect()
-        await self.client.ehlo()
-
-    async def starttls(self, hooks: StepHooks) -> None:
-        await self.client.starttls()
-
-    async def command(self, hooks: StepHooks) -> None:
-        await self.client.execute_command(b"NOOP")
-
-    async def stoptls(self, hooks: StepHooks) -> None:
-        try:
-            await self.client.stoptls()
-        except SmtpNoStopTLS as exc:
-            raise StopTLSUnsupported(str(exc)) from exc
-
-    async def send_unit(self, hooks: StepHooks) -> None:
-        """MAIL, RCPT, then DATA whose body takes two records: FIN replaces the second."""
-        await self.client.ehlo()
-        await self.client.execute_command(f"MAIL FROM:<{_SENDER}>".encode())
-        await self.client.execute_command(f"RCPT TO:<{_RECIPIENT}>".encode())
-        hooks.arm(nth=3)  # 1: DATA, 2-3: the body (16 KiB + the rest with the final dot)
-        await self.client.smtp.data(BIG_MESSAGE, timeout=self.client.timeout)
-
-    async def fetch_unit(self, hooks: StepHooks) -> None:
-        """EHLO under TLS: the reference server writes one record per reply line."""
-        hooks.arm(nth=2)
-        await self.client.ehlo()
-
-    async def quit(self, hooks: StepHooks) -> None:
-        await self.client.quit()
-
-    def engine_events(self) -> Optional[Sequence[Event]]:
-        return _transport_events(self.client.transport)
-
-    async def close(self) -> None:
-        self.client.close()
-
-
-class _ImapDriver(ClientDriver):
-    """clients.imap.ImapClient through the proxy."""
-
-    def __init__(self, spec: ClientSpec, behaviour: str, user: str, password: str) -> None:
-        self.spec = spec
-        self.behaviour = behaviour
-        self.user = user
-        self.password = password
-        self.client: Optional[ImapClient] = None
-
-    def _client(self) -> ImapClient:
-        if self.client is None:
-            raise ConnectionError("not connected")
-        return self.client
-
-    async def connect(self, hooks: StepHooks) -> None:
-        spec = self.spec
-        self.client = await ImapClient.connect(
-            spec.host,
-            spec.port,
-            ssl_context=spec.tls_context,
-            server_hostname=spec.server_hostname,
-            behaviour=self.behaviour,
-            timeout=spec.timeout,
-            timeouts=Timeouts(handshake=spec.timeout, closure=spec.timeout, connect=spec.timeout),
-        )
-
-    async def starttls(self, hooks: StepHooks) -> None:
-        if not await self._client().starttls():
-            raise ConnectionError("the client carried on without TLS")
-
-    async def command(self, hooks: StepHooks) -> None:
-        await self._client().noop()
-
-    async def stoptls(self, hooks: StepHooks) -> None:
-        try:
-            await self._client().stoptls()
-        except ImapNoStopTLS as exc:
-            raise StopTLSUnsupported(str(exc)) from exc
-
-    async def send_unit(self, hooks: StepHooks) -> None:
-        """APPEND of a literal over two records: FIN cuts the literal."""
-        client = self._client()
-        await client.capability()  # what the server offers now, whatever was kept
-        await client.login(self.user, self.password)
-        # LITERAL+: command and literal in one write (records 1-2); otherwise
-        # the command line is record 1 and the literal records 2-3.
-        hooks.arm(nth=2 if "LITERAL+" in (client.capabilities or ()) else 3)
-        await client.append(BIG_MESSAGE)
-
-    async def fetch_unit(self, hooks: StepHooks) -> None:
-        """FETCH of a message whose literal takes two records: FIN cuts it."""
-        client = self._client()
-        await client.capability()
-        await client.login(self.user, self.password)
-        await client.append(BIG_MESSAGE)
-        await client.select()
-        hooks.arm(nth=2)
-        await client.fetch(1, "(RFC822)")
-
-    async def quit(self, hooks: StepHooks) -> None:
-        await self._client().logout()
-
-    def engine_events(self) -> Optional[Sequence[Event]]:
-        if self.client is None:
-            return None
-        return _transport_events(self.client.transport)
-
-    async def close(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
-
-
-_SERVER_MODULES = {"smtp": "starttls_harness.servers.smtp", "imap": "starttls_harness.servers.imap"}
-
-
 def reference_pair(
     dialect: str,
     server_behaviour: str = "strict",
@@ -422,9 +237,8 @@ def reference_pair(
     that a server which took the attacker's bytes in and waits gives up
     before the harness's own bounds run out.
     """
-    dialect_named(dialect)
-    module = importlib.import_module(_SERVER_MODULES[dialect])
-    client_module = importlib.import_module(f"starttls_harness.clients.{dialect}")
+    module = reference_server_module(dialect)
+    client_module = reference_client_module(dialect)
     for name, known in (
         (server_behaviour, module.BEHAVIOURS),
         (client_behaviour, client_module.BEHAVIOURS),
@@ -457,9 +271,8 @@ def reference_pair(
         return _ReferenceServer(running)
 
     def client(spec: ClientSpec) -> ClientDriver:
-        if dialect == "smtp":
-            return _SmtpDriver(spec, client_behaviour)
-        return _ImapDriver(spec, client_behaviour, user, password)
+        driver: ClientDriver = client_module.path_driver(spec, client_behaviour, user, password)
+        return driver
 
     def context(tls_version: str, keylog: Optional[Path]) -> ssl.SSLContext:
         return the_pki().client_context(tls_version, keylog)
@@ -979,13 +792,13 @@ async def run_path_scenario(
         if settings.keylog_dir is not None:
             evidence.keylog = str(keylog)
         run = _PathRun(scenario.steps, scenario, pair, tls_version, settings, keylog)
-        label, detail = "harness-error", ""
+        label, detail = HARNESS_ERROR, ""
         try:
             run.fault, run.judge, run.arm_mode = scenario_fault(scenario, dialect)
             label, detail, exchanges = await _execute(run)
             evidence.exchanges.extend(exchanges)
         except Exception as exc:  # a harness bug must not take the run down
-            label, detail = "harness-error", f"harness error: {type(exc).__name__}: {exc}"
+            label, detail = HARNESS_ERROR, harness_error(exc)
     if detail:
         evidence.exchanges.append(
             Exchange(
@@ -1022,7 +835,7 @@ async def path_sanity(
     try:
         label, detail, _ = await _execute(run)
     except Exception as exc:
-        return f"harness error: {type(exc).__name__}: {exc}"
+        return harness_error(exc)
     if label != "completed":
         return f"{label}: {detail}" if detail else label
     return None
@@ -1071,62 +884,6 @@ PATH_VALIDATION_SETTINGS = RunSettings(reply_timeout=1.5, scenario_timeout=10.0)
 #: bytes in and waits for a close_notify that never comes gives up after it.
 PATH_VALIDATION_CLOSURE = 0.5
 
-#: The scenarios that need the return to plaintext (STOPTLS).
-STOPTLS_SCENARIOS = (
-    "path.drop-close-notify-c2s",
-    "path.drop-close-notify-s2c",
-    "path.inject-after-close",
-    "path.inject-before-close-s2c",
-)
-
-
-def _all(verdict: Verdict) -> Dict[str, Verdict]:
-    return {sid: verdict for sid in STOPTLS_SCENARIOS}
-
-
-#: (side, behaviour) -> {scenario id: verdict}, the other side strict; every
-#: path scenario not listed must pass.  Exact, as starttls_harness.run.validation's: an
-#: unexpected pass is as much a failure of the harness as an unexpected
-#: fail.  Each entry's first line is the scenario that guards its rule;
-#: behaviours whose rule no path scenario exercises (R1, R7, R8 on the
-#: server; R1, R5, R9 on the client) pass everything.
-PATH_EXPECTED: Dict[Tuple[str, str], Dict[str, Verdict]] = {
-    ("server", "strict"): {},
-    ("client", "strict"): {},
-    # R2: the injected plaintext is taken in as TLS data (and answered).
-    ("server", "plaintext-in-tls"): {
-        "path.inject-in-tls-c2s": F,
-        "path.drop-close-notify-c2s": F,
-    },
-    # R3: close_notify and the plaintext greeting leave before the client's
-    # close_notify: the proxy sees the one-sided closure in every STOPTLS run.
-    ("server", "early-plaintext"): _all(F),
-    # R4: plaintext glued to the client's close_notify is answered.
-    ("server", "one-sided-resume"): {"path.inject-after-close": F},
-    # R5: the server's close_notify, where the s2c faults aim, never comes.
-    ("server", "no-close-notify-reply"): {
-        "path.drop-close-notify-s2c": W,
-        "path.inject-before-close-s2c": W,
-    },
-    # R6: the cut DATA body / APPEND literal is stored.
-    ("server", "ignore-truncation"): {"path.truncate-c2s": F},
-    ("server", "keep-buffer"): {},
-    ("server", "alert-as-close"): {},
-    ("server", "no-state-reset"): {},
-    # R2: a plaintext reply inside TLS is taken in.
-    ("client", "plaintext-in-tls"): {"path.inject-in-tls-s2c": F},
-    # R4: close_notify and the next command in one segment, in every STOPTLS run.
-    ("client", "one-sided-close"): _all(F),
-    # R6 (SMTP client only): a reply cut by FIN is completed and accepted.
-    ("client", "ignore-truncation"): {"path.truncate-s2c": F},
-    # R8: the plaintext capabilities kept after STARTTLS do not list STOPTLS,
-    # so the client never returns to plaintext: those scenarios do not apply.
-    ("client", "no-state-reset"): _all(K),
-    ("client", "accept-injected-response"): {},
-    ("client", "no-close-notify-reply"): {},
-    ("client", "downgrade"): {},
-}
-
 
 async def validate_path(
     dialect: str,
@@ -1140,8 +897,6 @@ async def validate_path(
     closure_timeout: float = PATH_VALIDATION_CLOSURE,
 ) -> Tuple[List[Result], List[str]]:
     """Run the path catalogue with one misbehaving reference peer; return mismatches."""
-    from starttls_harness.run.validation import mismatches
-
     if side not in ("server", "client"):
         raise ValueError(f"side must be 'server' or 'client', not {side!r}")
     pair = reference_pair(

@@ -18,6 +18,7 @@ from typing import FrozenSet, Optional
 
 from starttls_harness.dialects import Dialect, Reply
 from starttls_harness.report.verdicts import Evidence
+from starttls_harness.run.outcomes import RemoteEnded, WaitTimeout
 from starttls_harness.tls.aio import ConnectionEnded, SwitchableTransport, Timeouts, open_connection
 from starttls_harness.tls.engine import (
     AlertReceived,
@@ -50,7 +51,7 @@ class ProbeSettings:
     max_lines: int = 1000
 
 
-class PeerClosed(Exception):
+class PeerClosed(RemoteEnded):
     """The target ended the connection; ``how`` says in which way.
 
     ``how`` is ``eof``, ``reset``, ``alert``, ``handshake`` or ``violation``
@@ -60,13 +61,10 @@ class PeerClosed(Exception):
     """
 
     def __init__(self, how: str, detail: str, rule: Optional[Rule] = None) -> None:
-        super().__init__(detail)
-        self.how = how
-        self.detail = detail
-        self.rule = rule
+        super().__init__(how, detail, rule)
 
 
-class ProbeTimeout(Exception):
+class ProbeTimeout(WaitTimeout):
     """Nothing decisive arrived within the bound."""
 
 
@@ -107,6 +105,7 @@ class Probe:
         policy: Optional[Policy] = None,
     ) -> None:
         self.dialect = dialect
+        self._framer = dialect.framer()
         self.host = host
         self.port = port
         self.ctx = client_context
@@ -126,7 +125,8 @@ class Probe:
 
     def _on_data(self, data: bytes) -> None:
         self._buf += data
-        lines = self._buf.count(b"\n")
+        self._framer.reset()
+        lines = len(self._framer.split(self._buf)[0])  # the dialect's units
         if self._closed is None and (
             len(self._buf) > self.settings.max_buffer or lines > self.settings.max_lines
         ):
@@ -230,8 +230,8 @@ class Probe:
         deadline = asyncio.get_running_loop().time() + self.settings.reply_timeout
         while True:
             expect = None if greeting else tag
-            if self.dialect.name == "imap" and not greeting and tag is None:
-                expect = "*"  # any tagged line completes a reply
+            if not greeting and tag is None:
+                expect = self.dialect.any_reply_tag  # e.g. IMAP: any tagged line
             reply, rest = self.dialect.split_reply(self._buf, expect)
             if reply is not None:
                 self._buf = rest

@@ -13,39 +13,57 @@ import contextlib
 import importlib
 import tempfile
 from pathlib import Path
-from typing import AsyncIterator, Dict, List, Optional, Sequence
+from types import ModuleType
+from typing import AsyncIterator, List, Optional, Sequence
 
+from starttls_harness.dialects import dialect_named, names
 from starttls_harness.run.server import ServerTarget
 from starttls_harness.servers.base import RunningServer, ServerConfig
 from starttls_harness.tls.certs import Pki, make_pki
 
-__all__ = ["SERVER_MODULES", "reference_servers"]
+__all__ = [
+    "reference_client_module",
+    "reference_server_module",
+    "reference_servers",
+    "server_module",
+]
 
-SERVER_MODULES: Dict[str, str] = {
-    "smtp": "starttls_harness.servers.smtp",
-    "imap": "starttls_harness.servers.imap",
-}
+
+def reference_server_module(dialect: str) -> ModuleType:
+    """The reference server module the dialect names (``start_server``, ``BEHAVIOURS``).
+
+    Loaded by name: the dialect layer sits below the reference peers and
+    cannot import them; this is the registry's plug-in lookup.
+    """
+    return importlib.import_module(dialect_named(dialect).server_module)
 
 
-def server_module(dialect: str):  # type: ignore[no-untyped-def]
-    return importlib.import_module(SERVER_MODULES[dialect])
+def reference_client_module(dialect: str) -> ModuleType:
+    """The reference client module the dialect names (``BEHAVIOURS``, ``path_driver``,
+    ``reference_session``)."""
+    return importlib.import_module(dialect_named(dialect).client_module)
+
+
+#: The name the pytest plugin and older callers use.
+server_module = reference_server_module
 
 
 @contextlib.asynccontextmanager
 async def reference_servers(
-    dialects: Sequence[str] = ("smtp", "imap"),
+    dialects: Optional[Sequence[str]] = None,
     *,
     behaviour: str = "strict",
     pki: Optional[Pki] = None,
     state_dir: Optional[Path] = None,
 ) -> AsyncIterator[List[ServerTarget]]:
-    """Start one reference server per dialect; yield them as targets."""
+    """Start one reference server per dialect (default: every registered one)."""
     with contextlib.ExitStack() as cleanup:
         if state_dir is None:
             state_dir = Path(
                 cleanup.enter_context(tempfile.TemporaryDirectory(prefix="starttls-ref-"))
             )
-        async with _started(dialects, behaviour, pki, state_dir) as targets:
+        chosen = names() if dialects is None else dialects
+        async with _started(chosen, behaviour, pki, state_dir) as targets:
             yield targets
 
 

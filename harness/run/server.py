@@ -23,7 +23,6 @@ on top of the per-reply bounds; probes are always closed in ``finally``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import inspect
 import os
@@ -45,9 +44,19 @@ from typing import (
 
 from starttls_harness.dialects import Dialect, Reply, dialect_named
 from starttls_harness.report.verdicts import Evidence, Result, Verdict
+from starttls_harness.run.interpreter import interpret
+from starttls_harness.run.outcomes import (
+    HARNESS_ERROR,
+    TIMEOUT,
+    Observed,
+    RemoteEnded,
+    harness_error,
+    violation,
+)
 from starttls_harness.run.probe import PeerClosed, Probe, ProbeSettings, ProbeTimeout
-from starttls_harness.scenarios.server import Scenario, Step
+from starttls_harness.scenarios.model import Expect, Scenario, Step
 from starttls_harness.tls.certs import client_context
+from starttls_harness.tls.engine import Rule
 
 __all__ = [
     "Observed",
@@ -80,6 +89,9 @@ class ServerTarget:
     #: How many messages the target has stored (None: not observable).
     storage_count: Optional[StorageProbe] = None
 
+    def __post_init__(self) -> None:
+        dialect_named(self.dialect)  # an unknown dialect is refused here, by name
+
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -103,15 +115,6 @@ class RunSettings:
             reply_timeout=self.reply_timeout,
             handshake_timeout=self.reply_timeout,
         )
-
-
-class Observed(Exception):
-    """A step saw the target do something decisive; ``label`` names it."""
-
-    def __init__(self, label: str, detail: str = "") -> None:
-        super().__init__(detail or label)
-        self.label = label
-        self.detail = detail
 
 
 # ------------------------------------------------------------- the steps
@@ -160,7 +163,7 @@ async def step_starttls(run: _Run, args: Mapping[str, object]) -> None:
     command = dialect.starttls()
     transport = probe.transport
     assert transport is not None
-    transport.hold_after(dialect.final_line_of(command), once=True)
+    transport.hold_after(dialect.final_line_of(command), once=True, framer=dialect.framer())
     inject = bool(args.get("inject"))
     injected = dialect.injected() * int(args.get("count", 1)) if inject else b""  # type: ignore[call-overload]
     if inject and args.get("segment", "same") == "same":
@@ -312,47 +315,35 @@ async def step_login(run: _Run, args: Mapping[str, object]) -> None:
             run.evidence.note("no test user: login skipped")
             return
         raise Observed("no-credentials")
-    if run.dialect.name == "smtp":
-        token = base64.b64encode(f"\0{target.user}\0{target.password}".encode()).decode()
-        reply = await run.probe.command(f"AUTH PLAIN {token}\r\n".encode())
-    else:
-        reply = await run.probe.command(
-            f'l1 LOGIN "{target.user}" "{target.password}"\r\n'.encode()
-        )
+    reply = await run.probe.command(run.dialect.login(target.user, target.password))
     if not reply.ok:
         raise Observed("unexpected-reply", f"login refused: {reply.text}")
 
 
 async def step_state_control(run: _Run, args: Mapping[str, object]) -> None:
-    """Control for the SMTP state probe: a fresh session must refuse MAIL.
+    """Control for the state probe: a fresh session must refuse the dialect's control.
 
-    A server that accepts MAIL without any EHLO at all cannot show whether
-    it resets state at STARTTLS, so the scenario cannot be decided.
+    A server that accepts (SMTP) MAIL without any EHLO at all cannot show
+    whether it resets state at STARTTLS, so the scenario cannot be decided.
     """
-    if run.dialect.name != "smtp":
+    command = run.dialect.state_control()
+    if command is None:
         return
-    reply = await run.probe.command(b"MAIL FROM:<state-control@harness.invalid>\r\n")
+    reply = await run.probe.command(command)
     if reply.ok:
-        raise Observed("no-hello-required", "MAIL is accepted without EHLO even before TLS")
+        raise Observed("no-hello-required", f"{_verb(command)} is accepted even before TLS")
+
+
+def _verb(command: bytes) -> str:
+    return command.decode("latin-1").strip()[:60]
 
 
 async def step_state_probe(run: _Run, args: Mapping[str, object]) -> None:
     after = str(args.get("after", "starttls"))
-    if run.dialect.name == "smtp":
-        reply = await run.probe.command(b"MAIL FROM:<state-probe@harness.invalid>\r\n")
-        if reply.ok:
-            raise Observed("state-kept", f"MAIL accepted without a new EHLO after {after}")
-        return
-    if after == "starttls":
-        reply = await run.probe.command(b"c1 CAPABILITY\r\n")
-        caps = run.dialect.capabilities(reply)
-        stale = caps & {"STARTTLS", "LOGINDISABLED"}
-        if stale:
-            raise Observed("state-kept", f"still advertises {sorted(stale)} inside TLS")
-        return
-    reply = await run.probe.command(b"r1 SELECT INBOX\r\n")
-    if reply.ok:
-        raise Observed("state-kept", "SELECT accepted without a new login after STOPTLS")
+    reply = await run.probe.command(run.dialect.state_probe(after))
+    kept = run.dialect.state_kept(after, reply)
+    if kept is not None:
+        raise Observed("state-kept", kept)
 
 
 async def _stored(run: _Run) -> int:
@@ -369,24 +360,22 @@ async def step_truncate_unit(run: _Run, args: Mapping[str, object]) -> None:
         raise Observed("no-storage-probe")
     probe = run.probe
     run.stored_before = await _stored(run)
-    if run.dialect.name == "smtp":
-        for command in (
-            b"MAIL FROM:<truncation@harness.invalid>\r\n",
-            f"RCPT TO:<{run.target.rcpt}>\r\n".encode(),
-            b"DATA\r\n",
-        ):
-            reply = await probe.command(command)
-            if not reply.ok:
-                raise Observed("unexpected-reply", f"{command.decode().strip()}: {reply.text}")
-        probe.write(b"Subject: truncated\r\n\r\nthis body never gets its final dot\r\n")
-    else:
+    if run.dialect.storage_needs_login:
         await step_login(run, {})
-        body = b"Subject: truncated\r\n\r\nthis literal is cut short\r\n"
-        probe.write(b"t1 APPEND INBOX {%d}\r\n" % (len(body) * 2))
-        reply = await probe.reply(greeting=True)
-        if not reply.key.startswith("+"):
-            raise Observed("unexpected-reply", f"APPEND: {reply.text}")
-        probe.write(body)
+    for unit in run.dialect.truncated_unit(run.target.rcpt):
+        if unit.answer == "none":
+            probe.write(unit.data)
+            continue
+        what = _verb(unit.data)
+        if unit.answer == "continue":
+            probe.write(unit.data)
+            reply = await probe.reply(greeting=True)
+            if not run.dialect.is_continuation(reply):
+                raise Observed("unexpected-reply", f"{what}: {reply.text}")
+            continue
+        reply = await probe.command(unit.data)
+        if not reply.ok:
+            raise Observed("unexpected-reply", f"{what}: {reply.text}")
     assert probe.transport is not None
     run.evidence.add("c2s", "eof", note="TCP FIN without close_notify (truncation)")
     probe.transport.truncate()
@@ -476,44 +465,41 @@ def _shared_context(
     return client_context(tls_version, verify=False)
 
 
+def _skip(run: _Run, step: Step) -> Optional[str]:
+    """A step conditional on a capability the target does not offer is skipped."""
+    if_cap = step.args.get("if_cap")
+    if if_cap and str(if_cap) not in run.probe.capabilities:
+        return f"step {step.action} skipped: {if_cap} not offered"
+    return None
+
+
+def _mark(run: _Run) -> None:
+    """What the target says from the fault step on is what counts."""
+    run.mark = len(run.evidence.exchanges)
+
+
+def _closed(run: _Run, step: Step, closed: RemoteEnded) -> str:
+    """The target ended the connection during ``step``."""
+    if closed.how == "refused":
+        return "refused"
+    if closed.how == "overflow":
+        return "reply-bound"  # an error: the target closed nothing
+    if closed.how == "violation" and closed.rule is not None:
+        return violation(closed.rule)
+    if not run.fault_applied:
+        return "closed-before-fault"
+    if (
+        step.action == "handshake"
+        and closed.how == "handshake"
+        and not any(s.fault for s in run.scenario.steps)
+    ):
+        return "handshake-failed"
+    return "closed"
+
+
 async def _interpret(run: _Run) -> str:
     """Run the steps; return the observation label."""
-    for step in run.scenario.steps:
-        if_cap = step.args.get("if_cap")
-        if if_cap and str(if_cap) not in run.probe.capabilities:
-            run.evidence.note(f"step {step.action} skipped: {if_cap} not offered")
-            continue
-        if step.fault:
-            run.fault_applied = True
-            run.mark = len(run.evidence.exchanges)
-        func = _SERVER_STEPS[step.action]
-        try:
-            await func(run, step.args)
-        except Observed as seen:
-            if seen.detail:
-                run.evidence.note(seen.detail)
-            return seen.label
-        except ProbeTimeout as exc:
-            run.evidence.note(str(exc))
-            return "timeout"
-        except PeerClosed as closed:
-            run.evidence.note(closed.detail)
-            if closed.how == "refused":
-                return "refused"
-            if closed.how == "overflow":
-                return "reply-bound"  # an error: the target closed nothing
-            if closed.how == "violation" and closed.rule is not None:
-                return f"violation:{closed.rule.value}"
-            if not run.fault_applied:
-                return "closed-before-fault"
-            if (
-                step.action == "handshake"
-                and closed.how == "handshake"
-                and not any(s.fault for s in run.scenario.steps)
-            ):
-                return "handshake-failed"
-            return "closed"
-    return "completed"
+    return await interpret(run, _SERVER_STEPS, ended=_closed, skip=_skip, at_fault=_mark)
 
 
 async def run_server_scenario(
@@ -544,11 +530,11 @@ async def run_server_scenario(
     try:
         label = await asyncio.wait_for(_interpret(run), settings.scenario_timeout)
     except asyncio.TimeoutError:
-        label = "timeout"
+        label = TIMEOUT
         evidence.note(f"scenario exceeded its {settings.scenario_timeout:g} s bound")
     except Exception as exc:  # a harness bug must not take the run down
-        label = "harness-error"
-        evidence.note(f"harness error: {type(exc).__name__}: {exc}")
+        label = HARNESS_ERROR
+        evidence.note(harness_error(exc))
     finally:
         probe.close()
     outcome = scenario.outcome(label)
@@ -583,9 +569,6 @@ async def sanity_probe(
     target: ServerTarget, tls_version: str, settings: RunSettings
 ) -> Optional[str]:
     """None if the conforming path works; otherwise why it does not."""
-    from starttls_harness.scenarios.server import Expect
-    from starttls_harness.tls.engine import Rule
-
     probe_scenario = Scenario(
         id="sanity",
         title="sanity probe",

@@ -21,7 +21,8 @@ Two kinds:
   replaced.  Its exit status decides the outcome; stdout/stderr are kept
   (bounded).  The process is killed when the scenario is over.
 
-:func:`check_client` is what ``starttls-harness check-client`` calls.
+:func:`starttls_harness.run.client.check_client` is what ``starttls-harness
+check-client`` calls.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ import asyncio
 import contextlib
 import os
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, List, Mapping, Optional, Sequence, Tuple
 
-from starttls_harness.report.verdicts import Result, Verdict
-from starttls_harness.run.server import Progress, RunSettings
-from starttls_harness.scenarios.server import Scenario
+from starttls_harness.dialects import dialect_named
+from starttls_harness.dialects.roles import ClientOutcome, SessionPlan, failed
+from starttls_harness.run.reference import reference_client_module
+from starttls_harness.run.server import RunSettings
 from starttls_harness.tls.aio import Timeouts
 from starttls_harness.tls.certs import client_context
 
@@ -48,9 +49,7 @@ __all__ = [
     "ClientTarget",
     "CommandClientTarget",
     "ReferenceClientTarget",
-    "check_client",
     "client_behaviours",
-    "validate_client",
 ]
 
 #: The test user the reference session logs in with (any user is accepted).
@@ -63,18 +62,6 @@ DEFAULT_SETTINGS = RunSettings()
 
 #: How much of an external client's stdout/stderr is kept as evidence.
 OUTPUT_LIMIT = 64 * 1024
-
-
-@dataclass(frozen=True)
-class ClientOutcome:
-    """What the client reported at the end of its session."""
-
-    ok: bool
-    detail: str
-    #: Exit status of an external client (None for in-process clients).
-    exit_status: Optional[int] = None
-    stdout: bytes = b""
-    stderr: bytes = b""
 
 
 RunClient = Callable[[str, int, Path, str], Awaitable[ClientOutcome]]
@@ -99,9 +86,7 @@ class ClientTarget:
         *,
         tls_versions: Tuple[str, ...] = ("1.2", "1.3"),
     ) -> None:
-        if dialect not in ("smtp", "imap"):
-            raise ValueError(f"unknown dialect {dialect!r}; use smtp or imap")
-        self.dialect = dialect
+        self.dialect = dialect_named(dialect).name
         self.run = run
         self.label = label
         self.tls_versions = tls_versions
@@ -137,14 +122,29 @@ class ReferenceClientTarget(ClientTarget):
         self.behaviour = behaviour
         self.cycles = cycles
         self.timeout = timeout
-        session = _smtp_session if dialect == "smtp" else _imap_session
+        session = reference_client_module(dialect).reference_session
         label = f"reference {dialect} client ({behaviour})"
 
         async def run(host: str, port: int, cafile: Path, tls_version: str) -> ClientOutcome:
+            plan = SessionPlan(
+                host=host,
+                port=port,
+                tls_context=client_context(tls_version, cafile=cafile),
+                behaviour=self.behaviour,
+                timeout=self.timeout,
+                timeouts=self.timeouts(),
+                cycles=self.cycles,
+                user=USER,
+                password=PASSWORD,
+                sender=SENDER,
+                recipient=RECIPIENT,
+                message=MESSAGE,
+            )
             try:
-                return await session(self, host, port, cafile, tls_version)
+                outcome: ClientOutcome = await session(plan)
             except Exception as exc:  # the session reports, never raises
-                return ClientOutcome(False, f"{type(exc).__name__}: {exc}")
+                return failed(exc)
+            return outcome
 
         super().__init__(dialect, run, label, tls_versions=tls_versions)
 
@@ -163,99 +163,7 @@ class ReferenceClientTarget(ClientTarget):
 
 def client_behaviours(dialect: str) -> List[str]:
     """The behaviour names of the reference client of ``dialect``."""
-    if dialect == "smtp":
-        from starttls_harness.clients.smtp import BEHAVIOURS
-    elif dialect == "imap":
-        from starttls_harness.clients.imap import BEHAVIOURS
-    else:
-        raise ValueError(f"unknown dialect {dialect!r}; use smtp or imap")
-    return list(BEHAVIOURS)
-
-
-def _failed(exc: BaseException) -> ClientOutcome:
-    return ClientOutcome(False, f"{type(exc).__name__}: {exc}")
-
-
-async def _smtp_session(
-    target: ReferenceClientTarget, host: str, port: int, cafile: Path, tls_version: str
-) -> ClientOutcome:
-    from aiosmtplib import SMTPException
-    from starttls_harness.clients.smtp import SMTPClient
-
-    client = SMTPClient(
-        host,
-        port,
-        tls_context=client_context(tls_version, cafile=cafile),
-        server_hostname="localhost",
-        require_tls=True,
-        behaviour=target.behaviour,
-        timeout=target.timeout,
-        timeouts=target.timeouts(),
-    )
-
-    async def login() -> None:
-        if "plain" in client.smtp.server_auth_methods:
-            await client.login(USER, PASSWORD)
-
-    done = 0
-    try:
-        await client.connect()  # greeting, EHLO, STARTTLS, EHLO
-        await login()
-        for _ in range(target.cycles):
-            if "stoptls" not in client.extensions:
-                break
-            await client.stoptls()  # closure, greeting, EHLO
-            await client.starttls()  # handshake, EHLO
-            await login()
-            done += 1
-        await client.sendmail(SENDER, [RECIPIENT], MESSAGE)
-        with contextlib.suppress(SMTPException, ConnectionError):
-            await client.quit()  # the mail is sent; a sloppy goodbye is no failure
-    except (SMTPException, ConnectionError, OSError, asyncio.TimeoutError, RuntimeError) as exc:
-        return _failed(exc)
-    finally:
-        client.close()
-    return ClientOutcome(True, f"mail sent after {done} STOPTLS cycle(s)")
-
-
-async def _imap_session(
-    target: ReferenceClientTarget, host: str, port: int, cafile: Path, tls_version: str
-) -> ClientOutcome:
-    from starttls_harness.clients.imap import ImapClient, ImapError
-
-    errors = (ImapError, ConnectionError, OSError, asyncio.TimeoutError, RuntimeError)
-    try:
-        client = await ImapClient.connect(
-            host,
-            port,
-            ssl_context=client_context(tls_version, cafile=cafile),
-            server_hostname="localhost",
-            require_tls=True,
-            behaviour=target.behaviour,
-            timeout=target.timeout,
-            timeouts=target.timeouts(),
-        )
-    except errors as exc:
-        return _failed(exc)
-    done = 0
-    try:
-        await client.starttls()  # CAPABILITY, STARTTLS, CAPABILITY
-        await client.login(USER, PASSWORD)
-        for _ in range(target.cycles):
-            if "STOPTLS" not in (client.capabilities or frozenset()):
-                break
-            await client.stoptls()  # closure, greeting, CAPABILITY
-            await client.starttls()
-            await client.login(USER, PASSWORD)
-            done += 1
-        await client.append(MESSAGE)
-        with contextlib.suppress(*errors):
-            await client.logout()
-    except errors as exc:
-        return _failed(exc)
-    finally:
-        client.close()
-    return ClientOutcome(True, f"message appended after {done} STOPTLS cycle(s)")
+    return list(reference_client_module(dialect).BEHAVIOURS)
 
 
 # ------------------------------------------------------- external commands
@@ -394,55 +302,3 @@ def _kill(proc: asyncio.subprocess.Process) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
         proc.kill()
-
-
-# ------------------------------------------------------------ entry points
-
-
-async def check_client(
-    dialect: str,
-    argv: Sequence[str],
-    scenarios: Optional[Sequence[Scenario]] = None,
-    settings: RunSettings = DEFAULT_SETTINGS,
-    progress: Optional[Progress] = None,
-    *,
-    tls_versions: Optional[Sequence[str]] = None,
-    timeout: Optional[float] = None,
-) -> List[Result]:
-    """Run the client catalogue against an external client command."""
-    from starttls_harness.run.client import run_client_target
-    from starttls_harness.scenarios.client import CLIENT_SCENARIOS
-
-    chosen = list(scenarios) if scenarios is not None else list(CLIENT_SCENARIOS)
-    target = CommandClientTarget(
-        dialect, argv, timeout=timeout if timeout is not None else settings.scenario_timeout
-    )
-    return await run_client_target(
-        chosen,
-        target,
-        settings,
-        progress=progress,
-        tls_versions=tls_versions,
-    )
-
-
-async def validate_client(
-    dialect: str,
-    behaviour: str,
-    tls_versions: Sequence[str] = ("1.2", "1.3"),
-    settings: Optional[RunSettings] = None,
-) -> Tuple[List[Result], List[str]]:
-    """Run the client catalogue against one reference client; return mismatches."""
-    from starttls_harness.run.client import run_client_target
-    from starttls_harness.run.validation import mismatches
-    from starttls_harness.scenarios.client import (
-        CLIENT_SCENARIOS,
-        CLIENT_VALIDATION_SETTINGS,
-        expected_client_verdicts,
-    )
-
-    chosen = settings or CLIENT_VALIDATION_SETTINGS
-    target = ReferenceClientTarget(dialect, behaviour, timeout=chosen.reply_timeout)
-    results = await run_client_target(CLIENT_SCENARIOS, target, chosen, tls_versions=tls_versions)
-    expected: Mapping[str, Verdict] = expected_client_verdicts(dialect, behaviour)
-    return results, mismatches(results, expected)

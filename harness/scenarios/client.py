@@ -52,27 +52,30 @@ Decision rules (label -> verdict; labels not listed fall back to
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Tuple
 
 from starttls_harness.report.verdicts import Verdict
-from starttls_harness.run.server import RunSettings
-from starttls_harness.scenarios.server import Expect, S, Scenario, Step
+from starttls_harness.scenarios.expectations import (
+    CLIENT_EXPECTED,
+    client_expected_by_dialect,
+    expected_client_verdicts,
+)
+from starttls_harness.scenarios.model import Expect, S, Scenario, Step, needing_return
 from starttls_harness.tls.engine import Rule
 
 __all__ = [
     "CLIENT_COMMON",
     "CLIENT_EXPECTED",
-    "CLIENT_EXPECTED_BY_DIALECT",
     "CLIENT_SCENARIOS",
-    "CLIENT_VALIDATION_SETTINGS",
     "SPEC_CLIENT_IDS",
     "client_by_id",
+    "client_expected_by_dialect",
     "expected_client_verdicts",
 ]
 
 P, F, W, K, E = Verdict.PASS, Verdict.FAIL, Verdict.WARN, Verdict.SKIP, Verdict.ERROR
 
-#: The minimum ids of ``shared/spec/closure-rules.md``.
+#: The minimum ids of ``docs/rules.md``.
 SPEC_CLIENT_IDS = frozenset(
     {
         "client.response-injection",
@@ -120,7 +123,7 @@ _INJECTION = _expect(
     injection_consumed=Expect(F, "acted on a response injected before the handshake"),
 )
 
-CLIENT_SCENARIOS: Tuple[Scenario, ...] = (
+_CLIENT: Tuple[Scenario, ...] = (
     Scenario(
         id="client.response-injection",
         title="Plaintext response injected in the same segment as the STARTTLS answer",
@@ -201,7 +204,7 @@ CLIENT_SCENARIOS: Tuple[Scenario, ...] = (
         title="STOPTLS answered with close_notify and the plaintext greeting in one segment",
         role="client",
         rule=Rule.R4,
-        reference="RFC 5246 §7.2.1; RFC 4511 §4.14.3; closure-rules.md (STOPTLS)",
+        reference="RFC 5246 §7.2.1; RFC 4511 §4.14.3; docs/rules.md (STOPTLS)",
         reason="Plaintext that did not wait for the client's close_notify is not from the server.",
         steps=(
             *_UPGRADE,
@@ -220,7 +223,7 @@ CLIENT_SCENARIOS: Tuple[Scenario, ...] = (
         title="The client's STOPTLS closure waits for the server's close_notify",
         role="client",
         rule=Rule.R4,
-        reference="RFC 5246 §7.2.1; RFC 4511 §4.14.3; closure-rules.md (STOPTLS)",
+        reference="RFC 5246 §7.2.1; RFC 4511 §4.14.3; docs/rules.md (STOPTLS)",
         reason="The initiator of the closure sends nothing until the peer's close_notify.",
         steps=(
             *_UPGRADE,
@@ -277,7 +280,7 @@ CLIENT_SCENARIOS: Tuple[Scenario, ...] = (
         title="Positive control: STARTTLS/STOPTLS cycles against a conforming server",
         role="client",
         rule=Rule.R3,
-        reference="closure-rules.md (STOPTLS)",
+        reference="docs/rules.md (STOPTLS)",
         reason="The conforming path must work, or every refusal above means nothing.",
         steps=(*_UPGRADE, S("serve", until="end", stoptls=True, cycles=3)),
         expect=_expect(
@@ -310,67 +313,13 @@ CLIENT_SCENARIOS: Tuple[Scenario, ...] = (
 )
 
 
+CLIENT_SCENARIOS: Tuple[Scenario, ...] = needing_return(
+    _CLIENT, ("client.one-sided-close", "client.stoptls-wait", "client.stoptls-cycle")
+)
+
+
 def client_by_id(scenario_id: str) -> Scenario:
     for s in CLIENT_SCENARIOS:
         if s.id == scenario_id:
             return s
     raise KeyError(scenario_id)
-
-
-# ------------------------------------------------------------ validation
-
-#: Bounds for validation runs: generous, never waited on by a conforming peer.
-CLIENT_VALIDATION_SETTINGS = RunSettings(reply_timeout=3.0, scenario_timeout=10.0)
-
-_STOPTLS_INITIATOR_BROKEN = {
-    "client.stoptls-wait": F,
-    "client.stoptls-cycle": F,
-    # The STOPTLS half of the state check sees the same R4 violation.
-    "client.state-reset": F,
-}
-
-#: behaviour -> {scenario id: verdict}; every scenario not listed must pass.
-#: The first entry of each is the scenario that guards the broken rule.
-CLIENT_EXPECTED: Dict[str, Dict[str, Verdict]] = {
-    "strict": {},
-    # R1: the injected response is read as the first TLS response.
-    "accept-injected-response": {"client.response-injection": F},
-    # R2: the raw plaintext reply is taken and the session goes on.
-    "plaintext-in-tls": {"client.plaintext-in-tls": F},
-    # R4: close_notify and the next plaintext command leave together.
-    "one-sided-close": dict(_STOPTLS_INITIATOR_BROKEN),
-    # R5: close_notify unanswered, TCP closed instead (no data exposed).
-    "no-close-notify-reply": {"client.close-notify-reply": W},
-    # R6 (SMTP only): the cut "250" is completed and the mail counts as sent.
-    "ignore-truncation": {"client.truncation": F},
-    # R8: AUTH/LOGIN straight after the handshake, on plaintext knowledge.
-    # It never re-reads the TLS capabilities, so it never learns of STOPTLS:
-    # the STOPTLS scenarios cannot be applied to it.
-    "no-state-reset": {
-        "client.state-reset": F,
-        "client.one-sided-close": K,
-        "client.stoptls-wait": K,
-        "client.stoptls-cycle": K,
-    },
-    # R9: AUTH/LOGIN in plaintext when STARTTLS is missing or refused.
-    "downgrade": {"client.starttls-stripped": F, "client.starttls-refused": F},
-}
-
-#: Where a dialect's client differs from :data:`CLIENT_EXPECTED`.
-CLIENT_EXPECTED_BY_DIALECT: Dict[Tuple[str, str], Dict[str, Verdict]] = {
-    # The IMAP client's relaxed engine also takes plaintext that arrives
-    # after its ClientHello (the SMTP one refuses it: only its hold gate is
-    # off, and aiosmtplib drops bytes no command waits for).
-    ("imap", "accept-injected-response"): {
-        "client.response-injection": F,
-        "client.response-injection-split": F,
-    },
-}
-
-
-def expected_client_verdicts(dialect: str, behaviour: str) -> Mapping[str, Verdict]:
-    """The exact non-pass verdicts expected of one reference client."""
-    specific = CLIENT_EXPECTED_BY_DIALECT.get((dialect, behaviour))
-    if specific is not None:
-        return specific
-    return CLIENT_EXPECTED[behaviour]

@@ -1,10 +1,10 @@
 """The on-path part of the conformance catalogue, as data.
 
-Here the harness is neither peer: it is the proxy of :mod:`starttls_harness.proxy.core`
+Here the harness is neither peer: it is the proxy of :mod:`starttls_harness.proxy`
 between a client and a server, both under test, and it plays the attacker
 who owns the wire.  A scenario is the client's session (the steps, run by
 a :class:`starttls_harness.run.path.ClientDriver`) with one step that arms a fault:
-a :class:`starttls_harness.proxy.core.Fault` in the step's arguments.  The *receiver* of
+a :class:`starttls_harness.proxy.Fault` in the step's arguments.  The *receiver* of
 the fault -- the server for ``c2s``, the client for ``s2c`` -- is the side
 whose reaction decides the verdict (principle 5: scenarios are data).
 
@@ -64,11 +64,11 @@ from typing import Dict, Tuple
 
 from starttls_harness.dialects import Dialect
 from starttls_harness.report.verdicts import Verdict
-from starttls_harness.scenarios.server import Expect, S, Scenario, Step
+from starttls_harness.scenarios.expectations import STOPTLS_SCENARIOS
+from starttls_harness.scenarios.model import Expect, S, Scenario, Step, needing_return
 from starttls_harness.tls.engine import Rule
 
 __all__ = [
-    "FAKE_GREETINGS",
     "PATH_COMMON",
     "PATH_SCENARIOS",
     "fault_data",
@@ -78,19 +78,13 @@ __all__ = [
 
 P, F, W = Verdict.PASS, Verdict.FAIL, Verdict.WARN
 
-#: Plaintext greetings the attacker writes to a client (``data="greeting"``).
-FAKE_GREETINGS: Dict[str, bytes] = {
-    "smtp": b"220 attacker.invalid ESMTP injected greeting\r\n",
-    "imap": b"* OK [CAPABILITY IMAP4rev1] injected greeting\r\n",
-}
-
 
 def fault_data(symbol: str, dialect: Dialect) -> bytes:
     """The bytes a symbolic ``data`` argument stands for in ``dialect``."""
     if symbol == "command":
         return dialect.injected()
     if symbol == "greeting":
-        return FAKE_GREETINGS[dialect.name]
+        return dialect.fake_greeting()
     if symbol == "":
         return b""
     raise ValueError(f"unknown fault data {symbol!r}; use 'command' or 'greeting'")
@@ -145,7 +139,7 @@ _PATH = [
         title="The client's close_notify is dropped; plaintext is injected to the server",
         role="path",
         rule=Rule.R3,
-        reference="RFC 5246 §7.2.1; RFC 8446 §6.1; RFC 4511 §4.14.3; closure-rules.md (STOPTLS)",
+        reference="RFC 5246 §7.2.1; RFC 8446 §6.1; RFC 4511 §4.14.3; docs/rules.md (STOPTLS)",
         reason=(
             "Without the client's close_notify the server is still in TLS: plaintext that "
             "looks like the client's resumption is the attacker's."
@@ -178,7 +172,7 @@ _PATH = [
         title="The server's close_notify is dropped; a fake greeting is injected to the client",
         role="path",
         rule=Rule.R3,
-        reference="RFC 5246 §7.2.1; RFC 8446 §6.1; RFC 4511 §4.14.3; closure-rules.md (STOPTLS)",
+        reference="RFC 5246 §7.2.1; RFC 8446 §6.1; RFC 4511 §4.14.3; docs/rules.md (STOPTLS)",
         reason=(
             "A client that resumes at the first plaintext after its own close_notify takes "
             "the attacker's greeting for the server's."
@@ -211,7 +205,7 @@ _PATH = [
         title="Plaintext appended to the client's close_notify in one segment",
         role="path",
         rule=Rule.R4,
-        reference="RFC 5246 §7.2.1; RFC 4511 §4.14.3; closure-rules.md (STOPTLS)",
+        reference="RFC 5246 §7.2.1; RFC 4511 §4.14.3; docs/rules.md (STOPTLS)",
         reason=(
             "Bytes behind the first close_notify were sent before its answer could be seen: "
             "a one-sided closure, never the peer's resumption."
@@ -245,7 +239,7 @@ _PATH = [
         title="Plaintext glued in front of the server's close_notify in one segment",
         role="path",
         rule=Rule.R3,
-        reference="RFC 5246 §7.2.1; RFC 8446 §6.1; closure-rules.md (STOPTLS)",
+        reference="RFC 5246 §7.2.1; RFC 8446 §6.1; docs/rules.md (STOPTLS)",
         reason=(
             "The client's direction of R4: after its close_notify, plaintext that precedes "
             "the server's close_notify is not the server's, even in the same segment."
@@ -280,7 +274,7 @@ _PATH = [
         title="Plaintext injected to the server while TLS is up",
         role="path",
         rule=Rule.R2,
-        reference="RFC 8446 §5.1; RFC 5246 §6.2; closure-rules.md R2",
+        reference="RFC 8446 §5.1; RFC 5246 §6.2; docs/rules.md R2",
         reason="Bytes that are not TLS records inside TLS must end the connection unanswered.",
         steps=(
             S("connect"),
@@ -394,7 +388,7 @@ _PATH = [
     ),
 ]
 
-PATH_SCENARIOS: Tuple[Scenario, ...] = tuple(_PATH)
+PATH_SCENARIOS: Tuple[Scenario, ...] = needing_return(_PATH, STOPTLS_SCENARIOS)
 
 
 def path_by_id(scenario_id: str) -> Scenario:

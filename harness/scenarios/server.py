@@ -1,100 +1,26 @@
-"""The conformance scenario catalogue, as data.
-
-Every scenario is an id, a title, the role it tests, the dialects and TLS
-versions it applies to, its steps, its expected outcomes, the rule it
-guards, its RFC/CVE reference and a one-line reason (principle 5).
-
-A run of the steps ends in exactly one *observation* (a label such as
-``closed``, ``injection-answered`` or ``completed``); ``expect`` maps each
-label to a verdict.  Labels a scenario does not list fall back to
-:data:`COMMON`, and anything unknown is an ``error``: the harness never
-guesses a ``pass``.  Observations made *before* the step that applies the
-fault (``fault=True``) are errors too: a target that is already gone when
-the fault would be applied has not refused anything.
-"""
+"""The server-role scenario catalogue, as data (see :mod:`.model` for what a scenario is)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from starttls_harness.report.verdicts import Verdict
+from starttls_harness.scenarios.model import COMMON, Expect, S, Scenario, Step, needing_return
+from starttls_harness.scenarios.model import select as select_from
 from starttls_harness.tls.engine import Rule
+
+P, F, W, K, E = Verdict.PASS, Verdict.FAIL, Verdict.WARN, Verdict.SKIP, Verdict.ERROR
 
 __all__ = [
     "CATALOGUE",
     "COMMON",
     "Expect",
+    "S",
     "Scenario",
     "Step",
     "by_id",
     "select",
 ]
-
-
-@dataclass(frozen=True)
-class Step:
-    """One action of the scripted peer; ``fault`` marks where the fault is."""
-
-    action: str
-    args: Mapping[str, Any] = field(default_factory=dict)
-    fault: bool = False
-
-
-def S(action: str, fault: bool = False, **args: Any) -> Step:
-    return Step(action, args, fault)
-
-
-@dataclass(frozen=True)
-class Expect:
-    verdict: Verdict
-    summary: str
-
-
-P, F, W, K, E = Verdict.PASS, Verdict.FAIL, Verdict.WARN, Verdict.SKIP, Verdict.ERROR
-
-
-@dataclass(frozen=True)
-class Scenario:
-    id: str
-    title: str
-    role: str  # "server", "client" or "path"
-    rule: Rule
-    reference: str
-    reason: str
-    steps: Tuple[Step, ...]
-    expect: Mapping[str, Expect]
-    dialects: Tuple[str, ...] = ("smtp", "imap")
-    tls_versions: Tuple[str, ...] = ("1.2", "1.3")
-
-    def outcome(self, label: str) -> Expect:
-        if label in self.expect:
-            return self.expect[label]
-        if label in COMMON:
-            return COMMON[label]
-        if label.startswith("violation:"):
-            return Expect(F, f"the target broke {label.split(':', 1)[1]} on the wire")
-        return Expect(E, f"unexpected outcome {label!r}: the harness cannot decide")
-
-
-#: Outcomes with the same meaning in every scenario.
-COMMON: Dict[str, Expect] = {
-    "no-starttls": Expect(K, "the target does not offer STARTTLS"),
-    "no-stoptls": Expect(K, "the target does not offer STOPTLS (no return to plaintext)"),
-    "no-credentials": Expect(K, "the scenario needs a test user (--user/--password)"),
-    "no-storage-probe": Expect(K, "the target's stored messages cannot be observed"),
-    "timeout": Expect(E, "nothing decisive happened within the time bound"),
-    "refused": Expect(E, "cannot connect to the target"),
-    "bad-greeting": Expect(E, "the target's greeting is not a ready greeting"),
-    "starttls-refused": Expect(E, "the target refused STARTTLS"),
-    "stoptls-refused": Expect(E, "the target refused STOPTLS although it offers it"),
-    "handshake-failed": Expect(E, "the TLS handshake failed"),
-    "unexpected-reply": Expect(E, "the target answered something the scenario cannot classify"),
-    "closed-before-fault": Expect(E, "the target closed the connection before the fault"),
-    "reply-bound": Expect(
-        E, "the target sent more than the reply bound without completing a reply"
-    ),
-}
 
 _STARTTLS = (S("connect"), S("hello"), S("require", cap="STARTTLS"))
 _UPGRADE = (*_STARTTLS, S("starttls"), S("handshake"), S("hello"))
@@ -189,7 +115,7 @@ _SERVER: List[Scenario] = [
         title="STOPTLS in plaintext",
         role="server",
         rule=Rule.R3,
-        reference="closure-rules.md (STOPTLS)",
+        reference="docs/rules.md (STOPTLS)",
         reason="There is no TLS to end; accepting it would confuse the state machine.",
         steps=(*_STARTTLS, S("command", fault=True, what="stoptls", refuse=True), S("quit")),
         expect={
@@ -216,7 +142,7 @@ _SERVER: List[Scenario] = [
         title="STOPTLS, then close_notify and plaintext in one segment",
         role="server",
         rule=Rule.R4,
-        reference="closure-rules.md (STOPTLS); RFC 4511 §4.14.3",
+        reference="docs/rules.md (STOPTLS); RFC 4511 §4.14.3",
         reason="Even after STOPTLS, plaintext may only follow the server's close_notify.",
         steps=(
             *_UPGRADE,
@@ -290,7 +216,7 @@ _SERVER: List[Scenario] = [
         title="STOPTLS closure: the server answers close_notify at once",
         role="server",
         rule=Rule.R5,
-        reference="RFC 5246 §7.2.1; RFC 4511 §4.14.3; closure-rules.md (STOPTLS)",
+        reference="RFC 5246 §7.2.1; RFC 4511 §4.14.3; docs/rules.md (STOPTLS)",
         reason="The responder must answer with its own close_notify before anything else.",
         steps=(
             *_UPGRADE,
@@ -314,7 +240,7 @@ _SERVER: List[Scenario] = [
         title="Positive control: three STARTTLS/STOPTLS cycles on one connection",
         role="server",
         rule=Rule.R3,
-        reference="closure-rules.md (STOPTLS)",
+        reference="docs/rules.md (STOPTLS)",
         reason="The conforming path must work, or every refusal above means nothing.",
         steps=(
             *_UPGRADE,
@@ -380,15 +306,9 @@ _SERVER: List[Scenario] = [
     ),
 ]
 
-CATALOGUE: Tuple[Scenario, ...] = tuple(_SERVER)
-
-
-def everything() -> Tuple[Scenario, ...]:
-    """Server, client and path scenarios: the whole catalogue."""
-    from starttls_harness.scenarios.client import CLIENT_SCENARIOS
-    from starttls_harness.scenarios.path import PATH_SCENARIOS
-
-    return CATALOGUE + tuple(CLIENT_SCENARIOS) + tuple(PATH_SCENARIOS)
+CATALOGUE: Tuple[Scenario, ...] = needing_return(
+    _SERVER, ("server.one-sided-close-stoptls", "server.stoptls-cycle")
+)
 
 
 def by_id(scenario_id: str) -> Scenario:
@@ -403,18 +323,7 @@ def select(
     *,
     role: Optional[str] = None,
     dialect: Optional[str] = None,
-    catalogue: Tuple[Scenario, ...] = CATALOGUE,
+    catalogue: Sequence[Scenario] = CATALOGUE,
 ) -> List[Scenario]:
     """Scenarios whose id matches any glob in ``patterns`` (all if None)."""
-    import fnmatch
-
-    chosen = []
-    for s in catalogue:
-        if role is not None and s.role != role:
-            continue
-        if dialect is not None and dialect not in s.dialects:
-            continue
-        if patterns and not any(fnmatch.fnmatchcase(s.id, p) for p in patterns):
-            continue
-        chosen.append(s)
-    return chosen
+    return select_from(patterns, role=role, dialect=dialect, catalogue=catalogue)

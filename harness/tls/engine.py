@@ -78,7 +78,7 @@ __all__ = [
 
 
 class Rule(str, enum.Enum):
-    """The closure rules of ``shared/spec/closure-rules.md``."""
+    """The closure rules of ``docs/rules.md``."""
 
     R1 = "R1"
     R2 = "R2"

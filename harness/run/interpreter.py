@@ -1,0 +1,75 @@
+"""The one scenario interpreter of the roles that play a peer step by step.
+
+The server role (the harness as a client, :mod:`.server`) and the client
+role (the harness as a scripted server, :mod:`.client`) both walk a
+scenario's steps through a verb table and end with one observation label
+(see :mod:`.outcomes`).  They differ only in what they know of their own
+peer: which steps to skip, what to remember when the fault step begins,
+and what the peer ending the connection means at a given step.
+"""
+
+from __future__ import annotations
+
+from typing import Awaitable, Callable, Mapping, Optional, Protocol, TypeVar
+
+from starttls_harness.report.verdicts import Evidence
+from starttls_harness.run.outcomes import (
+    COMPLETED,
+    TIMEOUT,
+    Observed,
+    RemoteEnded,
+    WaitTimeout,
+)
+from starttls_harness.scenarios.model import Scenario, Step
+
+__all__ = ["Interpreted", "interpret"]
+
+
+class Interpreted(Protocol):
+    """What the interpreter needs of a role's run state."""
+
+    scenario: Scenario
+    evidence: Evidence
+    fault_applied: bool
+
+
+R = TypeVar("R", bound=Interpreted)
+
+
+async def interpret(
+    run: R,
+    verbs: Mapping[str, Callable[[R, Mapping[str, object]], Awaitable[None]]],
+    *,
+    ended: Callable[[R, Step, RemoteEnded], str],
+    skip: Optional[Callable[[R, Step], Optional[str]]] = None,
+    at_fault: Optional[Callable[[R], None]] = None,
+) -> str:
+    """Run the steps of ``run.scenario``; return the observation label.
+
+    ``skip(run, step)`` gives the note of a step not to run (None: run it);
+    ``at_fault(run)`` is called as the fault step begins; ``ended(run,
+    step, exc)`` labels the peer ending the connection during ``step``.
+    """
+    for step in run.scenario.steps:
+        if skip is not None:
+            why = skip(run, step)
+            if why is not None:
+                run.evidence.note(why)
+                continue
+        if step.fault:
+            run.fault_applied = True
+            if at_fault is not None:
+                at_fault(run)
+        try:
+            await verbs[step.action](run, step.args)
+        except Observed as seen:
+            if seen.detail:
+                run.evidence.note(seen.detail)
+            return seen.label
+        except WaitTimeout as exc:
+            run.evidence.note(str(exc))
+            return TIMEOUT
+        except RemoteEnded as gone:
+            run.evidence.note(gone.detail or gone.how)
+            return ended(run, step, gone)
+    return COMPLETED

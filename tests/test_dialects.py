@@ -1,0 +1,67 @@
+"""The dialect registry: what feeds from it, and what it refuses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from starttls_harness.dialects import (
+    DIALECTS,
+    EVERY_DIALECT,
+    dialect_named,
+    dialect_of_scheme,
+    names,
+)
+from starttls_harness.dialects.base import missing
+from starttls_harness.run.path import reference_pair
+from starttls_harness.run.server import ServerTarget
+from starttls_harness.run.targets import ReferenceClientTarget
+from starttls_harness.scenarios.server import CATALOGUE, select
+from starttls_harness.tls.framing import LineFramer
+
+SCHEMA = Path(__file__).resolve().parent.parent / "harness" / "report" / "schemas"
+
+
+def test_the_report_schema_knows_exactly_the_registered_dialects() -> None:
+    schema = json.loads((SCHEMA / "report.schema.json").read_text())
+    enum = schema["properties"]["results"]["items"]["properties"]["dialect"]["enum"]
+    assert enum == list(names())
+
+
+def test_every_registered_dialect_is_complete() -> None:
+    for dialect in DIALECTS.values():
+        assert missing(dialect) == [], dialect.name
+        assert dialect_of_scheme(dialect.url_scheme) is dialect
+
+
+def test_the_mail_dialects_cut_crlf_lines() -> None:
+    for name in ("smtp", "imap"):
+        framer = dialect_named(name).framer()
+        assert isinstance(framer, LineFramer)
+        assert framer.split(b"A\r\nB\r\nC") == ([b"A\r\n", b"B\r\n"], 6)
+        assert dialect_named(name).framer() is not framer  # one per stream
+
+
+def test_unknown_dialects_and_schemes_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="unknown dialect 'pop3'; known: smtp, imap"):
+        dialect_named("pop3")
+    with pytest.raises(ValueError, match="unknown URL scheme 'pop3'"):
+        dialect_of_scheme("pop3")
+
+
+def test_scenarios_apply_to_every_registered_dialect_unless_they_say_otherwise() -> None:
+    assert list(EVERY_DIALECT) == list(names())
+    assert "smtp" in EVERY_DIALECT and "pop3" not in EVERY_DIALECT
+    for name in names():
+        assert select(dialect=name) == list(CATALOGUE)
+    assert select(dialect="pop3") == []
+
+
+def test_targets_of_an_unknown_dialect_are_refused_when_made() -> None:
+    with pytest.raises(ValueError, match="unknown dialect 'pop3'"):
+        ServerTarget("pop3", "127.0.0.1", 110)
+    with pytest.raises(ValueError, match="unknown dialect 'pop3'"):
+        ReferenceClientTarget("pop3")
+    with pytest.raises(ValueError, match="unknown dialect 'pop3'"):
+        reference_pair("pop3")
