@@ -439,21 +439,54 @@ def run_check_client(
     timeout: float,
     tmp_dir: Path,
     only: Sequence[str] = (),
+    cafile: Optional[Path] = None,
 ) -> Tuple[int, str]:
-    """``starttls-harness check-client`` for one client; (exit status, output)."""
+    """``starttls-harness check-client`` for one client; (exit status, output).
+
+    ``cafile`` replaces the run's own CA in the client's command (the trust control).
+    """
     argv = [*HARNESS, "check-client", "--protocol", spec.dialect]
     argv += ["--tls-version", tls_version, "--json", str(report), "--quiet"]
     if evidence is not None:
         argv += ["--evidence", str(evidence)]
     for pattern in only:
         argv += ["--only", pattern]
-    argv += ["--", *spec.argv(paths)]
+    client = spec.argv(paths)
+    if cafile is not None:
+        client = [a.replace("{cafile}", str(cafile)) for a in client]
+    argv += ["--", *client]
     # --evidence keeps key logs in a mkdtemp() directory: TMPDIR makes them go with ours.
     env = {**os.environ, "TMPDIR": str(tmp_dir)}
     done = subprocess.run(
         argv, capture_output=True, text=True, timeout=timeout, check=False, env=env
     )
     return done.returncode, done.stdout + done.stderr
+
+
+#: The scenario the trust control runs: the conforming path, nothing faulty.
+TRUST_SCENARIO = "client.state-reset"
+
+
+def trust_control(
+    spec: ClientSpec, paths: Paths, other_ca: Path, tmp_dir: Path, timeout: float
+) -> Tuple[bool, str]:
+    """Whether the client refuses the fake server when it trusts only another CA.
+
+    Proves that the client checks the certificate in the command the tier
+    runs: a client that connects anyway would make every TLS verdict above
+    meaningless.  The harness's sanity probe then fails, so ``error`` is the
+    verdict that means "refused".
+    """
+    report = tmp_dir / f"trust-{spec.client}-{spec.dialect}.json"
+    code, output = run_check_client(
+        spec, paths, report, None, "1.3", timeout, tmp_dir, (TRUST_SCENARIO,), other_ca
+    )
+    if not report.exists():
+        raise OSError(f"{spec.name}: the trust control wrote no report (exit {code}): {output}")
+    results = json.loads(report.read_text()).get("results", [])
+    if not results:
+        return False, "the trust control reported no result"
+    return results[0]["verdict"] == "error", str(results[0]["summary"])
 
 
 def run_tier(
@@ -468,13 +501,15 @@ def run_tier(
     only: Sequence[str] = (),
     out: Callable[[str], None] = print,
     judge: bool = True,
+    trust: bool = True,
 ) -> TierResult:
     """Run every client ``repeat`` times and compare each run with ``expected``.
 
     Fails (``EXIT_DIFFER``) on any cell that differs from the table in any
     run, and on any verdict that changed between runs; ``EXIT_ERROR`` when a
     program is missing, the npm install fails or a check wrote no report.
-    ``judge=False`` (``--update``) only collects the runs.
+    ``judge=False`` (``--update``) only collects the runs.  ``trust`` adds
+    the trust control (:func:`trust_control`), one cell per client.
     """
     missing = missing_programs(specs)
     if missing:
@@ -500,6 +535,11 @@ def run_tier(
                 )
         tmp_dir = root / "tmp"
         tmp_dir.mkdir()
+        other_ca = None
+        if trust:
+            from starttls_harness.tls.certs import make_pki
+
+            other_ca = make_pki(directory=root / "other-ca").cafile
         failing: List[compare.Difference] = []
         for spec in specs:
             version = spec.version(paths)
@@ -557,9 +597,21 @@ def run_tier(
                     else:
                         out(f"  = {text}")
             if unstable:
-                # One failed cell per changed cell and run beyond the first verdict.
+                # One more failed cell for each cell whose verdict changed.
                 result.failed += len(unstable)
                 result.status = combine_status(result.status, EXIT_DIFFER)
+            if other_ca is not None:
+                refused, detail = trust_control(spec, paths, other_ca, tmp_dir, check_timeout)
+                result.total += 1
+                if refused:
+                    out(f"  {spec.name}: refused a certificate from another CA ({detail})")
+                else:
+                    result.failed += 1
+                    result.status = combine_status(result.status, EXIT_DIFFER)
+                    out(
+                        f"  - {spec.name}: trust control: connected although it trusts "
+                        f"another CA only ({detail}); the verdicts above mean nothing"
+                    )
         if failing:
             result.status = combine_status(result.status, EXIT_DIFFER)
             out(f"{len(failing)} cell(s) differ from realworld/expected-clients.json:")
@@ -673,6 +725,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="bound for one check-client run (default: %(default)s s)",
     )
     p.add_argument(
+        "--no-trust-control",
+        action="store_true",
+        help="skip the run that shows each client refuses a certificate from another CA",
+    )
+    p.add_argument(
         "--update",
         action="store_true",
         help="write the observed verdicts into the table (notes kept) and the README",
@@ -747,6 +804,7 @@ def run_and_report(
         only=only,
         out=lambda line: print(line, flush=True),
         judge=not update,
+        trust=not getattr(args, "no_trust_control", False),
     )
     if update and result.status != EXIT_ERROR:
         merged = updated_tables(expected, specs, result, versions)
