@@ -12,8 +12,11 @@ itself is the public command, ``starttls-harness check`` (run as ``python
 -m harness check`` so that the interpreter running this script is the one
 tested), with ``--json``; the comparison is :mod:`realworld.compare`.
 
-Exit status: 0 the table matches, 1 it differs, 2 the servers or the check
-could not run.
+After the servers, the client tier (:mod:`realworld.clients`) runs unless
+``--no-clients``; the closing line counts the cells of both.
+
+Exit status: 0 the tables match, 1 one differs, 2 the servers, the clients or
+a check could not run.
 """
 
 from __future__ import annotations
