@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install Postfix and Dovecot (IMAP) from Debian's packages for the real-server tier,
-# and the real clients of the client tier: curl, msmtp, and Node.js with npm (the
+# and the real clients of the client tier: curl, msmtp, fetchmail, and Node.js with npm (the
 # npm clients themselves, imapflow and nodemailer, are installed by
 # realworld/clients.py into a cache folder with npm install --prefix).
 #
@@ -18,11 +18,12 @@ have postfix || packages+=(postfix)
 have dovecot || packages+=(dovecot-imapd)
 have curl || packages+=(curl)
 have msmtp || packages+=(msmtp)
+have fetchmail || packages+=(fetchmail)
 have node || packages+=(nodejs)
 have npm || packages+=(npm)
 
 if [ "${#packages[@]}" -eq 0 ]; then
-    echo "realworld/install.sh: postfix, dovecot, curl, msmtp, node and npm already installed"
+    echo "realworld/install.sh: postfix, dovecot, curl, msmtp, fetchmail, node and npm already installed"
     exit 0
 fi
 
@@ -61,7 +62,7 @@ if [ -f /run/dovecot/master.pid ]; then
     kill "$(cat /run/dovecot/master.pid)" 2>/dev/null || true
 fi
 
-for binary in postfix dovecot curl msmtp node npm; do
+for binary in postfix dovecot curl msmtp fetchmail node npm; do
     if ! have "$binary"; then
         echo "realworld/install.sh: $binary missing after apt-get install ${packages[*]}" >&2
         exit 1

@@ -330,3 +330,31 @@ def test_trust_control_tells_a_checking_client_from_one_that_does_not(tmp_path: 
     )  # fmt: skip
     refused, detail = clients.trust_control(unchecked, paths, other, tmp_path, 60.0)
     assert not refused, detail
+
+
+def test_only_fetchmail_runs_without_certificate_checking_and_says_why() -> None:
+    unchecked = [s for s in clients.CLIENTS if not s.checks_certificate]
+    assert [s.name for s in unchecked] == ["fetchmail/imap"]
+    assert all("CN" in s.unchecked_why for s in unchecked)
+    notes = clients.load_expected_clients()["fetchmail/imap"].notes
+    assert "WITHOUT certificate checking" in notes["client.state-reset"]
+
+
+@pytest.mark.parametrize(
+    ("checks", "refused", "as_recorded", "words"),
+    [
+        (True, True, True, "refused a certificate from another CA"),
+        (True, False, False, "the verdicts above mean nothing"),
+        (False, False, True, "runs WITHOUT certificate checking"),
+        (False, True, False, "recorded as running without certificate checking"),
+    ],
+)
+def test_the_trust_control_is_judged_against_what_the_spec_records(
+    checks: bool, refused: bool, as_recorded: bool, words: str
+) -> None:
+    spec = clients.ClientSpec(
+        "c", "smtp", "test", lambda p: [], lambda p: "0", checks_certificate=checks,
+        unchecked_why="" if checks else "no CN",
+    )  # fmt: skip
+    ok, line = clients.judge_trust(spec, refused, "detail")
+    assert ok is as_recorded and words in line
