@@ -4,4 +4,7 @@
 instances on loopback (no systemd, no system configuration touched), runs
 ``starttls-harness check`` against each and compares the verdicts with
 ``expected.json``; :mod:`realworld.table` renders that table into the README.
+:mod:`realworld.clients` is the client tier: ``check-client`` against real mail
+clients (curl, msmtp, smtplib, imaplib, aiosmtplib, nodemailer, imapflow), compared
+with ``expected-clients.json``; ``realworld.run`` runs it after the servers.
 """

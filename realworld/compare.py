@@ -364,11 +364,16 @@ def render_table(
     return "\n".join(lines) + "\n"
 
 
-def replace_table(document: str, table: str) -> str:
-    """``document`` with the text between the table markers replaced."""
-    start = document.find(TABLE_BEGIN)
-    end = document.find(TABLE_END)
+def replace_table(
+    document: str, table: str, begin: str = TABLE_BEGIN, finish: str = TABLE_END
+) -> str:
+    """``document`` with the text between the table markers replaced.
+
+    The server table has the default markers; the client tier passes its own.
+    """
+    start = document.find(begin)
+    end = document.find(finish)
     if start < 0 or end < 0 or end < start:
         raise TableError("the README has no table markers (or they are out of order)")
-    head = document[: start + len(TABLE_BEGIN)]
+    head = document[: start + len(begin)]
     return head + "\n" + table + document[end:]

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Install Postfix and Dovecot (IMAP) from Debian's packages for the real-server tier.
+# Install Postfix and Dovecot (IMAP) from Debian's packages for the real-server tier,
+# and the real clients of the client tier: curl, msmtp, fetchmail, and Node.js with npm (the
+# npm clients themselves, imapflow and nodemailer, are installed by
+# realworld/clients.py into a cache folder with npm install --prefix).
 #
-# Idempotent: does nothing when both binaries are already there. Runs as root on
+# Idempotent: does nothing when every binary is already there. Runs as root on
 # Debian 12 (CI's kind of machine). Only the packages are wanted: the system
 # instances their postinst may start are stopped again, because run.py starts
 # private instances on high loopback ports with their own configuration.
@@ -9,13 +12,23 @@ set -euo pipefail
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 
-if have postfix && have dovecot; then
-    echo "realworld/install.sh: postfix and dovecot already installed"
+# binary -> Debian package
+packages=()
+have postfix || packages+=(postfix)
+have dovecot || packages+=(dovecot-imapd)
+have curl || packages+=(curl)
+have msmtp || packages+=(msmtp)
+have fetchmail || packages+=(fetchmail)
+have node || packages+=(nodejs)
+have npm || packages+=(npm)
+
+if [ "${#packages[@]}" -eq 0 ]; then
+    echo "realworld/install.sh: postfix, dovecot, curl, msmtp, fetchmail, node and npm already installed"
     exit 0
 fi
 
 if [ "$(id -u)" -ne 0 ]; then
-    echo "realworld/install.sh: needs root to apt-get install postfix dovecot-imapd" >&2
+    echo "realworld/install.sh: needs root to apt-get install ${packages[*]}" >&2
     exit 2
 fi
 
@@ -38,7 +51,7 @@ cleanup() { if [ "$made_policy" = 1 ]; then rm -f "$policy"; fi; }
 trap cleanup EXIT
 
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends postfix dovecot-imapd >/dev/null
+apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 
 # Belt and braces: if a system instance was started anyway (no policy-rc.d
 # honoured, or one existed before us), stop it; never leave port 25/143 open.
@@ -49,8 +62,10 @@ if [ -f /run/dovecot/master.pid ]; then
     kill "$(cat /run/dovecot/master.pid)" 2>/dev/null || true
 fi
 
-if ! { have postfix && have dovecot; }; then
-    echo "realworld/install.sh: postfix or dovecot missing after apt-get install" >&2
-    exit 1
-fi
-echo "realworld/install.sh: installed $(/usr/sbin/postconf -d -h mail_version 2>/dev/null | sed 's/^/postfix /') and dovecot $(/usr/sbin/dovecot --version 2>/dev/null)"
+for binary in postfix dovecot curl msmtp fetchmail node npm; do
+    if ! have "$binary"; then
+        echo "realworld/install.sh: $binary missing after apt-get install ${packages[*]}" >&2
+        exit 1
+    fi
+done
+echo "realworld/install.sh: installed ${packages[*]}: $(/usr/sbin/postconf -d -h mail_version 2>/dev/null | sed 's/^/postfix /'), dovecot $(/usr/sbin/dovecot --version 2>/dev/null), $(curl --version | head -n1 | cut -d' ' -f1-2), $(msmtp --version | head -n1), node $(node --version)"

@@ -12,8 +12,11 @@ itself is the public command, ``starttls-harness check`` (run as ``python
 -m harness check`` so that the interpreter running this script is the one
 tested), with ``--json``; the comparison is :mod:`realworld.compare`.
 
-Exit status: 0 the table matches, 1 it differs, 2 the servers or the check
-could not run.
+After the servers, the client tier (:mod:`realworld.clients`) runs unless
+``--no-clients``; the closing line counts the cells of both.
+
+Exit status: 0 the tables match, 1 one differs, 2 the servers, the clients or
+a check could not run.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from starttls_harness.tls.certs import make_pki
 
-from realworld import compare
+from realworld import clients, compare
 from realworld.instances import (
     TEST_PASSWORD,
     TEST_USER,
@@ -101,8 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--update",
         action="store_true",
-        help="write the observed verdicts into expected.json (notes kept) and the README table",
+        help="write the observed verdicts into expected.json (notes kept) and the README table"
+        " (and the client tier's into expected-clients.json)",
     )
+    p.add_argument(
+        "--no-clients",
+        action="store_true",
+        help="skip the client tier that runs after the servers (python -m realworld.clients)",
+    )
+    clients.add_selection_options(p)
     return p
 
 
@@ -294,10 +304,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if own_root and not args.keep:
             shutil.rmtree(root, ignore_errors=True)
         signal.signal(signal.SIGTERM, previous)
-    if status == EXIT_ERROR:
-        return status
-
-    if args.update:
+    # The client tier runs after the servers whatever they gave; the exit
+    # status is the worse of the two (could not run > differs > match).
+    total = failed = 0
+    if status != EXIT_ERROR and args.update:
         merged = dict(expected)
         for instance in instances:
             if instance.name in observed:
@@ -315,23 +325,40 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         write_readme(merged)
         print(f"realworld: wrote {args.expected} and the README table")
-        return EXIT_MATCH
+    elif status != EXIT_ERROR:
+        status, total, failed = _compare_servers(args, expected, observed, versions)
+    if not args.no_clients:
+        print("--- the client tier: python -m realworld.clients", flush=True)
+        args.client_evidence = args.evidence / "clients" if args.evidence else None
+        tier = clients.run_and_report(args, update=args.update)
+        total += tier.total
+        failed += tier.failed
+        status = clients.combine_status(status, tier.status)
+    print(f"realworld: {time.monotonic() - t0:.1f} s in all")
+    # The plain closing line CI reads: one cell of a table is one test.
+    print(f"realworld: {total - failed} passed, {failed} failed")
+    return status
 
+
+def _compare_servers(
+    args: argparse.Namespace,
+    expected: Dict[str, compare.ServerTable],
+    observed: Dict[str, Dict[compare.Key, compare.Outcome]],
+    versions: Sequence[str],
+) -> Tuple[int, int, int]:
+    """Print the servers' differences; (exit status, cells compared, cells failed)."""
     differences: List[compare.Difference] = []
     total = 0
     for name, cells in observed.items():
         want = expected.get(name)
         if want is None:
             print(f"realworld: {name} has no table in {args.expected}", file=sys.stderr)
-            return EXIT_ERROR
+            return EXIT_ERROR, 0, 0
         differences += compare.compare(name, want.results, cells, tls_versions=versions)
         total += len({k for k in want.results if k[1] in versions} | set(cells))
     failed = sum(1 for d in differences if d.fails)
     print(compare.format_differences(differences), end="")
-    print(f"realworld: {time.monotonic() - t0:.1f} s in all")
-    # The plain closing line CI reads: one cell of the table is one test.
-    print(f"realworld: {total - failed} passed, {failed} failed")
-    return EXIT_DIFFER if failed else EXIT_MATCH
+    return (EXIT_DIFFER if failed else EXIT_MATCH), total, failed
 
 
 if __name__ == "__main__":  # pragma: no cover
