@@ -32,8 +32,11 @@ from starttls_harness.report.capture import (
     write_capture,
 )
 from starttls_harness.report.verdicts import Evidence, Exchange, Result, Verdict
+from starttls_harness.run.client import run_client_scenario
 from starttls_harness.run.reference import reference_servers
 from starttls_harness.run.server import RunSettings, run_server_scenario
+from starttls_harness.run.targets import ReferenceClientTarget
+from starttls_harness.scenarios.client import CLIENT_SCENARIOS
 from starttls_harness.scenarios.server import CATALOGUE
 from starttls_harness.tls.keylog import TLS_AES_256_GCM_SHA384, Tls13Decryptor, parse_keylog
 from starttls_harness.tls.records import RecordSplitter
@@ -365,3 +368,24 @@ def test_tshark_shows_the_injection_a_failing_server_executed(
     answer = {"smtp": ("smtp.response", "XHARNESS-INJECTED"), "imap": ("imap.response", "i1 OK")}
     field, text = answer[dialect]
     assert sum(in_tls(r) and text in r[field] for r in rows) == 1
+
+
+@needs_tshark
+def test_tshark_on_a_client_run(tls_version: str, tmp_path: Path) -> None:
+    """The harness as the server: plaintext it writes while TLS is up is marked, TLS decrypts."""
+    scenario = next(s for s in CLIENT_SCENARIOS if s.id == "client.plaintext-in-tls")
+
+    async def body() -> Result:
+        target = ReferenceClientTarget("smtp", "strict")
+        return await run_client_scenario(
+            scenario, target, tls_version, RunSettings(keylog_dir=tmp_path)
+        )
+
+    result = asyncio.run(asyncio.wait_for(body(), 60))
+    assert result.verdict is Verdict.PASS
+    rows = dissect(capture_result(result, tmp_path))
+    assert sum(in_tls(r) and r["smtp.req.command"] == "EHLO" for r in rows) == 1
+    marked = [r for r in rows if "injected by the harness" in r["frame.comment"]]
+    assert len(marked) == 1
+    injected = next(e.data for e in result.evidence.exchanges if e.kind == "injected")
+    assert bytes.fromhex(marked[0]["tcp.payload"]) == injected
