@@ -209,15 +209,14 @@ def test_injected_bytes_carry_a_comment() -> None:
     assert marked[0].comments == ["injected by the harness"]
 
 
-def test_tls13_records_decrypt_with_the_run_keylog() -> None:
-    """The project's own TLS 1.3 decryptor opens what the capture sealed."""
-    packets = segments(capture_bytes(conversation(), KEYLOG, dialect="smtp"))
+def open_tls13(packets: List[Segment]) -> Dict[str, List[Tuple[int, bytes]]]:
+    """Decrypt each direction's records with the project's own TLS 1.3 decryptor."""
     streams = {"c2s": b"", "s2c": b""}
     for p in packets:
         streams["c2s" if p.sport == 49152 else "s2c"] += p.payload
     records = {}
     for direction, stream in streams.items():
-        start = stream.index(b"\x16\x03\x03")  # the first record after the plaintext
+        start = stream.index(b"\x16\x03")  # the first record after the plaintext
         records[direction] = RecordSplitter().feed(stream[start:])
     hello, server_hello = records["c2s"][0], records["s2c"][0]
     assert hello.payload[6:38] == RANDOM
@@ -229,10 +228,37 @@ def test_tls13_records_decrypt_with_the_run_keylog() -> None:
         d: [decryptor.decrypt(d, r) for r in rs[1:] if r.content_type == 23]
         for d, rs in records.items()
     }
+    assert decryptor.phase("c2s") == decryptor.phase("s2c") == "application"
+    return opened
+
+
+def test_tls13_records_decrypt_with_the_run_keylog() -> None:
+    """The project's own TLS 1.3 decryptor opens what the capture sealed."""
+    opened = open_tls13(segments(capture_bytes(conversation(), KEYLOG, dialect="smtp")))
     app = {d: b"".join(data for ct, data in items if ct == 23) for d, items in opened.items()}
     assert app == {"c2s": b"NOOP\r\n", "s2c": b"250 OK\r\n" * 5000}
     assert [data for ct, data in opened["c2s"] if ct == 21] == [b"\x01\x00"]  # close_notify
-    assert decryptor.phase("c2s") == decryptor.phase("s2c") == "application"
+
+
+def test_a_client_hello_in_the_evidence_is_kept_and_its_secrets_used() -> None:
+    body = b"\x03\x03" + RANDOM + b"\x00" + b"\x00\x02\x13\x02" + b"\x01\x00"
+    handshake = b"\x01" + len(body).to_bytes(3, "big") + body
+    hello = b"\x16\x03\x01" + struct.pack("!H", len(handshake)) + handshake
+    other = b"".join(  # a session before it in the key log, with another random
+        f"{label} {'ee' * 32} {'11' * 48}\n".encode() for label in LABELS
+    )
+    e = Evidence(start=0.0)
+    e.exchanges = [
+        Exchange(0.001, "c2s", "tls-wire", hello, "ClientHello (raw record)"),
+        Exchange(0.002, "--", "note", b"", "TLS up: TLSv1.3 TLS_AES_256_GCM_SHA384"),
+        Exchange(0.003, "c2s", "tls", b"EHLO x\r\n"),
+    ]
+    packets = segments(capture_bytes(e, other + KEYLOG, dialect="smtp"))
+    c2s = b"".join(p.payload for p in packets if p.sport == 49152)
+    records = RecordSplitter().feed(c2s)
+    assert records[0].raw == hello  # verbatim, and no synthesised ClientHello besides
+    assert [r.content_type for r in records] == [22, 23, 23]
+    assert open_tls13(packets)["c2s"][-1] == (23, b"EHLO x\r\n")
 
 
 def test_without_a_keylog_the_secrets_are_synthesised_and_said_so() -> None:

@@ -413,7 +413,8 @@ class _Writer:
         self.pending: List[str] = []
         self.sealers: Optional[Dict[str, _Sealer]] = None
         self.closed: Dict[str, bool] = {}
-        self.client_hello_seen = False
+        #: client random of a real ClientHello the evidence holds (``tls-wire``)
+        self.seen_random: Optional[bytes] = None
 
     def emit(self, t: float, direction: str, flags: int, payload: bytes = b"", *notes: str) -> None:
         comments = [*self.pending, *(n for n in notes if n)]
@@ -433,10 +434,14 @@ class _Writer:
         self.emit(t, "c2s", ACK)
 
     def start_tls(self, t: float) -> None:
-        if self.sessions:
-            session = self.sessions.pop(0)
+        random = self.seen_random
+        match = [s for s in self.sessions if random is None or s.client_random == random]
+        if match:
+            session = match[0]
+            self.sessions.remove(session)
         else:  # the run kept no secrets for this session: make some, and say so
-            session = _Session(self.tls_version, os.urandom(32), {}, synthesised=True)
+            random = random or os.urandom(32)
+            session = _Session(self.tls_version, random, {}, synthesised=True)
             if session.version == "1.3":
                 for name in TLS13_LABELS:
                     session.secrets[name] = os.urandom(32)
@@ -452,10 +457,10 @@ class _Writer:
         note = "TLS handshake synthesised by the harness (placeholder messages)"
         if session.synthesised:
             note += "; the run kept no key log for it: its secrets are synthesised"
-        if not self.client_hello_seen:
+        if self.seen_random is None:
             self.data(t, "c2s", client_hello, note)
             note = ""
-        self.client_hello_seen = False
+        self.seen_random = None
         for direction, flight in after:
             self.data(t, direction, flight, note)
             note = ""
@@ -513,7 +518,7 @@ class _Writer:
         elif e.kind == "tls-wire":
             if e.data:
                 if d == "c2s" and e.data[:1] == b"\x16" and e.data[5:6] == b"\x01":
-                    self.client_hello_seen = True
+                    self.seen_random = e.data[11:43]  # header 5, type+length 4, version 2
                 self.data(e.t, d, e.data, e.note or "TLS record as received")
             else:
                 self.pending.append(f"TLS record [{d}] not kept by the evidence: {e.note}")
