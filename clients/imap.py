@@ -17,7 +17,7 @@ fits; none does:
 
 So this client is small and written for the harness: an ``asyncio.Protocol``
 on the switchable transport, with the IMAP tokenizer and line reader shared
-with :mod:`servers.imap`.
+with :mod:`servers.imapsyntax`.
 
 Rules it keeps (``shared/spec/closure-rules.md``):
 
@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
 from starttls_harness.servers.base import STRICT, Behaviour, behaviour_named
-from starttls_harness.servers.imap import (
+from starttls_harness.servers.imapsyntax import (
     LITERAL_AT_END,
     Atom,
     LineReader,
