@@ -41,6 +41,12 @@ def tls_version(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="session")
+def tls_versions() -> List[str]:
+    """Every TLS version this run covers, for a test that mixes them in one body."""
+    return _tls_versions()
+
+
+@pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """One throwaway CA and server certificate for the whole test session."""
     return make_pki(directory=tmp_path_factory.mktemp("pki"))
