@@ -7,7 +7,12 @@ import stat
 from pathlib import Path
 from typing import List, Tuple
 
-from starttls_harness.tls.certs import Pki, make_pki, system_client_context
+from starttls_harness.tls.certs import (
+    Pki,
+    make_pki,
+    shared_client_context,
+    system_client_context,
+)
 
 
 def handshake(client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext) -> Tuple[bool, str]:
@@ -94,3 +99,22 @@ def test_system_client_context_is_built_once() -> None:
     ctx = system_client_context()
     assert system_client_context() is ctx
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+
+
+def test_shared_client_context_follows_the_ca_file(tls_version: str, tmp_path: Path) -> None:
+    pki = make_pki(directory=tmp_path / "one")
+    assert pki.cafile is not None
+    ctx = shared_client_context(tls_version, pki.cafile)
+    assert shared_client_context(tls_version, str(pki.cafile)) is ctx
+    assert handshake(ctx, pki.server_context(tls_version)) == (False, f"TLSv1.{tls_version[-1]}")
+    # The same path rewritten with another CA: a new context that trusts it.
+    other = make_pki(directory=tmp_path / "two")
+    assert other.cafile is not None
+    pki.cafile.write_bytes(other.cafile.read_bytes() + b"\n")
+    fresh = shared_client_context(tls_version, pki.cafile)
+    assert fresh is not ctx
+    assert handshake(fresh, other.server_context(tls_version))[1] == f"TLSv1.{tls_version[-1]}"
+    loose = shared_client_context(tls_version, verify=False)
+    assert loose is shared_client_context(tls_version, pki.cafile, verify=False)
+    assert loose.verify_mode == ssl.CERT_NONE and not loose.check_hostname
+    assert shared_client_context(tls_version) is system_client_context(tls_version)

@@ -43,6 +43,7 @@ __all__ = [
     "make_pki",
     "parse_tls_version",
     "server_context",
+    "shared_client_context",
     "system_client_context",
     "write_private",
 ]
@@ -216,7 +217,6 @@ def client_context(
     return ctx
 
 
-@functools.cache
 def system_client_context(
     tls_version: Union[str, ssl.TLSVersion, None] = None,
 ) -> ssl.SSLContext:
@@ -226,6 +226,45 @@ def system_client_context(
     reference client given no context would do that per connection.  Shared:
     do not change it (:func:`client_context` gives a new one).
     """
-    ctx = client_context(tls_version)
+    return _system_client_context(None if tls_version is None else parse_tls_version(tls_version))
+
+
+@functools.cache
+def _system_client_context(version: Optional[ssl.TLSVersion]) -> ssl.SSLContext:
+    ctx = client_context(version)
     ctx.load_default_certs()
     return ctx
+
+
+def shared_client_context(
+    tls_version: Union[str, ssl.TLSVersion, None] = None,
+    cafile: Optional[Union[str, Path]] = None,
+    *,
+    verify: bool = True,
+) -> ssl.SSLContext:
+    """A client context shared per (CA file as it is now, TLS version, ``verify``).
+
+    For callers that have a CA *file* rather than a :class:`Pki` (a target's
+    ``cafile``): the file's path, modification time and size are part of the
+    key, so a rewritten file gets a new context.  ``verify=False`` trusts
+    nothing and checks no name; no ``cafile`` with ``verify`` means the
+    system's CAs.  Shared: do not change it.  No key log (see the module
+    docstring): ask :func:`client_context` for a context of your own.
+    """
+    version = None if tls_version is None else parse_tls_version(tls_version)
+    if not verify:
+        return _shared_client_context(None, (0, 0), version, False)
+    if cafile is None:
+        return system_client_context(version)
+    stat = os.stat(cafile)
+    return _shared_client_context(str(cafile), (stat.st_mtime_ns, stat.st_size), version, True)
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_client_context(
+    cafile: Optional[str],
+    stamp: Tuple[int, int],
+    version: Optional[ssl.TLSVersion],
+    verify: bool,
+) -> ssl.SSLContext:
+    return client_context(version, verify=verify, cafile=cafile)
