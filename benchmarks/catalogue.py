@@ -60,6 +60,9 @@ class CatalogueRun:
     seconds: float
     results: List[Result] = field(default_factory=list)
     sanity_runs: int = 0
+    #: The process's CPU time for the pass (the harness and the peers share
+    #: one thread): on a shared machine, the figure other work does not inflate.
+    cpu_seconds: float = float("nan")
 
     @property
     def runs(self) -> int:
@@ -85,6 +88,7 @@ class CatalogueRun:
             "label": self.label,
             "concurrency": self.concurrency,
             "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
             "runs": self.runs,
             "sanity_runs": self.sanity_runs,
             "per_second": self.per_second,
@@ -136,6 +140,7 @@ async def _one_pass(
     role: str, jobs: Sequence[Job], settings: RunSettings, label: str
 ) -> CatalogueRun:
     start = time.perf_counter()
+    cpu = time.process_time()
     results: List[Result] = []
     sanity = 0
     for job in jobs:
@@ -145,7 +150,13 @@ async def _one_pass(
             # One probe before and one after each TLS version's group.
             sanity += 2 * len({r.tls_version for r in group})
     run = CatalogueRun(
-        role, label, settings.concurrency, time.perf_counter() - start, results, sanity
+        role,
+        label,
+        settings.concurrency,
+        time.perf_counter() - start,
+        results,
+        sanity,
+        time.process_time() - cpu,
     )
     errors = [r for r in results if r.verdict is Verdict.ERROR]
     if role == "server" and len(errors) < len(results):

@@ -17,7 +17,7 @@ fits; none does:
 
 So this client is small and written for the harness: an ``asyncio.Protocol``
 on the switchable transport, with the IMAP tokenizer and line reader shared
-with :mod:`servers.imap`.
+with :mod:`servers.imapsyntax`.
 
 Rules it keeps (``docs/rules.md``):
 
@@ -77,7 +77,7 @@ from starttls_harness.dialects.roles import (
     transport_events,
 )
 from starttls_harness.servers.base import STRICT, Behaviour, behaviour_named
-from starttls_harness.servers.imap import (
+from starttls_harness.servers.imapsyntax import (
     LITERAL_AT_END,
     Atom,
     LineReader,

@@ -114,7 +114,7 @@ from starttls_harness.dialects.roles import (
 )
 from starttls_harness.servers.base import STRICT, Behaviour, behaviour_named
 from starttls_harness.tls.aio import ConnectionEnded, SwitchableTransport, Timeouts, open_connection
-from starttls_harness.tls.certs import client_context
+from starttls_harness.tls.certs import system_client_context
 from starttls_harness.tls.engine import (
     CloseNotifyReceived,
     ClosureComplete,
@@ -423,10 +423,7 @@ class SMTPClient:
     ) -> None:
         self.host = host
         self.port = port
-        if tls_context is None:
-            tls_context = client_context()
-            tls_context.load_default_certs()
-        self.tls_context = tls_context
+        self.tls_context = tls_context or system_client_context()
         self.server_hostname = server_hostname or host
         self.local_hostname = local_hostname
         self.require_tls = require_tls

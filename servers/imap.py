@@ -66,6 +66,12 @@ Behaviours (``BEHAVIOURS``; each breaks exactly one rule):
   STARTTLS and STOPTLS: after STOPTLS, SELECT/FETCH work in plaintext without
   a new LOGIN.  Capabilities still follow the TLS status.
 
+Layout: the wire syntax both reference peers read IMAP with (tokenizer,
+:class:`StartTLSLine`, :class:`LineReader`) is in
+:mod:`starttls_harness.servers.imapsyntax` (its names stay importable from
+here), the mailbox and FETCH rendering in
+:mod:`starttls_harness.servers.imapmailbox`; this module is the session.
+
 ``start_server(config)`` returns a :class:`servers.base.RunningServer`
 whose ``messages`` list is the shared INBOX (:class:`StoredMessage`) and
 whose ``connections`` holds one :class:`ImapServerProtocol` per connection
@@ -76,7 +82,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -89,7 +94,6 @@ from typing import (
     Optional,
     Set,
     Tuple,
-    Union,
 )
 
 from starttls_harness.servers.base import (
@@ -99,6 +103,32 @@ from starttls_harness.servers.base import (
     RunningServer,
     ServerConfig,
     behaviour_named,
+)
+from starttls_harness.servers.imapmailbox import (
+    DATE_TIME,
+    FLAGS_LINE,
+    SYSTEM_FLAGS,
+    FetchItem,
+    StoredMessage,
+    fetch_items,
+    sequence_set,
+)
+
+# The wire syntax lives in imapsyntax (the reference client reads IMAP with it
+# too); its public names stay importable from here.
+from starttls_harness.servers.imapsyntax import (
+    LITERAL_AT_END,
+    TAG_RE,
+    Atom,
+    IncompleteRead,
+    LineReader,
+    LineTooLong,
+    Literal,
+    ParseError,
+    StartTLSLine,
+    Token,
+    is_starttls_line,
+    tokenize,
 )
 from starttls_harness.tls.aio import SwitchableTransport, create_server
 from starttls_harness.tls.engine import (
@@ -183,285 +213,6 @@ BEHAVIOURS: Dict[str, Behaviour] = {
         ),
     )
 }
-
-# ----------------------------------------------------------------- wire syntax
-
-#: A command tag: ASTRING-CHAR except "+" (RFC 3501 §9).
-_TAG = rb"[^\x00-\x20(){%*\"\\+\x7f-\xff]+"
-_TAG_RE = re.compile(_TAG)
-_STARTTLS_RE = re.compile(rb"(" + _TAG + rb") STARTTLS\r?\n", re.IGNORECASE)
-#: A literal announced at the end of a line: ``{n}`` or (LITERAL+) ``{n+}``.
-LITERAL_AT_END = re.compile(rb"\{(\d{1,10})(\+?)\}\r?\n\Z")
-_LITERAL_HERE = re.compile(rb"\{(\d{1,10})\+?\}\r?\n")
-_ATOM_STOP = frozenset(b' ()\r\n{"')
-
-
-def is_starttls_line(line: bytes) -> bool:
-    """True when ``line`` is exactly ``<tag> STARTTLS`` (any case) plus CRLF/LF."""
-    return _STARTTLS_RE.fullmatch(line) is not None
-
-
-class StartTLSLine:
-    """Hold-gate predicate over complete plaintext lines (see module docstring).
-
-    Stateful because it is lexically literal-aware: after a line that ends in
-    ``{n}`` the next n bytes are literal data, never a command.
-    """
-
-    def __init__(self) -> None:
-        #: Literal bytes still to skip.
-        self.literal = 0
-
-    def __call__(self, line: bytes) -> bool:
-        fresh = True
-        if self.literal:
-            if len(line) <= self.literal:
-                self.literal -= len(line)
-                return False
-            line = line[self.literal :]
-            self.literal = 0
-            fresh = False  # the rest continues the command the literal belongs to
-        match = LITERAL_AT_END.search(line)
-        if match is not None:
-            self.literal = int(match.group(1))
-            return False
-        return fresh and is_starttls_line(line)
-
-    def cancel_literal(self) -> None:
-        """The server refused the announced literal: the client will not send it."""
-        self.literal = 0
-
-
-class Atom(bytes):
-    """An IMAP atom (including NIL, numbers, ``BODY[...]<...>`` items)."""
-
-
-class Literal(bytes):
-    """A string that came as a literal ``{n}``."""
-
-
-#: A parsed IMAP token: an atom, a string (quoted: plain ``bytes``; literal:
-#: :class:`Literal`) or a parenthesised list.
-Token = Union[bytes, List["Token"]]
-
-
-class ParseError(ValueError):
-    """The bytes are not well-formed IMAP."""
-
-
-def tokenize(data: bytes, pos: int = 0) -> List[Token]:
-    """Parse IMAP tokens from ``data[pos:]`` up to the end of the (logical) line.
-
-    ``data`` holds the line with its literals inline, as read from the wire
-    (``... {5}\\r\\nhello ...``).  Used for commands and for responses.
-    """
-    return _lex(data, pos, 0)[0]
-
-
-def _lex(data: bytes, pos: int, depth: int) -> Tuple[List[Token], int]:
-    out: List[Token] = []
-    size = len(data)
-    while pos < size:
-        char = data[pos]
-        if char == 0x20:
-            pos += 1
-        elif char in (0x0D, 0x0A):
-            if depth:
-                raise ParseError("unterminated parenthesised list")
-            return out, size
-        elif char == 0x28:  # (
-            sub, pos = _lex(data, pos + 1, depth + 1)
-            out.append(sub)
-        elif char == 0x29:  # )
-            if not depth:
-                raise ParseError("unbalanced ')'")
-            return out, pos + 1
-        elif char == 0x22:  # "
-            value, pos = _quoted(data, pos + 1)
-            out.append(value)
-        elif char == 0x7B:  # {
-            match = _LITERAL_HERE.match(data, pos)
-            if match is None:
-                raise ParseError("malformed literal")
-            start = match.end()
-            stop = start + int(match.group(1))
-            if stop > size:
-                raise ParseError("literal longer than the data")
-            out.append(Literal(data[start:stop]))
-            pos = stop
-        else:
-            start = pos
-            while pos < size and data[pos] not in _ATOM_STOP:
-                if data[pos] == 0x5B:  # [ ... ] may hold spaces and parentheses
-                    close = data.find(b"]", pos)
-                    if close < 0:
-                        raise ParseError("unterminated '['")
-                    pos = close
-                pos += 1
-            out.append(Atom(data[start:pos]))
-    if depth:
-        raise ParseError("unterminated parenthesised list")
-    return out, pos
-
-
-def _quoted(data: bytes, pos: int) -> Tuple[bytes, int]:
-    value = bytearray()
-    while pos < len(data):
-        char = data[pos]
-        if char == 0x5C and pos + 1 < len(data):  # backslash
-            value.append(data[pos + 1])
-            pos += 2
-        elif char == 0x22:
-            return bytes(value), pos + 1
-        elif char in (0x0D, 0x0A):
-            break
-        else:
-            value.append(char)
-            pos += 1
-    raise ParseError("unterminated quoted string")
-
-
-def quote(value: Union[str, bytes]) -> bytes:
-    """``value`` as an IMAP quoted string."""
-    raw = value.encode() if isinstance(value, str) else value
-    if b"\r" in raw or b"\n" in raw:
-        raise ValueError("CR and LF cannot be quoted; use a literal")
-    return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-
-
-# ------------------------------------------------------------------ reading
-
-
-class LineTooLong(ValueError):
-    """A line exceeded the configured bound."""
-
-
-class IncompleteRead(ConnectionError):
-    """The peer closed the connection in the middle of a line or literal."""
-
-    def __init__(self, partial: bytes) -> None:
-        super().__init__(f"connection closed after {len(partial)} bytes of an incomplete unit")
-        self.partial = partial
-
-
-class LineReader:
-    """Bytes from ``data_received``, read as lines and literals by one coroutine.
-
-    A plain buffer instead of ``asyncio.StreamReader`` so that what is still
-    unread can be inspected and handed over (R1 leftover, STOPTLS checks)
-    through public methods.  Every wait is bounded by ``timeout``.
-    """
-
-    def __init__(self, max_line: int) -> None:
-        self.max_line = max_line
-        self._buf = bytearray()
-        self._eof = False
-        self._exc: Optional[BaseException] = None
-        self._waiter: Optional[asyncio.Future[None]] = None
-
-    def feed(self, data: bytes) -> None:
-        self._buf += data
-        self._wake()
-
-    def feed_eof(self) -> None:
-        self._eof = True
-        self._wake()
-
-    def set_exception(self, exc: BaseException) -> None:
-        if self._exc is None:
-            self._exc = exc
-        self._wake()
-
-    @property
-    def pending(self) -> bytes:
-        """Received bytes not yet read."""
-        return bytes(self._buf)
-
-    def take_pending(self) -> bytes:
-        data = bytes(self._buf)
-        self._buf.clear()
-        return data
-
-    async def read_line(self, timeout: Optional[float]) -> bytes:
-        """One line with its CRLF/LF; :class:`LineTooLong` past ``max_line``."""
-        deadline = _deadline(timeout)
-        while True:
-            nl = self._buf.find(b"\n")
-            if nl >= 0:
-                if nl + 1 > self.max_line:
-                    raise LineTooLong(f"line longer than {self.max_line} bytes")
-                line = bytes(self._buf[: nl + 1])
-                del self._buf[: nl + 1]
-                return line
-            if len(self._buf) > self.max_line:
-                raise LineTooLong(f"line longer than {self.max_line} bytes")
-            await self._wait(deadline)
-
-    async def read_exactly(self, size: int, timeout: Optional[float]) -> bytes:
-        deadline = _deadline(timeout)
-        while len(self._buf) < size:
-            await self._wait(deadline)
-        data = bytes(self._buf[:size])
-        del self._buf[:size]
-        return data
-
-    async def _wait(self, deadline: Optional[float]) -> None:
-        if self._eof:  # a clean EOF seen first stays the cause
-            raise IncompleteRead(self.take_pending())
-        if self._exc is not None:
-            raise self._exc
-        loop = asyncio.get_running_loop()
-        self._waiter = loop.create_future()
-        remaining = None if deadline is None else max(0.0, deadline - loop.time())
-        try:
-            await asyncio.wait_for(self._waiter, remaining)
-        finally:
-            self._waiter = None
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-
-def _deadline(timeout: Optional[float]) -> Optional[float]:
-    return None if timeout is None else asyncio.get_running_loop().time() + timeout
-
-
-# ------------------------------------------------------------------ mailbox
-
-
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-_DATE_TIME = re.compile(rb"[ \d]\d-[A-Za-z]{3}-\d{4} \d\d:\d\d:\d\d [+-]\d{4}\Z")
-_SYSTEM_FLAGS = frozenset({"\\ANSWERED", "\\FLAGGED", "\\DELETED", "\\SEEN", "\\DRAFT"})
-_FLAGS_LINE = b"(\\Answered \\Flagged \\Deleted \\Seen \\Draft)"
-
-
-def _internal_date(now: Optional[float] = None) -> str:
-    t = time.gmtime(now)
-    return (
-        f"{t.tm_mday:02d}-{_MONTHS[t.tm_mon - 1]}-{t.tm_year:04d} "
-        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
-    )
-
-
-@dataclass
-class StoredMessage:
-    """One appended message, with the phase it arrived in (evidence)."""
-
-    data: bytes
-    #: Appended under TLS?
-    tls: bool
-    tls_version: Optional[str]
-    #: STARTTLS upgrades done on the connection so far: the k-th TLS session
-    #: stores cycle k; plaintext after its STOPTLS still says k.
-    cycle: int
-    uid: int
-    connection: int
-    internal_date: str = field(default_factory=_internal_date)
-    flags: Set[str] = field(default_factory=set)
-    #: False when a truncated literal was stored (``ignore-truncation``).
-    complete: bool = True
-
 
 # ------------------------------------------------------------------ server
 
@@ -643,7 +394,7 @@ class ImapServerProtocol(asyncio.Protocol):
         timeout = self.limits.idle_timeout
         line = await self.reader.read_line(timeout)
         raw = bytearray(line)
-        tag_match = _TAG_RE.match(line)
+        tag_match = TAG_RE.match(line)
         tag = tag_match.group(0) if tag_match is not None else b""
         literals = 0
         while True:
@@ -908,9 +659,9 @@ class ImapServerProtocol(asyncio.Protocol):
         count = len(self.server.messages)
         self.exists = count
         self._write(
-            b"* FLAGS " + _FLAGS_LINE + b"\r\n"
+            b"* FLAGS " + FLAGS_LINE + b"\r\n"
             b"* OK [PERMANENTFLAGS "
-            + _FLAGS_LINE[:-1]
+            + FLAGS_LINE[:-1]
             + b" \\*)] Flags permitted\r\n"
             + b"* %d EXISTS\r\n* 0 RECENT\r\n" % count
             + b"* OK [UIDVALIDITY %d] UIDs valid\r\n" % self.server.uidvalidity
@@ -945,14 +696,14 @@ class ImapServerProtocol(asyncio.Protocol):
                         return
                     flags.add(bytes(flag).decode("ascii", "replace"))
             elif isinstance(extra, bytes) and not isinstance(extra, Atom) and date is None:
-                if not _DATE_TIME.match(extra):
+                if not DATE_TIME.match(extra):
                     self._write(tag + b" BAD Invalid date-time\r\n")
                     return
                 date = extra.decode("ascii")
             else:
                 self._write(tag + b" BAD Invalid APPEND arguments\r\n")
                 return
-        if any(f.startswith("\\") and f.upper() not in _SYSTEM_FLAGS for f in flags):
+        if any(f.startswith("\\") and f.upper() not in SYSTEM_FLAGS for f in flags):
             self._write(tag + b" BAD Unknown system flag\r\n")
             return
         message = self._store(bytes(args[-1]), flags=frozenset(flags), date=date)
@@ -965,8 +716,8 @@ class ImapServerProtocol(asyncio.Protocol):
         head = self._announce()
         messages = self.server.messages[: self.exists]
         try:
-            numbers = _sequence_set(bytes(args[0]), len(messages))
-            items = _fetch_items(args[1], by_uid)
+            numbers = sequence_set(bytes(args[0]), len(messages))
+            items = fetch_items(args[1], by_uid)
         except ParseError as exc:
             self._write(tag + b" BAD " + str(exc).encode() + b"\r\n")
             return
@@ -979,114 +730,16 @@ class ImapServerProtocol(asyncio.Protocol):
         # UIDs equal sequence numbers here: nothing is ever expunged.
         await self.cmd_fetch(tag, args, by_uid=True)
 
-    def _fetch_one(self, number: int, message: StoredMessage, items: List[_Item]) -> bytes:
+    def _fetch_one(self, number: int, message: StoredMessage, items: List[FetchItem]) -> bytes:
         parts: List[bytes] = []
         if not self.read_only and any(item.sets_seen for item in items):
             if "\\Seen" not in message.flags:
                 message.flags.add("\\Seen")
                 if not any(item.name == "FLAGS" for item in items):
-                    items = [_Item("FLAGS"), *items]
+                    items = [FetchItem("FLAGS"), *items]
         for item in items:
             parts.append(item.render(message))
         return b"* %d FETCH (" % number + b" ".join(parts) + b")\r\n"
-
-
-@dataclass
-class _Item:
-    """One FETCH data item."""
-
-    name: str
-    section: str = ""
-    partial: Optional[Tuple[int, int]] = None
-    sets_seen: bool = False
-
-    def render(self, message: StoredMessage) -> bytes:
-        data = message.data
-        if self.name == "FLAGS":
-            return b"FLAGS (" + " ".join(sorted(message.flags)).encode() + b")"
-        if self.name == "UID":
-            return b"UID %d" % message.uid
-        if self.name == "INTERNALDATE":
-            return b'INTERNALDATE "' + message.internal_date.encode() + b'"'
-        if self.name == "RFC822.SIZE":
-            return b"RFC822.SIZE %d" % len(data)
-        header, text = _split(data)
-        if self.name in ("RFC822", "RFC822.HEADER", "RFC822.TEXT"):
-            body = {"RFC822": data, "RFC822.HEADER": header, "RFC822.TEXT": text}[self.name]
-            return self.name.encode() + b" " + _literal(body)
-        body = {"": data, "HEADER": header, "TEXT": text}[self.section]
-        label = b"BODY[" + self.section.encode() + b"]"
-        if self.partial is not None:
-            start, count = self.partial
-            body = body[start : start + count]
-            label += b"<%d>" % start
-        return label + b" " + _literal(body)
-
-
-_BODY_ITEM = re.compile(r"BODY(\.PEEK)?\[(HEADER|TEXT|)\](?:<(\d{1,10})\.(\d{1,10})>)?\Z")
-_SIMPLE_ITEMS = frozenset(
-    {"FLAGS", "UID", "INTERNALDATE", "RFC822.SIZE", "RFC822", "RFC822.HEADER", "RFC822.TEXT"}
-)
-_MACROS = {"FAST": ["FLAGS", "INTERNALDATE", "RFC822.SIZE"]}
-
-
-def _fetch_items(spec: Token, by_uid: bool) -> List[_Item]:
-    names: List[Token] = spec if isinstance(spec, list) else [spec]
-    if not names:
-        raise ParseError("no FETCH items")
-    items: List[_Item] = []
-    for token in names:
-        if not isinstance(token, Atom):
-            raise ParseError("FETCH items are atoms")
-        name = bytes(token).decode("ascii", "replace").upper()
-        if name in _MACROS and not isinstance(spec, list):
-            items.extend(_Item(n) for n in _MACROS[name])
-        elif name in _SIMPLE_ITEMS:
-            items.append(_Item(name, sets_seen=name in ("RFC822", "RFC822.TEXT")))
-        else:
-            match = _BODY_ITEM.match(name)
-            if match is None:
-                raise ParseError(f"unsupported FETCH item {name[:40]}")
-            partial = None
-            if match.group(3) is not None:
-                partial = (int(match.group(3)), int(match.group(4)))
-            items.append(_Item("BODY", match.group(2), partial, sets_seen=not match.group(1)))
-    if by_uid and not any(item.name == "UID" for item in items):
-        items.insert(0, _Item("UID"))
-    return items
-
-
-def _sequence_set(text: bytes, count: int) -> List[int]:
-    """Expand ``1,3:5,7:*`` against ``count`` messages (sorted, unique)."""
-    numbers: Set[int] = set()
-    for part in text.split(b","):
-        bounds = part.split(b":")
-        if len(bounds) > 2 or not all(bounds):
-            raise ParseError("invalid sequence set")
-        values = []
-        for bound in bounds:
-            if bound == b"*":
-                if count == 0:
-                    raise ParseError("the mailbox is empty")
-                values.append(count)
-            elif bound.isdigit() and 0 < int(bound) <= count:
-                values.append(int(bound))
-            else:
-                raise ParseError("invalid message sequence number")
-        low, high = min(values), max(values)
-        numbers.update(range(low, high + 1))
-    return sorted(numbers)
-
-
-def _split(data: bytes) -> Tuple[bytes, bytes]:
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        return data, b""
-    return data[: end + 4], data[end + 4 :]
-
-
-def _literal(data: bytes) -> bytes:
-    return b"{%d}\r\n" % len(data) + data
 
 
 def _set(fut: Optional[asyncio.Future[None]]) -> None:

@@ -23,6 +23,12 @@ def _tls_versions() -> List[str]:
     return [chosen]
 
 
+#: Environment variable that narrows the event loops (comma-separated:
+#: ``asyncio``, ``uvloop``); unset: every installed one.  tox runs uvloop on
+#: the oldest and the newest interpreter only (see tox.ini).
+LOOPS_ENV = "STARTTLS_HARNESS_LOOPS"
+
+
 def _loops() -> List[str]:
     names = ["asyncio"]
     try:
@@ -31,13 +37,25 @@ def _loops() -> List[str]:
         pass
     else:
         names.append("uvloop")
-    return names
+    chosen = [n.strip() for n in os.environ.get(LOOPS_ENV, "").split(",") if n.strip()]
+    if not chosen:
+        return names
+    unknown = [n for n in chosen if n not in ("asyncio", "uvloop")]
+    if unknown:
+        raise pytest.UsageError(f"{LOOPS_ENV}: unknown loop(s) {unknown}; use asyncio, uvloop")
+    return [n for n in names if n in chosen]
 
 
 @pytest.fixture(params=_tls_versions(), ids=lambda v: f"tls{v}")
 def tls_version(request: pytest.FixtureRequest) -> str:
     """The TLS version under test ("1.2" or "1.3")."""
     return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def tls_versions() -> List[str]:
+    """Every TLS version this run covers, for a test that mixes them in one body."""
+    return _tls_versions()
 
 
 @pytest.fixture(scope="session")

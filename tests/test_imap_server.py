@@ -30,12 +30,12 @@ from typing import (
 import pytest
 import starttls_harness.servers.imap
 from starttls_harness.servers.base import Limits, RunningServer, ServerConfig
-from starttls_harness.servers.imap import (
-    BEHAVIOURS,
-    ImapServerProtocol,
+from starttls_harness.servers.imap import BEHAVIOURS, ImapServerProtocol, start_server
+from starttls_harness.servers.imapsyntax import (
+    Literal,
+    ParseError,
     StartTLSLine,
     is_starttls_line,
-    start_server,
     tokenize,
 )
 from starttls_harness.tls.certs import Pki
@@ -291,9 +291,9 @@ def test_tokenizer() -> None:
         b"abc",
         b"BODY[HEADER.FIELDS (A B)]",
     ]
-    assert isinstance(tokens[5], starttls_harness.servers.imap.Literal)
+    assert isinstance(tokens[5], Literal)
     for bad in (b"a1 (x\r\n", b"a1 x)\r\n", b'a1 "x\r\n', b"a1 {9}\r\nab\r\n"):
-        with pytest.raises(starttls_harness.servers.imap.ParseError):
+        with pytest.raises(ParseError):
             tokenize(bad)
 
 

@@ -38,6 +38,9 @@ Run = Callable[[Callable[[], Awaitable[None]]], None]
 STEP = 5.0  # bound of every single wait, in seconds
 USER, PASSWORD = "tester", "correct horse"
 FROM, TO = "a@example.org", ["b@example.org"]
+#: What HELP lists: aiosmtpd's commands that carry help text, ours included
+#: (the overridden EHLO, AUTH and DATA carry none, so HELP leaves them out).
+HELP_COMMANDS = "HELO HELP MAIL NOOP QUIT RCPT RSET STARTTLS STOPTLS VRFY".split()
 
 
 # ---------------------------------------------------------------- helpers
@@ -288,6 +291,11 @@ def test_keywords_and_auth_by_phase(pki: Pki, tls_version: str, run: Run) -> Non
         assert not {"STOPTLS", "AUTH"} & set(keywords(plain))
         assert (await peer.command(b"AUTH PLAIN AHRlc3RlcgB4\r\n")).startswith(b"538 ")
         assert (await peer.command(b"STOPTLS\r\n")).startswith(b"503 ")
+        # The command table is found once per class (ReferenceSMTP.__dir__):
+        # every command is still there, ours included.
+        help_reply = await peer.command(b"HELP\r\n")
+        assert help_reply.startswith(b"250 Supported commands: ")
+        assert help_reply[24:].decode().split() == HELP_COMMANDS
         await peer.starttls(pki, tls_version)
         tls = await peer.command(b"EHLO peer.invalid\r\n")
         assert {"STOPTLS", "AUTH"} <= set(keywords(tls)) and "STARTTLS" not in keywords(tls)
