@@ -22,7 +22,9 @@ import re
 from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple
 
 import pytest
-from starttls_harness.cli import _server_modules, build_parser, parse_target
+from starttls_harness.cli import build_parser
+from starttls_harness.cli.common import parse_target
+from starttls_harness.cli.tools import _server_modules
 from starttls_harness.dialects import (
     DIALECTS,
     RETURN_TO_PLAINTEXT,
