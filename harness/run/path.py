@@ -91,6 +91,7 @@ __all__ = [
     "ClientDriver",
     "ClientSpec",
     "PathPair",
+    "PathResult",
     "PathServer",
     "StepHooks",
     "StopTLSUnsupported",
@@ -181,6 +182,28 @@ class PathPair:
     server_hostname: str = "localhost"
     writes_keylog: bool = True
     tls_versions: Tuple[str, ...] = ("1.2", "1.3")
+    #: A client the harness cannot drive verb by verb (a program): it runs
+    #: this session of its own, the fault is armed on the proxy before it
+    #: connects, and STOPTLS scenarios skip unless the proxy saw STOPTLS.
+    own_session: Optional[Tuple[Step, ...]] = None
+    #: What the proxy reads secrets from, given the run's key log path
+    #: (default: that path, which the client writes).
+    proxy_keylog: Optional[Callable[[Path], Any]] = None
+    #: Where the secrets came from, given the run's key log path (evidence).
+    keylog_source: Optional[Callable[[Path], str]] = None
+
+
+@dataclass
+class PathResult(Result):
+    """A path result: which side broke the rule (``client``/``server``), if one did."""
+
+    side: Optional[str] = None
+
+    def as_dict(self) -> Dict[str, Any]:
+        out = super().as_dict()
+        if self.side is not None:
+            out["side"] = self.side
+        return out
 
 
 # ------------------------------------------------- the reference pair (built in)
@@ -368,6 +391,8 @@ class _PathRun:
     verb_done_at: Optional[int] = None
     completed: bool = False
     client_closed: bool = False
+    #: The side a non-pass observation blames ("client" or "server").
+    side: Optional[str] = None
 
     def note(self, text: str) -> None:
         index = len(self.conn.events) if self.conn is not None else 0
@@ -417,11 +442,14 @@ async def _session(run: _PathRun) -> None:
             run.stopped = (step.action, exc)
             run.note(f"client: {step.action} stopped: {type(exc).__name__}: {exc}")
             return
-        if step.fault:
+        if step.fault or (run.pair.own_session is not None and step.action == "quit"):
             run.verb_done_at = len(run.conn.events) if run.conn is not None else 0
             run.note(f"client: {step.action} completed")
         if step.action == "connect":
-            run.conn = await run.proxy.connection(0, timeout=run.settings.connect_timeout)
+            # A program takes its time to start: its connect is bounded by the scenario.
+            own = run.pair.own_session is not None
+            bound = run.settings.scenario_timeout if own else run.settings.connect_timeout
+            run.conn = await run.proxy.connection(0, timeout=bound)
     run.completed = True
 
 
@@ -524,26 +552,34 @@ def _decide(run: _PathRun, events: Sequence[ProxyEvent]) -> Tuple[str, str]:
     violations = [f for f in findings if f.label.startswith("violation:")]
     fi = _fault_index(events)
     if run.fault is None:  # a sanity run: the session must just work
+        if violations and run.pair.own_session is not None:
+            # A program that breaks a rule on the wire may fail its own session
+            # for it: the scenarios run, and report the rule with the side.
+            return "completed", ""
         if run.stopped is not None:
             action, exc = run.stopped
             return "unexpected-reply", f"{action}: {type(exc).__name__}: {exc}"
         return "completed", ""
     if fi is None:
         if violations:
+            run.side = violations[0].side
             return violations[0].label, f"{violations[0].side}: {violations[0].detail}"
         if run.no_stoptls:
             return "no-stoptls", "the pair does not return to plaintext"
         unanswered = [f for f in findings if f.label == "close-notify-not-answered"]
         if unanswered:
+            run.side = unanswered[0].side
             return unanswered[0].label, f"{unanswered[0].side}: {unanswered[0].detail}"
         if not run.armed:
             return "fault-not-armed", _stopped_text(run)
         return "closed-before-fault", _stopped_text(run)
     judged = _judge(run, events, fi)
     label = judged[0]
+    run.side = SIDES[_other(run.fault.direction)]
     if run.fault is not None and _expect_verdict(run, label) is Verdict.FAIL:
         return judged
     if violations:
+        run.side = violations[0].side
         return violations[0].label, f"{violations[0].side}: {violations[0].detail}"
     return judged
 
@@ -703,12 +739,16 @@ async def _execute(run: _PathRun) -> Tuple[str, str, List[Exchange]]:
         run.server = await asyncio.wait_for(
             pair.start_server(run.tls_version, settings), settings.connect_timeout
         )
+        keylog: Any = run.keylog if pair.writes_keylog else None
+        if pair.proxy_keylog is not None and run.keylog is not None:
+            keylog = pair.proxy_keylog(run.keylog)
+        armed_now = (run.fault,) if pair.own_session is not None and run.fault else ()
         run.proxy = await Proxy.start(
             ("127.0.0.1", 0),
             run.server.address,
             pair.dialect,
-            (),
-            run.keylog if pair.writes_keylog else None,
+            armed_now,
+            keylog,
             connect_timeout=settings.connect_timeout,
             idle_timeout=settings.scenario_timeout,
         )
@@ -740,10 +780,37 @@ async def _execute(run: _PathRun) -> Tuple[str, str, List[Exchange]]:
             await conn.wait_closed(settings.reply_timeout)
         await run.server.settle(settings.reply_timeout)
         events = list(conn.events)
+        if armed_now:
+            run.armed = True
+            if _stoptls_unseen(run, events[:marker]):
+                why = "the client did not send STOPTLS: the pair does not return to plaintext"
+                return "no-stoptls", why, _exchanges(run, events, marker)
         label, detail = _decide(run, events[:marker])
         return label, detail, _exchanges(run, events, marker)
     finally:
         await _cleanup(run)
+
+
+def _stoptls_unseen(run: _PathRun, events: Sequence[ProxyEvent]) -> bool:
+    """A STOPTLS scenario whose client never sent STOPTLS (the pair has none).
+
+    With the application data decrypted, the STOPTLS command is seen or it
+    was not sent.  Without, a return to plaintext shows as plaintext after a
+    closure, and a fault that fired on a closure is given the benefit.
+    """
+    if run.scenario is None or run.scenario.id not in STOPTLS_SCENARIOS:
+        return False
+    if any("stoptls-command" in e.points or "stoptls-reply" in e.points for e in events):
+        return False
+    decrypted = any(e.method == "keylog" and "application-data" in e.points for e in events)
+    if not decrypted:
+        if _fault_index(events) is not None:
+            return False
+        closures = [i for i, e in enumerate(events) if "close-notify" in e.points]
+        if closures and any(_is_plaintext(e) for e in events[closures[0] + 1 :]):
+            return False  # plaintext after a closure: a return to plaintext
+    run.note("the proxy saw no STOPTLS from the client")
+    return True
 
 
 async def _close_client(run: _PathRun) -> None:
@@ -791,12 +858,17 @@ async def run_path_scenario(
         keylog = _keylog_path(directory, scenario.id, pair.dialect, tls_version)
         if settings.keylog_dir is not None:
             evidence.keylog = str(keylog)
-        run = _PathRun(scenario.steps, scenario, pair, tls_version, settings, keylog)
+        steps = pair.own_session if pair.own_session is not None else scenario.steps
+        run = _PathRun(steps, scenario, pair, tls_version, settings, keylog)
         label, detail = HARNESS_ERROR, ""
         try:
             run.fault, run.judge, run.arm_mode = scenario_fault(scenario, dialect)
             label, detail, exchanges = await _execute(run)
             evidence.exchanges.extend(exchanges)
+            if pair.keylog_source is not None:
+                evidence.exchanges.append(
+                    Exchange(0.0, "--", "note", b"", f"TLS secrets: {pair.keylog_source(keylog)}")
+                )
         except Exception as exc:  # a harness bug must not take the run down
             label, detail = HARNESS_ERROR, harness_error(exc)
     if detail:
@@ -811,7 +883,12 @@ async def run_path_scenario(
     if label.startswith("violation:"):
         rule = label.split(":", 1)[1]
         summary = f"a peer broke {rule} on the wire: {detail}"
-    return Result(
+        if run.side is not None:
+            summary = f"{run.side}: broke {rule} on the wire: {detail.split(': ', 1)[-1]}"
+    side = run.side if outcome.verdict in (F, W) else None
+    if side is not None and not summary.startswith(f"{side}:"):
+        summary = f"{side}: {summary}"
+    return PathResult(
         id=scenario.id,
         dialect=pair.dialect,
         tls_version=tls_version,
@@ -822,6 +899,7 @@ async def run_path_scenario(
         duration=time.monotonic() - start,
         title=scenario.title,
         reference=scenario.reference,
+        side=side,
     )
 
 
