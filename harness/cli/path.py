@@ -49,6 +49,13 @@ def _add_check_path(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         ),
     )
     p.add_argument("target", metavar="SERVER_URL", help="smtp://HOST:PORT or imap://HOST:PORT")
+    _add_options(p)
+    # Everything after SERVER_URL: more options, then -- and the command.
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="[OPTION...] -- COMMAND ARG...")
+    p.set_defaults(func=cmd_check_path)
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
     _add_run_options(p)
     p.add_argument("--cafile", type=Path, help="CA of the server's certificate, passed as {cafile}")
     p.add_argument("--user", default="", help="the client's login, passed as {user}")
@@ -63,12 +70,30 @@ def _add_check_path(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         metavar="FILE",
         help="the server's TLS key log, used when the client writes none",
     )
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ARG...")
-    p.set_defaults(func=cmd_check_path)
+
+
+def _split(args: argparse.Namespace) -> List[str]:
+    """The client command; options between SERVER_URL and ``--`` go into ``args``."""
+    rest: List[str] = list(args.command)
+    if "--" not in rest:
+        if rest and rest[0].startswith("-"):
+            raise UsageError("put -- between the options and the client command")
+        return rest
+    cut = rest.index("--")
+    head, argv = rest[:cut], rest[cut + 1 :]
+    if head:
+        options = argparse.ArgumentParser(prog="starttls-harness check-path", add_help=False)
+        _add_options(options)
+        defaults = vars(options.parse_args([]))
+        given = vars(options.parse_args(head))
+        for name, value in given.items():
+            if value != defaults[name]:
+                setattr(args, name, value)
+    return argv
 
 
 def cmd_check_path(args: argparse.Namespace) -> int:
-    argv = args.command[1:] if args.command[:1] == ["--"] else args.command
+    argv = _split(args)
     if not argv:
         raise UsageError("give the client command after --, e.g. -- python3 send.py {port}")
     if shutil.which(argv[0]) is None and not Path(argv[0]).exists():
