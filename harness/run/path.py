@@ -73,6 +73,7 @@ from starttls_harness.proxy import (
 )
 from starttls_harness.report.verdicts import Evidence, Exchange, Result, Verdict
 from starttls_harness.run.outcomes import HARNESS_ERROR, harness_error
+from starttls_harness.run.path_evidence import exchanges
 from starttls_harness.run.reference import reference_client_module, reference_server_module
 from starttls_harness.run.server import Progress, RunSettings, run_bracketed
 from starttls_harness.scenarios.expectations import PATH_EXPECTED, STOPTLS_SCENARIOS, mismatches
@@ -191,6 +192,10 @@ class PathPair:
     proxy_keylog: Optional[Callable[[Path], Any]] = None
     #: Where the secrets came from, given the run's key log path (evidence).
     keylog_source: Optional[Callable[[Path], str]] = None
+    #: TLS version -> whether the plain session (a sanity run) of an
+    #: ``own_session`` pair returned to plaintext: STOPTLS scenarios of a
+    #: pair that did not skip without running.
+    returns: Dict[str, bool] = field(default_factory=dict)
 
 
 @dataclass
@@ -614,6 +619,10 @@ def _judge(run: _PathRun, events: Sequence[ProxyEvent], fi: int) -> Tuple[str, s
             return "answered-in-tls", f"the {side} sent TLS application data after the injection"
         closed_by = e
         break
+    if closed_by is None and receiver == C2S and run.pair.own_session and run.stopped:
+        # A client program that ended (with an error) ended its connection,
+        # whether or not its FIN reached the log before the proxy closed.
+        closed_by = ProxyEvent(0.0, C2S, "eof", detail=f"the client exited: {run.stopped[1]}")
     own = _own_events(run, receiver)
     accepted = _accepted(run, receiver)
     if run.judge == "injection":
@@ -683,55 +692,6 @@ async def _await_reaction(run: _PathRun, conn: ProxyConnection) -> None:
         await conn.wait_for(after_fault, timeout=run.settings.reply_timeout)
 
 
-def _exchanges(run: _PathRun, events: Sequence[ProxyEvent], marker: int) -> List[Exchange]:
-    """The proxy's log as evidence: both directions, injected bytes and faults marked."""
-    notes: Dict[int, List[str]] = {}
-    for index, text in run.notes:
-        notes.setdefault(index, []).append(text)
-    notes.setdefault(marker, []).append("end of the session: the harness closes the client")
-    out: List[Exchange] = []
-    t = 0.0
-    for i, e in enumerate(events):
-        t = e.time
-        for text in notes.pop(i, []):
-            out.append(Exchange(t, "--", "note", b"", text))
-        converted = _exchange(e)
-        if converted is not None:
-            out.append(converted)
-    for index in sorted(notes):
-        for text in notes[index]:
-            out.append(Exchange(t, "--", "note", b"", text))
-    return out
-
-
-def _exchange(e: ProxyEvent) -> Optional[Exchange]:
-    d = e.direction
-    where = ",".join(p for p in e.points if p not in ("record", "plaintext"))
-    text = "; ".join(x for x in (where, e.method, e.detail) if x)
-    if e.action and e.action != "discarded":
-        text = f"FAULT {e.action}: {text}" if text else f"FAULT {e.action}"
-    elif e.action == "discarded":
-        text = f"not relayed (direction ended by the harness): {text}"
-    if e.kind in ("plaintext", "fragment"):
-        return Exchange(e.time, d, "plaintext", e.data, text)
-    if e.kind == "record":
-        # Ciphertext says nothing to a reader: its size and classification do.
-        kind = "close_notify" if "close-notify" in e.points else "tls-wire"
-        return Exchange(e.time, d, kind, b"", text)
-    if e.kind in ("eof", "reset"):
-        return Exchange(e.time, d, "eof", b"", text or e.kind)
-    if e.kind == "injected":
-        return Exchange(e.time, d, "injected", e.data, f"injected by the harness: {e.detail}")
-    if e.kind == "fault":
-        what = "FIN" if e.action == "fin" else ("RST" if e.action == "rst" else "")
-        if what:
-            return Exchange(e.time, d, "injected", b"", f"{what} by the harness: {e.detail}")
-        return Exchange(e.time, "--", "note", b"", f"FAULT [{d}] {e.detail}")
-    if e.kind in ("note", "error"):
-        return Exchange(e.time, "--", "note", b"", f"proxy [{d or '--'}]: {e.detail}")
-    return None  # sent, fin-sent, rst-sent, connect, closed: the relay's own bookkeeping
-
-
 async def _execute(run: _PathRun) -> Tuple[str, str, List[Exchange]]:
     """Start the pieces, drive the session, decide; always clean up."""
     settings, pair = run.settings, run.pair
@@ -784,11 +744,23 @@ async def _execute(run: _PathRun) -> Tuple[str, str, List[Exchange]]:
             run.armed = True
             if _stoptls_unseen(run, events[:marker]):
                 why = "the client did not send STOPTLS: the pair does not return to plaintext"
-                return "no-stoptls", why, _exchanges(run, events, marker)
+                return "no-stoptls", why, exchanges(run.notes, events, marker)
         label, detail = _decide(run, events[:marker])
-        return label, detail, _exchanges(run, events, marker)
+        return label, detail, exchanges(run.notes, events, marker)
     finally:
         await _cleanup(run)
+
+
+class _NoReturn(Exception):
+    """The pair's plain session never returned to plaintext."""
+
+
+def _returned(events: Sequence[ProxyEvent]) -> bool:
+    """Whether a session without faults returned to plaintext (STOPTLS)."""
+    if any("stoptls-command" in e.points for e in events):
+        return True
+    closures = [i for i, e in enumerate(events) if "close-notify" in e.points]
+    return bool(closures) and any(_is_plaintext(e) for e in events[closures[0] + 1 :])
 
 
 def _stoptls_unseen(run: _PathRun, events: Sequence[ProxyEvent]) -> bool:
@@ -863,12 +835,17 @@ async def run_path_scenario(
         label, detail = HARNESS_ERROR, ""
         try:
             run.fault, run.judge, run.arm_mode = scenario_fault(scenario, dialect)
-            label, detail, exchanges = await _execute(run)
-            evidence.exchanges.extend(exchanges)
+            if scenario.id in STOPTLS_SCENARIOS and pair.returns.get(tls_version) is False:
+                raise _NoReturn()
+            label, detail, log = await _execute(run)
+            evidence.exchanges.extend(log)
             if pair.keylog_source is not None:
                 evidence.exchanges.append(
                     Exchange(0.0, "--", "note", b"", f"TLS secrets: {pair.keylog_source(keylog)}")
                 )
+        except _NoReturn:
+            label = "no-stoptls"
+            detail = "the client's plain session (the sanity run) never returned to plaintext"
         except Exception as exc:  # a harness bug must not take the run down
             label, detail = HARNESS_ERROR, harness_error(exc)
     if detail:
@@ -914,6 +891,8 @@ async def path_sanity(
         label, detail, _ = await _execute(run)
     except Exception as exc:
         return harness_error(exc)
+    if pair.own_session is not None and run.conn is not None and tls_version not in pair.returns:
+        pair.returns[tls_version] = _returned(list(run.conn.events))
     if label != "completed":
         return f"{label}: {detail}" if detail else label
     return None
