@@ -25,6 +25,8 @@ from starttls_harness.scenarios.expectations import STOPTLS_SCENARIOS
 from starttls_harness.servers.base import ServerConfig
 from starttls_harness.tls.certs import make_pki
 
+pytest_plugins = ["pytester"]
+
 SCHEMA = Path(__file__).resolve().parent.parent / "harness/report/schemas/report.schema.json"
 FAST = ["--reply-timeout", "2", "--timeout", "20", "-q"]
 
@@ -190,3 +192,38 @@ def test_bad_input_is_one_line_and_exit_2(
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+PLUGIN_PATH = """
+import pytest
+
+@pytest.mark.starttls(dialect="smtp", role="path", only={only!r}, tls_versions=("1.2",))
+def test_path(starttls_result):
+    starttls_result.check()
+"""
+
+
+def test_the_pytest_plugin_runs_the_path_role(pytester: pytest.Pytester) -> None:
+    """The default server (strict reference) and client program (the strict
+    reference client): every selected path scenario passes."""
+    pytester.makepyfile(PLUGIN_PATH.format(only=["path.inject-in-tls*", "path.truncate-c2s"]))
+    result = pytester.runpytest("-v", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+
+
+def test_the_pytest_plugin_path_role_fails_a_misbehaving_client(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        PLUGIN_PATH.format(only=["path.inject-after-close"])
+        + """
+import sys
+
+@pytest.fixture
+def starttls_path_client():
+    return [sys.executable, "-m", "starttls_harness", "client", "smtp", "--port", "{port}",
+            "--cafile", "{cafile}", "--tls-version", "{tls_version}",
+            "--behaviour", "one-sided-close"]
+"""
+    )
+    result = pytester.runpytest("-v", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*client: broke R4 on the wire*"])
