@@ -22,8 +22,15 @@ import pytest
 from starttls_harness.cli import main
 from starttls_harness.run.reference import reference_server_module
 from starttls_harness.scenarios.expectations import STOPTLS_SCENARIOS
+from starttls_harness.scenarios.path import PATH_SCENARIOS
 from starttls_harness.servers.base import ServerConfig
 from starttls_harness.tls.certs import make_pki
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # realworld/ is a directory of the repository, not installed
+
+from realworld.paths import EXPECTED_PATHS_FILE, PAIRS, differences  # noqa: E402
 
 pytest_plugins = ["pytester"]
 
@@ -227,3 +234,23 @@ def starttls_path_client():
     result = pytester.runpytest("-v", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*client: broke R4 on the wire*"])
+
+
+def test_the_path_tier_table_names_every_pair_and_scenario() -> None:
+    """realworld/expected-paths.json: every pair, every path scenario, both
+    TLS versions; a cell is a verdict, with the side it blames if not a pass."""
+
+    table = json.loads(EXPECTED_PATHS_FILE.read_text())["pairs"]
+    assert set(table) == {p.name for p in PAIRS}
+    for cells in table.values():
+        assert set(cells) == {s.id for s in PATH_SCENARIOS}
+        for by_version in cells.values():
+            assert set(by_version) == {"1.2", "1.3"}
+            for c in by_version.values():
+                verdict, _, side = c.partition("/")
+                assert verdict in ("pass", "skip") or side in ("client", "server")
+    assert differences(table, table) == []
+    changed = json.loads(json.dumps(table))
+    changed["dovecot+curl"]["path.truncate-c2s"]["1.2"] = "fail/server"
+    (line,) = differences(table, changed)
+    assert "dovecot+curl path.truncate-c2s TLS 1.2: expected pass, got fail/server" == line

@@ -42,10 +42,10 @@ def _add_check_path(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "exit status: as for check\n\n"
-            "example:\n"
-            "  starttls-harness check-path imap://127.0.0.1:143 --cafile ca.pem \\\n"
-            "      --user u --password p -- curl -sS --ssl-reqd --cacert {cafile} \\\n"
-            "      -u {user}:{password} imap://localhost:{port}/INBOX"
+            "example (Dovecot and curl; more in docs/check-path.md):\n"
+            "  check-path imap://127.0.0.1:143 --cafile ca.pem --user u --password p \\\n"
+            "      -- curl -sS --ssl-reqd --cacert {cafile} -u {user}:{password} \\\n"
+            "      imap://localhost:{port}/INBOX"
         ),
     )
     p.add_argument("target", metavar="SERVER_URL", help="smtp://HOST:PORT or imap://HOST:PORT")
