@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,8 @@ from starttls_harness.report.formats import ladder
 from starttls_harness.report.verdicts import Result, Verdict
 from starttls_harness.run.client import run_client_scenario
 from starttls_harness.run.client import sanity_probe as client_sanity_probe
+from starttls_harness.run.path import path_sanity, run_path_scenario
+from starttls_harness.run.path_command import command_pair
 from starttls_harness.run.reference import reference_server_module
 from starttls_harness.run.server import RunSettings, ServerTarget, run_server_scenario, sanity_probe
 from starttls_harness.run.targets import ClientTarget, ReferenceClientTarget
@@ -114,9 +117,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "starttls_scenario" not in metafunc.fixturenames:
         return
     opts = _options(metafunc.definition)
-    if opts.role not in ("server", "client"):
+    if opts.role not in ("server", "client", "path"):
         raise pytest.UsageError(
-            f"starttls marker: role must be 'server' or 'client', not {opts.role!r}"
+            f"starttls marker: role must be 'server', 'client' or 'path', not {opts.role!r}"
         )
     if opts.dialect not in names():
         raise pytest.UsageError(
@@ -187,6 +190,19 @@ def starttls_client(request: pytest.FixtureRequest) -> ClientTarget:
     return ReferenceClientTarget(_options(request.node).dialect)
 
 
+@pytest.fixture
+def starttls_path_client(request: pytest.FixtureRequest) -> List[str]:
+    """The client program of the path role (role='path'): an argv run once per
+    scenario against the fault proxy, as ``check-path`` runs it (``{host}``,
+    ``{port}``, ``{cafile}``, ``{tls_version}``, ``{user}``, ``{password}``).
+    Default: the strict reference client run as a program."""
+    dialect = _options(request.node).dialect
+    return [
+        *(sys.executable, "-m", "starttls_harness", "client", dialect, "--port", "{port}"),
+        *("--cafile", "{cafile}", "--tls-version", "{tls_version}"),
+    ]
+
+
 @dataclass
 class ScenarioOutcome:
     """What ``starttls_result`` gives the test: the result and its check."""
@@ -230,6 +246,10 @@ def starttls_result(
     if starttls_pki.cafile is None:
         starttls_pki.write(Path(tempfile.mkdtemp(prefix="starttls-pki-")))
     factory: ServerFactory = request.getfixturevalue("starttls_server")
+    if scenario.role == "path":
+        argv: List[str] = request.getfixturevalue("starttls_path_client")
+        path_run = _run_path(scenario, tls_version, starttls_pki, factory, starttls_settings, argv)
+        return ScenarioOutcome(scenario, asyncio.run(path_run), allowed)
     result = asyncio.run(_run(scenario, tls_version, starttls_pki, factory, starttls_settings))
     return ScenarioOutcome(scenario, result, allowed)
 
@@ -282,3 +302,31 @@ async def _run(
     if errors:
         raise errors[0]
     return result
+
+
+async def _run_path(
+    scenario: Scenario,
+    tls_version: str,
+    pki: Pki,
+    factory: ServerFactory,
+    settings: RunSettings,
+    argv: List[str],
+) -> Result:
+    """The path role: the client program -> the fault proxy -> the server under test."""
+    async with factory(pki, tls_version) as target:
+        cafile = Path(target.cafile or pki.cafile or "/dev/null")
+        pair = command_pair(
+            target.dialect,
+            (target.host, target.port),
+            argv,
+            cafile,
+            user=target.user or "",
+            password=target.password or "",
+            timeout=settings.scenario_timeout,
+            server_hostname=target.server_hostname,
+        )
+        with tempfile.TemporaryDirectory(prefix="starttls-path-") as keys:
+            problem = await path_sanity(pair, tls_version, settings, Path(keys))
+            if problem is not None:
+                return _sanity_failed(scenario, target.dialect, tls_version, problem)
+            return await run_path_scenario(scenario, pair, tls_version, settings)

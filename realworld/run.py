@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from starttls_harness.tls.certs import make_pki
 
-from realworld import clients, compare
+from realworld import clients, compare, paths
 from realworld.instances import (
     TEST_PASSWORD,
     TEST_USER,
@@ -334,6 +334,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         total += tier.total
         failed += tier.failed
         status = clients.combine_status(status, tier.status)
+    if not args.no_clients:  # the path tier: real clients, the fault proxy, real servers
+        print("--- the path tier: python -m realworld.paths", flush=True)
+        evidence = args.evidence / "paths" if args.evidence else None
+        ptier = paths.run_and_report(
+            tls_version=args.tls_version, update=args.update, evidence=evidence
+        )
+        total, failed = total + ptier.total, failed + ptier.failed
+        status = clients.combine_status(status, ptier.status)
     print(f"realworld: {time.monotonic() - t0:.1f} s in all")
     # The plain closing line CI reads: one cell of a table is one test.
     print(f"realworld: {total - failed} passed, {failed} failed")

@@ -131,7 +131,7 @@ def _assert_evidence(result: Result) -> None:
     exchanges = result.evidence.exchanges
     assert {e.direction for e in exchanges} >= {"c2s", "s2c"}
     assert any("fault armed" in e.note for e in exchanges)
-    if result.summary.startswith("a peer broke"):
+    if "on the wire: " in result.summary:
         assert any(e.kind == "plaintext" for e in exchanges)
     else:
         assert result.evidence.injected(), f"{result.id}: the fault is not in the evidence"
@@ -187,6 +187,10 @@ def test_validation_matrix(
     for r in results:
         if r.verdict is not P:
             assert r.summary and r.evidence.exchanges
+        if r.verdict in (F, W):
+            # Exactly one side misbehaves: every fail or warn blames it.
+            assert getattr(r, "side", None) == side, f"{r.id}: blames {r.side!r}"  # type: ignore[attr-defined]
+            assert r.as_dict()["side"] == side
     if expected and F in expected.values():
         guarded = next(iter(expected))
         caught = [r for r in results if r.id == guarded]

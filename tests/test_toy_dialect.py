@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
+from pathlib import Path
 from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple
 
 import pytest
@@ -40,13 +42,17 @@ from starttls_harness.dialects import (
 )
 from starttls_harness.dialects.roles import Command, ScriptedServer
 from starttls_harness.report.verdicts import Result, Verdict
+from starttls_harness.run.path import run_path_target
+from starttls_harness.run.path_command import command_pair
 from starttls_harness.run.reference import reference_server_module, reference_servers
 from starttls_harness.run.server import RunSettings, run_server_target
 from starttls_harness.scenarios.catalogue import ALL_SCENARIOS
 from starttls_harness.scenarios.expectations import STOPTLS_SCENARIOS
+from starttls_harness.scenarios.path import PATH_SCENARIOS
 from starttls_harness.scenarios.server import CATALOGUE, select
 from starttls_harness.servers.base import STRICT, Behaviour, RunningServer, ServerConfig
 from starttls_harness.tls.aio import SwitchableTransport, create_server
+from starttls_harness.tls.certs import make_pki
 from starttls_harness.tls.engine import ClosureComplete, Event, Rule
 from starttls_harness.tls.framing import Framer, line_framer
 
@@ -201,6 +207,13 @@ class ToyDialect(Dialect):
             UnitStep(b"PUT %d\r\n" % (2 * len(_TRUNCATED)), "continue"),
             UnitStep(_TRUNCATED, "none"),
         )
+
+    # as followed by the proxy: untagged commands, a final line that is not "* "
+    def proxy_command(self, line: bytes, verb: bytes) -> Optional[str]:
+        return "" if line.strip().upper() == verb else None
+
+    def proxy_answer(self, line: bytes, tag: str) -> Optional[bool]:
+        return None if line.startswith(b"* ") else line.startswith(b"OK")
 
 
 TOY = ToyDialect()
@@ -432,6 +445,65 @@ class OneWayToy(ToyDialect):
     name = "toy1"
     url_scheme = "toy1"
     has_return_to_plaintext = False
+
+
+#: A toy client program (the toy has no in-process reference client with a
+#: ``path_driver``, so the path role runs it as ``check-path`` runs any
+#: program): STARTTLS, PING under TLS, BYE; it never returns to plaintext.
+TOY_CLIENT = """
+import socket, ssl, sys
+host, port, cafile = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+sock = socket.create_connection((host, port), timeout=5)
+reader = sock.makefile("rb")
+def final():
+    while True:
+        line = reader.readline()
+        if not line:
+            sys.exit("connection closed")
+        if not line.startswith(b"* "):
+            return line
+assert final().startswith(b"OK")
+sock.sendall(b"STARTTLS\\r\\n")
+if not final().startswith(b"OK"):
+    sys.exit("STARTTLS refused")
+ctx = ssl.create_default_context(cafile=cafile)
+tls = ctx.wrap_socket(sock, server_hostname="localhost")
+reader = tls.makefile("rb")
+tls.sendall(b"PING\\r\\n")
+if b"pong" not in final():
+    sys.exit("no pong")
+tls.sendall(b"BYE\\r\\n")
+final()
+"""
+
+
+def test_the_path_role_runs_the_toy_pair_through_the_proxy(toy: Dialect, tmp_path: Path) -> None:
+    """The proxy follows the toy from the registry: the toy client program and
+    the strict toy server pass every path scenario that applies without a
+    return to plaintext, and the STOPTLS ones skip (the client never uses it)."""
+    script = tmp_path / "toy_client.py"
+    script.write_text(TOY_CLIENT)
+
+    async def body() -> List[Result]:
+        pki = make_pki(directory=tmp_path)
+        pki.write(tmp_path)
+        running = await start_server(ServerConfig(pki=pki, behaviour="strict"))
+        try:
+            argv = [sys.executable, str(script), "{host}", "{port}", "{cafile}"]
+            assert pki.cafile is not None
+            pair = command_pair(NAME, running.address, argv, Path(pki.cafile), timeout=20)
+            settings = RunSettings(reply_timeout=3.0, scenario_timeout=20.0)
+            return await run_path_target(PATH_SCENARIOS, pair, settings, tls_versions=("1.3",))
+        finally:
+            await running.close()
+
+    results = asyncio.run(body())
+    assert len(results) == len(PATH_SCENARIOS)
+    verdicts = {r.id: r.verdict for r in results}
+    assert {i for i, v in verdicts.items() if v is Verdict.SKIP} == set(STOPTLS_SCENARIOS)
+    bad = [f"{r.id}: {r.verdict.value} {r.summary}" for r in results]
+    bad = [b for b, r in zip(bad, results) if r.verdict not in (Verdict.PASS, Verdict.SKIP)]
+    assert bad == []
 
 
 def test_scenarios_that_need_a_return_to_plaintext_skip_a_dialect_without_one() -> None:

@@ -18,6 +18,7 @@ from starttls_harness import __version__
 from starttls_harness.cli.checks import _add_check, _add_check_client
 from starttls_harness.cli.common import EXIT_ERROR, EXIT_INTERRUPTED, UsageError
 from starttls_harness.cli.output import _pipe_safe_streams
+from starttls_harness.cli.path import _add_check_path
 from starttls_harness.cli.tools import (
     _add_behaviours,
     _add_client,
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_check(sub)
     _add_check_client(sub)
+    _add_check_path(sub)
     _add_serve(sub)
     _add_client(sub)
     _add_proxy(sub)

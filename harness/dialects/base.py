@@ -193,6 +193,22 @@ class Dialect:
         """The storage action whose last write is cut by a FIN (R6)."""
         raise NotImplementedError
 
+    # ------------------------------------------- as followed by the proxy
+
+    def proxy_command(self, line: bytes, verb: bytes) -> Optional[str]:
+        """The tag if the client's ``line`` is the ``verb`` command, else None.
+
+        ``verb`` is ``b"STARTTLS"`` or ``b"STOPTLS"``; an untagged dialect
+        answers ``""``.  The on-path proxy reads only this and
+        :meth:`proxy_answer` of a protocol, to find the upgrade and its undoing.
+        """
+        raise NotImplementedError
+
+    def proxy_answer(self, line: bytes, tag: str) -> Optional[bool]:
+        """None if the server's ``line`` is not the final answer to the command
+        tagged ``tag``, else whether it accepts it."""
+        raise NotImplementedError
+
 
 #: Methods every dialect overrides (the registry checks it).
 REQUIRED: Tuple[str, ...] = (
@@ -215,6 +231,8 @@ REQUIRED: Tuple[str, ...] = (
     "state_probe",
     "state_kept",
     "truncated_unit",
+    "proxy_command",
+    "proxy_answer",
 )
 
 #: Attributes every dialect sets to something non-empty.

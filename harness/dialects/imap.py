@@ -279,6 +279,20 @@ class _Imap(Dialect):
             UnitStep(_TRUNCATED_BODY, "none"),
         )
 
+    # ------------------------------------------- as followed by the proxy
+
+    def proxy_command(self, line: bytes, verb: bytes) -> Optional[str]:
+        parts = line.split()
+        if len(parts) == 2 and parts[1].upper() == verb and parts[0] not in (b"*", b"+"):
+            return parts[0].decode("latin-1")
+        return None
+
+    def proxy_answer(self, line: bytes, tag: str) -> Optional[bool]:
+        parts = line.split(None, 2)
+        if not parts or parts[0].decode("latin-1") != tag:
+            return None
+        return len(parts) > 1 and parts[1].upper() == b"OK"
+
 
 _SCRIPTED = _ScriptedImap()
 IMAP = _Imap()

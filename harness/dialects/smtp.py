@@ -238,6 +238,16 @@ class _Smtp(Dialect):
             UnitStep(b"Subject: truncated\r\n\r\nthis body never gets its final dot\r\n", "none"),
         )
 
+    # ------------------------------------------- as followed by the proxy
+
+    def proxy_command(self, line: bytes, verb: bytes) -> Optional[str]:
+        return "" if line.strip().upper() == verb else None
+
+    def proxy_answer(self, line: bytes, tag: str) -> Optional[bool]:
+        if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b" ", b"\r", b"\n", b""):
+            return None
+        return line[:3] == b"220"
+
 
 _SCRIPTED = _ScriptedSmtp()
 SMTP = _Smtp()

@@ -52,6 +52,7 @@ from starttls_harness.proxy.vocabulary import (
     other_direction,
 )
 from starttls_harness.tls.framing import FramerFactory
+from starttls_harness.tls.keylog import SecretsProvider
 
 __all__ = ["Address", "Limits", "ProxyConnection", "ProxyHost"]
 
@@ -77,7 +78,7 @@ class ProxyHost(Protocol):
     upstream: Address
     dialect: str
     faults: Tuple[Fault, ...]
-    keylog: Union[str, os.PathLike[str], None]
+    keylog: Union[str, os.PathLike[str], SecretsProvider, None]
     limits: Limits
     framer: FramerFactory
     on_event: Optional[Callable[[ProxyEvent], None]]

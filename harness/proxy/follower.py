@@ -353,14 +353,14 @@ class Follower:
             out.append(self._unit(S2C, UNIT_NOTE, b"", (Point.STOPTLS_REPLY.value,), text, method))
         if self.session is None:
             if direction == C2S:
-                tag = self.dialect.command(line, STARTTLS)
+                tag = self.dialect.proxy_command(line, STARTTLS)
                 if self._starttls_tag is None and tag is not None:
                     self._starttls_tag = tag
                     points.insert(0, Point.STARTTLS_COMMAND.value)
                 elif self._starttls_tag is not None:
                     details.append("pipelined after STARTTLS, before its answer")
             elif self._starttls_tag is not None:
-                answer = self.dialect.answer(line, self._starttls_tag)
+                answer = self.dialect.proxy_answer(line, self._starttls_tag)
                 if answer is True:
                     points.insert(0, Point.STARTTLS_REPLY.value)
                     self._start_session()
@@ -493,13 +493,13 @@ class Follower:
             units.append(plaintext[used:])  # a unit the record ends in the middle of
         for line in units:
             if direction == C2S:
-                tag = self.dialect.command(line, STOPTLS)
+                tag = self.dialect.proxy_command(line, STOPTLS)
                 if tag is not None:
                     session.stoptls_tag = tag
                     points.insert(0, Point.STOPTLS_COMMAND.value)
                     return
             elif session.stoptls_tag is not None and not session.stoptls_reply_seen:
-                if self.dialect.answer(line, session.stoptls_tag):
+                if self.dialect.proxy_answer(line, session.stoptls_tag):
                     session.stoptls_reply_seen = True
                     points.insert(0, Point.STOPTLS_REPLY.value)
                     return

@@ -17,6 +17,7 @@ from starttls_harness.proxy.sockets import Side
 from starttls_harness.proxy.upgrade import upgrade_reader
 from starttls_harness.proxy.vocabulary import C2S, EV_ERROR
 from starttls_harness.tls.framing import FramerFactory, line_framer
+from starttls_harness.tls.keylog import SecretsProvider
 
 __all__ = ["Proxy"]
 
@@ -30,7 +31,7 @@ class Proxy:
         upstream: Address,
         dialect: str,
         faults: Sequence[Fault],
-        keylog: Union[str, os.PathLike[str], None],
+        keylog: Union[str, os.PathLike[str], SecretsProvider, None],
         limits: Limits,
         on_event: Optional[Callable[[ProxyEvent], None]],
         framer: FramerFactory = line_framer,
@@ -59,7 +60,7 @@ class Proxy:
         upstream: Address = ("127.0.0.1", 25),
         dialect: str = "smtp",
         faults: Sequence[Fault] = (),
-        keylog: Union[str, os.PathLike[str], None] = None,
+        keylog: Union[str, os.PathLike[str], SecretsProvider, None] = None,
         *,
         max_connections: int = 16,
         max_buffer: int = 1 << 20,

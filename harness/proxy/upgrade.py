@@ -1,86 +1,35 @@
-"""What the proxy knows of each dialect: how to read the upgrade and its undoing.
+"""What the proxy knows of each dialect: a lookup into the dialect registry.
 
 The follower needs only a sliver of a protocol: to recognise the client's
 ``STARTTLS`` (and, decrypted, ``STOPTLS``) command and the server's final
-answer to it.  That sliver, for every dialect the proxy follows, is the
-block below and nothing else in the proxy names a dialect -- so that one
-edit here can replace it with a lookup into :mod:`starttls_harness.dialects`.
-The rest of the proxy goes through :func:`upgrade_reader`.
+answer to it.  Each dialect module provides that sliver
+(:meth:`~starttls_harness.dialects.base.Dialect.proxy_command` and
+:meth:`~starttls_harness.dialects.base.Dialect.proxy_answer`); the proxy
+names no dialect and follows every registered one, a test's toy included.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import List
+
+from starttls_harness.dialects import dialect_named, names
+from starttls_harness.dialects.base import Dialect
 
 __all__ = ["STARTTLS", "STOPTLS", "UpgradeReader", "dialect_names", "upgrade_reader"]
 
-# ------------------------------------------------------------------- dialects
-
-
-class _Dialect:
-    """How the follower reads the few plaintext commands and answers it needs."""
-
-    name = ""
-
-    def command(self, line: bytes, verb: bytes) -> Optional[str]:
-        """The tag if ``line`` is the ``verb`` command (``""`` for SMTP), else None."""
-        raise NotImplementedError
-
-    def answer(self, line: bytes, tag: str) -> Optional[bool]:
-        """None if ``line`` is not the final answer line, else whether it says yes."""
-        raise NotImplementedError
-
-
-class _Smtp(_Dialect):
-    name = "smtp"
-
-    def command(self, line: bytes, verb: bytes) -> Optional[str]:
-        return "" if line.strip().upper() == verb else None
-
-    def answer(self, line: bytes, tag: str) -> Optional[bool]:
-        if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b" ", b"\r", b"\n", b""):
-            return None
-        return line[:3] == b"220"
-
-
-class _Imap(_Dialect):
-    name = "imap"
-
-    def command(self, line: bytes, verb: bytes) -> Optional[str]:
-        parts = line.split()
-        if len(parts) == 2 and parts[1].upper() == verb and parts[0] not in (b"*", b"+"):
-            return parts[0].decode("latin-1")
-        return None
-
-    def answer(self, line: bytes, tag: str) -> Optional[bool]:
-        parts = line.split(None, 2)
-        if not parts or parts[0].decode("latin-1") != tag:
-            return None
-        return len(parts) > 1 and parts[1].upper() == b"OK"
-
-
-_DIALECTS: Dict[str, _Dialect] = {"smtp": _Smtp(), "imap": _Imap()}
-_STARTTLS = b"STARTTLS"
-_STOPTLS = b"STOPTLS"
-
-
-#: The type of what :func:`upgrade_reader` returns.
-UpgradeReader = _Dialect
-#: The verbs handed to :meth:`UpgradeReader.command`.
-STARTTLS = _STARTTLS
-STOPTLS = _STOPTLS
+#: The type of what :func:`upgrade_reader` returns (it reads ``proxy_command``
+#: and ``proxy_answer``).
+UpgradeReader = Dialect
+#: The verbs handed to :meth:`UpgradeReader.proxy_command`.
+STARTTLS = b"STARTTLS"
+STOPTLS = b"STOPTLS"
 
 
 def dialect_names() -> List[str]:
     """The dialects the proxy can follow, sorted."""
-    return sorted(_DIALECTS)
+    return sorted(names())
 
 
 def upgrade_reader(dialect: str) -> UpgradeReader:
-    """The reader of ``dialect``'s upgrade commands; ValueError if unknown."""
-    try:
-        return _DIALECTS[dialect]
-    except KeyError:
-        raise ValueError(
-            f"unknown dialect {dialect!r}; choose one of {', '.join(dialect_names())}"
-        ) from None
+    """The registered dialect ``dialect``; ValueError (naming the known ones) if unknown."""
+    return dialect_named(dialect)

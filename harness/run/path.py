@@ -73,6 +73,7 @@ from starttls_harness.proxy import (
 )
 from starttls_harness.report.verdicts import Evidence, Exchange, Result, Verdict
 from starttls_harness.run.outcomes import HARNESS_ERROR, harness_error
+from starttls_harness.run.path_evidence import exchanges
 from starttls_harness.run.reference import reference_client_module, reference_server_module
 from starttls_harness.run.server import Progress, RunSettings, run_bracketed
 from starttls_harness.scenarios.expectations import PATH_EXPECTED, STOPTLS_SCENARIOS, mismatches
@@ -91,6 +92,7 @@ __all__ = [
     "ClientDriver",
     "ClientSpec",
     "PathPair",
+    "PathResult",
     "PathServer",
     "StepHooks",
     "StopTLSUnsupported",
@@ -181,6 +183,32 @@ class PathPair:
     server_hostname: str = "localhost"
     writes_keylog: bool = True
     tls_versions: Tuple[str, ...] = ("1.2", "1.3")
+    #: A client the harness cannot drive verb by verb (a program): it runs
+    #: this session of its own, the fault is armed on the proxy before it
+    #: connects, and STOPTLS scenarios skip unless the proxy saw STOPTLS.
+    own_session: Optional[Tuple[Step, ...]] = None
+    #: What the proxy reads secrets from, given the run's key log path
+    #: (default: that path, which the client writes).
+    proxy_keylog: Optional[Callable[[Path], Any]] = None
+    #: Where the secrets came from, given the run's key log path (evidence).
+    keylog_source: Optional[Callable[[Path], str]] = None
+    #: TLS version -> whether the plain session (a sanity run) of an
+    #: ``own_session`` pair returned to plaintext: STOPTLS scenarios of a
+    #: pair that did not skip without running.
+    returns: Dict[str, bool] = field(default_factory=dict)
+
+
+@dataclass
+class PathResult(Result):
+    """A path result: which side broke the rule (``client``/``server``), if one did."""
+
+    side: Optional[str] = None
+
+    def as_dict(self) -> Dict[str, Any]:
+        out = super().as_dict()
+        if self.side is not None:
+            out["side"] = self.side
+        return out
 
 
 # ------------------------------------------------- the reference pair (built in)
@@ -368,6 +396,8 @@ class _PathRun:
     verb_done_at: Optional[int] = None
     completed: bool = False
     client_closed: bool = False
+    #: The side a non-pass observation blames ("client" or "server").
+    side: Optional[str] = None
 
     def note(self, text: str) -> None:
         index = len(self.conn.events) if self.conn is not None else 0
@@ -417,11 +447,14 @@ async def _session(run: _PathRun) -> None:
             run.stopped = (step.action, exc)
             run.note(f"client: {step.action} stopped: {type(exc).__name__}: {exc}")
             return
-        if step.fault:
+        if step.fault or (run.pair.own_session is not None and step.action == "quit"):
             run.verb_done_at = len(run.conn.events) if run.conn is not None else 0
             run.note(f"client: {step.action} completed")
         if step.action == "connect":
-            run.conn = await run.proxy.connection(0, timeout=run.settings.connect_timeout)
+            # A program takes its time to start: its connect is bounded by the scenario.
+            own = run.pair.own_session is not None
+            bound = run.settings.scenario_timeout if own else run.settings.connect_timeout
+            run.conn = await run.proxy.connection(0, timeout=bound)
     run.completed = True
 
 
@@ -524,26 +557,34 @@ def _decide(run: _PathRun, events: Sequence[ProxyEvent]) -> Tuple[str, str]:
     violations = [f for f in findings if f.label.startswith("violation:")]
     fi = _fault_index(events)
     if run.fault is None:  # a sanity run: the session must just work
+        if violations and run.pair.own_session is not None:
+            # A program that breaks a rule on the wire may fail its own session
+            # for it: the scenarios run, and report the rule with the side.
+            return "completed", ""
         if run.stopped is not None:
             action, exc = run.stopped
             return "unexpected-reply", f"{action}: {type(exc).__name__}: {exc}"
         return "completed", ""
     if fi is None:
         if violations:
+            run.side = violations[0].side
             return violations[0].label, f"{violations[0].side}: {violations[0].detail}"
         if run.no_stoptls:
             return "no-stoptls", "the pair does not return to plaintext"
         unanswered = [f for f in findings if f.label == "close-notify-not-answered"]
         if unanswered:
+            run.side = unanswered[0].side
             return unanswered[0].label, f"{unanswered[0].side}: {unanswered[0].detail}"
         if not run.armed:
             return "fault-not-armed", _stopped_text(run)
         return "closed-before-fault", _stopped_text(run)
     judged = _judge(run, events, fi)
     label = judged[0]
+    run.side = SIDES[_other(run.fault.direction)]
     if run.fault is not None and _expect_verdict(run, label) is Verdict.FAIL:
         return judged
     if violations:
+        run.side = violations[0].side
         return violations[0].label, f"{violations[0].side}: {violations[0].detail}"
     return judged
 
@@ -578,6 +619,10 @@ def _judge(run: _PathRun, events: Sequence[ProxyEvent], fi: int) -> Tuple[str, s
             return "answered-in-tls", f"the {side} sent TLS application data after the injection"
         closed_by = e
         break
+    if closed_by is None and receiver == C2S and run.pair.own_session and run.stopped:
+        # A client program that ended (with an error) ended its connection,
+        # whether or not its FIN reached the log before the proxy closed.
+        closed_by = ProxyEvent(0.0, C2S, "eof", detail=f"the client exited: {run.stopped[1]}")
     own = _own_events(run, receiver)
     accepted = _accepted(run, receiver)
     if run.judge == "injection":
@@ -647,55 +692,6 @@ async def _await_reaction(run: _PathRun, conn: ProxyConnection) -> None:
         await conn.wait_for(after_fault, timeout=run.settings.reply_timeout)
 
 
-def _exchanges(run: _PathRun, events: Sequence[ProxyEvent], marker: int) -> List[Exchange]:
-    """The proxy's log as evidence: both directions, injected bytes and faults marked."""
-    notes: Dict[int, List[str]] = {}
-    for index, text in run.notes:
-        notes.setdefault(index, []).append(text)
-    notes.setdefault(marker, []).append("end of the session: the harness closes the client")
-    out: List[Exchange] = []
-    t = 0.0
-    for i, e in enumerate(events):
-        t = e.time
-        for text in notes.pop(i, []):
-            out.append(Exchange(t, "--", "note", b"", text))
-        converted = _exchange(e)
-        if converted is not None:
-            out.append(converted)
-    for index in sorted(notes):
-        for text in notes[index]:
-            out.append(Exchange(t, "--", "note", b"", text))
-    return out
-
-
-def _exchange(e: ProxyEvent) -> Optional[Exchange]:
-    d = e.direction
-    where = ",".join(p for p in e.points if p not in ("record", "plaintext"))
-    text = "; ".join(x for x in (where, e.method, e.detail) if x)
-    if e.action and e.action != "discarded":
-        text = f"FAULT {e.action}: {text}" if text else f"FAULT {e.action}"
-    elif e.action == "discarded":
-        text = f"not relayed (direction ended by the harness): {text}"
-    if e.kind in ("plaintext", "fragment"):
-        return Exchange(e.time, d, "plaintext", e.data, text)
-    if e.kind == "record":
-        # Ciphertext says nothing to a reader: its size and classification do.
-        kind = "close_notify" if "close-notify" in e.points else "tls-wire"
-        return Exchange(e.time, d, kind, b"", text)
-    if e.kind in ("eof", "reset"):
-        return Exchange(e.time, d, "eof", b"", text or e.kind)
-    if e.kind == "injected":
-        return Exchange(e.time, d, "injected", e.data, f"injected by the harness: {e.detail}")
-    if e.kind == "fault":
-        what = "FIN" if e.action == "fin" else ("RST" if e.action == "rst" else "")
-        if what:
-            return Exchange(e.time, d, "injected", b"", f"{what} by the harness: {e.detail}")
-        return Exchange(e.time, "--", "note", b"", f"FAULT [{d}] {e.detail}")
-    if e.kind in ("note", "error"):
-        return Exchange(e.time, "--", "note", b"", f"proxy [{d or '--'}]: {e.detail}")
-    return None  # sent, fin-sent, rst-sent, connect, closed: the relay's own bookkeeping
-
-
 async def _execute(run: _PathRun) -> Tuple[str, str, List[Exchange]]:
     """Start the pieces, drive the session, decide; always clean up."""
     settings, pair = run.settings, run.pair
@@ -703,12 +699,16 @@ async def _execute(run: _PathRun) -> Tuple[str, str, List[Exchange]]:
         run.server = await asyncio.wait_for(
             pair.start_server(run.tls_version, settings), settings.connect_timeout
         )
+        keylog: Any = run.keylog if pair.writes_keylog else None
+        if pair.proxy_keylog is not None and run.keylog is not None:
+            keylog = pair.proxy_keylog(run.keylog)
+        armed_now = (run.fault,) if pair.own_session is not None and run.fault else ()
         run.proxy = await Proxy.start(
             ("127.0.0.1", 0),
             run.server.address,
             pair.dialect,
-            (),
-            run.keylog if pair.writes_keylog else None,
+            armed_now,
+            keylog,
             connect_timeout=settings.connect_timeout,
             idle_timeout=settings.scenario_timeout,
         )
@@ -740,10 +740,49 @@ async def _execute(run: _PathRun) -> Tuple[str, str, List[Exchange]]:
             await conn.wait_closed(settings.reply_timeout)
         await run.server.settle(settings.reply_timeout)
         events = list(conn.events)
+        if armed_now:
+            run.armed = True
+            if _stoptls_unseen(run, events[:marker]):
+                why = "the client did not send STOPTLS: the pair does not return to plaintext"
+                return "no-stoptls", why, exchanges(run.notes, events, marker)
         label, detail = _decide(run, events[:marker])
-        return label, detail, _exchanges(run, events, marker)
+        return label, detail, exchanges(run.notes, events, marker)
     finally:
         await _cleanup(run)
+
+
+class _NoReturn(Exception):
+    """The pair's plain session never returned to plaintext."""
+
+
+def _returned(events: Sequence[ProxyEvent]) -> bool:
+    """Whether a session without faults returned to plaintext (STOPTLS)."""
+    if any("stoptls-command" in e.points for e in events):
+        return True
+    closures = [i for i, e in enumerate(events) if "close-notify" in e.points]
+    return bool(closures) and any(_is_plaintext(e) for e in events[closures[0] + 1 :])
+
+
+def _stoptls_unseen(run: _PathRun, events: Sequence[ProxyEvent]) -> bool:
+    """A STOPTLS scenario whose client never sent STOPTLS (the pair has none).
+
+    With the application data decrypted, the STOPTLS command is seen or it
+    was not sent.  Without, a return to plaintext shows as plaintext after a
+    closure, and a fault that fired on a closure is given the benefit.
+    """
+    if run.scenario is None or run.scenario.id not in STOPTLS_SCENARIOS:
+        return False
+    if any("stoptls-command" in e.points or "stoptls-reply" in e.points for e in events):
+        return False
+    decrypted = any(e.method == "keylog" and "application-data" in e.points for e in events)
+    if not decrypted:
+        if _fault_index(events) is not None:
+            return False
+        closures = [i for i, e in enumerate(events) if "close-notify" in e.points]
+        if closures and any(_is_plaintext(e) for e in events[closures[0] + 1 :]):
+            return False  # plaintext after a closure: a return to plaintext
+    run.note("the proxy saw no STOPTLS from the client")
+    return True
 
 
 async def _close_client(run: _PathRun) -> None:
@@ -791,12 +830,22 @@ async def run_path_scenario(
         keylog = _keylog_path(directory, scenario.id, pair.dialect, tls_version)
         if settings.keylog_dir is not None:
             evidence.keylog = str(keylog)
-        run = _PathRun(scenario.steps, scenario, pair, tls_version, settings, keylog)
+        steps = pair.own_session if pair.own_session is not None else scenario.steps
+        run = _PathRun(steps, scenario, pair, tls_version, settings, keylog)
         label, detail = HARNESS_ERROR, ""
         try:
             run.fault, run.judge, run.arm_mode = scenario_fault(scenario, dialect)
-            label, detail, exchanges = await _execute(run)
-            evidence.exchanges.extend(exchanges)
+            if scenario.id in STOPTLS_SCENARIOS and pair.returns.get(tls_version) is False:
+                raise _NoReturn()
+            label, detail, log = await _execute(run)
+            evidence.exchanges.extend(log)
+            if pair.keylog_source is not None:
+                evidence.exchanges.append(
+                    Exchange(0.0, "--", "note", b"", f"TLS secrets: {pair.keylog_source(keylog)}")
+                )
+        except _NoReturn:
+            label = "no-stoptls"
+            detail = "the client's plain session (the sanity run) never returned to plaintext"
         except Exception as exc:  # a harness bug must not take the run down
             label, detail = HARNESS_ERROR, harness_error(exc)
     if detail:
@@ -811,7 +860,12 @@ async def run_path_scenario(
     if label.startswith("violation:"):
         rule = label.split(":", 1)[1]
         summary = f"a peer broke {rule} on the wire: {detail}"
-    return Result(
+        if run.side is not None:
+            summary = f"{run.side}: broke {rule} on the wire: {detail.split(': ', 1)[-1]}"
+    side = run.side if outcome.verdict in (F, W) else None
+    if side is not None and not summary.startswith(f"{side}:"):
+        summary = f"{side}: {summary}"
+    return PathResult(
         id=scenario.id,
         dialect=pair.dialect,
         tls_version=tls_version,
@@ -822,6 +876,7 @@ async def run_path_scenario(
         duration=time.monotonic() - start,
         title=scenario.title,
         reference=scenario.reference,
+        side=side,
     )
 
 
@@ -836,6 +891,8 @@ async def path_sanity(
         label, detail, _ = await _execute(run)
     except Exception as exc:
         return harness_error(exc)
+    if pair.own_session is not None and run.conn is not None and tls_version not in pair.returns:
+        pair.returns[tls_version] = _returned(list(run.conn.events))
     if label != "completed":
         return f"{label}: {detail}" if detail else label
     return None
