@@ -97,6 +97,8 @@ from typing import (
 )
 
 from starttls_harness.servers.base import (
+    BARE_RESUME,
+    EXTRA_BEHAVIOURS,
     STRICT,
     Behaviour,
     Limits,
@@ -211,6 +213,7 @@ BEHAVIOURS: Dict[str, Behaviour] = {
             Rule.R8,
             "keeps the authenticated state across STARTTLS and STOPTLS",
         ),
+        *EXTRA_BEHAVIOURS,
     )
 }
 
@@ -268,6 +271,8 @@ class ImapServerProtocol(asyncio.Protocol):
         self.exists = 0
         #: STARTTLS upgrades done on this connection.
         self.upgrades = 0
+        #: resume-without-stoptls: the next closure was never asked for by STOPTLS.
+        self._unasked_return = False
         #: Commands executed, with the phase they ran in (evidence).
         self.log: List[Tuple[str, bytes]] = []
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -322,6 +327,12 @@ class ImapServerProtocol(asyncio.Protocol):
     def engine_event(self, event: Event) -> None:
         """Closure bookkeeping; the misbehaving modes hook in here."""
         if isinstance(event, ClosureComplete):
+            if event.resumed and self._unasked_return:
+                # resume-without-stoptls (R3 broken): a bare closure returns
+                # to plaintext as if STOPTLS had been agreed.
+                self._unasked_return = False
+                self._reset()
+                self._write(self._greeting(b"Plaintext resumed"))
             if self._stopping and self.reader.pending:
                 # Sent under TLS after STOPTLS, before the closure.
                 self._after_stoptls = self.reader.take_pending()
@@ -587,13 +598,21 @@ class ImapServerProtocol(asyncio.Protocol):
         )
         self.upgrades += 1
         self._reset()
+        if self.behaviour.name in BARE_RESUME:
+            # R3 broken: a close_notify without STOPTLS returns to plaintext.
+            transport.engine.accept_unwrap()
+            self._unasked_return = True
 
     async def cmd_stoptls(self, tag: bytes, args: List[Token]) -> None:
         transport = self.transport
         assert transport is not None
         if not transport.tls_active:
+            if self.behaviour.name == "accept-stoptls-in-plaintext":
+                self._write(tag + b" OK Begin TLS closure\r\n")  # R3 broken: no TLS
+                return
             self._write(tag + b" BAD STOPTLS is only valid under TLS\r\n")
             return
+        self._unasked_return = False
         if args or self.reader.pending:
             self._write(tag + b" BAD STOPTLS takes no arguments and must end the pipeline\r\n")
             return

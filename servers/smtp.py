@@ -82,6 +82,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 from starttls_harness.servers.base import (
+    BARE_RESUME,
+    EXTRA_BEHAVIOURS,
     STRICT,
     Behaviour,
     RunningServer,
@@ -171,6 +173,7 @@ BEHAVIOURS: Dict[str, Behaviour] = {
             Rule.R8,
             "keeps EHLO and AUTH state across STARTTLS and STOPTLS",
         ),
+        *EXTRA_BEHAVIOURS,
     )
 }
 
@@ -415,6 +418,8 @@ class ReferenceSMTP(SMTP):
         #: engine's: it changes when STARTTLS/STOPTLS complete.
         self.phase_tls = False
         self.tls_cycle = 0
+        #: resume-without-stoptls: the next closure was never asked for by STOPTLS.
+        self._unasked_return = False
         self._gate_lexer = _CommandLexer()
         self._starttls_gated = False
         self._tls_lexer = _CommandLexer()
@@ -483,6 +488,8 @@ class ReferenceSMTP(SMTP):
             self._incoming_tls = True
         elif isinstance(event, PlaintextData):
             self._incoming_tls = False
+        elif isinstance(event, ClosureComplete) and event.resumed and self._unasked_return:
+            self._resume_without_stoptls()
         elif isinstance(event, AlertReceived) and self.behaviour.name == "alert-as-close":
             self._resume_after_alert()
         elif (
@@ -574,6 +581,14 @@ class ReferenceSMTP(SMTP):
         assert self.switch is not None
         if not self.phase_tls or self.switch.is_closing():
             return
+        self._new_phase(False)
+        self._reset_protocol_state()
+        self.switch.write(self.greeting())
+
+    def _resume_without_stoptls(self) -> None:
+        """resume-without-stoptls (R3 broken): a bare closure returns to plaintext."""
+        assert self.switch is not None
+        self._unasked_return = False
         self._new_phase(False)
         self._reset_protocol_state()
         self.switch.write(self.greeting())
@@ -682,11 +697,16 @@ class ReferenceSMTP(SMTP):
         self.record.tls_cycles = self.tls_cycle
         self._new_phase(True)
         self._reset_protocol_state()
+        if self.behaviour.name in BARE_RESUME:
+            # R3 broken: a close_notify without STOPTLS returns to plaintext.
+            switch.engine.accept_unwrap()
+            self._unasked_return = True
 
     @syntax("STOPTLS")
     async def smtp_STOPTLS(self, arg: str) -> None:
         switch = self.switch
         assert switch is not None
+        self._unasked_return = False
         pipelined = bytes(self._after_stoptls)
         self._stoptls_seen = False
         self._after_stoptls.clear()
@@ -694,6 +714,9 @@ class ReferenceSMTP(SMTP):
             await self.push("501 5.5.4 Syntax: STOPTLS")
             return
         if not self.phase_tls:
+            if self.behaviour.name == "accept-stoptls-in-plaintext":
+                await self.push(READY_TO_END.decode("ascii").rstrip())  # R3 broken: no TLS
+                return
             await self.push("503 5.5.1 STOPTLS is only valid under TLS")
             return
         if pipelined:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from dataclasses import dataclass
-from typing import FrozenSet, Optional
+from typing import Callable, FrozenSet, Optional
 
 from starttls_harness.dialects import Dialect, Reply
 from starttls_harness.report.verdicts import Evidence
@@ -157,7 +157,7 @@ class Probe:
                 # The adapter is closing the connection; decide now, not at
                 # connection_lost, so no step acts on a broken engine.
                 self._closed = self._classify(ConnectionEnded(event))
-                self._changed.set()
+        self._changed.set()  # every event may be what a wait_until waits for
 
     def _on_closed(self, exc: Optional[BaseException]) -> None:
         if self._closed is None:
@@ -295,6 +295,25 @@ class Probe:
             except asyncio.TimeoutError:
                 continue
         return self._closed
+
+    async def wait_until(self, seen: Callable[[], bool]) -> bool:
+        """Wait (bounded) until ``seen()`` holds or the connection ends.
+
+        False when the bound ran out first: the target stayed open and said
+        nothing decisive.  Unlike :meth:`wait_closed` this never raises, so
+        a scenario can go on and probe a silent target.
+        """
+        deadline = asyncio.get_running_loop().time() + self.settings.reply_timeout
+        while not seen() and self._closed is None:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return False
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                continue
+        return True
 
     @property
     def closed(self) -> Optional[PeerClosed]:

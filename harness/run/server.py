@@ -43,7 +43,7 @@ from typing import (
 )
 
 from starttls_harness.dialects import Dialect, Reply, dialect_named
-from starttls_harness.report.verdicts import Evidence, Result, Verdict
+from starttls_harness.report.verdicts import Evidence, Exchange, Result, Verdict
 from starttls_harness.run.interpreter import interpret
 from starttls_harness.run.outcomes import (
     HARNESS_ERROR,
@@ -51,6 +51,7 @@ from starttls_harness.run.outcomes import (
     Observed,
     RemoteEnded,
     harness_error,
+    rule_of,
     violation,
 )
 from starttls_harness.run.probe import PeerClosed, Probe, ProbeSettings, ProbeTimeout
@@ -224,23 +225,101 @@ async def step_expect_close(run: _Run, args: Mapping[str, object]) -> None:
     raise Observed("plaintext-answered", reply.text)
 
 
-async def step_expect_silent_close(run: _Run, args: Mapping[str, object]) -> None:
-    try:
-        closed = await run.probe.wait_closed()
-    except ProbeTimeout:
-        raise
-    spoke = [
-        e.data
-        for e in run.evidence.exchanges[run.mark :]
-        if e.direction == "s2c" and e.kind == "plaintext"
+#: What the target can put on the wire (evidence kinds, s2c).
+_WIRE = ("tls", "plaintext", "close_notify", "alert")
+
+
+def _said_since(run: _Run, mark: int) -> List[Exchange]:
+    """What the target put on the wire since evidence index ``mark``, in order."""
+    return [
+        e for e in run.evidence.exchanges[mark:] if e.direction == "s2c" and e.kind in _WIRE
     ]
-    if spoke or run.probe.pending:
-        raise Observed("spoke-after-close", "plaintext after the closure")
+
+
+def _judge_after_close_notify(run: _Run, mark: int) -> bool:
+    """Decide from the wire what the target wrote after our close_notify.
+
+    Read in wire order, whatever the timing: plaintext (before or after its
+    own close_notify) is R3 broken; TLS data before its close_notify is R5
+    broken (nothing exposed: it is still protected).  True once its
+    close_notify has arrived with nothing wrong before it.
+    """
+    for e in _said_since(run, mark):
+        if e.kind == "plaintext":
+            shown = e.data[:60].decode("latin-1")
+            raise Observed("spoke-after-close", f"wrote plaintext after the closure: {shown!r}")
+        if e.kind == "tls":
+            raise Observed(
+                "violation:R5", "sent TLS data after our close_notify instead of answering it"
+            )
+        if e.kind == "close_notify":
+            return True
+    return False
+
+
+def _spoke(run: _Run, mark: int) -> bool:
+    return any(e.kind in ("plaintext", "tls") for e in _said_since(run, mark))
+
+
+async def _probe_silence(run: _Run) -> None:
+    """The target stays open and silent: does it answer plaintext now?  (Always raises.)
+
+    A peer that neither answers close_notify nor closes TCP is asked a
+    plaintext command: answering it resumes plaintext without a
+    bidirectional closure (R3); closing or staying silent leaves only the
+    unanswered close_notify (R5).
+    """
+    run.evidence.note(
+        f"no answer to close_notify within {run.probe.settings.reply_timeout:g} s and "
+        "the connection stays open: probing with plaintext"
+    )
+    run.probe.inject(run.dialect.sentinel())
+    try:
+        reply = await run.probe.reply(greeting=True)
+    except ProbeTimeout:
+        raise Observed("silent-open", "stayed open and silent, close_notify unanswered") from None
+    except PeerClosed as closed:
+        if closed.how == "overflow":
+            raise
+        if closed.how == "violation" and closed.rule is not None:
+            raise Observed(violation(closed.rule), closed.detail) from None
+        raise Observed("silent-then-closed", closed.detail) from None
+    raise Observed("silent-then-answered", f"answered the plaintext probe: {reply.text}")
+
+
+async def step_expect_silent_close(run: _Run, args: Mapping[str, object]) -> None:
+    """After our close_notify: nothing but its own, then a close (decided from the wire)."""
+    probe = run.probe
+    await probe.wait_until(lambda: _spoke(run, run.mark))
+    answered = _judge_after_close_notify(run, run.mark)
+    closed = probe.closed
+    if closed is None:
+        if not answered:
+            await _probe_silence(run)
+        # Its close_notify came and it keeps the connection open (as a
+        # return to plaintext would); any plaintext now is R3 broken.
+        await _probe_silence_after_answer(run)
+    assert closed is not None
     if closed.how == "overflow":
         raise closed  # the probe hung up: not a close by the target
     if closed.how == "violation" and closed.rule is not None:
-        raise Observed(f"violation:{closed.rule.value}", closed.detail)
+        raise Observed(violation(closed.rule), closed.detail)
     raise Observed("closed", closed.detail)
+
+
+async def _probe_silence_after_answer(run: _Run) -> None:
+    """Its close_notify came, TCP stays open: a plaintext command must not be answered."""
+    run.evidence.note("close_notify answered, the connection stays open: probing with plaintext")
+    run.probe.write(run.dialect.sentinel())
+    try:
+        reply = await run.probe.reply(greeting=True)
+    except ProbeTimeout:
+        raise Observed("closed", "answered close_notify and wrote nothing after it") from None
+    except PeerClosed as closed:
+        if closed.how == "overflow":
+            raise
+        raise Observed("closed", closed.detail) from None
+    raise Observed("plaintext-answered", f"answered plaintext after the closure: {reply.text}")
 
 
 async def step_close_then_sentinel(run: _Run, args: Mapping[str, object]) -> None:
@@ -276,12 +355,43 @@ async def step_close_notify_only(run: _Run, args: Mapping[str, object]) -> None:
 
 
 async def step_unwrap(run: _Run, args: Mapping[str, object]) -> None:
+    if args.get("silence") == "probe":
+        await _unwrap_or_probe(run)
+        return
     try:
         await run.probe.unwrap()
     except PeerClosed as closed:
         if closed.rule is not None and closed.rule.value == "R5":
             raise Observed("close-notify-not-answered", closed.detail) from None
         raise
+
+
+async def _unwrap_or_probe(run: _Run) -> None:
+    """The closure, without giving up on a target that stays open and silent.
+
+    The transport's own bounded unwrap aborts the connection when the bound
+    runs out; here the bound only ends the wait, and a silent target is then
+    asked a plaintext command (see :func:`_probe_silence`).
+    """
+    probe = run.probe
+    probe.ensure_open()
+    transport = probe.transport
+    assert transport is not None
+    start = len(run.evidence.exchanges)
+    with transport.corked():
+        transport.engine.unwrap()
+        run.evidence.add("c2s", "close_notify")
+    await probe.wait_until(lambda: bool(_said_since(run, start)))
+    if _judge_after_close_notify(run, start):
+        run.evidence.note("TLS closed both ways; plaintext resumes")
+        return
+    closed = probe.closed
+    if closed is None:
+        await _probe_silence(run)
+    assert closed is not None
+    if closed.rule is not None and closed.rule.value == "R5":
+        raise Observed("close-notify-not-answered", closed.detail)
+    raise closed
 
 
 async def step_stoptls(run: _Run, args: Mapping[str, object]) -> None:
@@ -502,6 +612,13 @@ async def _interpret(run: _Run) -> str:
     return await interpret(run, _SERVER_STEPS, ended=_closed, skip=_skip, at_fault=_mark)
 
 
+def _rule_column(scenario: Scenario, label: str, verdict: Verdict) -> str:
+    """A fail or warn names the rule it is about, so summary and column agree."""
+    if verdict in (Verdict.FAIL, Verdict.WARN):
+        return rule_of(label, scenario.rule).value
+    return scenario.rule.value
+
+
 async def run_server_scenario(
     scenario: Scenario,
     target: ServerTarget,
@@ -543,7 +660,7 @@ async def run_server_scenario(
         dialect=target.dialect,
         tls_version=tls_version,
         verdict=outcome.verdict,
-        rule=scenario.rule.value,
+        rule=_rule_column(scenario, label, outcome.verdict),
         summary=outcome.summary,
         evidence=evidence,
         duration=time.monotonic() - start,

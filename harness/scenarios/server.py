@@ -31,6 +31,16 @@ _INJECTION_EXPECT = {
     "injection-answered": Expect(F, "executed plaintext injected before the handshake"),
 }
 
+#: A target that neither answers our close_notify nor closes TCP is asked a
+#: plaintext command after the reply bound (see ``harness/run/server.py``):
+#: answering it is R3 broken whatever else the scenario checks.
+_SILENCE_ANSWERED = {
+    "silent-then-answered": Expect(
+        F, "answered plaintext while its side of TLS was still open (R3: no closure)"
+    ),
+    "spoke-after-close": Expect(F, "wrote plaintext after our close_notify (R3)"),
+}
+
 _SERVER: List[Scenario] = [
     Scenario(
         id="server.command-injection",
@@ -163,11 +173,23 @@ _SERVER: List[Scenario] = [
         rule=Rule.R3,
         reference="RFC 3207 §4.2; RFC 8446 §6.1",
         reason="A protocol without a return to plaintext must close TCP after the closure.",
-        steps=(*_UPGRADE, S("unwrap", fault=True), S("plain-sentinel"), S("expect-close")),
+        steps=(
+            *_UPGRADE,
+            S("unwrap", fault=True, silence="probe"),
+            S("plain-sentinel"),
+            S("expect-close"),
+        ),
         expect={
             "closed": Expect(P, "closed the connection after the TLS closure"),
             "close-notify-not-answered": Expect(P, "closed the connection instead of resuming"),
             "plaintext-answered": Expect(F, "answered plaintext after TLS ended without STOPTLS"),
+            **_SILENCE_ANSWERED,
+            # R3 holds; the unanswered close_notify is server.close-notify-reply's business.
+            "silent-then-closed": Expect(P, "closed the connection on plaintext after the closure"),
+            "silent-open": Expect(P, "never answered plaintext after the closure"),
+            "violation:R5": Expect(
+                W, "sent TLS data after our close_notify instead of answering it (R5)"
+            ),
         },
     ),
     Scenario(
@@ -180,7 +202,15 @@ _SERVER: List[Scenario] = [
         steps=(*_UPGRADE, S("close-notify-only", fault=True), S("expect-silent-close")),
         expect={
             "closed": Expect(P, "closed without writing plaintext after the closure"),
-            "spoke-after-close": Expect(F, "wrote plaintext after the TLS closure"),
+            "plaintext-answered": Expect(F, "answered plaintext after the TLS closure"),
+            **_SILENCE_ANSWERED,
+            "silent-then-closed": Expect(P, "wrote no plaintext after the closure"),
+            "silent-open": Expect(P, "wrote no plaintext after the closure"),
+            # What it wrote is still protected: the answer it owed (R5) is
+            # what is missing, decided at the first record, whatever follows.
+            "violation:R5": Expect(
+                W, "sent TLS data after our close_notify instead of answering it (R5)"
+            ),
         },
     ),
     Scenario(
@@ -223,7 +253,7 @@ _SERVER: List[Scenario] = [
             # With STOPTLS the closure leads back to plaintext; without it the
             # server must still answer close_notify before it closes TCP.
             S("stoptls", if_cap="STOPTLS"),
-            S("unwrap", fault=True),
+            S("unwrap", fault=True, silence="probe"),
             S("greeting", if_cap="STOPTLS"),
             S("quit"),
         ),
@@ -231,6 +261,17 @@ _SERVER: List[Scenario] = [
             "completed": Expect(P, "answered close_notify at once"),
             "close-notify-not-answered": Expect(
                 W, "closed TCP instead of answering close_notify (no data exposed)"
+            ),
+            **_SILENCE_ANSWERED,
+            # Staying open and silent is no milder than closing TCP.
+            "silent-then-closed": Expect(
+                W, "never answered close_notify; closed on a plaintext probe (no data exposed)"
+            ),
+            "silent-open": Expect(
+                W, "never answered close_notify and kept the connection open (no data exposed)"
+            ),
+            "violation:R5": Expect(
+                W, "sent TLS data after our close_notify instead of answering it (R5)"
             ),
             "closed": Expect(W, "closed the connection instead of returning to plaintext"),
         },
