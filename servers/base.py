@@ -20,7 +20,13 @@ from starttls_harness.tls.engine import Policy, Rule
 __all__ = [
     "BARE_RESUME",
     "EXTRA_BEHAVIOURS",
-    "STRICT", "Behaviour", "Limits", "RunningServer", "ServerConfig", "behaviour_named"]
+    "STRICT",
+    "Behaviour",
+    "Limits",
+    "RunningServer",
+    "ServerConfig",
+    "behaviour_named",
+]
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,11 @@ EXTRA_BEHAVIOURS: Tuple[Behaviour, ...] = (
         (Rule.R4,),
     ),
     Behaviour(
+        "accept-starttls-in-tls",
+        Rule.R8,
+        "answers a second STARTTLS inside TLS with its positive reply (and stays in TLS)",
+    ),
+    Behaviour(
         "accept-stoptls-in-plaintext",
         Rule.R3,
         "answers STOPTLS with its positive reply outside TLS",
@@ -72,6 +83,7 @@ def behaviour_named(behaviours: Dict[str, Behaviour], name: str) -> Behaviour:
     except KeyError:
         choices = ", ".join(sorted(behaviours))
         raise ValueError(f"unknown behaviour {name!r}; choose one of: {choices}") from None
+
 
 #: Behaviours in which a close_notify that no STOPTLS asked for returns to
 #: plaintext (the server arms the return at every handshake).

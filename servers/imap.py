@@ -580,6 +580,9 @@ class ImapServerProtocol(asyncio.Protocol):
     async def cmd_starttls(self, tag: bytes, args: List[Token]) -> None:
         transport = self.transport
         assert transport is not None
+        if transport.tls_active and not args and self.behaviour.name == "accept-starttls-in-tls":
+            self._write(tag + b" OK Begin TLS negotiation now\r\n")  # R8 broken
+            return
         if args or transport.tls_active:
             why = b"TLS is already active" if transport.tls_active else b"No arguments allowed"
             self._write(tag + b" BAD " + why + b"\r\n")

@@ -671,6 +671,8 @@ class ReferenceSMTP(SMTP):
                 switch.release_held()
             if arg:
                 await self.push("501 5.5.4 Syntax: STARTTLS")
+            elif self.phase_tls and self.behaviour.name == "accept-starttls-in-tls":
+                await self.push(READY_TO_START.decode("ascii").rstrip())  # R8 broken
             elif self.phase_tls:
                 await self.push("503 5.5.1 TLS is already active")
             else:

@@ -231,9 +231,7 @@ _WIRE = ("tls", "plaintext", "close_notify", "alert")
 
 def _said_since(run: _Run, mark: int) -> List[Exchange]:
     """What the target put on the wire since evidence index ``mark``, in order."""
-    return [
-        e for e in run.evidence.exchanges[mark:] if e.direction == "s2c" and e.kind in _WIRE
-    ]
+    return [e for e in run.evidence.exchanges[mark:] if e.direction == "s2c" and e.kind in _WIRE]
 
 
 def _judge_after_close_notify(run: _Run, mark: int) -> bool:

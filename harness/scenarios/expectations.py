@@ -95,6 +95,8 @@ SERVER_EXPECTED: Dict[str, Dict[str, Verdict]] = {
         "server.plaintext-after-close": F,
         "server.data-after-close-notify": F,
     },
+    # R8: a second STARTTLS inside TLS is accepted (nested TLS: a warn).
+    "accept-starttls-in-tls": {"server.starttls-in-tls": W},
     # R3: STOPTLS accepted where there is no TLS to end.
     "accept-stoptls-in-plaintext": {"server.stoptls-outside-tls": W},
 }
@@ -197,6 +199,7 @@ PATH_EXPECTED: Dict[Tuple[str, str], Dict[str, Verdict]] = {
     ("server", "one-sided-bare-resume"): {"path.inject-after-close": F},
     ("server", "resume-without-stoptls"): {},
     ("server", "accept-stoptls-in-plaintext"): {},
+    ("server", "accept-starttls-in-tls"): {},
     ("server", "keep-buffer"): {},
     ("server", "alert-as-close"): {},
     ("server", "no-state-reset"): {},

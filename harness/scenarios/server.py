@@ -39,6 +39,7 @@ _SILENCE_ANSWERED = {
         F, "answered plaintext while its side of TLS was still open (R3: no closure)"
     ),
     "spoke-after-close": Expect(F, "wrote plaintext after our close_notify (R3)"),
+    "violation:R3": Expect(F, "wrote plaintext while its side of TLS was still open (R3)"),
 }
 
 _SERVER: List[Scenario] = [

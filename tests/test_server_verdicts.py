@@ -1,0 +1,150 @@
+"""Server verdicts decided from the wire, each shown failing and passing.
+
+A target that stays open and silent after our close_notify is asked a
+plaintext command after the reply bound (issue 10, item 2): the peer here
+(:class:`SilentThenPlain`, the hostile mini server of ``test_hostile`` with
+its engine relaxed for R5, R4 and R2) never answers close_notify and answers
+the plaintext probe in plaintext, which a real server was seen doing.  The
+conforming peer is the strict reference server.  A fail or warn names the
+rule its summary is about in the rule column too (item 4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any, AsyncIterator, List, Set
+
+import pytest
+from starttls_harness.report.verdicts import Result, Verdict
+from starttls_harness.run.reference import reference_servers
+from starttls_harness.run.server import RunSettings, ServerTarget, run_server_target
+from starttls_harness.scenarios.expectations import SERVER_EXPECTED
+from starttls_harness.scenarios.server import CATALOGUE, by_id
+from starttls_harness.tls.aio import create_server
+from starttls_harness.tls.certs import Pki
+from starttls_harness.tls.engine import Event, PlaintextData, Policy, Rule, TLSData
+from test_hostile import Hostility, MiniServer
+
+Runner = Any
+SETTINGS = RunSettings(reply_timeout=0.5, scenario_timeout=5.0, connect_timeout=1.0)
+P, F, W, K, E = Verdict.PASS, Verdict.FAIL, Verdict.WARN, Verdict.SKIP, Verdict.ERROR
+
+#: The scenarios that go on to a plaintext probe when the target stays silent.
+PROBING = ("server.plaintext-after-close", "server.data-after-close-notify")
+
+
+class SilentThenPlain(MiniServer):
+    """Ignores our close_notify (no answer, no close), then answers plaintext in plaintext."""
+
+    def engine_event(self, event: Event) -> None:
+        if self.hostile and (
+            isinstance(event, PlaintextData) or (isinstance(event, TLSData) and not event.protected)
+        ):
+            assert self.t is not None
+            words = event.data.split()
+            tag = words[0] if self.dialect == "imap" and words else b""
+            self.t.write_raw(self.say.ok.replace(b"{tag}", tag))
+            return
+        super().engine_event(event)
+
+
+@contextlib.asynccontextmanager
+async def silent_then_plain(
+    dialect: str, pki: Pki, tls_version: str
+) -> AsyncIterator[ServerTarget]:
+    tasks: Set[Any] = set()
+    protocols: List[MiniServer] = []
+    ctx = pki.server_context()
+
+    def factory() -> asyncio.Protocol:
+        protocol = SilentThenPlain(dialect, ctx, Hostility("silence", "close-notify"), tasks)
+        protocols.append(protocol)
+        return protocol
+
+    server = await create_server(
+        factory, "127.0.0.1", 0, policy=Policy.relaxing(Rule.R5, Rule.R4, Rule.R2)
+    )
+    port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+    try:
+        yield ServerTarget(
+            dialect, "127.0.0.1", port, tls_versions=(tls_version,), cafile=pki.cafile
+        )
+    finally:
+        server.close()
+        for protocol in protocols:
+            if protocol.t is not None:
+                protocol.t.abort()
+        await asyncio.wait_for(server.wait_closed(), 5.0)
+
+
+def _by_id(results: List[Result]) -> dict:  # type: ignore[type-arg]
+    return {r.id: r for r in results}
+
+
+@pytest.mark.parametrize("dialect", ["smtp", "imap"])
+def test_silent_peer_that_answers_plaintext_fails_r3(
+    dialect: str, pki: Pki, tls_version: str, run: Runner
+) -> None:
+    """Open and silent after close_notify, then a plaintext answer: fail, R3."""
+    chosen = [by_id(i) for i in (*PROBING, "server.close-notify-reply")]
+
+    async def body() -> List[Result]:
+        async with silent_then_plain(dialect, pki, tls_version) as target:
+            return await run_server_target(chosen, target, SETTINGS)
+
+    results = _by_id(run(body, 30.0))
+    for sid in (*PROBING, "server.close-notify-reply"):
+        r = results[sid]
+        assert r.verdict is F, (sid, r.summary)
+        assert r.rule == "R3" and "R3" in r.summary, (sid, r.rule, r.summary)
+        kinds = [e.kind for e in r.evidence.exchanges]
+        assert "injected" in kinds  # the plaintext probe is on the ladder, marked
+
+
+@pytest.mark.parametrize("dialect", ["smtp", "imap"])
+def test_conforming_server_passes_the_probing_scenarios(
+    dialect: str, tls_version: str, run: Runner
+) -> None:
+    chosen = [by_id(i) for i in (*PROBING, "server.close-notify-reply")]
+
+    async def body() -> List[Result]:
+        async with reference_servers((dialect,)) as (target,):
+            return await run_server_target(chosen, target, SETTINGS, tls_versions=(tls_version,))
+
+    for r in run(body, 30.0):
+        assert r.verdict is P, (r.id, r.summary)
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "scenario", "verdict", "rule"),
+    [
+        ("resume-without-stoptls", "server.plaintext-after-close", F, "R3"),
+        ("resume-without-stoptls", "server.data-after-close-notify", F, "R3"),
+        ("one-sided-bare-resume", "server.one-sided-close", F, "R4"),
+        ("accept-stoptls-in-plaintext", "server.stoptls-outside-tls", W, "R3"),
+        ("accept-starttls-in-tls", "server.starttls-in-tls", W, "R8"),
+    ],
+)
+def test_new_reference_misbehaviours_fail_their_scenario(
+    behaviour: str, scenario: str, verdict: Verdict, rule: str, run: Runner
+) -> None:
+    """The four server scenarios that had no failing reference peer now have one."""
+
+    async def body() -> List[Result]:
+        async with reference_servers(("smtp", "imap"), behaviour=behaviour) as targets:
+            out: List[Result] = []
+            for target in targets:
+                out += await run_server_target([by_id(scenario)], target, SETTINGS)
+            return out
+
+    results = run(body, 60.0)
+    assert len(results) == 4
+    for r in results:
+        assert (r.verdict, r.rule) == (verdict, rule), (r.dialect, r.tls_version, r.summary)
+
+
+def test_every_server_scenario_fails_against_some_reference_peer() -> None:
+    failing = {sid for row in SERVER_EXPECTED.values() for sid in row}
+    server_ids = {s.id for s in CATALOGUE if s.role == "server"}
+    assert server_ids - failing == set()
