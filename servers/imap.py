@@ -65,6 +65,16 @@ Behaviours (``BEHAVIOURS``; each breaks exactly one rule):
 * ``no-state-reset`` (R8) -- the authenticated (and selected) state survives
   STARTTLS and STOPTLS: after STOPTLS, SELECT/FETCH work in plaintext without
   a new LOGIN.  Capabilities still follow the TLS status.
+* ``resume-without-stoptls`` (R3) -- a close_notify that no STOPTLS asked
+  for is answered and plaintext resumes (a new ``* OK`` greeting), instead
+  of the connection ending.
+* ``one-sided-bare-resume`` (R4) -- ``Policy.relaxing(R4)`` and the bare
+  return of ``resume-without-stoptls``: plaintext glued to a close_notify
+  without STOPTLS is answered as plaintext.
+* ``accept-stoptls-in-plaintext`` (R3) -- STOPTLS outside TLS gets the
+  tagged OK (there is no TLS to end).
+* ``accept-starttls-in-tls`` (R8) -- a second STARTTLS inside TLS gets the
+  tagged OK (the session stays in TLS).
 
 Layout: the wire syntax both reference peers read IMAP with (tokenizer,
 :class:`StartTLSLine`, :class:`LineReader`) is in

@@ -68,6 +68,17 @@ Behaviours (``ServerConfig.behaviour``; each breaks exactly one rule)
     plaintext, greets again and answers plaintext commands.
 ``no-state-reset`` (R8)
     EHLO and AUTH state survive STARTTLS and STOPTLS.
+``resume-without-stoptls`` (R3)
+    A close_notify that no ``STOPTLS`` asked for is answered and plaintext
+    resumes with a new ``220`` greeting, instead of the connection ending.
+``one-sided-bare-resume`` (R4)
+    The engine relaxes R4 and the bare return above is armed: plaintext
+    glued to a close_notify without ``STOPTLS`` is answered as plaintext.
+``accept-stoptls-in-plaintext`` (R3)
+    ``STOPTLS`` outside TLS gets the positive ``220`` (no TLS to end).
+``accept-starttls-in-tls`` (R8)
+    A second ``STARTTLS`` inside TLS gets the positive ``220`` (the session
+    stays in TLS).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from typing import Any, AsyncIterator, List, Set
 
 import pytest
@@ -148,3 +149,48 @@ def test_every_server_scenario_fails_against_some_reference_peer() -> None:
     failing = {sid for row in SERVER_EXPECTED.values() for sid in row}
     server_ids = {s.id for s in CATALOGUE if s.role == "server"}
     assert server_ids - failing == set()
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "with_user", "verdict"),
+    [
+        ("no-state-reset", False, K),  # was a pass: "no test user: login skipped"
+        ("no-state-reset", True, F),
+        ("strict", False, K),
+        ("strict", True, P),
+    ],
+)
+def test_imap_state_reset_without_a_test_user_is_a_skip(
+    behaviour: str, with_user: bool, verdict: Verdict, tls_version: str, run: Runner
+) -> None:
+    """What cannot be decided is a skip with its reason, never a pass (issue 11)."""
+
+    async def body() -> List[Result]:
+        async with reference_servers(("imap",), behaviour=behaviour) as (target,):
+            if not with_user:
+                target = dataclasses.replace(target, user=None, password=None)
+            return await run_server_target(
+                [by_id("server.state-reset")], target, SETTINGS, tls_versions=(tls_version,)
+            )
+
+    (r,) = run(body, 30.0)
+    assert r.verdict is verdict, r.summary
+    if verdict is K:
+        assert "--user/--password" in r.summary
+
+
+def test_smtp_state_reset_needs_no_test_user(tls_version: str, run: Runner) -> None:
+    """SMTP's state probes (MAIL without a new EHLO) do not depend on a login."""
+
+    async def body() -> List[Result]:
+        out = []
+        for behaviour in ("strict", "no-state-reset"):
+            async with reference_servers(("smtp",), behaviour=behaviour) as (target,):
+                target = dataclasses.replace(target, user=None, password=None)
+                out += await run_server_target(
+                    [by_id("server.state-reset")], target, SETTINGS, tls_versions=(tls_version,)
+                )
+        return out
+
+    strict, broken = run(body, 30.0)
+    assert (strict.verdict, broken.verdict) == (P, F), (strict.summary, broken.summary)

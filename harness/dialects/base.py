@@ -97,6 +97,9 @@ class Dialect:
     has_return_to_plaintext = False
     #: The storage action needs a login first.
     storage_needs_login = False
+    #: Transitions after which :meth:`state_probe` shows kept state only
+    #: when a test user logged in before it (else the scenario is skipped).
+    state_needs_login: Tuple[str, ...] = ()
     #: The tag an untargeted reply ends with (IMAP: any tagged line, ``*``).
     any_reply_tag: Optional[str] = None
     #: Reference-client behaviour -> {scenario id: verdict} where this

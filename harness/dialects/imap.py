@@ -166,6 +166,7 @@ class _Imap(Dialect):
     client_module = "starttls_harness.clients.imap"
     has_return_to_plaintext = True
     storage_needs_login = True
+    state_needs_login = ("stoptls",)  # SELECT after STOPTLS: is the login gone?
     any_reply_tag = "*"
     #: The reference IMAP client's relaxed engine also takes plaintext that
     #: arrives after its ClientHello (the SMTP one refuses it: only its hold

@@ -135,6 +135,8 @@ class _Run:
     #: Evidence index where the fault step began (what came after it counts).
     mark: int = 0
     notes: List[str] = field(default_factory=list)
+    #: The optional login was skipped (no test user given).
+    login_skipped: bool = False
 
 
 async def _expect_reply(run: _Run, data: bytes) -> Reply:
@@ -420,7 +422,8 @@ async def step_login(run: _Run, args: Mapping[str, object]) -> None:
     target = run.target
     if not (target.user and target.password):
         if args.get("optional"):
-            run.evidence.note("no test user: login skipped")
+            run.evidence.note("no test user (--user/--password): login skipped")
+            run.login_skipped = True
             return
         raise Observed("no-credentials")
     reply = await run.probe.command(run.dialect.login(target.user, target.password))
@@ -448,6 +451,10 @@ def _verb(command: bytes) -> str:
 
 async def step_state_probe(run: _Run, args: Mapping[str, object]) -> None:
     after = str(args.get("after", "starttls"))
+    if run.login_skipped and after in run.dialect.state_needs_login:
+        # Refused because nobody logged in, not because the state was reset:
+        # what cannot be decided is a skip, never a pass (issue 11).
+        raise Observed("no-credentials", f"the state probe after {after} needs a logged-in user")
     reply = await run.probe.command(run.dialect.state_probe(after))
     kept = run.dialect.state_kept(after, reply)
     if kept is not None:

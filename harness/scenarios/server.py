@@ -344,6 +344,10 @@ _SERVER: List[Scenario] = [
             "no-hello-required": Expect(
                 K, "the target accepts MAIL without any EHLO, so a reset cannot be observed"
             ),
+            # Without a test user the login state cannot be observed: no pass.
+            "no-credentials": Expect(
+                K, "no test user (--user/--password): the login state cannot be checked"
+            ),
         },
     ),
 ]
