@@ -194,3 +194,87 @@ def test_smtp_state_reset_needs_no_test_user(tls_version: str, run: Runner) -> N
 
     strict, broken = run(body, 30.0)
     assert (strict.verdict, broken.verdict) == (P, F), (strict.summary, broken.summary)
+
+
+class RefusesPipelining(MiniServer):
+    """Answers STARTTLS with pipelined bytes behind it with a 5xx/NO and hangs up (as Postfix)."""
+
+    def data_received(self, data: bytes) -> None:
+        assert self.t is not None
+        line, _, rest = data.partition(b"\n")
+        held = rest or self.t.engine.held
+        if self.is_starttls(line.strip()) and held and not self.t.tls_active:
+            words = line.split()
+            tag = words[0] + b" " if self.dialect == "imap" else b""
+            # What the hold gate kept back is never read: the connection ends.
+            answer = b"NO pipelining after STARTTLS" if tag else b"554 5.5.0 pipelining"
+            self.t.write(tag + answer + b"\r\n")
+            self.t.close()
+            return
+        super().data_received(data)
+
+
+@contextlib.asynccontextmanager
+async def refusing(dialect: str, pki: Pki, tls_version: str) -> AsyncIterator[ServerTarget]:
+    ctx = pki.server_context()
+    protocols: List[MiniServer] = []
+    tasks: Set[Any] = set()
+
+    def factory() -> asyncio.Protocol:
+        protocol = RefusesPipelining(dialect, ctx, Hostility("silence", "quit"), tasks)
+        protocols.append(protocol)
+        return protocol
+
+    server = await create_server(factory, "127.0.0.1", 0)
+    port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+    try:
+        yield ServerTarget(
+            dialect, "127.0.0.1", port, tls_versions=(tls_version,), cafile=pki.cafile
+        )
+    finally:
+        server.close()
+        for protocol in protocols:
+            if protocol.t is not None:
+                protocol.t.abort()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait_for(server.wait_closed(), 5.0)
+
+
+@pytest.mark.parametrize("dialect", ["smtp", "imap"])
+def test_refusing_stattls_with_pipelined_plaintext_is_a_named_pass(
+    dialect: str, pki: Pki, tls_version: str, run: Runner
+) -> None:
+    """A refusal is the safe outcome (issue 10, item 1): pass, naming how it refused."""
+    chosen = [by_id("server.command-injection"), by_id("server.command-injection-multi")]
+
+    async def body() -> List[Result]:
+        async with refusing(dialect, pki, tls_version) as target:
+            return await run_server_target(chosen, target, SETTINGS)
+
+    results = run(body, 30.0)
+    assert len(results) == 2
+    for r in results:
+        assert r.verdict is P, (r.id, r.summary)
+        assert "refused STARTTLS" in r.summary
+
+
+@pytest.mark.parametrize("behaviour", ["strict", "keep-buffer"])
+def test_injection_conforming_passes_and_keep_buffer_fails(
+    behaviour: str, tls_version: str, run: Runner
+) -> None:
+    async def body() -> List[Result]:
+        async with reference_servers(("smtp", "imap"), behaviour=behaviour) as targets:
+            out: List[Result] = []
+            for target in targets:
+                out += await run_server_target(
+                    [by_id("server.command-injection")],
+                    target,
+                    SETTINGS,
+                    tls_versions=(tls_version,),
+                )
+            return out
+
+    for r in run(body, 30.0):
+        assert r.verdict is (P if behaviour == "strict" else F), r.summary

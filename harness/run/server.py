@@ -179,6 +179,10 @@ async def step_starttls(run: _Run, args: Mapping[str, object]) -> None:
             probe.inject(injected)  # a separate write: its own segment
     reply = await probe.reply(tag=dialect.tag_of(command))
     if not reply.ok:
+        if inject:
+            # The sanity probe saw STARTTLS work without the injection: this
+            # refusal is the target refusing the pipelined plaintext.
+            raise Observed("refused-injection", f"STARTTLS answered {reply.text}")
         raise Observed("starttls-refused", reply.text)
     held = transport.engine.held
     if held:
@@ -603,12 +607,10 @@ def _closed(run: _Run, step: Step, closed: RemoteEnded) -> str:
         return violation(closed.rule)
     if not run.fault_applied:
         return "closed-before-fault"
-    if (
-        step.action == "handshake"
-        and closed.how == "handshake"
-        and not any(s.fault for s in run.scenario.steps)
-    ):
-        return "handshake-failed"
+    if step.action == "handshake" and closed.how in ("handshake", "alert"):
+        if not any(s.fault for s in run.scenario.steps):
+            return "handshake-failed"
+        return "handshake-refused"  # e.g. the injected bytes read as the ClientHello
     return "closed"
 
 

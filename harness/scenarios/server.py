@@ -27,6 +27,11 @@ _UPGRADE = (*_STARTTLS, S("starttls"), S("handshake"), S("hello"))
 
 _INJECTION_EXPECT = {
     "closed": Expect(P, "refused the injected plaintext by closing the connection"),
+    # A refusal is the safe outcome: the injected command never ran.
+    "refused-injection": Expect(P, "refused STARTTLS with plaintext pipelined after it"),
+    "handshake-refused": Expect(
+        P, "refused the handshake after the injected plaintext (alert or failed handshake)"
+    ),
     "completed": Expect(P, "discarded the injected plaintext"),
     "injection-answered": Expect(F, "executed plaintext injected before the handshake"),
 }
