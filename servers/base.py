@@ -58,6 +58,12 @@ EXTRA_BEHAVIOURS: Tuple[Behaviour, ...] = (
         "returns to plaintext (a new greeting) after a close_notify that no STOPTLS asked for",
     ),
     Behaviour(
+        "plaintext-goodbye",
+        Rule.R3,
+        "answers a close_notify that no STOPTLS asked for, then writes a plaintext goodbye"
+        " (SMTP 421, IMAP BYE) before closing TCP",
+    ),
+    Behaviour(
         "one-sided-bare-resume",
         Rule.R4,
         "takes plaintext glued to a close_notify (no STOPTLS) as the start of plaintext",

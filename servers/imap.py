@@ -71,6 +71,8 @@ Behaviours (``BEHAVIOURS``; each breaks exactly one rule):
 * ``one-sided-bare-resume`` (R4) -- ``Policy.relaxing(R4)`` and the bare
   return of ``resume-without-stoptls``: plaintext glued to a close_notify
   without STOPTLS is answered as plaintext.
+* ``plaintext-goodbye`` (R3) -- a close_notify without STOPTLS is answered,
+  then ``* BYE`` is written in plaintext before TCP is closed.
 * ``accept-stoptls-in-plaintext`` (R3) -- STOPTLS outside TLS gets the
   tagged OK (there is no TLS to end).
 * ``accept-starttls-in-tls`` (R8) -- a second STARTTLS inside TLS gets the
@@ -337,6 +339,13 @@ class ImapServerProtocol(asyncio.Protocol):
     def engine_event(self, event: Event) -> None:
         """Closure bookkeeping; the misbehaving modes hook in here."""
         if isinstance(event, ClosureComplete):
+            if (
+                not event.resumed
+                and self.behaviour.name == "plaintext-goodbye"
+                and self.transport is not None
+            ):
+                # R3 broken: plaintext onto the connection after the closure.
+                self.transport.write_raw(b"* BYE TLS closed, closing connection\r\n")
             if event.resumed and self._unasked_return:
                 # resume-without-stoptls (R3 broken): a bare closure returns
                 # to plaintext as if STOPTLS had been agreed.

@@ -74,6 +74,9 @@ Behaviours (``ServerConfig.behaviour``; each breaks exactly one rule)
 ``one-sided-bare-resume`` (R4)
     The engine relaxes R4 and the bare return above is armed: plaintext
     glued to a close_notify without ``STOPTLS`` is answered as plaintext.
+``plaintext-goodbye`` (R3)
+    A close_notify without ``STOPTLS`` is answered, then a plaintext
+    ``421`` goodbye is written before TCP is closed.
 ``accept-stoptls-in-plaintext`` (R3)
     ``STOPTLS`` outside TLS gets the positive ``220`` (no TLS to end).
 ``accept-starttls-in-tls`` (R8)
@@ -501,6 +504,14 @@ class ReferenceSMTP(SMTP):
             self._incoming_tls = False
         elif isinstance(event, ClosureComplete) and event.resumed and self._unasked_return:
             self._resume_without_stoptls()
+        elif (
+            isinstance(event, ClosureComplete)
+            and not event.resumed
+            and self.behaviour.name == "plaintext-goodbye"
+            and self.switch is not None
+        ):
+            # R3 broken: plaintext onto the connection after the closure.
+            self.switch.write_raw(b"421 4.4.2 TLS closed, closing connection\r\n")
         elif isinstance(event, AlertReceived) and self.behaviour.name == "alert-as-close":
             self._resume_after_alert()
         elif (

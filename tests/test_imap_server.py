@@ -834,6 +834,26 @@ def test_r8_starttls_in_tls(pki: Pki, tls_version: str, run: Runner, behaviour: 
     run(body)
 
 
+@pytest.mark.parametrize("behaviour", ["strict", "plaintext-goodbye"])
+def test_r3_plaintext_goodbye(pki: Pki, tls_version: str, run: Runner, behaviour: str) -> None:
+    """server.data-after-close-notify: nothing in plaintext after the closure."""
+
+    async def body() -> None:
+        async with serving(pki, tls_version, behaviour) as server:
+            peer = await greeted(server)
+            await upgrade(peer, pki, tls_version)
+            assert (await peer.command(b"a1", b"NOOP")).startswith(b"a1 OK")
+            before = peer.closures()
+            peer.record(peer.engine.unwrap())
+            await peer.until(lambda: peer.closures() > before, "the server's close_notify")
+            await peer.wait_eof()
+            tail = peer.wire.split(b"s1 OK", 1)[1]
+            assert (b"* BYE TLS closed" in tail) is (behaviour == "plaintext-goodbye")
+            await peer.close()
+
+    run(body)
+
+
 #: Which test shows which server behaviour breaking its rule.
 COVERAGE: Dict[str, Callable[..., None]] = {
     "keep-buffer": test_r1_command_injection,
@@ -848,6 +868,7 @@ COVERAGE: Dict[str, Callable[..., None]] = {
     "one-sided-bare-resume": test_r4_bare_one_sided_close,
     "accept-stoptls-in-plaintext": test_r3_stoptls_outside_tls,
     "accept-starttls-in-tls": test_r8_starttls_in_tls,
+    "plaintext-goodbye": test_r3_plaintext_goodbye,
 }
 
 

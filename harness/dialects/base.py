@@ -168,6 +168,18 @@ class Dialect:
         """The tag a reply to ``command`` ends with (IMAP), or None."""
         return None
 
+    def is_goodbye(self, reply: Reply) -> bool:
+        """Whether ``reply`` announces that the server is closing (SMTP 421, IMAP BYE).
+
+        A goodbye is not an answer to the command before it: the evidence
+        and the verdict call it what it is.
+        """
+        return False
+
+    def answers(self, command: bytes, reply: Reply) -> bool:
+        """Whether ``reply`` is the answer to ``command`` (not an unsolicited line)."""
+        return True
+
     def is_continuation(self, reply: Reply) -> bool:
         """Whether ``reply`` invites the rest of a command (a literal, a body)."""
         return False

@@ -211,6 +211,12 @@ class _Imap(Dialect):
     def is_sentinel_reply(self, reply: Reply) -> bool:
         return reply.key == "n1"
 
+    def is_goodbye(self, reply: Reply) -> bool:
+        return any(line.upper().startswith(b"* BYE") for line in reply.lines)
+
+    def answers(self, command: bytes, reply: Reply) -> bool:
+        return reply.key == self.tag_of(command)
+
     def split_reply(
         self, buf: bytes, expect_tag: Optional[str] = None
     ) -> Tuple[Optional[Reply], bytes]:

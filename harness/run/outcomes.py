@@ -52,6 +52,8 @@ def violation(rule: Rule) -> str:
 #: rule column of a fail or warn says the rule its summary names.
 _LABEL_RULES = {
     "spoke-after-close": Rule.R3,
+    "plaintext-goodbye": Rule.R3,
+    "plaintext-unsolicited": Rule.R3,
     "silent-then-answered": Rule.R3,
     "silent-then-closed": Rule.R5,
     "silent-open": Rule.R5,

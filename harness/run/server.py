@@ -217,18 +217,69 @@ async def step_raw_sentinel(run: _Run, args: Mapping[str, object]) -> None:
 
 
 async def step_plain_sentinel(run: _Run, args: Mapping[str, object]) -> None:
+    if run.probe.closed is not None:
+        # Gone already: what it wrote before closing (a goodbye?) is read
+        # next, whatever the timing; there is nobody to ask.
+        run.evidence.note("the target closed before our plaintext command")
+        return
     run.probe.write(run.dialect.sentinel())
 
 
 async def step_expect_close(run: _Run, args: Mapping[str, object]) -> None:
-    """Any answer now is a plaintext answer; a close is the refusal."""
-    try:
-        reply = await run.probe.reply(greeting=True)
-    except PeerClosed as closed:
-        if closed.how in ("violation", "overflow"):
-            raise  # the probe hung up on an overflow: the target closed nothing
-        raise Observed("closed", closed.detail) from None
+    """Any answer now is a plaintext answer; a close is the refusal.
+
+    A goodbye or an unsolicited line is not yet an answer: reading goes on
+    (bounded) to see whether our command is answered after it, and only
+    if not is the first such line what is reported.
+    """
+    other: Optional[Reply] = None
+    while True:
+        try:
+            reply = await run.probe.reply(greeting=True)
+        except (PeerClosed, ProbeTimeout) as ended:
+            if other is not None:
+                _attribute(run, other, answered=False)
+            if isinstance(ended, ProbeTimeout):
+                raise
+            if ended.how in ("violation", "overflow"):
+                raise  # the probe hung up on an overflow: the target closed nothing
+            raise Observed("closed", ended.detail) from None
+        if _protected(run) and not run.dialect.is_goodbye(reply):
+            raise Observed("plaintext-answered", reply.text)  # answered under TLS
+        if not run.dialect.is_goodbye(reply) and run.dialect.answers(run.dialect.sentinel(), reply):
+            raise Observed("plaintext-answered", reply.text)
+        other = other or reply
+
+
+def _protected(run: _Run) -> bool:
+    """Whether everything the target sent since the fault came under TLS."""
+    data = [
+        e for e in run.evidence.exchanges[run.mark :] if e.direction == "s2c" and e.kind in _DATA
+    ]
+    return bool(data) and all(e.kind == "tls" for e in data)
+
+
+def _attribute(run: _Run, reply: Reply, *, answered: bool) -> None:
+    """Call what the target wrote what it is (always raises).
+
+    A goodbye (SMTP 421, IMAP BYE) or an unsolicited line is not an answer
+    to our probe: under TLS a goodbye is a refusal in words; in plaintext
+    on a connection that was in TLS it is plaintext the target must not
+    write (R3), reported as such.
+    """
+    if run.dialect.is_goodbye(reply):
+        if _protected(run):
+            raise Observed("goodbye-in-tls", f"said goodbye under TLS: {reply.text}")
+        raise Observed("plaintext-goodbye", f"wrote a plaintext goodbye: {reply.text}")
+    if not answered and not _protected(run):
+        raise Observed(
+            "plaintext-unsolicited", f"wrote an unsolicited plaintext line: {reply.text}"
+        )
     raise Observed("plaintext-answered", reply.text)
+
+
+#: Evidence kinds of application bytes the target sent.
+_DATA = ("tls", "plaintext")
 
 
 #: What the target can put on the wire (evidence kinds, s2c).
@@ -240,25 +291,29 @@ def _said_since(run: _Run, mark: int) -> List[Exchange]:
     return [e for e in run.evidence.exchanges[mark:] if e.direction == "s2c" and e.kind in _WIRE]
 
 
-def _judge_after_close_notify(run: _Run, mark: int) -> bool:
+def _judge_after_close_notify(run: _Run, mark: int, *, after_answer: bool = False) -> bool:
     """Decide from the wire what the target wrote after our close_notify.
 
     Read in wire order, whatever the timing: plaintext (before or after its
     own close_notify) is R3 broken; TLS data before its close_notify is R5
     broken (nothing exposed: it is still protected).  True once its
-    close_notify has arrived with nothing wrong before it.
+    close_notify has arrived with nothing wrong before it; with
+    ``after_answer`` what followed its close_notify is read too.
     """
+    answered = False
     for e in _said_since(run, mark):
         if e.kind == "plaintext":
             shown = e.data[:60].decode("latin-1")
             raise Observed("spoke-after-close", f"wrote plaintext after the closure: {shown!r}")
-        if e.kind == "tls":
+        if e.kind == "tls" and not answered:
             raise Observed(
                 "violation:R5", "sent TLS data after our close_notify instead of answering it"
             )
         if e.kind == "close_notify":
-            return True
-    return False
+            if not after_answer:
+                return True
+            answered = True
+    return answered
 
 
 def _spoke(run: _Run, mark: int) -> bool:
@@ -295,7 +350,7 @@ async def step_expect_silent_close(run: _Run, args: Mapping[str, object]) -> Non
     """After our close_notify: nothing but its own, then a close (decided from the wire)."""
     probe = run.probe
     await probe.wait_until(lambda: _spoke(run, run.mark))
-    answered = _judge_after_close_notify(run, run.mark)
+    answered = _judge_after_close_notify(run, run.mark, after_answer=True)
     closed = probe.closed
     if closed is None:
         if not answered:

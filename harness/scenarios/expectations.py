@@ -97,6 +97,11 @@ SERVER_EXPECTED: Dict[str, Dict[str, Verdict]] = {
     },
     # R8: a second STARTTLS inside TLS is accepted (nested TLS: a warn).
     "accept-starttls-in-tls": {"server.starttls-in-tls": W},
+    # R3: a plaintext goodbye written after the bare closure.
+    "plaintext-goodbye": {
+        "server.plaintext-after-close": F,
+        "server.data-after-close-notify": F,
+    },
     # R3: STOPTLS accepted where there is no TLS to end.
     "accept-stoptls-in-plaintext": {"server.stoptls-outside-tls": W},
 }
@@ -200,6 +205,7 @@ PATH_EXPECTED: Dict[Tuple[str, str], Dict[str, Verdict]] = {
     ("server", "resume-without-stoptls"): {},
     ("server", "accept-stoptls-in-plaintext"): {},
     ("server", "accept-starttls-in-tls"): {},
+    ("server", "plaintext-goodbye"): {},
     ("server", "keep-buffer"): {},
     ("server", "alert-as-close"): {},
     ("server", "no-state-reset"): {},

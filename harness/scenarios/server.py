@@ -47,6 +47,17 @@ _SILENCE_ANSWERED = {
     "violation:R3": Expect(F, "wrote plaintext while its side of TLS was still open (R3)"),
 }
 
+#: What the target wrote where it must have closed, called what it is.
+_GOODBYE = {
+    "goodbye-in-tls": Expect(P, "refused with a goodbye under TLS"),
+    "plaintext-goodbye": Expect(
+        F, "wrote a plaintext goodbye (421/BYE) onto a connection that was in TLS (R3)"
+    ),
+    "plaintext-unsolicited": Expect(
+        F, "wrote an unsolicited plaintext line onto a connection that was in TLS (R3)"
+    ),
+}
+
 _SERVER: List[Scenario] = [
     Scenario(
         id="server.command-injection",
@@ -105,6 +116,7 @@ _SERVER: List[Scenario] = [
         reason="Bytes that are not TLS records must end the connection unanswered.",
         steps=(*_UPGRADE, S("raw-sentinel", fault=True), S("expect-close")),
         expect={
+            **_GOODBYE,
             "closed": Expect(P, "closed the connection on plaintext inside TLS"),
             "plaintext-answered": Expect(F, "answered a plaintext command while TLS was up"),
         },
@@ -149,6 +161,7 @@ _SERVER: List[Scenario] = [
         reason="Plaintext sent before the closure was answered is not from a closed TLS session.",
         steps=(*_UPGRADE, S("close-then-sentinel", fault=True), S("expect-close")),
         expect={
+            **_GOODBYE,
             "closed": Expect(P, "refused plaintext that followed close_notify unanswered"),
             "plaintext-answered": Expect(F, "answered plaintext sent right after close_notify"),
         },
@@ -168,6 +181,7 @@ _SERVER: List[Scenario] = [
             S("expect-close"),
         ),
         expect={
+            **_GOODBYE,
             "closed": Expect(P, "refused plaintext that did not wait for its close_notify"),
             "plaintext-answered": Expect(F, "resumed plaintext on a one-sided closure"),
         },
@@ -186,6 +200,7 @@ _SERVER: List[Scenario] = [
             S("expect-close"),
         ),
         expect={
+            **_GOODBYE,
             "closed": Expect(P, "closed the connection after the TLS closure"),
             "close-notify-not-answered": Expect(P, "closed the connection instead of resuming"),
             "plaintext-answered": Expect(F, "answered plaintext after TLS ended without STOPTLS"),
@@ -241,6 +256,7 @@ _SERVER: List[Scenario] = [
         reason="Only close_notify ends TLS for a return to plaintext; an error alert ends it all.",
         steps=(*_UPGRADE, S("alert-then-sentinel", fault=True), S("expect-close")),
         expect={
+            **_GOODBYE,
             "closed": Expect(P, "ended the connection after the alert"),
             "plaintext-answered": Expect(
                 F, "took a fatal alert for a closure and resumed plaintext"
