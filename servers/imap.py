@@ -72,7 +72,8 @@ Behaviours (``BEHAVIOURS``; each breaks exactly one rule):
   return of ``resume-without-stoptls``: plaintext glued to a close_notify
   without STOPTLS is answered as plaintext.
 * ``plaintext-goodbye`` (R3) -- a close_notify without STOPTLS is answered,
-  then ``* BYE`` is written in plaintext before TCP is closed.
+  then ``* BYE`` is written in plaintext before TCP is closed; so is one
+  after a truncation (TCP EOF under TLS).
 * ``accept-stoptls-in-plaintext`` (R3) -- STOPTLS outside TLS gets the
   tagged OK (there is no TLS to end).
 * ``accept-starttls-in-tls`` (R8) -- a second STARTTLS inside TLS gets the
@@ -153,6 +154,7 @@ from starttls_harness.tls.engine import (
     LocalProtocolError,
     Rule,
     TransitionError,
+    Violation,
 )
 from starttls_harness.tls.states import State
 
@@ -356,6 +358,14 @@ class ImapServerProtocol(asyncio.Protocol):
                 # Sent under TLS after STOPTLS, before the closure.
                 self._after_stoptls = self.reader.take_pending()
             _set(self._closure)
+        elif (
+            isinstance(event, Violation)
+            and event.rule is Rule.R6
+            and self.behaviour.name == "plaintext-goodbye"
+            and self.transport is not None
+        ):
+            # R3 broken: a plaintext goodbye onto the truncated TLS connection.
+            self.transport.write_raw(b"* BYE connection truncated\r\n")
         elif isinstance(event, CloseNotifyReceived):
             _set(self._close_notify)
             if (

@@ -76,7 +76,8 @@ Behaviours (``ServerConfig.behaviour``; each breaks exactly one rule)
     glued to a close_notify without ``STOPTLS`` is answered as plaintext.
 ``plaintext-goodbye`` (R3)
     A close_notify without ``STOPTLS`` is answered, then a plaintext
-    ``421`` goodbye is written before TCP is closed.
+    ``421`` goodbye is written before TCP is closed; so is one after a
+    truncation (TCP EOF under TLS).
 ``accept-stoptls-in-plaintext`` (R3)
     ``STOPTLS`` outside TLS gets the positive ``220`` (no TLS to end).
 ``accept-starttls-in-tls`` (R8)
@@ -512,6 +513,14 @@ class ReferenceSMTP(SMTP):
         ):
             # R3 broken: plaintext onto the connection after the closure.
             self.switch.write_raw(b"421 4.4.2 TLS closed, closing connection\r\n")
+        elif (
+            isinstance(event, Violation)
+            and event.rule is Rule.R6
+            and self.behaviour.name == "plaintext-goodbye"
+            and self.switch is not None
+        ):
+            # R3 broken: a plaintext goodbye onto the truncated TLS connection.
+            self.switch.write_raw(b"421 4.4.2 connection truncated, closing\r\n")
         elif isinstance(event, AlertReceived) and self.behaviour.name == "alert-as-close":
             self._resume_after_alert()
         elif (

@@ -14,14 +14,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from typing import Any, AsyncIterator, List, Set
+from typing import Any, AsyncIterator, Dict, List, Set, Tuple
 
 import pytest
 from starttls_harness.report.verdicts import Result, Verdict
-from starttls_harness.run.reference import reference_servers
-from starttls_harness.run.server import RunSettings, ServerTarget, run_server_target
+from starttls_harness.run.reference import reference_servers, server_module
+from starttls_harness.run.server import (
+    RunSettings,
+    ServerTarget,
+    TargetUnusable,
+    run_server_target,
+)
 from starttls_harness.scenarios.expectations import SERVER_EXPECTED
 from starttls_harness.scenarios.server import CATALOGUE, by_id
+from starttls_harness.servers.base import ServerConfig
 from starttls_harness.tls.aio import create_server
 from starttls_harness.tls.certs import Pki
 from starttls_harness.tls.engine import Event, PlaintextData, Policy, Rule, TLSData
@@ -278,3 +284,105 @@ def test_injection_conforming_passes_and_keep_buffer_fails(
 
     for r in run(body, 30.0):
         assert r.verdict is (P if behaviour == "strict" else F), r.summary
+
+
+# ------------------------------------------------- one cause, one line (issue 11)
+
+
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[Tuple[int, List[int]]]:
+    """Accepts TCP and never says anything; counts the connections."""
+    accepted: List[int] = []
+    writers: List[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        writers.append(writer)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1]), accepted
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        await server.wait_closed()
+
+
+def test_a_silent_target_costs_one_bounded_wait(run: Runner) -> None:
+    """Not one wait per TLS version: the dead target is asked once."""
+
+    async def body() -> Tuple[List[Result], int]:
+        async with silent_server() as (port, accepted):
+            target = ServerTarget("smtp", "127.0.0.1", port)
+            results = await run_server_target(CATALOGUE, target, SETTINGS)
+            return results, len(accepted)
+
+    results, connections = run(body, 30.0)
+    assert connections == 1
+    assert results and all(r.verdict is E for r in results)
+    assert "sent no SMTP greeting" in results[0].summary
+
+
+@pytest.mark.parametrize(
+    ("change", "line"),
+    [
+        ({"dialect": "smtp"}, "answers like IMAP, not SMTP"),
+        ({"password": "wrong"}, "the login was refused"),
+        ({"server_hostname": "wrong.example"}, "the certificate check failed"),
+        ({"port": 1}, "cannot connect"),
+    ],
+)
+def test_an_unusable_target_is_one_line(change: Dict[str, Any], line: str, run: Runner) -> None:
+    """Reachable but unusable: one TargetUnusable line, not a row per scenario."""
+
+    async def body() -> str:
+        async with reference_servers(("imap",)) as (target,):
+            target = dataclasses.replace(target, **change)
+            with pytest.raises(TargetUnusable) as raised:
+                await run_server_target(CATALOGUE, target, SETTINGS, raise_unusable=True)
+            return raised.value.line
+
+    said = run(body, 30.0)
+    assert line in said and "\n" not in said
+
+
+def test_a_usable_target_raises_nothing(run: Runner) -> None:
+    async def body() -> List[Result]:
+        async with reference_servers(("imap",)) as (target,):
+            return await run_server_target(
+                [by_id("server.command-injection")], target, SETTINGS, raise_unusable=True
+            )
+
+    assert {r.verdict for r in run(body, 30.0)} == {P}
+
+
+@pytest.mark.parametrize("dialect", ["smtp", "imap"])
+def test_a_tls13_only_target_skips_the_tls12_scenarios(dialect: str, pki: Pki, run: Runner) -> None:
+    """Good practice is not an error: TLS 1.2 rows are skip, TLS 1.3 rows run."""
+
+    async def body() -> List[Result]:
+        config = ServerConfig(pki=pki, tls_version="1.3")
+        server = await server_module(dialect).start_server(config)
+        try:
+            target = ServerTarget(
+                dialect,
+                server.host,
+                server.port,
+                cafile=pki.cafile,
+                user=config.user,
+                password=config.password,
+            )
+            chosen = [by_id("server.command-injection"), by_id("server.plaintext-in-tls")]
+            return await run_server_target(chosen, target, SETTINGS, raise_unusable=True)
+        finally:
+            await server.close()
+
+    results = run(body, 30.0)
+    by_version = {(r.id, r.tls_version): r for r in results}
+    assert len(by_version) == 4
+    for (sid, version), r in by_version.items():
+        if version == "1.2":
+            assert (r.verdict, r.summary) == (K, "target does not offer TLS 1.2"), sid
+        else:
+            assert r.verdict is P, (sid, r.summary)

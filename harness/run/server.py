@@ -38,6 +38,7 @@ from typing import (
     Mapping,
     Optional,
     Sequence,
+    Set,
     Tuple,
     Union,
 )
@@ -55,6 +56,7 @@ from starttls_harness.run.outcomes import (
     violation,
 )
 from starttls_harness.run.probe import PeerClosed, Probe, ProbeSettings, ProbeTimeout
+from starttls_harness.run.sanity import NotOffered, SanityProblem, TargetUnusable, classify
 from starttls_harness.scenarios.model import Expect, Scenario, Step
 from starttls_harness.tls.certs import client_context
 from starttls_harness.tls.engine import Rule
@@ -64,6 +66,7 @@ __all__ = [
     "Progress",
     "RunSettings",
     "ServerTarget",
+    "TargetUnusable",
     "run_server_scenario",
     "run_server_target",
 ]
@@ -137,6 +140,8 @@ class _Run:
     notes: List[str] = field(default_factory=list)
     #: The optional login was skipped (no test user given).
     login_skipped: bool = False
+    #: The target's greeting, once read (the sanity probe's classification).
+    greeting: Optional[Reply] = None
 
 
 async def _expect_reply(run: _Run, data: bytes) -> Reply:
@@ -145,6 +150,7 @@ async def _expect_reply(run: _Run, data: bytes) -> Reply:
 
 async def step_connect(run: _Run, args: Mapping[str, object]) -> None:
     greeting = await run.probe.connect()
+    run.greeting = greeting
     if not run.dialect.greeting_ok(greeting):
         raise Observed("bad-greeting", greeting.text)
 
@@ -530,10 +536,15 @@ async def _stored(run: _Run) -> int:
 
 
 async def step_truncate_unit(run: _Run, args: Mapping[str, object]) -> None:
-    if run.target.storage_count is None:
-        raise Observed("no-storage-probe")
+    """Cut a message unit with a FIN under TLS; what the target writes then is judged first.
+
+    Without a storage probe the scenario still runs: a target that writes
+    plaintext onto the truncated TLS connection fails from the wire alone,
+    and a wire violation wins over an unchanged message count.
+    """
     probe = run.probe
-    run.stored_before = await _stored(run)
+    if run.target.storage_count is not None:
+        run.stored_before = await _stored(run)
     if run.dialect.storage_needs_login:
         await step_login(run, {})
     for unit in run.dialect.truncated_unit(run.target.rcpt):
@@ -549,17 +560,29 @@ async def step_truncate_unit(run: _Run, args: Mapping[str, object]) -> None:
             continue
         reply = await probe.command(unit.data)
         if not reply.ok:
+            if run.target.storage_count is None:
+                # Nothing to cut and no store to look at: undecided, not an error.
+                raise Observed("no-storage-probe", f"{what} refused: {reply.text}")
             raise Observed("unexpected-reply", f"{what}: {reply.text}")
     assert probe.transport is not None
-    run.evidence.add("c2s", "eof", note="TCP FIN without close_notify (truncation)")
+    run.evidence.add("c2s", "eof", note="our TCP FIN without close_notify (truncation)")
+    fin = len(run.evidence.exchanges)
     probe.transport.truncate()
     try:
-        await probe.wait_closed()
+        closed = await probe.wait_closed()
     except ProbeTimeout:
         raise Observed("timeout", "the target kept the truncated connection open") from None
+    if closed.how == "violation" and closed.rule is not None:
+        raise Observed(violation(closed.rule), closed.detail)
+    for e in run.evidence.exchanges[fin:]:
+        if e.direction == "s2c" and e.kind == "plaintext":
+            shown = e.data[:60].decode("latin-1")
+            raise Observed("plaintext-goodbye", f"wrote plaintext after the truncation: {shown!r}")
 
 
 async def step_check_storage(run: _Run, args: Mapping[str, object]) -> None:
+    if run.target.storage_count is None:
+        raise Observed("no-storage-probe", "the wire was clean; the message store is not visible")
     after = await _stored(run)
     if run.stored_before is not None and after > run.stored_before:
         raise Observed("stored-truncated", f"stored messages went {run.stored_before} -> {after}")
@@ -688,6 +711,14 @@ async def run_server_scenario(
     settings: RunSettings = RunSettings(),
 ) -> Result:
     """One scenario x TLS version against a server; never raises."""
+    result, _run, _label = await _execute(scenario, target, tls_version, settings)
+    return result
+
+
+async def _execute(
+    scenario: Scenario, target: ServerTarget, tls_version: str, settings: RunSettings
+) -> Tuple[Result, _Run, str]:
+    """One scenario run: its result, its run state and its observation label."""
     dialect = dialect_named(target.dialect)
     evidence = Evidence()
     keylog = None
@@ -717,7 +748,7 @@ async def run_server_scenario(
     finally:
         probe.close()
     outcome = scenario.outcome(label)
-    return Result(
+    result = Result(
         id=scenario.id,
         dialect=target.dialect,
         tls_version=tls_version,
@@ -729,6 +760,7 @@ async def run_server_scenario(
         title=scenario.title,
         reference=scenario.reference,
     )
+    return result, run, label
 
 
 # ------------------------------------------------------------ many scenarios
@@ -747,7 +779,24 @@ _SANITY_STEPS = (
 async def sanity_probe(
     target: ServerTarget, tls_version: str, settings: RunSettings
 ) -> Optional[str]:
-    """None if the conforming path works; otherwise why it does not."""
+    """None if the conforming path works; otherwise why it does not (one line)."""
+    problem = await sanity_problem(target, tls_version, settings)
+    if problem is None:
+        return None
+    if problem.kind == "version":
+        return NotOffered(problem.line)
+    return problem.line
+
+
+async def sanity_problem(
+    target: ServerTarget, tls_version: str, settings: RunSettings
+) -> Optional[SanityProblem]:
+    """None if the conforming path works; otherwise its classified cause."""
+    steps: Tuple[Step, ...] = _SANITY_STEPS
+    if target.user and target.password:
+        # A test user that is refused makes every scenario that logs in
+        # meaningless: one cause, found once.
+        steps = (*steps[:5], Step("hello"), Step("login"), *steps[5:])
     probe_scenario = Scenario(
         id="sanity",
         title="sanity probe",
@@ -755,14 +804,22 @@ async def sanity_probe(
         rule=Rule.R1,
         reference="",
         reason="",
-        steps=_SANITY_STEPS,
+        steps=steps,
         expect={"completed": Expect(Verdict.PASS, "ok")},
     )
-    result = await run_server_scenario(probe_scenario, target, tls_version, settings)
+    result, run, label = await _execute(probe_scenario, target, tls_version, settings)
     if result.verdict is Verdict.PASS:
         return None
     notes = [e.note for e in result.evidence.exchanges if e.kind == "note" and e.note]
-    return notes[-1] if notes else result.summary
+    return classify(
+        label,
+        notes[-1] if notes else result.summary,
+        dialect=target.dialect,
+        url=target.url,
+        tls_version=tls_version,
+        greeting=run.greeting,
+        reply_timeout=settings.reply_timeout,
+    )
 
 
 async def run_bracketed(
@@ -805,14 +862,15 @@ async def run_bracketed(
         if settings.sanity:
             problem = await sanity(version)
             if problem is not None:
+                skip = isinstance(problem, NotOffered)  # e.g. a TLS-1.3-only target
                 for s in applicable:
                     r = Result(
                         s.id,
                         dialect,
                         version,
-                        Verdict.ERROR,
+                        Verdict.SKIP if skip else Verdict.ERROR,
                         s.rule.value,
-                        f"sanity probe failed before the run: {problem}",
+                        problem if skip else f"sanity probe failed before the run: {problem}",
                         title=s.title,
                         reference=s.reference,
                     )
@@ -838,17 +896,44 @@ async def run_server_target(
     settings: RunSettings = RunSettings(),
     progress: Optional[Progress] = None,
     tls_versions: Optional[Sequence[str]] = None,
+    *,
+    raise_unusable: bool = False,
 ) -> List[Result]:
-    """Every applicable server scenario x TLS version against ``target``."""
+    """Every applicable server scenario x TLS version against ``target``.
+
+    A TLS version the target does not offer gives ``skip`` rows.  A dead
+    target (refused, silent) costs one bounded wait for the whole run.
+    With ``raise_unusable`` a target that cannot be tested at all (dead,
+    not the named protocol, no STARTTLS, a certificate or login refused,
+    no TLS version offered) raises :class:`TargetUnusable` with one line
+    instead of giving one ``error`` row per scenario.
+    """
     versions = [v for v in (tls_versions or target.tls_versions) if v in target.tls_versions]
+    dead: List[SanityProblem] = []
+    checked: Set[str] = set()
+    not_offered: List[str] = []
 
     async def run_one(scenario: Scenario, version: str) -> Result:
         return await run_server_scenario(scenario, target, version, settings)
 
     async def sanity(version: str) -> Optional[str]:
-        return await sanity_probe(target, version, settings)
+        if dead:
+            return dead[0].line  # asked once: no second wait on a dead target
+        before = version not in checked
+        checked.add(version)
+        problem = await sanity_problem(target, version, settings)
+        if problem is None:
+            return None
+        if problem.kind == "version":
+            not_offered.append(version)
+            return NotOffered(problem.line)
+        if raise_unusable and before:
+            raise TargetUnusable(problem.line)
+        if problem.kind == "dead":
+            dead.append(problem)
+        return problem.line
 
-    return await run_bracketed(
+    results = await run_bracketed(
         scenarios,
         role="server",
         dialect=target.dialect,
@@ -858,3 +943,7 @@ async def run_server_target(
         sanity=sanity,
         progress=progress,
     )
+    if raise_unusable and versions and len(not_offered) == len(versions):
+        offered = ", ".join(versions)
+        raise TargetUnusable(f"{target.url} offers none of TLS {offered}")
+    return results

@@ -101,6 +101,7 @@ SERVER_EXPECTED: Dict[str, Dict[str, Verdict]] = {
     "plaintext-goodbye": {
         "server.plaintext-after-close": F,
         "server.data-after-close-notify": F,
+        "server.truncation": F,
     },
     # R3: STOPTLS accepted where there is no TLS to end.
     "accept-stoptls-in-plaintext": {"server.stoptls-outside-tls": W},

@@ -245,6 +245,13 @@ _SERVER: List[Scenario] = [
         expect={
             "not-stored": Expect(P, "discarded the truncated message"),
             "stored-truncated": Expect(F, "stored a message cut by a truncation"),
+            # Decided from the wire, with or without a storage probe.
+            "plaintext-goodbye": Expect(
+                F, "wrote plaintext onto the truncated TLS connection (R3)"
+            ),
+            "violation:R2": Expect(
+                F, "wrote non-TLS bytes onto the truncated TLS connection (R2 on the wire)"
+            ),
         },
     ),
     Scenario(
