@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any, AsyncIterator, Dict, List, Set, Tuple
 
 import pytest
+from starttls_harness.report.formats import ladder
 from starttls_harness.report.verdicts import Result, Verdict
 from starttls_harness.run.reference import reference_servers, server_module
 from starttls_harness.run.server import (
@@ -386,3 +387,31 @@ def test_a_tls13_only_target_skips_the_tls12_scenarios(dialect: str, pki: Pki, r
             assert (r.verdict, r.summary) == (K, "target does not offer TLS 1.2"), sid
         else:
             assert r.verdict is P, (sid, r.summary)
+
+
+# ------------------------------------------------------- evidence is the wire
+
+
+def test_ladder_shows_bytes_after_our_alert_and_our_own_close(run: Runner) -> None:
+    """Bytes after our alert are rows of bytes; our own close is labelled as ours."""
+
+    async def body() -> List[Result]:
+        out: List[Result] = []
+        async with reference_servers(("smtp",), behaviour="alert-as-close") as (target,):
+            out += await run_server_target(
+                [by_id("server.alert-then-plaintext")], target, SETTINGS, tls_versions=("1.3",)
+            )
+        async with reference_servers(("smtp",), behaviour="accept-starttls-in-tls") as (target,):
+            out += await run_server_target(
+                [by_id("server.starttls-in-tls")], target, SETTINGS, tls_versions=("1.3",)
+            )
+        return out
+
+    alert, nested = run(body, 30.0)
+    text = ladder(alert, 100)
+    assert alert.verdict is F
+    assert "<-- [plain] 220 " in text and "(after our alert)" in text
+    shown = ladder(nested, 100)
+    last = [e for e in nested.evidence.exchanges if e.kind == "eof"][-1]
+    assert (last.direction, last.note) == ("c2s", "we closed the connection")
+    assert "[FIN (ours)]" in shown

@@ -405,6 +405,7 @@ async def step_alert_then_sentinel(run: _Run, args: Mapping[str, object]) -> Non
     assert transport is not None
     with transport.corked():
         transport.send_fatal_alert()
+        run.probe.read_raw()
         run.evidence.add("c2s", "alert", note="bad_record_mac (provoked)")
         run.probe.inject(run.dialect.sentinel())
 
