@@ -17,7 +17,16 @@ from starttls_harness.tls.aio import Timeouts
 from starttls_harness.tls.certs import Pki
 from starttls_harness.tls.engine import Policy, Rule
 
-__all__ = ["STRICT", "Behaviour", "Limits", "RunningServer", "ServerConfig", "behaviour_named"]
+__all__ = [
+    "BARE_RESUME",
+    "EXTRA_BEHAVIOURS",
+    "STRICT",
+    "Behaviour",
+    "Limits",
+    "RunningServer",
+    "ServerConfig",
+    "behaviour_named",
+]
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,39 @@ class Behaviour:
 
 STRICT = Behaviour("strict", None, "follows every closure rule (the default)")
 
+#: Misbehaviours every reference server has, beside its own table: the
+#: return-to-plaintext mistakes real software makes, so that every server
+#: scenario is shown failing against some peer.
+EXTRA_BEHAVIOURS: Tuple[Behaviour, ...] = (
+    Behaviour(
+        "resume-without-stoptls",
+        Rule.R3,
+        "returns to plaintext (a new greeting) after a close_notify that no STOPTLS asked for",
+    ),
+    Behaviour(
+        "plaintext-goodbye",
+        Rule.R3,
+        "answers a close_notify that no STOPTLS asked for, then writes a plaintext goodbye"
+        " (SMTP 421, IMAP BYE) before closing TCP",
+    ),
+    Behaviour(
+        "one-sided-bare-resume",
+        Rule.R4,
+        "takes plaintext glued to a close_notify (no STOPTLS) as the start of plaintext",
+        (Rule.R4,),
+    ),
+    Behaviour(
+        "accept-starttls-in-tls",
+        Rule.R8,
+        "answers a second STARTTLS inside TLS with its positive reply (and stays in TLS)",
+    ),
+    Behaviour(
+        "accept-stoptls-in-plaintext",
+        Rule.R3,
+        "answers STOPTLS with its positive reply outside TLS",
+    ),
+)
+
 
 def behaviour_named(behaviours: Dict[str, Behaviour], name: str) -> Behaviour:
     """Look ``name`` up, with an error that lists the choices."""
@@ -47,6 +89,11 @@ def behaviour_named(behaviours: Dict[str, Behaviour], name: str) -> Behaviour:
     except KeyError:
         choices = ", ".join(sorted(behaviours))
         raise ValueError(f"unknown behaviour {name!r}; choose one of: {choices}") from None
+
+
+#: Behaviours in which a close_notify that no STOPTLS asked for returns to
+#: plaintext (the server arms the return at every handshake).
+BARE_RESUME = frozenset({"resume-without-stoptls", "one-sided-bare-resume"})
 
 
 @dataclass(frozen=True)

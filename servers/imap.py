@@ -65,6 +65,19 @@ Behaviours (``BEHAVIOURS``; each breaks exactly one rule):
 * ``no-state-reset`` (R8) -- the authenticated (and selected) state survives
   STARTTLS and STOPTLS: after STOPTLS, SELECT/FETCH work in plaintext without
   a new LOGIN.  Capabilities still follow the TLS status.
+* ``resume-without-stoptls`` (R3) -- a close_notify that no STOPTLS asked
+  for is answered and plaintext resumes (a new ``* OK`` greeting), instead
+  of the connection ending.
+* ``one-sided-bare-resume`` (R4) -- ``Policy.relaxing(R4)`` and the bare
+  return of ``resume-without-stoptls``: plaintext glued to a close_notify
+  without STOPTLS is answered as plaintext.
+* ``plaintext-goodbye`` (R3) -- a close_notify without STOPTLS is answered,
+  then ``* BYE`` is written in plaintext before TCP is closed; so is one
+  after a truncation (TCP EOF under TLS).
+* ``accept-stoptls-in-plaintext`` (R3) -- STOPTLS outside TLS gets the
+  tagged OK (there is no TLS to end).
+* ``accept-starttls-in-tls`` (R8) -- a second STARTTLS inside TLS gets the
+  tagged OK (the session stays in TLS).
 
 Layout: the wire syntax both reference peers read IMAP with (tokenizer,
 :class:`StartTLSLine`, :class:`LineReader`) is in
@@ -97,6 +110,8 @@ from typing import (
 )
 
 from starttls_harness.servers.base import (
+    BARE_RESUME,
+    EXTRA_BEHAVIOURS,
     STRICT,
     Behaviour,
     Limits,
@@ -139,6 +154,7 @@ from starttls_harness.tls.engine import (
     LocalProtocolError,
     Rule,
     TransitionError,
+    Violation,
 )
 from starttls_harness.tls.states import State
 
@@ -211,6 +227,7 @@ BEHAVIOURS: Dict[str, Behaviour] = {
             Rule.R8,
             "keeps the authenticated state across STARTTLS and STOPTLS",
         ),
+        *EXTRA_BEHAVIOURS,
     )
 }
 
@@ -268,6 +285,8 @@ class ImapServerProtocol(asyncio.Protocol):
         self.exists = 0
         #: STARTTLS upgrades done on this connection.
         self.upgrades = 0
+        #: resume-without-stoptls: the next closure was never asked for by STOPTLS.
+        self._unasked_return = False
         #: Commands executed, with the phase they ran in (evidence).
         self.log: List[Tuple[str, bytes]] = []
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -322,10 +341,31 @@ class ImapServerProtocol(asyncio.Protocol):
     def engine_event(self, event: Event) -> None:
         """Closure bookkeeping; the misbehaving modes hook in here."""
         if isinstance(event, ClosureComplete):
+            if (
+                not event.resumed
+                and self.behaviour.name == "plaintext-goodbye"
+                and self.transport is not None
+            ):
+                # R3 broken: plaintext onto the connection after the closure.
+                self.transport.write_raw(b"* BYE TLS closed, closing connection\r\n")
+            if event.resumed and self._unasked_return:
+                # resume-without-stoptls (R3 broken): a bare closure returns
+                # to plaintext as if STOPTLS had been agreed.
+                self._unasked_return = False
+                self._reset()
+                self._write(self._greeting(b"Plaintext resumed"))
             if self._stopping and self.reader.pending:
                 # Sent under TLS after STOPTLS, before the closure.
                 self._after_stoptls = self.reader.take_pending()
             _set(self._closure)
+        elif (
+            isinstance(event, Violation)
+            and event.rule is Rule.R6
+            and self.behaviour.name == "plaintext-goodbye"
+            and self.transport is not None
+        ):
+            # R3 broken: a plaintext goodbye onto the truncated TLS connection.
+            self.transport.write_raw(b"* BYE connection truncated\r\n")
         elif isinstance(event, CloseNotifyReceived):
             _set(self._close_notify)
             if (
@@ -569,6 +609,9 @@ class ImapServerProtocol(asyncio.Protocol):
     async def cmd_starttls(self, tag: bytes, args: List[Token]) -> None:
         transport = self.transport
         assert transport is not None
+        if transport.tls_active and not args and self.behaviour.name == "accept-starttls-in-tls":
+            self._write(tag + b" OK Begin TLS negotiation now\r\n")  # R8 broken
+            return
         if args or transport.tls_active:
             why = b"TLS is already active" if transport.tls_active else b"No arguments allowed"
             self._write(tag + b" BAD " + why + b"\r\n")
@@ -587,13 +630,21 @@ class ImapServerProtocol(asyncio.Protocol):
         )
         self.upgrades += 1
         self._reset()
+        if self.behaviour.name in BARE_RESUME:
+            # R3 broken: a close_notify without STOPTLS returns to plaintext.
+            transport.engine.accept_unwrap()
+            self._unasked_return = True
 
     async def cmd_stoptls(self, tag: bytes, args: List[Token]) -> None:
         transport = self.transport
         assert transport is not None
         if not transport.tls_active:
+            if self.behaviour.name == "accept-stoptls-in-plaintext":
+                self._write(tag + b" OK Begin TLS closure\r\n")  # R3 broken: no TLS
+                return
             self._write(tag + b" BAD STOPTLS is only valid under TLS\r\n")
             return
+        self._unasked_return = False
         if args or self.reader.pending:
             self._write(tag + b" BAD STOPTLS takes no arguments and must end the pipeline\r\n")
             return

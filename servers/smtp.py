@@ -68,6 +68,21 @@ Behaviours (``ServerConfig.behaviour``; each breaks exactly one rule)
     plaintext, greets again and answers plaintext commands.
 ``no-state-reset`` (R8)
     EHLO and AUTH state survive STARTTLS and STOPTLS.
+``resume-without-stoptls`` (R3)
+    A close_notify that no ``STOPTLS`` asked for is answered and plaintext
+    resumes with a new ``220`` greeting, instead of the connection ending.
+``one-sided-bare-resume`` (R4)
+    The engine relaxes R4 and the bare return above is armed: plaintext
+    glued to a close_notify without ``STOPTLS`` is answered as plaintext.
+``plaintext-goodbye`` (R3)
+    A close_notify without ``STOPTLS`` is answered, then a plaintext
+    ``421`` goodbye is written before TCP is closed; so is one after a
+    truncation (TCP EOF under TLS).
+``accept-stoptls-in-plaintext`` (R3)
+    ``STOPTLS`` outside TLS gets the positive ``220`` (no TLS to end).
+``accept-starttls-in-tls`` (R8)
+    A second ``STARTTLS`` inside TLS gets the positive ``220`` (the session
+    stays in TLS).
 """
 
 from __future__ import annotations
@@ -82,6 +97,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 from starttls_harness.servers.base import (
+    BARE_RESUME,
+    EXTRA_BEHAVIOURS,
     STRICT,
     Behaviour,
     RunningServer,
@@ -171,6 +188,7 @@ BEHAVIOURS: Dict[str, Behaviour] = {
             Rule.R8,
             "keeps EHLO and AUTH state across STARTTLS and STOPTLS",
         ),
+        *EXTRA_BEHAVIOURS,
     )
 }
 
@@ -415,6 +433,8 @@ class ReferenceSMTP(SMTP):
         #: engine's: it changes when STARTTLS/STOPTLS complete.
         self.phase_tls = False
         self.tls_cycle = 0
+        #: resume-without-stoptls: the next closure was never asked for by STOPTLS.
+        self._unasked_return = False
         self._gate_lexer = _CommandLexer()
         self._starttls_gated = False
         self._tls_lexer = _CommandLexer()
@@ -483,6 +503,24 @@ class ReferenceSMTP(SMTP):
             self._incoming_tls = True
         elif isinstance(event, PlaintextData):
             self._incoming_tls = False
+        elif isinstance(event, ClosureComplete) and event.resumed and self._unasked_return:
+            self._resume_without_stoptls()
+        elif (
+            isinstance(event, ClosureComplete)
+            and not event.resumed
+            and self.behaviour.name == "plaintext-goodbye"
+            and self.switch is not None
+        ):
+            # R3 broken: plaintext onto the connection after the closure.
+            self.switch.write_raw(b"421 4.4.2 TLS closed, closing connection\r\n")
+        elif (
+            isinstance(event, Violation)
+            and event.rule is Rule.R6
+            and self.behaviour.name == "plaintext-goodbye"
+            and self.switch is not None
+        ):
+            # R3 broken: a plaintext goodbye onto the truncated TLS connection.
+            self.switch.write_raw(b"421 4.4.2 connection truncated, closing\r\n")
         elif isinstance(event, AlertReceived) and self.behaviour.name == "alert-as-close":
             self._resume_after_alert()
         elif (
@@ -578,6 +616,14 @@ class ReferenceSMTP(SMTP):
         self._reset_protocol_state()
         self.switch.write(self.greeting())
 
+    def _resume_without_stoptls(self) -> None:
+        """resume-without-stoptls (R3 broken): a bare closure returns to plaintext."""
+        assert self.switch is not None
+        self._unasked_return = False
+        self._new_phase(False)
+        self._reset_protocol_state()
+        self.switch.write(self.greeting())
+
     def advertise(self, responses: List[str]) -> List[str]:
         """Edit aiosmtpd's EHLO lines: STARTTLS in plaintext, STOPTLS and AUTH in TLS."""
         ours = ("STARTTLS", "STOPTLS", "AUTH")
@@ -656,6 +702,8 @@ class ReferenceSMTP(SMTP):
                 switch.release_held()
             if arg:
                 await self.push("501 5.5.4 Syntax: STARTTLS")
+            elif self.phase_tls and self.behaviour.name == "accept-starttls-in-tls":
+                await self.push(READY_TO_START.decode("ascii").rstrip())  # R8 broken
             elif self.phase_tls:
                 await self.push("503 5.5.1 TLS is already active")
             else:
@@ -682,11 +730,16 @@ class ReferenceSMTP(SMTP):
         self.record.tls_cycles = self.tls_cycle
         self._new_phase(True)
         self._reset_protocol_state()
+        if self.behaviour.name in BARE_RESUME:
+            # R3 broken: a close_notify without STOPTLS returns to plaintext.
+            switch.engine.accept_unwrap()
+            self._unasked_return = True
 
     @syntax("STOPTLS")
     async def smtp_STOPTLS(self, arg: str) -> None:
         switch = self.switch
         assert switch is not None
+        self._unasked_return = False
         pipelined = bytes(self._after_stoptls)
         self._stoptls_seen = False
         self._after_stoptls.clear()
@@ -694,6 +747,9 @@ class ReferenceSMTP(SMTP):
             await self.push("501 5.5.4 Syntax: STOPTLS")
             return
         if not self.phase_tls:
+            if self.behaviour.name == "accept-stoptls-in-plaintext":
+                await self.push(READY_TO_END.decode("ascii").rstrip())  # R3 broken: no TLS
+                return
             await self.push("503 5.5.1 STOPTLS is only valid under TLS")
             return
         if pipelined:

@@ -757,6 +757,103 @@ def test_r8_state_reset(pki: Pki, tls_version: str, run: Runner, behaviour: str)
     run(body)
 
 
+@pytest.mark.parametrize("behaviour", ["strict", "resume-without-stoptls"])
+def test_r3_bare_closure(pki: Pki, tls_version: str, run: Runner, behaviour: str) -> None:
+    """server.plaintext-after-close: a closure no STOPTLS asked for ends the connection."""
+
+    async def body() -> None:
+        async with serving(pki, tls_version, behaviour) as server:
+            peer = await greeted(server)
+            await upgrade(peer, pki, tls_version)
+            # One exchange under TLS first: the server's side of a TLS 1.3
+            # handshake ends only when our Finished has arrived.
+            assert (await peer.command(b"a1", b"NOOP")).startswith(b"a1 OK")
+            before = peer.closures()
+            peer.record(peer.engine.unwrap())
+            await peer.until(lambda: peer.closures() > before, "the server's close_notify")
+            if behaviour == "strict":
+                await peer.wait_eof()
+                assert b"* OK" not in peer.wire.split(b"s1 OK", 1)[1]
+            else:
+                assert (await peer.line()).startswith(b"* OK")  # plaintext resumed
+            await peer.close()
+
+    run(body)
+
+
+@pytest.mark.parametrize("behaviour", ["strict", "one-sided-bare-resume"])
+def test_r4_bare_one_sided_close(pki: Pki, tls_version: str, run: Runner, behaviour: str) -> None:
+    """server.one-sided-close: close_notify + plaintext in one segment, no STOPTLS."""
+
+    async def body() -> None:
+        async with serving(pki, tls_version, behaviour) as server:
+            peer = await greeted(server)
+            await upgrade(peer, pki, tls_version)
+            assert (await peer.command(b"a1", b"NOOP")).startswith(b"a1 OK")  # see above
+            peer.events.extend(peer.engine.unwrap())  # queued, not flushed yet
+            peer.send_raw(b"a3 CAPABILITY\r\n")  # same write as the close_notify
+            if behaviour == "strict":
+                await peer.wait_eof()
+                assert b"a3 " not in peer.wire
+            else:
+                answer = await peer.response(b"a3")
+                assert answer.endswith(b"a3 OK CAPABILITY completed\r\n")
+            await peer.close()
+
+    run(body)
+
+
+@pytest.mark.parametrize("behaviour", ["strict", "accept-stoptls-in-plaintext"])
+def test_r3_stoptls_outside_tls(pki: Pki, tls_version: str, run: Runner, behaviour: str) -> None:
+    """server.stoptls-outside-tls: there is no TLS to end."""
+
+    async def body() -> None:
+        async with serving(pki, tls_version, behaviour) as server:
+            peer = await greeted(server)
+            answer = await peer.command(b"a1", b"STOPTLS")
+            want = b"a1 BAD" if behaviour == "strict" else b"a1 OK Begin TLS closure"
+            assert answer.startswith(want), answer
+            await peer.close()
+
+    run(body)
+
+
+@pytest.mark.parametrize("behaviour", ["strict", "accept-starttls-in-tls"])
+def test_r8_starttls_in_tls(pki: Pki, tls_version: str, run: Runner, behaviour: str) -> None:
+    """server.starttls-in-tls: STARTTLS is not offered inside TLS."""
+
+    async def body() -> None:
+        async with serving(pki, tls_version, behaviour) as server:
+            peer = await greeted(server)
+            await upgrade(peer, pki, tls_version)
+            answer = await peer.command(b"a2", b"STARTTLS")
+            want = b"a2 BAD" if behaviour == "strict" else b"a2 OK Begin TLS negotiation"
+            assert answer.startswith(want), answer
+            await peer.close()
+
+    run(body)
+
+
+@pytest.mark.parametrize("behaviour", ["strict", "plaintext-goodbye"])
+def test_r3_plaintext_goodbye(pki: Pki, tls_version: str, run: Runner, behaviour: str) -> None:
+    """server.data-after-close-notify: nothing in plaintext after the closure."""
+
+    async def body() -> None:
+        async with serving(pki, tls_version, behaviour) as server:
+            peer = await greeted(server)
+            await upgrade(peer, pki, tls_version)
+            assert (await peer.command(b"a1", b"NOOP")).startswith(b"a1 OK")
+            before = peer.closures()
+            peer.record(peer.engine.unwrap())
+            await peer.until(lambda: peer.closures() > before, "the server's close_notify")
+            await peer.wait_eof()
+            tail = peer.wire.split(b"s1 OK", 1)[1]
+            assert (b"* BYE TLS closed" in tail) is (behaviour == "plaintext-goodbye")
+            await peer.close()
+
+    run(body)
+
+
 #: Which test shows which server behaviour breaking its rule.
 COVERAGE: Dict[str, Callable[..., None]] = {
     "keep-buffer": test_r1_command_injection,
@@ -767,6 +864,11 @@ COVERAGE: Dict[str, Callable[..., None]] = {
     "ignore-truncation": test_r6_truncated_append,
     "alert-as-close": test_r7_alert_is_not_closure,
     "no-state-reset": test_r8_state_reset,
+    "resume-without-stoptls": test_r3_bare_closure,
+    "one-sided-bare-resume": test_r4_bare_one_sided_close,
+    "accept-stoptls-in-plaintext": test_r3_stoptls_outside_tls,
+    "accept-starttls-in-tls": test_r8_starttls_in_tls,
+    "plaintext-goodbye": test_r3_plaintext_goodbye,
 }
 
 

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Awaitable, Callable, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, List, Optional, Tuple
 
 import pytest
 from starttls_harness.clients.smtp import SMTPClient
+from starttls_harness.report.verdicts import Result
+from starttls_harness.run.reference import reference_servers
+from starttls_harness.run.server import RunSettings, run_server_target
+from starttls_harness.scenarios.server import by_id
 from starttls_harness.servers.base import Limits, RunningServer, ServerConfig, behaviour_named
 from starttls_harness.servers.smtp import BEHAVIOURS, SMTPConnection, start_server
 from starttls_harness.tls.certs import Pki
@@ -653,3 +657,37 @@ def test_r8_state_reset(pki: Pki, tls_version: str, run: Run, behaviour: str) ->
         await stop(server, peer)
 
     run(body)
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "scenario", "verdict"),
+    [
+        ("resume-without-stoptls", "server.plaintext-after-close", "fail"),
+        ("one-sided-bare-resume", "server.one-sided-close", "fail"),
+        ("accept-stoptls-in-plaintext", "server.stoptls-outside-tls", "warn"),
+        ("accept-starttls-in-tls", "server.starttls-in-tls", "warn"),
+        ("plaintext-goodbye", "server.plaintext-after-close", "fail"),
+        ("plaintext-goodbye", "server.data-after-close-notify", "fail"),
+        ("strict", "server.data-after-close-notify", "pass"),
+        ("strict", "server.plaintext-after-close", "pass"),
+        ("strict", "server.one-sided-close", "pass"),
+        ("strict", "server.stoptls-outside-tls", "pass"),
+        ("strict", "server.starttls-in-tls", "pass"),
+    ],
+)
+def test_bare_closure_and_misplaced_commands(
+    behaviour: str, scenario: str, verdict: str, tls_version: str, run: Any
+) -> None:
+    """The misbehaviours added so every server scenario fails against some peer."""
+
+    async def body() -> List[Result]:
+        async with reference_servers(("smtp",), behaviour=behaviour) as (target,):
+            return await run_server_target(
+                [by_id(scenario)],
+                target,
+                RunSettings(reply_timeout=2.0),
+                tls_versions=(tls_version,),
+            )
+
+    (r,) = run(body, 30.0)
+    assert r.verdict.value == verdict, r.summary

@@ -97,6 +97,9 @@ class Dialect:
     has_return_to_plaintext = False
     #: The storage action needs a login first.
     storage_needs_login = False
+    #: Transitions after which :meth:`state_probe` shows kept state only
+    #: when a test user logged in before it (else the scenario is skipped).
+    state_needs_login: Tuple[str, ...] = ()
     #: The tag an untargeted reply ends with (IMAP: any tagged line, ``*``).
     any_reply_tag: Optional[str] = None
     #: Reference-client behaviour -> {scenario id: verdict} where this
@@ -164,6 +167,18 @@ class Dialect:
     def tag_of(self, command: bytes) -> Optional[str]:
         """The tag a reply to ``command`` ends with (IMAP), or None."""
         return None
+
+    def is_goodbye(self, reply: Reply) -> bool:
+        """Whether ``reply`` announces that the server is closing (SMTP 421, IMAP BYE).
+
+        A goodbye is not an answer to the command before it: the evidence
+        and the verdict call it what it is.
+        """
+        return False
+
+    def answers(self, command: bytes, reply: Reply) -> bool:
+        """Whether ``reply`` is the answer to ``command`` (not an unsolicited line)."""
+        return True
 
     def is_continuation(self, reply: Reply) -> bool:
         """Whether ``reply`` invites the rest of a command (a literal, a body)."""

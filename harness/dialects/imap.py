@@ -166,6 +166,7 @@ class _Imap(Dialect):
     client_module = "starttls_harness.clients.imap"
     has_return_to_plaintext = True
     storage_needs_login = True
+    state_needs_login = ("stoptls",)  # SELECT after STOPTLS: is the login gone?
     any_reply_tag = "*"
     #: The reference IMAP client's relaxed engine also takes plaintext that
     #: arrives after its ClientHello (the SMTP one refuses it: only its hold
@@ -209,6 +210,12 @@ class _Imap(Dialect):
 
     def is_sentinel_reply(self, reply: Reply) -> bool:
         return reply.key == "n1"
+
+    def is_goodbye(self, reply: Reply) -> bool:
+        return any(line.upper().startswith(b"* BYE") for line in reply.lines)
+
+    def answers(self, command: bytes, reply: Reply) -> bool:
+        return reply.key == self.tag_of(command)
 
     def split_reply(
         self, buf: bytes, expect_tag: Optional[str] = None

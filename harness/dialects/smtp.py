@@ -186,6 +186,9 @@ class _Smtp(Dialect):
     def is_sentinel_reply(self, reply: Reply) -> bool:
         return reply.key.startswith("2")
 
+    def is_goodbye(self, reply: Reply) -> bool:
+        return reply.key == "421"
+
     def split_reply(
         self, buf: bytes, expect_tag: Optional[str] = None
     ) -> Tuple[Optional[Reply], bytes]:

@@ -206,12 +206,14 @@ def _rows(data: bytes, column: int, tag: str) -> List[str]:
 
 
 def _arrow(e: Exchange) -> str:
+    if e.kind == "eof":
+        return "FIN (ours)" if e.direction == "c2s" else "FIN/EOF"
     marks = {
         "injected": "INJECTED",
         "close_notify": "close_notify",
         "alert": "ALERT",
-        "eof": "FIN/EOF",
         "tls": "tls",
+        "tls-wire": "tls records",
         "plaintext": "plain",
     }
     return marks.get(e.kind, e.kind)

@@ -31,6 +31,7 @@ __all__ = [
     "RemoteEnded",
     "WaitTimeout",
     "harness_error",
+    "rule_of",
     "violation",
 ]
 
@@ -45,6 +46,29 @@ HARNESS_ERROR = "harness-error"
 def violation(rule: Rule) -> str:
     """The label of a rule the remote broke on the wire."""
     return f"violation:{rule.value}"
+
+
+#: Labels that name the rule they break, whatever the scenario guards: the
+#: rule column of a fail or warn says the rule its summary names.
+_LABEL_RULES = {
+    "spoke-after-close": Rule.R3,
+    "plaintext-goodbye": Rule.R3,
+    "plaintext-unsolicited": Rule.R3,
+    "silent-then-answered": Rule.R3,
+    "silent-then-closed": Rule.R5,
+    "silent-open": Rule.R5,
+    "close-notify-not-answered": Rule.R5,
+}
+
+
+def rule_of(label: str, default: Rule) -> Rule:
+    """The rule a non-pass observation ``label`` is about (``default``: the scenario's)."""
+    if label.startswith("violation:"):
+        try:
+            return Rule(label.split(":", 1)[1])
+        except ValueError:
+            return default
+    return _LABEL_RULES.get(label, default)
 
 
 def harness_error(exc: BaseException) -> str:

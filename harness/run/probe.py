@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from dataclasses import dataclass
-from typing import FrozenSet, Optional
+from typing import Callable, FrozenSet, Optional
 
 from starttls_harness.dialects import Dialect, Reply
 from starttls_harness.report.verdicts import Evidence
@@ -120,10 +120,19 @@ class Probe:
         self._buf = b""
         self._changed = asyncio.Event()
         self._closed: Optional[PeerClosed] = None
+        #: After our provoked alert the transport passes bytes through
+        #: unread by the engine: they are recorded here, as bytes.
+        self._raw = False
+        #: We closed the connection ourselves (its end is not the target's).
+        self._closed_by_us = False
 
     # ------------------------------------------------------------ callbacks
 
     def _on_data(self, data: bytes) -> None:
+        if self._raw:
+            record = len(data) >= 3 and 0x14 <= data[0] <= 0x17 and data[1] == 3
+            kind = "tls-wire" if record else "plaintext"
+            self.evidence.add("s2c", kind, data, "after our alert")
         self._buf += data
         self._framer.reset()
         lines = len(self._framer.split(self._buf)[0])  # the dialect's units
@@ -148,7 +157,12 @@ class Probe:
         elif isinstance(event, CloseNotifyReceived):
             self.evidence.add("s2c", "close_notify")
         elif isinstance(event, CloseNotifySent):
-            self.evidence.add("c2s", "close_notify")
+            if self._fin_sent():
+                # Our engine answered, but our side of TCP is already shut:
+                # nothing went on the wire, so nothing is listed.
+                self.evidence.note("close_notify answered by our engine, not sent (after our FIN)")
+            else:
+                self.evidence.add("c2s", "close_notify")
         elif isinstance(event, AlertReceived):
             self.evidence.add("s2c", "alert", note=event.description)
         elif isinstance(event, Violation):
@@ -157,9 +171,12 @@ class Probe:
                 # The adapter is closing the connection; decide now, not at
                 # connection_lost, so no step acts on a broken engine.
                 self._closed = self._classify(ConnectionEnded(event))
-                self._changed.set()
+        self._changed.set()  # every event may be what a wait_until waits for
 
     def _on_closed(self, exc: Optional[BaseException]) -> None:
+        if self._closed is None and self._closed_by_us:
+            self._closed = PeerClosed("local", "the harness closed the connection")
+            self.evidence.add("c2s", "eof", note="we closed the connection")
         if self._closed is None:
             self._closed = self._classify(exc)
             self.evidence.add("s2c", "eof", note=self._closed.detail)
@@ -296,6 +313,25 @@ class Probe:
                 continue
         return self._closed
 
+    async def wait_until(self, seen: Callable[[], bool]) -> bool:
+        """Wait (bounded) until ``seen()`` holds or the connection ends.
+
+        False when the bound ran out first: the target stayed open and said
+        nothing decisive.  Unlike :meth:`wait_closed` this never raises, so
+        a scenario can go on and probe a silent target.
+        """
+        deadline = asyncio.get_running_loop().time() + self.settings.reply_timeout
+        while not seen() and self._closed is None:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return False
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                continue
+        return True
+
     @property
     def closed(self) -> Optional[PeerClosed]:
         return self._closed
@@ -306,7 +342,15 @@ class Probe:
 
     def close(self) -> None:
         if self.transport is not None:
+            self._closed_by_us = True
             self.transport.abort()
+
+    def read_raw(self) -> None:
+        """From now on the engine reads nothing (after our alert): record bytes as bytes."""
+        self._raw = True
+
+    def _fin_sent(self) -> bool:
+        return any(e.direction == "c2s" and e.kind == "eof" for e in self.evidence.exchanges)
 
     def ensure_open(self) -> None:
         """Acting on a connection the target already ended is not allowed."""

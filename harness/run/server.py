@@ -38,12 +38,13 @@ from typing import (
     Mapping,
     Optional,
     Sequence,
+    Set,
     Tuple,
     Union,
 )
 
 from starttls_harness.dialects import Dialect, Reply, dialect_named
-from starttls_harness.report.verdicts import Evidence, Result, Verdict
+from starttls_harness.report.verdicts import Evidence, Exchange, Result, Verdict
 from starttls_harness.run.interpreter import interpret
 from starttls_harness.run.outcomes import (
     HARNESS_ERROR,
@@ -51,9 +52,11 @@ from starttls_harness.run.outcomes import (
     Observed,
     RemoteEnded,
     harness_error,
+    rule_of,
     violation,
 )
 from starttls_harness.run.probe import PeerClosed, Probe, ProbeSettings, ProbeTimeout
+from starttls_harness.run.sanity import NotOffered, SanityProblem, TargetUnusable, classify
 from starttls_harness.scenarios.model import Expect, Scenario, Step
 from starttls_harness.tls.certs import client_context
 from starttls_harness.tls.engine import Rule
@@ -63,6 +66,7 @@ __all__ = [
     "Progress",
     "RunSettings",
     "ServerTarget",
+    "TargetUnusable",
     "run_server_scenario",
     "run_server_target",
 ]
@@ -134,6 +138,10 @@ class _Run:
     #: Evidence index where the fault step began (what came after it counts).
     mark: int = 0
     notes: List[str] = field(default_factory=list)
+    #: The optional login was skipped (no test user given).
+    login_skipped: bool = False
+    #: The target's greeting, once read (the sanity probe's classification).
+    greeting: Optional[Reply] = None
 
 
 async def _expect_reply(run: _Run, data: bytes) -> Reply:
@@ -142,6 +150,7 @@ async def _expect_reply(run: _Run, data: bytes) -> Reply:
 
 async def step_connect(run: _Run, args: Mapping[str, object]) -> None:
     greeting = await run.probe.connect()
+    run.greeting = greeting
     if not run.dialect.greeting_ok(greeting):
         raise Observed("bad-greeting", greeting.text)
 
@@ -176,6 +185,10 @@ async def step_starttls(run: _Run, args: Mapping[str, object]) -> None:
             probe.inject(injected)  # a separate write: its own segment
     reply = await probe.reply(tag=dialect.tag_of(command))
     if not reply.ok:
+        if inject:
+            # The sanity probe saw STARTTLS work without the injection: this
+            # refusal is the target refusing the pipelined plaintext.
+            raise Observed("refused-injection", f"STARTTLS answered {reply.text}")
         raise Observed("starttls-refused", reply.text)
     held = transport.engine.held
     if held:
@@ -210,37 +223,168 @@ async def step_raw_sentinel(run: _Run, args: Mapping[str, object]) -> None:
 
 
 async def step_plain_sentinel(run: _Run, args: Mapping[str, object]) -> None:
+    if run.probe.closed is not None:
+        # Gone already: what it wrote before closing (a goodbye?) is read
+        # next, whatever the timing; there is nobody to ask.
+        run.evidence.note("the target closed before our plaintext command")
+        return
     run.probe.write(run.dialect.sentinel())
 
 
 async def step_expect_close(run: _Run, args: Mapping[str, object]) -> None:
-    """Any answer now is a plaintext answer; a close is the refusal."""
-    try:
-        reply = await run.probe.reply(greeting=True)
-    except PeerClosed as closed:
-        if closed.how in ("violation", "overflow"):
-            raise  # the probe hung up on an overflow: the target closed nothing
-        raise Observed("closed", closed.detail) from None
+    """Any answer now is a plaintext answer; a close is the refusal.
+
+    A goodbye or an unsolicited line is not yet an answer: reading goes on
+    (bounded) to see whether our command is answered after it, and only
+    if not is the first such line what is reported.
+    """
+    other: Optional[Reply] = None
+    while True:
+        try:
+            reply = await run.probe.reply(greeting=True)
+        except (PeerClosed, ProbeTimeout) as ended:
+            if other is not None:
+                _attribute(run, other, answered=False)
+            if isinstance(ended, ProbeTimeout):
+                raise
+            if ended.how in ("violation", "overflow"):
+                raise  # the probe hung up on an overflow: the target closed nothing
+            raise Observed("closed", ended.detail) from None
+        if _protected(run) and not run.dialect.is_goodbye(reply):
+            raise Observed("plaintext-answered", reply.text)  # answered under TLS
+        if not run.dialect.is_goodbye(reply) and run.dialect.answers(run.dialect.sentinel(), reply):
+            raise Observed("plaintext-answered", reply.text)
+        other = other or reply
+
+
+def _protected(run: _Run) -> bool:
+    """Whether everything the target sent since the fault came under TLS."""
+    data = [
+        e for e in run.evidence.exchanges[run.mark :] if e.direction == "s2c" and e.kind in _DATA
+    ]
+    return bool(data) and all(e.kind == "tls" for e in data)
+
+
+def _attribute(run: _Run, reply: Reply, *, answered: bool) -> None:
+    """Call what the target wrote what it is (always raises).
+
+    A goodbye (SMTP 421, IMAP BYE) or an unsolicited line is not an answer
+    to our probe: under TLS a goodbye is a refusal in words; in plaintext
+    on a connection that was in TLS it is plaintext the target must not
+    write (R3), reported as such.
+    """
+    if run.dialect.is_goodbye(reply):
+        if _protected(run):
+            raise Observed("goodbye-in-tls", f"said goodbye under TLS: {reply.text}")
+        raise Observed("plaintext-goodbye", f"wrote a plaintext goodbye: {reply.text}")
+    if not answered and not _protected(run):
+        raise Observed(
+            "plaintext-unsolicited", f"wrote an unsolicited plaintext line: {reply.text}"
+        )
     raise Observed("plaintext-answered", reply.text)
 
 
-async def step_expect_silent_close(run: _Run, args: Mapping[str, object]) -> None:
+#: Evidence kinds of application bytes the target sent.
+_DATA = ("tls", "plaintext")
+
+
+#: What the target can put on the wire (evidence kinds, s2c).
+_WIRE = ("tls", "plaintext", "close_notify", "alert")
+
+
+def _said_since(run: _Run, mark: int) -> List[Exchange]:
+    """What the target put on the wire since evidence index ``mark``, in order."""
+    return [e for e in run.evidence.exchanges[mark:] if e.direction == "s2c" and e.kind in _WIRE]
+
+
+def _judge_after_close_notify(run: _Run, mark: int, *, after_answer: bool = False) -> bool:
+    """Decide from the wire what the target wrote after our close_notify.
+
+    Read in wire order, whatever the timing: plaintext (before or after its
+    own close_notify) is R3 broken; TLS data before its close_notify is R5
+    broken (nothing exposed: it is still protected).  True once its
+    close_notify has arrived with nothing wrong before it; with
+    ``after_answer`` what followed its close_notify is read too.
+    """
+    answered = False
+    for e in _said_since(run, mark):
+        if e.kind == "plaintext":
+            shown = e.data[:60].decode("latin-1")
+            raise Observed("spoke-after-close", f"wrote plaintext after the closure: {shown!r}")
+        if e.kind == "tls" and not answered:
+            raise Observed(
+                "violation:R5", "sent TLS data after our close_notify instead of answering it"
+            )
+        if e.kind == "close_notify":
+            if not after_answer:
+                return True
+            answered = True
+    return answered
+
+
+def _spoke(run: _Run, mark: int) -> bool:
+    return any(e.kind in ("plaintext", "tls") for e in _said_since(run, mark))
+
+
+async def _probe_silence(run: _Run) -> None:
+    """The target stays open and silent: does it answer plaintext now?  (Always raises.)
+
+    A peer that neither answers close_notify nor closes TCP is asked a
+    plaintext command: answering it resumes plaintext without a
+    bidirectional closure (R3); closing or staying silent leaves only the
+    unanswered close_notify (R5).
+    """
+    run.evidence.note(
+        f"no answer to close_notify within {run.probe.settings.reply_timeout:g} s and "
+        "the connection stays open: probing with plaintext"
+    )
+    run.probe.inject(run.dialect.sentinel())
     try:
-        closed = await run.probe.wait_closed()
+        reply = await run.probe.reply(greeting=True)
     except ProbeTimeout:
-        raise
-    spoke = [
-        e.data
-        for e in run.evidence.exchanges[run.mark :]
-        if e.direction == "s2c" and e.kind == "plaintext"
-    ]
-    if spoke or run.probe.pending:
-        raise Observed("spoke-after-close", "plaintext after the closure")
+        raise Observed("silent-open", "stayed open and silent, close_notify unanswered") from None
+    except PeerClosed as closed:
+        if closed.how == "overflow":
+            raise
+        if closed.how == "violation" and closed.rule is not None:
+            raise Observed(violation(closed.rule), closed.detail) from None
+        raise Observed("silent-then-closed", closed.detail) from None
+    raise Observed("silent-then-answered", f"answered the plaintext probe: {reply.text}")
+
+
+async def step_expect_silent_close(run: _Run, args: Mapping[str, object]) -> None:
+    """After our close_notify: nothing but its own, then a close (decided from the wire)."""
+    probe = run.probe
+    await probe.wait_until(lambda: _spoke(run, run.mark))
+    answered = _judge_after_close_notify(run, run.mark, after_answer=True)
+    closed = probe.closed
+    if closed is None:
+        if not answered:
+            await _probe_silence(run)
+        # Its close_notify came and it keeps the connection open (as a
+        # return to plaintext would); any plaintext now is R3 broken.
+        await _probe_silence_after_answer(run)
+    assert closed is not None
     if closed.how == "overflow":
         raise closed  # the probe hung up: not a close by the target
     if closed.how == "violation" and closed.rule is not None:
-        raise Observed(f"violation:{closed.rule.value}", closed.detail)
+        raise Observed(violation(closed.rule), closed.detail)
     raise Observed("closed", closed.detail)
+
+
+async def _probe_silence_after_answer(run: _Run) -> None:
+    """Its close_notify came, TCP stays open: a plaintext command must not be answered."""
+    run.evidence.note("close_notify answered, the connection stays open: probing with plaintext")
+    run.probe.write(run.dialect.sentinel())
+    try:
+        reply = await run.probe.reply(greeting=True)
+    except ProbeTimeout:
+        raise Observed("closed", "answered close_notify and wrote nothing after it") from None
+    except PeerClosed as closed:
+        if closed.how == "overflow":
+            raise
+        raise Observed("closed", closed.detail) from None
+    raise Observed("plaintext-answered", f"answered plaintext after the closure: {reply.text}")
 
 
 async def step_close_then_sentinel(run: _Run, args: Mapping[str, object]) -> None:
@@ -261,6 +405,7 @@ async def step_alert_then_sentinel(run: _Run, args: Mapping[str, object]) -> Non
     assert transport is not None
     with transport.corked():
         transport.send_fatal_alert()
+        run.probe.read_raw()
         run.evidence.add("c2s", "alert", note="bad_record_mac (provoked)")
         run.probe.inject(run.dialect.sentinel())
 
@@ -276,12 +421,43 @@ async def step_close_notify_only(run: _Run, args: Mapping[str, object]) -> None:
 
 
 async def step_unwrap(run: _Run, args: Mapping[str, object]) -> None:
+    if args.get("silence") == "probe":
+        await _unwrap_or_probe(run)
+        return
     try:
         await run.probe.unwrap()
     except PeerClosed as closed:
         if closed.rule is not None and closed.rule.value == "R5":
             raise Observed("close-notify-not-answered", closed.detail) from None
         raise
+
+
+async def _unwrap_or_probe(run: _Run) -> None:
+    """The closure, without giving up on a target that stays open and silent.
+
+    The transport's own bounded unwrap aborts the connection when the bound
+    runs out; here the bound only ends the wait, and a silent target is then
+    asked a plaintext command (see :func:`_probe_silence`).
+    """
+    probe = run.probe
+    probe.ensure_open()
+    transport = probe.transport
+    assert transport is not None
+    start = len(run.evidence.exchanges)
+    with transport.corked():
+        transport.engine.unwrap()
+        run.evidence.add("c2s", "close_notify")
+    await probe.wait_until(lambda: bool(_said_since(run, start)))
+    if _judge_after_close_notify(run, start):
+        run.evidence.note("TLS closed both ways; plaintext resumes")
+        return
+    closed = probe.closed
+    if closed is None:
+        await _probe_silence(run)
+    assert closed is not None
+    if closed.rule is not None and closed.rule.value == "R5":
+        raise Observed("close-notify-not-answered", closed.detail)
+    raise closed
 
 
 async def step_stoptls(run: _Run, args: Mapping[str, object]) -> None:
@@ -312,7 +488,8 @@ async def step_login(run: _Run, args: Mapping[str, object]) -> None:
     target = run.target
     if not (target.user and target.password):
         if args.get("optional"):
-            run.evidence.note("no test user: login skipped")
+            run.evidence.note("no test user (--user/--password): login skipped")
+            run.login_skipped = True
             return
         raise Observed("no-credentials")
     reply = await run.probe.command(run.dialect.login(target.user, target.password))
@@ -340,6 +517,10 @@ def _verb(command: bytes) -> str:
 
 async def step_state_probe(run: _Run, args: Mapping[str, object]) -> None:
     after = str(args.get("after", "starttls"))
+    if run.login_skipped and after in run.dialect.state_needs_login:
+        # Refused because nobody logged in, not because the state was reset:
+        # what cannot be decided is a skip, never a pass (issue 11).
+        raise Observed("no-credentials", f"the state probe after {after} needs a logged-in user")
     reply = await run.probe.command(run.dialect.state_probe(after))
     kept = run.dialect.state_kept(after, reply)
     if kept is not None:
@@ -356,10 +537,15 @@ async def _stored(run: _Run) -> int:
 
 
 async def step_truncate_unit(run: _Run, args: Mapping[str, object]) -> None:
-    if run.target.storage_count is None:
-        raise Observed("no-storage-probe")
+    """Cut a message unit with a FIN under TLS; what the target writes then is judged first.
+
+    Without a storage probe the scenario still runs: a target that writes
+    plaintext onto the truncated TLS connection fails from the wire alone,
+    and a wire violation wins over an unchanged message count.
+    """
     probe = run.probe
-    run.stored_before = await _stored(run)
+    if run.target.storage_count is not None:
+        run.stored_before = await _stored(run)
     if run.dialect.storage_needs_login:
         await step_login(run, {})
     for unit in run.dialect.truncated_unit(run.target.rcpt):
@@ -375,17 +561,29 @@ async def step_truncate_unit(run: _Run, args: Mapping[str, object]) -> None:
             continue
         reply = await probe.command(unit.data)
         if not reply.ok:
+            if run.target.storage_count is None:
+                # Nothing to cut and no store to look at: undecided, not an error.
+                raise Observed("no-storage-probe", f"{what} refused: {reply.text}")
             raise Observed("unexpected-reply", f"{what}: {reply.text}")
     assert probe.transport is not None
-    run.evidence.add("c2s", "eof", note="TCP FIN without close_notify (truncation)")
+    run.evidence.add("c2s", "eof", note="our TCP FIN without close_notify (truncation)")
+    fin = len(run.evidence.exchanges)
     probe.transport.truncate()
     try:
-        await probe.wait_closed()
+        closed = await probe.wait_closed()
     except ProbeTimeout:
         raise Observed("timeout", "the target kept the truncated connection open") from None
+    if closed.how == "violation" and closed.rule is not None:
+        raise Observed(violation(closed.rule), closed.detail)
+    for e in run.evidence.exchanges[fin:]:
+        if e.direction == "s2c" and e.kind == "plaintext":
+            shown = e.data[:60].decode("latin-1")
+            raise Observed("plaintext-goodbye", f"wrote plaintext after the truncation: {shown!r}")
 
 
 async def step_check_storage(run: _Run, args: Mapping[str, object]) -> None:
+    if run.target.storage_count is None:
+        raise Observed("no-storage-probe", "the wire was clean; the message store is not visible")
     after = await _stored(run)
     if run.stored_before is not None and after > run.stored_before:
         raise Observed("stored-truncated", f"stored messages went {run.stored_before} -> {after}")
@@ -488,18 +686,23 @@ def _closed(run: _Run, step: Step, closed: RemoteEnded) -> str:
         return violation(closed.rule)
     if not run.fault_applied:
         return "closed-before-fault"
-    if (
-        step.action == "handshake"
-        and closed.how == "handshake"
-        and not any(s.fault for s in run.scenario.steps)
-    ):
-        return "handshake-failed"
+    if step.action == "handshake" and closed.how in ("handshake", "alert"):
+        if not any(s.fault for s in run.scenario.steps):
+            return "handshake-failed"
+        return "handshake-refused"  # e.g. the injected bytes read as the ClientHello
     return "closed"
 
 
 async def _interpret(run: _Run) -> str:
     """Run the steps; return the observation label."""
     return await interpret(run, _SERVER_STEPS, ended=_closed, skip=_skip, at_fault=_mark)
+
+
+def _rule_column(scenario: Scenario, label: str, verdict: Verdict) -> str:
+    """A fail or warn names the rule it is about, so summary and column agree."""
+    if verdict in (Verdict.FAIL, Verdict.WARN):
+        return rule_of(label, scenario.rule).value
+    return scenario.rule.value
 
 
 async def run_server_scenario(
@@ -509,6 +712,14 @@ async def run_server_scenario(
     settings: RunSettings = RunSettings(),
 ) -> Result:
     """One scenario x TLS version against a server; never raises."""
+    result, _run, _label = await _execute(scenario, target, tls_version, settings)
+    return result
+
+
+async def _execute(
+    scenario: Scenario, target: ServerTarget, tls_version: str, settings: RunSettings
+) -> Tuple[Result, _Run, str]:
+    """One scenario run: its result, its run state and its observation label."""
     dialect = dialect_named(target.dialect)
     evidence = Evidence()
     keylog = None
@@ -538,18 +749,19 @@ async def run_server_scenario(
     finally:
         probe.close()
     outcome = scenario.outcome(label)
-    return Result(
+    result = Result(
         id=scenario.id,
         dialect=target.dialect,
         tls_version=tls_version,
         verdict=outcome.verdict,
-        rule=scenario.rule.value,
+        rule=_rule_column(scenario, label, outcome.verdict),
         summary=outcome.summary,
         evidence=evidence,
         duration=time.monotonic() - start,
         title=scenario.title,
         reference=scenario.reference,
     )
+    return result, run, label
 
 
 # ------------------------------------------------------------ many scenarios
@@ -568,7 +780,24 @@ _SANITY_STEPS = (
 async def sanity_probe(
     target: ServerTarget, tls_version: str, settings: RunSettings
 ) -> Optional[str]:
-    """None if the conforming path works; otherwise why it does not."""
+    """None if the conforming path works; otherwise why it does not (one line)."""
+    problem = await sanity_problem(target, tls_version, settings)
+    if problem is None:
+        return None
+    if problem.kind == "version":
+        return NotOffered(problem.line)
+    return problem.line
+
+
+async def sanity_problem(
+    target: ServerTarget, tls_version: str, settings: RunSettings
+) -> Optional[SanityProblem]:
+    """None if the conforming path works; otherwise its classified cause."""
+    steps: Tuple[Step, ...] = _SANITY_STEPS
+    if target.user and target.password:
+        # A test user that is refused makes every scenario that logs in
+        # meaningless: one cause, found once.
+        steps = (*steps[:5], Step("hello"), Step("login"), *steps[5:])
     probe_scenario = Scenario(
         id="sanity",
         title="sanity probe",
@@ -576,14 +805,22 @@ async def sanity_probe(
         rule=Rule.R1,
         reference="",
         reason="",
-        steps=_SANITY_STEPS,
+        steps=steps,
         expect={"completed": Expect(Verdict.PASS, "ok")},
     )
-    result = await run_server_scenario(probe_scenario, target, tls_version, settings)
+    result, run, label = await _execute(probe_scenario, target, tls_version, settings)
     if result.verdict is Verdict.PASS:
         return None
     notes = [e.note for e in result.evidence.exchanges if e.kind == "note" and e.note]
-    return notes[-1] if notes else result.summary
+    return classify(
+        label,
+        notes[-1] if notes else result.summary,
+        dialect=target.dialect,
+        url=target.url,
+        tls_version=tls_version,
+        greeting=run.greeting,
+        reply_timeout=settings.reply_timeout,
+    )
 
 
 async def run_bracketed(
@@ -626,14 +863,15 @@ async def run_bracketed(
         if settings.sanity:
             problem = await sanity(version)
             if problem is not None:
+                skip = isinstance(problem, NotOffered)  # e.g. a TLS-1.3-only target
                 for s in applicable:
                     r = Result(
                         s.id,
                         dialect,
                         version,
-                        Verdict.ERROR,
+                        Verdict.SKIP if skip else Verdict.ERROR,
                         s.rule.value,
-                        f"sanity probe failed before the run: {problem}",
+                        problem if skip else f"sanity probe failed before the run: {problem}",
                         title=s.title,
                         reference=s.reference,
                     )
@@ -659,17 +897,44 @@ async def run_server_target(
     settings: RunSettings = RunSettings(),
     progress: Optional[Progress] = None,
     tls_versions: Optional[Sequence[str]] = None,
+    *,
+    raise_unusable: bool = False,
 ) -> List[Result]:
-    """Every applicable server scenario x TLS version against ``target``."""
+    """Every applicable server scenario x TLS version against ``target``.
+
+    A TLS version the target does not offer gives ``skip`` rows.  A dead
+    target (refused, silent) costs one bounded wait for the whole run.
+    With ``raise_unusable`` a target that cannot be tested at all (dead,
+    not the named protocol, no STARTTLS, a certificate or login refused,
+    no TLS version offered) raises :class:`TargetUnusable` with one line
+    instead of giving one ``error`` row per scenario.
+    """
     versions = [v for v in (tls_versions or target.tls_versions) if v in target.tls_versions]
+    dead: List[SanityProblem] = []
+    checked: Set[str] = set()
+    not_offered: List[str] = []
 
     async def run_one(scenario: Scenario, version: str) -> Result:
         return await run_server_scenario(scenario, target, version, settings)
 
     async def sanity(version: str) -> Optional[str]:
-        return await sanity_probe(target, version, settings)
+        if dead:
+            return dead[0].line  # asked once: no second wait on a dead target
+        before = version not in checked
+        checked.add(version)
+        problem = await sanity_problem(target, version, settings)
+        if problem is None:
+            return None
+        if problem.kind == "version":
+            not_offered.append(version)
+            return NotOffered(problem.line)
+        if raise_unusable and before:
+            raise TargetUnusable(problem.line)
+        if problem.kind == "dead":
+            dead.append(problem)
+        return problem.line
 
-    return await run_bracketed(
+    results = await run_bracketed(
         scenarios,
         role="server",
         dialect=target.dialect,
@@ -679,3 +944,7 @@ async def run_server_target(
         sanity=sanity,
         progress=progress,
     )
+    if raise_unusable and versions and len(not_offered) == len(versions):
+        offered = ", ".join(versions)
+        raise TargetUnusable(f"{target.url} offers none of TLS {offered}")
+    return results

@@ -82,6 +82,29 @@ SERVER_EXPECTED: Dict[str, Dict[str, Verdict]] = {
     "alert-as-close": {"server.alert-then-plaintext": F},
     # R8: EHLO/login state survives a TLS transition.
     "no-state-reset": {"server.state-reset": F},
+    # R3: a bare closure (no STOPTLS) returns to plaintext with a greeting.
+    "resume-without-stoptls": {
+        "server.plaintext-after-close": F,
+        "server.data-after-close-notify": F,
+    },
+    # R4: plaintext glued to a bare close_notify is answered (the bare
+    # closure returns to plaintext, so the closure scenarios see it too).
+    "one-sided-bare-resume": {
+        "server.one-sided-close": F,
+        "server.one-sided-close-stoptls": F,
+        "server.plaintext-after-close": F,
+        "server.data-after-close-notify": F,
+    },
+    # R8: a second STARTTLS inside TLS is accepted (nested TLS: a warn).
+    "accept-starttls-in-tls": {"server.starttls-in-tls": W},
+    # R3: a plaintext goodbye written after the bare closure.
+    "plaintext-goodbye": {
+        "server.plaintext-after-close": F,
+        "server.data-after-close-notify": F,
+        "server.truncation": F,
+    },
+    # R3: STOPTLS accepted where there is no TLS to end.
+    "accept-stoptls-in-plaintext": {"server.stoptls-outside-tls": W},
 }
 
 # ------------------------------------------------------------ client role
@@ -177,6 +200,14 @@ PATH_EXPECTED: Dict[Tuple[str, str], Dict[str, Verdict]] = {
     },
     # R6: the cut message unit (a DATA body, an APPEND literal) is stored.
     ("server", "ignore-truncation"): {"path.truncate-c2s": F},
+    # R4 as one-sided-resume (the bare return to plaintext is out of any
+    # path scenario's reach: the reference client always ends TLS by STOPTLS).
+    ("server", "one-sided-bare-resume"): {"path.inject-after-close": F},
+    ("server", "resume-without-stoptls"): {},
+    ("server", "accept-stoptls-in-plaintext"): {},
+    ("server", "accept-starttls-in-tls"): {},
+    # R3: the plaintext goodbye after a truncation reaches the proxy's client side.
+    ("server", "plaintext-goodbye"): {"path.truncate-c2s": F},
     ("server", "keep-buffer"): {},
     ("server", "alert-as-close"): {},
     ("server", "no-state-reset"): {},

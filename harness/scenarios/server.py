@@ -27,8 +27,35 @@ _UPGRADE = (*_STARTTLS, S("starttls"), S("handshake"), S("hello"))
 
 _INJECTION_EXPECT = {
     "closed": Expect(P, "refused the injected plaintext by closing the connection"),
+    # A refusal is the safe outcome: the injected command never ran.
+    "refused-injection": Expect(P, "refused STARTTLS with plaintext pipelined after it"),
+    "handshake-refused": Expect(
+        P, "refused the handshake after the injected plaintext (alert or failed handshake)"
+    ),
     "completed": Expect(P, "discarded the injected plaintext"),
     "injection-answered": Expect(F, "executed plaintext injected before the handshake"),
+}
+
+#: A target that neither answers our close_notify nor closes TCP is asked a
+#: plaintext command after the reply bound (see ``harness/run/server.py``):
+#: answering it is R3 broken whatever else the scenario checks.
+_SILENCE_ANSWERED = {
+    "silent-then-answered": Expect(
+        F, "answered plaintext while its side of TLS was still open (R3: no closure)"
+    ),
+    "spoke-after-close": Expect(F, "wrote plaintext after our close_notify (R3)"),
+    "violation:R3": Expect(F, "wrote plaintext while its side of TLS was still open (R3)"),
+}
+
+#: What the target wrote where it must have closed, called what it is.
+_GOODBYE = {
+    "goodbye-in-tls": Expect(P, "refused with a goodbye under TLS"),
+    "plaintext-goodbye": Expect(
+        F, "wrote a plaintext goodbye (421/BYE) onto a connection that was in TLS (R3)"
+    ),
+    "plaintext-unsolicited": Expect(
+        F, "wrote an unsolicited plaintext line onto a connection that was in TLS (R3)"
+    ),
 }
 
 _SERVER: List[Scenario] = [
@@ -89,6 +116,7 @@ _SERVER: List[Scenario] = [
         reason="Bytes that are not TLS records must end the connection unanswered.",
         steps=(*_UPGRADE, S("raw-sentinel", fault=True), S("expect-close")),
         expect={
+            **_GOODBYE,
             "closed": Expect(P, "closed the connection on plaintext inside TLS"),
             "plaintext-answered": Expect(F, "answered a plaintext command while TLS was up"),
         },
@@ -133,6 +161,7 @@ _SERVER: List[Scenario] = [
         reason="Plaintext sent before the closure was answered is not from a closed TLS session.",
         steps=(*_UPGRADE, S("close-then-sentinel", fault=True), S("expect-close")),
         expect={
+            **_GOODBYE,
             "closed": Expect(P, "refused plaintext that followed close_notify unanswered"),
             "plaintext-answered": Expect(F, "answered plaintext sent right after close_notify"),
         },
@@ -152,6 +181,7 @@ _SERVER: List[Scenario] = [
             S("expect-close"),
         ),
         expect={
+            **_GOODBYE,
             "closed": Expect(P, "refused plaintext that did not wait for its close_notify"),
             "plaintext-answered": Expect(F, "resumed plaintext on a one-sided closure"),
         },
@@ -163,11 +193,24 @@ _SERVER: List[Scenario] = [
         rule=Rule.R3,
         reference="RFC 3207 §4.2; RFC 8446 §6.1",
         reason="A protocol without a return to plaintext must close TCP after the closure.",
-        steps=(*_UPGRADE, S("unwrap", fault=True), S("plain-sentinel"), S("expect-close")),
+        steps=(
+            *_UPGRADE,
+            S("unwrap", fault=True, silence="probe"),
+            S("plain-sentinel"),
+            S("expect-close"),
+        ),
         expect={
+            **_GOODBYE,
             "closed": Expect(P, "closed the connection after the TLS closure"),
             "close-notify-not-answered": Expect(P, "closed the connection instead of resuming"),
             "plaintext-answered": Expect(F, "answered plaintext after TLS ended without STOPTLS"),
+            **_SILENCE_ANSWERED,
+            # R3 holds; the unanswered close_notify is server.close-notify-reply's business.
+            "silent-then-closed": Expect(P, "closed the connection on plaintext after the closure"),
+            "silent-open": Expect(P, "never answered plaintext after the closure"),
+            "violation:R5": Expect(
+                W, "sent TLS data after our close_notify instead of answering it (R5)"
+            ),
         },
     ),
     Scenario(
@@ -180,7 +223,15 @@ _SERVER: List[Scenario] = [
         steps=(*_UPGRADE, S("close-notify-only", fault=True), S("expect-silent-close")),
         expect={
             "closed": Expect(P, "closed without writing plaintext after the closure"),
-            "spoke-after-close": Expect(F, "wrote plaintext after the TLS closure"),
+            "plaintext-answered": Expect(F, "answered plaintext after the TLS closure"),
+            **_SILENCE_ANSWERED,
+            "silent-then-closed": Expect(P, "wrote no plaintext after the closure"),
+            "silent-open": Expect(P, "wrote no plaintext after the closure"),
+            # What it wrote is still protected: the answer it owed (R5) is
+            # what is missing, decided at the first record, whatever follows.
+            "violation:R5": Expect(
+                W, "sent TLS data after our close_notify instead of answering it (R5)"
+            ),
         },
     ),
     Scenario(
@@ -194,6 +245,13 @@ _SERVER: List[Scenario] = [
         expect={
             "not-stored": Expect(P, "discarded the truncated message"),
             "stored-truncated": Expect(F, "stored a message cut by a truncation"),
+            # Decided from the wire, with or without a storage probe.
+            "plaintext-goodbye": Expect(
+                F, "wrote plaintext onto the truncated TLS connection (R3)"
+            ),
+            "violation:R2": Expect(
+                F, "wrote non-TLS bytes onto the truncated TLS connection (R2 on the wire)"
+            ),
         },
     ),
     Scenario(
@@ -205,6 +263,7 @@ _SERVER: List[Scenario] = [
         reason="Only close_notify ends TLS for a return to plaintext; an error alert ends it all.",
         steps=(*_UPGRADE, S("alert-then-sentinel", fault=True), S("expect-close")),
         expect={
+            **_GOODBYE,
             "closed": Expect(P, "ended the connection after the alert"),
             "plaintext-answered": Expect(
                 F, "took a fatal alert for a closure and resumed plaintext"
@@ -223,7 +282,7 @@ _SERVER: List[Scenario] = [
             # With STOPTLS the closure leads back to plaintext; without it the
             # server must still answer close_notify before it closes TCP.
             S("stoptls", if_cap="STOPTLS"),
-            S("unwrap", fault=True),
+            S("unwrap", fault=True, silence="probe"),
             S("greeting", if_cap="STOPTLS"),
             S("quit"),
         ),
@@ -231,6 +290,17 @@ _SERVER: List[Scenario] = [
             "completed": Expect(P, "answered close_notify at once"),
             "close-notify-not-answered": Expect(
                 W, "closed TCP instead of answering close_notify (no data exposed)"
+            ),
+            **_SILENCE_ANSWERED,
+            # Staying open and silent is no milder than closing TCP.
+            "silent-then-closed": Expect(
+                W, "never answered close_notify; closed on a plaintext probe (no data exposed)"
+            ),
+            "silent-open": Expect(
+                W, "never answered close_notify and kept the connection open (no data exposed)"
+            ),
+            "violation:R5": Expect(
+                W, "sent TLS data after our close_notify instead of answering it (R5)"
             ),
             "closed": Expect(W, "closed the connection instead of returning to plaintext"),
         },
@@ -301,6 +371,10 @@ _SERVER: List[Scenario] = [
             "closed": Expect(E, "the target closed the connection during the state check"),
             "no-hello-required": Expect(
                 K, "the target accepts MAIL without any EHLO, so a reset cannot be observed"
+            ),
+            # Without a test user the login state cannot be observed: no pass.
+            "no-credentials": Expect(
+                K, "no test user (--user/--password): the login state cannot be checked"
             ),
         },
     ),

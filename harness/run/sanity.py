@@ -1,0 +1,118 @@
+"""What a failed sanity probe says about the target: one cause, one line.
+
+The sanity probe (the conforming path: connect, hello, STARTTLS, the
+handshake, a login when a test user is given, a sentinel) runs before each
+TLS version's group of scenarios.  When it fails, the cause is almost
+never the scenarios' business: the target is down, silent, not the named
+protocol, offers no STARTTLS, fails the certificate check, refuses the
+test user -- or does not offer that TLS version.  :func:`classify` turns
+the probe's observation into a :class:`SanityProblem`:
+
+* ``version`` -- the TLS version is not offered: that group is ``skip``;
+* ``dead`` -- nothing usable answers at all (refused, silent): asked once
+  per run, not once per TLS version and again after it;
+* ``target`` -- reachable but unusable: reported once, at target level
+  (:class:`TargetUnusable`, when the caller asks for it), instead of one
+  identical ``error`` row per scenario.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from starttls_harness.dialects import DIALECTS, Reply, dialect_named
+
+__all__ = ["NotOffered", "SanityProblem", "TargetUnusable", "classify"]
+
+#: OpenSSL reasons that mean "not this protocol version" (not a broken handshake).
+_VERSION_REASONS = (
+    "PROTOCOL_VERSION",
+    "UNSUPPORTED_PROTOCOL",
+    "NO_PROTOCOLS_AVAILABLE",
+    "VERSION_TOO_LOW",
+    "VERSION_TOO_HIGH",
+)
+_CERTIFICATE_REASONS = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed")
+
+
+class TargetUnusable(Exception):
+    """The target cannot be tested at all; ``line`` says why, in one line.
+
+    A command-line front end reports ``line`` once and exits with status 2
+    (a usage/target problem, not a failed scenario).
+    """
+
+    def __init__(self, line: str) -> None:
+        super().__init__(line)
+        self.line = line
+
+
+class NotOffered(str):
+    """A sanity problem that only means: the target does not offer this TLS version."""
+
+
+@dataclass(frozen=True)
+class SanityProblem:
+    """Why the conforming path does not work: ``kind`` is version, dead or target."""
+
+    kind: str
+    line: str
+
+
+def _looks_like(dialect: str, greeting: Reply) -> Optional[str]:
+    """The other registered dialect whose ready greeting this is, if any."""
+    for name, other in sorted(DIALECTS.items()):
+        if name == dialect:
+            continue
+        reply, _ = other.split_reply(greeting.raw, None)
+        if reply is not None and other.greeting_ok(reply):
+            return name
+    return None
+
+
+def classify(
+    label: str,
+    detail: str,
+    *,
+    dialect: str,
+    url: str,
+    tls_version: str,
+    greeting: Optional[Reply],
+    reply_timeout: float,
+) -> SanityProblem:
+    """The one-line cause of a sanity probe that ended in ``label`` (with ``detail``)."""
+    name = dialect_named(dialect).name.upper()
+    if label == "refused":
+        return SanityProblem("dead", detail or f"cannot connect to {url}")
+    if label == "timeout" and greeting is None:
+        return SanityProblem(
+            "dead",
+            f"{url} accepted the connection but sent no {name} greeting within "
+            f"{reply_timeout:g} s (a TLS-on-connect port? another protocol?)",
+        )
+    if label == "bad-greeting" and greeting is not None:
+        other = _looks_like(dialect, greeting)
+        shown = greeting.text[:80]
+        if other is not None:
+            return SanityProblem(
+                "target", f"{url} answers like {other.upper()}, not {name} ({shown!r})"
+            )
+        return SanityProblem("target", f"{url} does not greet like {name}: {shown!r}")
+    if label == "no-starttls":
+        return SanityProblem("target", f"{url} does not offer STARTTLS")
+    if label == "starttls-refused":
+        return SanityProblem("target", f"{url} refused STARTTLS: {detail}")
+    if label in ("handshake-failed", "handshake-refused"):
+        if any(reason in detail for reason in _VERSION_REASONS):
+            return SanityProblem("version", f"target does not offer TLS {tls_version}")
+        if any(reason in detail for reason in _CERTIFICATE_REASONS):
+            return SanityProblem(
+                "target",
+                f"the certificate check failed ({detail}): check the CA file and host name",
+            )
+        return SanityProblem("target", f"{url}: {detail}")
+    if label == "unexpected-reply" and "login refused" in detail:
+        refused = detail.split("login refused:", 1)[-1].strip()
+        return SanityProblem("target", f"the login was refused: {refused}")
+    return SanityProblem("target", f"{url}: the conforming path does not work: {detail or label}")
