@@ -59,7 +59,20 @@ class _Imap(_Dialect):
         return len(parts) > 1 and parts[1].upper() == b"OK"
 
 
-_DIALECTS: Dict[str, _Dialect] = {"smtp": _Smtp(), "imap": _Imap()}
+class _Pop3(_Dialect):
+    name = "pop3"
+
+    def command(self, line: bytes, verb: bytes) -> Optional[str]:
+        wanted = b"STLS" if verb == _STARTTLS else verb  # RFC 2595 spells it STLS
+        return "" if line.strip().upper() == wanted else None
+
+    def answer(self, line: bytes, tag: str) -> Optional[bool]:
+        if line.startswith(b"+OK"):
+            return True
+        return False if line.startswith(b"-ERR") else None
+
+
+_DIALECTS: Dict[str, _Dialect] = {"smtp": _Smtp(), "imap": _Imap(), "pop3": _Pop3()}
 _STARTTLS = b"STARTTLS"
 _STOPTLS = b"STOPTLS"
 
