@@ -25,6 +25,7 @@ from typing import Dict, Iterator, Sequence, Tuple, Union, overload
 from starttls_harness.dialects.base import Dialect, LinePredicate, Reply, UnitStep, missing
 from starttls_harness.dialects.imap import IMAP
 from starttls_harness.dialects.pop3 import POP3
+from starttls_harness.dialects.sieve import SIEVE
 from starttls_harness.dialects.smtp import SMTP
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "IMAP",
     "POP3",
     "RETURN_TO_PLAINTEXT",
+    "SIEVE",
     "SMTP",
     "Dialect",
     "IncompleteDialect",
@@ -162,3 +164,4 @@ RETURN_TO_PLAINTEXT: Sequence[str] = dialects_with("has_return_to_plaintext")
 register(SMTP)
 register(IMAP)
 register(POP3)
+register(SIEVE)

@@ -72,7 +72,25 @@ class _Pop3(_Dialect):
         return False if line.startswith(b"-ERR") else None
 
 
-_DIALECTS: Dict[str, _Dialect] = {"smtp": _Smtp(), "imap": _Imap(), "pop3": _Pop3()}
+class _Sieve(_Dialect):
+    name = "sieve"
+
+    def command(self, line: bytes, verb: bytes) -> Optional[str]:
+        return "" if line.strip().upper() == verb else None
+
+    def answer(self, line: bytes, tag: str) -> Optional[bool]:
+        word = line.split(None, 1)[:1]
+        if not word or word[0].upper() not in (b"OK", b"NO", b"BYE"):
+            return None  # a capability line before the final one
+        return word[0].upper() == b"OK"
+
+
+_DIALECTS: Dict[str, _Dialect] = {
+    "smtp": _Smtp(),
+    "imap": _Imap(),
+    "pop3": _Pop3(),
+    "sieve": _Sieve(),
+}
 _STARTTLS = b"STARTTLS"
 _STOPTLS = b"STOPTLS"
 
