@@ -101,6 +101,7 @@ BEHAVIOURS: Dict[str, Behaviour] = {
 
 _STRING = re.compile(rb'"((?:[^"\\]|\\.)*)"')
 _LITERAL_AT_END = re.compile(rb"\{(\d{1,10})\+?\}\r?\n\Z")
+_LITERAL_AT_START = re.compile(rb"\{(\d{1,10})\+?\}\r?\n")
 _SYNC_TAG = "STARTTLS-SYNC"
 
 
@@ -380,14 +381,16 @@ class SieveClient:
         return [n.group(1).decode("utf-8", "replace") for n in names if n is not None]
 
     async def getscript(self, name: str) -> bytes:
+        """The script ``name`` (sent back as a literal or a quoted string)."""
         response = await self._run(b"GETSCRIPT " + quoted(name) + b"\r\n", data=True)
         if not response.data:
             raise SieveError("GETSCRIPT answered without the script")
-        found = _LITERAL_AT_END.search(response.data[0])
-        if found is None:
-            return b"".join(response.data)
-        body = b"".join(response.data)[len(response.data[0]) :]
-        return body[: int(found.group(1))]
+        first = response.data[0]
+        literal = _LITERAL_AT_START.match(first)
+        if literal is not None:
+            return first[literal.end() : literal.end() + int(literal.group(1))]
+        found = _STRING.match(first)
+        return found.group(1) if found is not None else first
 
     async def logout(self) -> None:
         with contextlib.suppress(CommandError):
