@@ -648,5 +648,9 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+#: Dovecot's POP3 and ManageSieve daemons (dovecot-pop3d, dovecot-managesieved).
+DOVECOT_DAEMONS = ("/usr/lib/dovecot/pop3", "/usr/lib/dovecot/managesieve")
+
+
 def binaries_missing() -> List[str]:
-    return [b for b in (POSTFIX, DOVECOT) if not os.access(b, os.X_OK)]
+    return [b for b in (POSTFIX, DOVECOT, *DOVECOT_DAEMONS) if not os.access(b, os.X_OK)]
