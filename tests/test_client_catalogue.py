@@ -460,7 +460,7 @@ def test_command_placeholders_are_replaced() -> None:
     plain = CommandClientTarget("imap", ["client", "{port}"])
     assert not plain.accepts_cycles and plain.asking_for_cycles(3) is plain
     with pytest.raises(ValueError):
-        CommandClientTarget("pop3", ["client"])
+        CommandClientTarget("gopher", ["client"])
     with pytest.raises(ValueError):
         CommandClientTarget("smtp", [])
 
@@ -508,4 +508,4 @@ def test_reference_target_rejects_unknown_behaviours() -> None:
     with pytest.raises(ValueError):
         ReferenceClientTarget("imap", "ignore-truncation")  # an SMTP-only behaviour
     with pytest.raises(ValueError):
-        ReferenceClientTarget("pop3")
+        ReferenceClientTarget("gopher")
