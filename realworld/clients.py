@@ -124,6 +124,14 @@ def _curl_imap(p: Paths) -> List[str]:
     ]  # fmt: skip
 
 
+def _curl_pop3(p: Paths) -> List[str]:
+    # A POP3 URL without a message number is a LIST; --ssl-reqd makes STLS mandatory.
+    return [
+        "curl", "--silent", "--show-error", "--ssl-reqd", "--cacert", "{cafile}",
+        "--max-time", "15", "--user", "tester:secret", "pop3://{host}:{port}/",
+    ]  # fmt: skip
+
+
 def _msmtp(p: Paths) -> List[str]:
     # msmtp reads the message on stdin, and check-client gives clients /dev/null:
     # sh redirects it from the file and execs msmtp (values passed as $1..$4).
@@ -240,6 +248,21 @@ CLIENTS: Tuple[ClientSpec, ...] = (
         _curl_imap,
         _first_line_word(["curl", "--version"], 1),
         needs=("curl",),
+    ),
+    ClientSpec(
+        "curl",
+        "pop3",
+        "curl (Debian)",
+        _curl_pop3,
+        _first_line_word(["curl", "--version"], 1),
+        needs=("curl",),
+    ),
+    ClientSpec(
+        "poplib",
+        "pop3",
+        "Python standard library",
+        _python_driver("poplib_fetch.py"),
+        _python_version,
     ),
     ClientSpec(
         "msmtp",

@@ -3,6 +3,7 @@
     python realworld/count_stored.py postfix STATE/postfix   # queue + Maildir
     python realworld/count_stored.py dovecot STATE/dovecot   # the test user's Maildir
     python realworld/count_stored.py maildir PATH            # any Maildir
+    python realworld/count_stored.py sieve STATE/dovecot     # the test user's Sieve scripts
 
 This is the storage probe of the truncation scenario (R6: a message cut by
 a TCP FIN must not be stored), in the form a command line can take: one
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-__all__ = ["count_maildir", "count_postfix_queue", "count_stored"]
+__all__ = ["count_maildir", "count_postfix_queue", "count_sieve_scripts", "count_stored"]
 
 #: Queue directories that hold finished messages (``maildrop`` is local
 #: submission, ``corrupt`` what Postfix could not read).
@@ -63,7 +64,17 @@ def count_stored(kind: str, root: Path) -> int:
         return count_maildir(root / "mail" / "tester")
     if kind == "maildir":
         return count_maildir(root)
-    raise ValueError(f"unknown kind {kind!r}: use postfix, dovecot or maildir")
+    if kind == "sieve":
+        return count_sieve_scripts(root / "mail" / "tester" / "sieve")
+    raise ValueError(f"unknown kind {kind!r}: use postfix, dovecot, maildir or sieve")
+
+
+def count_sieve_scripts(path: Path) -> int:
+    """Scripts stored by ManageSieve (``NAME.sieve``; uploads in flight are in ``tmp/``)."""
+    try:
+        return sum(1 for entry in os.scandir(path) if entry.name.endswith(".sieve"))
+    except FileNotFoundError:
+        return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:

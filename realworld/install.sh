@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install Postfix and Dovecot (IMAP) from Debian's packages for the real-server tier,
+# Install Postfix and Dovecot (IMAP, POP3, ManageSieve) from Debian's packages for the real-server tier,
 # and the real clients of the client tier: curl, msmtp, fetchmail, and Node.js with npm (the
 # npm clients themselves, imapflow and nodemailer, are installed by
 # realworld/clients.py into a cache folder with npm install --prefix).
@@ -16,6 +16,9 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 packages=()
 have postfix || packages+=(postfix)
 have dovecot || packages+=(dovecot-imapd)
+# Dovecot's POP3 and ManageSieve services are daemons of the same master.
+[ -x /usr/lib/dovecot/pop3 ] || packages+=(dovecot-pop3d)
+[ -x /usr/lib/dovecot/managesieve ] || packages+=(dovecot-managesieved)
 have curl || packages+=(curl)
 have msmtp || packages+=(msmtp)
 have fetchmail || packages+=(fetchmail)
@@ -23,7 +26,7 @@ have node || packages+=(nodejs)
 have npm || packages+=(npm)
 
 if [ "${#packages[@]}" -eq 0 ]; then
-    echo "realworld/install.sh: postfix, dovecot, curl, msmtp, fetchmail, node and npm already installed"
+    echo "realworld/install.sh: postfix, dovecot (imap, pop3, managesieve), curl, msmtp, fetchmail, node and npm already installed"
     exit 0
 fi
 
@@ -65,6 +68,12 @@ fi
 for binary in postfix dovecot curl msmtp fetchmail node npm; do
     if ! have "$binary"; then
         echo "realworld/install.sh: $binary missing after apt-get install ${packages[*]}" >&2
+        exit 1
+    fi
+done
+for daemon in pop3 managesieve; do
+    if [ ! -x "/usr/lib/dovecot/$daemon" ]; then
+        echo "realworld/install.sh: dovecot's $daemon missing after apt-get install ${packages[*]}" >&2
         exit 1
     fi
 done

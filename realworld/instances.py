@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from starttls_harness.tls.certs import Pki
 
@@ -42,10 +42,12 @@ __all__ = [
     "TEST_PASSWORD",
     "TEST_USER",
     "Dovecot",
+    "DovecotService",
     "Instance",
     "NotReady",
     "Postfix",
     "dovecot_conf",
+    "dovecot_pop3_sieve_conf",
     "free_port",
     "postfix_main_cf",
     "postfix_master_cf",
@@ -279,11 +281,19 @@ def dovecot_conf(
     certfile: Path,
     keyfile: Path,
     host: str = "127.0.0.1",
+    pop3_port: Optional[int] = None,
+    sieve_port: Optional[int] = None,
 ) -> str:
-    """A complete dovecot.conf: IMAP with STARTTLS on ``host:port``, one user."""
+    """A complete dovecot.conf: IMAP with STARTTLS on ``host:port``, one user.
+
+    With ``pop3_port`` / ``sieve_port`` also POP3 (STLS) and ManageSieve
+    (STARTTLS) listeners of the same instance (:func:`dovecot_pop3_sieve_conf`).
+    """
+    extra = dovecot_pop3_sieve_conf(host, pop3_port, sieve_port)
+    protocols = " ".join(["imap", *extra[0]])
     return f"""\
 # Private Dovecot instance of the starttls-harness real-server tier.
-protocols = imap
+protocols = {protocols}
 listen = {host}
 base_dir = {base_dir}
 state_dir = {state_dir}
@@ -323,7 +333,47 @@ service imap-login {{
     port = 0
   }}
 }}
+{extra[1]}"""
+
+
+def dovecot_pop3_sieve_conf(
+    host: str, pop3_port: Optional[int], sieve_port: Optional[int]
+) -> Tuple[List[str], str]:
+    """The protocols and blocks of the POP3 and ManageSieve listeners (none: empty).
+
+    POP3 keeps ``disable_plaintext_auth`` (USER/AUTH refused before STLS);
+    ManageSieve stores the user's scripts in ``~/sieve`` (the storage probe
+    counts them, ``count_stored.py sieve``).
+    """
+    protocols: List[str] = []
+    blocks = ""
+    if pop3_port is not None:
+        protocols.append("pop3")
+        blocks += f"""
+service pop3-login {{
+  inet_listener pop3 {{
+    address = {host}
+    port = {pop3_port}
+  }}
+  inet_listener pop3s {{
+    port = 0
+  }}
+}}
 """
+    if sieve_port is not None:
+        protocols.append("sieve")
+        blocks += f"""
+service managesieve-login {{
+  inet_listener sieve {{
+    address = {host}
+    port = {sieve_port}
+  }}
+}}
+plugin {{
+  sieve = file:~/sieve;active=~/.dovecot.sieve
+}}
+"""
+    return protocols, blocks
 
 
 # ------------------------------------------------------------------ instances
@@ -457,6 +507,9 @@ class Dovecot(Instance):
     """``dovecot -F -c FILE``: a foreground master we own, stopped by its pid."""
 
     process: Optional[subprocess.Popen[bytes]] = None
+    #: Ports of the POP3 and ManageSieve listeners (None: not configured).
+    pop3_port: Optional[int] = None
+    sieve_port: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.conf = self.root / "dovecot.conf"
@@ -495,6 +548,8 @@ class Dovecot(Instance):
                 certfile=pki.certfile,
                 keyfile=pki.keyfile,
                 host=self.host,
+                pop3_port=self.pop3_port,
+                sieve_port=self.sieve_port,
             )
         )
 
@@ -537,10 +592,65 @@ class Dovecot(Instance):
         self.started = False
 
 
+@dataclass
+class DovecotService(Instance):
+    """Another listener (POP3, ManageSieve) of a :class:`Dovecot` instance.
+
+    The master is configured, started and stopped by ``parent`` (which must
+    come first in the run's list); this only waits for its greeting.
+    ``probe_kind`` names the count of ``count_stored.py`` (empty: no storage
+    probe -- POP3 cannot hand the server a message).
+    """
+
+    parent: Optional[Dovecot] = None
+    greeting: bytes = b""
+    probe_kind: str = ""
+
+    def __post_init__(self) -> None:
+        assert self.parent is not None
+        self.root = self.parent.root
+        self.log = self.parent.log
+
+    def version(self) -> str:
+        assert self.parent is not None
+        return self.parent.version()
+
+    def configure(self, pki: Pki) -> None:
+        pass  # written by the parent's configure()
+
+    def start(self, timeout: float) -> None:
+        parent = self.parent
+        assert parent is not None and parent.process is not None
+        process = parent.process
+        try:
+            wait_for_greeting(
+                self.host, self.port, self.greeting, timeout, alive=lambda: process.poll() is None
+            )
+        except NotReady as exc:
+            raise NotReady(f"{exc}\n{self.log_tail()}") from None
+        self.started = True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.started = False  # the parent's stop() ends the master
+
+    def stored(self) -> int:
+        return count_stored(self.probe_kind, self.root) if self.probe_kind else 0
+
+    def storage_probe_command(self) -> str:
+        if not self.probe_kind:
+            return ""
+        script = Path(__file__).resolve().parent / "count_stored.py"
+        return shlex.join([sys.executable, str(script), self.probe_kind, str(self.root)])
+
+
 def remove_tree(path: Path) -> None:
     """Remove a state directory (mail, queue, keys) after a run."""
     shutil.rmtree(path, ignore_errors=True)
 
 
+#: Dovecot's POP3 and ManageSieve daemons (dovecot-pop3d, dovecot-managesieved).
+DOVECOT_DAEMONS = ("/usr/lib/dovecot/pop3", "/usr/lib/dovecot/managesieve")
+
+
 def binaries_missing() -> List[str]:
-    return [b for b in (POSTFIX, DOVECOT) if not os.access(b, os.X_OK)]
+    return [b for b in (POSTFIX, DOVECOT, *DOVECOT_DAEMONS) if not os.access(b, os.X_OK)]

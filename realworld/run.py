@@ -40,6 +40,7 @@ from realworld.instances import (
     TEST_PASSWORD,
     TEST_USER,
     Dovecot,
+    DovecotService,
     Instance,
     NotReady,
     Postfix,
@@ -86,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--server",
         action="append",
-        choices=("postfix", "dovecot"),
-        help="only this server (repeatable; default: both)",
+        choices=("postfix", "dovecot", "dovecot-pop3", "dovecot-sieve"),
+        help="only this server (repeatable; default: all)",
     )
     p.add_argument(
         "--start-timeout",
@@ -154,11 +155,11 @@ def run_check(
         str(out_dir / instance.name),
         "--quiet",
     ]
-    if instance.dialect == "imap":
+    if instance.dialect in ("imap", "pop3", "sieve"):
         argv += ["--user", TEST_USER, "--password", TEST_PASSWORD]
     else:
         argv += ["--rcpt", "postmaster@localhost"]
-    if storage_probe:
+    if storage_probe and instance.storage_probe_command():
         argv += ["--storage-probe", instance.storage_probe_command()]
     # check --evidence keeps key logs in a mkdtemp() directory it does not
     # remove: TMPDIR inside the state directory makes them go with it.
@@ -206,9 +207,36 @@ def _instances(root: Path, names: Sequence[str]) -> List[Instance]:
         directory.chmod(0o755)  # the servers' unprivileged users traverse it
         if name == "postfix":
             made.append(Postfix("postfix", "smtp", directory, free_port()))
-        else:
+        elif name == "dovecot":
             made.append(Dovecot("dovecot", "imap", directory, free_port()))
+    # POP3 and ManageSieve are listeners of the same Dovecot (started first).
+    parent = next((i for i in made if isinstance(i, Dovecot)), None)
+    for name, dialect, greeting, probe in _DOVECOT_SERVICES:
+        if name not in names:
+            continue
+        if parent is None:
+            directory = root / "dovecot"
+            directory.mkdir(parents=True, exist_ok=True)
+            directory.chmod(0o755)
+            parent = Dovecot("dovecot", "imap", directory, free_port())
+            made.append(parent)
+        port = free_port()
+        if dialect == "pop3":
+            parent.pop3_port = port
+        else:
+            parent.sieve_port = port
+        service = DovecotService(
+            name, dialect, parent.root, port, parent=parent, greeting=greeting, probe_kind=probe
+        )
+        made.append(service)
     return made
+
+
+#: name, dialect, greeting, storage probe kind of the services of the Dovecot instance.
+_DOVECOT_SERVICES = (
+    ("dovecot-pop3", "pop3", b"+OK", ""),
+    ("dovecot-sieve", "sieve", b'"IMPLEMENTATION"', "sieve"),
+)
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -237,7 +265,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not expected and not args.update:
         print(f"realworld: {args.expected} does not exist; run with --update", file=sys.stderr)
         return EXIT_ERROR
-    names = args.server or ["postfix", "dovecot"]
+    names = args.server or ["postfix", "dovecot", "dovecot-pop3", "dovecot-sieve"]
     versions = compare.TLS_VERSIONS if args.tls_version == "all" else (args.tls_version,)
 
     own_root = args.state_dir is None

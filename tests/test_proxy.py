@@ -844,4 +844,4 @@ def test_follower_plaintext_in_tls_and_truncation(pki: Pki, tmp_path: Path) -> N
     (unit,) = partial.flush(C2S)
     assert unit.data == b"HELO" and "incomplete" in unit.detail
     with pytest.raises(ValueError, match="unknown dialect"):
-        Follower("pop3")
+        Follower("gopher")

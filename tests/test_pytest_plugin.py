@@ -180,11 +180,11 @@ def test_marker_with_an_unknown_dialect_is_a_usage_error(pytester: pytest.Pytest
         test_pop3="""
 import pytest
 
-@pytest.mark.starttls(dialect="pop3")
+@pytest.mark.starttls(dialect="gopher")
 def test_server(starttls_result):
     starttls_result.check()
 """,
     )
     result = pytester.runpytest("-p", "no:cacheprovider")
     assert result.ret != 0
-    result.stdout.fnmatch_lines(["*unknown dialect 'pop3'; known: smtp, imap*"])
+    result.stdout.fnmatch_lines(["*unknown dialect 'gopher'; known: smtp, imap*"])

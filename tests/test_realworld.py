@@ -46,7 +46,7 @@ def cells(**verdicts: str) -> Dict[compare.Key, Cell]:
 
 def test_expected_json_parses_and_covers_the_catalogue() -> None:
     tables = compare.load_expected()
-    assert set(tables) == {"postfix", "dovecot"}
+    assert set(tables) == {"postfix", "dovecot", "dovecot-pop3", "dovecot-sieve"}
     for name, t in tables.items():
         dialect_scenarios = {
             s.id for s in CATALOGUE if s.role == "server" and t.dialect in s.dialects
@@ -179,8 +179,8 @@ def _doc(**cell: Any) -> Dict[str, Any]:
         ({"format": 2, "servers": {}}, "format 2"),
         ({"format": 1, "servers": {}}, "non-empty"),
         (
-            {"format": 1, "servers": {"p": {"dialect": "pop3", "scenarios": {}}}},
-            "'pop3' is not one of smtp, imap",
+            {"format": 1, "servers": {"p": {"dialect": "gopher", "scenarios": {}}}},
+            "'gopher' is not one of smtp, imap",
         ),
         (_doc(**{"1.2": {"verdict": "fine", "seen": ["a"]}}), "verdict 'fine'"),
         (_doc(**{"1.2": {"verdict": "pass", "seen": []}}), "non-empty list"),

@@ -218,8 +218,12 @@ def test_every_client_command_takes_host_port_and_cafile(tmp_path: Path) -> None
 
 
 def test_select_by_client_or_by_client_and_dialect() -> None:
-    assert [s.name for s in clients.select(["curl"])] == ["curl/smtp", "curl/imap"]
-    assert [s.name for s in clients.select(["curl/imap", "curl"])] == ["curl/imap", "curl/smtp"]
+    assert [s.name for s in clients.select(["curl"])] == ["curl/smtp", "curl/imap", "curl/pop3"]
+    assert [s.name for s in clients.select(["curl/imap", "curl"])] == [
+        "curl/imap",
+        "curl/smtp",
+        "curl/pop3",
+    ]
     assert clients.select(None) == list(clients.CLIENTS)
     with pytest.raises(ValueError, match="unknown client 'mutt'"):
         clients.select(["mutt"])

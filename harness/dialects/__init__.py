@@ -24,13 +24,17 @@ from typing import Dict, Iterator, Sequence, Tuple, Union, overload
 
 from starttls_harness.dialects.base import Dialect, LinePredicate, Reply, UnitStep, missing
 from starttls_harness.dialects.imap import IMAP
+from starttls_harness.dialects.pop3 import POP3
+from starttls_harness.dialects.sieve import SIEVE
 from starttls_harness.dialects.smtp import SMTP
 
 __all__ = [
     "DIALECTS",
     "EVERY_DIALECT",
     "IMAP",
+    "POP3",
     "RETURN_TO_PLAINTEXT",
+    "SIEVE",
     "SMTP",
     "Dialect",
     "IncompleteDialect",
@@ -159,3 +163,5 @@ RETURN_TO_PLAINTEXT: Sequence[str] = dialects_with("has_return_to_plaintext")
 
 register(SMTP)
 register(IMAP)
+register(POP3)
+register(SIEVE)

@@ -1,0 +1,493 @@
+"""Reference ManageSieve server (RFC 5804): STARTTLS, the STOPTLS extension, misbehaviours.
+
+One coroutine per connection reads commands (lines with their ``{n+}``
+literals inline) from a :class:`~starttls_harness.servers.imapsyntax.LineReader`
+and answers them.  Commands: CAPABILITY, STARTTLS, STOPTLS, AUTHENTICATE
+"PLAIN" (with or without an initial response), NOOP (with its TAG),
+PUTSCRIPT, LISTSCRIPTS, GETSCRIPT, SETACTIVE, DELETESCRIPT, HAVESPACE,
+CHECKSCRIPT and LOGOUT.  Every PUTSCRIPT is recorded in
+``RunningServer.messages`` (the storage probe counts them); the scripts by
+name are what LISTSCRIPTS and GETSCRIPT show.
+
+Security decisions: in plaintext the capability list has ``"SASL" ""`` and
+``"STARTTLS"`` and AUTHENTICATE is refused with ``NO (ENCRYPT-NEEDED)``; the
+hold gate is armed for the STARTTLS line (bytes after it are the R1
+leftover the strict engine refuses); after the handshake the capability
+list is re-issued, as RFC 5804 §2.2 requires, without ``STARTTLS`` and with
+``"STOPTLS"``; STOPTLS is answered ``OK`` under TLS, followed by the
+bidirectional closure and the capability greeting in plaintext; every
+transition forgets the login (R8).
+
+Behaviours (``BEHAVIOURS``; each breaks exactly one rule, as in
+:mod:`starttls_harness.servers.imap`): ``keep-buffer`` (R1),
+``plaintext-in-tls`` (R2), ``early-plaintext`` (R3), ``one-sided-resume`` (R4),
+``no-close-notify-reply`` (R5), ``ignore-truncation`` (R6: a PUTSCRIPT literal
+cut by EOF is stored), ``alert-as-close`` (R7), ``no-state-reset`` (R8: the
+login survives STARTTLS and STOPTLS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import re
+import ssl
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Set, Tuple
+
+from starttls_harness.dialects.sieve import capability_lines, quoted
+from starttls_harness.servers.base import (
+    STRICT,
+    Behaviour,
+    RunningServer,
+    ServerConfig,
+    behaviour_named,
+)
+from starttls_harness.servers.imapsyntax import IncompleteRead, LineReader, LineTooLong
+from starttls_harness.tls.aio import SwitchableTransport, create_server
+from starttls_harness.tls.engine import (
+    AlertReceived,
+    CloseNotifyReceived,
+    ClosureComplete,
+    Event,
+    LocalProtocolError,
+    Rule,
+    TransitionError,
+)
+from starttls_harness.tls.states import State
+
+__all__ = ["BEHAVIOURS", "SieveScript", "SieveServerProtocol", "start_server"]
+
+BEHAVIOURS: Dict[str, Behaviour] = {
+    b.name: b
+    for b in (
+        STRICT,
+        Behaviour(
+            "keep-buffer",
+            Rule.R1,
+            "executes commands pipelined after STARTTLS inside TLS",
+            (Rule.R1,),
+        ),
+        Behaviour(
+            "plaintext-in-tls", Rule.R2, "executes plaintext received while TLS is up", (Rule.R2,)
+        ),
+        Behaviour(
+            "early-plaintext",
+            Rule.R3,
+            "sends close_notify and the plaintext greeting without waiting for the client's"
+            " close_notify",
+        ),
+        Behaviour(
+            "one-sided-resume",
+            Rule.R4,
+            "accepts plaintext that follows the client's close_notify in the same segment",
+            (Rule.R4,),
+        ),
+        Behaviour(
+            "no-close-notify-reply",
+            Rule.R5,
+            "closes TCP instead of answering the client's close_notify",
+            (Rule.R5,),
+        ),
+        Behaviour(
+            "ignore-truncation",
+            Rule.R6,
+            "stores a PUTSCRIPT literal cut by EOF under TLS",
+            (Rule.R6,),
+        ),
+        Behaviour(
+            "alert-as-close",
+            Rule.R7,
+            "takes a fatal alert for a closure and resumes plaintext",
+            (Rule.R7,),
+        ),
+        Behaviour("no-state-reset", Rule.R8, "keeps the login across STARTTLS and STOPTLS"),
+    )
+}
+
+_LITERAL_AT_END = re.compile(rb"\{(\d{1,10})(\+?)\}\r?\n\Z")
+_TOKEN = re.compile(rb'\s*(?:"((?:[^"\\]|\\.)*)"|\{(\d{1,10})\+?\}\r?\n|([^\s"{]+))', re.S)
+
+
+@dataclass
+class SieveScript:
+    """One PUTSCRIPT (the storage probe's unit)."""
+
+    name: str
+    data: bytes
+    tls: bool
+    complete: bool = True
+
+
+class _Bye(Exception):
+    """End the session with a BYE line."""
+
+
+def _tokens(raw: bytes) -> List[bytes]:
+    """The words of a command: atoms, quoted strings (unescaped), literals (inline)."""
+    out: List[bytes] = []
+    pos = 0
+    while pos < len(raw):
+        if not raw[pos:].strip():
+            break
+        found = _TOKEN.match(raw, pos)
+        if found is None:
+            raise ValueError("malformed command")
+        if found.group(1) is not None:
+            out.append(re.sub(rb"\\(.)", rb"\1", found.group(1)))
+            pos = found.end()
+        elif found.group(2) is not None:
+            size = int(found.group(2))
+            start = found.end()
+            out.append(raw[start : start + size])
+            pos = start + size
+        else:
+            out.append(found.group(3))
+            pos = found.end()
+    return out
+
+
+class SieveServerProtocol(asyncio.Protocol):
+    """One ManageSieve connection (see the module docstring)."""
+
+    def __init__(self, running: RunningServer, behaviour: Behaviour, ctx: ssl.SSLContext) -> None:
+        self.running = running
+        self.config: ServerConfig = running.config
+        self.behaviour = behaviour
+        self.ctx = ctx
+        self.reader = LineReader(self.config.limits.max_line)
+        self.transport: Optional[SwitchableTransport] = None
+        self.user: Optional[str] = None
+        self.log: List[bytes] = []
+        self._stopping = False
+        self._after_stoptls = b""
+        self._closure: Optional[asyncio.Future[None]] = None
+        self._close_notify: Optional[asyncio.Future[None]] = None
+
+    # --------------------------------------------------- asyncio protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, SwitchableTransport)
+        self.transport = transport
+        self.running.connections.append(self)
+        transport.hold_after(_is_starttls)
+        task = asyncio.get_running_loop().create_task(self._session())
+        sessions = getattr(self.running, "sessions", None)
+        if isinstance(sessions, set):
+            sessions.add(task)
+            task.add_done_callback(sessions.discard)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+
+    def eof_received(self) -> bool:
+        self.reader.feed_eof()
+        return True
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        lost = exc or ConnectionResetError("connection closed")
+        self.reader.set_exception(lost)
+        for fut in (self._closure, self._close_notify):
+            if fut is not None and not fut.done():
+                fut.set_exception(lost)
+
+    def engine_event(self, event: Event) -> None:
+        """Closure bookkeeping; the misbehaving modes hook in here."""
+        t = self.transport
+        if isinstance(event, ClosureComplete):
+            if self._stopping and self.reader.pending:
+                self._after_stoptls = self.reader.take_pending()
+            _set(self._closure)
+        elif isinstance(event, CloseNotifyReceived):
+            _set(self._close_notify)
+            if (
+                not self.behaviour.policy.enforces(Rule.R5)
+                and t is not None
+                and t.engine.state is State.CLOSE_RECEIVED
+            ):
+                t.close()  # no-close-notify-reply: hang up instead of answering
+        elif (
+            isinstance(event, AlertReceived)
+            and not self.behaviour.policy.enforces(Rule.R7)
+            and t is not None
+            and t.engine.state is State.PLAINTEXT
+        ):
+            self._reset()  # alert-as-close: the alert is taken for a closure
+            self._write(self._greeting())
+
+    # ------------------------------------------------------------ session
+
+    async def _session(self) -> None:
+        t = self.transport
+        assert t is not None
+        try:
+            self._write(self._greeting())
+            while not t.is_closing():
+                raw = await self._read_command()
+                await self._execute(raw)
+        except _Bye as why:
+            self._write(b"BYE " + quoted(str(why)) + b"\r\n")
+        except LineTooLong:
+            self._write(b'BYE "line too long"\r\n')
+        except (
+            asyncio.TimeoutError,
+            ConnectionError,
+            LocalProtocolError,
+            TransitionError,
+            ssl.SSLError,
+        ):
+            pass
+        finally:
+            t.close()
+
+    async def _read_command(self) -> bytes:
+        """One command with its literals inline (EOF inside a PUTSCRIPT literal: R6)."""
+        timeout = self.config.limits.idle_timeout
+        line = await self.reader.read_line(timeout)
+        raw = bytearray(line)
+        while True:
+            announced = _LITERAL_AT_END.search(line)
+            if announced is None:
+                return bytes(raw)
+            size = int(announced.group(1))
+            if size > self.config.limits.max_literal:
+                raise _Bye("literal too large")
+            try:
+                raw += await self.reader.read_exactly(size, timeout)
+            except IncompleteRead as cut:
+                self._truncated(bytes(raw), cut.partial)
+                raise
+            line = await self.reader.read_line(timeout)
+            raw += line
+
+    def _truncated(self, head: bytes, partial: bytes) -> None:
+        if self.behaviour.name != "ignore-truncation" or self.user is None:
+            return
+        if head.split(None, 1)[:1] == [b"PUTSCRIPT"]:
+            self._store("truncated", partial, complete=False)
+
+    def _write(self, data: bytes) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        with contextlib.suppress(LocalProtocolError):
+            t.write(data)
+
+    def _reset(self) -> None:
+        """R8: forget the login (unless no-state-reset)."""
+        if self.behaviour.name != "no-state-reset":
+            self.user = None
+
+    def _capabilities(self) -> bytes:
+        assert self.transport is not None
+        caps: List[Tuple[str, Optional[str]]] = [
+            ("IMPLEMENTATION", "starttls-harness"),
+            ("SIEVE", "fileinto reject envelope"),
+            ("VERSION", "1.0"),
+        ]
+        if self.transport.tls_active:
+            caps += [("SASL", "PLAIN"), ("STOPTLS", None)]
+        else:
+            caps += [("SASL", ""), ("STARTTLS", None)]
+        return capability_lines(caps)
+
+    def _greeting(self) -> bytes:
+        return self._capabilities() + b'OK "starttls-harness ManageSieve ready."\r\n'
+
+    def _store(self, name: str, data: bytes, *, complete: bool) -> None:
+        assert self.transport is not None
+        script = SieveScript(name, data, self.transport.tls_active, complete)
+        self.running.messages.append(script)
+
+    def _scripts(self) -> Dict[str, SieveScript]:
+        return {s.name: s for s in self.running.messages if s.complete}
+
+    async def _execute(self, raw: bytes) -> None:
+        t = self.transport
+        assert t is not None
+        try:
+            words = _tokens(raw)
+        except ValueError:
+            self._write(b'NO "malformed command"\r\n')
+            return
+        if not words:
+            self._write(b'NO "empty command"\r\n')
+            return
+        verb = words[0].upper().decode("latin-1")
+        args = words[1:]
+        self.log.append(verb.encode() if verb == "AUTHENTICATE" else raw[:200])
+        if verb == "CAPABILITY":
+            self._write(self._capabilities() + b'OK "Capability completed."\r\n')
+        elif verb == "NOOP":
+            tag = b" (TAG " + quoted(args[0].decode("latin-1")) + b")" if args else b""
+            self._write(b"OK" + tag + b' "Done"\r\n')
+        elif verb == "LOGOUT":
+            self._write(b'OK "Logout completed."\r\n')
+            t.close()
+        elif verb == "STARTTLS":
+            await self._starttls(args)
+        elif verb == "STOPTLS":
+            await self._stoptls(args)
+        elif verb == "AUTHENTICATE":
+            await self._authenticate(args)
+        elif verb in _AUTHENTICATED and self.user is None:
+            self._write(b'NO "authenticate first"\r\n')
+        elif verb in _AUTHENTICATED:
+            self._script_command(verb, args)
+        else:
+            self._write(b'NO "unknown command"\r\n')
+
+    async def _starttls(self, args: List[bytes]) -> None:
+        t = self.transport
+        assert t is not None
+        if args or t.tls_active or self.user is not None:
+            self._write(b'NO "STARTTLS not allowed now"\r\n')
+            if not t.tls_active and t.engine.held:
+                t.release_held()
+            return
+        leftover = self.reader.take_pending()
+        await t.start_tls(
+            self.ctx,
+            server_side=True,
+            preface=b'OK "Begin TLS negotiation now."\r\n',
+            leftover=leftover,
+        )
+        self._reset()
+        # RFC 5804 §2.2: the capabilities are re-issued under TLS.
+        self._write(self._capabilities() + b'OK "TLS negotiation successful."\r\n')
+
+    async def _stoptls(self, args: List[bytes]) -> None:
+        t = self.transport
+        assert t is not None
+        if not t.tls_active or args or self.reader.pending:
+            self._write(b'NO "STOPTLS only under TLS, alone and without arguments"\r\n')
+            return
+        answer = b'OK "Begin TLS closure."\r\n'
+        loop = asyncio.get_running_loop()
+        bound = self.config.timeouts.closure
+        name = self.behaviour.name
+        if name == "early-plaintext":
+            self._closure = loop.create_future()
+            with t.corked():
+                t.write(answer)
+                t.events.extend(t.engine.unwrap())
+                self._reset()
+                t.write_raw(self._greeting())
+            await asyncio.wait_for(self._closure, bound)
+            return
+        if name == "no-close-notify-reply":
+            self._close_notify = loop.create_future()
+            t.write(answer)
+            await asyncio.wait_for(self._close_notify, bound)
+            return
+        self._stopping = True
+        try:
+            await t.accept_unwrap(preface=answer)
+        finally:
+            self._stopping = False
+        if self._after_stoptls:
+            raise _Bye("commands were pipelined after STOPTLS")
+        self._reset()
+        self._write(self._greeting())
+
+    async def _authenticate(self, args: List[bytes]) -> None:
+        t = self.transport
+        assert t is not None
+        if not t.tls_active:
+            self._write(b'NO (ENCRYPT-NEEDED) "authenticate after STARTTLS"\r\n')
+            return
+        if self.user is not None:
+            self._write(b'NO "already authenticated"\r\n')
+            return
+        if not args or args[0].upper() != b"PLAIN" or len(args) > 2:
+            self._write(b'NO "only PLAIN is offered"\r\n')
+            return
+        if len(args) == 2:
+            token = args[1]
+        else:
+            self._write(b'""\r\n')
+            answer = _tokens(await self._read_command())
+            token = answer[0] if answer else b"*"
+            if token == b"*":
+                self._write(b'NO "authentication cancelled"\r\n')
+                return
+        try:
+            parts = base64.b64decode(token, validate=True).split(b"\0")
+        except (binascii.Error, ValueError):
+            parts = []
+        config = self.config
+        if len(parts) != 3 or parts[1:] != [config.user.encode(), config.password.encode()]:
+            self._write(b'NO "authentication failed"\r\n')
+            return
+        self.user = config.user
+        self._write(b'OK "Logged in."\r\n')
+
+    def _script_command(self, verb: str, args: List[bytes]) -> None:
+        scripts = self._scripts()
+        name = args[0].decode("utf-8", "replace") if args else ""
+        if verb == "LISTSCRIPTS":
+            out = b"".join(quoted(n) + b"\r\n" for n in scripts)
+            self._write(out + b'OK "Listscripts completed."\r\n')
+        elif verb == "PUTSCRIPT" and len(args) == 2:
+            self._store(name, args[1], complete=True)
+            self._write(b'OK "PUTSCRIPT completed."\r\n')
+        elif verb == "CHECKSCRIPT" and len(args) == 1:
+            self._write(b'OK "Script is valid."\r\n')
+        elif verb == "HAVESPACE" and len(args) == 2:
+            self._write(b'OK "Putscript would succeed."\r\n')
+        elif verb == "GETSCRIPT" and name in scripts:
+            data = scripts[name].data
+            self._write(b"{%d}\r\n" % len(data) + data + b'\r\nOK "Getscript completed."\r\n')
+        elif verb in ("SETACTIVE", "DELETESCRIPT") and (name in scripts or not name):
+            self._write(b"OK\r\n")
+        elif verb in ("GETSCRIPT", "SETACTIVE", "DELETESCRIPT"):
+            self._write(b'NO (NONEXISTENT) "no such script"\r\n')
+        else:
+            self._write(b'NO "wrong arguments"\r\n')
+
+
+_AUTHENTICATED = frozenset(
+    {"LISTSCRIPTS", "PUTSCRIPT", "CHECKSCRIPT", "HAVESPACE", "GETSCRIPT", "SETACTIVE"}
+    | {"DELETESCRIPT"}
+)
+
+
+def _is_starttls(line: bytes) -> bool:
+    return line.strip().upper() == b"STARTTLS"
+
+
+def _set(fut: Optional[asyncio.Future[None]]) -> None:
+    if fut is not None and not fut.done():
+        fut.set_result(None)
+
+
+async def start_server(config: ServerConfig) -> RunningServer:
+    """Start the reference ManageSieve server (``config.behaviour`` picks a mode)."""
+    behaviour = behaviour_named(BEHAVIOURS, config.behaviour)
+    ctx = config.ssl_context()
+    holder: List[SieveRunningServer] = []
+
+    def factory() -> SieveServerProtocol:
+        return SieveServerProtocol(holder[0], behaviour, ctx)
+
+    server = await create_server(
+        factory, config.host, config.port, policy=behaviour.policy, timeouts=config.timeouts
+    )
+    running = SieveRunningServer(server, config)
+    holder.append(running)
+    return running
+
+
+@dataclass
+class SieveRunningServer(RunningServer):
+    """:class:`RunningServer` whose ``close()`` also waits for the sessions."""
+
+    sessions: Set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def close(self) -> None:
+        await super().close()
+        pending = list(self.sessions)
+        if pending:
+            await asyncio.wait(pending, timeout=self.config.timeouts.closure)
