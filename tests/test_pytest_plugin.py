@@ -162,7 +162,7 @@ from starttls_harness.run.targets import CommandClientTarget
 
 @pytest.fixture
 def starttls_client():
-    return CommandClientTarget("smtp", [sys.executable, "-c", "pass"])
+    return CommandClientTarget("smtp", [sys.executable, "-c", "pass", "{port}"])
 
 @pytest.mark.starttls(role="client", dialect="smtp", tls_versions=("1.3",),
                       only=["client.starttls-stripped"])

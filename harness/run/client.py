@@ -81,7 +81,7 @@ from starttls_harness.run.targets import (
     ReferenceClientTarget,
 )
 from starttls_harness.run.validation import CLIENT_VALIDATION_SETTINGS
-from starttls_harness.scenarios.client import CLIENT_SCENARIOS
+from starttls_harness.scenarios.client import CLIENT_COMMON, CLIENT_SCENARIOS
 from starttls_harness.scenarios.expectations import expected_client_verdicts, mismatches
 from starttls_harness.scenarios.model import Expect, Scenario, Step
 from starttls_harness.tls.aio import Timeouts, create_server
@@ -278,7 +278,16 @@ async def step_greet(run: _Run, args: Mapping[str, object]) -> None:
         if run.client.done():
             outcome = run.client.result()
             raise Observed("client-did-not-connect", f"client ended first: {outcome.detail}")
-        raise Observed("client-did-not-connect", "no connection within the bound")
+        raise Observed(
+            "client-did-not-connect",
+            f"no connection within {run.settings.connect_timeout:g} s",
+        )
+    if args.get("preauth"):
+        greeting = run.dialect.preauth_greeting()
+        if greeting is None:
+            raise RuntimeError("the scripted server has no pre-authenticated greeting")
+        conn.send(greeting)
+        return
     conn.send(run.dialect.greeting())
 
 
@@ -364,13 +373,25 @@ async def step_accept_starttls(run: _Run, args: Mapping[str, object]) -> None:
     the ClientHello and writes the injected response before its ServerHello,
     in a segment of its own -- so the client has certainly read the answer
     alone and started its handshake when the plaintext arrives.
+    ``inject="partial"``: a response cut before its line end, left to be
+    glued in front of the first reply under TLS.  ``inject="multi"``:
+    several injected responses in the same segment.
     """
     cmd = run.pending
     if cmd is None or cmd.kind != "starttls":
         raise Observed("unexpected-reply", "no STARTTLS to accept")
     run.pending = None
     inject = str(args.get("inject", ""))
-    payload = run.dialect.injection(cmd) if inject else b""
+    payloads = {
+        "": lambda c: b"",
+        "same": run.dialect.injection,
+        "after-hello": run.dialect.injection,
+        "partial": run.dialect.partial_injection,
+        "multi": run.dialect.multi_injection,
+    }
+    if inject not in payloads:
+        raise RuntimeError(f"unknown injection shape {inject!r}")
+    payload = payloads[inject](cmd)
     if inject == "after-hello":
         await _switch_after_client_hello(run, cmd, payload)
     else:
@@ -409,7 +430,8 @@ async def step_refuse_starttls(run: _Run, args: Mapping[str, object]) -> None:
     if cmd is None or cmd.kind != "starttls":
         raise Observed("unexpected-reply", "no STARTTLS to refuse")
     run.pending = None
-    run.conn.send(run.dialect.starttls_refused(cmd))
+    bad = str(args.get("how", "")) == "bad"
+    run.conn.send(run.dialect.starttls_bad(cmd) if bad else run.dialect.starttls_refused(cmd))
     run.conn.t().release_held()
 
 
@@ -795,8 +817,9 @@ async def run_client_scenario(
                     await asyncio.wait_for(server.wait_closed(), settings.reply_timeout)
     if outcome is not None:
         evidence.note(f"client outcome: {'success' if outcome.ok else 'failure'}: {outcome.detail}")
-        if outcome.stderr:
-            evidence.add("--", "note", outcome.stderr[-2000:], "client stderr (tail)")
+        for name, output in (("stdout", outcome.stdout), ("stderr", outcome.stderr)):
+            if output and output.strip():
+                evidence.add("--", "note", output_tail(output), f"client {name} (tail)")
     expect = scenario.outcome(label)
     return Result(
         id=scenario.id,
@@ -810,6 +833,16 @@ async def run_client_scenario(
         title=scenario.title,
         reference=scenario.reference,
     )
+
+
+#: How much of the end of a client's stdout/stderr goes into the evidence.
+TAIL_LINES, TAIL_BYTES = 15, 2000
+
+
+def output_tail(output: bytes) -> bytes:
+    """The client's own last words: its last lines, bounded in bytes."""
+    lines = output.rstrip().splitlines()[-TAIL_LINES:]
+    return b"\n".join(lines)[-TAIL_BYTES:]
 
 
 async def _stop_client(
@@ -845,19 +878,34 @@ SANITY = Scenario(
         Step("handshake"),
         Step("serve", {"until": "end"}),
     ),
-    expect={"completed": Expect(Verdict.PASS, "the client completed a normal session")},
+    expect={
+        **CLIENT_COMMON,
+        "completed": Expect(Verdict.PASS, "the client completed a normal session"),
+    },
 )
+
+
+def _probe_problem(result: Result) -> str:
+    """Why the sanity probe failed, in one line (the client's own words included)."""
+    notes = [e.note for e in result.evidence.exchanges if e.kind == "note" and not e.data]
+    said = [n for n in notes if n.startswith("client outcome:")]
+    if result.summary == CLIENT_COMMON["client-did-not-connect"].summary:
+        why = "the client never connected to the fake server"
+        return f"{why} ({said[-1]})" if said else why
+    return "; ".join(notes[-2:]) if notes else result.summary
 
 
 async def sanity_probe(
     target: ClientTarget, tls_version: str, settings: RunSettings
 ) -> Optional[str]:
     """None if the client completes a normal STARTTLS session; otherwise why not."""
-    result = await run_client_scenario(SANITY, target, tls_version, settings)
-    if result.verdict is Verdict.PASS:
-        return None
-    notes = [e.note for e in result.evidence.exchanges if e.kind == "note" and e.note]
-    return "; ".join(notes[-2:]) if notes else result.summary
+    result = await sanity_result(target, tls_version, settings)
+    return None if result.verdict is Verdict.PASS else _probe_problem(result)
+
+
+async def sanity_result(target: ClientTarget, tls_version: str, settings: RunSettings) -> Result:
+    """The sanity probe as a result, with its evidence."""
+    return await run_client_scenario(SANITY, target, tls_version, settings)
 
 
 async def run_client_target(
@@ -867,16 +915,33 @@ async def run_client_target(
     progress: Optional[Progress] = None,
     tls_versions: Optional[Sequence[str]] = None,
 ) -> List[Result]:
-    """Every applicable client scenario x TLS version, bracketed by sanity probes."""
+    """Every applicable client scenario x TLS version, bracketed by sanity probes.
+
+    A failed probe's evidence (the ladder, the client's own words) is given
+    to the results it turned into errors.  A client that never connected is
+    not launched again for the next TLS version: one bounded wait, one cause.
+    """
     versions = [v for v in (tls_versions or target.tls_versions) if v in target.tls_versions]
+    probes: Dict[str, Result] = {}
+    never_connected: List[str] = []
 
     async def run_one(scenario: Scenario, version: str) -> Result:
         return await run_client_scenario(scenario, target, version, settings)
 
     async def sanity(version: str) -> Optional[str]:
-        return await sanity_probe(target, version, settings)
+        if never_connected:
+            return never_connected[0]
+        result = await sanity_result(target, version, settings)
+        if result.verdict is Verdict.PASS:
+            return None
+        probes[version] = result
+        problem = _probe_problem(result)
+        if result.summary == CLIENT_COMMON["client-did-not-connect"].summary:
+            never_connected.append(problem)
+            probes["*"] = result
+        return problem
 
-    return await run_bracketed(
+    results = await run_bracketed(
         scenarios,
         role="client",
         dialect=target.dialect,
@@ -886,6 +951,12 @@ async def run_client_target(
         sanity=sanity,
         progress=progress,
     )
+    for r in results:
+        if r.summary.startswith("sanity probe failed") and not r.evidence.exchanges:
+            probe = probes.get(r.tls_version) or probes.get("*")
+            if probe is not None:
+                r.evidence = probe.evidence
+    return results
 
 
 # ------------------------------------------------------------ entry points
