@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import ssl
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -29,6 +32,7 @@ from starttls_harness.run.client import (
     unknown_client_steps,
     validate_client,
 )
+from starttls_harness.run.client_support import ClientSettings
 from starttls_harness.run.server import RunSettings
 from starttls_harness.run.targets import (
     HOSTNAME,
@@ -562,3 +566,58 @@ def test_reference_target_rejects_unknown_behaviours() -> None:
         ReferenceClientTarget("imap", "ignore-truncation")  # an SMTP-only behaviour
     with pytest.raises(ValueError):
         ReferenceClientTarget("pop3")
+
+
+async def _hello_after_refusal(
+    host: str, port: int, cafile: Path, tls_version: str
+) -> ClientOutcome:
+    """Ignores the refusal of STARTTLS and sends a ClientHello anyway."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        await reader.readline()  # greeting
+        writer.write(b"EHLO client.invalid\r\n")
+        while not (await reader.readline())[3:4] == b" ":
+            pass
+        writer.write(b"STARTTLS\r\n")
+        refusal = await reader.readline()
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = client_context(tls_version, cafile=cafile).wrap_bio(
+            incoming, outgoing, server_hostname=HOSTNAME
+        )
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        writer.write(outgoing.read())
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    return ClientOutcome(answer == b"", f"refused with {refusal!r}; then answered {answer!r}")
+
+
+def test_a_client_hello_is_never_answered_as_commands(tls_version: str, run: Run) -> None:
+    target = ClientTarget("smtp", _hello_after_refusal, "hello after a refusal")
+    scenario = client_by_id("client.starttls-refused")
+    result = run(lambda: run_client_scenario(scenario, target, tls_version, SHORT))
+    assert result.verdict is P, result.summary
+    notes = [e.note for e in result.evidence.exchanges]
+    assert "a ClientHello, not a command" in notes
+    assert any("then answered b''" in n for n in notes)  # not a byte back
+    after = notes.index("a ClientHello, not a command")
+    assert not [e for e in result.evidence.exchanges[after:] if e.direction == "s2c"]
+
+
+@pytest.mark.parametrize("dialect", ["smtp", "imap"])
+def test_close_notify_answered_later_than_the_bound_is_a_warn_with_the_time(
+    dialect: str, tls_version: str, run: Run
+) -> None:
+    scenario = client_by_id("client.close-notify-reply")
+    target = ReferenceClientTarget(dialect, timeout=2.0)
+    at_once = ClientSettings(reply_timeout=2.0, connect_timeout=2.0, scenario_timeout=5.0)
+    result = run(lambda: run_client_scenario(scenario, target, tls_version, at_once))
+    assert result.verdict is P, result.summary
+    # With a bound no real answer can meet, the same conforming client is late.
+    strict = replace(at_once, close_notify_bound=0.0)
+    result = run(lambda: run_client_scenario(scenario, target, tls_version, strict))
+    assert result.verdict is W
+    assert re.fullmatch(
+        r"answered close_notify, but not at once after \d+\.\d\d s \(bound 0 s\)", result.summary
+    )

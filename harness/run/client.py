@@ -42,7 +42,6 @@ import ssl
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import (
     Awaitable,
     Callable,
@@ -57,6 +56,14 @@ from typing import (
 from starttls_harness.dialects import dialect_named
 from starttls_harness.dialects.roles import Command, ScriptedServer
 from starttls_harness.report.verdicts import Evidence, Result, Verdict
+from starttls_harness.run.client_support import (
+    DEFAULT_SETTINGS,
+    ClientSettings,
+    call_client,
+    close_notify_bound,
+    output_tail,
+    stop_client,
+)
 from starttls_harness.run.interpreter import interpret
 from starttls_harness.run.outcomes import (
     HARNESS_ERROR,
@@ -93,6 +100,7 @@ from starttls_harness.tls.engine import (
 
 __all__ = [
     "SENSITIVE",
+    "ClientSettings",
     "Command",
     "check_client",
     "run_client_scenario",
@@ -101,9 +109,6 @@ __all__ = [
     "unknown_client_steps",
     "validate_client",
 ]
-
-#: The bounds used when a caller gives none.
-DEFAULT_SETTINGS = RunSettings()
 
 #: Command kinds a client that requires TLS must never send before TLS (R9).
 SENSITIVE = frozenset(
@@ -132,6 +137,10 @@ class _Run:
     offer_stoptls: bool = False
     #: STOPTLS closures completed on this connection.
     stoptls_done: int = 0
+    #: When our close_notify left (R5 timing).
+    close_notify_sent: float = 0.0
+    #: Appended to the verdict's summary (a measured time, say).
+    summary_suffix: str = ""
 
     @property
     def ever_tls(self) -> bool:
@@ -459,6 +468,8 @@ async def step_watch_plaintext(run: _Run, args: Mapping[str, object]) -> None:
         except Gone as gone:
             if gone.act.how == "violation":
                 raise
+            if gone.act.how == "tls-hello":
+                raise Observed("gave-up", f"{gone.act.detail}; nothing sent in plaintext") from None
             raise Observed("gave-up", f"closed the connection: {gone.act.detail}") from None
         if cmd.kind in SENSITIVE:
             raise Observed("sent-in-plaintext", f"{cmd.text!r} sent without TLS")
@@ -594,12 +605,19 @@ async def step_close_notify(run: _Run, args: Mapping[str, object]) -> None:
         raise Observed("unexpected-reply", "no command to answer")
     run.pending = None
     run.conn.t().send_close_notify()
+    run.close_notify_sent = time.monotonic()
 
 
 async def step_expect_close_notify(run: _Run, args: Mapping[str, object]) -> None:
+    """R5: the client's close_notify, within :attr:`ClientSettings.close_notify_bound`."""
     act = await run.next_act()
     if act.kind == "close_notify":
-        raise Observed("answered", "the client answered with its close_notify at once")
+        took = time.monotonic() - run.close_notify_sent
+        bound = close_notify_bound(run.settings)
+        if took > bound:
+            run.summary_suffix = f" after {took:.2f} s (bound {bound:g} s)"
+            raise Observed("answered-late", f"close_notify answered after {took:.3f} s")
+        raise Observed("answered", f"the client answered with its close_notify in {took:.3f} s")
     if act.kind == "command" and act.command is not None:
         raise Observed("spoke-first", f"sent {act.command.text!r} instead of close_notify")
     if act.kind == "gone" and act.how == "violation":
@@ -716,17 +734,6 @@ async def _interpret(run: _Run) -> str:
     return await interpret(run, _CLIENT_STEPS, ended=_gone)
 
 
-async def _call_client(
-    target: ClientTarget, host: str, port: int, cafile: Path, tls_version: str
-) -> ClientOutcome:
-    try:
-        return await target.run(host, port, cafile, tls_version)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # a target must report, never raise
-        return ClientOutcome(False, f"{type(exc).__name__}: {exc}")
-
-
 def _requested_cycles(scenario: Scenario) -> int:
     counts = [int(str(s.args.get("cycles", 1))) for s in scenario.steps]
     return max(counts, default=1)
@@ -749,6 +756,7 @@ async def run_client_scenario(
     conn: Optional[ScriptedConnection] = None
     client: Optional[asyncio.Future[ClientOutcome]] = None
     outcome: Optional[ClientOutcome] = None
+    suffix = ""
     with tempfile.TemporaryDirectory(prefix="starttls-harness-client-") as tmp:
         try:
             pki = make_pki(directory=tmp)
@@ -784,7 +792,7 @@ async def run_client_scenario(
                 f"fake {target.dialect} server on 127.0.0.1:{port}; client: {target.label}"
             )
             client = asyncio.ensure_future(
-                _call_client(client_target, "127.0.0.1", port, pki.cafile, tls_version)
+                call_client(client_target, "127.0.0.1", port, pki.cafile, tls_version)
             )
             run = _Run(
                 scenario,
@@ -799,6 +807,7 @@ async def run_client_scenario(
             )
             try:
                 label = await asyncio.wait_for(_interpret(run), settings.scenario_timeout)
+                suffix = run.summary_suffix
             except asyncio.TimeoutError:
                 label = TIMEOUT
                 evidence.note(f"scenario exceeded its {settings.scenario_timeout:g} s bound")
@@ -811,7 +820,7 @@ async def run_client_scenario(
             if server is not None:
                 server.close()
             if client is not None:
-                outcome = await _stop_client(client, settings.reply_timeout)
+                outcome = await stop_client(client, settings.reply_timeout)
             if server is not None:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(server.wait_closed(), settings.reply_timeout)
@@ -827,39 +836,12 @@ async def run_client_scenario(
         tls_version=tls_version,
         verdict=expect.verdict,
         rule=scenario.rule.value,
-        summary=expect.summary,
+        summary=expect.summary + suffix,
         evidence=evidence,
         duration=time.monotonic() - start,
         title=scenario.title,
         reference=scenario.reference,
     )
-
-
-#: How much of the end of a client's stdout/stderr goes into the evidence.
-TAIL_LINES, TAIL_BYTES = 15, 2000
-
-
-def output_tail(output: bytes) -> bytes:
-    """The client's own last words: its last lines, bounded in bytes."""
-    lines = output.rstrip().splitlines()[-TAIL_LINES:]
-    return b"\n".join(lines)[-TAIL_BYTES:]
-
-
-async def _stop_client(
-    client: asyncio.Future[ClientOutcome], grace: float
-) -> Optional[ClientOutcome]:
-    """Give the client a bounded moment to report, then cancel (kill) it."""
-    if not client.done():
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(client), grace)
-    if not client.done():
-        client.cancel()
-        with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-            await asyncio.wait_for(client, grace)
-        return None
-    if client.cancelled():
-        return None
-    return client.result()
 
 
 # ------------------------------------------------------------ many scenarios

@@ -46,7 +46,9 @@ Decision rules (label -> verdict; labels not listed fall back to
     (``reported``); one that reports success fails (``accepted``).
 ``client.close-notify-reply`` (R5)
     The server sends close_notify instead of an answer: the client's
-    close_notify passes (``answered``); a TCP close without it
+    close_notify within ``ClientSettings.close_notify_bound`` passes
+    (``answered``), a later one is a warn with the time it took
+    (``answered-late``); a TCP close without it
     (``unanswered``) or another command first (``spoke-first``) is a warn.
 ``client.stoptls-cycle`` (positive control)
     A conforming server offering STOPTLS: the client makes its cycles (three
@@ -337,6 +339,7 @@ _CLIENT: Tuple[Scenario, ...] = (
         ),
         expect=_expect(
             answered=Expect(P, "answered close_notify at once"),
+            answered_late=Expect(W, "answered close_notify, but not at once"),
             unanswered=Expect(W, "closed TCP instead of answering close_notify (no data exposed)"),
             spoke_first=Expect(W, "sent another command before answering close_notify"),
         ),
