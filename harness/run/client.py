@@ -586,6 +586,7 @@ async def step_truncate_reply(run: _Run, args: Mapping[str, object]) -> None:
     conn = run.conn
     conn.send(reply[: max(4, len(reply) // 2)])
     conn.evidence.add("s2c", "eof", note="TCP FIN without close_notify (truncation)")
+    conn.fin_sent = True
     conn.t().truncate()
 
 

@@ -104,6 +104,9 @@ class ScriptedConnection(asyncio.Protocol):
         #: close_notify then belongs to it and is not an act of its own.
         self.in_closure = False
         self.tls_sessions = 0
+        #: Our TCP FIN went out (a truncation): nothing more leaves, not even
+        #: the close_notify the engine answers the client's with.
+        self.fin_sent = False
         self._rx_tls = False
         self._buf = bytearray()
         self._unit = bytearray()
@@ -143,11 +146,15 @@ class ScriptedConnection(asyncio.Protocol):
             if not self.in_closure:
                 self._push(Act("close_notify"))
         elif isinstance(event, CloseNotifySent):
-            self.evidence.add("s2c", "close_notify")
+            if self.fin_sent:  # the ladder shows only what went on the wire
+                self.evidence.note("no close_notify from us: our FIN had already gone")
+            else:
+                self.evidence.add("s2c", "close_notify")
         elif isinstance(event, ClosureComplete):
             self.in_closure = False
-            state = "plaintext resumes" if event.resumed else "the connection ends"
-            self.evidence.note(f"TLS closed both ways; {state}")
+            if not self.fin_sent:
+                state = "plaintext resumes" if event.resumed else "the connection ends"
+                self.evidence.note(f"TLS closed both ways; {state}")
         elif isinstance(event, Violation):
             self.evidence.add("c2s", "note", event.data, f"{event.rule.value}: {event.message}")
             if event.enforced:
