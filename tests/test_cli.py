@@ -394,6 +394,7 @@ def _closed_pipe_run(*args: str, timeout: float = 120) -> Tuple[int, str]:
             sys.executable,
             "-c",
             "import sys; sys.exit(1)",
+            "{port}",
         ],
     ],
     ids=lambda a: " ".join(a[:2]),

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import ssl
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import pytest
-from starttls_harness.dialects import names
+from cryptography import x509
+from starttls_harness.dialects import dialect_named, names
 from starttls_harness.dialects.imap import next_tag
 from starttls_harness.report.verdicts import Result, Verdict
 from starttls_harness.run.client import (
@@ -29,13 +33,17 @@ from starttls_harness.run.client import (
     unknown_client_steps,
     validate_client,
 )
+from starttls_harness.run.client_support import ClientSettings
 from starttls_harness.run.server import RunSettings
 from starttls_harness.run.targets import (
+    HOSTNAME,
     ClientOutcome,
     ClientTarget,
     CommandClientTarget,
+    MissingPortPlaceholder,
     ReferenceClientTarget,
     client_behaviours,
+    error_line,
 )
 from starttls_harness.run.validation import CLIENT_VALIDATION_SETTINGS, mismatches
 from starttls_harness.scenarios.client import (
@@ -49,7 +57,7 @@ from starttls_harness.scenarios.client import (
 )
 from starttls_harness.scenarios.server import COMMON, Scenario
 from starttls_harness.tls.aio import SwitchableTransport, open_connection
-from starttls_harness.tls.certs import client_context
+from starttls_harness.tls.certs import client_context, make_pki
 from starttls_harness.tls.engine import Policy, Rule
 
 P, F, W, K, E = Verdict.PASS, Verdict.FAIL, Verdict.WARN, Verdict.SKIP, Verdict.ERROR
@@ -78,7 +86,11 @@ def test_ids_are_unique_and_cover_the_spec() -> None:
 def test_scenario_is_complete_data(scenario: Scenario) -> None:
     assert scenario.role == "client"
     assert scenario.title and scenario.reason and scenario.reference
-    assert set(scenario.dialects) == set(names())
+    # PREAUTH exists in IMAP only (the dialect's has_preauth flag).
+    if scenario.id == "client.starttls-preauth":
+        assert set(scenario.dialects) == {d for d in names() if dialect_named(d).has_preauth}
+    else:
+        assert set(scenario.dialects) == set(names())
     assert set(scenario.tls_versions) == {"1.2", "1.3"}
     verdicts = {e.verdict for e in scenario.expect.values()}
     # A check that cannot pass, or cannot fail or warn, is a defect.
@@ -139,7 +151,7 @@ def test_validation_matrix(dialect: str, behaviour: str, tls_version: str, run: 
     started = time.monotonic()
     results, problems = run(lambda: validate_client(dialect, behaviour, (tls_version,)), 60)
     elapsed = time.monotonic() - started
-    assert len(results) == len(CLIENT_SCENARIOS)
+    assert len(results) == len([s for s in CLIENT_SCENARIOS if dialect in s.dialects])
     assert problems == []
     if behaviour == "strict":
         assert all(r.verdict is P for r in results)
@@ -441,7 +453,7 @@ def test_stdlib_client_as_an_external_command(
         ),
         60,
     )
-    assert len(results) == len(CLIENT_SCENARIOS)
+    assert len(results) == len([s for s in CLIENT_SCENARIOS if dialect in s.dialects])
     assert mismatches(results, STDLIB_EXPECTED[dialect]) == []
     # The outcome (exit status, stderr) is part of the evidence.
     truncation = next(r for r in results if r.id == "client.truncation")
@@ -459,17 +471,65 @@ def test_command_placeholders_are_replaced() -> None:
     assert argv == ["client", "127.0.0.1:2525", "--ca=/tmp/ca.pem", "-t1.3", "3", "{x}"]
     plain = CommandClientTarget("imap", ["client", "{port}"])
     assert not plain.accepts_cycles and plain.asking_for_cycles(3) is plain
+    named = CommandClientTarget("imap", ["client", "--host={hostname}", "{host}", "{port}"])
+    expanded = named.expand("127.0.0.1", 143, Path("/tmp/ca.pem"), "1.2")
+    assert expanded == ["client", "--host=localhost", "127.0.0.1", "143"]
     with pytest.raises(ValueError):
-        CommandClientTarget("gopher", ["client"])
+        CommandClientTarget("gopher", ["client", "{port}"])
     with pytest.raises(ValueError):
         CommandClientTarget("smtp", [])
+
+
+def test_a_command_without_port_is_a_usage_error_before_anything_runs() -> None:
+    with pytest.raises(MissingPortPlaceholder, match=r"no \{port\}"):
+        CommandClientTarget("smtp", ["client", "{host}", "{cafile}"])
+
+
+def test_a_client_that_never_connects_is_one_error_in_seconds(tmp_path: Path, run: Run) -> None:
+    """Exits at once without connecting: every row is the same one clear cause,
+    with the client's own words, and the second TLS version costs no new wait."""
+    script = tmp_path / "noconnect.py"
+    script.write_text(
+        "import sys\nprint('cannot resolve mail.example: try --host', file=sys.stderr)\n"
+        "print('see the manual for more', file=sys.stderr)\nsys.exit(3)\n"
+    )
+    settings = RunSettings(reply_timeout=0.5, connect_timeout=3.0, scenario_timeout=5.0)
+    started = time.monotonic()
+    results = run(
+        lambda: check_client("smtp", [sys.executable, str(script), "{port}"], None, settings)
+    )
+    assert time.monotonic() - started < 10
+    assert results and all(r.verdict is E for r in results)
+    assert {r.summary for r in results} == {
+        "sanity probe failed before the run: the client never connected to the fake server "
+        "(client outcome: failure: exit status 3: cannot resolve mail.example: try --host)"
+    }
+    tails = [e for e in results[0].evidence.exchanges if e.note == "client stderr (tail)"]
+    assert tails and b"see the manual" in tails[0].data
+
+
+def test_error_line_prefers_the_error_to_advice() -> None:
+    out = b"connecting...\ncurl: (8) Weird server reply\nMore details here: https://x\n"
+    assert error_line(out) == "curl: (8) Weird server reply"
+    assert error_line(b"first\nlast\n") == "last"
+    assert error_line(b"") == ""
+
+
+def test_the_certificate_names_localhost_in_cn_and_san(tmp_path: Path) -> None:
+    pki = make_pki(directory=tmp_path)
+    cert = x509.load_pem_x509_certificate(Path(str(pki.certfile)).read_bytes())
+    cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    assert [a.value for a in cn] == [HOSTNAME]
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert HOSTNAME in san.get_values_for_type(x509.DNSName)
+    assert "127.0.0.1" in [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
 
 
 def test_a_missing_command_is_an_error(tls_version: str, run: Run) -> None:
     results = run(
         lambda: check_client(
             "smtp",
-            ["/nonexistent/starttls-client"],
+            ["/nonexistent/starttls-client", "{port}"],
             [client_by_id("client.starttls-stripped")],
             SHORT,
             tls_versions=(tls_version,),
@@ -491,7 +551,7 @@ def test_a_hanging_command_is_killed(tls_version: str, tmp_path: Path, run: Run)
     results = run(
         lambda: check_client(
             "imap",
-            [sys.executable, str(script)],
+            [sys.executable, str(script), "{port}"],
             [client_by_id("client.truncation")],
             settings,
             tls_versions=(tls_version,),
@@ -509,3 +569,58 @@ def test_reference_target_rejects_unknown_behaviours() -> None:
         ReferenceClientTarget("imap", "ignore-truncation")  # an SMTP-only behaviour
     with pytest.raises(ValueError):
         ReferenceClientTarget("gopher")
+
+
+async def _hello_after_refusal(
+    host: str, port: int, cafile: Path, tls_version: str
+) -> ClientOutcome:
+    """Ignores the refusal of STARTTLS and sends a ClientHello anyway."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        await reader.readline()  # greeting
+        writer.write(b"EHLO client.invalid\r\n")
+        while not (await reader.readline())[3:4] == b" ":
+            pass
+        writer.write(b"STARTTLS\r\n")
+        refusal = await reader.readline()
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = client_context(tls_version, cafile=cafile).wrap_bio(
+            incoming, outgoing, server_hostname=HOSTNAME
+        )
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        writer.write(outgoing.read())
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    return ClientOutcome(answer == b"", f"refused with {refusal!r}; then answered {answer!r}")
+
+
+def test_a_client_hello_is_never_answered_as_commands(tls_version: str, run: Run) -> None:
+    target = ClientTarget("smtp", _hello_after_refusal, "hello after a refusal")
+    scenario = client_by_id("client.starttls-refused")
+    result = run(lambda: run_client_scenario(scenario, target, tls_version, SHORT))
+    assert result.verdict is P, result.summary
+    notes = [e.note for e in result.evidence.exchanges]
+    assert "a ClientHello, not a command" in notes
+    assert any("then answered b''" in n for n in notes)  # not a byte back
+    after = notes.index("a ClientHello, not a command")
+    assert not [e for e in result.evidence.exchanges[after:] if e.direction == "s2c"]
+
+
+@pytest.mark.parametrize("dialect", ["smtp", "imap"])
+def test_close_notify_answered_later_than_the_bound_is_a_warn_with_the_time(
+    dialect: str, tls_version: str, run: Run
+) -> None:
+    scenario = client_by_id("client.close-notify-reply")
+    target = ReferenceClientTarget(dialect, timeout=2.0)
+    at_once = ClientSettings(reply_timeout=2.0, connect_timeout=2.0, scenario_timeout=5.0)
+    result = run(lambda: run_client_scenario(scenario, target, tls_version, at_once))
+    assert result.verdict is P, result.summary
+    # With a bound no real answer can meet, the same conforming client is late.
+    strict = replace(at_once, close_notify_bound=0.0)
+    result = run(lambda: run_client_scenario(scenario, target, tls_version, strict))
+    assert result.verdict is W
+    assert re.fullmatch(
+        r"answered close_notify, but not at once after \d+\.\d\d s \(bound 0 s\)", result.summary
+    )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from typing import Dict
+
 import pytest
 
 pytest_plugins = ["pytester"]
@@ -162,7 +165,7 @@ from starttls_harness.run.targets import CommandClientTarget
 
 @pytest.fixture
 def starttls_client():
-    return CommandClientTarget("smtp", [sys.executable, "-c", "pass"])
+    return CommandClientTarget("smtp", [sys.executable, "-c", "pass", "{port}"])
 
 @pytest.mark.starttls(role="client", dialect="smtp", tls_versions=("1.3",),
                       only=["client.starttls-stripped"])
@@ -188,3 +191,104 @@ def test_server(starttls_result):
     result = pytester.runpytest("-p", "no:cacheprovider")
     assert result.ret != 0
     result.stdout.fnmatch_lines(["*unknown dialect 'gopher'; known: smtp, imap*"])
+
+
+AIOSMTPD_CONTROLLER = """
+import contextlib, socket
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.handlers import Sink
+from starttls_harness.run.server import ServerTarget
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+@pytest.fixture
+def starttls_server():
+    @contextlib.asynccontextmanager
+    async def start(pki, tls_version):
+        port = free_port()
+        controller = Controller(Sink(), hostname="127.0.0.1", port=port,
+                                tls_context=pki.server_context(tls_version, shared=False),
+                                require_starttls=True)
+        controller.start()
+        try:
+            yield ServerTarget("smtp", "127.0.0.1", port, cafile=pki.cafile)
+        finally:
+            controller.stop()  # blocking: waits for its connections to end
+    return start
+
+@pytest.mark.starttls(dialect="smtp", tls_versions=("1.3",),
+                      only=["server.starttls-in-tls", "server.truncation",
+                            "server.stoptls-cycle", "server.one-sided-close-stoptls"])
+def test_conformance(starttls_result):
+    starttls_result.check()
+"""
+
+
+def test_a_blocking_user_fixture_does_not_stall(pytester: pytest.Pytester) -> None:
+    """aiosmtpd's Controller.stop() blocks the loop until its connections end: the
+    harness's own connections are closed before the teardown (each stalled 30 s)."""
+    pytester.makepyfile(AIOSMTPD_CONTROLLER)
+    started = time.monotonic()
+    result = pytester.runpytest("-p", "no:cacheprovider", "-W", "ignore")
+    elapsed = time.monotonic() - started
+    assert elapsed < 20, f"{elapsed:.1f} s: a teardown waited on the harness's connection"
+    outcomes = result.parseoutcomes()
+    assert sum(outcomes.values()) == 4
+
+
+WARNING_CLIENT = """
+import pytest
+from starttls_harness.run.targets import ReferenceClientTarget
+
+@pytest.fixture
+def starttls_client():
+    return ReferenceClientTarget("smtp", "no-close-notify-reply")
+
+@pytest.mark.starttls(role="client", dialect="smtp", tls_versions=("1.3",),
+                      only=["client.close-notify-reply"])
+def test_lenient(starttls_result):
+    assert starttls_result.result.verdict.value == "warn"
+    starttls_result.check()
+
+@pytest.mark.starttls(role="client", dialect="smtp", tls_versions=("1.3",),
+                      only=["client.close-notify-reply"])
+def test_strict(starttls_result):
+    starttls_result.check(strict=True)
+"""
+
+
+def test_a_warn_fails_check_only_when_strict(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(WARNING_CLIENT)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1, warnings=1)
+    result.stdout.fnmatch_lines(
+        ["*expected pass, got warn*", "*StarttlsWarning*client.close-notify-reply*"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("expect", "message"),
+    [
+        ({"server.no-such-thing": "skip"}, "*expect names 'server.no-such-thing'*"),
+        ({"server.stoptls-cycle": "skipped"}, "*'skipped' is no verdict; use one of pass*"),
+    ],
+)
+def test_expect_rejects_unknown_ids_and_verdicts(
+    pytester: pytest.Pytester, expect: Dict[str, str], message: str
+) -> None:
+    pytester.makepyfile(
+        f"""
+import pytest
+
+@pytest.mark.starttls(dialect="smtp", expect={expect!r})
+def test_server(starttls_result):
+    starttls_result.check()
+"""
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    assert result.ret != 0
+    result.stdout.fnmatch_lines([message])

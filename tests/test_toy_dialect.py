@@ -519,6 +519,7 @@ def test_scenarios_that_need_a_return_to_plaintext_skip_a_dialect_without_one() 
             "client.one-sided-close",
             "client.stoptls-wait",
             "client.stoptls-cycle",
+            "client.starttls-preauth",  # no PREAUTH greeting (has_preauth)
             *STOPTLS_SCENARIOS,
         }
         assert "smtp" in RETURN_TO_PLAINTEXT and "toy1" not in RETURN_TO_PLAINTEXT

@@ -95,6 +95,8 @@ class Dialect:
     client_module = ""
     #: Capability flags.
     has_return_to_plaintext = False
+    #: The scripted server can greet "authenticated already" (IMAP PREAUTH).
+    has_preauth = False
     #: The storage action needs a login first.
     storage_needs_login = False
     #: Transitions after which :meth:`state_probe` shows kept state only

@@ -117,6 +117,27 @@ class _ScriptedImap(ScriptedServer):
             out += tag + b" OK CAPABILITY completed\r\n"
         return out
 
+    def partial_injection(self, starttls: Command) -> bytes:
+        # Glued to "* CAPABILITY IMAP4rev1 AUTH=PLAIN": LOGINDISABLED joins the list.
+        return b"* CAPABILITY IMAP4rev1 LOGINDISABLED "
+
+    def multi_injection(self, starttls: Command) -> bytes:
+        out = (
+            b"* OK [ALERT] injected by starttls-harness before the handshake\r\n"
+            b"* CAPABILITY IMAP4rev1 LOGINDISABLED\r\n"
+            b"* OK [CAPABILITY IMAP4rev1 LOGINDISABLED] still injected\r\n"
+        )
+        tag = next_tag(starttls.tag)
+        if tag is not None:
+            out += tag + b" OK CAPABILITY completed\r\n"
+        return out
+
+    def starttls_bad(self, cmd: Command) -> bytes:
+        return self._tagged(cmd, "BAD STARTTLS refused")
+
+    def preauth_greeting(self) -> Optional[bytes]:
+        return b"* PREAUTH fake.invalid IMAP4rev1 starttls-harness: logged in already\r\n"
+
     def stored(self, cmd: Command) -> bytes:
         return self._tagged(cmd, "OK [APPENDUID 1 1] APPEND completed")
 
@@ -167,6 +188,7 @@ class _Imap(Dialect):
     has_return_to_plaintext = True
     storage_needs_login = True
     state_needs_login = ("stoptls",)  # SELECT after STOPTLS: is the login gone?
+    has_preauth = True
     any_reply_tag = "*"
     #: The reference IMAP client's relaxed engine also takes plaintext that
     #: arrives after its ClientHello (the SMTP one refuses it: only its hold
@@ -175,6 +197,14 @@ class _Imap(Dialect):
         "accept-injected-response": {
             "client.response-injection": Verdict.FAIL,
             "client.response-injection-split": Verdict.FAIL,
+            "client.response-injection-partial": Verdict.FAIL,
+            "client.response-injection-multi": Verdict.FAIL,
+        },
+        "downgrade": {
+            "client.starttls-stripped": Verdict.FAIL,
+            "client.starttls-refused": Verdict.FAIL,
+            "client.starttls-bad": Verdict.FAIL,
+            "client.starttls-preauth": Verdict.FAIL,
         },
     }
 

@@ -130,6 +130,25 @@ class ScriptedServer(abc.ABC):
     def injection(self, starttls: Command) -> bytes:
         """A response a client that reads it before the handshake acts on."""
 
+    def partial_injection(self, starttls: Command) -> bytes:
+        """An injected response cut before its line end, to be glued in front
+        of the first reply under TLS (a client that keeps its read buffer
+        across the upgrade reads one line made of both)."""
+        return self.injection(starttls).split(b"\r\n", 1)[0] + b" "
+
+    def multi_injection(self, starttls: Command) -> bytes:
+        """Several injected responses (lines) in one write."""
+        return self.injection(starttls) * 2
+
+    def starttls_bad(self, cmd: Command) -> bytes:
+        """STARTTLS answered as a bad command (SMTP 5xx, IMAP ``BAD``)."""
+        return self.not_offered(cmd)
+
+    def preauth_greeting(self) -> Optional[bytes]:
+        """A greeting that says the session is authenticated already (IMAP
+        ``PREAUTH``), so no STARTTLS can follow; None where the protocol has none."""
+        return None
+
     @abc.abstractmethod
     def stored(self, cmd: Command) -> bytes:
         """The answer to a complete message (end of DATA / APPEND)."""

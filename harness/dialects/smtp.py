@@ -94,6 +94,20 @@ class _ScriptedSmtp(ScriptedServer):
     def injection(self, starttls: Command) -> bytes:
         return b"554 5.7.0 injected by starttls-harness before the handshake\r\n"
 
+    def partial_injection(self, starttls: Command) -> bytes:
+        # Glued to "250-fake.invalid": one line with the code 554.
+        return b"554 5.7.0 injected by starttls-harness, no line end: "
+
+    def multi_injection(self, starttls: Command) -> bytes:
+        return (
+            b"554-5.7.0 injected by starttls-harness\r\n"
+            b"554 5.7.0 a multi-line reply before the handshake\r\n"
+            b"421 4.7.0 and a second injected reply\r\n"
+        )
+
+    def starttls_bad(self, cmd: Command) -> bytes:
+        return b"501 5.5.4 Syntax error (STARTTLS refused)\r\n"
+
     def stored(self, cmd: Command) -> bytes:
         return b"250 2.0.0 Ok: queued as HARNESS\r\n"
 

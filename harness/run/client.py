@@ -42,7 +42,6 @@ import ssl
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import (
     Awaitable,
     Callable,
@@ -57,6 +56,14 @@ from typing import (
 from starttls_harness.dialects import dialect_named
 from starttls_harness.dialects.roles import Command, ScriptedServer
 from starttls_harness.report.verdicts import Evidence, Result, Verdict
+from starttls_harness.run.client_support import (
+    DEFAULT_SETTINGS,
+    ClientSettings,
+    call_client,
+    close_notify_bound,
+    output_tail,
+    stop_client,
+)
 from starttls_harness.run.interpreter import interpret
 from starttls_harness.run.outcomes import (
     HARNESS_ERROR,
@@ -81,7 +88,7 @@ from starttls_harness.run.targets import (
     ReferenceClientTarget,
 )
 from starttls_harness.run.validation import CLIENT_VALIDATION_SETTINGS
-from starttls_harness.scenarios.client import CLIENT_SCENARIOS
+from starttls_harness.scenarios.client import CLIENT_COMMON, CLIENT_SCENARIOS
 from starttls_harness.scenarios.expectations import expected_client_verdicts, mismatches
 from starttls_harness.scenarios.model import Expect, Scenario, Step
 from starttls_harness.tls.aio import Timeouts, create_server
@@ -93,6 +100,7 @@ from starttls_harness.tls.engine import (
 
 __all__ = [
     "SENSITIVE",
+    "ClientSettings",
     "Command",
     "check_client",
     "run_client_scenario",
@@ -101,9 +109,6 @@ __all__ = [
     "unknown_client_steps",
     "validate_client",
 ]
-
-#: The bounds used when a caller gives none.
-DEFAULT_SETTINGS = RunSettings()
 
 #: Command kinds a client that requires TLS must never send before TLS (R9).
 SENSITIVE = frozenset(
@@ -132,6 +137,10 @@ class _Run:
     offer_stoptls: bool = False
     #: STOPTLS closures completed on this connection.
     stoptls_done: int = 0
+    #: When our close_notify left (R5 timing).
+    close_notify_sent: float = 0.0
+    #: Appended to the verdict's summary (a measured time, say).
+    summary_suffix: str = ""
 
     @property
     def ever_tls(self) -> bool:
@@ -278,7 +287,16 @@ async def step_greet(run: _Run, args: Mapping[str, object]) -> None:
         if run.client.done():
             outcome = run.client.result()
             raise Observed("client-did-not-connect", f"client ended first: {outcome.detail}")
-        raise Observed("client-did-not-connect", "no connection within the bound")
+        raise Observed(
+            "client-did-not-connect",
+            f"no connection within {run.settings.connect_timeout:g} s",
+        )
+    if args.get("preauth"):
+        greeting = run.dialect.preauth_greeting()
+        if greeting is None:
+            raise RuntimeError("the scripted server has no pre-authenticated greeting")
+        conn.send(greeting)
+        return
     conn.send(run.dialect.greeting())
 
 
@@ -364,13 +382,25 @@ async def step_accept_starttls(run: _Run, args: Mapping[str, object]) -> None:
     the ClientHello and writes the injected response before its ServerHello,
     in a segment of its own -- so the client has certainly read the answer
     alone and started its handshake when the plaintext arrives.
+    ``inject="partial"``: a response cut before its line end, left to be
+    glued in front of the first reply under TLS.  ``inject="multi"``:
+    several injected responses in the same segment.
     """
     cmd = run.pending
     if cmd is None or cmd.kind != "starttls":
         raise Observed("unexpected-reply", "no STARTTLS to accept")
     run.pending = None
     inject = str(args.get("inject", ""))
-    payload = run.dialect.injection(cmd) if inject else b""
+    payloads = {
+        "": lambda c: b"",
+        "same": run.dialect.injection,
+        "after-hello": run.dialect.injection,
+        "partial": run.dialect.partial_injection,
+        "multi": run.dialect.multi_injection,
+    }
+    if inject not in payloads:
+        raise RuntimeError(f"unknown injection shape {inject!r}")
+    payload = payloads[inject](cmd)
     if inject == "after-hello":
         await _switch_after_client_hello(run, cmd, payload)
     else:
@@ -409,7 +439,8 @@ async def step_refuse_starttls(run: _Run, args: Mapping[str, object]) -> None:
     if cmd is None or cmd.kind != "starttls":
         raise Observed("unexpected-reply", "no STARTTLS to refuse")
     run.pending = None
-    run.conn.send(run.dialect.starttls_refused(cmd))
+    bad = str(args.get("how", "")) == "bad"
+    run.conn.send(run.dialect.starttls_bad(cmd) if bad else run.dialect.starttls_refused(cmd))
     run.conn.t().release_held()
 
 
@@ -437,6 +468,8 @@ async def step_watch_plaintext(run: _Run, args: Mapping[str, object]) -> None:
         except Gone as gone:
             if gone.act.how == "violation":
                 raise
+            if gone.act.how == "tls-hello":
+                raise Observed("gave-up", f"{gone.act.detail}; nothing sent in plaintext") from None
             raise Observed("gave-up", f"closed the connection: {gone.act.detail}") from None
         if cmd.kind in SENSITIVE:
             raise Observed("sent-in-plaintext", f"{cmd.text!r} sent without TLS")
@@ -553,6 +586,7 @@ async def step_truncate_reply(run: _Run, args: Mapping[str, object]) -> None:
     conn = run.conn
     conn.send(reply[: max(4, len(reply) // 2)])
     conn.evidence.add("s2c", "eof", note="TCP FIN without close_notify (truncation)")
+    conn.fin_sent = True
     conn.t().truncate()
 
 
@@ -572,12 +606,19 @@ async def step_close_notify(run: _Run, args: Mapping[str, object]) -> None:
         raise Observed("unexpected-reply", "no command to answer")
     run.pending = None
     run.conn.t().send_close_notify()
+    run.close_notify_sent = time.monotonic()
 
 
 async def step_expect_close_notify(run: _Run, args: Mapping[str, object]) -> None:
+    """R5: the client's close_notify, within :attr:`ClientSettings.close_notify_bound`."""
     act = await run.next_act()
     if act.kind == "close_notify":
-        raise Observed("answered", "the client answered with its close_notify at once")
+        took = time.monotonic() - run.close_notify_sent
+        bound = close_notify_bound(run.settings)
+        if took > bound:
+            run.summary_suffix = f" after {took:.2f} s (bound {bound:g} s)"
+            raise Observed("answered-late", f"close_notify answered after {took:.3f} s")
+        raise Observed("answered", f"the client answered with its close_notify in {took:.3f} s")
     if act.kind == "command" and act.command is not None:
         raise Observed("spoke-first", f"sent {act.command.text!r} instead of close_notify")
     if act.kind == "gone" and act.how == "violation":
@@ -694,17 +735,6 @@ async def _interpret(run: _Run) -> str:
     return await interpret(run, _CLIENT_STEPS, ended=_gone)
 
 
-async def _call_client(
-    target: ClientTarget, host: str, port: int, cafile: Path, tls_version: str
-) -> ClientOutcome:
-    try:
-        return await target.run(host, port, cafile, tls_version)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # a target must report, never raise
-        return ClientOutcome(False, f"{type(exc).__name__}: {exc}")
-
-
 def _requested_cycles(scenario: Scenario) -> int:
     counts = [int(str(s.args.get("cycles", 1))) for s in scenario.steps]
     return max(counts, default=1)
@@ -727,6 +757,7 @@ async def run_client_scenario(
     conn: Optional[ScriptedConnection] = None
     client: Optional[asyncio.Future[ClientOutcome]] = None
     outcome: Optional[ClientOutcome] = None
+    suffix = ""
     with tempfile.TemporaryDirectory(prefix="starttls-harness-client-") as tmp:
         try:
             pki = make_pki(directory=tmp)
@@ -762,7 +793,7 @@ async def run_client_scenario(
                 f"fake {target.dialect} server on 127.0.0.1:{port}; client: {target.label}"
             )
             client = asyncio.ensure_future(
-                _call_client(client_target, "127.0.0.1", port, pki.cafile, tls_version)
+                call_client(client_target, "127.0.0.1", port, pki.cafile, tls_version)
             )
             run = _Run(
                 scenario,
@@ -777,6 +808,7 @@ async def run_client_scenario(
             )
             try:
                 label = await asyncio.wait_for(_interpret(run), settings.scenario_timeout)
+                suffix = run.summary_suffix
             except asyncio.TimeoutError:
                 label = TIMEOUT
                 evidence.note(f"scenario exceeded its {settings.scenario_timeout:g} s bound")
@@ -789,14 +821,15 @@ async def run_client_scenario(
             if server is not None:
                 server.close()
             if client is not None:
-                outcome = await _stop_client(client, settings.reply_timeout)
+                outcome = await stop_client(client, settings.reply_timeout)
             if server is not None:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(server.wait_closed(), settings.reply_timeout)
     if outcome is not None:
         evidence.note(f"client outcome: {'success' if outcome.ok else 'failure'}: {outcome.detail}")
-        if outcome.stderr:
-            evidence.add("--", "note", outcome.stderr[-2000:], "client stderr (tail)")
+        for name, output in (("stdout", outcome.stdout), ("stderr", outcome.stderr)):
+            if output and output.strip():
+                evidence.add("--", "note", output_tail(output), f"client {name} (tail)")
     expect = scenario.outcome(label)
     return Result(
         id=scenario.id,
@@ -804,29 +837,12 @@ async def run_client_scenario(
         tls_version=tls_version,
         verdict=expect.verdict,
         rule=scenario.rule.value,
-        summary=expect.summary,
+        summary=expect.summary + suffix,
         evidence=evidence,
         duration=time.monotonic() - start,
         title=scenario.title,
         reference=scenario.reference,
     )
-
-
-async def _stop_client(
-    client: asyncio.Future[ClientOutcome], grace: float
-) -> Optional[ClientOutcome]:
-    """Give the client a bounded moment to report, then cancel (kill) it."""
-    if not client.done():
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(client), grace)
-    if not client.done():
-        client.cancel()
-        with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-            await asyncio.wait_for(client, grace)
-        return None
-    if client.cancelled():
-        return None
-    return client.result()
 
 
 # ------------------------------------------------------------ many scenarios
@@ -845,19 +861,34 @@ SANITY = Scenario(
         Step("handshake"),
         Step("serve", {"until": "end"}),
     ),
-    expect={"completed": Expect(Verdict.PASS, "the client completed a normal session")},
+    expect={
+        **CLIENT_COMMON,
+        "completed": Expect(Verdict.PASS, "the client completed a normal session"),
+    },
 )
+
+
+def _probe_problem(result: Result) -> str:
+    """Why the sanity probe failed, in one line (the client's own words included)."""
+    notes = [e.note for e in result.evidence.exchanges if e.kind == "note" and not e.data]
+    said = [n for n in notes if n.startswith("client outcome:")]
+    if result.summary == CLIENT_COMMON["client-did-not-connect"].summary:
+        why = "the client never connected to the fake server"
+        return f"{why} ({said[-1]})" if said else why
+    return "; ".join(notes[-2:]) if notes else result.summary
 
 
 async def sanity_probe(
     target: ClientTarget, tls_version: str, settings: RunSettings
 ) -> Optional[str]:
     """None if the client completes a normal STARTTLS session; otherwise why not."""
-    result = await run_client_scenario(SANITY, target, tls_version, settings)
-    if result.verdict is Verdict.PASS:
-        return None
-    notes = [e.note for e in result.evidence.exchanges if e.kind == "note" and e.note]
-    return "; ".join(notes[-2:]) if notes else result.summary
+    result = await sanity_result(target, tls_version, settings)
+    return None if result.verdict is Verdict.PASS else _probe_problem(result)
+
+
+async def sanity_result(target: ClientTarget, tls_version: str, settings: RunSettings) -> Result:
+    """The sanity probe as a result, with its evidence."""
+    return await run_client_scenario(SANITY, target, tls_version, settings)
 
 
 async def run_client_target(
@@ -867,16 +898,33 @@ async def run_client_target(
     progress: Optional[Progress] = None,
     tls_versions: Optional[Sequence[str]] = None,
 ) -> List[Result]:
-    """Every applicable client scenario x TLS version, bracketed by sanity probes."""
+    """Every applicable client scenario x TLS version, bracketed by sanity probes.
+
+    A failed probe's evidence (the ladder, the client's own words) is given
+    to the results it turned into errors.  A client that never connected is
+    not launched again for the next TLS version: one bounded wait, one cause.
+    """
     versions = [v for v in (tls_versions or target.tls_versions) if v in target.tls_versions]
+    probes: Dict[str, Result] = {}
+    never_connected: List[str] = []
 
     async def run_one(scenario: Scenario, version: str) -> Result:
         return await run_client_scenario(scenario, target, version, settings)
 
     async def sanity(version: str) -> Optional[str]:
-        return await sanity_probe(target, version, settings)
+        if never_connected:
+            return never_connected[0]
+        result = await sanity_result(target, version, settings)
+        if result.verdict is Verdict.PASS:
+            return None
+        probes[version] = result
+        problem = _probe_problem(result)
+        if result.summary == CLIENT_COMMON["client-did-not-connect"].summary:
+            never_connected.append(problem)
+            probes["*"] = result
+        return problem
 
-    return await run_bracketed(
+    results = await run_bracketed(
         scenarios,
         role="client",
         dialect=target.dialect,
@@ -886,6 +934,12 @@ async def run_client_target(
         sanity=sanity,
         progress=progress,
     )
+    for r in results:
+        if r.summary.startswith("sanity probe failed") and not r.evidence.exchanges:
+            probe = probes.get(r.tls_version) or probes.get("*")
+            if probe is not None:
+                r.evidence = probe.evidence
+    return results
 
 
 # ------------------------------------------------------------ entry points

@@ -61,8 +61,9 @@ class Act:
     for ``gone``, ``how`` says in which way the connection ended: ``eof``
     (a clean FIN), ``truncated`` (FIN/RST while TLS was up, no close_notify),
     ``unanswered`` (FIN after our close_notify, R5), ``violation`` (the client
-    broke ``rule``), ``alert``, ``handshake-failed``, ``reset``, ``oversize``
-    or ``closed-by-us``.
+    broke ``rule``), ``alert``, ``handshake-failed``, ``reset``, ``oversize``,
+    ``tls-hello`` (a ClientHello where a plaintext command belongs; never
+    answered) or ``closed-by-us``.
     """
 
     kind: str
@@ -103,6 +104,9 @@ class ScriptedConnection(asyncio.Protocol):
         #: close_notify then belongs to it and is not an act of its own.
         self.in_closure = False
         self.tls_sessions = 0
+        #: Our TCP FIN went out (a truncation): nothing more leaves, not even
+        #: the close_notify the engine answers the client's with.
+        self.fin_sent = False
         self._rx_tls = False
         self._buf = bytearray()
         self._unit = bytearray()
@@ -142,11 +146,15 @@ class ScriptedConnection(asyncio.Protocol):
             if not self.in_closure:
                 self._push(Act("close_notify"))
         elif isinstance(event, CloseNotifySent):
-            self.evidence.add("s2c", "close_notify")
+            if self.fin_sent:  # the ladder shows only what went on the wire
+                self.evidence.note("no close_notify from us: our FIN had already gone")
+            else:
+                self.evidence.add("s2c", "close_notify")
         elif isinstance(event, ClosureComplete):
             self.in_closure = False
-            state = "plaintext resumes" if event.resumed else "the connection ends"
-            self.evidence.note(f"TLS closed both ways; {state}")
+            if not self.fin_sent:
+                state = "plaintext resumes" if event.resumed else "the connection ends"
+                self.evidence.note(f"TLS closed both ways; {state}")
         elif isinstance(event, Violation):
             self.evidence.add("c2s", "note", event.data, f"{event.rule.value}: {event.message}")
             if event.enforced:
@@ -216,6 +224,8 @@ class ScriptedConnection(asyncio.Protocol):
                 del buf[:take]
                 self._literal_left -= take
                 continue
+            if self._client_hello_in_plaintext(buf):
+                return
             units, _used = self.framer.split(bytes(buf[: MAX_LINE + 1]))
             if not units:
                 if len(buf) > MAX_LINE:
@@ -240,6 +250,29 @@ class ScriptedConnection(asyncio.Protocol):
             unit = bytes(self._unit)
             self._unit.clear()
             self._push(Act("command", command=self.dialect.parse(unit, self._rx_tls)))
+
+    def _client_hello_in_plaintext(self, buf: bytearray) -> bool:
+        """A TLS handshake record where a plaintext command belongs.
+
+        The client started TLS although no STARTTLS was accepted (after a
+        refusal, say).  Its bytes are never answered as commands: the act is
+        ``gone`` (``tls-hello``) and the connection is closed.
+        """
+        if self._unit or self.transport is None or self.transport.tls_active:
+            return False
+        if bytes(buf[:2]) != b"\x16\x03":
+            return False
+        self.evidence.add("c2s", "tls-wire", bytes(buf[:64]), "a ClientHello, not a command")
+        buf.clear()
+        self._end(
+            Act(
+                "gone",
+                how="tls-hello",
+                detail="the client began a TLS handshake the server had not accepted",
+            )
+        )
+        self.abort()
+        return True
 
     def _take_body(self) -> bool:
         """A message body up to its end (the dialect says where); False if incomplete."""

@@ -17,9 +17,11 @@ Two kinds:
   times STOPTLS + EHLO/CAPABILITY + STARTTLS + login, a mail / APPEND, and
   QUIT/LOGOUT.
 * :class:`CommandClientTarget` runs an external program; ``{host}``,
-  ``{port}``, ``{cafile}``, ``{tls_version}`` and ``{cycles}`` in its argv are
-  replaced.  Its exit status decides the outcome; stdout/stderr are kept
-  (bounded).  The process is killed when the scenario is over.
+  ``{hostname}``, ``{port}``, ``{cafile}``, ``{tls_version}`` and ``{cycles}``
+  in its argv are replaced (``{port}`` is required: every run has a new
+  port).  Its exit status decides the outcome; stdout/stderr are kept
+  (bounded) and their tails are evidence.  The process is killed when the
+  scenario is over.
 
 :func:`starttls_harness.run.client.check_client` is what ``starttls-harness
 check-client`` calls.
@@ -42,12 +44,15 @@ from starttls_harness.tls.aio import Timeouts
 from starttls_harness.tls.certs import client_context
 
 __all__ = [
+    "FOLLOW_SERVER",
+    "HOSTNAME",
     "MESSAGE",
     "PASSWORD",
     "USER",
     "ClientOutcome",
     "ClientTarget",
     "CommandClientTarget",
+    "MissingPortPlaceholder",
     "ReferenceClientTarget",
     "client_behaviours",
 ]
@@ -102,8 +107,20 @@ class ClientTarget:
 # ------------------------------------------------------- reference clients
 
 
+#: TLS versions that mean "whatever the server offers" (1.2 or 1.3): the
+#: reference client run by ``starttls-harness client`` without
+#: ``--tls-version`` follows the scenario's version this way.
+FOLLOW_SERVER = frozenset({"", "auto", "any"})
+
+
 class ReferenceClientTarget(ClientTarget):
-    """The project's reference client in one of its behaviours."""
+    """The project's reference client in one of its behaviours.
+
+    ``run(..., tls_version)`` pins the client to that version; a version in
+    :data:`FOLLOW_SERVER` leaves it free (1.2 or 1.3, whichever the server
+    speaks), so a scenario pinned to TLS 1.2 is not lost to a client pinned
+    to 1.3.
+    """
 
     accepts_cycles = True
 
@@ -126,10 +143,11 @@ class ReferenceClientTarget(ClientTarget):
         label = f"reference {dialect} client ({behaviour})"
 
         async def run(host: str, port: int, cafile: Path, tls_version: str) -> ClientOutcome:
+            pinned = None if tls_version in FOLLOW_SERVER else tls_version
             plan = SessionPlan(
                 host=host,
                 port=port,
-                tls_context=client_context(tls_version, cafile=cafile),
+                tls_context=client_context(pinned, cafile=cafile),
                 behaviour=self.behaviour,
                 timeout=self.timeout,
                 timeouts=self.timeouts(),
@@ -168,15 +186,65 @@ def client_behaviours(dialect: str) -> List[str]:
 
 # ------------------------------------------------------- external commands
 
-_PLACEHOLDERS = ("{host}", "{port}", "{cafile}", "{tls_version}", "{cycles}")
+_PLACEHOLDERS = ("{host}", "{hostname}", "{port}", "{cafile}", "{tls_version}", "{cycles}")
+
+#: The DNS name the scripted server's certificate is issued to (CN and SAN),
+#: for clients that check names but not IP addresses: ``{hostname}``.
+HOSTNAME = "localhost"
+
+#: Words that mark the line of a client's output that carries its error.
+_ERROR_WORDS = (
+    "error",
+    "fail",
+    "refus",
+    "denied",
+    "invalid",
+    "unexpected",
+    "weird",
+    "abort",
+    "cannot",
+    "can't",
+    "could not",
+    "unable",
+    "timed out",
+    "timeout",
+    "reset",
+    "injection",
+    "exception",
+)
+
+
+class MissingPortPlaceholder(ValueError):
+    """A client command without ``{port}``: it cannot reach the fake server.
+
+    Every scenario run listens on a new port, so a command that does not take
+    it would connect elsewhere (or nowhere) in every run; this is a usage
+    error, raised before anything runs (the CLI reports it as one line, exit 2).
+    """
+
+
+def error_line(output: bytes) -> str:
+    """The line of a client's output that carries its error (else its last line).
+
+    Clients often end with advice ("see --help", "try again later"); the
+    line that names the failure comes before it.  Searched from the end.
+    """
+    lines = [ln.strip() for ln in output.decode("utf-8", "replace").splitlines() if ln.strip()]
+    for line in reversed(lines):
+        lowered = line.lower()
+        if any(word in lowered for word in _ERROR_WORDS):
+            return line
+    return lines[-1] if lines else ""
 
 
 class CommandClientTarget(ClientTarget):
     """An external client program; its exit status is its outcome.
 
-    ``argv`` placeholders: ``{host}``, ``{port}``, ``{cafile}``,
-    ``{tls_version}`` and ``{cycles}`` (plain text replacement, so braces
-    elsewhere -- in a Python one-liner, say -- are left alone).  ``timeout``
+    ``argv`` placeholders: ``{host}`` (the address), ``{hostname}`` (the DNS
+    name of the certificate, :data:`HOSTNAME`), ``{port}`` (required:
+    :class:`MissingPortPlaceholder`), ``{cafile}``, ``{tls_version}`` and
+    ``{cycles}`` (plain text replacement, so braces elsewhere -- in a Python
+    one-liner, say -- are left alone).  ``timeout``
     bounds one run; the process is killed (with its process group) when the
     run ends or is cancelled.
     """
@@ -194,6 +262,11 @@ class CommandClientTarget(ClientTarget):
     ) -> None:
         if not argv:
             raise ValueError("the client command is empty")
+        if not any("{port}" in a for a in argv):
+            raise MissingPortPlaceholder(
+                "the client command has no {port}: every run listens on a new port, "
+                "so pass it to the client (e.g. --port {port})"
+            )
         self.argv = list(argv)
         self.timeout = timeout
         self.env = dict(env) if env is not None else None
@@ -218,7 +291,10 @@ class CommandClientTarget(ClientTarget):
 
     def expand(self, host: str, port: int, cafile: Path, tls_version: str) -> List[str]:
         values = dict(
-            zip(_PLACEHOLDERS, (host, str(port), str(cafile), tls_version, str(self.cycles)))
+            zip(
+                _PLACEHOLDERS,
+                (host, HOSTNAME, str(port), str(cafile), tls_version, str(self.cycles)),
+            )
         )
         out = []
         for arg in self.argv:
@@ -271,9 +347,9 @@ class CommandClientTarget(ClientTarget):
             detail = f"killed after {self.timeout:g} s"
         else:
             detail = f"exit status {status}"
-            tail = bytes(err).strip().splitlines()[-1:] if err.strip() else []
-            if tail:
-                detail += f": {tail[0].decode('utf-8', 'replace')[:300]}"
+            said = error_line(bytes(err)) or error_line(bytes(out))
+            if said:
+                detail += f": {said[:300]}"
         return ClientOutcome(
             ok=(status == 0 and not timed_out),
             detail=detail,

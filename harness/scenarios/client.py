@@ -18,8 +18,15 @@ Decision rules (label -> verdict; labels not listed fall back to
     LOGINDISABLED`` completed with the client's next tag: a client that
     believed it never sends LOGIN.  ``aborted`` (the client ended the
     upgrade) and ``completed`` (it carried on under TLS) pass.
-``client.starttls-stripped`` / ``-refused`` (R9)
-    STARTTLS is not advertised / answered ``454`` / ``NO``: AUTH, MAIL,
+``client.response-injection-partial`` / ``-multi`` (R1)
+    The same judgement for a response cut before its line end (glued to the
+    first reply under TLS by a client that keeps its read buffer) and for
+    several injected responses.  ``aborted`` means the client ended the
+    upgrade without acting on the injection -- whether it never read the
+    bytes or read them to detect the attack; both are safe.
+``client.starttls-stripped`` / ``-refused`` / ``-bad`` / ``-preauth`` (R9)
+    STARTTLS is not advertised / answered ``454`` / ``NO`` / ``501`` /
+    ``BAD`` / the IMAP greeting is ``PREAUTH``: AUTH, MAIL,
     RCPT, DATA, LOGIN, APPEND, SELECT... in plaintext fail
     (``sent-in-plaintext``); QUIT/LOGOUT or a close pass (``gave-up``).
 ``client.plaintext-in-tls`` (R2)
@@ -39,7 +46,9 @@ Decision rules (label -> verdict; labels not listed fall back to
     (``reported``); one that reports success fails (``accepted``).
 ``client.close-notify-reply`` (R5)
     The server sends close_notify instead of an answer: the client's
-    close_notify passes (``answered``); a TCP close without it
+    close_notify within ``ClientSettings.close_notify_bound`` passes
+    (``answered``), a later one is a warn with the time it took
+    (``answered-late``); a TCP close without it
     (``unanswered``) or another command first (``spoke-first``) is a warn.
 ``client.stoptls-cycle`` (positive control)
     A conforming server offering STOPTLS: the client makes its cycles (three
@@ -54,6 +63,7 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
+from starttls_harness.dialects import dialects_with
 from starttls_harness.report.verdicts import Verdict
 from starttls_harness.scenarios.expectations import (
     CLIENT_EXPECTED,
@@ -118,7 +128,7 @@ _UPGRADE: Tuple[Step, ...] = (
 )
 
 _INJECTION = _expect(
-    aborted=Expect(P, "refused the upgrade: the injected response was never read"),
+    aborted=Expect(P, "ended the upgrade without acting on the injected response"),
     completed=Expect(P, "ignored the injected response and carried on under TLS"),
     injection_consumed=Expect(F, "acted on a response injected before the handshake"),
 )
@@ -157,6 +167,38 @@ _CLIENT: Tuple[Scenario, ...] = (
         expect=_INJECTION,
     ),
     Scenario(
+        id="client.response-injection-partial",
+        title="A plaintext response without its line end, to be glued to the first TLS reply",
+        role="client",
+        rule=Rule.R1,
+        reference="RFC 3207 §4.2; RFC 3501 §6.2.1; 'NO STARTTLS' (2021)",
+        reason="A read buffer kept across the upgrade joins injected bytes to a TLS reply.",
+        steps=(
+            S("greet"),
+            S("serve", until="starttls"),
+            S("accept-starttls", fault=True, inject="partial"),
+            S("handshake"),
+            S("judge-injection"),
+        ),
+        expect=_INJECTION,
+    ),
+    Scenario(
+        id="client.response-injection-multi",
+        title="Several plaintext responses injected with the STARTTLS answer",
+        role="client",
+        rule=Rule.R1,
+        reference="RFC 3207 §4.2; RFC 3501 §6.2.1; 'NO STARTTLS' (2021)",
+        reason="Every line read before the handshake must be discarded or refused, not one.",
+        steps=(
+            S("greet"),
+            S("serve", until="starttls"),
+            S("accept-starttls", fault=True, inject="multi"),
+            S("handshake"),
+            S("judge-injection"),
+        ),
+        expect=_INJECTION,
+    ),
+    Scenario(
         id="client.starttls-stripped",
         title="STARTTLS not advertised (stripped by an attacker)",
         role="client",
@@ -180,6 +222,32 @@ _CLIENT: Tuple[Scenario, ...] = (
             S("watch-plaintext", starttls=True),
         ),
         expect=_expect(gave_up=Expect(P, "gave up without sending credentials or mail")),
+    ),
+    Scenario(
+        id="client.starttls-bad",
+        title="STARTTLS answered as a bad command (SMTP 501 / IMAP BAD)",
+        role="client",
+        rule=Rule.R9,
+        reference="RFC 3207 §4; RFC 9051 §7.1.3; RFC 8314 §3",
+        reason="A rejected STARTTLS is no licence to carry on in plaintext either.",
+        steps=(
+            S("greet"),
+            S("serve", until="starttls"),
+            S("refuse-starttls", fault=True, how="bad"),
+            S("watch-plaintext", starttls=True),
+        ),
+        expect=_expect(gave_up=Expect(P, "gave up without sending credentials or mail")),
+    ),
+    Scenario(
+        id="client.starttls-preauth",
+        title="The greeting says PREAUTH: the session is authenticated without TLS",
+        role="client",
+        rule=Rule.R9,
+        reference="RFC 9051 §7.1.4; RFC 8314 §3; 'NO STARTTLS' (2021)",
+        reason="PREAUTH forbids STARTTLS: a client that requires TLS must not go on.",
+        dialects=dialects_with("has_preauth"),
+        steps=(S("greet", fault=True, preauth=True), S("watch-plaintext", starttls=False)),
+        expect=_expect(gave_up=Expect(P, "gave up on a pre-authenticated plaintext session")),
     ),
     Scenario(
         id="client.plaintext-in-tls",
@@ -271,6 +339,7 @@ _CLIENT: Tuple[Scenario, ...] = (
         ),
         expect=_expect(
             answered=Expect(P, "answered close_notify at once"),
+            answered_late=Expect(W, "answered close_notify, but not at once"),
             unanswered=Expect(W, "closed TCP instead of answering close_notify (no data exposed)"),
             spoke_first=Expect(W, "sent another command before answering close_notify"),
         ),

@@ -120,7 +120,11 @@ _STOPTLS_INITIATOR_BROKEN = {
 CLIENT_EXPECTED: Dict[str, Dict[str, Verdict]] = {
     "strict": {},
     # R1: the injected response is read as the first TLS response.
-    "accept-injected-response": {"client.response-injection": F},
+    "accept-injected-response": {
+        "client.response-injection": F,
+        "client.response-injection-partial": F,
+        "client.response-injection-multi": F,
+    },
     # R2: the raw plaintext reply is taken and the session goes on.
     "plaintext-in-tls": {"client.plaintext-in-tls": F},
     # R4: close_notify and the next plaintext command leave together.
@@ -140,7 +144,12 @@ CLIENT_EXPECTED: Dict[str, Dict[str, Verdict]] = {
         "client.stoptls-cycle": K,
     },
     # R9: AUTH/LOGIN in plaintext when STARTTLS is missing or refused.
-    "downgrade": {"client.starttls-stripped": F, "client.starttls-refused": F},
+    "downgrade": {
+        "client.starttls-stripped": F,
+        "client.starttls-refused": F,
+        "client.starttls-bad": F,
+        "client.starttls-preauth": F,
+    },
 }
 
 

@@ -27,6 +27,7 @@ the hot path.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
 import ssl
 from dataclasses import dataclass, field
@@ -164,14 +165,28 @@ def make_pki(
     rsa: bool = False,
     directory: Union[str, Path, None] = None,
 ) -> Pki:
-    """A fresh CA and server certificate (ECDSA P-256 unless ``rsa``)."""
+    """A fresh CA and server certificate (ECDSA P-256 unless ``rsa``).
+
+    The subject CN is the first DNS name among ``hostnames`` (``localhost``)
+    besides the SANs: several real clients match only the CN or DNS names,
+    and could not be run with certificate checking otherwise.
+    """
     key_type = trustme.KeyType.RSA if rsa else trustme.KeyType.ECDSA
     ca = trustme.CA(key_type=key_type)
-    cert = ca.issue_cert(*hostnames, key_type=key_type)
+    names = [h for h in hostnames if not _is_ip(h)]
+    cert = ca.issue_cert(*hostnames, common_name=names[0] if names else None, key_type=key_type)
     pki = Pki(ca, cert, tuple(hostnames))
     if directory is not None:
         pki.write(directory)
     return pki
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _pin(ctx: ssl.SSLContext, tls_version: Union[str, ssl.TLSVersion, None]) -> None:

@@ -3,12 +3,10 @@
 #
 # Usage: sh fetchmail_fetch.sh HOST PORT CAFILE
 #
-# Certificate checking is OFF (no sslcertck), the one client of the tier run so:
-# fetchmail 6.4 checks the certificate's subject CN and DNS names only, and the
-# harness's throwaway server certificate has no CN and is checked here by IP
-# ('Server name not specified in certificate!' even with sslcommonname
-# localhost). The trust control in realworld/clients.py records that it
-# connects regardless. Exit 1 is fetchmail's "no mail to retrieve", a success
+# Certificate checking is ON (sslcertck): fetchmail matches the subject CN and
+# DNS names only, so HOST is the certificate's name ({hostname}, localhost),
+# which the harness's server certificate carries as CN and DNS SAN. Exit 1 is
+# fetchmail's "no mail to retrieve", a success
 # here (the fake server's INBOX is empty); every other status is kept.
 set -u
 dir=$(mktemp -d)
@@ -17,7 +15,7 @@ umask 077
 cat >"$dir/rc" <<RC
 poll $1 port $2 protocol IMAP timeout 10
   user tester password secret
-  sslproto "tls1.2+" no sslcertck sslcertfile "$3"
+  sslproto "tls1.2+" sslcertck sslcertfile "$3"
   mda "cat >/dev/null" keep
 RC
 FETCHMAILHOME=$dir fetchmail -f "$dir/rc" --pidfile "$dir/pid" --nodetach --nosyslog "$1"
