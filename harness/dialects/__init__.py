@@ -23,12 +23,14 @@ from __future__ import annotations
 from typing import Dict, Iterator, Sequence, Tuple, Union, overload
 
 from starttls_harness.dialects.base import Dialect, LinePredicate, Reply, UnitStep, missing
+from starttls_harness.dialects.ftp import FTP
 from starttls_harness.dialects.imap import IMAP
 from starttls_harness.dialects.smtp import SMTP
 
 __all__ = [
     "DIALECTS",
     "EVERY_DIALECT",
+    "FTP",
     "IMAP",
     "RETURN_TO_PLAINTEXT",
     "SMTP",
@@ -159,3 +161,4 @@ RETURN_TO_PLAINTEXT: Sequence[str] = dialects_with("has_return_to_plaintext")
 
 register(SMTP)
 register(IMAP)
+register(FTP)

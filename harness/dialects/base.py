@@ -95,6 +95,14 @@ class Dialect:
     client_module = ""
     #: Capability flags.
     has_return_to_plaintext = False
+    #: The server may send the first close_notify of the return to plaintext
+    #: (FTP CCC); STOPTLS: only the client starts the closure.
+    server_may_close_first = False
+    #: Who starts the closure of the return to plaintext: ``client`` (STOPTLS)
+    #: or ``either`` (the order is not fixed by the protocol).
+    closure_initiator = "client"
+    #: The server speaks first in plaintext after the return (a new greeting).
+    greets_after_stoptls = True
     #: The storage action needs a login first.
     storage_needs_login = False
     #: The tag an untargeted reply ends with (IMAP: any tagged line, ``*``).
@@ -102,6 +110,8 @@ class Dialect:
     #: Reference-client behaviour -> {scenario id: verdict} where this
     #: dialect's reference client differs from the client role's matrix.
     reference_client_expected: Mapping[str, Mapping[str, Verdict]] = {}
+    #: The same for the reference server (behaviour -> the whole non-pass map).
+    reference_server_expected: Mapping[str, Mapping[str, Verdict]] = {}
 
     # ------------------------------------------------------- every role
 

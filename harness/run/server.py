@@ -56,7 +56,7 @@ from starttls_harness.run.outcomes import (
 from starttls_harness.run.probe import PeerClosed, Probe, ProbeSettings, ProbeTimeout
 from starttls_harness.scenarios.model import Expect, Scenario, Step
 from starttls_harness.tls.certs import client_context
-from starttls_harness.tls.engine import Rule
+from starttls_harness.tls.engine import Policy, Rule
 
 __all__ = [
     "Observed",
@@ -248,6 +248,8 @@ async def step_close_then_sentinel(run: _Run, args: Mapping[str, object]) -> Non
     run.probe.ensure_open()
     transport = run.probe.transport
     assert transport is not None
+    if not transport.engine.tls_active:
+        raise Observed("server-closed-first", "the server's close_notify came with its answer")
     with transport.corked():
         transport.engine.unwrap()
         run.evidence.add("c2s", "close_notify")
@@ -276,6 +278,11 @@ async def step_close_notify_only(run: _Run, args: Mapping[str, object]) -> None:
 
 
 async def step_unwrap(run: _Run, args: Mapping[str, object]) -> None:
+    transport = run.probe.transport
+    if transport is not None and run.probe.closed is None and not transport.engine.tls_active:
+        # The server sent the first close_notify (FTP CCC) and we answered it.
+        run.evidence.note("the server started the closure; answered at once (R5)")
+        return
     try:
         await run.probe.unwrap()
     except PeerClosed as closed:
@@ -288,12 +295,47 @@ async def step_stoptls(run: _Run, args: Mapping[str, object]) -> None:
     if "STOPTLS" not in run.probe.capabilities:
         raise Observed("no-stoptls", "STOPTLS is not advertised inside TLS")
     command = run.dialect.stoptls()
+    transport = run.probe.transport
+    if run.dialect.server_may_close_first and transport is not None:
+        # A close_notify glued to the answer is the server starting the
+        # closure: answer it at once and resume plaintext (R5 is ours).
+        transport.engine.accept_unwrap()
     reply = await run.probe.command(command)
     if not reply.ok:
         raise Observed("stoptls-refused", reply.text)
 
 
+async def step_stoptls_unanswered(run: _Run, args: Mapping[str, object]) -> None:
+    """The return to plaintext, our engine told not to answer the server's close_notify.
+
+    For the CCC scenarios (a dialect whose server may close first): what the
+    target does when the client's close_notify never comes, or comes late.
+    """
+    transport = run.probe.transport
+    assert transport is not None
+    transport.engine.policy = Policy.relaxing(Rule.R4, Rule.R5)
+    await step_stoptls(run, {})
+
+
+async def step_late_close_notify(run: _Run, args: Mapping[str, object]) -> None:
+    """After a declared delay (the scenario's fault), close_notify, then the sentinel."""
+    delay = float(args.get("delay", 0.0))  # type: ignore[arg-type]
+    transport = run.probe.transport
+    assert transport is not None
+    run.evidence.note(f"our close_notify held back {delay:g} s (the scenario's declared delay)")
+    await asyncio.sleep(delay)  # the fault itself, not a wait for an event
+    if run.probe.closed is not None:
+        raise Observed("closed", f"the target ended the connection within {delay:g} s")
+    transport.engine.policy = Policy.strict()
+    await step_unwrap(run, {})
+    reply = await run.probe.command(run.dialect.sentinel())
+    if not run.dialect.is_sentinel_reply(reply):
+        raise Observed("misread", f"after the late close_notify: {reply.text}")
+
+
 async def step_greeting(run: _Run, args: Mapping[str, object]) -> None:
+    if not run.dialect.greets_after_stoptls:
+        return  # FTP after CCC: the client speaks first
     reply = await run.probe.reply(greeting=True)
     if not run.dialect.greeting_ok(reply):
         raise Observed("unexpected-reply", f"after STOPTLS: {reply.text}")
@@ -412,6 +454,8 @@ _SERVER_STEPS: Dict[str, StepFunc] = {
     "alert-then-sentinel": step_alert_then_sentinel,
     "unwrap": step_unwrap,
     "stoptls": step_stoptls,
+    "stoptls-unanswered": step_stoptls_unanswered,
+    "late-close-notify": step_late_close_notify,
     "greeting": step_greeting,
     "command": step_command,
     "login": step_login,

@@ -25,6 +25,7 @@ __all__ = [
     "STOPTLS_SCENARIOS",
     "client_expected_by_dialect",
     "expected_client_verdicts",
+    "expected_server_verdicts",
     "mismatches",
 ]
 
@@ -119,6 +120,14 @@ CLIENT_EXPECTED: Dict[str, Dict[str, Verdict]] = {
     # R9: AUTH/LOGIN in plaintext when STARTTLS is missing or refused.
     "downgrade": {"client.starttls-stripped": F, "client.starttls-refused": F},
 }
+
+
+def expected_server_verdicts(dialect: str, behaviour: str) -> Mapping[str, Verdict]:
+    """The exact non-pass verdicts expected of one reference server."""
+    specific = dialect_named(dialect).reference_server_expected.get(behaviour)
+    if specific is not None:
+        return specific
+    return SERVER_EXPECTED[behaviour]
 
 
 def client_expected_by_dialect() -> Dict[Tuple[str, str], Mapping[str, Verdict]]:
