@@ -148,9 +148,7 @@ class _Session(asyncio.Protocol):
         self.pbsz = False
         self.prot_private = False
         self.passive: Optional[asyncio.AbstractServer] = None
-        loop = asyncio.get_running_loop()
-        self.data_conn: asyncio.Future[Tuple[asyncio.StreamReader, asyncio.StreamWriter]]
-        self.data_conn = loop.create_future()
+        self.data_conn: asyncio.Future[_Data] = asyncio.get_running_loop().create_future()
 
     # ---------------------------------------------------------- asyncio
 
@@ -346,17 +344,16 @@ class _Session(asyncio.Protocol):
         if self.passive is not None:
             self.passive.close()
         loop = asyncio.get_running_loop()
-        self.data_conn = loop.create_future()
-        ctx = self.config.ssl_context() if self.prot_private else None
-        fut = self.data_conn
+        fut: asyncio.Future[_Data] = loop.create_future()
+        self.data_conn = fut
 
-        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if fut.done():
-                writer.close()
-            else:
-                fut.set_result((reader, writer))
+        def factory() -> asyncio.Protocol:
+            data = _Data()
+            if not fut.done():
+                fut.set_result(data)
+            return data
 
-        self.passive = await asyncio.start_server(accepted, self.config.host, 0, ssl=ctx)
+        self.passive = await loop.create_server(factory, self.config.host, 0)
         host, port = self.passive.sockets[0].getsockname()[:2]
         h = host.replace(".", ",")
         t.write(f"227 Entering Passive Mode ({h},{port >> 8},{port & 255})\r\n".encode())
@@ -365,19 +362,17 @@ class _Session(asyncio.Protocol):
         if self.passive is None:
             t.write(b"425 Use PASV first\r\n")
             return
+        bound = self.config.timeouts.closure
         try:
-            reader, writer = await asyncio.wait_for(self.data_conn, self.config.timeouts.closure)
-        except asyncio.TimeoutError:
-            t.write(b"425 No data connection\r\n")
-            return
-        t.write(b"150 Opening data connection\r\n")
-        try:
+            data = await asyncio.wait_for(self.data_conn, bound)
+            t.write(b"150 Opening data connection\r\n")
+            if self.prot_private:  # the client starts TLS after the 150 (ftplib, curl)
+                await data.start_tls(self.config.ssl_context(), bound)
             if verb == "LIST":
-                writer.write(_LIST_LINE)
+                data.send(_LIST_LINE)
             else:
-                self.messages.append(await self._receive(reader))
-            await writer.drain()
-            writer.close()
+                self.messages.append(await data.receive(self.config.limits.max_message, bound))
+            data.close()
         except (ConnectionError, asyncio.TimeoutError, ssl.SSLError):
             t.write(b"426 Transfer aborted\r\n")
             return
@@ -386,15 +381,47 @@ class _Session(asyncio.Protocol):
             self.passive = None
         t.write(b"226 Transfer complete\r\n")
 
-    async def _receive(self, reader: asyncio.StreamReader) -> bytes:
-        """The stored file: the data connection up to its EOF (bounded)."""
-        data = bytearray()
-        while len(data) <= self.config.limits.max_message:
-            chunk = await asyncio.wait_for(reader.read(65536), self.config.timeouts.closure)
-            if not chunk:
-                return bytes(data)
-            data += chunk
-        raise ConnectionError("file over the size limit")
+
+class _Data(asyncio.Protocol):
+    """One passive data connection: bytes in until EOF, bytes out, TLS on demand."""
+
+    def __init__(self) -> None:
+        self.transport: Optional[asyncio.BaseTransport] = None
+        self.buf = bytearray()
+        self.done = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+
+    def eof_received(self) -> bool:
+        self.done.set()
+        return False
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.done.set()
+
+    async def start_tls(self, context: ssl.SSLContext, bound: float) -> None:
+        assert isinstance(self.transport, asyncio.WriteTransport)
+        loop = asyncio.get_running_loop()
+        upgraded = loop.start_tls(self.transport, self, context, server_side=True)
+        self.transport = await asyncio.wait_for(upgraded, bound)
+
+    def send(self, data: bytes) -> None:
+        assert isinstance(self.transport, asyncio.WriteTransport)
+        self.transport.write(data)
+
+    async def receive(self, limit: int, bound: float) -> bytes:
+        await asyncio.wait_for(self.done.wait(), bound)
+        if len(self.buf) > limit:
+            raise ConnectionError("file over the size limit")
+        return bytes(self.buf)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
 def _is_auth_tls(line: bytes) -> bool:

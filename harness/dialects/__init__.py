@@ -23,14 +23,12 @@ from __future__ import annotations
 from typing import Dict, Iterator, Sequence, Tuple, Union, overload
 
 from starttls_harness.dialects.base import Dialect, LinePredicate, Reply, UnitStep, missing
-from starttls_harness.dialects.ftp import FTP
 from starttls_harness.dialects.imap import IMAP
 from starttls_harness.dialects.smtp import SMTP
 
 __all__ = [
     "DIALECTS",
     "EVERY_DIALECT",
-    "FTP",
     "IMAP",
     "RETURN_TO_PLAINTEXT",
     "SMTP",
@@ -161,4 +159,7 @@ RETURN_TO_PLAINTEXT: Sequence[str] = dialects_with("has_return_to_plaintext")
 
 register(SMTP)
 register(IMAP)
-register(FTP)
+# FTP (dialects/ftp.py: server role, CCC scenarios) is not registered by
+# default yet: its reference client and the proxy's FTP table are still to
+# come, and the client and path catalogues apply to every registered dialect.
+# ``register(starttls_harness.dialects.ftp.FTP)`` turns it on.
