@@ -101,6 +101,8 @@ class Dialect:
     #: Who starts the closure of the return to plaintext: ``client`` (STOPTLS)
     #: or ``either`` (the order is not fixed by the protocol).
     closure_initiator = "client"
+    #: The return to plaintext is refused before a login (FTP CCC on real servers).
+    stoptls_needs_login = False
     #: The server speaks first in plaintext after the return (a new greeting).
     greets_after_stoptls = True
     #: The storage action needs a login first.

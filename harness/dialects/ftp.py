@@ -214,6 +214,7 @@ class _Ftp(Dialect):
     server_may_close_first = True
     #: After CCC the server says nothing: the client speaks first in plaintext.
     greets_after_stoptls = False
+    stoptls_needs_login = True
     reference_server_expected: Mapping[str, Mapping[str, Verdict]] = SERVER_EXPECTED
 
     def framer(self) -> Framer:

@@ -134,6 +134,8 @@ class _Run:
     #: Evidence index where the fault step began (what came after it counts).
     mark: int = 0
     notes: List[str] = field(default_factory=list)
+    #: Logged in during the current TLS session (a dialect may need it for STOPTLS).
+    logged_in: bool = False
 
 
 async def _expect_reply(run: _Run, data: bytes) -> Reply:
@@ -188,6 +190,7 @@ async def step_starttls(run: _Run, args: Mapping[str, object]) -> None:
 
 async def step_handshake(run: _Run, args: Mapping[str, object]) -> None:
     await run.probe.handshake()
+    run.logged_in = False  # a new TLS session starts unauthenticated (R8)
 
 
 async def step_sentinel(run: _Run, args: Mapping[str, object]) -> None:
@@ -294,6 +297,8 @@ async def step_unwrap(run: _Run, args: Mapping[str, object]) -> None:
 async def step_stoptls(run: _Run, args: Mapping[str, object]) -> None:
     if "STOPTLS" not in run.probe.capabilities:
         raise Observed("no-stoptls", "STOPTLS is not advertised inside TLS")
+    if run.dialect.stoptls_needs_login and not run.logged_in:
+        await step_login(run, {"optional": True})  # FTP servers refuse CCC before a login
     command = run.dialect.stoptls()
     transport = run.probe.transport
     if run.dialect.server_may_close_first and transport is not None:
@@ -360,6 +365,7 @@ async def step_login(run: _Run, args: Mapping[str, object]) -> None:
     reply = await run.probe.command(run.dialect.login(target.user, target.password))
     if not reply.ok:
         raise Observed("unexpected-reply", f"login refused: {reply.text}")
+    run.logged_in = True
 
 
 async def step_state_control(run: _Run, args: Mapping[str, object]) -> None:
