@@ -93,8 +93,13 @@ def test_the_dialect_names_ccc_and_who_may_close_first() -> None:
     assert FTP.stoptls() == b"CCC\r\n" and FTP.starttls() == b"AUTH TLS\r\n"
     assert FTP.server_may_close_first and FTP.closure_initiator == "either"
     assert not FTP.greets_after_stoptls
-    assert FTP.is_sentinel_reply(Reply((b"200 NOOP ok\r\n",), True, "200"))
+    assert FTP.sentinel() == b"FEAT\r\n"
+    assert FTP.is_sentinel_reply(Reply((b"211-Features:\r\n", b"211 End\r\n"), True, "211"))
     assert FTP.is_injected_reply(Reply((b"500 Unknown command\r\n",), False, "500"))
+    # Handshake failures said in plaintext are not answers to an injected command.
+    oops = b"500 OOPS: error:0A00010B:SSL routines::wrong version number\r\n"
+    assert not FTP.is_injected_reply(Reply((oops,), False, "500"))
+    assert not FTP.is_injected_reply(Reply((b"421 TLS handshake failed\r\n",), False, "421"))
 
 
 def test_the_ccc_scenarios_apply_by_flag_not_by_name(ftp: Dialect) -> None:

@@ -236,7 +236,9 @@ class _Ftp(Dialect):
         return b"CCC\r\n"
 
     def sentinel(self) -> bytes:
-        return b"NOOP\r\n"
+        # FEAT, not NOOP: vsftpd answers NOOP before a login with the same
+        # 530 as any unknown (injected) command; FEAT's 211 is unmistakable.
+        return b"FEAT\r\n"
 
     def injected(self) -> bytes:
         # An unknown verb: its 500 cannot be mistaken for NOOP's 200.
@@ -246,10 +248,13 @@ class _Ftp(Dialect):
         return b"QUIT\r\n"
 
     def is_injected_reply(self, reply: Reply) -> bool:
-        return reply.key.startswith("5")
+        # "500 OOPS: ..." is vsftpd's fatal error (e.g. a TLS handshake that
+        # failed on the injected bytes), not an answer to a command; a 421 is
+        # a server hanging up (ProFTPD after such a handshake).
+        return reply.key.startswith("5") and not reply.text[3:].strip().startswith("OOPS:")
 
     def is_sentinel_reply(self, reply: Reply) -> bool:
-        return reply.key == "200"
+        return reply.key == "211"
 
     def split_reply(
         self, buf: bytes, expect_tag: Optional[str] = None

@@ -183,6 +183,11 @@ async def step_starttls(run: _Run, args: Mapping[str, object]) -> None:
     if held:
         # The target said something in plaintext after its STARTTLS answer.
         run.evidence.add("s2c", "plaintext", held, "plaintext after the STARTTLS answer")
+        answer, _ = dialect.split_reply(held)
+        if inject and answer is not None and not dialect.is_injected_reply(answer):
+            # e.g. FTP servers: the injected bytes broke the handshake and the
+            # server said so in plaintext -- it did not run them (R1 kept).
+            raise Observed("closed", f"took the injected bytes for a handshake: {answer.text}")
         if inject:
             raise Observed("injection-answered", "answered the injected command in plaintext")
         raise Observed("violation:R1", "sent plaintext after its STARTTLS answer")
