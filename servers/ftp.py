@@ -9,10 +9,13 @@ plaintext), ``PWD``, ``MKD`` (a directory made counts as stored), ``TYPE``,
 wrapped by the standard library's TLS when ``PROT P`` is in force: the
 closure rules are about the control connection.
 
-CCC done right (RFC 4217 §5): the ``200`` is the last thing sent under TLS;
-the client's close_notify is answered at once (R5) and only then is the
-session plaintext again, still logged in.  Nothing may be pipelined after
-``CCC`` (the connection is closed).
+CCC done right (RFC 4217 §5): the ``200`` and the server's close_notify are
+the last things sent under TLS (the server starts the closure, as ProFTPD
+does, so clients that wait for it -- curl's passive CCC mode -- work as well
+as those that start it themselves -- ftplib, curl's active mode); nothing is
+read as plaintext until the client's close_notify has arrived (R3, R4), and
+then the session is plaintext again, still logged in.  Nothing may be
+pipelined after ``CCC`` (the connection is closed).
 
 Behaviours (``ServerConfig.behaviour``; each breaks exactly one rule):
 
@@ -25,9 +28,11 @@ Behaviours (``ServerConfig.behaviour``; each breaks exactly one rule):
     plaintext commands without waiting for the client's close_notify (the
     guess ProFTPD makes when the client's alert does not come).
 ``one-sided-resume`` (R4)
-    Accepts plaintext sent right after the client's close_notify.
+    Accepts plaintext sent right after the client's close_notify (it waits
+    for the client to start the closure after CCC, the STOPTLS order).
 ``no-close-notify-reply`` (R5)
-    Never answers the client's close_notify; closes TCP instead.
+    Never answers the client's close_notify; closes TCP instead (it, too,
+    waits for the client to start the closure after CCC).
 ``impatient-ccc`` (R4)
     After CCC sends its close_notify first and, when the client's does not
     come within :data:`GUESS_WINDOW` seconds, hangs up.
@@ -60,6 +65,11 @@ __all__ = ["BEHAVIOURS", "start_server"]
 #: How long ``impatient-ccc`` waits for the client's close_notify after CCC
 #: (ProFTPD waits a few seconds, then guesses).
 GUESS_WINDOW = 1.0
+
+#: Behaviours whose rule only exists when the client sends the first
+#: close_notify after CCC (R4 on a one-sided client closure, R5 answering it):
+#: they wait for the client's close_notify instead of sending theirs first.
+_CLIENT_FIRST = frozenset({"one-sided-resume", "no-close-notify-reply"})
 
 BEHAVIOURS: Dict[str, Behaviour] = {
     b.name: b
@@ -291,15 +301,18 @@ class _Session(asyncio.Protocol):
                 t.events.extend(t.engine.unwrap())
             self.phase_tls = False
             return True
-        if self.behaviour.name == "impatient-ccc":
-            # The initiator gives up on the client's close_notify too soon.
+        bound = self.config.timeouts.closure
+        if self.behaviour.name in _CLIENT_FIRST:
+            # The STOPTLS order: wait for the client's close_notify, answer it (R5).
+            closure = asyncio.ensure_future(t.accept_unwrap(preface=CCC_OK, timeout=bound))
+        else:
+            # Our close_notify right behind the 200 (as ProFTPD): works with
+            # clients that start the closure (ftplib, curl active) and with
+            # those that wait for ours (curl passive); then we wait (R4).
+            if self.behaviour.name == "impatient-ccc":
+                bound = GUESS_WINDOW  # gives up on the client's close_notify too soon
             t.write(CCC_OK)
-            await t.unwrap(timeout=GUESS_WINDOW)
-            self.phase_tls = False
-            return True
-        closure = asyncio.ensure_future(
-            t.accept_unwrap(preface=CCC_OK, timeout=self.config.timeouts.closure)
-        )
+            closure = asyncio.ensure_future(t.unwrap(timeout=bound))
         while not closure.done():
             if self.buf:
                 # Only a relaxed engine (R2) lets bytes through before the
@@ -365,9 +378,13 @@ class _Session(asyncio.Protocol):
         bound = self.config.timeouts.closure
         try:
             data = await asyncio.wait_for(self.data_conn, bound)
+            upgrade = None
+            if self.prot_private:  # the client starts TLS right after the 150 (ftplib, curl)
+                upgrade = data.begin_tls(self.config.ssl_context())
+                await asyncio.sleep(0)  # one turn: the TLS layer is in place before the 150
             t.write(b"150 Opening data connection\r\n")
-            if self.prot_private:  # the client starts TLS after the 150 (ftplib, curl)
-                await data.start_tls(self.config.ssl_context(), bound)
+            if upgrade is not None:
+                data.transport = await asyncio.wait_for(upgrade, bound)
             if verb == "LIST":
                 data.send(_LIST_LINE)
             else:
@@ -403,11 +420,13 @@ class _Data(asyncio.Protocol):
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         self.done.set()
 
-    async def start_tls(self, context: ssl.SSLContext, bound: float) -> None:
-        assert isinstance(self.transport, asyncio.WriteTransport)
+    def begin_tls(self, context: ssl.SSLContext) -> asyncio.Future[Optional[asyncio.Transport]]:
+        """Start the server side of TLS; its first step swaps in the TLS layer."""
+        assert isinstance(self.transport, asyncio.Transport)
         loop = asyncio.get_running_loop()
-        upgraded = loop.start_tls(self.transport, self, context, server_side=True)
-        self.transport = await asyncio.wait_for(upgraded, bound)
+        return asyncio.ensure_future(
+            loop.start_tls(self.transport, self, context, server_side=True)
+        )
 
     def send(self, data: bytes) -> None:
         assert isinstance(self.transport, asyncio.WriteTransport)
