@@ -379,9 +379,12 @@ class _Session(asyncio.Protocol):
         try:
             data = await asyncio.wait_for(self.data_conn, bound)
             upgrade = None
-            if self.prot_private:  # the client starts TLS right after the 150 (ftplib, curl)
+            if self.prot_private:
+                # Reading is paused since the accept: a ClientHello sent before
+                # our 150 (curl) waits in the socket for the TLS layer.
                 upgrade = data.begin_tls(self.config.ssl_context())
-                await asyncio.sleep(0)  # one turn: the TLS layer is in place before the 150
+            else:
+                data.resume()
             t.write(b"150 Opening data connection\r\n")
             if upgrade is not None:
                 data.transport = await asyncio.wait_for(upgrade, bound)
@@ -409,6 +412,12 @@ class _Data(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        assert isinstance(transport, asyncio.ReadTransport)
+        transport.pause_reading()  # until the transfer starts (in TLS or not)
+
+    def resume(self) -> None:
+        assert isinstance(self.transport, asyncio.ReadTransport)
+        self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -421,7 +430,7 @@ class _Data(asyncio.Protocol):
         self.done.set()
 
     def begin_tls(self, context: ssl.SSLContext) -> asyncio.Future[Optional[asyncio.Transport]]:
-        """Start the server side of TLS; its first step swaps in the TLS layer."""
+        """Start the server side of TLS (it resumes reading once its layer is in place)."""
         assert isinstance(self.transport, asyncio.Transport)
         loop = asyncio.get_running_loop()
         return asyncio.ensure_future(
