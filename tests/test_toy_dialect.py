@@ -47,6 +47,7 @@ from starttls_harness.run.path_command import command_pair
 from starttls_harness.run.reference import reference_server_module, reference_servers
 from starttls_harness.run.server import RunSettings, run_server_target
 from starttls_harness.scenarios.catalogue import ALL_SCENARIOS
+from starttls_harness.scenarios.ccc import CCC_SCENARIOS
 from starttls_harness.scenarios.expectations import STOPTLS_SCENARIOS
 from starttls_harness.scenarios.path import PATH_SCENARIOS
 from starttls_harness.scenarios.server import CATALOGUE, select
@@ -521,6 +522,8 @@ def test_scenarios_that_need_a_return_to_plaintext_skip_a_dialect_without_one() 
             "client.stoptls-cycle",
             "client.starttls-preauth",  # no PREAUTH greeting (has_preauth)
             *STOPTLS_SCENARIOS,
+            # A return the server may start (FTP CCC) is not the toy's STOPTLS.
+            *(s.id for s in CCC_SCENARIOS),
         }
         assert "smtp" in RETURN_TO_PLAINTEXT and "toy1" not in RETURN_TO_PLAINTEXT
     finally:

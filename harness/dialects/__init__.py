@@ -165,3 +165,7 @@ register(SMTP)
 register(IMAP)
 register(POP3)
 register(SIEVE)
+# FTP (dialects/ftp.py: server role, CCC scenarios) is not registered by
+# default yet: its reference client and the proxy's FTP table are still to
+# come, and the client and path catalogues apply to every registered dialect.
+# ``register(starttls_harness.dialects.ftp.FTP)`` turns it on.

@@ -97,6 +97,16 @@ class Dialect:
     has_return_to_plaintext = False
     #: The scripted server can greet "authenticated already" (IMAP PREAUTH).
     has_preauth = False
+    #: The server may send the first close_notify of the return to plaintext
+    #: (FTP CCC); STOPTLS: only the client starts the closure.
+    server_may_close_first = False
+    #: Who starts the closure of the return to plaintext: ``client`` (STOPTLS)
+    #: or ``either`` (the order is not fixed by the protocol).
+    closure_initiator = "client"
+    #: The return to plaintext is refused before a login (FTP CCC on real servers).
+    stoptls_needs_login = False
+    #: The server speaks first in plaintext after the return (a new greeting).
+    greets_after_stoptls = True
     #: The storage action needs a login first.
     storage_needs_login = False
     #: Transitions after which :meth:`state_probe` shows kept state only
@@ -107,6 +117,8 @@ class Dialect:
     #: Reference-client behaviour -> {scenario id: verdict} where this
     #: dialect's reference client differs from the client role's matrix.
     reference_client_expected: Mapping[str, Mapping[str, Verdict]] = {}
+    #: The same for the reference server (behaviour -> the whole non-pass map).
+    reference_server_expected: Mapping[str, Mapping[str, Verdict]] = {}
 
     # ------------------------------------------------------- every role
 

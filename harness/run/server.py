@@ -23,9 +23,7 @@ on top of the per-reply bounds; probes are always closed in ``finally``.
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
-import os
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -58,8 +56,8 @@ from starttls_harness.run.outcomes import (
 from starttls_harness.run.probe import PeerClosed, Probe, ProbeSettings, ProbeTimeout
 from starttls_harness.run.sanity import NotOffered, SanityProblem, TargetUnusable, classify
 from starttls_harness.scenarios.model import Expect, Scenario, Step
-from starttls_harness.tls.certs import client_context
-from starttls_harness.tls.engine import Rule
+from starttls_harness.tls.certs import client_context, shared_client_context
+from starttls_harness.tls.engine import Policy, Rule
 
 __all__ = [
     "Observed",
@@ -142,6 +140,8 @@ class _Run:
     login_skipped: bool = False
     #: The target's greeting, once read (the sanity probe's classification).
     greeting: Optional[Reply] = None
+    #: Logged in during the current TLS session (a dialect may need it for STOPTLS).
+    logged_in: bool = False
 
 
 async def _expect_reply(run: _Run, data: bytes) -> Reply:
@@ -194,6 +194,11 @@ async def step_starttls(run: _Run, args: Mapping[str, object]) -> None:
     if held:
         # The target said something in plaintext after its STARTTLS answer.
         run.evidence.add("s2c", "plaintext", held, "plaintext after the STARTTLS answer")
+        answer, _ = dialect.split_reply(held)
+        if inject and answer is not None and not dialect.is_injected_reply(answer):
+            # e.g. FTP servers: the injected bytes broke the handshake and the
+            # server said so in plaintext -- it did not run them (R1 kept).
+            raise Observed("closed", f"took the injected bytes for a handshake: {answer.text}")
         if inject:
             raise Observed("injection-answered", "answered the injected command in plaintext")
         raise Observed("violation:R1", "sent plaintext after its STARTTLS answer")
@@ -201,6 +206,7 @@ async def step_starttls(run: _Run, args: Mapping[str, object]) -> None:
 
 async def step_handshake(run: _Run, args: Mapping[str, object]) -> None:
     await run.probe.handshake()
+    run.logged_in = False  # a new TLS session starts unauthenticated (R8)
 
 
 async def step_sentinel(run: _Run, args: Mapping[str, object]) -> None:
@@ -392,6 +398,8 @@ async def step_close_then_sentinel(run: _Run, args: Mapping[str, object]) -> Non
     run.probe.ensure_open()
     transport = run.probe.transport
     assert transport is not None
+    if not transport.engine.tls_active:
+        raise Observed("server-closed-first", "the server's close_notify came with its answer")
     with transport.corked():
         transport.engine.unwrap()
         run.evidence.add("c2s", "close_notify")
@@ -421,6 +429,11 @@ async def step_close_notify_only(run: _Run, args: Mapping[str, object]) -> None:
 
 
 async def step_unwrap(run: _Run, args: Mapping[str, object]) -> None:
+    transport = run.probe.transport
+    if transport is not None and run.probe.closed is None and not transport.engine.tls_active:
+        # The server sent the first close_notify (FTP CCC) and we answered it.
+        run.evidence.note("the server started the closure; answered at once (R5)")
+        return
     if args.get("silence") == "probe":
         await _unwrap_or_probe(run)
         return
@@ -463,13 +476,50 @@ async def _unwrap_or_probe(run: _Run) -> None:
 async def step_stoptls(run: _Run, args: Mapping[str, object]) -> None:
     if "STOPTLS" not in run.probe.capabilities:
         raise Observed("no-stoptls", "STOPTLS is not advertised inside TLS")
+    if run.dialect.stoptls_needs_login and not run.logged_in:
+        await step_login(run, {"optional": True})  # FTP servers refuse CCC before a login
     command = run.dialect.stoptls()
+    transport = run.probe.transport
+    if run.dialect.server_may_close_first and transport is not None:
+        # A close_notify glued to the answer is the server starting the
+        # closure: answer it at once and resume plaintext (R5 is ours).
+        transport.engine.accept_unwrap()
     reply = await run.probe.command(command)
     if not reply.ok:
         raise Observed("stoptls-refused", reply.text)
 
 
+async def step_stoptls_unanswered(run: _Run, args: Mapping[str, object]) -> None:
+    """The return to plaintext, our engine told not to answer the server's close_notify.
+
+    For the CCC scenarios (a dialect whose server may close first): what the
+    target does when the client's close_notify never comes, or comes late.
+    """
+    transport = run.probe.transport
+    assert transport is not None
+    transport.engine.policy = Policy.relaxing(Rule.R4, Rule.R5)
+    await step_stoptls(run, {})
+
+
+async def step_late_close_notify(run: _Run, args: Mapping[str, object]) -> None:
+    """After a declared delay (the scenario's fault), close_notify, then the sentinel."""
+    delay = float(args.get("delay", 0.0))  # type: ignore[arg-type]
+    transport = run.probe.transport
+    assert transport is not None
+    run.evidence.note(f"our close_notify held back {delay:g} s (the scenario's declared delay)")
+    await asyncio.sleep(delay)  # the fault itself, not a wait for an event
+    if run.probe.closed is not None:
+        raise Observed("closed", f"the target ended the connection within {delay:g} s")
+    transport.engine.policy = Policy.strict()
+    await step_unwrap(run, {})
+    reply = await run.probe.command(run.dialect.sentinel())
+    if not run.dialect.is_sentinel_reply(reply):
+        raise Observed("misread", f"after the late close_notify: {reply.text}")
+
+
 async def step_greeting(run: _Run, args: Mapping[str, object]) -> None:
+    if not run.dialect.greets_after_stoptls:
+        return  # FTP after CCC: the client speaks first
     reply = await run.probe.reply(greeting=True)
     if not run.dialect.greeting_ok(reply):
         raise Observed("unexpected-reply", f"after STOPTLS: {reply.text}")
@@ -495,6 +545,7 @@ async def step_login(run: _Run, args: Mapping[str, object]) -> None:
     reply = await run.probe.command(run.dialect.login(target.user, target.password))
     if not reply.ok:
         raise Observed("unexpected-reply", f"login refused: {reply.text}")
+    run.logged_in = True
 
 
 async def step_state_control(run: _Run, args: Mapping[str, object]) -> None:
@@ -610,6 +661,8 @@ _SERVER_STEPS: Dict[str, StepFunc] = {
     "alert-then-sentinel": step_alert_then_sentinel,
     "unwrap": step_unwrap,
     "stoptls": step_stoptls,
+    "stoptls-unanswered": step_stoptls_unanswered,
+    "late-close-notify": step_late_close_notify,
     "greeting": step_greeting,
     "command": step_command,
     "login": step_login,
@@ -641,26 +694,9 @@ def _probe_context(
         if target.cafile is not None:
             return client_context(tls_version, keylog, cafile=target.cafile)
         return client_context(tls_version, keylog, verify=False)
-    if target.cafile is None:
-        return _shared_context(None, (0, 0), tls_version)
-    stat = os.stat(target.cafile)
-    return _shared_context(str(target.cafile), (stat.st_mtime_ns, stat.st_size), tls_version)
-
-
-@functools.lru_cache(maxsize=32)
-def _shared_context(
-    cafile: Optional[str], stamp: Tuple[int, int], tls_version: str
-) -> ssl.SSLContext:
-    """One client context per CA file (as it is now) and TLS version.
-
-    Creating an ``SSLContext`` and parsing the CA file cost about a tenth of
-    a scenario run (measured, ``benchmarks/``); a context serves any number
-    of connections, and a client context never resumes a session on its
-    own, so sharing it changes nothing on the wire.
-    """
-    if cafile is not None:
-        return client_context(tls_version, cafile=cafile)
-    return client_context(tls_version, verify=False)
+    # Shared per CA file and version: building a context and parsing the CA
+    # file cost about a tenth of a scenario run (benchmarks/).
+    return shared_client_context(tls_version, target.cafile, verify=target.cafile is not None)
 
 
 def _skip(run: _Run, step: Step) -> Optional[str]:

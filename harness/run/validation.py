@@ -11,7 +11,11 @@ from typing import List, Sequence, Tuple
 from starttls_harness.report.verdicts import Result
 from starttls_harness.run.reference import reference_servers
 from starttls_harness.run.server import RunSettings, run_server_target
-from starttls_harness.scenarios.expectations import SERVER_EXPECTED, mismatches
+from starttls_harness.scenarios.expectations import (
+    SERVER_EXPECTED,
+    expected_server_verdicts,
+    mismatches,
+)
 from starttls_harness.scenarios.server import CATALOGUE, Scenario
 
 __all__ = [
@@ -37,4 +41,4 @@ async def validate_server(
     """Run the catalogue against one reference server; return the mismatches."""
     async with reference_servers((dialect,), behaviour=behaviour) as (target,):
         results = await run_server_target(scenarios, target, settings, tls_versions=tls_versions)
-    return results, mismatches(results, SERVER_EXPECTED[behaviour])
+    return results, mismatches(results, expected_server_verdicts(dialect, behaviour))

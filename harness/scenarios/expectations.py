@@ -25,6 +25,7 @@ __all__ = [
     "STOPTLS_SCENARIOS",
     "client_expected_by_dialect",
     "expected_client_verdicts",
+    "expected_server_verdicts",
     "mismatches",
 ]
 
@@ -151,6 +152,14 @@ CLIENT_EXPECTED: Dict[str, Dict[str, Verdict]] = {
         "client.starttls-preauth": F,
     },
 }
+
+
+def expected_server_verdicts(dialect: str, behaviour: str) -> Mapping[str, Verdict]:
+    """The exact non-pass verdicts expected of one reference server."""
+    specific = dialect_named(dialect).reference_server_expected.get(behaviour)
+    if specific is not None:
+        return specific
+    return SERVER_EXPECTED[behaviour]
 
 
 def client_expected_by_dialect() -> Dict[Tuple[str, str], Mapping[str, Verdict]]:

@@ -86,6 +86,9 @@ COMMON: Dict[str, Expect] = {
     "handshake-failed": Expect(E, "the TLS handshake failed"),
     "unexpected-reply": Expect(E, "the target answered something the scenario cannot classify"),
     "closed-before-fault": Expect(E, "the target closed the connection before the fault"),
+    "server-closed-first": Expect(
+        K, "the server sent the first close_notify: a one-sided client closure cannot be staged"
+    ),
     "reply-bound": Expect(
         E, "the target sent more than the reply bound without completing a reply"
     ),

@@ -1,0 +1,473 @@
+"""The reference FTP server: the control connection on the project's engine, AUTH TLS and CCC.
+
+What it speaks (enough for a login, a ``LIST`` and a ``STOR`` of one small
+file): ``FEAT``, ``AUTH TLS`` (``234``), ``PBSZ 0``, ``PROT P``/``C``,
+``CCC`` (``200``), ``USER``/``PASS`` (only under TLS: no credentials in
+plaintext), ``PWD``, ``MKD`` (a directory made counts as stored), ``TYPE``,
+``SYST``, ``NOOP``, ``PASV`` (one listener on the server's address),
+``LIST``, ``STOR``, ``QUIT``.  Data connections are plain asyncio streams,
+wrapped by the standard library's TLS when ``PROT P`` is in force: the
+closure rules are about the control connection.
+
+CCC done right (RFC 4217 §5): the ``200`` and the server's close_notify are
+the last things sent under TLS (the server starts the closure, as ProFTPD
+does, so clients that wait for it -- curl's passive CCC mode -- work as well
+as those that start it themselves -- ftplib, curl's active mode); nothing is
+read as plaintext until the client's close_notify has arrived (R3, R4), and
+then the session is plaintext again, still logged in.  Nothing may be
+pipelined after ``CCC`` (the connection is closed).
+
+Behaviours (``ServerConfig.behaviour``; each breaks exactly one rule):
+
+``keep-buffer`` (R1)
+    Executes plaintext pipelined after ``AUTH TLS`` inside TLS (CVE-2011-1575).
+``plaintext-in-tls`` (R2)
+    Answers plaintext commands received while TLS is up.
+``early-plaintext`` (R3)
+    After CCC sends its ``200`` and its close_notify and then takes
+    plaintext commands without waiting for the client's close_notify (the
+    guess ProFTPD makes when the client's alert does not come).
+``one-sided-resume`` (R4)
+    Accepts plaintext sent right after the client's close_notify (it waits
+    for the client to start the closure after CCC, the STOPTLS order).
+``no-close-notify-reply`` (R5)
+    Never answers the client's close_notify; closes TCP instead (it, too,
+    waits for the client to start the closure after CCC).
+``impatient-ccc`` (R4)
+    After CCC sends its close_notify first and, when the client's does not
+    come within :data:`GUESS_WINDOW` seconds, hangs up.
+``ignore-truncation`` (R6)
+    Executes a command line cut by TCP EOF under TLS.
+``alert-as-close`` (R7)
+    Takes a fatal alert for a closure and goes on in plaintext.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Dict, List, Optional, Tuple
+
+from starttls_harness.dialects.ftp import feat_reply
+from starttls_harness.servers.base import (
+    STRICT,
+    Behaviour,
+    RunningServer,
+    ServerConfig,
+    behaviour_named,
+)
+from starttls_harness.tls.aio import SwitchableTransport, create_server
+from starttls_harness.tls.engine import AlertReceived, CloseNotifyReceived, Event, Rule
+from starttls_harness.tls.framing import line_framer
+
+__all__ = ["BEHAVIOURS", "start_server"]
+
+#: How long ``impatient-ccc`` waits for the client's close_notify after CCC
+#: (ProFTPD waits a few seconds, then guesses).
+GUESS_WINDOW = 1.0
+
+#: Behaviours whose rule only exists when the client sends the first
+#: close_notify after CCC (R4 on a one-sided client closure, R5 answering it):
+#: they wait for the client's close_notify instead of sending theirs first.
+_CLIENT_FIRST = frozenset({"one-sided-resume", "no-close-notify-reply"})
+
+BEHAVIOURS: Dict[str, Behaviour] = {
+    b.name: b
+    for b in (
+        STRICT,
+        Behaviour(
+            "keep-buffer",
+            Rule.R1,
+            "executes plaintext pipelined after AUTH TLS inside TLS",
+            (Rule.R1,),
+        ),
+        Behaviour(
+            "plaintext-in-tls",
+            Rule.R2,
+            "answers plaintext commands received while TLS is up",
+            (Rule.R2,),
+        ),
+        Behaviour(
+            "early-plaintext",
+            Rule.R3,
+            "after CCC sends close_notify and takes plaintext commands before the client's",
+            (Rule.R3,),
+        ),
+        Behaviour(
+            "one-sided-resume",
+            Rule.R4,
+            "accepts plaintext sent right after the client's close_notify",
+            (Rule.R4,),
+        ),
+        Behaviour(
+            "no-close-notify-reply",
+            Rule.R5,
+            "never answers the client's close_notify; closes TCP instead",
+            (Rule.R5,),
+        ),
+        Behaviour(
+            "impatient-ccc",
+            Rule.R4,
+            "after CCC sends close_notify first and hangs up when the client's is"
+            f" {GUESS_WINDOW:g} s late",
+        ),
+        Behaviour(
+            "ignore-truncation",
+            Rule.R6,
+            "executes a command line cut by TCP EOF under TLS",
+            (Rule.R6,),
+        ),
+        Behaviour(
+            "alert-as-close",
+            Rule.R7,
+            "takes a fatal TLS alert for a closure and goes on in plaintext",
+            (Rule.R7,),
+        ),
+    )
+}
+
+GREETING = b"220 starttls-harness reference FTP server\r\n"
+CCC_OK = b"200 Clearing control channel protection\r\n"
+_LIST_LINE = b"-rw-r--r-- 1 ftp ftp 5 Jan 01 00:00 hello.txt\r\n"
+
+
+def _words(line: bytes) -> Tuple[str, str]:
+    text = line.decode("latin-1").strip()
+    verb, _, arg = text.partition(" ")
+    return verb.upper(), arg.strip()
+
+
+class _Session(asyncio.Protocol):
+    """One control connection, served by a task that reads command lines."""
+
+    def __init__(self, config: ServerConfig, behaviour: Behaviour, messages: List[bytes]) -> None:
+        self.config = config
+        self.behaviour = behaviour
+        self.messages = messages
+        self.transport: Optional[SwitchableTransport] = None
+        self.buf = bytearray()
+        self.changed = asyncio.Event()
+        self.ended = False
+        self.eof = False
+        self.eof_in_tls = False
+        self.phase_tls = False
+        self.framer = line_framer()
+        self.task: Optional[asyncio.Task[None]] = None
+        self.user: Optional[str] = None
+        self.given_user: Optional[str] = None
+        self.pbsz = False
+        self.prot_private = False
+        self.passive: Optional[asyncio.AbstractServer] = None
+        self.data_conn: asyncio.Future[_Data] = asyncio.get_running_loop().create_future()
+
+    # ---------------------------------------------------------- asyncio
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, SwitchableTransport)
+        self.transport = transport
+        transport.hold_after(_is_auth_tls, framer=line_framer())
+        transport.write(GREETING)
+        self.task = asyncio.ensure_future(self._serve())
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self.changed.set()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.eof_in_tls = self.phase_tls  # the engine has already left TLS here
+        self.changed.set()
+        return False
+
+    def engine_event(self, event: Event) -> None:
+        t = self.transport
+        if t is None:
+            return
+        name = self.behaviour.name
+        if isinstance(event, CloseNotifyReceived) and name == "no-close-notify-reply":
+            t.close()  # R5 broken: hang up instead of answering
+        elif isinstance(event, AlertReceived) and name != "alert-as-close":
+            t.abort()
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.ended = True
+        self.changed.set()
+        if self.passive is not None:
+            self.passive.close()
+
+    # ---------------------------------------------------------- reading
+
+    async def _line(self) -> Optional[bytes]:
+        while True:
+            units, _ = self.framer.split(bytes(self.buf))
+            if units:
+                del self.buf[: len(units[0])]
+                return units[0]
+            if len(self.buf) > self.config.limits.max_line:
+                return None
+            if self.ended or self.eof:
+                return self._cut_line()
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), self.config.limits.idle_timeout)
+            except asyncio.TimeoutError:
+                return None
+
+    def _cut_line(self) -> Optional[bytes]:
+        """A line cut by EOF: dropped (R6), or run as if complete (ignore-truncation)."""
+        if self.behaviour.name == "ignore-truncation" and self.buf and self.eof_in_tls:
+            line = bytes(self.buf) + b"\r\n"
+            self.buf.clear()
+            return line
+        return None
+
+    # ---------------------------------------------------------- serving
+
+    async def _serve(self) -> None:
+        t = self.transport
+        assert t is not None
+        try:
+            while True:
+                line = await self._line()
+                if line is None:
+                    break
+                if not await self._command(t, line):
+                    break
+        except (ConnectionError, asyncio.TimeoutError, RuntimeError, ssl.SSLError):
+            pass
+        t.close()
+
+    async def _command(self, t: SwitchableTransport, line: bytes) -> bool:
+        """Answer one command; False ends the session."""
+        verb, arg = _words(line)
+        tls = t.tls_active
+        if verb == "FEAT":
+            features = ["PBSZ", "PROT", "CCC"] if tls else ["AUTH TLS", "PBSZ", "PROT"]
+            t.write(feat_reply([*features, "PASV", "UTF8"]))
+        elif verb == "AUTH":
+            await self._auth(t, arg)
+        elif verb == "CCC":
+            return await self._ccc(t)
+        elif verb == "PBSZ":
+            self.pbsz = tls
+            t.write(b"200 PBSZ=0\r\n" if tls else b"503 PBSZ needs AUTH TLS first\r\n")
+        elif verb == "PROT":
+            self._prot(t, arg.upper())
+        elif verb == "USER":
+            self.user, self.given_user = None, arg
+            t.write(b"331 Password required\r\n" if tls else b"530 AUTH TLS required first\r\n")
+        elif verb == "PASS":
+            ok = tls and self.given_user == self.config.user and arg == self.config.password
+            self.user = self.given_user if ok else None
+            t.write(b"230 Logged in\r\n" if ok else b"530 Login incorrect\r\n")
+        elif verb == "NOOP":
+            t.write(b"200 NOOP ok\r\n")
+        elif verb == "QUIT":
+            t.write(b"221 Goodbye\r\n")
+            return False
+        elif self.user is None:
+            known = verb in ("PWD", "MKD", "SYST", "TYPE", "PASV", "LIST", "STOR")
+            t.write(b"530 Please login\r\n" if known else b"500 Unknown command\r\n")
+        else:
+            await self._logged_in(t, verb, arg)
+        return True
+
+    async def _auth(self, t: SwitchableTransport, arg: str) -> None:
+        if t.tls_active:
+            t.write(b"503 Already under TLS\r\n")
+        elif arg.upper() not in ("TLS", "TLS-C", "SSL"):
+            t.write(b"504 AUTH mechanism not supported\r\n")
+        else:
+            await t.start_tls(
+                self.config.ssl_context(),
+                server_side=True,
+                preface=b"234 AUTH TLS successful\r\n",
+            )
+            # RFC 4217 §4: a new login after AUTH; nothing from plaintext is kept.
+            self.user = self.given_user = None
+            self.pbsz = self.prot_private = False
+            self.phase_tls = True
+
+    async def _ccc(self, t: SwitchableTransport) -> bool:
+        if not t.tls_active:
+            t.write(b"533 CCC needs TLS on the control connection\r\n")
+            return True
+        if self.buf:  # nothing may be pipelined after CCC: it would straddle the closure
+            return False
+        if self.behaviour.name == "early-plaintext":
+            # R3 broken: our close_notify with the 200, then plaintext is taken at once.
+            with t.corked():
+                t.write(CCC_OK)
+                t.events.extend(t.engine.unwrap())
+            self.phase_tls = False
+            return True
+        bound = self.config.timeouts.closure
+        if self.behaviour.name in _CLIENT_FIRST:
+            # The STOPTLS order: wait for the client's close_notify, answer it (R5).
+            closure = asyncio.ensure_future(t.accept_unwrap(preface=CCC_OK, timeout=bound))
+        else:
+            # Our close_notify right behind the 200 (as ProFTPD): works with
+            # clients that start the closure (ftplib, curl active) and with
+            # those that wait for ours (curl passive); then we wait (R4).
+            if self.behaviour.name == "impatient-ccc":
+                bound = GUESS_WINDOW  # gives up on the client's close_notify too soon
+            t.write(CCC_OK)
+            closure = asyncio.ensure_future(t.unwrap(timeout=bound))
+        while not closure.done():
+            if self.buf:
+                # Only a relaxed engine (R2) lets bytes through before the
+                # client's close_notify: that server takes them as a command.
+                closure.cancel()
+                return True
+            self.changed.clear()
+            waiter = asyncio.ensure_future(self.changed.wait())
+            await asyncio.wait({closure, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+        closure.result()  # raises if the closure failed
+        self.phase_tls = False
+        return True  # plaintext again, still logged in (RFC 4217 §5)
+
+    def _prot(self, t: SwitchableTransport, level: str) -> None:
+        if not self.pbsz:
+            t.write(b"503 PBSZ first\r\n")
+        elif level in ("P", "C"):
+            self.prot_private = level == "P"
+            t.write(b"200 PROT " + level.encode() + b"\r\n")
+        else:
+            t.write(b"504 PROT level not supported\r\n")
+
+    async def _logged_in(self, t: SwitchableTransport, verb: str, arg: str) -> None:
+        if verb == "PWD":
+            t.write(b'257 "/" is the current directory\r\n')
+        elif verb == "MKD":
+            self.messages.append(arg.encode("latin-1"))
+            t.write(b'257 "' + arg.encode("latin-1") + b'" created\r\n')
+        elif verb == "SYST":
+            t.write(b"215 UNIX Type: L8\r\n")
+        elif verb == "TYPE":
+            t.write(b"200 Type set\r\n")
+        elif verb == "PASV":
+            await self._pasv(t)
+        elif verb in ("LIST", "STOR"):
+            await self._transfer(t, verb)
+        else:
+            t.write(b"500 Unknown command\r\n")
+
+    async def _pasv(self, t: SwitchableTransport) -> None:
+        if self.passive is not None:
+            self.passive.close()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[_Data] = loop.create_future()
+        self.data_conn = fut
+
+        def factory() -> asyncio.Protocol:
+            data = _Data()
+            if not fut.done():
+                fut.set_result(data)
+            return data
+
+        self.passive = await loop.create_server(factory, self.config.host, 0)
+        host, port = self.passive.sockets[0].getsockname()[:2]
+        h = host.replace(".", ",")
+        t.write(f"227 Entering Passive Mode ({h},{port >> 8},{port & 255})\r\n".encode())
+
+    async def _transfer(self, t: SwitchableTransport, verb: str) -> None:
+        if self.passive is None:
+            t.write(b"425 Use PASV first\r\n")
+            return
+        bound = self.config.timeouts.closure
+        try:
+            data = await asyncio.wait_for(self.data_conn, bound)
+            upgrade = None
+            if self.prot_private:
+                # Reading is paused since the accept: a ClientHello sent before
+                # our 150 (curl) waits in the socket for the TLS layer.
+                upgrade = data.begin_tls(self.config.ssl_context())
+            else:
+                data.resume()
+            t.write(b"150 Opening data connection\r\n")
+            if upgrade is not None:
+                data.transport = await asyncio.wait_for(upgrade, bound)
+            if verb == "LIST":
+                data.send(_LIST_LINE)
+            else:
+                self.messages.append(await data.receive(self.config.limits.max_message, bound))
+            data.close()
+        except (ConnectionError, asyncio.TimeoutError, ssl.SSLError):
+            t.write(b"426 Transfer aborted\r\n")
+            return
+        finally:
+            self.passive.close()
+            self.passive = None
+        t.write(b"226 Transfer complete\r\n")
+
+
+class _Data(asyncio.Protocol):
+    """One passive data connection: bytes in until EOF, bytes out, TLS on demand."""
+
+    def __init__(self) -> None:
+        self.transport: Optional[asyncio.BaseTransport] = None
+        self.buf = bytearray()
+        self.done = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        assert isinstance(transport, asyncio.ReadTransport)
+        transport.pause_reading()  # until the transfer starts (in TLS or not)
+
+    def resume(self) -> None:
+        assert isinstance(self.transport, asyncio.ReadTransport)
+        self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+
+    def eof_received(self) -> bool:
+        self.done.set()
+        return False
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.done.set()
+
+    def begin_tls(self, context: ssl.SSLContext) -> asyncio.Future[Optional[asyncio.Transport]]:
+        """Start the server side of TLS (it resumes reading once its layer is in place)."""
+        assert isinstance(self.transport, asyncio.Transport)
+        loop = asyncio.get_running_loop()
+        return asyncio.ensure_future(
+            loop.start_tls(self.transport, self, context, server_side=True)
+        )
+
+    def send(self, data: bytes) -> None:
+        assert isinstance(self.transport, asyncio.WriteTransport)
+        self.transport.write(data)
+
+    async def receive(self, limit: int, bound: float) -> bytes:
+        await asyncio.wait_for(self.done.wait(), bound)
+        if len(self.buf) > limit:
+            raise ConnectionError("file over the size limit")
+        return bytes(self.buf)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _is_auth_tls(line: bytes) -> bool:
+    return line.strip().upper() in (b"AUTH TLS", b"AUTH TLS-C", b"AUTH SSL")
+
+
+async def start_server(config: ServerConfig) -> RunningServer:
+    """The reference FTP server (the interface ``reference_servers`` loads)."""
+    behaviour = behaviour_named(BEHAVIOURS, config.behaviour)
+    messages: List[bytes] = []
+    sessions: List[_Session] = []
+
+    def factory() -> asyncio.Protocol:
+        session = _Session(config, behaviour, messages)
+        sessions.append(session)
+        return session
+
+    server = await create_server(
+        factory, config.host, config.port, policy=behaviour.policy, timeouts=config.timeouts
+    )
+    return RunningServer(server, config, messages=messages, connections=sessions)
