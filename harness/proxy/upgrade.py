@@ -59,7 +59,26 @@ class _Imap(_Dialect):
         return len(parts) > 1 and parts[1].upper() == b"OK"
 
 
-_DIALECTS: Dict[str, _Dialect] = {"smtp": _Smtp(), "imap": _Imap()}
+class _Lmtp(_Smtp):
+    name = "lmtp"
+
+
+class _Nntp(_Smtp):
+    """NNTP (RFC 4642): ``382`` goes ahead (STARTTLS, and the STOPTLS test extension)."""
+
+    name = "nntp"
+
+    def answer(self, line: bytes, tag: str) -> Optional[bool]:
+        said = super().answer(line, tag)
+        return None if said is None else line[:3] == b"382"
+
+
+_DIALECTS: Dict[str, _Dialect] = {
+    "smtp": _Smtp(),
+    "imap": _Imap(),
+    "lmtp": _Lmtp(),
+    "nntp": _Nntp(),
+}
 _STARTTLS = b"STARTTLS"
 _STOPTLS = b"STOPTLS"
 
