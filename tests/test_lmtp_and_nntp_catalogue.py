@@ -29,7 +29,7 @@ from starttls_harness.scenarios.server import CATALOGUE
 from starttls_harness.tls.certs import Pki
 
 Run = Callable[..., Any]
-DIALECTS = ("lmtp",)
+DIALECTS = ("lmtp", "nntp")
 P = Verdict.PASS
 
 

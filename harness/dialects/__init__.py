@@ -25,6 +25,7 @@ from typing import Dict, Iterator, Sequence, Tuple, Union, overload
 from starttls_harness.dialects.base import Dialect, LinePredicate, Reply, UnitStep, missing
 from starttls_harness.dialects.imap import IMAP
 from starttls_harness.dialects.lmtp import LMTP
+from starttls_harness.dialects.nntp import NNTP
 from starttls_harness.dialects.smtp import SMTP
 
 __all__ = [
@@ -161,3 +162,4 @@ RETURN_TO_PLAINTEXT: Sequence[str] = dialects_with("has_return_to_plaintext")
 register(SMTP)
 register(IMAP)
 register(LMTP)
+register(NNTP)
