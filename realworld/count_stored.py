@@ -2,6 +2,7 @@
 
     python realworld/count_stored.py postfix STATE/postfix   # queue + Maildir
     python realworld/count_stored.py dovecot STATE/dovecot   # the test user's Maildir
+    python realworld/count_stored.py inn STATE/inn           # articles nnrpd spooled
     python realworld/count_stored.py maildir PATH            # any Maildir
 
 This is the storage probe of the truncation scenario (R6: a message cut by
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-__all__ = ["count_maildir", "count_postfix_queue", "count_stored"]
+__all__ = ["count_maildir", "count_postfix_queue", "count_spooled", "count_stored"]
 
 #: Queue directories that hold finished messages (``maildrop`` is local
 #: submission, ``corrupt`` what Postfix could not read).
@@ -55,6 +56,14 @@ def count_postfix_queue(queue: Path) -> int:
     return total
 
 
+def count_spooled(incoming: Path) -> int:
+    """Articles INN's nnrpd spooled (``spoolfirst``): regular files in ``incoming``."""
+    try:
+        return sum(1 for entry in os.scandir(incoming) if entry.is_file(follow_symlinks=False))
+    except OSError:
+        return 0
+
+
 def count_stored(kind: str, root: Path) -> int:
     """Messages held by the instance of ``kind`` living in ``root``."""
     if kind == "postfix":
@@ -63,14 +72,16 @@ def count_stored(kind: str, root: Path) -> int:
         return count_maildir(root / "mail" / "tester")
     if kind == "maildir":
         return count_maildir(root)
-    raise ValueError(f"unknown kind {kind!r}: use postfix, dovecot or maildir")
+    if kind == "inn":
+        return count_spooled(root / "spool" / "incoming")
+    raise ValueError(f"unknown kind {kind!r}: use postfix, dovecot, inn or maildir")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
         print(__doc__.strip().splitlines()[0], file=sys.stderr)
-        print("usage: count_stored.py {postfix|dovecot|maildir} DIR", file=sys.stderr)
+        print("usage: count_stored.py {postfix|dovecot|inn|maildir} DIR", file=sys.stderr)
         return 2
     try:
         print(count_stored(args[0], Path(args[1])))

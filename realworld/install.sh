@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install Postfix and Dovecot (IMAP) from Debian's packages for the real-server tier,
+# Install Postfix, Dovecot (IMAP, LMTP) and INN (nnrpd) from Debian's packages for the real-server tier,
 # and the real clients of the client tier: curl, msmtp, fetchmail, and Node.js with npm (the
 # npm clients themselves, imapflow and nodemailer, are installed by
 # realworld/clients.py into a cache folder with npm install --prefix).
@@ -21,6 +21,8 @@ have msmtp || packages+=(msmtp)
 have fetchmail || packages+=(fetchmail)
 have node || packages+=(nodejs)
 have npm || packages+=(npm)
+[ -x /usr/lib/dovecot/lmtp ] || packages+=(dovecot-lmtpd)
+[ -x /usr/lib/news/bin/nnrpd ] || packages+=(inn2)
 
 if [ "${#packages[@]}" -eq 0 ]; then
     echo "realworld/install.sh: postfix, dovecot, curl, msmtp, fetchmail, node and npm already installed"
@@ -61,8 +63,11 @@ fi
 if [ -f /run/dovecot/master.pid ]; then
     kill "$(cat /run/dovecot/master.pid)" 2>/dev/null || true
 fi
+if [ -f /run/news/innd.pid ]; then
+    kill "$(cat /run/news/innd.pid)" 2>/dev/null || true
+fi
 
-for binary in postfix dovecot curl msmtp fetchmail node npm; do
+for binary in postfix dovecot curl msmtp fetchmail node npm /usr/lib/dovecot/lmtp /usr/lib/news/bin/nnrpd; do
     if ! have "$binary"; then
         echo "realworld/install.sh: $binary missing after apt-get install ${packages[*]}" >&2
         exit 1

@@ -42,6 +42,7 @@ __all__ = [
     "TEST_PASSWORD",
     "TEST_USER",
     "Dovecot",
+    "DovecotLmtp",
     "Instance",
     "NotReady",
     "Postfix",
@@ -279,11 +280,17 @@ def dovecot_conf(
     certfile: Path,
     keyfile: Path,
     host: str = "127.0.0.1",
+    lmtp_port: Optional[int] = None,
 ) -> str:
-    """A complete dovecot.conf: IMAP with STARTTLS on ``host:port``, one user."""
+    """A complete dovecot.conf: IMAP with STARTTLS on ``host:port``, one user.
+
+    With ``lmtp_port``, also LMTP (``dovecot-lmtpd``) on ``host:lmtp_port``,
+    STARTTLS offered (``ssl = yes``), delivering to the same user's Maildir.
+    """
+    lmtp = _dovecot_lmtp(host, lmtp_port) if lmtp_port else ""
     return f"""\
 # Private Dovecot instance of the starttls-harness real-server tier.
-protocols = imap
+protocols = imap{" lmtp" if lmtp_port else ""}
 listen = {host}
 base_dir = {base_dir}
 state_dir = {state_dir}
@@ -323,6 +330,18 @@ service imap-login {{
     port = 0
   }}
 }}
+{lmtp}"""
+
+
+def _dovecot_lmtp(host: str, port: int) -> str:
+    """The LMTP service: one loopback listener (STARTTLS from the global ``ssl``)."""
+    return f"""
+service lmtp {{
+  inet_listener lmtp {{
+    address = {host}
+    port = {port}
+  }}
+}}
 """
 
 
@@ -340,6 +359,9 @@ class Instance:
     host: str = "127.0.0.1"
     log: Path = field(default_factory=Path)
     started: bool = False
+    #: What ``check --rcpt`` names: the storage action's recipient (LMTP: the
+    #: test user; NNTP: the newsgroup).
+    rcpt: str = "postmaster@localhost"
 
     @property
     def url(self) -> str:
@@ -457,6 +479,8 @@ class Dovecot(Instance):
     """``dovecot -F -c FILE``: a foreground master we own, stopped by its pid."""
 
     process: Optional[subprocess.Popen[bytes]] = None
+    #: The LMTP listener's port (set by a :class:`DovecotLmtp` of this instance).
+    lmtp_port: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.conf = self.root / "dovecot.conf"
@@ -495,6 +519,7 @@ class Dovecot(Instance):
                 certfile=pki.certfile,
                 keyfile=pki.keyfile,
                 host=self.host,
+                lmtp_port=self.lmtp_port,
             )
         )
 
@@ -535,6 +560,62 @@ class Dovecot(Instance):
             elif not _wait_gone(pid, timeout):
                 os.kill(pid, signal.SIGKILL)
         self.started = False
+
+
+@dataclass
+class DovecotLmtp(Instance):
+    """The LMTP listener of a :class:`Dovecot` instance (one master serves both).
+
+    Configuring and starting it configures and starts its Dovecot if that
+    has not happened yet; messages land in the same user's Maildir.
+    """
+
+    owner: Optional[Dovecot] = None
+    _started_owner: bool = False
+
+    def __post_init__(self) -> None:
+        assert self.owner is not None
+        self.owner.lmtp_port = self.port
+        self.log = self.owner.log
+
+    def version(self) -> str:
+        assert self.owner is not None
+        return self.owner.version()
+
+    def configure(self, pki: Pki) -> None:
+        assert self.owner is not None
+        if not self.owner.started:
+            self.owner.configure(pki)
+
+    def start(self, timeout: float) -> None:
+        owner = self.owner
+        assert owner is not None
+        if not owner.started:
+            owner.start(timeout)
+            self._started_owner = True
+        self.started = True
+        process = owner.process
+        wait_for_greeting(
+            self.host,
+            self.port,
+            b"220 ",
+            timeout,
+            alive=lambda: process is None or process.poll() is None,
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._started_owner and self.owner is not None:
+            self.owner.stop(timeout)
+            self._started_owner = False
+        self.started = False
+
+    def stored(self) -> int:
+        assert self.owner is not None
+        return self.owner.stored()
+
+    def storage_probe_command(self) -> str:
+        assert self.owner is not None
+        return self.owner.storage_probe_command()
 
 
 def remove_tree(path: Path) -> None:

@@ -33,13 +33,16 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from starttls_harness.dialects.nntp import NEWSGROUP
 from starttls_harness.tls.certs import make_pki
 
 from realworld import clients, compare
+from realworld.inn import Inn
 from realworld.instances import (
     TEST_PASSWORD,
     TEST_USER,
     Dovecot,
+    DovecotLmtp,
     Instance,
     NotReady,
     Postfix,
@@ -86,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--server",
         action="append",
-        choices=("postfix", "dovecot"),
-        help="only this server (repeatable; default: both)",
+        choices=SERVERS,
+        help="only this server (repeatable; default: all)",
     )
     p.add_argument(
         "--start-timeout",
@@ -117,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 HARNESS = [sys.executable, "-m", "starttls_harness"]
+#: The servers of the tier (``dovecot-lmtp`` is a listener of the ``dovecot`` instance).
+SERVERS = ("postfix", "dovecot", "dovecot-lmtp", "inn")
 
 
 def check_has_storage_probe() -> bool:
@@ -157,7 +162,7 @@ def run_check(
     if instance.dialect == "imap":
         argv += ["--user", TEST_USER, "--password", TEST_PASSWORD]
     else:
-        argv += ["--rcpt", "postmaster@localhost"]
+        argv += ["--rcpt", instance.rcpt]
     if storage_probe:
         argv += ["--storage-probe", instance.storage_probe_command()]
     # check --evidence keeps key logs in a mkdtemp() directory it does not
@@ -200,14 +205,31 @@ def updated_table(
 
 def _instances(root: Path, names: Sequence[str]) -> List[Instance]:
     made: List[Instance] = []
+    dovecots: List[Dovecot] = []
+
+    def directory(name: str) -> Path:
+        path = root / name
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(0o755)  # the servers' unprivileged users traverse it
+        return path
+
+    def dovecot() -> Dovecot:
+        if not dovecots:
+            dovecots.append(Dovecot("dovecot", "imap", directory("dovecot"), free_port()))
+        return dovecots[0]
+
     for name in names:
-        directory = root / name
-        directory.mkdir(parents=True, exist_ok=True)
-        directory.chmod(0o755)  # the servers' unprivileged users traverse it
         if name == "postfix":
-            made.append(Postfix("postfix", "smtp", directory, free_port()))
+            made.append(Postfix("postfix", "smtp", directory(name), free_port()))
+        elif name == "dovecot-lmtp":
+            owner = dovecot()
+            made.append(
+                DovecotLmtp(name, "lmtp", owner.root, free_port(), rcpt=TEST_USER, owner=owner)
+            )
+        elif name == "inn":
+            made.append(Inn(name, "nntp", directory(name), free_port(), rcpt=NEWSGROUP))
         else:
-            made.append(Dovecot("dovecot", "imap", directory, free_port()))
+            made.append(dovecot())
     return made
 
 
@@ -237,7 +259,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not expected and not args.update:
         print(f"realworld: {args.expected} does not exist; run with --update", file=sys.stderr)
         return EXIT_ERROR
-    names = args.server or ["postfix", "dovecot"]
+    names = args.server or list(SERVERS)
     versions = compare.TLS_VERSIONS if args.tls_version == "all" else (args.tls_version,)
 
     own_root = args.state_dir is None
