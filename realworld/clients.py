@@ -264,6 +264,20 @@ CLIENTS: Tuple[ClientSpec, ...] = (
         _python_version,
     ),
     ClientSpec(
+        "smtplib",
+        "lmtp",
+        "Python standard library",
+        _python_driver("smtplib_lmtp_send.py"),
+        _python_version,
+    ),
+    ClientSpec(
+        "nntplib",
+        "nntp",
+        "Python standard library (up to 3.12)",
+        _python_driver("nntplib_post.py"),
+        _python_version,
+    ),
+    ClientSpec(
         "aiosmtplib",
         "smtp",
         "aiosmtplib (PyPI)",
@@ -740,8 +754,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m realworld.clients",
         description=(
             "Run 'starttls-harness check-client' against real mail clients (curl, msmtp, "
-            "smtplib, imaplib, aiosmtplib, nodemailer, imapflow, fetchmail) and compare every "
-            "verdict "
+            "smtplib (SMTP, LMTP), imaplib, nntplib, aiosmtplib, nodemailer, imapflow, "
+            "fetchmail) and compare every verdict "
             "with realworld/expected-clients.json."
         ),
     )
