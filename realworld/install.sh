@@ -22,15 +22,17 @@ have fetchmail || packages+=(fetchmail)
 have node || packages+=(nodejs)
 have npm || packages+=(npm)
 [ -x /usr/lib/dovecot/lmtp ] || packages+=(dovecot-lmtpd)
-[ -x /usr/lib/news/bin/nnrpd ] || packages+=(inn2)
+# inn2 is installed on its own below (its postinst needs help on a bare host).
+need_inn=0
+[ -x /usr/lib/news/bin/nnrpd ] || need_inn=1
 
-if [ "${#packages[@]}" -eq 0 ]; then
-    echo "realworld/install.sh: postfix, dovecot, curl, msmtp, fetchmail, node and npm already installed"
+if [ "${#packages[@]}" -eq 0 ] && [ "$need_inn" = 0 ]; then
+    echo "realworld/install.sh: postfix, dovecot (imapd, lmtpd), inn2, curl, msmtp, fetchmail, node and npm already installed"
     exit 0
 fi
 
 if [ "$(id -u)" -ne 0 ]; then
-    echo "realworld/install.sh: needs root to apt-get install ${packages[*]}" >&2
+    echo "realworld/install.sh: needs root to apt-get install ${packages[*]} (inn2: $need_inn)" >&2
     exit 2
 fi
 
@@ -53,7 +55,25 @@ cleanup() { if [ "$made_policy" = 1 ]; then rm -f "$policy"; fi; }
 trap cleanup EXIT
 
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+if [ "${#packages[@]}" -gt 0 ]; then
+    apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+fi
+if [ "$need_inn" = 1 ]; then
+    # inn2's postinst (a) adds an alias for "usenet" and runs newaliases, which fails without
+    # a Postfix main.cf ("No configuration" above): the alias it would add is added first, so
+    # it skips that; (b) refuses a host name without a domain ("innconfval: hostname does not
+    # resolve"): when it fails, inn.conf gets a domain and the package is configured again.
+    if [ -f /etc/aliases ] && ! grep -q '^usenet:' /etc/aliases; then
+        echo "usenet: root" >>/etc/aliases
+    fi
+    if ! apt-get install -y -qq --no-install-recommends inn2 >/dev/null 2>&1; then
+        if grep -q '^#domain:' /etc/news/inn.conf; then
+            sed -i 's/^#domain:.*/domain: localdomain/' /etc/news/inn.conf
+        fi
+        dpkg --configure -a >/dev/null
+    fi
+    packages+=(inn2)
+fi
 
 # Belt and braces: if a system instance was started anyway (no policy-rc.d
 # honoured, or one existed before us), stop it; never leave port 25/143 open.
