@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 import pytest
+from starttls_harness.dialects import names
 from starttls_harness.report.verdicts import Verdict
 from starttls_harness.run.server import unknown_steps
 from starttls_harness.run.validation import SERVER_EXPECTED, validate_server
@@ -40,7 +41,7 @@ def test_ids_are_unique_and_cover_the_spec() -> None:
 def test_scenario_is_complete_data(scenario: Scenario) -> None:
     assert scenario.title and scenario.reason and scenario.reference
     assert scenario.role in ("server", "client", "path")
-    assert set(scenario.dialects) <= {"smtp", "imap"}
+    assert set(scenario.dialects) <= set(names())
     assert set(scenario.tls_versions) <= {"1.2", "1.3"}
     verdicts = {e.verdict for e in scenario.expect.values()}
     # A check that cannot fail (or cannot pass) is a defect.

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import pytest
+from starttls_harness.dialects import names
 from starttls_harness.dialects.imap import next_tag
 from starttls_harness.report.verdicts import Result, Verdict
 from starttls_harness.run.client import (
@@ -77,7 +78,7 @@ def test_ids_are_unique_and_cover_the_spec() -> None:
 def test_scenario_is_complete_data(scenario: Scenario) -> None:
     assert scenario.role == "client"
     assert scenario.title and scenario.reason and scenario.reference
-    assert set(scenario.dialects) == {"smtp", "imap"}
+    assert set(scenario.dialects) == set(names())
     assert set(scenario.tls_versions) == {"1.2", "1.3"}
     verdicts = {e.verdict for e in scenario.expect.values()}
     # A check that cannot pass, or cannot fail or warn, is a defect.
