@@ -408,6 +408,11 @@ class SMTPClient:
     and the closure.
     """
 
+    #: The hello command and aiosmtplib's command layer (LMTP's subclass
+    #: says ``LHLO`` with its own layer).
+    hello_verb = b"EHLO"
+    command_layer: Type[aiosmtplib.SMTP] = aiosmtplib.SMTP
+
     def __init__(
         self,
         host: str,
@@ -626,7 +631,8 @@ class SMTPClient:
         closure = protocol.expect(ClosureComplete)
         with transport.corked():
             transport.events.extend(transport.engine.unwrap())
-            transport.write_raw(b"EHLO " + self.local_hostname.encode("ascii") + b"\r\n")
+            hello = self.hello_verb + b" " + self.local_hostname.encode("ascii")
+            transport.write_raw(hello + b"\r\n")
         await asyncio.wait_for(closure, self.timeouts.closure)
 
     async def login(self, username: str, password: str) -> SMTPResponse:
@@ -661,7 +667,7 @@ class SMTPClient:
     # ------------------------------------------------------------ internals
 
     def _command_layer(self) -> aiosmtplib.SMTP:
-        smtp = aiosmtplib.SMTP(
+        smtp = self.command_layer(
             hostname=self.host,
             port=self.port,
             local_hostname=self.local_hostname,
@@ -729,8 +735,8 @@ class SMTPClient:
 class _PathDriver(PathDriver):
     """:class:`SMTPClient` through the path proxy, one verb at a time."""
 
-    def __init__(self, spec: ClientSpec, behaviour: str) -> None:
-        self.client = SMTPClient(
+    def __init__(self, spec: ClientSpec, behaviour: str, client: Type[SMTPClient]) -> None:
+        self.client = client(
             spec.host,
             spec.port,
             tls_context=spec.tls_context,
@@ -781,12 +787,14 @@ class _PathDriver(PathDriver):
 
 def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
     """The reference client as the path role's client under test."""
-    return _PathDriver(spec, behaviour)
+    return _PathDriver(spec, behaviour, SMTPClient)
 
 
-async def reference_session(plan: SessionPlan) -> ClientOutcome:
+async def reference_session(
+    plan: SessionPlan, client_class: Type[SMTPClient] = SMTPClient
+) -> ClientOutcome:
     """The reference client's normal session against the scripted server."""
-    client = SMTPClient(
+    client = client_class(
         plan.host,
         plan.port,
         tls_context=plan.tls_context,

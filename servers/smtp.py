@@ -93,7 +93,7 @@ import hmac
 import inspect
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type, TypeVar
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 from starttls_harness.servers.base import (
@@ -358,7 +358,7 @@ class _SinkHandler:
 
     async def handle_DATA(self, server: ReferenceSMTP, session: Session, envelope: Envelope) -> str:
         server.store_message(envelope)
-        return "250 2.0.0 OK: accepted by the sink, not relayed"
+        return server.data_reply(envelope)
 
 
 class _ServerState:
@@ -389,6 +389,9 @@ class _ServerState:
 class ReferenceSMTP(SMTP):
     """aiosmtpd's SMTP with the TLS switch on the harness transport."""
 
+    #: Software name in the greeting (a subclass, LMTP's, names itself).
+    ident = IDENT
+
     def __dir__(self) -> Iterable[str]:
         """The protocol's command and AUTH methods, found once per class.
 
@@ -413,7 +416,7 @@ class ReferenceSMTP(SMTP):
             state.handler,
             data_size_limit=limits.max_message,
             hostname=state.config.pki.hostnames[0],
-            ident=IDENT,
+            ident=self.ident,
             tls_context=None,  # the engine does TLS; see the module docstring
             timeout=limits.idle_timeout,
             auth_require_tls=False,  # enforced in smtp_AUTH from our phase
@@ -634,6 +637,10 @@ class ReferenceSMTP(SMTP):
             lines.append("250-STARTTLS")
         return [*lines, responses[-1]]
 
+    def data_reply(self, envelope: Envelope) -> str:
+        """The answer to a stored message (LMTP: one line per recipient)."""
+        return "250 2.0.0 OK: accepted by the sink, not relayed"
+
     def store_message(self, envelope: Envelope) -> None:
         assert self.session is not None
         user: Optional[str] = None
@@ -804,8 +811,10 @@ class _Refuser(asyncio.Protocol):
         transport.close()
 
 
-async def start_server(config: ServerConfig) -> RunningServer:
-    """Start the reference SMTP server described by ``config``."""
+async def start_server(
+    config: ServerConfig, protocol: Type[ReferenceSMTP] = ReferenceSMTP
+) -> RunningServer:
+    """Start the reference SMTP server described by ``config`` (or a subclass's, LMTP's)."""
     behaviour = behaviour_named(BEHAVIOURS, config.behaviour)
     state = _ServerState(config, behaviour)
 
@@ -815,7 +824,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         record = SMTPConnection(next(state.ids))
         state.add_connection(record)
         state.active += 1
-        return ReferenceSMTP(state, record)
+        return protocol(state, record)
 
     server = await create_server(
         factory,

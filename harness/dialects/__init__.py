@@ -24,6 +24,8 @@ from typing import Dict, Iterator, Sequence, Tuple, Union, overload
 
 from starttls_harness.dialects.base import Dialect, LinePredicate, Reply, UnitStep, missing
 from starttls_harness.dialects.imap import IMAP
+from starttls_harness.dialects.lmtp import LMTP
+from starttls_harness.dialects.nntp import NNTP
 from starttls_harness.dialects.pop3 import POP3
 from starttls_harness.dialects.sieve import SIEVE
 from starttls_harness.dialects.smtp import SMTP
@@ -165,6 +167,8 @@ register(SMTP)
 register(IMAP)
 register(POP3)
 register(SIEVE)
+register(LMTP)
+register(NNTP)
 # FTP (dialects/ftp.py: server role, CCC scenarios) is not registered by
 # default yet: its reference client and the proxy's FTP table are still to
 # come, and the client and path catalogues apply to every registered dialect.

@@ -1,0 +1,96 @@
+"""LMTP and NNTP run the whole catalogue of every role, judged by the matrices.
+
+The dialects were added by the registry alone (``harness/dialects/lmtp.py``,
+``nntp.py``): every server, client and path scenario applies to them, the
+strict reference peers pass every one, and each misbehaving reference peer
+gets exactly the verdicts of :mod:`starttls_harness.scenarios.expectations`
+(no dialect override: both behave as the SMTP peers do).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, List, Tuple
+
+import pytest
+from starttls_harness.dialects import dialect_named, names
+from starttls_harness.report.verdicts import Verdict
+from starttls_harness.run.client import validate_client
+from starttls_harness.run.path import validate_path
+from starttls_harness.run.targets import client_behaviours
+from starttls_harness.run.validation import validate_server
+from starttls_harness.scenarios.catalogue import ALL_SCENARIOS
+from starttls_harness.scenarios.expectations import (
+    PATH_EXPECTED,
+    SERVER_EXPECTED,
+    expected_client_verdicts,
+)
+from starttls_harness.scenarios.server import CATALOGUE
+from starttls_harness.tls.certs import Pki
+
+Run = Callable[..., Any]
+DIALECTS = ("lmtp", "nntp")
+P = Verdict.PASS
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_registered_with_every_scenario(dialect: str) -> None:
+    assert dialect in names()
+    assert dialect_named(dialect).has_return_to_plaintext  # the STOPTLS test extension
+    missing = [s.id for s in ALL_SCENARIOS if dialect not in s.dialects]
+    assert missing == []
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_every_behaviour_has_an_expectation(dialect: str) -> None:
+    server = importlib.import_module(dialect_named(dialect).server_module)
+    assert set(server.BEHAVIOURS) == set(SERVER_EXPECTED)
+    for behaviour in client_behaviours(dialect):
+        expected_client_verdicts(dialect, behaviour)  # raises if unknown
+
+
+_SERVER = [(d, b) for d in DIALECTS for b in sorted(SERVER_EXPECTED)]
+
+
+@pytest.mark.parametrize(("dialect", "behaviour"), _SERVER, ids=[f"{d}-{b}" for d, b in _SERVER])
+def test_server_matrix(dialect: str, behaviour: str, tls_version: str, run: Run) -> None:
+    results, problems = run(lambda: validate_server(dialect, behaviour, (tls_version,)), 120)
+    assert len(results) == len([s for s in CATALOGUE if s.role == "server"])
+    assert problems == []
+    if behaviour != "strict":
+        guarded = next(iter(SERVER_EXPECTED[behaviour]))
+        assert any(r.id == guarded and r.verdict is not P for r in results)
+
+
+_CLIENT = [(d, b) for d in DIALECTS for b in client_behaviours(d)]
+
+
+@pytest.mark.parametrize(("dialect", "behaviour"), _CLIENT, ids=[f"{d}-{b}" for d, b in _CLIENT])
+def test_client_matrix(dialect: str, behaviour: str, tls_version: str, run: Run) -> None:
+    results, problems = run(lambda: validate_client(dialect, behaviour, (tls_version,)), 60)
+    assert results and problems == []
+    if behaviour != "strict":
+        guarded = next(iter(expected_client_verdicts(dialect, behaviour)))
+        assert any(r.id == guarded and r.verdict is not P for r in results)
+
+
+def _pairings() -> List[Tuple[str, str, str]]:
+    out = []
+    for dialect in DIALECTS:
+        for side, behaviour in PATH_EXPECTED:
+            module = dialect_named(dialect).server_module
+            if side == "client":
+                module = dialect_named(dialect).client_module
+            if behaviour in importlib.import_module(module).BEHAVIOURS:
+                out.append((dialect, side, behaviour))
+    return out
+
+
+@pytest.mark.parametrize(("dialect", "side", "behaviour"), _pairings())
+def test_path_matrix(
+    dialect: str, side: str, behaviour: str, tls_version: str, pki: Pki, run: Run
+) -> None:
+    results, problems = run(
+        lambda: validate_path(dialect, side, behaviour, (tls_version,), pki=pki), 60
+    )
+    assert results and problems == []
