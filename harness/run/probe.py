@@ -18,6 +18,7 @@ from typing import FrozenSet, Optional
 
 from starttls_harness.dialects import Dialect, Reply
 from starttls_harness.report.verdicts import Evidence
+from starttls_harness.run import pacing
 from starttls_harness.run.outcomes import RemoteEnded, WaitTimeout
 from starttls_harness.tls.aio import ConnectionEnded, SwitchableTransport, Timeouts, open_connection
 from starttls_harness.tls.engine import (
@@ -120,6 +121,7 @@ class Probe:
         self._buf = b""
         self._changed = asyncio.Event()
         self._closed: Optional[PeerClosed] = None
+        self._slot: Optional[pacing.Slot] = None
 
     # ------------------------------------------------------------ callbacks
 
@@ -160,6 +162,7 @@ class Probe:
                 self._changed.set()
 
     def _on_closed(self, exc: Optional[BaseException]) -> None:
+        pacing.release(self._slot)
         if self._closed is None:
             self._closed = self._classify(exc)
             self.evidence.add("s2c", "eof", note=self._closed.detail)
@@ -191,6 +194,7 @@ class Probe:
     # ------------------------------------------------------------- actions
 
     async def connect(self) -> Reply:
+        self._slot = await pacing.acquire(self.host, self.port)  # --max-connections, --rate
         try:
             self.transport, _ = await asyncio.wait_for(
                 open_connection(
@@ -210,6 +214,7 @@ class Probe:
             raise PeerClosed(
                 "refused", f"cannot connect to {self.host}:{self.port}: {exc}"
             ) from exc
+        self.evidence.wires.append(self._t().wire)  # real bytes, for --capture
         return await self.reply(greeting=True)
 
     def write(self, data: bytes, kind: str = "") -> None:
@@ -305,6 +310,7 @@ class Probe:
         return self._buf
 
     def close(self) -> None:
+        pacing.release(self._slot)
         if self.transport is not None:
             self.transport.abort()
 
