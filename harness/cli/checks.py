@@ -9,6 +9,7 @@ import dataclasses
 import datetime
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -428,7 +429,7 @@ class _RunSetup:
 
 
 def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in ".-" else "_" for c in text).strip("_") or "target"
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", text).strip("_") or "target"
 
 
 @contextlib.contextmanager
@@ -451,7 +452,7 @@ def _load_refusal(result: Result) -> None:
     first = next(
         (e.data for e in result.evidence.exchanges if e.direction == "s2c" and e.data), b""
     )
-    words = refusal(first)
+    words = refusal(first) or refusal(result.summary.encode("utf-8"))  # e.g. sanity probe
     if words is not None:
         result.verdict = Verdict.ERROR
         result.rule = None

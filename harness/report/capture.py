@@ -75,6 +75,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import struct
 import time
 from dataclasses import dataclass, field
@@ -818,8 +819,8 @@ def file_stem(result: Result) -> str:
     """``[<target>-]<id>-<dialect>-tls<version>``: unique within a multi-target run."""
     stem = f"{result.id}-{result.dialect}-tls{result.tls_version}"
     if result.target:
-        slug = "".join(c if c.isalnum() or c in ".-" else "_" for c in result.target)
-        stem = f"{slug.strip('_')}-{stem}"
+        slug = re.sub(r"[^A-Za-z0-9.-]+", "_", result.target).strip("_")
+        stem = f"{slug}-{stem}"
     return stem
 
 

@@ -17,6 +17,7 @@ import datetime as _dt
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import textwrap
@@ -292,8 +293,8 @@ def write_evidence(
             continue
         stem = f"{r.id}-{r.dialect}-tls{r.tls_version}"
         if r.target:  # several targets: one file each
-            slug = "".join(c if c.isalnum() or c in ".-" else "_" for c in r.target)
-            stem = f"{slug.strip('_')}-{stem}"
+            slug = re.sub(r"[^A-Za-z0-9.-]+", "_", r.target).strip("_")
+            stem = f"{slug}-{stem}"
         path = directory / f"{stem}.txt"
         write_private(path, ladder(r, LADDER_WIDTH, secrets=secrets).encode("utf-8"))
         written.append(path)

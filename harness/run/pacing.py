@@ -31,7 +31,9 @@ class _Gate:
     max_connections: Optional[int]
     rate: Optional[float]
     open: int = 0
+    #: The most connections open at once, and how many were opened (for tests, reports).
     most_open: int = 0
+    opened: int = 0
     next_start: float = 0.0
     semaphore: Optional[asyncio.Semaphore] = None
 
@@ -53,6 +55,7 @@ class _Gate:
                         self.semaphore.release()
                     raise
         self.open += 1
+        self.opened += 1
         self.most_open = max(self.most_open, self.open)
 
     def leave(self) -> None:
