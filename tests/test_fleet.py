@@ -328,3 +328,67 @@ def test_check_client_capture_shows_the_client_inside_tls(tmp_path: Path) -> Non
     rows = dissect(path)
     commands = [r["smtp.req.command"] for r in rows if in_tls(r) and r["smtp.req.command"]]
     assert "MAIL" in commands and "EHLO" in commands
+
+
+@contextlib.asynccontextmanager
+async def _proxy(*args: str) -> AsyncIterator[Tuple[int, asyncio.StreamReader]]:
+    """A ``starttls-harness proxy`` process; yields its port and its output."""
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, "proxy", "--listen", "127.0.0.1:0", *args, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    text = ""
+    try:
+        while "Ctrl-C" not in text:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+            assert line, f"proxy exited early: {text}"
+            text += line
+        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", text)
+        assert found, text
+        yield int(found.group(1)), proc.stdout
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+@needs_tshark
+def test_proxy_capture_holds_both_legs_decrypted(tmp_path: Path) -> None:
+    """client -> proxy -> server: one pcapng per connection, both legs, TLS decrypted."""
+    state, captures = tmp_path / "state", tmp_path / "cap"
+
+    async def go() -> Tuple[int, str]:
+        async with _serve("smtp", "--state-dir", str(state)) as server:
+            upstream = f"127.0.0.1:{server.port}"
+            keys = str(state / "keys.log")
+            async with _proxy(
+                "--upstream", upstream, "--keylog", keys, "--capture", str(captures)
+            ) as (port, output):
+                code, out, err = await _cli(
+                    "client",
+                    "smtp",
+                    "--port",
+                    str(port),
+                    "--cafile",
+                    str(state / "ca.pem"),
+                    "--tls-version",
+                    "1.3",
+                )
+                # The proxy writes the file, then prints the connection's close.
+                line = b""
+                while b"both sockets closed" not in line:
+                    line = await asyncio.wait_for(output.readline(), 20)
+                    assert line, "the proxy stopped before the connection closed"
+                return code, out + err
+
+    code, text = asyncio.run(go())
+    assert code == 0, text
+    (path,) = captures.glob("*.pcapng")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    rows = dissect(path)
+    mail = [r for r in rows if in_tls(r) and r["smtp.req.command"] == "MAIL"]
+    assert len(mail) == 2  # the same command on the client leg and on the server leg
