@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import AsyncIterator, Dict, List, Tuple
 
@@ -28,6 +29,8 @@ from starttls_harness.run.pacing import Pacing, pacing
 from starttls_harness.run.reference import reference_servers
 from starttls_harness.run.server import RunSettings, run_server_target
 from starttls_harness.scenarios.server import CATALOGUE, Scenario
+
+pytest_plugins = ["pytester"]
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "harness" / "report" / "schemas"
 CLI = [sys.executable, "-m", "starttls_harness"]
@@ -392,3 +395,54 @@ def test_proxy_capture_holds_both_legs_decrypted(tmp_path: Path) -> None:
     rows = dissect(path)
     mail = [r for r in rows if in_tls(r) and r["smtp.req.command"] == "MAIL"]
     assert len(mail) == 2  # the same command on the client leg and on the server leg
+
+
+FLEET_TEST = """
+def test_starttls(starttls_target_result):
+    starttls_target_result.check()
+"""
+
+
+def test_pytest_spreads_a_fleet_and_junit_is_the_report(pytester: pytest.Pytester) -> None:
+    """Four reference servers (one misbehaving), xdist over two workers, one JUnit file."""
+    pytester.makepyfile(test_fleet=FLEET_TEST)
+    specs = [("smtp",), ("smtp",), ("imap",), ("imap", "--behaviour", "keep-buffer")]
+    junit = pytester.path / "fleet.xml"
+
+    async def go() -> Tuple[List[str], pytest.RunResult]:
+        async with _servers(*specs) as served:
+            urls = [_url(spec[0], s) for spec, s in zip(specs, served)]
+            targets = pytester.path / "fleet.txt"
+            targets.write_text("# the fleet\n" + "".join(f"{u}  # server\n" for u in urls))
+            run = await asyncio.to_thread(
+                pytester.runpytest_subprocess,
+                "-p",
+                "no:cacheprovider",
+                "-n",
+                "2",
+                "--starttls-targets",
+                str(targets),
+                "--starttls-only",
+                "server.command-injection",
+                "--starttls-tls-version",
+                "1.3",
+                f"--junitxml={junit}",
+                timeout=CLI_TIMEOUT,
+            )
+            return urls, run
+
+    urls, run = asyncio.run(go())
+    run.assert_outcomes(passed=3, failed=1)
+    run.stdout.fnmatch_lines(["*2 workers*"])
+    cases = ET.parse(junit).getroot().iter("testcase")
+    seen = {}
+    for case in cases:
+        props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        seen[props["target"]] = (props["verdict"], case.find("failure") is not None)
+        assert props["target"] in case.get("name", "")
+    assert seen == {
+        urls[0]: ("pass", False),
+        urls[1]: ("pass", False),
+        urls[2]: ("pass", False),
+        urls[3]: ("fail", True),
+    }
