@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import math
 import os
 import re
 import shlex
@@ -85,7 +86,11 @@ def _add_check(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
             "examples:\n"
             "  starttls-harness check\n"
             "  starttls-harness check smtp://127.0.0.1:25 --tls-version 1.3 --evidence ev/\n"
-            "  starttls-harness check imap://127.0.0.1:143 --user u --password p --junit-xml j.xml"
+            "  starttls-harness check imap://127.0.0.1:143 --user u --password p "
+            "--junit-xml j.xml\n"
+            "  starttls-harness check smtp://mx1:25 imap://imap1:143 --capture pcap/\n"
+            "  starttls-harness check --targets fleet.txt --parallel 8 --max-connections 2 \\\n"
+            "      --rate 1 --jsonl - | jq -c 'select(.verdict != \"pass\")'"
         ),
     )
     p.add_argument(
@@ -315,12 +320,14 @@ class _RunSetup:
         self.refusals = False
         self.parallel = max(1, getattr(args, "parallel", 1))
         self.pacing: Optional[Pacing] = None
-        if getattr(args, "max_connections", None) is not None or getattr(args, "rate", None):
-            if args.max_connections is not None and args.max_connections < 1:
-                raise UsageError(f"--max-connections {args.max_connections}: give 1 or more")
-            if args.rate is not None:
-                check_seconds("--rate", args.rate)
-            self.pacing = Pacing(args.max_connections, args.rate)
+        limit = getattr(args, "max_connections", None)
+        rate = getattr(args, "rate", None)
+        if limit is not None and limit < 1:
+            raise UsageError(f"--max-connections {limit}: give 1 or more")
+        if rate is not None and not (math.isfinite(rate) and rate > 0):
+            raise UsageError(f"--rate {rate}: give connections per second above 0, e.g. 0.5")
+        if limit is not None or rate is not None:
+            self.pacing = Pacing(limit, rate)
 
     def settings_for(self, label: str) -> RunSettings:
         """Per-target settings: its own key log folder (file names repeat per target)."""
