@@ -86,11 +86,7 @@ def _add_check(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
             "examples:\n"
             "  starttls-harness check\n"
             "  starttls-harness check smtp://127.0.0.1:25 --tls-version 1.3 --evidence ev/\n"
-            "  starttls-harness check imap://127.0.0.1:143 --user u --password p "
-            "--junit-xml j.xml\n"
-            "  starttls-harness check smtp://mx1:25 imap://imap1:143 --capture pcap/\n"
-            "  starttls-harness check --targets fleet.txt --parallel 8 --max-connections 2 \\\n"
-            "      --rate 1 --jsonl - | jq -c 'select(.verdict != \"pass\")'"
+            "  starttls-harness check imap://127.0.0.1:143 --user u --password p --junit-xml j.xml"
         ),
     )
     p.add_argument(
@@ -370,8 +366,12 @@ class _RunSetup:
 
                 async def one_job(name: str, job: Any) -> List[Result]:
                     async with gate:
+                        started = time.monotonic()
                         found: List[Result] = await job(decided(name))
-                        progress.job_finished(name)
+                        if self.multi:
+                            progress.job_finished(name, found, started)
+                        else:
+                            progress.job_finished(name)
                     for r in found:  # results a job returns without reporting them
                         if self.multi and not r.target:
                             r.target = name
@@ -418,9 +418,11 @@ class _RunSetup:
                 out.write(f"evidence: {len(written)} files in {args.evidence}\n")
             if args.capture:
                 chosen = [r for r in results if args.capture_all or r.verdict is not Verdict.PASS]
-                for r in chosen:
+                redactor = Redactor(secrets)
+                for r in chosen:  # the comment redacted; the packets hold what crossed
                     port = dialect_named(r.dialect).default_port or None
-                    capture_result(r, args.capture, service_port=port)
+                    shown = dataclasses.replace(r, summary=redactor.text(r.summary))
+                    capture_result(shown, args.capture, service_port=port)
                 out.write(f"captures: {len(chosen)} pcapng files in {args.capture}\n")
         except OSError as exc:
             where = f" {exc.filename}" if exc.filename else ""
