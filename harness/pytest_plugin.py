@@ -77,6 +77,9 @@ from starttls_harness.tls.certs import Pki, make_pki
 
 __all__ = ["ScenarioOutcome", "ServerFactory", "StarttlsWarning"]
 
+#: --starttls-targets FILE: one test per target x scenario x TLS version.
+pytest_plugins = ["starttls_harness.pytest_fleet"]
+
 ServerFactory = Callable[[Pki, str], AsyncContextManager[ServerTarget]]
 
 MARKER = "starttls"

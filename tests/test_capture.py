@@ -12,6 +12,7 @@ decryption is the DSB's doing.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import stat
 import struct
@@ -58,6 +59,8 @@ KEYLOG = "".join(
     f"{label} {RANDOM.hex()} {(bytes([i + 1]) * 48).hex()}\n" for i, label in enumerate(LABELS)
 ).encode()
 INJECTED = b"XINJECTED\r\n"
+#: The ports Wireshark's dissectors (which follow STARTTLS) listen on.
+PORTS = {"smtp": 25, "imap": 143}
 
 
 # --- parsing our own output back ------------------------------------------------
@@ -162,7 +165,7 @@ def conversation() -> Evidence:
 
 
 def test_block_layout_parses_back() -> None:
-    data = capture_bytes(conversation(), KEYLOG, dialect="smtp", start_time=1000.0)
+    data = capture_bytes(conversation(), KEYLOG, service_port=25, start_time=1000.0)
     kinds = blocks(data)
     assert [t for t, _ in kinds[:3]] == [BT_SHB, BT_IDB, BT_DSB]
     assert all(t == BT_EPB for t, _ in kinds[3:])
@@ -180,7 +183,7 @@ def test_block_layout_parses_back() -> None:
 
 def test_tcp_segments_are_consistent() -> None:
     evidence = conversation()
-    packets = segments(capture_bytes(evidence, KEYLOG, dialect="smtp", start_time=1000.0))
+    packets = segments(capture_bytes(evidence, KEYLOG, service_port=25, start_time=1000.0))
     syn, syn_ack, ack = packets[:3]
     assert (syn.flags, syn_ack.flags, ack.flags) == (0x02, 0x12, 0x10)
     assert (syn.sport, syn.dport) == (49152, 25)  # the dialect's default port
@@ -203,7 +206,7 @@ def test_tcp_segments_are_consistent() -> None:
 
 
 def test_injected_bytes_carry_a_comment() -> None:
-    packets = segments(capture_bytes(conversation(), KEYLOG, dialect="smtp"))
+    packets = segments(capture_bytes(conversation(), KEYLOG, service_port=25))
     marked = [p for p in packets if any("injected" in c for c in p.comments)]
     assert [p.payload for p in marked] == [INJECTED]
     assert marked[0].comments == ["injected by the harness"]
@@ -234,7 +237,7 @@ def open_tls13(packets: List[Segment]) -> Dict[str, List[Tuple[int, bytes]]]:
 
 def test_tls13_records_decrypt_with_the_run_keylog() -> None:
     """The project's own TLS 1.3 decryptor opens what the capture sealed."""
-    opened = open_tls13(segments(capture_bytes(conversation(), KEYLOG, dialect="smtp")))
+    opened = open_tls13(segments(capture_bytes(conversation(), KEYLOG, service_port=25)))
     app = {d: b"".join(data for ct, data in items if ct == 23) for d, items in opened.items()}
     assert app == {"c2s": b"NOOP\r\n", "s2c": b"250 OK\r\n" * 5000}
     assert [data for ct, data in opened["c2s"] if ct == 21] == [b"\x01\x00"]  # close_notify
@@ -253,7 +256,7 @@ def test_a_client_hello_in_the_evidence_is_kept_and_its_secrets_used() -> None:
         Exchange(0.002, "--", "note", b"", "TLS up: TLSv1.3 TLS_AES_256_GCM_SHA384"),
         Exchange(0.003, "c2s", "tls", b"EHLO x\r\n"),
     ]
-    packets = segments(capture_bytes(e, other + KEYLOG, dialect="smtp"))
+    packets = segments(capture_bytes(e, other + KEYLOG, service_port=25))
     c2s = b"".join(p.payload for p in packets if p.sport == 49152)
     records = RecordSplitter().feed(c2s)
     assert records[0].raw == hello  # verbatim, and no synthesised ClientHello besides
@@ -262,7 +265,7 @@ def test_a_client_hello_in_the_evidence_is_kept_and_its_secrets_used() -> None:
 
 
 def test_without_a_keylog_the_secrets_are_synthesised_and_said_so() -> None:
-    kinds = blocks(capture_bytes(conversation(), None, dialect="imap"))
+    kinds = blocks(capture_bytes(conversation(), None, service_port=143))
     dsb = kinds[2][1]
     _, length = struct.unpack_from("<II", dsb)
     text = dsb[8 : 8 + length].decode()
@@ -275,7 +278,7 @@ def test_file_is_private_even_over_an_existing_file(tmp_path: Path) -> None:
     path = tmp_path / "x.pcapng"
     path.write_bytes(b"old")
     path.chmod(0o644)
-    write_capture(path, conversation(), KEYLOG, dialect="smtp")
+    write_capture(path, conversation(), KEYLOG, service_port=25)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_bytes()[:4] == struct.pack("<I", BT_SHB)
 
@@ -308,6 +311,19 @@ def dissect(path: Path) -> List[Dict[str, str]]:
         check=True,
     )
     return [dict(zip(FIELDS, line.split("\t"))) for line in proc.stdout.splitlines()]
+
+
+def injected_range(row: Dict[str, str]) -> bytes:
+    """The bytes a packet comment says were injected, cut from the real segment.
+
+    The capture holds the real TCP segments: a scenario that writes a command
+    and its injected bytes in one write (one segment) gets one packet, whose
+    comment gives the injected range.
+    """
+    found = re.search(r"bytes (\d+)-(\d+) of this segment", row["frame.comment"])
+    assert found, row["frame.comment"]
+    payload = bytes.fromhex(row["tcp.payload"].replace(":", ""))
+    return payload[int(found.group(1)) : int(found.group(2))]
 
 
 def in_tls(row: Dict[str, str]) -> bool:
@@ -353,7 +369,7 @@ def test_tshark_shows_the_commands_inside_tls(
     result = run_scenario(dialect, tls_version, "server.stoptls-cycle", "strict", tmp_path)
     assert result.verdict is Verdict.PASS
     assert result.evidence.keylog and Path(result.evidence.keylog).stat().st_size > 0
-    path = capture_result(result, tmp_path / "captures")
+    path = capture_result(result, tmp_path / "captures", service_port=PORTS[dialect])
     assert path.name == f"server.stoptls-cycle-{dialect}-tls{tls_version}.pcapng"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     rows = dissect(path)
@@ -383,13 +399,13 @@ def test_tshark_shows_the_injection_a_failing_server_executed(
     """keep-buffer runs the injected command inside TLS (R1): the capture shows both."""
     result = run_scenario(dialect, tls_version, "server.command-injection", "keep-buffer", tmp_path)
     assert result.verdict is Verdict.FAIL
-    path = capture_result(result, tmp_path)
+    path = capture_result(result, tmp_path, service_port=PORTS[dialect])
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     rows = dissect(path)
     marked = [r for r in rows if "injected by the harness" in r["frame.comment"]]
     assert len(marked) == 1 and not in_tls(marked[0])
     injected = next(e.data for e in result.evidence.exchanges if e.kind == "injected")
-    assert bytes.fromhex(marked[0]["tcp.payload"]) == injected
+    assert injected_range(marked[0]) == injected
     # The reply to the injected command travelled inside TLS, decrypted here.
     answer = {"smtp": ("smtp.response", "XHARNESS-INJECTED"), "imap": ("imap.response", "i1 OK")}
     field, text = answer[dialect]
@@ -409,9 +425,9 @@ def test_tshark_on_a_client_run(tls_version: str, tmp_path: Path) -> None:
 
     result = asyncio.run(asyncio.wait_for(body(), 60))
     assert result.verdict is Verdict.PASS
-    rows = dissect(capture_result(result, tmp_path))
+    rows = dissect(capture_result(result, tmp_path, service_port=25))
     assert sum(in_tls(r) and r["smtp.req.command"] == "EHLO" for r in rows) == 1
     marked = [r for r in rows if "injected by the harness" in r["frame.comment"]]
     assert len(marked) == 1
     injected = next(e.data for e in result.evidence.exchanges if e.kind == "injected")
-    assert bytes.fromhex(marked[0]["tcp.payload"]) == injected
+    assert injected_range(marked[0]) == injected

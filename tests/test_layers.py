@@ -32,6 +32,7 @@ LAYERS = {
     "run": 3,
     "cli": 4,
     "pytest_plugin": 4,
+    "pytest_fleet": 4,
     "__main__": 4,
 }
 #: Where an import inside a function is not allowed.

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
+import json
+import math
+import os
+import re
 import shlex
 import shutil
 import sys
@@ -18,8 +23,10 @@ from typing import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Iterator,
     List,
     Optional,
+    TextIO,
     Tuple,
 )
 
@@ -36,7 +43,8 @@ from starttls_harness.cli.common import (
 )
 from starttls_harness.cli.output import _after_reference_run, _Progress
 from starttls_harness.cli.tools import _quiet_aiosmtpd
-from starttls_harness.dialects import names
+from starttls_harness.dialects import dialect_named, names
+from starttls_harness.report.capture import capture_result
 from starttls_harness.report.formats import (
     summary_table,
     to_json,
@@ -45,8 +53,10 @@ from starttls_harness.report.formats import (
     write_json,
     write_junit,
 )
+from starttls_harness.report.redact import Redactor
 from starttls_harness.report.verdicts import Result, Verdict
 from starttls_harness.run.client import run_client_target
+from starttls_harness.run.pacing import Pacing, pacing, refusal
 from starttls_harness.run.path import reference_pair, run_path_target
 from starttls_harness.run.reference import reference_servers
 from starttls_harness.run.server import RunSettings, ServerTarget, run_server_target
@@ -81,9 +91,35 @@ def _add_check(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument(
         "target",
-        nargs="?",
+        nargs="*",
         metavar="TARGET",
-        help="smtp://HOST:PORT or imap://HOST:PORT (default: the built-in reference peers)",
+        help="smtp://HOST:PORT, imap://HOST:PORT, ... one or more "
+        "(default: the built-in reference peers)",
+    )
+    p.add_argument(
+        "--targets",
+        type=Path,
+        metavar="FILE",
+        help="read targets from FILE: one URL per line, '#' starts a comment",
+    )
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=4,
+        metavar="N",
+        help="targets checked side by side (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="never more than N connections open at once to one target",
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        metavar="R",
+        help="open at most R connections per second to one target (e.g. 0.5)",
     )
     _add_run_options(p)
     p.add_argument(
@@ -155,6 +191,21 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=8,
         help="scenarios run at once against one target (default: %(default)s)",
+    )
+    p.add_argument(
+        "--capture",
+        type=Path,
+        metavar="DIR",
+        help="write a pcapng per non-passing result: the real bytes, with the TLS key log "
+        "inside (Wireshark/tshark decrypt it with no key file)",
+    )
+    p.add_argument(
+        "--capture-all", action="store_true", help="with --capture: a pcapng for every result"
+    )
+    p.add_argument(
+        "--jsonl",
+        metavar="FILE",
+        help="write each result as one JSON line as soon as it is decided ('-' for stdout)",
     )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
 
@@ -229,13 +280,19 @@ class _RunSetup:
                 check_writable_file(option, path)
         if args.evidence is not None:
             check_writable_dir("--evidence", args.evidence)
+        if args.capture is not None:
+            check_writable_dir("--capture", args.capture)
+        elif args.capture_all:
+            raise UsageError("--capture-all: give --capture DIR too")
+        if args.jsonl not in (None, "-"):
+            check_writable_file("--jsonl", Path(args.jsonl))
         self.args = args
         self.versions = ("1.2", "1.3") if args.tls_version == "all" else (args.tls_version,)
         # Key logs are secrets: a private temporary folder, removed at the end;
-        # --evidence copies those of the non-passing results (0600).
-        self.keys_tmp = (
-            tempfile.TemporaryDirectory(prefix="starttls-keys-") if args.evidence else None
-        )
+        # --evidence copies those of the non-passing results (0600), --capture
+        # puts them in the pcapng's Decryption Secrets Block.
+        keep_keys = args.evidence is not None or args.capture is not None
+        self.keys_tmp = tempfile.TemporaryDirectory(prefix="starttls-keys-") if keep_keys else None
         self.settings = RunSettings(
             scenario_timeout=args.timeout,
             reply_timeout=args.reply_timeout,
@@ -249,9 +306,31 @@ class _RunSetup:
         self.secrets: List[Optional[str]] = [getattr(args, "password", None)]
         self.started = datetime.datetime.now(datetime.timezone.utc)
         self.t0 = time.monotonic()
-        self.out = sys.stdout
+        # With --jsonl - the results own stdout; the table goes to stderr.
+        self.out: TextIO = sys.stderr if args.jsonl == "-" else sys.stdout
         #: Set when the run is against the built-in peers (for the closing line).
         self.reference = False
+        #: Set when the run has several targets: results name theirs.
+        self.multi = False
+        #: Set when the harness is the client of servers that may refuse for load.
+        self.refusals = False
+        self.parallel = max(1, getattr(args, "parallel", 1))
+        self.pacing: Optional[Pacing] = None
+        limit = getattr(args, "max_connections", None)
+        rate = getattr(args, "rate", None)
+        if limit is not None and limit < 1:
+            raise UsageError(f"--max-connections {limit}: give 1 or more")
+        if rate is not None and not (math.isfinite(rate) and rate > 0):
+            raise UsageError(f"--rate {rate}: give connections per second above 0, e.g. 0.5")
+        if limit is not None or rate is not None:
+            self.pacing = Pacing(limit, rate)
+
+    def settings_for(self, label: str) -> RunSettings:
+        """Per-target settings: its own key log folder (file names repeat per target)."""
+        if self.settings.keylog_dir is None or not self.multi:
+            return self.settings
+        folder = self.settings.keylog_dir / _slug(label)
+        return dataclasses.replace(self.settings, keylog_dir=folder)
 
     def count(self, scenarios: List[Scenario], dialects: List[str]) -> int:
         return sum(
@@ -263,22 +342,53 @@ class _RunSetup:
         )
 
     def run(self, jobs: Callable[[], AsyncContextManager[Tuple[str, List[Job]]]]) -> int:
-        """Run the jobs with one progress display; report; the exit status."""
+        """Run the jobs (``--parallel`` at once) with one progress display; report."""
 
-        async def main() -> Tuple[str, List[Result]]:
+        async def main(stream: Optional[TextIO]) -> Tuple[str, List[Result]]:
             async with jobs() as (label, todo):
                 progress = _Progress(sum(n for _, _, n in todo), sys.stderr, self.args.quiet)
-                results: List[Result] = []
+                redactor = Redactor(self.secrets)
+                gate = asyncio.Semaphore(self.parallel if self.multi else 1)
+
+                def decided(name: str) -> Callable[[Result], None]:
+                    def one(result: Result) -> None:
+                        if self.multi:
+                            result.target = name
+                        if self.refusals:
+                            _load_refusal(result)
+                        progress(result)
+                        if stream is not None:
+                            line = json.dumps(redactor.result(result).as_dict())
+                            stream.write(line + "\n")
+                            stream.flush()
+
+                    return one
+
+                async def one_job(name: str, job: Any) -> List[Result]:
+                    async with gate:
+                        started = time.monotonic()
+                        found: List[Result] = await job(decided(name))
+                        if self.multi:
+                            progress.job_finished(name, found, started)
+                        else:
+                            progress.job_finished(name)
+                    for r in found:  # results a job returns without reporting them
+                        if self.multi and not r.target:
+                            r.target = name
+                    return found
+
                 try:
-                    for name, job, _ in todo:
-                        results += await job(progress)
-                        progress.job_finished(name)
+                    with pacing(self.pacing):
+                        batches = await asyncio.gather(
+                            *(one_job(name, job) for name, job, _ in todo)
+                        )
                 finally:
                     progress.close()
-                return label, results
+                return label, [r for batch in batches for r in batch]
 
         try:
-            label, results = asyncio.run(main())
+            with _jsonl_stream(self.args.jsonl) as stream:
+                label, results = asyncio.run(main(stream))
             return self.report(label, results)
         finally:
             if self.keys_tmp is not None:
@@ -306,6 +416,14 @@ class _RunSetup:
             if args.evidence:
                 written = write_evidence(results, args.evidence, secrets=secrets)
                 out.write(f"evidence: {len(written)} files in {args.evidence}\n")
+            if args.capture:
+                chosen = [r for r in results if args.capture_all or r.verdict is not Verdict.PASS]
+                redactor = Redactor(secrets)
+                for r in chosen:  # the comment redacted; the packets hold what crossed
+                    port = dialect_named(r.dialect).default_port or None
+                    shown = dataclasses.replace(r, summary=redactor.text(r.summary))
+                    capture_result(shown, args.capture, service_port=port)
+                out.write(f"captures: {len(chosen)} pcapng files in {args.capture}\n")
         except OSError as exc:
             where = f" {exc.filename}" if exc.filename else ""
             raise UsageError(f"cannot write the report{where}: {exc.strerror or exc}") from None
@@ -319,29 +437,86 @@ class _RunSetup:
         return EXIT_OK
 
 
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", text).strip("_") or "target"
+
+
+@contextlib.contextmanager
+def _jsonl_stream(where: Optional[str]) -> Iterator[Optional[TextIO]]:
+    """Where --jsonl writes: nowhere, stdout, or a private file."""
+    if where is None:
+        yield None
+    elif where == "-":
+        yield sys.stdout
+    else:
+        fd = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", encoding="utf-8") as f:
+            yield f
+
+
+def _load_refusal(result: Result) -> None:
+    """A target that turned us away for load is the cause, not the scenario."""
+    if result.verdict not in (Verdict.ERROR, Verdict.FAIL):
+        return
+    first = next(
+        (e.data for e in result.evidence.exchanges if e.direction == "s2c" and e.data), b""
+    )
+    words = refusal(first) or refusal(result.summary.encode("utf-8"))  # e.g. sanity probe
+    if words is not None:
+        result.verdict = Verdict.ERROR
+        result.rule = None
+        result.summary = (
+            f"the target refused the connection for load ({words!r}); not a STARTTLS "
+            "verdict: retry with --max-connections 1 and/or --rate"
+        )
+
+
 def _select(patterns: Optional[List[str]], role: str) -> List[Scenario]:
 
     return select(patterns, role=role, catalogue=everything())
+
+
+def _target_urls(args: argparse.Namespace) -> List[str]:
+    """The positional URLs, then those of --targets FILE (``#`` comments)."""
+    urls = list(args.target or [])
+    if args.targets is not None:
+        try:
+            text = args.targets.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"--targets {args.targets}: {exc.strerror or exc}") from None
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                urls.append(line)
+        if not urls:
+            raise UsageError(f"--targets {args.targets}: no target in the file")
+    return list(dict.fromkeys(urls))  # once each, in order
 
 
 def cmd_check(args: argparse.Namespace) -> int:
 
     if args.cafile is not None:
         check_cafile("--cafile", args.cafile)
-    roles = ("server",) if args.target else ("server", "client", "path")
+    if args.parallel < 1:
+        raise UsageError(f"--parallel {args.parallel}: give a whole number >= 1")
+    urls = _target_urls(args)
+    roles = ("server",) if urls else ("server", "client", "path")
     chosen = {role: _select(args.only, role) for role in roles}
     if not any(chosen.values()):
         raise UsageError(f"--only {args.only}: no scenario matches")
     setup = _RunSetup(args)
-    settings, versions, out = setup.settings, setup.versions, setup.out
+    versions, out = setup.versions, setup.out
+    setup.multi = len(urls) > 1
 
     def server_job(target: ServerTarget, label: Optional[str] = None) -> Job:
         scenarios = chosen["server"]
+        name = label or target.url
+        settings = setup.settings_for(name)
 
         async def job(progress: Callable[[Result], None]) -> List[Result]:
             return await run_server_target(scenarios, target, settings, progress, versions)
 
-        return (label or target.url, job, setup.count(scenarios, [target.dialect]))
+        return (name, job, setup.count(scenarios, [target.dialect]))
 
     @contextlib.asynccontextmanager
     async def reference_jobs() -> AsyncIterator[Tuple[str, List[Job]]]:
@@ -356,36 +531,74 @@ def cmd_check(args: argparse.Namespace) -> int:
             jobs += _path_jobs(chosen["path"], setup)
             yield "reference peers", jobs
 
-    if args.target is None:
+    if not urls:
         return setup.run(reference_jobs)
 
-    dialect, host, port = parse_target(args.target)
-    target = ServerTarget(
-        dialect=dialect,
-        host=host,
-        port=port,
-        cafile=args.cafile,
-        server_hostname=args.server_name or host,
-        user=args.user,
-        password=args.password,
-        rcpt=args.rcpt,
-    )
+    targets = []
+    for url in urls:
+        dialect, host, port = parse_target(url)
+        targets.append(
+            ServerTarget(
+                dialect=dialect,
+                host=host,
+                port=port,
+                cafile=args.cafile,
+                server_hostname=args.server_name or host,
+                user=args.user,
+                password=args.password,
+                rcpt=args.rcpt,
+            )
+        )
+    setup.refusals = True
 
     @contextlib.asynccontextmanager
     async def target_jobs() -> AsyncIterator[Tuple[str, List[Job]]]:
+        count = None
         if args.storage_probe:
-            target.storage_count = _storage_probe(args.storage_probe, args.reply_timeout)
+            count = _storage_probe(args.storage_probe, args.reply_timeout)
             try:
-                await target.storage_count()
+                await count()
             except RuntimeError as exc:
                 raise UsageError(f"--storage-probe: {exc}") from None
-        await _reachable(host, port, args.reply_timeout)
+        jobs: List[Job] = []
+        answers = await asyncio.gather(  # all at once: a fleet may have many dead hosts
+            *(_reachable(t.host, t.port, args.reply_timeout) for t in targets),
+            return_exceptions=True,
+        )
+        for target, answer in zip(targets, answers):
+            target.storage_count = count
+            if isinstance(answer, UsageError) and setup.multi:
+                jobs.append(_unreachable_job(target, str(answer)))
+                continue
+            if isinstance(answer, BaseException):
+                raise answer
+            out.write(f"checking {target.url}\n")
+            jobs.append(server_job(target))
         if args.cafile is None:
             out.write("note: the target's certificate is NOT verified (give --cafile to verify)\n")
-        out.write(f"checking {target.url}\n")
-        yield target.url, [server_job(target)]
+        label = targets[0].url if len(targets) == 1 else f"{len(targets)} targets"
+        yield label, jobs
 
     return setup.run(target_jobs)
+
+
+def _unreachable_job(target: ServerTarget, reason: str) -> Job:
+    """One error result for a target of a fleet that does not answer."""
+
+    async def job(progress: Callable[[Result], None]) -> List[Result]:
+        result = Result(
+            id="target.reachable",
+            dialect=target.dialect,
+            tls_version="any",
+            verdict=Verdict.ERROR,
+            rule=None,
+            summary=reason,
+            title="the target accepts a TCP connection",
+        )
+        progress(result)
+        return [result]
+
+    return (target.url, job, 1)
 
 
 def _client_jobs(scenarios: List[Scenario], setup: _RunSetup) -> List[Job]:

@@ -12,6 +12,8 @@ from typing import (
     Any,
     Dict,
     Iterator,
+    List,
+    Optional,
     Set,
     TextIO,
 )
@@ -54,12 +56,24 @@ class _Progress:
         except (OSError, ValueError, AttributeError):
             return shutil.get_terminal_size((80, 24)).columns
 
-    def job_finished(self, label: str) -> None:
-        """One target's runs are over: a heartbeat line in a log."""
+    def job_finished(
+        self, label: str, mine: Optional[List[Result]] = None, started: Optional[float] = None
+    ) -> None:
+        """One target's runs are over: a heartbeat line in a log.
+
+        ``mine``/``started``: that target's results and start (monotonic), when
+        targets run side by side (the running tallies then mix targets).
+        """
         if not self.quiet and not self.tty:
-            verdicts = ", ".join(f"{n} {v}" for v, n in sorted(self.counts.items()))
-            took = time.monotonic() - self.job_t0
-            self.out.write(f"{label}: {self.job_done} runs in {took:.2f} s ({verdicts})\n")
+            counts, done = self.counts, self.job_done
+            if mine is not None:
+                counts = {}
+                for r in mine:
+                    counts[r.verdict.value] = counts.get(r.verdict.value, 0) + 1
+                done = len(mine)
+            verdicts = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
+            took = time.monotonic() - (self.job_t0 if started is None else started)
+            self.out.write(f"{label}: {done} runs in {took:.2f} s ({verdicts})\n")
             self.out.flush()
         self.job_done = 0
         self.counts = {}

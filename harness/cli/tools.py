@@ -29,8 +29,10 @@ from starttls_harness.cli.common import (
     check_cafile,
     check_port,
     check_seconds,
+    check_writable_dir,
 )
 from starttls_harness.cli.output import _set_done
+from starttls_harness.cli.proxy_capture import on_closed_capture
 from starttls_harness.dialects import DIALECTS, names
 from starttls_harness.run.targets import ClientOutcome, ReferenceClientTarget, client_behaviours
 from starttls_harness.scenarios.catalogue import everything
@@ -222,6 +224,12 @@ def _add_proxy(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--dialect", choices=names(), default="smtp")
     p.add_argument("--keylog", type=Path, help="TLS key log (SSLKEYLOGFILE format)")
     p.add_argument("--list-faults", action="store_true", help="list the fault names and exit")
+    p.add_argument(
+        "--capture",
+        type=Path,
+        metavar="DIR",
+        help="write a pcapng per connection (both legs, real bytes, --keylog inside)",
+    )
     p.set_defaults(func=cmd_proxy)
 
 
@@ -360,6 +368,8 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         upstream = proxy.parse_address(args.upstream)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.capture is not None:
+        check_writable_dir("--capture", args.capture)
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -370,6 +380,9 @@ def cmd_proxy(args: argparse.Namespace) -> int:
 
         def started(p: proxy.Proxy) -> None:
             # run_proxy has printed the banner (address, key log, faults).
+            if args.capture is not None:
+                on_closed_capture(p, args.capture, args.keylog, args.dialect)
+                print(f"captures: one pcapng per connection in {args.capture}", flush=True)
             print("Ctrl-C stops it.", flush=True)
 
         await proxy.run_proxy(

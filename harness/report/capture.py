@@ -1,10 +1,25 @@
 """A pcapng capture of one result's conversation, decrypted in Wireshark in one step.
 
 A mail developer who gets a ``fail`` opens the file in the tool they already
-use.  The harness does not sniff the wire: it keeps the conversation as
-:class:`~starttls_harness.report.verdicts.Evidence` (the bytes each way, the
-*decrypted* application data under TLS, close_notify, EOF, notes).  This module
-turns that evidence into synthesised packets:
+use.  Two sources, best first:
+
+**The real bytes.**  Every connection the harness makes or accepts on the
+engine keeps a :class:`~starttls_harness.tls.aio.WireLog` (the probe and the
+scripted server put it in ``Evidence.wires``): the bytes exactly as the
+socket sent and received them, in order, with times, the socket addresses,
+FIN/RST, and which writes carried bytes injected around the rules.
+:func:`wire_capture_bytes` turns each into TCP segments (headers synthesised,
+payloads real: the real ClientHello, certificate, records), marks injected
+bytes with a packet comment giving their range in the segment, attaches the
+harness's notes as comments, and puts the run's key log in a Decryption
+Secrets Block.  Wireshark picks the SMTP/IMAP dissector (which follows
+STARTTLS into TLS) by port, so a server port other than the dialect's
+well-known one is shown as that port (``service_port``) and the real one is
+in the first packet's comment.
+
+**The fallback: synthesis from the evidence**, for a result whose run kept no
+wire log (path scenarios through the proxy today).  The section comment says
+``FALLBACK``.  It works like this:
 
 * TCP over IPv4 loopback inside Ethernet frames: a SYN/SYN-ACK/ACK
   handshake, one segment per exchange with consistent sequence and ack
@@ -39,11 +54,11 @@ Files are created 0600: they hold TLS secrets.
 
 API (the CLI wires ``--capture DIR`` / ``--capture-all`` from these)::
 
-    write_capture(path, evidence, keylog, *, dialect=None, client=None,
+    write_capture(path, evidence, keylog, *, service_port=None, client=None,
                   server=None, tls_version="1.3", comment="", start_time=None)
         -> Path
-    capture_result(result, directory, *, client=None, server=None,
-                   start_time=None) -> Path
+    capture_result(result, directory, *, service_port=None, client=None,
+                   server=None, start_time=None, real_ports=False) -> Path
     capture_bytes(evidence, keylog, ...) -> bytes      (the same, in memory)
 
 ``keylog`` is the run's NSS key log (bytes) or ``None``; ``capture_result``
@@ -60,14 +75,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from starttls_harness.dialects import dialect_named
 from starttls_harness.report.verdicts import Evidence, Exchange, Result
 from starttls_harness.tls.keylog import (
     TLS_AES_128_GCM_SHA256,
@@ -87,8 +102,10 @@ __all__ = [
     "capture_result",
     "dsb_block",
     "epb_block",
+    "file_stem",
     "idb_block",
     "shb_block",
+    "wire_capture_bytes",
     "write_capture",
 ]
 
@@ -570,7 +587,7 @@ def capture_bytes(
     evidence: Evidence,
     keylog: Optional[bytes],
     *,
-    dialect: Optional[str] = None,
+    service_port: Optional[int] = None,
     client: Optional[Tuple[str, int]] = None,
     server: Optional[Tuple[str, int]] = None,
     tls_version: str = "1.3",
@@ -579,8 +596,7 @@ def capture_bytes(
 ) -> bytes:
     """The pcapng file for ``evidence`` (see the module docstring)."""
     if server is None:
-        port = dialect_named(dialect).default_port if dialect else 0
-        server = ("127.0.0.1", port or 25)
+        server = ("127.0.0.1", service_port or 25)
     client = client or ("127.0.0.1", 49152)
     exchanges = evidence.exchanges
     if start_time is None:  # written right after the run: its last exchange was "now"
@@ -612,6 +628,153 @@ def capture_bytes(
     return b"".join(head + writer.blocks())
 
 
+# --- the real bytes ---------------------------------------------------------------
+
+_INJECTED = "injected by the harness"
+
+
+def _injected_note(segment: bytes, pieces: List[bytes]) -> str:
+    """The packet comment of a segment that carries injected bytes: which ones, where."""
+    parts, start = [], 0
+    for piece in pieces:
+        at = segment.find(piece, start)
+        if at < 0:
+            parts.append(f"{piece!r}")
+            continue
+        parts.append(f"bytes {at}-{at + len(piece)} of this segment: {piece!r}")
+        start = at + len(piece)
+    where = "; ".join(parts) or "this segment"
+    return f"{_INJECTED} (put on the wire around the rules): {where}"
+
+
+def _end(address: Optional[Tuple[str, int]], fallback: Tuple[str, int]) -> Tuple[bytes, int, str]:
+    """(IPv4 bytes, port, comment) for a socket address; IPv6 maps onto loopback."""
+    if address is None:
+        return _ip(fallback[0]), fallback[1], ""
+    host, port = address
+    try:
+        return _ip(host), port, ""
+    except ValueError:
+        return _ip(fallback[0]), port, f"{host} shown as {fallback[0]}"
+
+
+def _wire_packets(
+    wires: Sequence[Any],
+    exchanges: Sequence[Exchange],
+    origin: float,
+    clock: float,
+    service_port: Optional[int] = None,
+) -> List[Tuple[bytes, float, List[str]]]:
+    """Packets of the real connections, in time order, with the harness's notes.
+
+    ``origin`` is the evidence's monotonic start, ``clock`` what to add to a
+    monotonic time to get wall-clock time.  A server port other than
+    ``service_port`` is shown as ``service_port`` (Wireshark picks the
+    SMTP/IMAP dissector, which follows STARTTLS, by port), and the first
+    packet's comment gives the real one.
+    """
+    events: List[Tuple[float, int, int, str, str, bytes]] = []
+    tcps: List[_Tcp] = []
+    for n, wire in enumerate(wires):
+        local_is_client = True
+        segments = list(wire.segments)
+        client_addr, server_addr = wire.local, wire.peer
+        if getattr(wire, "server_side", False):
+            local_is_client = False
+            client_addr, server_addr = wire.peer, wire.local
+        c_ip, c_port, c_note = _end(client_addr, ("127.0.0.1", 49152 + n))
+        s_ip, s_port, s_note = _end(server_addr, ("127.0.0.2", service_port or 25))
+        if service_port and s_port != service_port:
+            s_note = ", ".join(
+                x for x in (s_note, f"server port {s_port} shown as {service_port}") if x
+            )
+            s_port = service_port
+        tcps.append(
+            _Tcp(
+                ends={"c2s": (c_ip, c_port), "s2c": (s_ip, s_port)},
+                seq={"c2s": 0x10000000 + n * 0x1000000, "s2c": 0x20000000 + n * 0x1000000},
+            )
+        )
+        first = segments[0][0] if segments else origin
+        notes = "; ".join(x for x in (c_note, s_note) if x)
+        events.append((first, 0, n, "c2s", "open", notes.encode()))
+        marks = getattr(wire, "injected", {})
+        for i, (t, direction, what, data) in enumerate(segments):
+            outgoing = direction == "out"
+            d = "c2s" if outgoing == local_is_client else "s2c"
+            if what == "injected":
+                what = _injected_note(data, marks.get(i, []))
+            events.append((t, 1, n, d, what, data))
+    for e in exchanges:
+        if e.kind == "note" or e.direction not in ("c2s", "s2c"):
+            text = e.note + (f": {e.data.decode('latin-1')!r}" if e.data else "")
+            events.append((origin + e.t, 2, -1, e.direction, "note", text.encode("utf-8")))
+    events.sort(key=lambda x: (x[0], x[1] == 2))
+    packets: List[Tuple[bytes, float, List[str]]] = []
+    pending: List[str] = []
+
+    def emit(tcp: _Tcp, t: float, d: str, flags: int, payload: bytes, notes: List[str]) -> None:
+        comments = [*pending, *notes]
+        pending.clear()
+        for i in range(0, max(len(payload), 1), MAX_SEGMENT):
+            packets.append((tcp.frame(d, flags, payload[i : i + MAX_SEGMENT]), t + clock, comments))
+            comments = []
+
+    for t, _, n, d, what, data in events:
+        if n < 0:
+            pending.append(f"harness note [{d}]: {data.decode('utf-8')}")
+            continue
+        tcp = tcps[n]
+        if what == "open":
+            note = [data.decode()] if data else []
+            emit(tcp, t, "c2s", SYN, b"", note)
+            emit(tcp, t, "s2c", SYN | ACK, b"", [])
+            emit(tcp, t, "c2s", ACK, b"", [])
+        elif what == "data":
+            emit(tcp, t, d, PSH | ACK, data, [])
+        elif what.startswith(_INJECTED):
+            emit(tcp, t, d, PSH | ACK, data, [what])
+        elif what == "eof" and tcp.open[d]:
+            emit(tcp, t, d, FIN | ACK, b"", [])
+            tcp.open[d] = False
+            emit(tcp, t, _Tcp.other(d), ACK, b"", [])
+        elif what in ("reset", "abort") and (tcp.open["c2s"] or tcp.open["s2c"]):
+            emit(tcp, t, d, RST | ACK, b"", [])
+            tcp.open = {"c2s": False, "s2c": False}
+    if pending and packets:
+        packets[-1][2].extend(pending)
+    return packets
+
+
+def wire_capture_bytes(
+    evidence: Evidence,
+    keylog: Optional[bytes],
+    *,
+    comment: str = "",
+    service_port: Optional[int] = None,
+) -> Optional[bytes]:
+    """The pcapng of the real bytes ``evidence.wires`` kept, or None if it kept none.
+
+    ``service_port``: see :func:`_wire_packets` (None keeps the real ports).
+    """
+    wires = [w for w in evidence.wires if w is not None and w.segments]
+    if not wires:
+        return None
+    clock = time.time() - time.monotonic()
+    packets = _wire_packets(wires, evidence.exchanges, evidence.start, clock, service_port)
+    section = (
+        "starttls-harness: the real bytes of the conversation as the harness's socket "
+        "sent and received them, in order (TCP headers synthesised; ports as on the wire); "
+        "the Decryption Secrets Block holds the run's TLS key log"
+    )
+    if comment:
+        section = f"{comment}\n{section}"
+    head = [shb_block(section), idb_block()]
+    if keylog:
+        head.append(dsb_block(keylog))
+    return b"".join(head + [epb_block(f, ts, c) for f, ts, c in packets])
+
+
 def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -629,7 +792,7 @@ def write_capture(
     evidence: Evidence,
     keylog: Optional[bytes],
     *,
-    dialect: Optional[str] = None,
+    service_port: Optional[int] = None,
     client: Optional[Tuple[str, int]] = None,
     server: Optional[Tuple[str, int]] = None,
     tls_version: str = "1.3",
@@ -640,7 +803,7 @@ def write_capture(
     data = capture_bytes(
         evidence,
         keylog,
-        dialect=dialect,
+        service_port=service_port,
         client=client,
         server=server,
         tls_version=tls_version,
@@ -652,29 +815,57 @@ def write_capture(
     return out
 
 
+def file_stem(result: Result) -> str:
+    """``[<target>-]<id>-<dialect>-tls<version>``: unique within a multi-target run."""
+    stem = f"{result.id}-{result.dialect}-tls{result.tls_version}"
+    if result.target:
+        slug = re.sub(r"[^A-Za-z0-9.-]+", "_", result.target).strip("_")
+        stem = f"{slug}-{stem}"
+    return stem
+
+
 def capture_result(
     result: Result,
     directory: Union[str, os.PathLike[str]],
     *,
     client: Optional[Tuple[str, int]] = None,
+    service_port: Optional[int] = None,
     server: Optional[Tuple[str, int]] = None,
     start_time: Optional[float] = None,
+    real_ports: bool = False,
 ) -> Path:
-    """``<directory>/<id>-<dialect>-tls<version>.pcapng`` for one result."""
+    """``<directory>/[<target>-]<id>-<dialect>-tls<version>.pcapng`` for one result.
+
+    The real bytes when the run kept them (``evidence.wires``); else the
+    synthesis from the evidence (the section comment says FALLBACK).  The
+    server port is shown as the dialect's well-known port unless
+    ``real_ports`` (the real one is in a packet comment).
+    """
     keylog = None
     if result.evidence.keylog and Path(result.evidence.keylog).exists():
         keylog = Path(result.evidence.keylog).read_bytes()
     folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
-    comment = f"{result.id} [{result.dialect}, TLS {result.tls_version}]: "
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    where = f"{result.target}: " if result.target else ""
+    comment = f"{where}{result.id} [{result.dialect}, TLS {result.tls_version}]: "
     comment += f"{result.verdict.value} -- {result.summary}"
     if result.rule:
         comment += f" (rule {result.rule})"
+    path = folder / f"{file_stem(result)}.pcapng"
+    port = None if real_ports else service_port
+    real = wire_capture_bytes(result.evidence, keylog, comment=comment, service_port=port)
+    if real is not None:
+        _write_private(path, real)
+        return path
+    comment += (
+        "\nFALLBACK: the run kept no real bytes of this conversation; what follows is "
+        "synthesised from the evidence"
+    )
     return write_capture(
-        folder / f"{result.id}-{result.dialect}-tls{result.tls_version}.pcapng",
+        path,
         result.evidence,
         keylog,
-        dialect=result.dialect,
+        service_port=service_port,
         client=client,
         server=server,
         tls_version=result.tls_version,

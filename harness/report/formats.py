@@ -17,6 +17,7 @@ import datetime as _dt
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import textwrap
@@ -26,7 +27,7 @@ from xml.etree import ElementTree as ET
 
 from starttls_harness import __version__
 from starttls_harness.report.redact import Redactor
-from starttls_harness.report.verdicts import Exchange, Result, Verdict, count_verdicts
+from starttls_harness.report.verdicts import Exchange, Result, Verdict, count_verdicts, worst
 
 __all__ = [
     "ladder",
@@ -67,7 +68,17 @@ def summary_table(
     }
     width = max((len(r.id) for r in results), default=10)
     out.write(f"{'scenario':<{width}}  dialect  TLS  verdict  reason\n")
+    targets = list(dict.fromkeys(r.target for r in results))
+    if len(targets) > 1:  # a fleet: one group per target, in the order given
+        results = [r for t in targets for r in results if r.target == t]
+    shown_target = None
     for r in results:
+        if len(targets) > 1 and r.target != shown_target:
+            shown_target = r.target
+            mine = [x for x in results if x.target == r.target]
+            counts_here = ", ".join(f"{n} {v}" for v, n in count_verdicts(mine).items() if n)
+            worst_here = worst([x.verdict for x in mine]).value.upper()
+            out.write(f"== {r.target or '(no target)'}: {worst_here} ({counts_here})\n")
         verdict = r.verdict.value.upper()
         shown = f"{colours[r.verdict]}{verdict:<7}\033[0m" if color else f"{verdict:<7}"
         rule = f" [{r.rule}]" if r.rule and r.verdict is not Verdict.PASS else ""
@@ -283,6 +294,9 @@ def write_evidence(
         if r.verdict is Verdict.PASS:
             continue
         stem = f"{r.id}-{r.dialect}-tls{r.tls_version}"
+        if r.target:  # several targets: one file each
+            slug = re.sub(r"[^A-Za-z0-9.-]+", "_", r.target).strip("_")
+            stem = f"{slug}-{stem}"
         path = directory / f"{stem}.txt"
         write_private(path, ladder(r, LADDER_WIDTH, secrets=secrets).encode("utf-8"))
         written.append(path)

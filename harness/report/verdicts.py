@@ -61,6 +61,9 @@ class Evidence:
     start: float = field(default_factory=time.monotonic)
     exchanges: List[Exchange] = field(default_factory=list)
     keylog: Optional[str] = None
+    #: The real bytes of each connection (``tls.aio.WireLog``: ``local``,
+    #: ``peer``, ``segments``), for pcapng captures; empty when not recorded.
+    wires: List[Any] = field(default_factory=list)
 
     def add(self, direction: str, kind: str, data: bytes = b"", note: str = "") -> None:
         self.exchanges.append(Exchange(time.monotonic() - self.start, direction, kind, data, note))
@@ -87,9 +90,13 @@ class Result:
     title: str = ""
     reference: str = ""
     expected: Optional[Verdict] = None
+    #: Which target of a multi-target run (its URL or label); "" for one.
+    target: str = ""
 
     def as_dict(self) -> Dict[str, Any]:
+        where = {"target": self.target} if self.target else {}
         return {
+            **where,
             "id": self.id,
             "title": self.title,
             "dialect": self.dialect,

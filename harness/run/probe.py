@@ -18,6 +18,7 @@ from typing import Callable, FrozenSet, Optional
 
 from starttls_harness.dialects import Dialect, Reply
 from starttls_harness.report.verdicts import Evidence
+from starttls_harness.run import pacing
 from starttls_harness.run.outcomes import RemoteEnded, WaitTimeout
 from starttls_harness.tls.aio import ConnectionEnded, SwitchableTransport, Timeouts, open_connection
 from starttls_harness.tls.engine import (
@@ -125,6 +126,7 @@ class Probe:
         self._raw = False
         #: We closed the connection ourselves (its end is not the target's).
         self._closed_by_us = False
+        self._slot: Optional[pacing.Slot] = None
 
     # ------------------------------------------------------------ callbacks
 
@@ -177,6 +179,7 @@ class Probe:
         if self._closed is None and self._closed_by_us:
             self._closed = PeerClosed("local", "the harness closed the connection")
             self.evidence.add("c2s", "eof", note="we closed the connection")
+        pacing.release(self._slot)
         if self._closed is None:
             self._closed = self._classify(exc)
             self.evidence.add("s2c", "eof", note=self._closed.detail)
@@ -208,6 +211,7 @@ class Probe:
     # ------------------------------------------------------------- actions
 
     async def connect(self) -> Reply:
+        self._slot = await pacing.acquire(self.host, self.port)  # --max-connections, --rate
         try:
             self.transport, _ = await asyncio.wait_for(
                 open_connection(
@@ -227,6 +231,7 @@ class Probe:
             raise PeerClosed(
                 "refused", f"cannot connect to {self.host}:{self.port}: {exc}"
             ) from exc
+        self.evidence.wires.append(self._t().wire)  # real bytes, for --capture
         return await self.reply(greeting=True)
 
     def write(self, data: bytes, kind: str = "") -> None:
@@ -341,6 +346,7 @@ class Probe:
         return self._buf
 
     def close(self) -> None:
+        pacing.release(self._slot)
         if self.transport is not None:
             self._closed_by_us = True
             self.transport.abort()

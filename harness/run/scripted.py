@@ -122,6 +122,7 @@ class ScriptedConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, SwitchableTransport)
         self.transport = transport
+        self.evidence.wires.append(transport.wire)  # real bytes, for --capture
         transport.hold_after(self._is_starttls_line, framer=self.gate_framer)
         if not self.connected.done():
             self.connected.set_result(None)

@@ -37,8 +37,21 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Optional, Tuple, TypeVar, Union, cast
+import time
+from dataclasses import dataclass, field
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+    cast,
+)
 
 from starttls_harness.tls.engine import (
     AlertReceived,
@@ -64,9 +77,40 @@ __all__ = [
     "ConnectionEnded",
     "SwitchableTransport",
     "Timeouts",
+    "WireLog",
     "create_server",
     "open_connection",
 ]
+
+
+@dataclass
+class WireLog:
+    """The real bytes of one TCP connection, each way, as the socket saw them.
+
+    Kept for pcapng captures (``report/capture.py``).  ``segments`` holds
+    ``(monotonic time, "out" | "in", what, data)``: ``what`` is ``data``,
+    ``injected`` (the write held bytes put around the rules), ``eof`` (a
+    FIN), ``reset`` or ``abort`` (an RST).  ``local``/``peer`` are the
+    socket addresses when known; ``server_side`` says which end is ours.
+    """
+
+    server_side: bool = False
+    local: Optional[Tuple[str, int]] = None
+    peer: Optional[Tuple[str, int]] = None
+    segments: List[Tuple[float, str, str, bytes]] = field(default_factory=list)
+    #: segment index -> the injected pieces it carries, in order
+    injected: Dict[int, List[bytes]] = field(default_factory=dict)
+
+    def add(self, direction: str, what: str, data: bytes = b"", raw: Sequence[bytes] = ()) -> None:
+        if raw:
+            self.injected[len(self.segments)] = list(raw)
+        self.segments.append((time.monotonic(), direction, what, data))
+
+
+def _address(value: Any) -> Optional[Tuple[str, int]]:
+    if isinstance(value, tuple) and len(value) >= 2:
+        return str(value[0]), int(value[1])
+    return None
 
 
 @dataclass
@@ -110,6 +154,7 @@ class SwitchableTransport(asyncio.Transport):
         wire: _WireProtocol,
         engine: Connection,
         timeouts: Timeouts,
+        wire_log: bool = True,
     ) -> None:
         super().__init__()
         self._wire = wire
@@ -118,6 +163,9 @@ class SwitchableTransport(asyncio.Transport):
         self._protocol: Optional[asyncio.BaseProtocol] = None
         #: Every engine event on this connection, in order (evidence).
         self.events: List[Event] = []
+        #: The real bytes each way, when the connection records (captures).
+        self.wire: Optional[WireLog] = WireLog() if wire_log else None
+        self._raw_pending: List[bytes] = []
         self._handshake: Optional[asyncio.Future[HandshakeComplete]] = None
         self._closure: Optional[asyncio.Future[ClosureComplete]] = None
         self._cork = 0
@@ -180,6 +228,7 @@ class SwitchableTransport(asyncio.Transport):
         if self.engine.tls_active:
             raise RuntimeError("write_eof() while TLS is up; use send_close_notify()")
         if self._wire.transport is not None:
+            self._log("out", "eof")
             self._wire.transport.write_eof()
 
     def write(self, data: Union[bytes, bytearray, memoryview]) -> None:
@@ -202,6 +251,8 @@ class SwitchableTransport(asyncio.Transport):
         self._closing = True
         self.engine.close()
         if self._wire.transport is not None:
+            if not self._wire.transport.is_closing():
+                self._log("out", "eof")
             self._wire.transport.close()
 
     def abort(self) -> None:
@@ -209,6 +260,8 @@ class SwitchableTransport(asyncio.Transport):
         with contextlib.suppress(Exception):
             self.engine.close()
         if self._wire.transport is not None:
+            if not self._wire.transport.is_closing():
+                self._log("out", "abort")
             self._wire.transport.abort()
 
     # ------------------------------------------------- STARTTLS and back
@@ -242,6 +295,7 @@ class SwitchableTransport(asyncio.Transport):
     def write_raw(self, data: bytes) -> None:
         """Bytes straight onto the wire, around every rule (fault injection)."""
         self.engine.send_raw(data)
+        self._raw_pending.append(bytes(data))
         self._flush()
 
     def send_fatal_alert(self) -> None:
@@ -266,6 +320,7 @@ class SwitchableTransport(asyncio.Transport):
             return
         self._flush()
         self._eof_written = True
+        self._log("out", "eof")
         if tcp.can_write_eof():
             tcp.write_eof()
         else:  # pragma: no cover - every TCP transport can
@@ -360,7 +415,14 @@ class SwitchableTransport(asyncio.Transport):
         data = self.engine.data_to_send()
         tcp = self._wire.transport
         if data and tcp is not None and not tcp.is_closing() and not self._eof_written:
+            raw = self._raw_pending
+            self._log("out", "injected" if raw else "data", data, raw)
             tcp.write(data)
+        self._raw_pending = []
+
+    def _log(self, direction: str, what: str, data: bytes = b"", raw: Sequence[bytes] = ()) -> None:
+        if self.wire is not None:
+            self.wire.add(direction, what, data, raw)
 
     def _dispatch(self, events: List[Event]) -> None:
         """Turn engine events into protocol calls and future results."""
@@ -415,6 +477,8 @@ class SwitchableTransport(asyncio.Transport):
                 fut.exception()  # retrieved: a waiter may have gone
         self._closing = True
         if self._wire.transport is not None:
+            if not self._wire.transport.is_closing():
+                self._log("out", "eof")
             self._wire.transport.close()
 
 
@@ -432,16 +496,23 @@ class _WireProtocol(asyncio.Protocol):
         policy: Optional[Policy],
         timeouts: Timeouts,
         record: bool,
+        server_side: bool = False,
     ) -> None:
         self.app = app
         self.transport: Optional[asyncio.Transport] = None
         self.failure: Optional[BaseException] = None
-        self.switch = SwitchableTransport(self, Connection(policy, record=record), timeouts)
+        engine = Connection(policy, record=record)
+        self.switch = SwitchableTransport(self, engine, timeouts, wire_log=record)
         self.switch.set_protocol(app)
+        if self.switch.wire is not None:
+            self.switch.wire.server_side = server_side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport.
         self.transport = cast(asyncio.Transport, transport)
+        if self.switch.wire is not None:
+            self.switch.wire.local = _address(transport.get_extra_info("sockname"))
+            self.switch.wire.peer = _address(transport.get_extra_info("peername"))
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -450,6 +521,7 @@ class _WireProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         switch = self.switch
+        switch._log("in", "data", data)
         if switch._passthrough:
             if switch._protocol is not None:
                 switch._protocol.data_received(data)  # type: ignore[attr-defined]
@@ -457,6 +529,7 @@ class _WireProtocol(asyncio.Protocol):
         switch._dispatch(switch.engine.receive_data(data))
 
     def eof_received(self) -> Optional[bool]:
+        self.switch._log("in", "eof")
         if self.switch._passthrough:
             return None
         self.switch._dispatch(self.switch.engine.receive_data(b""))
@@ -464,6 +537,8 @@ class _WireProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         switch = self.switch
+        if isinstance(exc, ConnectionResetError):
+            switch._log("in", "reset")
         if (
             exc is not None
             and self.failure is None
@@ -502,7 +577,10 @@ async def create_server(
     """``loop.create_server`` whose connections run on the engine."""
     loop = asyncio.get_running_loop()
     return await loop.create_server(
-        lambda: _WireProtocol(protocol_factory(), policy, timeouts, record), host, port, **kwargs
+        lambda: _WireProtocol(protocol_factory(), policy, timeouts, record, server_side=True),
+        host,
+        port,
+        **kwargs,
     )
 
 
