@@ -11,17 +11,18 @@ import asyncio
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from starttls_harness.tls.aio import Timeouts
+from starttls_harness.tls.aio import SwitchableTransport, Timeouts
 from starttls_harness.tls.certs import Pki
-from starttls_harness.tls.engine import Policy, Rule
+from starttls_harness.tls.engine import ClosureComplete, Event, Policy, Rule, Violation
 
 __all__ = [
     "BARE_RESUME",
     "EXTRA_BEHAVIOURS",
     "STRICT",
     "Behaviour",
+    "ExtraModes",
     "Limits",
     "RunningServer",
     "ServerConfig",
@@ -94,6 +95,61 @@ def behaviour_named(behaviours: Dict[str, Behaviour], name: str) -> Behaviour:
 #: Behaviours in which a close_notify that no STOPTLS asked for returns to
 #: plaintext (the server arms the return at every handshake).
 BARE_RESUME = frozenset({"resume-without-stoptls", "one-sided-bare-resume"})
+
+
+class ExtraModes:
+    """The :data:`EXTRA_BEHAVIOURS` of one connection on a :class:`SwitchableTransport`.
+
+    Servers whose session owns the transport (POP3, ManageSieve) share this
+    instead of repeating the same checks; only the wording of the goodbye
+    and of the positive replies stays in the dialect's server.
+    """
+
+    def __init__(self, behaviour: Behaviour, goodbye: Callable[[str], bytes]) -> None:
+        self.name = behaviour.name
+        #: Renders the dialect's goodbye line (POP3 ``-ERR``, ManageSieve ``BYE``).
+        self.goodbye = goodbye
+        #: Armed at every handshake: a close_notify without STOPTLS returns to plaintext.
+        self.unasked_return = False
+
+    @property
+    def starttls_in_tls(self) -> bool:
+        """accept-starttls-in-tls (R8 broken): answer a second STARTTLS positively."""
+        return self.name == "accept-starttls-in-tls"
+
+    @property
+    def stoptls_in_plaintext(self) -> bool:
+        """accept-stoptls-in-plaintext (R3 broken): answer STOPTLS positively without TLS."""
+        return self.name == "accept-stoptls-in-plaintext"
+
+    def handshake_done(self, transport: SwitchableTransport) -> None:
+        """After each STARTTLS: arm the bare return of the BARE_RESUME modes (R3 broken)."""
+        if self.name in BARE_RESUME:
+            transport.engine.accept_unwrap()
+            self.unasked_return = True
+
+    def stoptls_asked(self) -> None:
+        """STOPTLS arrived: the closure that follows is an agreed one."""
+        self.unasked_return = False
+
+    def on_event(self, event: Event, transport: Optional[SwitchableTransport]) -> bool:
+        """Write the plaintext goodbye ``event`` calls for (plaintext-goodbye).
+
+        Returns True when a closure no STOPTLS asked for has returned to
+        plaintext (resume-without-stoptls): the caller resets and greets.
+        """
+        if isinstance(event, ClosureComplete) and event.resumed and self.unasked_return:
+            self.unasked_return = False
+            return True
+        if self.name != "plaintext-goodbye" or transport is None:
+            return False
+        if isinstance(event, ClosureComplete) and not event.resumed:
+            # R3 broken: plaintext onto the connection after the closure.
+            transport.write_raw(self.goodbye("TLS closed, closing connection"))
+        elif isinstance(event, Violation) and event.rule is Rule.R6:
+            # R3 broken: a plaintext goodbye onto the truncated TLS connection.
+            transport.write_raw(self.goodbye("connection truncated"))
+        return False
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,12 @@ Behaviours (``BEHAVIOURS``; each breaks exactly one rule, as in
 ``plaintext-in-tls`` (R2), ``early-plaintext`` (R3), ``one-sided-resume`` (R4),
 ``no-close-notify-reply`` (R5), ``ignore-truncation`` (R6: an XTND XMIT body
 cut by EOF is stored), ``alert-as-close`` (R7), ``no-state-reset`` (R8: the
-login survives STLS and STOPTLS).
+login survives STLS and STOPTLS), and the shared
+:data:`~starttls_harness.servers.base.EXTRA_BEHAVIOURS` (see
+:class:`~starttls_harness.servers.base.ExtraModes`):
+``resume-without-stoptls`` (R3), ``plaintext-goodbye`` (R3: the goodbye is an
+``-ERR`` line), ``one-sided-bare-resume`` (R4), ``accept-starttls-in-tls`` (R8:
+a second STLS gets ``+OK``) and ``accept-stoptls-in-plaintext`` (R3).
 """
 
 from __future__ import annotations
@@ -37,8 +42,10 @@ from typing import Dict, List, Optional, Set
 
 from starttls_harness.dialects.pop3 import dot_stuff
 from starttls_harness.servers.base import (
+    EXTRA_BEHAVIOURS,
     STRICT,
     Behaviour,
+    ExtraModes,
     RunningServer,
     ServerConfig,
     behaviour_named,
@@ -99,10 +106,18 @@ BEHAVIOURS: Dict[str, Behaviour] = {
             (Rule.R7,),
         ),
         Behaviour("no-state-reset", Rule.R8, "keeps the login across STLS and STOPTLS"),
+        *EXTRA_BEHAVIOURS,
     )
 }
 
 _GREETING = b"+OK starttls-harness POP3 server ready\r\n"
+_STLS_OK = b"+OK Begin TLS negotiation\r\n"
+_STOPTLS_OK = b"+OK Begin TLS closure\r\n"
+
+
+def _goodbye(why: str) -> bytes:
+    """POP3 has no goodbye of its own: a final ``-ERR`` before the server closes."""
+    return b"-ERR " + why.encode() + b"\r\n"
 
 
 @dataclass
@@ -135,6 +150,7 @@ class Pop3ServerProtocol(asyncio.Protocol):
         self._after_stoptls = b""
         self._closure: Optional[asyncio.Future[None]] = None
         self._close_notify: Optional[asyncio.Future[None]] = None
+        self.extra = ExtraModes(behaviour, _goodbye)
 
     # --------------------------------------------------- asyncio protocol
 
@@ -166,6 +182,9 @@ class Pop3ServerProtocol(asyncio.Protocol):
     def engine_event(self, event: Event) -> None:
         """Closure bookkeeping; the misbehaving modes hook in here."""
         t = self.transport
+        if self.extra.on_event(event, t):
+            self._reset()  # resume-without-stoptls: greet as after STOPTLS
+            self._write(_GREETING)
         if isinstance(event, ClosureComplete):
             if self._stopping and self.reader.pending:
                 self._after_stoptls = self.reader.take_pending()
@@ -264,24 +283,30 @@ class Pop3ServerProtocol(asyncio.Protocol):
     async def _stls(self, arg: bytes) -> None:
         t = self.transport
         assert t is not None
+        if t.tls_active and not arg and self.extra.starttls_in_tls:
+            self._write(_STLS_OK)  # R8 broken: the session stays in TLS
+            return
         if arg or t.tls_active or self.user is not None:
             self._write(b"-ERR STLS not allowed now\r\n")
             if not t.tls_active and t.engine.held:
                 t.release_held()
             return
         leftover = self.reader.take_pending()
-        await t.start_tls(
-            self.ctx, server_side=True, preface=b"+OK Begin TLS negotiation\r\n", leftover=leftover
-        )
+        await t.start_tls(self.ctx, server_side=True, preface=_STLS_OK, leftover=leftover)
         self._reset()
+        self.extra.handshake_done(t)
 
     async def _stoptls(self, arg: bytes) -> None:
         t = self.transport
         assert t is not None
+        self.extra.stoptls_asked()
+        if not t.tls_active and not arg and self.extra.stoptls_in_plaintext:
+            self._write(_STOPTLS_OK)  # R3 broken: there is no TLS to end
+            return
         if not t.tls_active or arg or self.reader.pending:
             self._write(b"-ERR STOPTLS only under TLS, alone and without arguments\r\n")
             return
-        answer = b"+OK Begin TLS closure\r\n"
+        answer = _STOPTLS_OK
         loop = asyncio.get_running_loop()
         bound = self.config.timeouts.closure
         name = self.behaviour.name

@@ -23,7 +23,12 @@ Behaviours (``BEHAVIOURS``; each breaks exactly one rule, as in
 ``plaintext-in-tls`` (R2), ``early-plaintext`` (R3), ``one-sided-resume`` (R4),
 ``no-close-notify-reply`` (R5), ``ignore-truncation`` (R6: a PUTSCRIPT literal
 cut by EOF is stored), ``alert-as-close`` (R7), ``no-state-reset`` (R8: the
-login survives STARTTLS and STOPTLS).
+login survives STARTTLS and STOPTLS), and the shared
+:data:`~starttls_harness.servers.base.EXTRA_BEHAVIOURS` (see
+:class:`~starttls_harness.servers.base.ExtraModes`):
+``resume-without-stoptls`` (R3), ``plaintext-goodbye`` (R3: the goodbye is a
+``BYE`` line), ``one-sided-bare-resume`` (R4), ``accept-starttls-in-tls`` (R8:
+a second STARTTLS gets ``OK``) and ``accept-stoptls-in-plaintext`` (R3).
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ from typing import Dict, List, Optional, Set, Tuple
 
 from starttls_harness.dialects.sieve import capability_lines, quoted
 from starttls_harness.servers.base import (
+    EXTRA_BEHAVIOURS,
     STRICT,
     Behaviour,
+    ExtraModes,
     RunningServer,
     ServerConfig,
     behaviour_named,
@@ -104,6 +111,7 @@ BEHAVIOURS: Dict[str, Behaviour] = {
             (Rule.R7,),
         ),
         Behaviour("no-state-reset", Rule.R8, "keeps the login across STARTTLS and STOPTLS"),
+        *EXTRA_BEHAVIOURS,
     )
 }
 
@@ -165,6 +173,7 @@ class SieveServerProtocol(asyncio.Protocol):
         self._after_stoptls = b""
         self._closure: Optional[asyncio.Future[None]] = None
         self._close_notify: Optional[asyncio.Future[None]] = None
+        self.extra = ExtraModes(behaviour, _goodbye)
 
     # --------------------------------------------------- asyncio protocol
 
@@ -196,6 +205,9 @@ class SieveServerProtocol(asyncio.Protocol):
     def engine_event(self, event: Event) -> None:
         """Closure bookkeeping; the misbehaving modes hook in here."""
         t = self.transport
+        if self.extra.on_event(event, t):
+            self._reset()  # resume-without-stoptls: greet as after STOPTLS
+            self._write(self._greeting())
         if isinstance(event, ClosureComplete):
             if self._stopping and self.reader.pending:
                 self._after_stoptls = self.reader.take_pending()
@@ -342,6 +354,9 @@ class SieveServerProtocol(asyncio.Protocol):
     async def _starttls(self, args: List[bytes]) -> None:
         t = self.transport
         assert t is not None
+        if t.tls_active and not args and self.extra.starttls_in_tls:
+            self._write(_STARTTLS_OK)  # R8 broken: the session stays in TLS
+            return
         if args or t.tls_active or self.user is not None:
             self._write(b'NO "STARTTLS not allowed now"\r\n')
             if not t.tls_active and t.engine.held:
@@ -351,20 +366,25 @@ class SieveServerProtocol(asyncio.Protocol):
         await t.start_tls(
             self.ctx,
             server_side=True,
-            preface=b'OK "Begin TLS negotiation now."\r\n',
+            preface=_STARTTLS_OK,
             leftover=leftover,
         )
         self._reset()
+        self.extra.handshake_done(t)
         # RFC 5804 §2.2: the capabilities are re-issued under TLS.
         self._write(self._capabilities() + b'OK "TLS negotiation successful."\r\n')
 
     async def _stoptls(self, args: List[bytes]) -> None:
         t = self.transport
         assert t is not None
+        self.extra.stoptls_asked()
+        if not t.tls_active and not args and self.extra.stoptls_in_plaintext:
+            self._write(_STOPTLS_OK)  # R3 broken: there is no TLS to end
+            return
         if not t.tls_active or args or self.reader.pending:
             self._write(b'NO "STOPTLS only under TLS, alone and without arguments"\r\n')
             return
-        answer = b'OK "Begin TLS closure."\r\n'
+        answer = _STOPTLS_OK
         loop = asyncio.get_running_loop()
         bound = self.config.timeouts.closure
         name = self.behaviour.name
@@ -452,6 +472,15 @@ _AUTHENTICATED = frozenset(
     {"LISTSCRIPTS", "PUTSCRIPT", "CHECKSCRIPT", "HAVESPACE", "GETSCRIPT", "SETACTIVE"}
     | {"DELETESCRIPT"}
 )
+
+
+_STARTTLS_OK = b'OK "Begin TLS negotiation now."\r\n'
+_STOPTLS_OK = b'OK "Begin TLS closure."\r\n'
+
+
+def _goodbye(why: str) -> bytes:
+    """RFC 5804's goodbye: a ``BYE`` response before the server closes."""
+    return b"BYE " + quoted(why) + b"\r\n"
 
 
 def _is_starttls(line: bytes) -> bool:

@@ -191,6 +191,10 @@ class _Pop3(Dialect):
         "accept-injected-response": {
             "client.response-injection": Verdict.FAIL,
             "client.response-injection-split": Verdict.FAIL,
+            # Every injected line is taken in, not only the first; a partial
+            # line is completed by the first TLS bytes (as the IMAP client).
+            "client.response-injection-partial": Verdict.FAIL,
+            "client.response-injection-multi": Verdict.FAIL,
         },
     }
 

@@ -205,6 +205,8 @@ class _ManageSieve(Dialect):
         "accept-injected-response": {
             "client.response-injection": Verdict.FAIL,
             "client.response-injection-split": Verdict.FAIL,
+            # Every injected line is taken in, not only the first.
+            "client.response-injection-multi": Verdict.FAIL,
         },
     }
 
@@ -240,6 +242,10 @@ class _ManageSieve(Dialect):
 
     def is_sentinel_reply(self, reply: Reply) -> bool:
         return reply.key == "sentinel" and reply.ok
+
+    def is_goodbye(self, reply: Reply) -> bool:
+        # RFC 5804 §1.3: BYE is the server closing the connection.
+        return any(final_status(line) == "BYE" for line in reply.lines)
 
     def split_reply(
         self, buf: bytes, expect_tag: Optional[str] = None
