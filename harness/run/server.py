@@ -607,15 +607,17 @@ async def step_truncate_unit(run: _Run, args: Mapping[str, object]) -> None:
         if unit.answer == "continue":
             probe.write(unit.data)
             reply = await probe.reply(greeting=True)
-            if not run.dialect.is_continuation(reply):
-                raise Observed("unexpected-reply", f"{what}: {reply.text}")
-            continue
-        reply = await probe.command(unit.data)
-        if not reply.ok:
-            if run.target.storage_count is None:
-                # Nothing to cut and no store to look at: undecided, not an error.
-                raise Observed("no-storage-probe", f"{what} refused: {reply.text}")
+            if run.dialect.is_continuation(reply):
+                continue
+        else:
+            reply = await probe.command(unit.data)
+            if reply.ok:
+                continue
+        if reply.ok:
             raise Observed("unexpected-reply", f"{what}: {reply.text}")
+        # The storage command itself is refused (e.g. POP3's optional XTND
+        # XMIT): there is no unit to cut, so the scenario cannot decide.
+        raise Observed("storage-refused", f"{what} refused: {reply.text}")
     assert probe.transport is not None
     run.evidence.add("c2s", "eof", note="our TCP FIN without close_notify (truncation)")
     fin = len(run.evidence.exchanges)

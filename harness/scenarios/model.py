@@ -78,6 +78,7 @@ COMMON: Dict[str, Expect] = {
     "no-stoptls": Expect(K, "the target does not offer STOPTLS (no return to plaintext)"),
     "no-credentials": Expect(K, "the scenario needs a test user (--user/--password)"),
     "no-storage-probe": Expect(K, "the target's stored messages cannot be observed"),
+    "storage-refused": Expect(K, "the target refused the storage command: no unit to cut"),
     "timeout": Expect(E, "nothing decisive happened within the time bound"),
     "refused": Expect(E, "cannot connect to the target"),
     "bad-greeting": Expect(E, "the target's greeting is not a ready greeting"),
