@@ -586,3 +586,62 @@ def test_ladder_fits_100_columns_and_keeps_words(tmp_path: Path) -> None:
     text = (evidence / "server.state-reset-smtp-tls1.3.txt").read_text()
     assert max(len(line) for line in text.splitlines()) <= 100
     assert "FROM:<state-control@harness.invalid>" in text  # not cut in two
+
+
+# ------------------------------------------------- one cause, one line
+
+
+def test_a_client_command_without_port_is_a_usage_error() -> None:
+    code, out, err = run_cli("check-client", "--protocol", "smtp", "--", sys.executable, "-V")
+    assert code == 2, out + err
+    assert "{port}" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_target_of_another_protocol_is_one_line() -> None:
+    """An SMTP server checked as IMAP: one line that says what it looks like."""
+
+    async def body() -> Tuple[int, str, str]:
+        async with _serve("smtp", "--port", "0") as served:
+            proc = await asyncio.create_subprocess_exec(
+                *CLI,
+                "check",
+                f"imap://127.0.0.1:{served.port}",
+                "--cafile",
+                served.cafile,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 120)
+            assert proc.returncode is not None
+            return proc.returncode, out.decode(), err.decode()
+
+    code, out, err = asyncio.run(body())
+    assert code == 2, out + err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "SMTP" in lines[0], err
+    assert "ERROR" not in out  # no row per scenario for one cause
+
+
+def test_the_reference_client_follows_the_servers_tls_version() -> None:
+    """`client` offers what both sides speak by default (the README's example)."""
+    code, out, err = run_cli(
+        "check-client",
+        "--protocol",
+        "imap",
+        "--tls-version",
+        "1.2",
+        "--only",
+        "client.stoptls-cycle",
+        "--",
+        *CLI,
+        "client",
+        "imap",
+        "--port",
+        "{port}",
+        "--cafile",
+        "{cafile}",
+    )
+    assert code == 0, out + err
+    assert "PASS" in out and "ERROR" not in out

@@ -122,10 +122,7 @@ EXAMPLES: Dict[str, Example] = {
         Example(code=1, subs={"python3": sys.executable})
     ),
     "starttls-harness check-client --protocol imap -- starttls-harness client imap "
-    "--port {port} --cafile {cafile}": Example(
-        xfail="issue 11 item 2 (run layer): the reference client does not yet follow the "
-        "scenario's TLS version, so its TLS 1.2 runs error",
-    ),
+    "--port {port} --cafile {cafile}": Example(),
     "starttls-harness serve smtp": Example(stays=True),
     "starttls-harness serve smtp --port 0": Example(stays=True),
     "starttls-harness serve imap --port 1143 --tls-version 1.3": Example(

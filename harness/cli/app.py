@@ -27,6 +27,8 @@ from starttls_harness.cli.tools import (
     _add_serve,
     _add_states,
 )
+from starttls_harness.run.sanity import TargetUnusable
+from starttls_harness.run.targets import MissingPortPlaceholder
 
 DESCRIPTION = """\
 Test STARTTLS implementations: the upgrade from plaintext to TLS, and the
@@ -75,8 +77,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             return EXIT_ERROR
         try:
             return func(args)
-        except UsageError as exc:
+        except (UsageError, MissingPortPlaceholder) as exc:
             print(f"starttls-harness: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        except TargetUnusable as exc:
+            # One cause, one line: the target cannot be tested at all.
+            print(f"starttls-harness: {exc.line}", file=sys.stderr)
             return EXIT_ERROR
         except KeyboardInterrupt:
             return EXIT_INTERRUPTED

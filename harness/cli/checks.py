@@ -514,7 +514,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         settings = setup.settings_for(name)
 
         async def job(progress: Callable[[Result], None]) -> List[Result]:
-            return await run_server_target(scenarios, target, settings, progress, versions)
+            # One target: an unusable one is one line and exit 2 (TargetUnusable,
+            # reported by main); in a fleet it stays one error row of its own.
+            return await run_server_target(
+                scenarios, target, settings, progress, versions, raise_unusable=not setup.multi
+            )
 
         return (name, job, setup.count(scenarios, [target.dialect]))
 

@@ -162,7 +162,13 @@ def _add_client(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument(
         "--cafile", type=Path, required=True, help="CA that signed the server's certificate"
     )
-    p.add_argument("--tls-version", choices=("1.2", "1.3"), default="1.3")
+    p.add_argument(
+        "--tls-version",
+        choices=("1.2", "1.3", "auto"),
+        default="auto",
+        help="TLS version to offer (default auto: the highest both sides speak, so the "
+        "client follows whatever the server under test chose)",
+    )
     p.add_argument("--behaviour", default="strict", help="strict or a misbehaving mode")
     p.add_argument("--cycles", type=int, default=1, help="STOPTLS/STARTTLS cycles (default 1)")
     p.add_argument("--timeout", type=float, default=5.0, help="bound of each reply (seconds)")
@@ -184,7 +190,8 @@ def cmd_client(args: argparse.Namespace) -> int:
     )
 
     async def session() -> ClientOutcome:
-        return await target.run(args.host, args.port, args.cafile, args.tls_version)
+        version = "" if args.tls_version == "auto" else args.tls_version
+        return await target.run(args.host, args.port, args.cafile, version)
 
     outcome = asyncio.run(session())
     print(f"{'ok' if outcome.ok else 'failed'}: {outcome.detail}")
