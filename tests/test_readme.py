@@ -116,6 +116,18 @@ EXAMPLES: Dict[str, Example] = {
     "--only 'server.*close*'": Example(
         serve=("imap",), subs={"127.0.0.1:1143": "127.0.0.1:{port}", "secret": "correct horse"}
     ),
+    "starttls-harness check pop3://127.0.0.1:1110 --user tester --password secret": Example(
+        serve=("pop3",), subs={"127.0.0.1:1110": "127.0.0.1:{port}", "secret": "correct horse"}
+    ),
+    "starttls-harness check sieve://127.0.0.1:4190 --user tester --password secret": Example(
+        serve=("sieve",), subs={"127.0.0.1:4190": "127.0.0.1:{port}", "secret": "correct horse"}
+    ),
+    "starttls-harness check lmtp://127.0.0.1:2424": Example(
+        serve=("lmtp",), subs={"127.0.0.1:2424": "127.0.0.1:{port}"}
+    ),
+    "starttls-harness check nntp://127.0.0.1:1119": Example(
+        serve=("nntp",), subs={"127.0.0.1:1119": "127.0.0.1:{port}"}
+    ),
     # smtplib takes a FIN without close_notify for a clean end (README: it fails
     # client.truncation), so the run's status is 1.
     "starttls-harness check-client --protocol smtp -- python3 send.py {host} {port} {cafile}": (
