@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator, List, TypeVar
 
@@ -11,6 +12,14 @@ import pytest
 from starttls_harness.tls.certs import TLS_ENV, Pki, make_pki
 
 T = TypeVar("T")
+
+# The test folders mirror the product's packages; test modules share helpers
+# by importing each other by name (test_cli's server fixture, test_imap_server's
+# raw peers, test_hostile's mini server), so every folder is importable.
+_HERE = Path(__file__).resolve().parent
+for _folder in sorted(p for p in _HERE.iterdir() if p.is_dir() and p.name.isidentifier()):
+    if _folder.name != "cve" and str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
 
 
 def _tls_versions() -> List[str]:

@@ -15,7 +15,7 @@ its framer, its scripted server, its capability flags), a reference server
 ``servers/<name>.py`` (``start_server``, ``BEHAVIOURS``) and a reference
 client ``clients/<name>.py`` (``BEHAVIOURS``, ``path_driver``,
 ``reference_session``), and :func:`register` it below.  Nothing else
-changes; ``tests/test_toy_dialect.py`` shows a whole one.
+changes; ``tests/dialects/test_toy_dialect.py`` shows a whole one.
 """
 
 from __future__ import annotations

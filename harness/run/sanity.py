@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from starttls_harness.dialects import DIALECTS, Reply, dialect_named
+from starttls_harness.run.pacing import refusal
 
 __all__ = ["NotOffered", "SanityProblem", "TargetUnusable", "classify"]
 
@@ -90,6 +91,13 @@ def classify(
             "dead",
             f"{url} accepted the connection but sent no {name} greeting within "
             f"{reply_timeout:g} s (a TLS-on-connect port? another protocol?)",
+        )
+    words = refusal(greeting.raw) if greeting is not None else None
+    if words is not None:
+        return SanityProblem(
+            "target",
+            f"{url} refused the connection for load ({words!r}); not a STARTTLS verdict: "
+            "retry with --max-connections 1 and/or --rate",
         )
     if label == "bad-greeting" and greeting is not None:
         other = _looks_like(dialect, greeting)

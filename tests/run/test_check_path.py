@@ -26,7 +26,7 @@ from starttls_harness.scenarios.path import PATH_SCENARIOS
 from starttls_harness.servers.base import ServerConfig
 from starttls_harness.tls.certs import make_pki
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # realworld/ is a directory of the repository, not installed
 
@@ -34,7 +34,7 @@ from realworld.paths import EXPECTED_PATHS_FILE, PAIRS, differences  # noqa: E40
 
 pytest_plugins = ["pytester"]
 
-SCHEMA = Path(__file__).resolve().parent.parent / "harness/report/schemas/report.schema.json"
+SCHEMA = Path(__file__).resolve().parents[2] / "harness/report/schemas/report.schema.json"
 FAST = ["--reply-timeout", "2", "--timeout", "20", "-q"]
 
 SMTPLIB_CLIENT = """

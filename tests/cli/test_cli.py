@@ -20,7 +20,7 @@ import xmlschema
 from starttls_harness.cli import main
 from starttls_harness.dialects import names
 
-SCHEMAS = Path(__file__).resolve().parent.parent / "harness" / "report" / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[2] / "harness" / "report" / "schemas"
 CLI = [sys.executable, "-m", "starttls_harness"]
 
 
@@ -446,7 +446,7 @@ def test_scenarios_lists_every_role_and_filters() -> None:
 
 
 def test_rules_live_in_the_projects_own_docs() -> None:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     rules = (root / "docs" / "rules.md").read_text()
     for word in [f"R{n}" for n in range(1, 10)] + ["STOPTLS", "close_notify"]:
         assert f"**{word}**" in rules or word in rules, word

@@ -24,7 +24,7 @@ import pytest
 from starttls_harness.cli import build_parser
 from test_cli import CLI, SMTPLIB_CLIENT, Served, _serve
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROG = "starttls-harness"
 
 

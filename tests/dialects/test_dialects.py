@@ -20,7 +20,7 @@ from starttls_harness.run.targets import ReferenceClientTarget
 from starttls_harness.scenarios.server import CATALOGUE, select
 from starttls_harness.tls.framing import LineFramer
 
-SCHEMA = Path(__file__).resolve().parent.parent / "harness" / "report" / "schemas"
+SCHEMA = Path(__file__).resolve().parents[2] / "harness" / "report" / "schemas"
 
 
 def test_the_report_schema_knows_exactly_the_registered_dialects() -> None:

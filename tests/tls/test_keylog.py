@@ -210,7 +210,7 @@ def run_session_with_suite(workdir: Path, suite: str) -> Session:
     )
     env = dict(os.environ)
     env["OPENSSL_CONF"] = str(conf)
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, __file__, "--session", str(workdir)],
