@@ -35,7 +35,12 @@ STOPTLS the answer, our close_notify and the greeting leave together);
 instead of an answering close_notify); ``ignore-truncation`` (R6: an article
 cut by EOF under TLS is stored); ``alert-as-close`` (R7: a fatal alert is
 taken for a closure and plaintext resumes); ``no-state-reset`` (R8: the
-login and current group survive STARTTLS and STOPTLS).
+login and current group survive STARTTLS and STOPTLS); and the shared
+:data:`~starttls_harness.servers.base.EXTRA_BEHAVIOURS` (see
+:class:`~starttls_harness.servers.base.ExtraModes`):
+``resume-without-stoptls`` (R3), ``plaintext-goodbye`` (R3: the goodbye is a
+``400`` line), ``one-sided-bare-resume`` (R4), ``accept-starttls-in-tls`` (R8:
+a second STARTTLS gets ``382``) and ``accept-stoptls-in-plaintext`` (R3).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from typing import Awaitable, Callable, Dict, List, Optional, Set
 from starttls_harness.dialects.nntp import NEWSGROUP
 from starttls_harness.servers.base import (
     Behaviour,
+    ExtraModes,
     RunningServer,
     ServerConfig,
     behaviour_named,
@@ -157,6 +163,7 @@ class NntpServerProtocol(asyncio.Protocol):
         self._after_stoptls = b""
         self._closure: Optional[asyncio.Future[None]] = None
         self._close_notify: Optional[asyncio.Future[None]] = None
+        self.extra = ExtraModes(self.behaviour, _goodbye)
 
     # --------------------------------------------------- asyncio protocol
 
@@ -201,6 +208,9 @@ class NntpServerProtocol(asyncio.Protocol):
     def engine_event(self, event: Event) -> None:
         """Closure bookkeeping; the misbehaving modes hook in here."""
         transport = self.transport
+        if self.extra.on_event(event, transport):
+            self._reset()  # resume-without-stoptls: greet as after STOPTLS
+            self._write(self._greeting())
         if isinstance(event, ClosureComplete):
             if self._stopping and self.reader.pending:
                 self._after_stoptls = self.reader.take_pending()
@@ -334,6 +344,9 @@ class NntpServerProtocol(asyncio.Protocol):
     async def cmd_starttls(self, args: List[bytes]) -> None:
         transport = self.transport
         assert transport is not None
+        if transport.tls_active and not args and self.extra.starttls_in_tls:
+            self._write(_STARTTLS_OK)  # R8 broken: the session stays in TLS
+            return
         if args or transport.tls_active or self.user is not None:
             why = b"501 No arguments allowed" if args else b"502 Command unavailable"
             self._write(why + b"\r\n")
@@ -344,22 +357,27 @@ class NntpServerProtocol(asyncio.Protocol):
         await transport.start_tls(
             self.server.context,
             server_side=True,
-            preface=b"382 Continue with TLS negotiation\r\n",
+            preface=_STARTTLS_OK,
             leftover=leftover,
         )
         self.upgrades += 1
         self._reset()
+        self.extra.handshake_done(transport)
 
     async def cmd_stoptls(self, args: List[bytes]) -> None:
         transport = self.transport
         assert transport is not None
+        self.extra.stoptls_asked()
+        if not transport.tls_active and not args and self.extra.stoptls_in_plaintext:
+            self._write(_STOPTLS_OK)  # R3 broken: there is no TLS to end
+            return
         if not transport.tls_active:
             self._write(b"502 STOPTLS is only valid under TLS\r\n")
             return
         if args or self.reader.pending:
             self._write(b"501 STOPTLS takes no arguments and must end the pipeline\r\n")
             return
-        answer = b"382 Continue with TLS closure\r\n"
+        answer = _STOPTLS_OK
         loop = asyncio.get_running_loop()
         closure_timeout = self.server.config.timeouts.closure
         name = self.behaviour.name
@@ -516,6 +534,15 @@ class NntpServerProtocol(asyncio.Protocol):
                 complete=complete,
             )
         )
+
+
+_STARTTLS_OK = b"382 Continue with TLS negotiation\r\n"
+_STOPTLS_OK = b"382 Continue with TLS closure\r\n"
+
+
+def _goodbye(why: str) -> bytes:
+    """RFC 3977 §3.2.1: a ``400`` response is the server ending the session."""
+    return b"400 " + why.encode() + b"\r\n"
 
 
 def _set(fut: Optional[asyncio.Future[None]]) -> None:

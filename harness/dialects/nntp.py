@@ -201,6 +201,10 @@ class _Nntp(Dialect):
         "accept-injected-response": {
             "client.response-injection": Verdict.FAIL,
             "client.response-injection-split": Verdict.FAIL,
+            # Every injected line is taken in, not only the first; a partial
+            # line is completed by the first TLS bytes (as the IMAP client).
+            "client.response-injection-partial": Verdict.FAIL,
+            "client.response-injection-multi": Verdict.FAIL,
         },
     }
 
@@ -237,6 +241,10 @@ class _Nntp(Dialect):
 
     def is_sentinel_reply(self, reply: Reply) -> bool:
         return reply.key == "111"
+
+    def is_goodbye(self, reply: Reply) -> bool:
+        # RFC 3977 §3.2.1: 400 is the server ending the session.
+        return reply.key == "400"
 
     def split_reply(
         self, buf: bytes, expect_tag: Optional[str] = None

@@ -392,6 +392,9 @@ class _PathRun:
     #: Why the session stopped early: (step action, exception).
     stopped: Optional[Tuple[str, BaseException]] = None
     no_stoptls: bool = False
+    #: Proxy event index of the fault receiver's reaction (None: none seen).
+    #: What the other peer does in answer to it is out of the judged window.
+    reaction_at: Optional[int] = None
     #: Proxy event index when the fault step's verb returned (None: it did not).
     verb_done_at: Optional[int] = None
     completed: bool = False
@@ -689,7 +692,8 @@ async def _await_reaction(run: _PathRun, conn: ProxyConnection) -> None:
         return False
 
     with contextlib.suppress(asyncio.TimeoutError, EventNotSeen):
-        await conn.wait_for(after_fault, timeout=run.settings.reply_timeout)
+        seen = await conn.wait_for(after_fault, timeout=run.settings.reply_timeout)
+        run.reaction_at = next(i for i in range(len(events) - 1, fi, -1) if events[i] is seen)
 
 
 async def _execute(run: _PathRun) -> Tuple[str, str, List[Exchange]]:
@@ -733,6 +737,10 @@ async def _execute(run: _PathRun) -> Tuple[str, str, List[Exchange]]:
             return ("refused" if run.stopped else "timeout"), stopped, []
         await _await_reaction(run, conn)
         marker = len(conn.events)
+        if run.reaction_at is not None:
+            # Judge up to the reaction: the other peer's answer to it (say a
+            # goodbye after the client dropped TLS) would make the verdict a race.
+            marker = run.reaction_at + 1
         run.server_upto = len(_events(run.server))
         run.client_upto = len(_events(run.driver))
         await _close_client(run)
