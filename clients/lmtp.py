@@ -17,13 +17,23 @@ from typing import Dict, Iterable, List, Literal, Optional, Sequence, Tuple, Typ
 
 import aiosmtplib
 from aiosmtplib import SMTPHeloError, SMTPResponse, SMTPResponseException
-from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from aiosmtplib.typing import Default
 from starttls_harness.clients.smtp import BEHAVIOURS, SMTPClient, _PathDriver
 from starttls_harness.clients.smtp import reference_session as smtp_session
 from starttls_harness.dialects.roles import ClientOutcome, ClientSpec, PathDriver, SessionPlan
 
 __all__ = ["BEHAVIOURS", "LMTPClient", "path_driver", "reference_session"]
+
+
+def _dot_stuffed(raw: bytes) -> bytes:
+    """The DATA body on the wire (RFC 5321 §4.5.2): CRLF lines, leading dots
+    doubled, ended by ``.``; written here because aiosmtplib 4 (Python 3.9)
+    does not export its own helper."""
+    lines = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    stuffed = [b"." + line if line.startswith(b".") else line for line in lines]
+    return b"".join(line + b"\r\n" for line in stuffed) + b".\r\n"
 
 
 class _LhloCommands(aiosmtplib.SMTP):
@@ -88,7 +98,7 @@ class LMTPClient(SMTPClient):
         if answer.code != 354:
             raise SMTPResponseException(answer.code, answer.message)
         raw = message.encode("utf-8") if isinstance(message, str) else message
-        body = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(raw)) + b".\r\n"
+        body = _dot_stuffed(raw)
         transport, protocol = self._connected()
         reader = protocol.start_reading_replies()
         try:

@@ -67,9 +67,17 @@ def dialect_branches(tree: ast.AST) -> List[int]:
         elif isinstance(node, ast.Dict):
             if sum(1 for k in node.keys if k is not None and _is_dialect_literal(k)) >= 2:
                 lines.append(node.lineno)
-        elif isinstance(node, ast.MatchValue) and _is_dialect_literal(node.value):
+        elif type(node).__name__ == "MatchValue" and _is_dialect_literal(
+            getattr(node, "value", None)
+        ):
             lines.append(node.lineno)
     return lines
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    """``if TYPE_CHECKING:`` or ``if typing.TYPE_CHECKING:``."""
+    name = test.attr if isinstance(test, ast.Attribute) else getattr(test, "id", "")
+    return name == "TYPE_CHECKING"
 
 
 def imports_in_functions(tree: ast.AST) -> List[int]:
@@ -77,7 +85,7 @@ def imports_in_functions(tree: ast.AST) -> List[int]:
 
     def visit(node: ast.AST, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+            if isinstance(child, ast.If) and _is_type_checking(child.test):
                 continue
             inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
             if inside and isinstance(child, (ast.Import, ast.ImportFrom)):

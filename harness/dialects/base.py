@@ -97,6 +97,10 @@ class Dialect:
     has_return_to_plaintext = False
     #: The scripted server can greet "authenticated already" (IMAP PREAUTH).
     has_preauth = False
+    #: After the STARTTLS handshake the server speaks first, unprompted
+    #: (ManageSieve re-sends its capabilities, RFC 5804 §2.2): its first TLS
+    #: record then is no answer to anything the client sent.
+    speaks_first_after_starttls = False
     #: The server may send the first close_notify of the return to plaintext
     #: (FTP CCC); STOPTLS: only the client starts the closure.
     server_may_close_first = False

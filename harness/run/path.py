@@ -491,6 +491,30 @@ def _reaction(e: ProxyEvent, receiver: str, judge: str) -> bool:
     return judge == "injection" and _is_app_record(e)
 
 
+def _unprompted(run: _PathRun, receiver: str) -> bool:
+    """Does the receiver's first TLS record after the fault answer nothing?
+
+    Where the server speaks first after the handshake (ManageSieve re-sends
+    its capabilities, RFC 5804 §2.2), both sides write their first record
+    when the handshake ends, whatever was injected: the server its
+    capabilities, the client its first command, crossing on the wire.  Only
+    what a side writes after that can be an answer to the injected bytes.
+    """
+    del receiver  # both directions
+    return dialect_named(run.pair.dialect).speaks_first_after_starttls
+
+
+def _decisive(run: _PathRun, events: Sequence[ProxyEvent], fi: int, receiver: str, at: int) -> bool:
+    """Is ``events[at]`` (after the fault at ``fi``) a reaction that decides?"""
+    e = events[at]
+    if not _reaction(e, receiver, run.judge):
+        return False
+    if _unprompted(run, receiver) and _is_app_record(e):
+        earlier = [x for x in events[fi + 1 : at] if x.direction == receiver and _is_app_record(x)]
+        return bool(earlier)
+    return True
+
+
 @dataclass(frozen=True)
 class _WireFinding:
     label: str
@@ -612,9 +636,10 @@ def _judge(run: _PathRun, events: Sequence[ProxyEvent], fi: int) -> Tuple[str, s
     receiver = _other(run.fault.direction)
     side = SIDES[receiver]
     closed_by: Optional[ProxyEvent] = None
-    for e in events[fi + 1 :]:
-        if not _reaction(e, receiver, run.judge):
+    for at in range(fi + 1, len(events)):
+        if not _decisive(run, events, fi, receiver, at):
             continue
+        e = events[at]
         if _is_plaintext(e):
             label = "plaintext-answered" if run.judge == "injection" else "plaintext-resumed"
             return label, f"the {side} sent plaintext: {e.data[:60]!r}"
@@ -684,11 +709,9 @@ async def _await_reaction(run: _PathRun, conn: ProxyConnection) -> None:
     events = conn.events
 
     def after_fault(e: ProxyEvent) -> bool:
-        if not _reaction(e, receiver, run.judge):
-            return False
         for i in range(len(events) - 1, fi, -1):
             if events[i] is e:
-                return True
+                return _decisive(run, events, fi, receiver, i)
         return False
 
     with contextlib.suppress(asyncio.TimeoutError, EventNotSeen):
