@@ -209,10 +209,19 @@ class RunningServer:
 
     async def close(self) -> None:
         self.server.close()
+        tasks: List[asyncio.Task[Any]] = []
         for conn in list(self.connections):
             transport = getattr(conn, "transport", None)
             if transport is not None:
                 transport.abort()
+            # A session served by a task of its own (FTP) may be waiting on
+            # something the abort does not wake: it ends with the server.
+            task = getattr(conn, "task", None)
+            if isinstance(task, asyncio.Task) and not task.done():
+                task.cancel()
+                tasks.append(task)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         await self.server.wait_closed()
 
     async def __aenter__(self) -> RunningServer:

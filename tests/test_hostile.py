@@ -75,13 +75,19 @@ from starttls_harness.tls.engine import (
 
 Runner = Callable[..., Any]
 
+#: Which event loops run (as in conftest.py): tox narrows it to asyncio on
+#: the interpreters that do not run the uvloop half.
+LOOPS_ENV = "STARTTLS_HARNESS_LOOPS"
+
 #: Bounds of the run against a hostile target (seconds).
 REPLY = 0.5
 SCENARIO = 2.0
 #: Declared interval between the bytes of a dripping target.
 DRIP = 0.05
-#: Slack on top of a scenario's bound for the run's own bookkeeping.
-SLACK = 0.5
+#: Slack on top of a scenario's bound for the run's own bookkeeping.  The
+#: check is that every scenario ends (a hang would take the 30 s test bound),
+#: not how fast: a loaded 2-core CI machine has been seen to need more than 0.5 s.
+SLACK = 2.0
 SETTINGS = RunSettings(
     reply_timeout=REPLY, scenario_timeout=SCENARIO, connect_timeout=1.0, concurrency=16
 )
@@ -659,7 +665,7 @@ def check(battery: Battery, hostility: Hostility) -> None:
             assert r.summary, (where, r.id)
             assert r.summary.startswith("sanity probe failed") or notes, (where, r.id)
             assert "unexpected outcome" not in r.summary or "'reply-bound'" in r.summary
-    assert battery.seconds <= 4 * SCENARIO, f"{where} the run took {battery.seconds:.2f} s"
+    assert battery.seconds <= 4 * SCENARIO + SLACK, f"{where} the run took {battery.seconds:.2f} s"
 
 
 def check_clean(after: Aftermath) -> None:
@@ -697,10 +703,13 @@ UVLOOP = frozenset(
 
 def _loop_plan() -> List[Any]:
     """(loop, hostility): every hostility on asyncio, the UVLOOP subset on uvloop."""
+    chosen = {n.strip() for n in (os.environ.get(LOOPS_ENV) or "asyncio,uvloop").split(",")}
     plan = [pytest.param("asyncio", h, id=f"asyncio-{h.id}") for h in HOSTILITIES]
     try:
         import uvloop  # noqa: F401
     except ImportError:  # pragma: no cover - uvloop is a test dependency
+        return plan
+    if "uvloop" not in chosen:  # as the loop_name fixture (tox narrows it)
         return plan
     return plan + [
         pytest.param("uvloop", h, id=f"uvloop-{h.id}") for h in HOSTILITIES if h.id in UVLOOP

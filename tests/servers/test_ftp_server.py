@@ -167,6 +167,12 @@ def test_ftplib_logs_in_stores_lists_and_clears_the_control_channel(tmp_path: Pa
         ready.set()
         await stops[0].wait()
         await server.close()
+        # Whatever the session left (a STOR cut by the test's failure) ends
+        # here, in its own loop, not when another test collects it.
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
 
     thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
     thread.start()
@@ -198,3 +204,5 @@ def test_ftplib_logs_in_stores_lists_and_clears_the_control_channel(tmp_path: Pa
         if stops:
             loop.call_soon_threadsafe(stops[0].set)
         thread.join(10)
+        if not thread.is_alive():
+            loop.close()
