@@ -120,14 +120,17 @@ class _EveryDialect(Sequence[str]):
     """
 
     def __init__(self, flag: str = "") -> None:
-        if flag and not isinstance(getattr(Dialect, flag, None), bool):
+        #: ``!flag``: the dialects whose flag is false.
+        self.negate = flag.startswith("!")
+        if flag and not isinstance(getattr(Dialect, flag.lstrip("!"), None), bool):
             raise ValueError(f"{flag!r} is not a capability flag of a dialect")
         self.flag = flag
 
     def _names(self) -> Tuple[str, ...]:
         if not self.flag:
             return names()
-        return tuple(n for n, d in DIALECTS.items() if getattr(d, self.flag))
+        flag = self.flag.lstrip("!")
+        return tuple(n for n, d in DIALECTS.items() if bool(getattr(d, flag)) != self.negate)
 
     @overload
     def __getitem__(self, index: int) -> str: ...
@@ -156,7 +159,8 @@ EVERY_DIALECT: Sequence[str] = _EveryDialect()
 
 
 def dialects_with(flag: str) -> Sequence[str]:
-    """The registered dialects whose capability ``flag`` is true, read when asked."""
+    """The registered dialects whose capability ``flag`` is true (``!flag``: false), read
+    when asked."""
     return _EveryDialect(flag)
 
 

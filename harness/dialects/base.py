@@ -95,6 +95,12 @@ class Dialect:
     client_module = ""
     #: Capability flags.
     has_return_to_plaintext = False
+    #: The server speaks first on connect (LDAP, PostgreSQL: the client does).
+    server_greets = True
+    #: The return to plaintext is a bare bidirectional closure, no command
+    #: (LDAP's removal of the TLS layer): :meth:`stoptls` is empty and a
+    #: closure is never "without STOPTLS".
+    return_by_closure = False
     #: The scripted server can greet "authenticated already" (IMAP PREAUTH).
     has_preauth = False
     #: After the STARTTLS handshake the server speaks first, unprompted

@@ -232,6 +232,8 @@ class Probe:
                 "refused", f"cannot connect to {self.host}:{self.port}: {exc}"
             ) from exc
         self.evidence.wires.append(self._t().wire)  # real bytes, for --capture
+        if not self.dialect.server_greets:
+            return Reply((), True, "")  # the client speaks first (LDAP)
         return await self.reply(greeting=True)
 
     def write(self, data: bytes, kind: str = "") -> None:

@@ -484,6 +484,8 @@ async def step_stoptls(run: _Run, args: Mapping[str, object]) -> None:
         # A close_notify glued to the answer is the server starting the
         # closure: answer it at once and resume plaintext (R5 is ours).
         transport.engine.accept_unwrap()
+    if not command:
+        return  # a bare closure is the return (LDAP): the unwrap step is all of it
     reply = await run.probe.command(command)
     if not reply.ok:
         raise Observed("stoptls-refused", reply.text)

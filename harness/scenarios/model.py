@@ -19,11 +19,20 @@ import fnmatch
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from starttls_harness.dialects import EVERY_DIALECT, RETURN_TO_PLAINTEXT
+from starttls_harness.dialects import EVERY_DIALECT, RETURN_TO_PLAINTEXT, dialects_with
 from starttls_harness.report.verdicts import Verdict
 from starttls_harness.tls.engine import Rule
 
-__all__ = ["COMMON", "Expect", "S", "Scenario", "Step", "needing_return", "select"]
+__all__ = [
+    "COMMON",
+    "Expect",
+    "S",
+    "Scenario",
+    "Step",
+    "needing_command_return",
+    "needing_return",
+    "select",
+]
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,26 @@ def needing_return(scenarios: Sequence[Scenario], ids: Sequence[str]) -> Tuple[S
     if unknown:
         raise ValueError(f"no such scenarios: {', '.join(unknown)}")
     return tuple(replace(s, dialects=RETURN_TO_PLAINTEXT) if s.id in ids else s for s in scenarios)
+
+
+def needing_command_return(
+    scenarios: Sequence[Scenario], ids: Sequence[str]
+) -> Tuple[Scenario, ...]:
+    """``scenarios`` with those in ``ids`` limited to dialects whose bare closure ends the
+    connection (``Dialect.return_by_closure`` false).
+
+    On LDAP a bidirectional closure *is* the return to plaintext (RFC 4511
+    §4.14.3), so a scenario that calls plaintext after one a violation, or
+    sends a STOPTLS command, does not apply there.
+    """
+    known = {s.id for s in scenarios}
+    unknown = sorted(set(ids) - known)
+    if unknown:
+        raise ValueError(f"no such scenarios: {', '.join(unknown)}")
+    return tuple(
+        replace(s, dialects=dialects_with("!return_by_closure")) if s.id in ids else s
+        for s in scenarios
+    )
 
 
 def select(

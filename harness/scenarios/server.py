@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 from starttls_harness.report.verdicts import Verdict
-from starttls_harness.scenarios.model import COMMON, Expect, S, Scenario, Step, needing_return
+from starttls_harness.scenarios.model import (
+    COMMON,
+    Expect,
+    S,
+    Scenario,
+    Step,
+    needing_command_return,
+    needing_return,
+)
 from starttls_harness.scenarios.model import select as select_from
 from starttls_harness.tls.engine import Rule
 
@@ -380,8 +388,14 @@ _SERVER: List[Scenario] = [
     ),
 ]
 
-CATALOGUE: Tuple[Scenario, ...] = needing_return(
-    _SERVER, ("server.one-sided-close-stoptls", "server.stoptls-cycle")
+CATALOGUE: Tuple[Scenario, ...] = needing_command_return(
+    needing_return(_SERVER, ("server.one-sided-close-stoptls", "server.stoptls-cycle")),
+    # On LDAP a bare closure is the return itself, and there is no command to refuse.
+    (
+        "server.plaintext-after-close",
+        "server.data-after-close-notify",
+        "server.stoptls-outside-tls",
+    ),
 )
 
 

@@ -1,0 +1,312 @@
+"""Reference LDAP server: StartTLS (RFC 4511 §4.14), removal of the TLS layer, misbehaviours.
+
+One coroutine per connection reads BER ``LDAPMessage`` units (cut by the
+dialect's :class:`~starttls_harness.dialects.ldap.BerFramer`) and answers
+them: a base-object search of the root DSE (or of an added entry), simple
+bind, unbind, add, the StartTLS and "Who am I?" extended operations.
+Anything it cannot parse gets a Notice of Disconnection and the close.
+
+Security decisions: a simple bind with a password is refused with
+``confidentialityRequired`` until TLS is up (R9 on the server side) and an
+add needs a bind; the hold gate is armed for the StartTLS request, so the
+bytes after it are the R1 leftover the strict engine refuses; StartTLS
+inside TLS is ``operationsError``.  After every handshake the engine is
+told that a closure returns to plaintext (``accept_unwrap``): whenever the
+client removes the TLS layer the server answers its close_notify at once
+(R5) and reads plaintext PDUs only after both alerts crossed (R3, R4).  It
+never removes the layer itself (it cannot know when the client wants it).
+The bound identity is dropped at StartTLS and at the removal (R8).
+
+Behaviours (``BEHAVIOURS``; each breaks one rule): ``keep-buffer`` (R1),
+``plaintext-in-tls`` (R2), ``one-sided-resume`` (R4: plaintext glued to the
+client's close_notify is taken), ``no-close-notify-reply`` (R5: TCP closed
+instead), ``ignore-truncation`` (R6: an AddRequest cut by EOF is stored),
+``alert-as-close`` (R7), ``no-state-reset`` (R8: the bind survives the
+removal) and ``accept-starttls-in-tls`` (R8: a second StartTLS succeeds).
+The shared STOPTLS behaviours of the mail servers have no LDAP meaning:
+every closure is a removal here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Dict, List, Optional
+
+from starttls_harness.dialects.ldap import (
+    ADD_REQUEST,
+    ADD_RESPONSE,
+    BIND_REQUEST,
+    BIND_RESPONSE,
+    CONFIDENTIALITY_REQUIRED,
+    EXTENDED_REQUEST,
+    INVALID_CREDENTIALS,
+    NO_SUCH_OBJECT,
+    OPERATIONS_ERROR,
+    PROTOCOL_ERROR,
+    SEARCH_DONE,
+    SEARCH_REQUEST,
+    STARTTLS_OID,
+    SUCCESS,
+    UNBIND_REQUEST,
+    UNWILLING,
+    WHOAMI_OID,
+    BerFramer,
+    LdapMessage,
+    extended_response,
+    notice_of_disconnection,
+    parse_message,
+    response,
+    root_dse,
+    search_entry,
+)
+from starttls_harness.servers.base import (
+    STRICT,
+    Behaviour,
+    RunningServer,
+    ServerConfig,
+    behaviour_named,
+)
+from starttls_harness.tls.aio import SwitchableTransport, create_server
+from starttls_harness.tls.engine import (
+    CloseNotifyReceived,
+    ClosureComplete,
+    Event,
+    LocalProtocolError,
+    Rule,
+    TransitionError,
+)
+
+__all__ = ["BEHAVIOURS", "LdapSession", "start_server"]
+
+#: resultCode insufficientAccessRights (RFC 4511 §4.1.9).
+_INSUFFICIENT_ACCESS = 50
+
+BEHAVIOURS: Dict[str, Behaviour] = {
+    b.name: b
+    for b in (
+        STRICT,
+        Behaviour(
+            "keep-buffer",
+            Rule.R1,
+            "executes requests pipelined after StartTLS inside TLS",
+            (Rule.R1,),
+        ),
+        Behaviour(
+            "plaintext-in-tls", Rule.R2, "executes plaintext received while TLS is up", (Rule.R2,)
+        ),
+        Behaviour(
+            "one-sided-resume",
+            Rule.R4,
+            "takes plaintext that follows the client's close_notify in the same segment",
+            (Rule.R4,),
+        ),
+        Behaviour(
+            "no-close-notify-reply",
+            Rule.R5,
+            "closes TCP instead of answering the client's close_notify",
+            (Rule.R5,),
+        ),
+        Behaviour(
+            "ignore-truncation", Rule.R6, "stores an AddRequest cut by EOF under TLS", (Rule.R6,)
+        ),
+        Behaviour(
+            "alert-as-close",
+            Rule.R7,
+            "takes a fatal alert for a closure and resumes plaintext",
+            (Rule.R7,),
+        ),
+        Behaviour("no-state-reset", Rule.R8, "keeps the bound identity across the removal"),
+        Behaviour(
+            "accept-starttls-in-tls",
+            Rule.R8,
+            "answers a second StartTLS inside TLS with success (and stays in TLS)",
+        ),
+    )
+}
+
+
+def _is_starttls(unit: bytes) -> bool:
+    message = parse_message(unit)
+    return message is not None and message.op == EXTENDED_REQUEST and message.name == STARTTLS_OID
+
+
+class LdapSession(asyncio.Protocol):
+    """One LDAP connection, served by a task of its own."""
+
+    def __init__(self, config: ServerConfig, store: List[bytes]) -> None:
+        self.config = config
+        self.behaviour = config.behaviour
+        self.store = store
+        self.transport: Optional[SwitchableTransport] = None
+        self.buf = bytearray()
+        self.changed = asyncio.Event()
+        self.ended = False
+        self.framer = BerFramer(max_unit=config.limits.max_message)
+        self.bound: bytes = b""
+        self.task: Optional[asyncio.Task[None]] = None
+
+    # ------------------------------------------------------------ asyncio
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, SwitchableTransport)
+        self.transport = transport
+        transport.hold_after(_is_starttls, framer=BerFramer())
+        self.task = asyncio.ensure_future(self._serve())
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self.changed.set()
+
+    def eof_received(self) -> bool:
+        self.ended = True
+        self.changed.set()
+        return False
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.ended = True
+        self.changed.set()
+
+    def engine_event(self, event: Event) -> None:
+        t = self.transport
+        if isinstance(event, ClosureComplete) and event.resumed:
+            # The TLS layer is removed: plaintext PDUs from here on (RFC 4511 §4.14.3).
+            if self.behaviour != "no-state-reset":
+                self.bound = b""
+        elif (
+            isinstance(event, CloseNotifyReceived)
+            and self.behaviour == "no-close-notify-reply"
+            and t is not None
+        ):
+            t.close()  # R5 broken: TCP closed instead of the answering alert
+
+    # ------------------------------------------------------------ reading
+
+    async def _unit(self) -> Optional[bytes]:
+        while True:
+            units, _used = self.framer.split(bytes(self.buf))
+            if units:
+                del self.buf[: len(units[0])]
+                return units[0]
+            if self.ended:
+                return None
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), self.config.limits.idle_timeout)
+            except asyncio.TimeoutError:
+                return None
+
+    # ------------------------------------------------------------ serving
+
+    async def _serve(self) -> None:
+        t = self.transport
+        assert t is not None
+        try:
+            while True:
+                unit = await self._unit()
+                if unit is None:
+                    self._at_end()
+                    return
+                message = parse_message(unit)
+                if message is None:
+                    t.write(notice_of_disconnection(PROTOCOL_ERROR, b"not an LDAPMessage"))
+                    t.close()
+                    return
+                if not await self._answer(t, message, unit):
+                    return
+        except (ConnectionError, asyncio.TimeoutError, LocalProtocolError, TransitionError):
+            t.abort()
+
+    def _at_end(self) -> None:
+        """The client is gone; ``ignore-truncation`` stores what was cut (R6 broken)."""
+        if self.behaviour == "ignore-truncation" and self.buf[:1] == b"\x30":
+            if b"\x68" in self.buf[:12]:  # an AddRequest's tag near the start
+                self.store.append(bytes(self.buf))
+        self.buf.clear()
+
+    async def _answer(self, t: SwitchableTransport, message: LdapMessage, unit: bytes) -> bool:
+        """Answer one request; False when the session is over."""
+        msgid = message.msgid
+        if message.op == UNBIND_REQUEST:
+            t.close()
+            return False
+        if message.op == SEARCH_REQUEST:
+            t.write(self._search(message))
+        elif message.op == BIND_REQUEST:
+            t.write(response(msgid, BIND_RESPONSE, self._bind(message, t.tls_active)))
+        elif message.op == ADD_REQUEST:
+            if not self.bound:
+                code = _INSUFFICIENT_ACCESS
+            else:
+                self.store.append(unit)
+                code = SUCCESS
+            t.write(response(msgid, ADD_RESPONSE, code))
+        elif message.op == EXTENDED_REQUEST and message.name == STARTTLS_OID:
+            await self._starttls(t, message)
+        elif message.op == EXTENDED_REQUEST and message.name == WHOAMI_OID:
+            identity = b"dn:" + self.bound if self.bound else b""
+            t.write(extended_response(msgid, SUCCESS, value=identity))
+        elif message.op == EXTENDED_REQUEST:
+            t.write(extended_response(msgid, PROTOCOL_ERROR, b"unsupported extended operation"))
+        else:
+            t.write(notice_of_disconnection(UNWILLING, b"operation not supported here"))
+            t.close()
+            return False
+        return True
+
+    def _search(self, message: LdapMessage) -> bytes:
+        t = self.transport
+        assert t is not None
+        msgid = message.msgid
+        if message.name == b"":
+            attrs = root_dse(tls=t.tls_active, starttls=True, removal=True, bait=False)
+            return search_entry(msgid, b"", attrs) + response(msgid, SEARCH_DONE, SUCCESS)
+        return response(msgid, SEARCH_DONE, NO_SUCH_OBJECT, b"no such entry")
+
+    def _bind(self, message: LdapMessage, tls: bool) -> int:
+        name, password = message.name, message.value
+        if not password:
+            self.bound = b""  # anonymous (or unauthenticated) bind
+            return SUCCESS
+        if not tls:
+            return CONFIDENTIALITY_REQUIRED  # no password in plaintext (R9)
+        user = self.config.user.encode()
+        if name in (user, b"cn=" + user) and password == self.config.password.encode():
+            self.bound = b"cn=" + user
+            return SUCCESS
+        self.bound = b""
+        return INVALID_CREDENTIALS
+
+    async def _starttls(self, t: SwitchableTransport, message: LdapMessage) -> None:
+        if t.tls_active:
+            if self.behaviour == "accept-starttls-in-tls":
+                t.write(extended_response(message.msgid, SUCCESS, oid=STARTTLS_OID))
+            else:
+                t.write(extended_response(message.msgid, OPERATIONS_ERROR, b"TLS already up"))
+            return
+        self.bound = b""
+        await t.start_tls(
+            self.config.ssl_context(),
+            server_side=True,
+            preface=extended_response(message.msgid, SUCCESS, oid=STARTTLS_OID),
+        )
+        # Either side may now remove the TLS layer: a closure returns to plaintext.
+        with contextlib.suppress(TransitionError):
+            t.engine.accept_unwrap()
+
+
+async def start_server(config: ServerConfig) -> RunningServer:
+    """Start the reference LDAP server (the interface the run layer loads)."""
+    behaviour = behaviour_named(BEHAVIOURS, config.behaviour)
+    store: List[bytes] = []
+    sessions: List[LdapSession] = []
+
+    def factory() -> asyncio.Protocol:
+        session = LdapSession(config, store)
+        sessions.append(session)
+        return session
+
+    server = await create_server(
+        factory, config.host, config.port, policy=behaviour.policy, timeouts=config.timeouts
+    )
+    return RunningServer(server, config, messages=store, connections=sessions)
