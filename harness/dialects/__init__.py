@@ -119,18 +119,14 @@ class _EveryDialect(Sequence[str]):
     :func:`dialects_with`).
     """
 
-    def __init__(self, flag: str = "") -> None:
-        #: ``!flag``: the dialects whose flag is false.
-        self.negate = flag.startswith("!")
-        if flag and not isinstance(getattr(Dialect, flag.lstrip("!"), None), bool):
-            raise ValueError(f"{flag!r} is not a capability flag of a dialect")
-        self.flag = flag
+    def __init__(self, *flags: str) -> None:
+        for flag in flags:  # ``!flag``: the flag must be false
+            if not isinstance(getattr(Dialect, flag.lstrip("!"), None), bool):
+                raise ValueError(f"{flag!r} is not a capability flag of a dialect")
+        self.flags = flags
 
     def _names(self) -> Tuple[str, ...]:
-        if not self.flag:
-            return names()
-        flag = self.flag.lstrip("!")
-        return tuple(n for n, d in DIALECTS.items() if bool(getattr(d, flag)) != self.negate)
+        return tuple(n for n, d in DIALECTS.items() if all(_holds(d, f) for f in self.flags))
 
     @overload
     def __getitem__(self, index: int) -> str: ...
@@ -151,17 +147,24 @@ class _EveryDialect(Sequence[str]):
         return name in self._names()
 
     def __repr__(self) -> str:
-        return f"dialects_with({self.flag!r})" if self.flag else "EVERY_DIALECT"
+        if not self.flags:
+            return "EVERY_DIALECT"
+        return f"dialects_with({', '.join(repr(f) for f in self.flags)})"
+
+
+def _holds(dialect: Dialect, flag: str) -> bool:
+    """Whether capability ``flag`` is true of ``dialect`` (``!flag``: false)."""
+    return bool(getattr(dialect, flag.lstrip("!"))) != flag.startswith("!")
 
 
 #: Every registered dialect (see :class:`_EveryDialect`).
 EVERY_DIALECT: Sequence[str] = _EveryDialect()
 
 
-def dialects_with(flag: str) -> Sequence[str]:
-    """The registered dialects whose capability ``flag`` is true (``!flag``: false), read
-    when asked."""
-    return _EveryDialect(flag)
+def dialects_with(*flags: str) -> Sequence[str]:
+    """The registered dialects whose capability ``flags`` all hold (``!flag``: is false),
+    read when asked."""
+    return _EveryDialect(*flags)
 
 
 #: The dialects that can return from TLS to plaintext (STOPTLS and the like).

@@ -47,6 +47,7 @@ from starttls_harness.report.verdicts import Verdict
 from starttls_harness.tls.framing import DEFAULT_MAX_UNIT, Framer
 
 __all__ = [
+    "CLIENT_EXPECTED",
     "LDAP",
     "NOTICE_OF_DISCONNECTION",
     "REMOVAL_ATTRIBUTE",
@@ -139,6 +140,23 @@ SERVER_EXPECTED: Dict[str, Dict[str, Verdict]] = {
     "accept-starttls-in-tls": {"server.starttls-in-tls": W},
 }
 
+
+#: Where the reference LDAP client differs from the client role's matrix:
+#: the removal scenarios run on LDAP only (the whole map of each behaviour).
+CLIENT_EXPECTED: Dict[str, Dict[str, Verdict]] = {
+    # Plaintext glued to the server's close_notify is taken (R4 relaxed).
+    "one-sided-close": {
+        "client.stoptls-wait": F,
+        "client.stoptls-cycle": F,
+        "client.state-reset": F,
+        "client.removal-one-sided": F,
+    },
+    # The server's removal is never answered: it cannot complete.
+    "no-close-notify-reply": {
+        "client.close-notify-reply": W,
+        "client.removal-by-server": F,
+    },
+}
 
 # ------------------------------------------------------------------- BER
 
@@ -517,6 +535,9 @@ class _ScriptedLdap(ScriptedServer):
     """The scripted server's LDAP: root DSE, StartTLS, simple bind, add, who-am-I."""
 
     injection_effect = "answer-taken"
+    #: A close_notify right after the first request under TLS ends the session
+    #: (the run layer shows a client's bare closure as this verb).
+    retreat_verbs = frozenset({"removal of TLS"})
 
     def parse(self, raw: bytes, tls: bool) -> Command:
         message = parse_message(raw)
@@ -525,7 +546,7 @@ class _ScriptedLdap(ScriptedServer):
         kind = {
             BIND_REQUEST: "auth",
             UNBIND_REQUEST: "quit",
-            ADD_REQUEST: "message",
+            ADD_REQUEST: "append",
             SEARCH_REQUEST: "access",
         }.get(message.op, "other")
         if message.op == SEARCH_REQUEST and message.name == b"":
@@ -620,6 +641,7 @@ class _Ldap(Dialect):
     #: Every answer ends a request: any final response is what the prober awaits.
     any_reply_tag: Optional[str] = "any"
     reference_server_expected: Mapping[str, Mapping[str, Verdict]] = SERVER_EXPECTED
+    reference_client_expected: Mapping[str, Mapping[str, Verdict]] = CLIENT_EXPECTED
 
     def framer(self) -> Framer:
         return BerFramer()

@@ -56,6 +56,7 @@ from typing import (
 from starttls_harness.dialects import dialect_named
 from starttls_harness.dialects.roles import Command, ScriptedServer
 from starttls_harness.report.verdicts import Evidence, Result, Verdict
+from starttls_harness.run.client_removal import step_server_removal as server_removal
 from starttls_harness.run.client_support import (
     DEFAULT_SETTINGS,
     ClientSettings,
@@ -194,6 +195,8 @@ async def _answer(run: _Run, cmd: Command) -> str:
         else:
             _switch_to_tls(run, cmd)
             await _await_handshake(run)
+    elif kind == "stoptls" and not cmd.raw:
+        run.stoptls_done += 1  # a bare closure (LDAP): the engine answered it at once
     elif kind == "stoptls":
         if not run.tls or not run.offer_stoptls:
             conn.send(dialect.not_offered(cmd))
@@ -257,6 +260,9 @@ async def _await_handshake(run: _Run) -> None:
 
 async def _accept_stoptls(run: _Run, cmd: Command) -> None:
     """The conforming STOPTLS closure, then the plaintext greeting (R3-R5)."""
+    if not cmd.raw:
+        run.stoptls_done += 1  # a bare closure (LDAP): the engine answered it at once
+        return
     conn = run.conn
     t = conn.t()
     answer = run.dialect.stoptls_ok(cmd)
@@ -664,6 +670,10 @@ async def step_accept_stoptls(run: _Run, args: Mapping[str, object]) -> None:
     await _accept_stoptls(run, cmd)
 
 
+async def step_server_removal(run: _Run, args: Mapping[str, object]) -> None:
+    await server_removal(run, args, _answer)  # see run/client_removal.py
+
+
 async def step_expect_hello(run: _Run, args: Mapping[str, object]) -> None:
     """R8: the first command after a transition must be EHLO/CAPABILITY."""
     after = str(args.get("after", "starttls"))
@@ -705,6 +715,7 @@ _CLIENT_STEPS: Dict[str, StepFunc] = {
     "expect-no-resume": step_expect_no_resume,
     "accept-stoptls": step_accept_stoptls,
     "expect-hello": step_expect_hello,
+    "server-removal": step_server_removal,
 }
 
 CLIENT_STEP_NAMES = frozenset(_CLIENT_STEPS)

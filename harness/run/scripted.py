@@ -36,6 +36,7 @@ from starttls_harness.tls.engine import (
     TLSData,
     Violation,
 )
+from starttls_harness.tls.states import State
 
 __all__ = [
     "MAX_LINE",
@@ -90,6 +91,8 @@ class ScriptedConnection(asyncio.Protocol):
 
     def __init__(self, dialect: Dialect, evidence: Evidence) -> None:
         self.dialect = dialect.scripted_server()
+        #: A bare closure is the client's return to plaintext (LDAP).
+        self.return_by_closure = dialect.return_by_closure
         self.framer = dialect.framer()
         #: A second framer for the hold gate (it keeps its own stream state).
         self.gate_framer = dialect.framer()
@@ -142,10 +145,12 @@ class ScriptedConnection(asyncio.Protocol):
             self.tls_sessions += 1
             self.evidence.note(f"TLS up: {event.version} {event.cipher}")
             self._push(Act("handshake", detail=event.version))
+            if self.return_by_closure and self.transport is not None:
+                self.transport.engine.accept_unwrap()  # either side may end TLS
         elif isinstance(event, CloseNotifyReceived):
             self.evidence.add("c2s", "close_notify")
             if not self.in_closure:
-                self._push(Act("close_notify"))
+                self._push(self._closure_act())
         elif isinstance(event, CloseNotifySent):
             if self.fin_sent:  # the ladder shows only what went on the wire
                 self.evidence.note("no close_notify from us: our FIN had already gone")
@@ -175,6 +180,14 @@ class ScriptedConnection(asyncio.Protocol):
         elif isinstance(event, PeerEOF):
             self.evidence.add("c2s", "eof")
             self._end(Act("gone", how="eof", detail="the client closed the connection"))
+
+    def _closure_act(self) -> Act:
+        """The client's close_notify; where a bare closure is the return to
+        plaintext (LDAP) and it has returned, the client's STOPTLS command."""
+        t = self.transport
+        if self.return_by_closure and t is not None and t.engine.state is State.PLAINTEXT:
+            return Act("command", command=Command(b"", True, "stoptls", "removal of TLS"))
+        return Act("close_notify")
 
     def data_received(self, data: bytes) -> None:
         if self.raw_mode:
@@ -357,7 +370,7 @@ class ScriptedConnection(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         """Send in the current phase (plaintext, or under TLS)."""
         t = self.t()
-        if t.is_closing():
+        if t.is_closing() or not data:
             return
         self.evidence.add("s2c", "tls" if t.tls_active else "plaintext", data)
         t.write(data)

@@ -70,13 +70,21 @@ from starttls_harness.scenarios.expectations import (
     client_expected_by_dialect,
     expected_client_verdicts,
 )
-from starttls_harness.scenarios.model import Expect, S, Scenario, Step, needing_return
+from starttls_harness.scenarios.model import (
+    Expect,
+    S,
+    Scenario,
+    Step,
+    needing_command_return,
+    needing_return,
+)
 from starttls_harness.tls.engine import Rule
 
 __all__ = [
     "CLIENT_COMMON",
     "CLIENT_EXPECTED",
     "CLIENT_SCENARIOS",
+    "REMOVAL_SCENARIOS",
     "SPEC_CLIENT_IDS",
     "client_by_id",
     "client_expected_by_dialect",
@@ -382,8 +390,61 @@ _CLIENT: Tuple[Scenario, ...] = (
 )
 
 
-CLIENT_SCENARIOS: Tuple[Scenario, ...] = needing_return(
-    _CLIENT, ("client.one-sided-close", "client.stoptls-wait", "client.stoptls-cycle")
+#: The server starts the return to plaintext (LDAP's removal of the TLS
+#: layer, RFC 4511 §4.14.3: either peer may): only where a bare closure is
+#: the return, i.e. no command asks for it.
+_REMOVAL_DIALECTS = dialects_with("return_by_closure")
+_REMOVAL_START = (*_UPGRADE, S("serve", until="tls-after-hello", stoptls=True))
+
+_REMOVAL: Tuple[Scenario, ...] = (
+    Scenario(
+        id="client.removal-by-server",
+        title="Positive control: the server removes the TLS layer, the client answers at once",
+        role="client",
+        rule=Rule.R5,
+        reference="RFC 4511 §4.14.3; RFC 5246 §7.2.1",
+        reason="Either peer may remove the TLS layer; the other MUST answer its closure at once.",
+        dialects=_REMOVAL_DIALECTS,
+        steps=(*_REMOVAL_START, S("server-removal", fault=True), S("serve", until="end")),
+        expect=_expect(
+            completed=Expect(P, "answered the server's removal and completed its session"),
+            client_failed=Expect(F, "the conforming removal of the TLS layer broke"),
+            closed=Expect(F, "the conforming removal of the TLS layer broke"),
+        ),
+    ),
+    Scenario(
+        id="client.removal-one-sided",
+        title="The server's close_notify and a plaintext response in one segment",
+        role="client",
+        rule=Rule.R4,
+        reference="RFC 4511 §4.14.3; RFC 5246 §7.2.1",
+        reason="Plaintext that did not wait for the client's closure alert is not the server's.",
+        dialects=_REMOVAL_DIALECTS,
+        steps=(
+            *_REMOVAL_START,
+            S("server-removal", fault=True, one_sided=True),
+            S("expect-no-resume"),
+        ),
+        expect=_expect(
+            refused=Expect(P, "did not resume plaintext after a one-sided removal"),
+            resumed=Expect(F, "resumed plaintext although the server did not wait"),
+            ignored_closure=Expect(W, "kept sending under TLS after the server's close_notify"),
+        ),
+    ),
+)
+
+#: The ids of the server-started removal scenarios (only where ``return_by_closure``).
+REMOVAL_SCENARIOS = tuple(s.id for s in _REMOVAL)
+
+CLIENT_SCENARIOS: Tuple[Scenario, ...] = (
+    needing_command_return(
+        needing_return(
+            _CLIENT, ("client.one-sided-close", "client.stoptls-wait", "client.stoptls-cycle")
+        ),
+        # Staged on the answer to a STOPTLS command: client.removal-one-sided instead.
+        ("client.one-sided-close",),
+    )
+    + _REMOVAL
 )
 
 

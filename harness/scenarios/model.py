@@ -133,9 +133,17 @@ def needing_command_return(
     if unknown:
         raise ValueError(f"no such scenarios: {', '.join(unknown)}")
     return tuple(
-        replace(s, dialects=dialects_with("!return_by_closure")) if s.id in ids else s
-        for s in scenarios
+        replace(s, dialects=_without_closure_return(s)) if s.id in ids else s for s in scenarios
     )
+
+
+def _without_closure_return(scenario: Scenario) -> Sequence[str]:
+    """The scenario's dialects, less those whose bare closure is the return to plaintext."""
+    if scenario.dialects is RETURN_TO_PLAINTEXT:
+        return dialects_with("has_return_to_plaintext", "!return_by_closure")
+    if scenario.dialects is EVERY_DIALECT:
+        return dialects_with("!return_by_closure")
+    raise ValueError(f"{scenario.id}: its dialects cannot be narrowed by a capability")
 
 
 def select(

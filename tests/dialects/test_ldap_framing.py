@@ -118,7 +118,7 @@ def test_a_message_longer_than_the_bound_is_cut_at_the_bound() -> None:
 
 
 def test_indefinite_length_is_refused_as_junk() -> None:
-    units, used = BerFramer().split(b"\x30\x80\x02\x01\x01\x42\x00\x00\x00")
+    units, _used = BerFramer().split(b"\x30\x80\x02\x01\x01\x42\x00\x00\x00")
     assert units[0] == b"\x30\x80" and parse_message(units[0]) is None
 
 

@@ -23,7 +23,7 @@ from starttls_harness.run.targets import client_behaviours
 from starttls_harness.run.validation import validate_server
 from starttls_harness.scenarios.catalogue import ALL_SCENARIOS
 from starttls_harness.scenarios.ccc import CCC_SCENARIOS
-from starttls_harness.scenarios.client import CLIENT_SCENARIOS
+from starttls_harness.scenarios.client import CLIENT_SCENARIOS, REMOVAL_SCENARIOS
 from starttls_harness.scenarios.expectations import (
     PATH_EXPECTED,
     SERVER_EXPECTED,
@@ -52,6 +52,8 @@ def test_registered_with_every_scenario(dialect: str) -> None:
             wanted = d.has_preauth
         elif scenario.id in ccc:
             wanted = d.server_may_close_first
+        elif scenario.id in REMOVAL_SCENARIOS:
+            wanted = d.return_by_closure  # LDAP's removal of the TLS layer
         assert (dialect in scenario.dialects) == wanted, scenario.id
 
 

@@ -48,6 +48,7 @@ from starttls_harness.run.reference import reference_server_module, reference_se
 from starttls_harness.run.server import RunSettings, run_server_target
 from starttls_harness.scenarios.catalogue import ALL_SCENARIOS
 from starttls_harness.scenarios.ccc import CCC_SCENARIOS
+from starttls_harness.scenarios.client import REMOVAL_SCENARIOS
 from starttls_harness.scenarios.expectations import STOPTLS_SCENARIOS
 from starttls_harness.scenarios.path import PATH_SCENARIOS
 from starttls_harness.scenarios.server import CATALOGUE, select
@@ -521,6 +522,7 @@ def test_scenarios_that_need_a_return_to_plaintext_skip_a_dialect_without_one() 
             "client.stoptls-wait",
             "client.stoptls-cycle",
             "client.starttls-preauth",  # no PREAUTH greeting (has_preauth)
+            *REMOVAL_SCENARIOS,  # the server removes TLS: LDAP only (return_by_closure)
             *STOPTLS_SCENARIOS,
             # A return the server may start (FTP CCC) is not the toy's STOPTLS.
             *(s.id for s in CCC_SCENARIOS),

@@ -1,0 +1,583 @@
+"""Reference LDAP client: StartTLS, removal of the TLS layer (RFC 4511 §4.14), misbehaviours.
+
+Why not ``ldap3`` or ``python-ldap``: neither can remove the TLS layer and
+go on in plaintext, and neither lets the harness see what its reader had
+buffered at the upgrade (R1).  This client is small and written for the
+harness: an ``asyncio.Protocol`` on
+:class:`starttls_harness.tls.aio.SwitchableTransport`, BER by the dialect's
+codec; the real-software tier uses ``ldap3`` and ``ldapsearch`` instead.
+
+Rules it keeps: R1 (the hold gate is armed for the StartTLS response, so
+bytes after it are refused by the engine), R3-R5 (:meth:`LdapClient.remove_tls`
+sends close_notify and waits for the server's before any plaintext PDU; a
+removal the *server* starts is answered at once, the engine armed for it
+after every handshake, and the client goes on in plaintext), R8 (the root
+DSE and the bind are forgotten at every transition and the root DSE is
+read again), R9 (with ``require_tls`` it never binds with a password in
+plaintext).
+
+Behaviours (``BEHAVIOURS``; each breaks one rule): ``accept-injected-response``
+(R1), ``plaintext-in-tls`` (R2), ``one-sided-close`` (R4: close_notify and the
+next request in one segment), ``no-close-notify-reply`` (R5), ``no-state-reset``
+(R8: the plaintext root DSE is trusted after StartTLS, the bind follows the
+handshake at once) and ``downgrade`` (R9).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from typing import Dict, FrozenSet, Optional, Sequence, Tuple
+
+from starttls_harness.dialects.ldap import (
+    ADD_ID,
+    BIND_RESPONSE,
+    EXTENDED_RESPONSE,
+    HELLO_ID,
+    LDAP,
+    LOGIN_ID,
+    PROBE_ID,
+    SENTINEL_ID,
+    STARTTLS_ID,
+    SUCCESS,
+    WHOAMI_OID,
+    BerFramer,
+    LdapMessage,
+    LdapReply,
+    add_request,
+    extended_request,
+    search_request,
+    split_ldap_reply,
+)
+from starttls_harness.dialects.roles import (
+    PATH_MESSAGE,
+    ClientOutcome,
+    ClientSpec,
+    Hooks,
+    PathDriver,
+    SessionPlan,
+    StopTLSUnsupported,
+    failed,
+    transport_events,
+)
+from starttls_harness.servers.base import STRICT, Behaviour, behaviour_named
+from starttls_harness.tls.aio import SwitchableTransport, Timeouts, open_connection
+from starttls_harness.tls.engine import (
+    CloseNotifyReceived,
+    ClosureComplete,
+    Event,
+    HandshakeComplete,
+    Rule,
+    TransitionError,
+)
+from starttls_harness.tls.states import State
+
+__all__ = [
+    "BEHAVIOURS",
+    "LdapClient",
+    "LdapError",
+    "RemovalNotSupported",
+    "ResultError",
+    "TLSRequired",
+    "path_driver",
+    "reference_session",
+]
+
+BEHAVIOURS: Dict[str, Behaviour] = {
+    b.name: b
+    for b in (
+        STRICT,
+        Behaviour(
+            "accept-injected-response",
+            Rule.R1,
+            "takes plaintext sent after the StartTLS response as a TLS response",
+            (Rule.R1,),
+        ),
+        Behaviour(
+            "plaintext-in-tls",
+            Rule.R2,
+            "takes plaintext received while TLS is up as a response",
+            (Rule.R2,),
+        ),
+        Behaviour(
+            "one-sided-close",
+            Rule.R4,
+            "sends the next request right after its close_notify without waiting",
+            (Rule.R4,),
+        ),
+        Behaviour(
+            "no-close-notify-reply",
+            Rule.R5,
+            "closes TCP instead of answering the server's close_notify",
+            (Rule.R5,),
+        ),
+        Behaviour("no-state-reset", Rule.R8, "trusts the plaintext root DSE after StartTLS"),
+        Behaviour(
+            "downgrade",
+            Rule.R9,
+            "binds in plaintext when StartTLS is not offered or refused despite require_tls",
+        ),
+    )
+}
+
+
+class LdapError(Exception):
+    """Base class of the client's errors."""
+
+
+class ResultError(LdapError):
+    """The server answered with a resultCode other than success."""
+
+
+class TLSRequired(LdapError):
+    """TLS is required and could not be had (not offered, refused, failed)."""
+
+
+class RemovalNotSupported(LdapError):
+    """The server does not say that it removes the TLS layer."""
+
+
+class _ClientProtocol(asyncio.Protocol):
+    """Buffers the server's bytes; watches the engine for closures."""
+
+    def __init__(self, behaviour: Behaviour) -> None:
+        self.behaviour = behaviour
+        self.buf = bytearray()
+        self.changed = asyncio.Event()
+        self.ended: Optional[BaseException] = None
+        self.transport: Optional[SwitchableTransport] = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        #: Removals of the TLS layer completed (either side started them).
+        self.removals = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, SwitchableTransport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self.changed.set()
+
+    def eof_received(self) -> None:
+        self._end(ConnectionResetError("the server closed the connection"))
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self._end(exc or ConnectionResetError("the server closed the connection"))
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def _end(self, exc: BaseException) -> None:
+        if self.ended is None:
+            self.ended = exc
+        self.changed.set()
+
+    def engine_event(self, event: Event) -> None:
+        t = self.transport
+        if isinstance(event, HandshakeComplete) and t is not None:
+            # RFC 4511 §4.14.3: the server may remove the TLS layer at any time.
+            with contextlib.suppress(TransitionError):
+                t.engine.accept_unwrap()
+        elif isinstance(event, ClosureComplete) and event.resumed:
+            self.removals += 1
+        elif (
+            isinstance(event, CloseNotifyReceived)
+            and not self.behaviour.policy.enforces(Rule.R5)
+            and t is not None
+            and t.engine.state is State.CLOSE_RECEIVED
+        ):
+            t.close()  # no-close-notify-reply: hang up instead
+        self.changed.set()
+
+    async def reply(self, timeout: float) -> LdapReply:
+        """The next complete answer (a search's entries and its done, or one response)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            reply, rest = split_ldap_reply(bytes(self.buf))
+            if reply is not None:
+                self.buf[:] = rest
+                if any(m is None for m in reply.messages):
+                    raise LdapError(f"not an LDAPMessage: {reply.lines[-1][:40]!r}")
+                return reply
+            if self.ended is not None:
+                raise self.ended
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise asyncio.TimeoutError(f"no complete answer within {timeout:g} s")
+            self.changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), remaining)
+
+
+class LdapClient:
+    """An LDAP client on the switchable transport; create it with :meth:`connect`."""
+
+    def __init__(
+        self,
+        transport: SwitchableTransport,
+        protocol: _ClientProtocol,
+        *,
+        behaviour: Behaviour = STRICT,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        server_hostname: Optional[str] = None,
+        require_tls: bool = True,
+        timeout: float = 10.0,
+    ) -> None:
+        self.transport = transport
+        self.protocol = protocol
+        self.behaviour = behaviour
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.require_tls = require_tls
+        self.timeout = timeout
+        #: What the root DSE said in the current phase (None: not read).
+        self.capabilities: Optional[FrozenSet[str]] = None
+        self.bound = False
+        self.upgrades = 0
+        self.downgraded: Optional[str] = None
+        self._seen_removals = 0
+        self._credentials: Optional[Tuple[str, str]] = None
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        server_hostname: Optional[str] = None,
+        require_tls: bool = True,
+        behaviour: str = "strict",
+        timeout: float = 10.0,
+        timeouts: Optional[Timeouts] = None,
+    ) -> LdapClient:
+        """Connect (an LDAP server says nothing until asked)."""
+        chosen = behaviour_named(BEHAVIOURS, behaviour)
+        protocol = _ClientProtocol(chosen)
+        transport, _ = await open_connection(
+            lambda: protocol, host, port, policy=chosen.policy, timeouts=timeouts or Timeouts()
+        )
+        return cls(
+            transport,
+            protocol,
+            behaviour=chosen,
+            ssl_context=ssl_context,
+            server_hostname=server_hostname or host,
+            require_tls=require_tls,
+            timeout=timeout,
+        )
+
+    # ----------------------------------------------------------- requests
+
+    async def root_dse(self) -> FrozenSet[str]:
+        """Read the root DSE; its capabilities replace what was known."""
+        self.capabilities = None
+        self.capabilities = LDAP.capabilities(await self._request(LDAP.hello(), HELLO_ID))
+        return self.capabilities
+
+    async def search_root(self) -> LdapReply:
+        """A harmless request whose answer proves the pair in step (the sentinel)."""
+        return await self._request(LDAP.sentinel(), SENTINEL_ID)
+
+    async def starttls(self, ssl_context: Optional[ssl.SSLContext] = None) -> bool:
+        """The StartTLS extended operation; True once TLS is up (False only for ``downgrade``)."""
+        context = ssl_context or self.ssl_context
+        if context is None:
+            raise ValueError("no ssl_context given")
+        if self.transport.tls_active:
+            raise LdapError("TLS is already active")
+        self._note_removal()
+        caps = await self._known_capabilities()
+        if "STARTTLS" not in caps:
+            return self._without_tls("the server does not offer StartTLS")
+        request = LDAP.starttls()
+        # R1: whatever follows the StartTLS response is held, not read.
+        self.transport.hold_after(LDAP.final_line_of(request), once=True, framer=BerFramer())
+        self._write(request)
+        final = _final(await self.protocol.reply(self.timeout))
+        if final.op != EXTENDED_RESPONSE or final.msgid != STARTTLS_ID:
+            self.transport.abort()
+            raise LdapError(f"unexpected answer to StartTLS: {final.describe()}")
+        if final.result != SUCCESS:
+            self.transport.release_held()
+            return self._without_tls(f"StartTLS refused: {final.describe()}")
+        leftover = bytes(self.protocol.buf)
+        self.protocol.buf.clear()
+        try:
+            await self.transport.start_tls(
+                context,
+                server_side=False,
+                server_hostname=self.server_hostname,
+                leftover=leftover,
+                timeout=self.timeout,
+            )
+        except (ConnectionError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            self.transport.abort()
+            raise TLSRequired(f"TLS could not be started: {exc}") from exc
+        self.upgrades += 1
+        if self._transition():
+            await self.root_dse()
+        return True
+
+    async def remove_tls(self) -> None:
+        """Remove the TLS layer (RFC 4511 §4.14.3): close_notify, wait for the server's."""
+        if not self.transport.tls_active:
+            raise LdapError("there is no TLS layer to remove")
+        caps = await self._known_capabilities()
+        if "STOPTLS" not in caps:
+            raise RemovalNotSupported("the server does not say that it removes the TLS layer")
+        if self.protocol.buf:
+            self.transport.abort()
+            raise LdapError("unanswered data pending before the removal")
+        if self.behaviour.name == "one-sided-close":
+            # R4 broken: close_notify and the next request in one segment.
+            with self.transport.corked():
+                self.transport.events.extend(self.transport.engine.unwrap())
+                self.transport.write(LDAP.hello())
+            await self._until_removed()
+            self._transition()
+            self.capabilities = LDAP.capabilities(await self.protocol.reply(self.timeout))
+            return
+        await self.transport.unwrap(timeout=self.timeout)
+        self._seen_removals = self.protocol.removals
+        if self._transition():
+            await self.root_dse()
+
+    async def bind(self, user: str, password: str) -> None:
+        """Simple bind; refused locally in plaintext (R9)."""
+        await self._ensure_tls()
+        if (
+            not self.transport.tls_active
+            and self.require_tls
+            and self.behaviour.name != "downgrade"
+        ):
+            raise TLSRequired("refusing to send a password in plaintext (require_tls)")
+        await self._request(LDAP.login(user, password), LOGIN_ID, BIND_RESPONSE)
+        self.bound = True
+        self._credentials = (user, password)
+
+    async def add(self, dn: bytes, body: bytes) -> None:
+        """Add an entry carrying ``body`` (the storage action)."""
+        if await self._ensure_tls() and self._credentials is not None:
+            await self.bind(*self._credentials)
+        request = add_request(ADD_ID, dn, {"objectClass": [b"document"], "description": [body]})
+        await self._request(request, ADD_ID)
+
+    async def read(self, dn: bytes) -> LdapReply:
+        """A base-object search of ``dn`` (the entry must exist)."""
+        return await self._request(search_request(SENTINEL_ID, dn, ("*",)), SENTINEL_ID)
+
+    async def whoami(self) -> bytes:
+        answer = await self._request(extended_request(PROBE_ID, WHOAMI_OID), PROBE_ID)
+        return _final(answer).value
+
+    async def unbind(self) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            self._write(LDAP.quit())
+        await self.aclose()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    async def aclose(self) -> None:
+        """Close and wait (bounded) until the connection is gone."""
+        self.transport.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.protocol.lost), self.timeout)
+        except asyncio.TimeoutError:
+            self.transport.abort()
+
+    # ------------------------------------------------------- internals
+
+    async def _until_removed(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while self.transport.tls_active:
+            if self.protocol.ended is not None:
+                raise self.protocol.ended
+            if loop.time() >= deadline:
+                raise asyncio.TimeoutError("the server did not answer close_notify")
+            self.protocol.changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.protocol.changed.wait(), deadline - loop.time())
+        self._seen_removals = self.protocol.removals
+
+    async def _ensure_tls(self) -> bool:
+        """After a removal the server started, a client that requires TLS starts it
+        again before anything else (R9); True when it did."""
+        self._note_removal()
+        if self.transport.tls_active or not self.require_tls or self.upgrades == 0:
+            return False
+        if self.behaviour.name == "downgrade":
+            return False
+        return await self.starttls()
+
+    def _note_removal(self) -> None:
+        """A removal the server started since we last looked resets the state (R8)."""
+        if self.protocol.removals != self._seen_removals:
+            self._seen_removals = self.protocol.removals
+            self._transition()
+
+    def _without_tls(self, reason: str) -> bool:
+        if self.behaviour.name == "downgrade":
+            self.downgraded = reason
+            return False
+        if self.require_tls:
+            self.transport.close()
+        raise TLSRequired(reason)
+
+    def _transition(self) -> bool:
+        """R8 after StartTLS and the removal; False when ``no-state-reset`` keeps it."""
+        if self.behaviour.name == "no-state-reset":
+            return False
+        self.capabilities = None
+        self.bound = False
+        return True
+
+    async def _known_capabilities(self) -> FrozenSet[str]:
+        if self.capabilities is None:
+            return await self.root_dse()
+        return self.capabilities
+
+    def _write(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            raise ConnectionResetError("the connection is closed")
+        self.transport.write(data)
+
+    async def _request(self, request: bytes, msgid: int, op: Optional[int] = None) -> LdapReply:
+        self._write(request)
+        answer = await self.protocol.reply(self.timeout)
+        final = _final(answer)
+        if final.msgid != msgid:
+            raise LdapError(f"answer to another request: {final.describe()}")
+        if op is not None and final.op != op:
+            raise LdapError(f"unexpected answer {final.describe()}")
+        if final.result != SUCCESS:
+            raise ResultError(final.describe())
+        return answer
+
+
+def _final(reply: LdapReply) -> LdapMessage:
+    final = reply.final
+    if final is None:
+        raise LdapError("not an LDAPMessage")
+    return final
+
+
+# ------------------------------------------------------ the harness's roles
+
+
+class _PathDriver(PathDriver):
+    """:class:`LdapClient` through the path proxy, one verb at a time."""
+
+    def __init__(self, spec: ClientSpec, behaviour: str, user: str, password: str) -> None:
+        self.spec = spec
+        self.behaviour = behaviour
+        self.user = user
+        self.password = password
+        self.client: Optional[LdapClient] = None
+
+    def _client(self) -> LdapClient:
+        if self.client is None:
+            raise ConnectionError("not connected")
+        return self.client
+
+    async def connect(self, hooks: Hooks) -> None:
+        spec = self.spec
+        self.client = await LdapClient.connect(
+            spec.host,
+            spec.port,
+            ssl_context=spec.tls_context,
+            server_hostname=spec.server_hostname,
+            behaviour=self.behaviour,
+            timeout=spec.timeout,
+            timeouts=Timeouts(handshake=spec.timeout, closure=spec.timeout, connect=spec.timeout),
+        )
+
+    async def starttls(self, hooks: Hooks) -> None:
+        if not await self._client().starttls():
+            raise ConnectionError("the client carried on without TLS")
+
+    async def command(self, hooks: Hooks) -> None:
+        await self._client().search_root()
+
+    async def stoptls(self, hooks: Hooks) -> None:
+        try:
+            await self._client().remove_tls()
+        except RemovalNotSupported as exc:
+            raise StopTLSUnsupported(str(exc)) from exc
+
+    async def send_unit(self, hooks: Hooks) -> None:
+        """An AddRequest over two TLS records: FIN replaces the second."""
+        client = self._client()
+        await client.bind(self.user, self.password)
+        hooks.arm(nth=2)
+        await client.add(b"cn=path-unit,dc=example,dc=invalid", PATH_MESSAGE)
+
+    async def fetch_unit(self, hooks: Hooks) -> None:
+        """A search whose answer takes two records: FIN cuts it."""
+        client = self._client()
+        await client.bind(self.user, self.password)
+        await client.add(b"cn=path-unit,dc=example,dc=invalid", PATH_MESSAGE)
+        hooks.arm(nth=2)
+        await client.read(b"cn=path-unit,dc=example,dc=invalid")
+
+    async def quit(self, hooks: Hooks) -> None:
+        await self._client().unbind()
+
+    def engine_events(self) -> Optional[Sequence[Event]]:
+        if self.client is None:
+            return None
+        return transport_events(self.client.transport)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+
+def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
+    """The reference client as the path role's client under test (it binds)."""
+    return _PathDriver(spec, behaviour, user, password)
+
+
+async def reference_session(plan: SessionPlan) -> ClientOutcome:
+    """The reference client's normal session against the scripted server.
+
+    Root DSE, StartTLS, root DSE, bind; while the server offers it, ``cycles``
+    times: remove the TLS layer, StartTLS again, bind; add the entry; unbind.
+    """
+    errors = (LdapError, ConnectionError, OSError, asyncio.TimeoutError, RuntimeError)
+    try:
+        client = await LdapClient.connect(
+            plan.host,
+            plan.port,
+            ssl_context=plan.tls_context,
+            server_hostname="localhost",
+            require_tls=True,
+            behaviour=plan.behaviour,
+            timeout=plan.timeout,
+            timeouts=plan.timeouts,
+        )
+    except errors as exc:
+        return failed(exc)
+    done = 0
+    try:
+        await client.starttls()
+        await client.bind(plan.user, plan.password)
+        for _ in range(plan.cycles):
+            if "STOPTLS" not in (client.capabilities or frozenset()):
+                break
+            if not client.transport.tls_active:
+                break  # the server removed the layer itself: add() starts TLS again
+            await client.remove_tls()
+            await client.starttls()
+            await client.bind(plan.user, plan.password)
+            done += 1
+        await client.add(b"cn=" + plan.recipient.encode() + b",dc=example,dc=invalid", plan.message)
+        await client.unbind()
+    except errors as exc:
+        return failed(exc)
+    finally:
+        client.close()
+    return ClientOutcome(True, f"entry added after {done} removal(s) of the TLS layer")
