@@ -261,6 +261,11 @@ class LdapSession(asyncio.Protocol):
         if message.name == b"":
             attrs = root_dse(tls=t.tls_active, starttls=True, removal=True, bait=False)
             return search_entry(msgid, b"", attrs) + response(msgid, SEARCH_DONE, SUCCESS)
+        for unit in reversed(self.store):  # an added entry, as it was added
+            added = parse_message(unit)
+            if added is not None and added.name == message.name:
+                entry = search_entry(msgid, added.name, added.attrs)
+                return entry + response(msgid, SEARCH_DONE, SUCCESS)
         return response(msgid, SEARCH_DONE, NO_SUCH_OBJECT, b"no such entry")
 
     def _bind(self, message: LdapMessage, tls: bool) -> int:

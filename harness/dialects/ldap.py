@@ -348,15 +348,13 @@ def _parse_op(msgid: int, tag: int, body: bytes) -> LdapMessage:
             raise ValueError("bad SearchRequest")
         wanted = tuple(c.decode("latin-1").lower() for _t, c in elements(parts[7][1]))
         return LdapMessage(msgid, op, name=parts[0][1], wanted=wanted)
-    if op == SEARCH_ENTRY:
+    if op in (SEARCH_ENTRY, ADD_REQUEST):
         attrs: Dict[str, Tuple[bytes, ...]] = {}
         for _t, attr in elements(parts[1][1]) if len(parts) > 1 else ():
             inner = elements(attr)
             values = tuple(c for _t2, c in elements(inner[1][1])) if len(inner) > 1 else ()
             attrs[inner[0][1].decode("latin-1").lower()] = values
         return LdapMessage(msgid, op, name=parts[0][1] if parts else b"", attrs=attrs)
-    if op == ADD_REQUEST:
-        return LdapMessage(msgid, op, name=parts[0][1] if parts else b"")
     return LdapMessage(msgid, op)
 
 
