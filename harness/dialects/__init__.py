@@ -24,6 +24,7 @@ from typing import Dict, Iterator, Sequence, Tuple, Union, overload
 
 from starttls_harness.dialects.base import Dialect, LinePredicate, Reply, UnitStep, missing
 from starttls_harness.dialects.imap import IMAP
+from starttls_harness.dialects.ldap import LDAP
 from starttls_harness.dialects.lmtp import LMTP
 from starttls_harness.dialects.nntp import NNTP
 from starttls_harness.dialects.pop3 import POP3
@@ -34,6 +35,7 @@ __all__ = [
     "DIALECTS",
     "EVERY_DIALECT",
     "IMAP",
+    "LDAP",
     "POP3",
     "RETURN_TO_PLAINTEXT",
     "SIEVE",
@@ -176,6 +178,7 @@ register(POP3)
 register(SIEVE)
 register(LMTP)
 register(NNTP)
+register(LDAP)
 # FTP (dialects/ftp.py: server role, CCC scenarios) is not registered by
 # default yet: its reference client and the proxy's FTP table are still to
 # come, and the client and path catalogues apply to every registered dialect.
