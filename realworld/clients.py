@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from realworld import compare
+from realworld.ldap import CLIENTS as LDAP_CLIENTS
 
 __all__ = [
     "CLIENTS",
@@ -182,6 +183,17 @@ def _fetchmail(p: Paths) -> List[str]:
     return ["sh", str(DRIVERS / "fetchmail_fetch.sh"), "{hostname}", "{port}", "{cafile}"]
 
 
+def _ldapsearch(p: Paths) -> List[str]:
+    return list(LDAP_CLIENTS["ldapsearch"])  # realworld/ldap.py
+
+
+def _ldapsearch_version(p: Paths) -> str:
+    argv = ["ldapsearch", "-VV"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    found = re.search(r"ldapsearch (\d[\w.]*)", done.stdout + done.stderr)
+    return found.group(1).split("+")[0] if found else "?"
+
+
 def _python_version(p: Paths) -> str:
     done = subprocess.run(
         [p.python, "-c", "import platform; print(platform.python_version())"],
@@ -311,6 +323,21 @@ CLIENTS: Tuple[ClientSpec, ...] = (
         _npm_version("imapflow"),
         needs=("node",),
         npm=("imapflow",),
+    ),
+    ClientSpec(
+        "ldapsearch",
+        "ldap",
+        "ldap-utils (Debian, OpenLDAP)",
+        _ldapsearch,
+        _ldapsearch_version,
+        needs=("ldapsearch", "env"),
+    ),
+    ClientSpec(
+        "ldap3",
+        "ldap",
+        "ldap3 (PyPI)",
+        _python_driver("ldap3_client.py"),
+        _pip_version("ldap3"),
     ),
     ClientSpec(
         "fetchmail",
@@ -512,8 +539,10 @@ def run_check_client(
     return done.returncode, done.stdout + done.stderr
 
 
-#: The scenario the trust control runs: the conforming path, nothing faulty.
-TRUST_SCENARIO = "client.state-reset"
+#: The scenario the trust control runs (the harness's sanity probe before it
+#: is the conforming path, nothing faulty); it applies to every dialect
+#: (client.state-reset, the one used before, does not apply to LDAP).
+TRUST_SCENARIO = "client.plaintext-in-tls"
 
 
 def trust_control(

@@ -10,6 +10,9 @@
 # private instances on high loopback ports with their own configuration.
 set -euo pipefail
 
+# OpenLDAP slapd and ldapsearch (realworld/ldap.py) have their own script.
+bash "$(dirname "$0")/install-ldap.sh"
+
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 
 # binary -> Debian package

@@ -47,6 +47,7 @@ from realworld.instances import (
     binaries_missing,
     free_port,
 )
+from realworld.ldap import Slapd, slapd_missing
 
 EXIT_MATCH = 0
 EXIT_DIFFER = 1
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--server",
         action="append",
-        choices=("postfix", "dovecot", "dovecot-pop3", "dovecot-sieve"),
+        choices=("postfix", "dovecot", "dovecot-pop3", "dovecot-sieve", "slapd"),
         help="only this server (repeatable; default: all)",
     )
     p.add_argument(
@@ -155,7 +156,10 @@ def run_check(
         str(out_dir / instance.name),
         "--quiet",
     ]
-    if instance.dialect in ("imap", "pop3", "sieve"):
+    extra = getattr(instance, "check_arguments", None)  # realworld/ldap.py: the user's DN
+    if extra is not None:
+        argv += extra()
+    elif instance.dialect in ("imap", "pop3", "sieve"):
         argv += ["--user", TEST_USER, "--password", TEST_PASSWORD]
     else:
         argv += ["--rcpt", "postmaster@localhost"]
@@ -209,6 +213,8 @@ def _instances(root: Path, names: Sequence[str]) -> List[Instance]:
             made.append(Postfix("postfix", "smtp", directory, free_port()))
         elif name == "dovecot":
             made.append(Dovecot("dovecot", "imap", directory, free_port()))
+        elif name == "slapd":
+            made.append(Slapd("slapd", "ldap", directory, free_port()))
     # POP3 and ManageSieve are listeners of the same Dovecot (started first).
     parent = next((i for i in made if isinstance(i, Dovecot)), None)
     for name, dialect, greeting, probe in _DOVECOT_SERVICES:
@@ -246,7 +252,7 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    missing = binaries_missing()
+    missing = binaries_missing() + slapd_missing()
     if missing:
         print(
             f"realworld: {', '.join(missing)} not installed; run 'bash realworld/install.sh' "
@@ -265,7 +271,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not expected and not args.update:
         print(f"realworld: {args.expected} does not exist; run with --update", file=sys.stderr)
         return EXIT_ERROR
-    names = args.server or ["postfix", "dovecot", "dovecot-pop3", "dovecot-sieve"]
+    names = args.server or ["postfix", "dovecot", "dovecot-pop3", "dovecot-sieve", "slapd"]
     versions = compare.TLS_VERSIONS if args.tls_version == "all" else (args.tls_version,)
 
     own_root = args.state_dir is None

@@ -101,6 +101,10 @@ class Dialect:
     #: (LDAP's removal of the TLS layer): :meth:`stoptls` is empty and a
     #: closure is never "without STOPTLS".
     return_by_closure = False
+    #: After each transition a conforming client asks for the capabilities
+    #: again (SMTP EHLO, IMAP CAPABILITY); LDAP only asks it to discard what
+    #: it learned (RFC 4513 §3.1.5), which a client that binds at once does.
+    rereads_capabilities = True
     #: The scripted server can greet "authenticated already" (IMAP PREAUTH).
     has_preauth = False
     #: After the STARTTLS handshake the server speaks first, unprompted

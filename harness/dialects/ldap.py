@@ -45,6 +45,7 @@ from starttls_harness.dialects.base import Dialect, LinePredicate, Reply, UnitSt
 from starttls_harness.dialects.roles import Command, ScriptedServer
 from starttls_harness.report.verdicts import Verdict
 from starttls_harness.tls.framing import DEFAULT_MAX_UNIT, Framer
+from starttls_harness.tls.records import HEADER_LEN, check_header
 
 __all__ = [
     "CLIENT_EXPECTED",
@@ -144,17 +145,27 @@ SERVER_EXPECTED: Dict[str, Dict[str, Verdict]] = {
 #: Where the reference LDAP client differs from the client role's matrix:
 #: the removal scenarios run on LDAP only (the whole map of each behaviour).
 CLIENT_EXPECTED: Dict[str, Dict[str, Verdict]] = {
-    # Plaintext glued to the server's close_notify is taken (R4 relaxed).
+    # close_notify and the next request leave together; plaintext glued to
+    # the server's close_notify is taken (R4 relaxed both ways).
     "one-sided-close": {
         "client.stoptls-wait": F,
         "client.stoptls-cycle": F,
-        "client.state-reset": F,
         "client.removal-one-sided": F,
     },
-    # The server's removal is never answered: it cannot complete.
+    # The plaintext root DSE is kept: it never learns of the removal
+    # (client.state-reset does not apply to LDAP, see rereads_capabilities).
+    "no-state-reset": {"client.stoptls-wait": K, "client.stoptls-cycle": K},
+    # R9: a bind in plaintext where TLS is missing, refused, or removed by the server.
+    "downgrade": {
+        "client.starttls-stripped": F,
+        "client.starttls-refused": F,
+        "client.starttls-bad": F,
+        "client.removal-by-server": F,
+    },
+    # The server's removal is never answered (TCP closed instead).
     "no-close-notify-reply": {
         "client.close-notify-reply": W,
-        "client.removal-by-server": F,
+        "client.removal-by-server": W,
     },
 }
 
@@ -483,6 +494,10 @@ def _reply(units: Sequence[bytes]) -> LdapReply:
 def split_ldap_reply(buf: bytes) -> Tuple[Optional[LdapReply], bytes]:
     """Cut one complete answer off ``buf``: search entries and references are
     gathered up to their SearchResultDone; anything else is one message."""
+    if buf and buf[0] != 0x30 and check_header(buf[:HEADER_LEN]) is None:
+        # TLS records where an LDAPMessage belongs (a peer's alert after ours,
+        # say): no reply, as a line dialect sees none in bytes without a line end.
+        return None, buf
     units, _used = BerFramer().split(buf)
     taken: List[bytes] = []
     for unit in units:
@@ -635,6 +650,7 @@ class _Ldap(Dialect):
     #: After the removal the client speaks first (LDAP servers never greet).
     greets_after_stoptls = False
     storage_needs_login = True
+    rereads_capabilities = False
     state_needs_login: Tuple[str, ...] = ("stoptls",)
     #: Every answer ends a request: any final response is what the prober awaits.
     any_reply_tag: Optional[str] = "any"

@@ -331,6 +331,7 @@ async def step_serve(run: _Run, args: Mapping[str, object]) -> None:
     until = str(args.get("until", "end"))
     run.offer_starttls = bool(args.get("starttls", True))
     run.offer_stoptls = bool(args.get("stoptls", False))
+    run.conn.offer_removal(run.offer_stoptls)
     for _ in range(200):  # a bound on commands, as on everything else
         try:
             cmd = await run.next_command()
@@ -671,7 +672,7 @@ async def step_accept_stoptls(run: _Run, args: Mapping[str, object]) -> None:
 
 
 async def step_server_removal(run: _Run, args: Mapping[str, object]) -> None:
-    await server_removal(run, args, _answer)  # see run/client_removal.py
+    await server_removal(run, args, _answer, SENSITIVE)  # see run/client_removal.py
 
 
 async def step_expect_hello(run: _Run, args: Mapping[str, object]) -> None:

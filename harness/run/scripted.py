@@ -91,8 +91,10 @@ class ScriptedConnection(asyncio.Protocol):
 
     def __init__(self, dialect: Dialect, evidence: Evidence) -> None:
         self.dialect = dialect.scripted_server()
-        #: A bare closure is the client's return to plaintext (LDAP).
+        #: A bare closure is the client's return to plaintext (LDAP) while
+        #: the server offers it (:meth:`offer_removal`).
         self.return_by_closure = dialect.return_by_closure
+        self.removal_offered = False
         self.framer = dialect.framer()
         #: A second framer for the hold gate (it keeps its own stream state).
         self.gate_framer = dialect.framer()
@@ -145,7 +147,7 @@ class ScriptedConnection(asyncio.Protocol):
             self.tls_sessions += 1
             self.evidence.note(f"TLS up: {event.version} {event.cipher}")
             self._push(Act("handshake", detail=event.version))
-            if self.return_by_closure and self.transport is not None:
+            if self.removal_offered and self.transport is not None:
                 self.transport.engine.accept_unwrap()  # either side may end TLS
         elif isinstance(event, CloseNotifyReceived):
             self.evidence.add("c2s", "close_notify")
@@ -181,11 +183,19 @@ class ScriptedConnection(asyncio.Protocol):
             self.evidence.add("c2s", "eof")
             self._end(Act("gone", how="eof", detail="the client closed the connection"))
 
+    def offer_removal(self, offered: bool) -> None:
+        """Where a bare closure is the return to plaintext (LDAP), offer it or not:
+        armed now if TLS is up, and after every later handshake."""
+        self.removal_offered = offered and self.return_by_closure
+        t = self.transport
+        if self.removal_offered and t is not None and t.engine.state is State.TLS:
+            t.engine.accept_unwrap()
+
     def _closure_act(self) -> Act:
         """The client's close_notify; where a bare closure is the return to
         plaintext (LDAP) and it has returned, the client's STOPTLS command."""
         t = self.transport
-        if self.return_by_closure and t is not None and t.engine.state is State.PLAINTEXT:
+        if self.removal_offered and t is not None and t.engine.state is State.PLAINTEXT:
             return Act("command", command=Command(b"", True, "stoptls", "removal of TLS"))
         return Act("close_notify")
 

@@ -184,6 +184,9 @@ async def step_starttls(run: _Run, args: Mapping[str, object]) -> None:
         if inject:
             probe.inject(injected)  # a separate write: its own segment
     reply = await probe.reply(tag=dialect.tag_of(command))
+    if inject and dialect.is_injected_reply(reply) and not dialect.answers(command, reply):
+        # An asynchronous protocol (LDAP) ran it before its upgrade answer: in plaintext.
+        raise Observed("injection-answered-plaintext", f"before the upgrade answer: {reply.text}")
     if not reply.ok:
         if inject:
             # The sanity probe saw STARTTLS work without the injection: this

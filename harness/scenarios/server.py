@@ -42,6 +42,11 @@ _INJECTION_EXPECT = {
     ),
     "completed": Expect(P, "discarded the injected plaintext"),
     "injection-answered": Expect(F, "executed plaintext injected before the handshake"),
+    # An asynchronous protocol (LDAP) may run a pipelined request before its
+    # upgrade answer: in plaintext, as if sent before STARTTLS; never inside TLS.
+    "injection-answered-plaintext": Expect(
+        P, "answered the pipelined request in plaintext before its STARTTLS answer, not in TLS"
+    ),
 }
 
 #: A target that neither answers our close_notify nor closes TCP is asked a

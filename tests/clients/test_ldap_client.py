@@ -44,8 +44,12 @@ def test_the_removal_scenarios_apply_to_ldap_alone(ldap: Dialect) -> None:
             assert list(s.dialects) == ["ldap"]
     left_out = {s.id for s in CLIENT_SCENARIOS if "ldap" not in s.dialects}
     # The command-staged one-sided closure is replaced by the removal one;
-    # LDAP has no PREAUTH greeting.
-    assert left_out == {"client.one-sided-close", "client.starttls-preauth"}
+    # LDAP has no PREAUTH greeting and needs no root DSE search after StartTLS.
+    assert left_out == {
+        "client.one-sided-close",
+        "client.starttls-preauth",
+        "client.state-reset",
+    }
 
 
 @pytest.mark.parametrize("behaviour", sorted(BEHAVIOURS))
