@@ -12,8 +12,10 @@ import argparse
 import ssl
 import sys
 
-import ldap3
-from ldap3.core.exceptions import LDAPException
+import ldap3  # type: ignore[import-untyped, import-not-found, unused-ignore]
+from ldap3.core.exceptions import (  # type: ignore[import-untyped, import-not-found, unused-ignore]
+    LDAPException,
+)
 
 DN = "cn=tester,dc=example,dc=invalid"
 PASSWORD = "correct horse"
