@@ -50,6 +50,7 @@ from starttls_harness.scenarios.client import (
     CLIENT_COMMON,
     CLIENT_EXPECTED,
     CLIENT_SCENARIOS,
+    REMOVAL_SCENARIOS,
     SPEC_CLIENT_IDS,
     client_by_id,
     client_expected_by_dialect,
@@ -89,6 +90,15 @@ def test_scenario_is_complete_data(scenario: Scenario) -> None:
     # PREAUTH exists in IMAP only (the dialect's has_preauth flag).
     if scenario.id == "client.starttls-preauth":
         assert set(scenario.dialects) == {d for d in names() if dialect_named(d).has_preauth}
+    elif scenario.id in REMOVAL_SCENARIOS:  # the server removes TLS: LDAP
+        wanted = {d for d in names() if dialect_named(d).return_by_closure}
+        assert set(scenario.dialects) == wanted
+    elif scenario.id == "client.one-sided-close":  # staged on a STOPTLS command
+        wanted = {d for d in names() if not dialect_named(d).return_by_closure}
+        assert set(scenario.dialects) == wanted
+    elif scenario.id == "client.state-reset":  # a hello must follow each transition
+        wanted = {d for d in names() if dialect_named(d).rereads_capabilities}
+        assert set(scenario.dialects) == wanted
     else:
         assert set(scenario.dialects) == set(names())
     assert set(scenario.tls_versions) == {"1.2", "1.3"}
