@@ -750,10 +750,7 @@ async def run_client_scenario(
 ) -> Result:
     """One scenario x TLS version against a client; never raises.
 
-    ``pki`` (written to disk, ``cafile`` set) is the fake server's
-    certificate; without it the run makes its own.  A target run shares one
-    across its scenarios: issuing a CA and a certificate and loading them
-    into a context was a third of a reference client run's CPU.
+    ``pki`` (on disk): the fake server's certificate, else one of its own.
     """
     evidence = Evidence()
     start = time.monotonic()
@@ -921,25 +918,10 @@ async def run_client_target(
     versions = [v for v in (tls_versions or target.tls_versions) if v in target.tls_versions]
     probes: Dict[str, Result] = {}
     never_connected: List[str] = []
-    # One certificate for the whole target run (the fake server's; the
-    # client is given its CA file).  A throwaway CA per target, not per run.
-    with tempfile.TemporaryDirectory(prefix="starttls-harness-client-") as tmp:
-        pki = make_pki(directory=tmp)
-        return await _run_client_target(
-            scenarios, target, settings, progress, versions, probes, never_connected, pki
-        )
+    # One throwaway certificate for the whole target run, not one per run.
+    stack = contextlib.ExitStack()
+    pki = make_pki(directory=stack.enter_context(tempfile.TemporaryDirectory(prefix="sth-")))
 
-
-async def _run_client_target(
-    scenarios: Sequence[Scenario],
-    target: ClientTarget,
-    settings: RunSettings,
-    progress: Optional[Progress],
-    versions: Sequence[str],
-    probes: Dict[str, Result],
-    never_connected: List[str],
-    pki: Pki,
-) -> List[Result]:
     async def run_one(scenario: Scenario, version: str) -> Result:
         return await run_client_scenario(scenario, target, version, settings, pki=pki)
 
@@ -956,16 +938,17 @@ async def _run_client_target(
             probes["*"] = result
         return problem
 
-    results = await run_bracketed(
-        scenarios,
-        role="client",
-        dialect=target.dialect,
-        versions=versions,
-        settings=settings,
-        run_one=run_one,
-        sanity=sanity,
-        progress=progress,
-    )
+    with stack:
+        results = await run_bracketed(
+            scenarios,
+            role="client",
+            dialect=target.dialect,
+            versions=versions,
+            settings=settings,
+            run_one=run_one,
+            sanity=sanity,
+            progress=progress,
+        )
     for r in results:
         if r.summary.startswith("sanity probe failed") and not r.evidence.exchanges:
             probe = probes.get(r.tls_version) or probes.get("*")
