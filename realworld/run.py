@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from starttls_harness.dialects.nntp import NEWSGROUP
-from starttls_harness.tls.certs import make_pki
+from starttls_harness.tls.certs import Pki, make_pki
 
 from realworld import clients, compare, paths
 from realworld.inn import Inn
@@ -251,6 +251,34 @@ _DOVECOT_SERVICES = (
 )
 
 
+#: How often a server whose port was taken meanwhile is given new ports.
+START_ATTEMPTS = 3
+
+
+def start(instance: Instance, instances: Sequence[Instance], pki: Pki, timeout: float) -> None:
+    """Configure and start ``instance``; new free ports when one was taken meanwhile.
+
+    A port :func:`free_port` called free may be bound by another process
+    (any outgoing connection on a busy machine) before the server binds it.
+    A Dovecot master binds its services' listeners too: they get new ports.
+    """
+    for attempt in range(1, START_ATTEMPTS + 1):
+        instance.configure(pki)
+        try:
+            instance.start(timeout)
+            return
+        except NotReady as exc:
+            if "already in use" not in str(exc).lower() or attempt == START_ATTEMPTS:
+                raise
+            instance.stop()
+            print(f"{instance.name}: a port was taken meanwhile; again on new ports", flush=True)
+            instance.port = free_port()
+            for service in instances:
+                if isinstance(service, DovecotService) and service.parent is instance:
+                    service.port = free_port()
+                    setattr(instance, f"{service.dialect}_port", service.port)
+
+
 def _terminate(signum: int, frame: object) -> None:
     """SIGTERM (a CI timeout, tox interrupted) unwinds through ``finally``: servers stop."""
     raise SystemExit(128 + signum)
@@ -297,8 +325,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         for instance in instances:
             t = time.monotonic()
-            instance.configure(pki)
-            instance.start(args.start_timeout)
+            start(instance, instances, pki, args.start_timeout)
             print(
                 f"{instance.name} {instance.version()} on {instance.url} "
                 f"(ready in {time.monotonic() - t:.2f} s)",

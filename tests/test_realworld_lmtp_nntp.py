@@ -8,13 +8,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # realworld/ is a directory of the repository
 
 from realworld import count_stored, instances  # noqa: E402
 from realworld.inn import Inn, inn_conf, readers_conf  # noqa: E402
-from realworld.run import _instances  # noqa: E402
+from realworld.run import _instances, start  # noqa: E402
 
 
 def test_dovecot_lmtp_is_one_more_loopback_listener(tmp_path: Path) -> None:
@@ -77,3 +79,42 @@ def test_inn_storage_probe_counts_spooled_articles(tmp_path: Path) -> None:
     (incoming / "tmp" / "partial").write_bytes(b"x")
     assert count_stored.count_stored("inn", tmp_path) == 1
     assert count_stored.main(["inn", str(tmp_path / "absent")]) == 0
+
+
+class _TakenOnce(instances.Dovecot):
+    """A Dovecot whose first start finds a port taken (no process is started)."""
+
+    starts: int = 0
+
+    def configure(self, pki: object) -> None:
+        self.configured_ports = (self.port, self.lmtp_port)
+
+    def start(self, timeout: float) -> None:
+        self.starts += 1
+        if self.starts == 1:
+            raise instances.NotReady("Error: bind(127.0.0.1, 1) failed: Address already in use")
+        self.started = True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.started = False
+
+
+def test_a_port_taken_meanwhile_is_started_again_on_new_ports(tmp_path: Path) -> None:
+    dovecot = _TakenOnce("dovecot", "imap", tmp_path, 1, lmtp_port=2)
+    lmtp = instances.DovecotService("dovecot-lmtp", "lmtp", tmp_path, 2, parent=dovecot)
+    start(dovecot, [dovecot, lmtp], object(), 1.0)  # type: ignore[arg-type]
+    assert dovecot.starts == 2 and dovecot.started
+    assert dovecot.port != 1 and lmtp.port != 2 and dovecot.lmtp_port == lmtp.port
+    assert dovecot.configured_ports == (dovecot.port, lmtp.port)  # configured again
+
+
+def test_other_start_failures_are_not_retried(tmp_path: Path) -> None:
+    class Broken(_TakenOnce):
+        def start(self, timeout: float) -> None:
+            self.starts += 1
+            raise instances.NotReady("did not greet")
+
+    broken = Broken("dovecot", "imap", tmp_path, 1)
+    with pytest.raises(instances.NotReady):
+        start(broken, [broken], object(), 1.0)  # type: ignore[arg-type]
+    assert broken.starts == 1
