@@ -665,12 +665,8 @@ async def step_accept_stoptls(run: _Run, args: Mapping[str, object]) -> None:
 
 
 async def step_expect_hello(run: _Run, args: Mapping[str, object]) -> None:
-    """R8: the first command after a transition must be EHLO/CAPABILITY.
-
-    A NOOP carries no state: it is answered and the next command decides
-    (sieve-connect resyncs with ``NOOP "STARTTLS-RESYNC-CAPA"``, then asks
-    CAPABILITY when that brought no capabilities); bounded like any loop.
-    """
+    """R8: the first command after a transition must be EHLO/CAPABILITY (a NOOP carries
+    no state: answered, the next command decides; sieve-connect resyncs with one)."""
     after = str(args.get("after", "starttls"))
     if "stoptls" in args:
         run.offer_stoptls = bool(args["stoptls"])
