@@ -665,16 +665,21 @@ async def step_accept_stoptls(run: _Run, args: Mapping[str, object]) -> None:
 
 
 async def step_expect_hello(run: _Run, args: Mapping[str, object]) -> None:
-    """R8: the first command after a transition must be EHLO/CAPABILITY."""
+    """R8: the first command after a transition must be EHLO/CAPABILITY (a NOOP carries
+    no state: answered, the next command decides; sieve-connect resyncs with one)."""
     after = str(args.get("after", "starttls"))
     if "stoptls" in args:
         run.offer_stoptls = bool(args["stoptls"])
-    try:
-        cmd = await run.next_command()
-    except Gone as gone:
-        if gone.act.how == "violation":
-            raise
-        raise Observed("closed-before-check", gone.act.detail) from None
+    for _ in range(5):
+        try:
+            cmd = await run.next_command()
+        except Gone as gone:
+            if gone.act.how == "violation":
+                raise
+            raise Observed("closed-before-check", gone.act.detail) from None
+        if cmd.kind != "noop":
+            break
+        await _answer(run, cmd)
     if cmd.kind == "hello":
         await _answer(run, cmd)
         return
