@@ -3,12 +3,10 @@
 Theory of operation
 ===================
 
-For a client under test, each scenario x TLS version is one run: a fake
-server is started on ``127.0.0.1:0`` (it accepts one connection and refuses
-any other), a fresh CA and server certificate are written to a temporary
-directory, the client is launched once against that address
-(:class:`~starttls_harness.run.targets.ClientTarget`), and the scenario's steps
-are interpreted against the one connection it opens.
+Each scenario x TLS version is one run: a fake server on ``127.0.0.1:0``
+(one connection; any other is refused), the client launched once against it
+(:class:`~starttls_harness.run.targets.ClientTarget`, given the CA file of the
+target run's throwaway certificate), the steps interpreted on that connection.
 
 The server runs on :func:`starttls_harness.tls.aio.create_server` with a **strict**
 engine: whatever the client sends is judged by every rule (a client that
@@ -88,9 +86,9 @@ from starttls_harness.run.targets import (
     ReferenceClientTarget,
 )
 from starttls_harness.run.validation import CLIENT_VALIDATION_SETTINGS
-from starttls_harness.scenarios.client import CLIENT_COMMON, CLIENT_SCENARIOS
+from starttls_harness.scenarios.client import CLIENT_COMMON, CLIENT_SANITY, CLIENT_SCENARIOS
 from starttls_harness.scenarios.expectations import expected_client_verdicts, mismatches
-from starttls_harness.scenarios.model import Expect, Scenario, Step
+from starttls_harness.scenarios.model import Scenario, Step
 from starttls_harness.tls.aio import Timeouts, create_server
 from starttls_harness.tls.certs import Pki, make_pki
 from starttls_harness.tls.engine import (
@@ -861,26 +859,6 @@ async def run_client_scenario(
 
 # ------------------------------------------------------------ many scenarios
 
-SANITY = Scenario(
-    id="client.sanity",
-    title="sanity probe: a normal STARTTLS session",
-    role="client",
-    rule=Rule.R1,
-    reference="",
-    reason="A client that cannot complete the conforming path makes every refusal meaningless.",
-    steps=(
-        Step("greet"),
-        Step("serve", {"until": "starttls"}),
-        Step("accept-starttls", fault=True),
-        Step("handshake"),
-        Step("serve", {"until": "end"}),
-    ),
-    expect={
-        **CLIENT_COMMON,
-        "completed": Expect(Verdict.PASS, "the client completed a normal session"),
-    },
-)
-
 
 def _probe_problem(result: Result) -> str:
     """Why the sanity probe failed, in one line (the client's own words included)."""
@@ -904,7 +882,7 @@ async def sanity_result(
     target: ClientTarget, tls_version: str, settings: RunSettings, *, pki: Optional[Pki] = None
 ) -> Result:
     """The sanity probe as a result, with its evidence."""
-    return await run_client_scenario(SANITY, target, tls_version, settings, pki=pki)
+    return await run_client_scenario(CLIENT_SANITY, target, tls_version, settings, pki=pki)
 
 
 async def run_client_target(
