@@ -431,8 +431,10 @@ async def _switch_after_client_hello(run: _Run, cmd: Command, payload: bytes) ->
             Act("gone", how="violation", rule=Rule.R1, detail="plaintext after the STARTTLS answer")
         )
     conn.evidence.add("c2s", "tls-wire", hello, "ClientHello (raw record)")
-    conn.inject(payload, "plaintext response after the ClientHello, before the ServerHello")
+    # The injected bytes and the ServerHello flight leave in one segment: a
+    # client reads them together whatever its timing (a declared segmentation).
     with t.corked():
+        conn.inject(payload, "plaintext response after the ClientHello, before the ServerHello")
         events = t.engine.start_tls(run.server_ctx, server_side=True)
         events += t.engine.receive_data(hello)
     conn.handle(events)
