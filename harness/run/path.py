@@ -74,9 +74,24 @@ from starttls_harness.proxy import (
 from starttls_harness.report.verdicts import Evidence, Exchange, Result, Verdict
 from starttls_harness.run.outcomes import HARNESS_ERROR, harness_error
 from starttls_harness.run.path_evidence import exchanges
+from starttls_harness.run.path_judge import (
+    SIDES,
+    fault_index,
+    is_app_record,
+    is_end,
+    is_plaintext,
+    judge_upgrade,
+    other,
+    wire_findings,
+)
 from starttls_harness.run.reference import reference_client_module, reference_server_module
 from starttls_harness.run.server import Progress, RunSettings, run_bracketed
-from starttls_harness.scenarios.expectations import PATH_EXPECTED, STOPTLS_SCENARIOS, mismatches
+from starttls_harness.scenarios.expectations import (
+    PATH_EXPECTED,
+    STOPTLS_SCENARIOS,
+    expected_path_verdicts,
+    mismatches,
+)
 from starttls_harness.scenarios.path import PATH_SCENARIOS, fault_data, fault_step
 from starttls_harness.scenarios.server import Expect, Scenario, Step
 from starttls_harness.servers.base import RunningServer, ServerConfig
@@ -107,12 +122,7 @@ __all__ = [
 
 F, W, K = Verdict.FAIL, Verdict.WARN, Verdict.SKIP
 
-SIDES = {C2S: "client", S2C: "server"}
 _DEFAULTS = RunSettings()
-
-
-def _other(direction: str) -> str:
-    return S2C if direction == C2S else C2S
 
 
 # ------------------------------------------------------------------ the pair
@@ -461,34 +471,15 @@ async def _session(run: _PathRun) -> None:
     run.completed = True
 
 
-def _fault_index(events: Sequence[ProxyEvent]) -> Optional[int]:
-    for i, e in enumerate(events):
-        if e.kind in ("fault", "injected"):
-            return i
-    return None
-
-
-def _is_plaintext(e: ProxyEvent) -> bool:
-    return e.kind == "plaintext" or (e.kind == "fragment" and "incomplete line" in e.detail)
-
-
-def _is_app_record(e: ProxyEvent) -> bool:
-    """Application data for sure: without a key log (TLS 1.3 by position) a
-    server record may be a NewSessionTicket, so it decides nothing."""
-    return e.kind == "record" and "application-data" in e.points and e.method != "position"
-
-
-def _is_end(e: ProxyEvent) -> bool:
-    return e.kind in ("eof", "reset")
-
-
 def _reaction(e: ProxyEvent, receiver: str, judge: str) -> bool:
     """Is ``e`` something the receiver (sending in direction ``receiver``) did?"""
     if e.direction != receiver:
         return False
-    if _is_plaintext(e) or _is_end(e):
+    if judge == "upgrade" and "starttls-reply" in e.points:
+        return False  # the answer to STARTTLS itself, not to the injected bytes
+    if is_plaintext(e) or is_end(e):
         return True
-    return judge == "injection" and _is_app_record(e)
+    return judge == "injection" and is_app_record(e)
 
 
 def _unprompted(run: _PathRun, receiver: str) -> bool:
@@ -509,80 +500,17 @@ def _decisive(run: _PathRun, events: Sequence[ProxyEvent], fi: int, receiver: st
     e = events[at]
     if not _reaction(e, receiver, run.judge):
         return False
-    if _unprompted(run, receiver) and _is_app_record(e):
-        earlier = [x for x in events[fi + 1 : at] if x.direction == receiver and _is_app_record(x)]
+    if _unprompted(run, receiver) and is_app_record(e):
+        earlier = [x for x in events[fi + 1 : at] if x.direction == receiver and is_app_record(x)]
         return bool(earlier)
     return True
 
 
-@dataclass(frozen=True)
-class _WireFinding:
-    label: str
-    side: str
-    detail: str
-    index: int
-
-
-def _wire_findings(events: Sequence[ProxyEvent]) -> List[_WireFinding]:
-    """Rules the proxy saw a peer break on the wire, in order.
-
-    Plaintext after a direction's close_notify but before the other's is a
-    one-sided closure by that direction's sender (R4: the initiator did not
-    wait); plaintext the follower marks as inside TLS is R2.  A first
-    close_notify answered by TCP close instead of close_notify is R5.
-    """
-    out: List[_WireFinding] = []
-    closed = {C2S: False, S2C: False}
-    first: Optional[str] = None
-    for i, e in enumerate(events):
-        d = e.direction
-        if d not in closed:
-            continue
-        if e.kind in ("record", "note") and "close-notify" in e.points:
-            if not closed[d]:
-                closed[d] = True
-                first = first or d
-            if all(closed.values()):
-                closed = {C2S: False, S2C: False}
-                first = None
-        elif _is_plaintext(e):
-            if closed[d] and not closed[_other(d)]:
-                out.append(
-                    _WireFinding(
-                        "violation:R4",
-                        SIDES[d],
-                        "plaintext after its own close_notify, before the peer's "
-                        f"({e.data[:40]!r})",
-                        i,
-                    )
-                )
-            elif "plaintext-in-tls" in e.points:
-                out.append(
-                    _WireFinding(
-                        "violation:R2",
-                        SIDES[d],
-                        f"plaintext while TLS was up ({e.data[:40]!r})",
-                        i,
-                    )
-                )
-        elif _is_end(e) and first is not None and d != first and not closed[d]:
-            out.append(
-                _WireFinding(
-                    "close-notify-not-answered",
-                    SIDES[d],
-                    f"closed TCP instead of answering the {SIDES[first]}'s close_notify",
-                    i,
-                )
-            )
-            first = None
-    return out
-
-
 def _decide(run: _PathRun, events: Sequence[ProxyEvent]) -> Tuple[str, str]:
     """The observation label and a detail for the evidence."""
-    findings = _wire_findings(events)
+    findings = wire_findings(events)
     violations = [f for f in findings if f.label.startswith("violation:")]
-    fi = _fault_index(events)
+    fi = fault_index(events)
     if run.fault is None:  # a sanity run: the session must just work
         if violations and run.pair.own_session is not None:
             # A program that breaks a rule on the wire may fail its own session
@@ -607,7 +535,7 @@ def _decide(run: _PathRun, events: Sequence[ProxyEvent]) -> Tuple[str, str]:
         return "closed-before-fault", _stopped_text(run)
     judged = _judge(run, events, fi)
     label = judged[0]
-    run.side = SIDES[_other(run.fault.direction)]
+    run.side = SIDES[other(run.fault.direction)]
     if run.fault is not None and _expect_verdict(run, label) is Verdict.FAIL:
         return judged
     if violations:
@@ -633,17 +561,17 @@ def _stopped_text(run: _PathRun) -> str:
 def _judge(run: _PathRun, events: Sequence[ProxyEvent], fi: int) -> Tuple[str, str]:
     """What the receiver of the fault did after it (wire first, then its own report)."""
     assert run.fault is not None
-    receiver = _other(run.fault.direction)
+    receiver = other(run.fault.direction)
     side = SIDES[receiver]
     closed_by: Optional[ProxyEvent] = None
     for at in range(fi + 1, len(events)):
         if not _decisive(run, events, fi, receiver, at):
             continue
         e = events[at]
-        if _is_plaintext(e):
+        if is_plaintext(e):
             label = "plaintext-answered" if run.judge == "injection" else "plaintext-resumed"
             return label, f"the {side} sent plaintext: {e.data[:60]!r}"
-        if _is_app_record(e):
+        if is_app_record(e):
             return "answered-in-tls", f"the {side} sent TLS application data after the injection"
         closed_by = e
         break
@@ -653,6 +581,8 @@ def _judge(run: _PathRun, events: Sequence[ProxyEvent], fi: int) -> Tuple[str, s
         closed_by = ProxyEvent(0.0, C2S, "eof", detail=f"the client exited: {run.stopped[1]}")
     own = _own_events(run, receiver)
     accepted = _accepted(run, receiver)
+    if run.judge == "upgrade":
+        return judge_upgrade(events, fi, receiver, accepted, run.completed, run.stopped)
     if run.judge == "injection":
         if accepted:
             v = accepted[0]
@@ -700,10 +630,10 @@ async def _await_reaction(run: _PathRun, conn: ProxyConnection) -> None:
     """Wait (bounded) until the receiver of the fault did something decisive."""
     if run.fault is None:
         return
-    fi = _fault_index(conn.events)
+    fi = fault_index(conn.events)
     if fi is None:
         return
-    receiver = _other(run.fault.direction)
+    receiver = other(run.fault.direction)
     if _accepted(run, receiver):
         return  # its own report already decides; nothing to wait for
     events = conn.events
@@ -791,7 +721,7 @@ def _returned(events: Sequence[ProxyEvent]) -> bool:
     if any("stoptls-command" in e.points for e in events):
         return True
     closures = [i for i, e in enumerate(events) if "close-notify" in e.points]
-    return bool(closures) and any(_is_plaintext(e) for e in events[closures[0] + 1 :])
+    return bool(closures) and any(is_plaintext(e) for e in events[closures[0] + 1 :])
 
 
 def _stoptls_unseen(run: _PathRun, events: Sequence[ProxyEvent]) -> bool:
@@ -807,10 +737,10 @@ def _stoptls_unseen(run: _PathRun, events: Sequence[ProxyEvent]) -> bool:
         return False
     decrypted = any(e.method == "keylog" and "application-data" in e.points for e in events)
     if not decrypted:
-        if _fault_index(events) is not None:
+        if fault_index(events) is not None:
             return False
         closures = [i for i, e in enumerate(events) if "close-notify" in e.points]
-        if closures and any(_is_plaintext(e) for e in events[closures[0] + 1 :]):
+        if closures and any(is_plaintext(e) for e in events[closures[0] + 1 :]):
             return False  # plaintext after a closure: a return to plaintext
     run.note("the proxy saw no STOPTLS from the client")
     return True
@@ -999,4 +929,4 @@ async def validate_path(
         closure_timeout=closure_timeout,
     )
     results = await run_path_target(scenarios, pair, settings, tls_versions=tls_versions)
-    return results, mismatches(results, PATH_EXPECTED[(side, behaviour)])
+    return results, mismatches(results, expected_path_verdicts(dialect, side, behaviour))

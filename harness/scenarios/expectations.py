@@ -25,6 +25,7 @@ __all__ = [
     "STOPTLS_SCENARIOS",
     "client_expected_by_dialect",
     "expected_client_verdicts",
+    "expected_path_verdicts",
     "expected_server_verdicts",
     "mismatches",
 ]
@@ -226,7 +227,11 @@ PATH_EXPECTED: Dict[Tuple[str, str], Dict[str, Verdict]] = {
     ("server", "accept-starttls-in-tls"): {},
     # R3: the plaintext goodbye after a truncation reaches the proxy's client side.
     ("server", "plaintext-goodbye"): {"path.truncate-c2s": F},
-    ("server", "keep-buffer"): {},
+    # R1: plaintext pipelined after STARTTLS is run inside TLS.
+    ("server", "keep-buffer"): {
+        "path.inject-after-starttls-c2s": F,
+        "path.inject-after-starttls-c2s-split": F,
+    },
     ("server", "alert-as-close"): {},
     ("server", "no-state-reset"): {},
     # R2: a plaintext reply inside TLS is taken in.
@@ -238,7 +243,30 @@ PATH_EXPECTED: Dict[Tuple[str, str], Dict[str, Verdict]] = {
     # R8: the plaintext capabilities kept after STARTTLS do not list STOPTLS,
     # so the client never returns to plaintext: those scenarios do not apply.
     ("client", "no-state-reset"): _all(K),
-    ("client", "accept-injected-response"): {},
+    # R1: the response injected behind the STARTTLS answer is read under TLS
+    # (the split variant where the dialect's reference client takes plaintext
+    # after its ClientHello too: see PATH_FROM_CLIENT).
+    ("client", "accept-injected-response"): {"path.inject-after-starttls-s2c": F},
     ("client", "no-close-notify-reply"): {},
     ("client", "downgrade"): {},
 }
+
+
+#: Path scenario -> the client scenario whose verdict it shares for a reference
+#: client: the same engine meets the same bytes at the same point (a response
+#: after its ClientHello), so where the dialect's reference client differs in
+#: the client role (``Dialect.reference_client_expected``) it differs here too.
+PATH_FROM_CLIENT: Mapping[str, str] = {
+    "path.inject-after-starttls-s2c-split": "client.response-injection-split",
+}
+
+
+def expected_path_verdicts(dialect: str, side: str, behaviour: str) -> Mapping[str, Verdict]:
+    """The exact non-pass verdicts of a reference pair with one side misbehaving."""
+    out = dict(PATH_EXPECTED[(side, behaviour)])
+    if side == "client":
+        client = expected_client_verdicts(dialect, behaviour)
+        for path_id, client_id in PATH_FROM_CLIENT.items():
+            if client.get(client_id) is F:
+                out[path_id] = F
+    return out

@@ -102,7 +102,7 @@ def test_a_strict_pair_passes(capsys: pytest.CaptureFixture[str], tmp_path: Path
     verdicts = {r["id"]: r["verdict"] for r in doc["results"]}
     assert code == 0, out
     assert set(verdicts.values()) <= {"pass"}, out
-    assert len(verdicts) == 8
+    assert len(verdicts) == len(PATH_SCENARIOS)
     assert all("side" not in r for r in doc["results"])
 
 
