@@ -126,6 +126,7 @@ CLIENT_EXPECTED: Dict[str, Dict[str, Verdict]] = {
         "client.response-injection": F,
         "client.response-injection-partial": F,
         "client.response-injection-multi": F,
+        "client.response-injection-capabilities": F,
     },
     # R2: the raw plaintext reply is taken and the session goes on.
     "plaintext-in-tls": {"client.plaintext-in-tls": F},
@@ -141,6 +142,8 @@ CLIENT_EXPECTED: Dict[str, Dict[str, Verdict]] = {
     # the STOPTLS scenarios cannot be applied to it.
     "no-state-reset": {
         "client.state-reset": F,
+        # IMAP: the capabilities of the untagged lines ahead of the STARTTLS answer.
+        "client.starttls-untagged": F,
         "client.one-sided-close": K,
         "client.stoptls-wait": K,
         "client.stoptls-cycle": K,

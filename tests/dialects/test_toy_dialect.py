@@ -521,6 +521,10 @@ def test_scenarios_that_need_a_return_to_plaintext_skip_a_dialect_without_one() 
             "client.stoptls-wait",
             "client.stoptls-cycle",
             "client.starttls-preauth",  # no PREAUTH greeting (has_preauth)
+            # No capability-list hello, no tagged replies: no such injection shapes.
+            "client.response-injection-capabilities",
+            "client.response-injection-tagged",
+            "client.starttls-untagged",
             *STOPTLS_SCENARIOS,
             # A return the server may start (FTP CCC) is not the toy's STOPTLS.
             *(s.id for s in CCC_SCENARIOS),

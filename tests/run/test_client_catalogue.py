@@ -86,9 +86,17 @@ def test_ids_are_unique_and_cover_the_spec() -> None:
 def test_scenario_is_complete_data(scenario: Scenario) -> None:
     assert scenario.role == "client"
     assert scenario.title and scenario.reason and scenario.reference
-    # PREAUTH exists in IMAP only (the dialect's has_preauth flag).
-    if scenario.id == "client.starttls-preauth":
-        assert set(scenario.dialects) == {d for d in names() if dialect_named(d).has_preauth}
+    # PREAUTH exists in IMAP only (the dialect's has_preauth flag); the forged
+    # capability list and the tagged shapes where the dialect has them.
+    flags = {
+        "client.starttls-preauth": "has_preauth",
+        "client.response-injection-capabilities": "has_capability_list_reply",
+        "client.response-injection-tagged": "has_tagged_replies",
+        "client.starttls-untagged": "has_tagged_replies",
+    }
+    if scenario.id in flags:
+        flag = flags[scenario.id]
+        assert set(scenario.dialects) == {d for d in names() if getattr(dialect_named(d), flag)}
     else:
         assert set(scenario.dialects) == set(names())
     assert set(scenario.tls_versions) == {"1.2", "1.3"}
