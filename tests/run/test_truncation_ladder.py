@@ -27,7 +27,7 @@ from starttls_harness.scenarios.client import client_by_id
 Runner = Callable[..., Any]
 
 #: An SMTP client that ends TLS with close_notify when its reply is cut.
-CLOSING_CLIENT = r'''
+CLOSING_CLIENT = r"""
 import socket, ssl, sys
 
 host, port, cafile, version = sys.argv[1:5]
@@ -66,7 +66,7 @@ if not answer.endswith(b"\n"):
     sys.exit(1)
 t.sendall(b"QUIT\r\n"); reply(tf)
 sys.exit(0)
-'''
+"""
 
 
 def test_no_close_notify_from_us_after_our_fin(
