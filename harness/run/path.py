@@ -163,6 +163,10 @@ class PathServer(abc.ABC):
         """How many messages the server holds, if observable."""
         return None
 
+    async def count(self) -> Optional[int]:
+        """:meth:`stored`, or a count that takes a wait (a storage probe command)."""
+        return self.stored()
+
     async def settle(self, timeout: float) -> None:
         """Wait (bounded) until the server finished with this run's connections."""
         return None  # nothing to wait for unless the server can tell
@@ -397,6 +401,8 @@ class _PathRun:
     server_upto: Optional[int] = None
     client_upto: Optional[int] = None
     stored_before: Optional[int] = None
+    #: The count once the session is over (read after the server settled).
+    stored_after: Optional[int] = None
     #: (proxy event index, text): harness notes, merged into the evidence.
     notes: List[Tuple[int, str]] = field(default_factory=list)
     #: Why the session stopped early: (step action, exception).
@@ -596,8 +602,8 @@ def _judge(run: _PathRun, events: Sequence[ProxyEvent], fi: int) -> Tuple[str, s
             return "refused", f"the {side} closed the connection{why}"
         return "timeout", f"the {side} neither answered nor closed within the bound"
     # truncation
-    if receiver == S2C and run.stored_before is not None and run.server is not None:
-        after = run.server.stored()
+    if receiver == S2C and run.stored_before is not None:
+        after = run.stored_after
         if after is not None and after > run.stored_before:
             return "stored-truncated", f"stored messages went {run.stored_before} -> {after}"
     if receiver == C2S and run.verb_done_at is not None and run.verb_done_at > fi:
@@ -660,6 +666,8 @@ async def _execute(run: _PathRun) -> Tuple[str, str, List[Exchange]]:
         if pair.proxy_keylog is not None and run.keylog is not None:
             keylog = pair.proxy_keylog(run.keylog)
         armed_now = (run.fault,) if pair.own_session is not None and run.fault else ()
+        if armed_now:  # armed before the program connects: count before it, too
+            run.stored_before = await run.server.count()
         run.proxy = await Proxy.start(
             ("127.0.0.1", 0),
             run.server.address,
@@ -700,6 +708,8 @@ async def _execute(run: _PathRun) -> Tuple[str, str, List[Exchange]]:
         with contextlib.suppress(asyncio.TimeoutError, RuntimeError):
             await conn.wait_closed(settings.reply_timeout)
         await run.server.settle(settings.reply_timeout)
+        if run.stored_before is not None:
+            run.stored_after = await run.server.count()
         events = list(conn.events)
         if armed_now:
             run.armed = True
