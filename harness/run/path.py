@@ -98,6 +98,7 @@ from starttls_harness.servers.base import RunningServer, ServerConfig
 from starttls_harness.tls.aio import Timeouts
 from starttls_harness.tls.certs import Pki, make_pki
 from starttls_harness.tls.engine import Event, PeerEOF, Rule, Violation
+from starttls_harness.tls.keylog import SecretsMapping, SecretsProvider, read_keylog
 
 __all__ = [
     "PATH_EXPECTED",
@@ -111,6 +112,7 @@ __all__ = [
     "PathServer",
     "StepHooks",
     "StopTLSUnsupported",
+    "merged_keylog",
     "path_sanity",
     "reference_pair",
     "run_path_scenario",
@@ -206,6 +208,12 @@ class PathPair:
     proxy_keylog: Optional[Callable[[Path], Any]] = None
     #: Where the secrets came from, given the run's key log path (evidence).
     keylog_source: Optional[Callable[[Path], str]] = None
+    #: Start the server writing its own key log to the given file (the built-in
+    #: pair): the proxy reads it beside the client's.  Every sender logs a
+    #: secret before it sends under it, so with both logs no record waits for
+    #: its secret (the client logs the server's handshake secret only once it
+    #: has read the ServerHello, after the server's whole flight has passed).
+    start_logged_server: Optional[Callable[[str, RunSettings, Path], Awaitable[PathServer]]] = None
     #: TLS version -> whether the plain session (a sanity run) of an
     #: ``own_session`` pair returned to plaintext: STOPTLS scenarios of a
     #: pair that did not skip without running.
@@ -299,10 +307,16 @@ def reference_pair(
         return holder[0]
 
     async def start_server(tls_version: str, settings: RunSettings) -> PathServer:
+        return await start_logged(tls_version, settings, None)
+
+    async def start_logged(
+        tls_version: str, settings: RunSettings, keylog: Optional[Path]
+    ) -> PathServer:
         closure = closure_timeout if closure_timeout is not None else settings.reply_timeout / 2
         config = ServerConfig(
             pki=the_pki(),
             behaviour=server_behaviour,
+            keylog=keylog,
             timeouts=Timeouts(
                 handshake=settings.reply_timeout,
                 closure=closure,
@@ -325,6 +339,7 @@ def reference_pair(
         start_server=start_server,
         client=client,
         client_context=context,
+        start_logged_server=start_logged,
     )
 
 
@@ -659,12 +674,18 @@ async def _execute(run: _PathRun) -> Tuple[str, str, List[Exchange]]:
     """Start the pieces, drive the session, decide; always clean up."""
     settings, pair = run.settings, run.pair
     try:
-        run.server = await asyncio.wait_for(
-            pair.start_server(run.tls_version, settings), settings.connect_timeout
-        )
+        server_keys: Optional[Path] = None
+        if pair.start_logged_server is not None and pair.writes_keylog and run.keylog is not None:
+            server_keys = run.keylog.with_name(run.keylog.name + ".server")
+            starting = pair.start_logged_server(run.tls_version, settings, server_keys)
+        else:
+            starting = pair.start_server(run.tls_version, settings)
+        run.server = await asyncio.wait_for(starting, settings.connect_timeout)
         keylog: Any = run.keylog if pair.writes_keylog else None
         if pair.proxy_keylog is not None and run.keylog is not None:
             keylog = pair.proxy_keylog(run.keylog)
+        elif server_keys is not None and run.keylog is not None:
+            keylog = merged_keylog(run.keylog, server_keys)
         armed_now = (run.fault,) if pair.own_session is not None and run.fault else ()
         if armed_now:  # armed before the program connects: count before it, too
             run.stored_before = await run.server.count()
@@ -774,6 +795,17 @@ async def _cleanup(run: _PathRun) -> None:
     if run.server is not None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(run.server.close(), run.settings.reply_timeout)
+
+
+def merged_keylog(client: Path, server: Optional[Path]) -> SecretsProvider:
+    """Secrets from the client's key log first, then the server's (re-read each call)."""
+
+    def provider() -> SecretsMapping:
+        out = dict(read_keylog(server)) if server is not None else {}
+        out.update(read_keylog(client))
+        return out
+
+    return provider
 
 
 def _keylog_path(directory: Path, name: str, dialect: str, tls_version: str) -> Path:

@@ -26,11 +26,11 @@ from typing import Any, Optional, Sequence, Tuple
 
 from starttls_harness.dialects import dialect_named
 from starttls_harness.dialects.roles import ClientOutcome, ClientSpec, Hooks, PathDriver
-from starttls_harness.run.path import PathPair, PathServer
+from starttls_harness.run.path import PathPair, PathServer, merged_keylog
 from starttls_harness.run.server import RunSettings, StorageProbe
 from starttls_harness.run.targets import CommandClientTarget
 from starttls_harness.scenarios.model import Step
-from starttls_harness.tls.keylog import SecretsMapping, SecretsProvider, read_keylog
+from starttls_harness.tls.keylog import read_keylog
 
 __all__ = ["OWN_SESSION", "CommandPathDriver", "command_pair", "keylog_source"]
 
@@ -94,17 +94,6 @@ class _Server(PathServer):
         return None
 
 
-def _merged(client: Path, server: Optional[Path]) -> SecretsProvider:
-    """Secrets from the client's key log first, then the server's."""
-
-    def provider() -> SecretsMapping:
-        out = dict(read_keylog(server)) if server is not None else {}
-        out.update(read_keylog(client))
-        return out
-
-    return provider
-
-
 def keylog_source(client: Path, server: Optional[Path]) -> str:
     """Which key log the proxy could use for a run (for the evidence)."""
     if read_keylog(client):
@@ -155,7 +144,7 @@ def command_pair(
         return ctx
 
     def proxy_keylog(keylog: Path) -> Any:
-        return _merged(keylog, server_keylog)
+        return merged_keylog(keylog, server_keylog)
 
     def source(keylog: Path) -> str:
         return keylog_source(keylog, server_keylog)

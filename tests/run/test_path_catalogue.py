@@ -446,3 +446,27 @@ def test_silent_server_is_bounded_and_an_error(pki: Pki, run: Runner) -> None:
     results, seconds = run(body, 30)
     assert {r.verdict for r in results} == {E}
     assert seconds < 5.0
+
+
+@pytest.mark.parametrize("dialect", ["smtp", "imap"])
+def test_the_built_in_pair_never_waits_for_a_secret(dialect: str, pki: Pki, run: Runner) -> None:
+    """The proxy reads both reference peers' key logs: every sender logs a
+    secret before it sends under it, so under TLS 1.3 no record of either
+    side is left pending (the client alone logs the server's handshake
+    secret only after the server's whole flight has passed the proxy)."""
+
+    async def body() -> List[Result]:
+        pair = reference_pair(dialect, pki=pki)
+        return await run_path_target(PATH_SCENARIOS, pair, FAST, tls_versions=("1.3",))
+
+    results = run(body, 60)
+    assert results and all(r.verdict in (P, K) for r in results)
+    late = [
+        f"{r.id}: {e.note}"
+        for r in results
+        for e in r.evidence.exchanges
+        if "classified late" in e.note or "classification pending" in e.note
+    ]
+    assert late == []
+    decrypted = [e for r in results for e in r.evidence.exchanges if "keylog" in e.note]
+    assert decrypted  # followed by decryption, not by position
