@@ -208,12 +208,15 @@ class PathPair:
     proxy_keylog: Optional[Callable[[Path], Any]] = None
     #: Where the secrets came from, given the run's key log path (evidence).
     keylog_source: Optional[Callable[[Path], str]] = None
-    #: Start the server writing its own key log to the given file (the built-in
-    #: pair): the proxy reads it beside the client's.  Every sender logs a
-    #: secret before it sends under it, so with both logs no record waits for
-    #: its secret (the client logs the server's handshake secret only once it
-    #: has read the ServerHello, after the server's whole flight has passed).
+    #: ``start_server`` again, writing the server's own key log to the given
+    #: file (the built-in pair): the proxy reads it beside the client's.  Every
+    #: sender logs a secret before it sends under it, so with both logs no
+    #: record waits for its secret (the client logs the server's handshake
+    #: secret only once it has read the ServerHello, after the server's whole
+    #: flight has passed).  Used only while ``start_server`` is still
+    #: ``logged_for``: a pair whose ``start_server`` was replaced runs as given.
     start_logged_server: Optional[Callable[[str, RunSettings, Path], Awaitable[PathServer]]] = None
+    logged_for: Optional[ServerFactory] = None
     #: TLS version -> whether the plain session (a sanity run) of an
     #: ``own_session`` pair returned to plaintext: STOPTLS scenarios of a
     #: pair that did not skip without running.
@@ -340,6 +343,7 @@ def reference_pair(
         client=client,
         client_context=context,
         start_logged_server=start_logged,
+        logged_for=start_server,
     )
 
 
@@ -494,6 +498,8 @@ async def _session(run: _PathRun) -> None:
 
 def _reaction(e: ProxyEvent, receiver: str, judge: str) -> bool:
     """Is ``e`` something the receiver (sending in direction ``receiver``) did?"""
+    if judge == "truncation" and e.kind == "rst-sent" and e.direction == other(receiver):
+        return True  # the harness reset the receiver's connection: nothing can follow
     if e.direction != receiver:
         return False
     if judge == "upgrade" and "starttls-reply" in e.points:
@@ -630,6 +636,8 @@ def _judge(run: _PathRun, events: Sequence[ProxyEvent], fi: int) -> Tuple[str, s
     if closed_by is not None:
         if reported:
             return "truncation-reported", f"the {side} reported R6: {reported[0].message}"
+        if closed_by.kind == "rst-sent":
+            return "reset", f"the {side}'s connection was reset; the cut unit was not taken"
         return "closed", f"the {side} closed the connection"
     return "timeout", f"the {side} did not close within the bound"
 
@@ -675,7 +683,9 @@ async def _execute(run: _PathRun) -> Tuple[str, str, List[Exchange]]:
     settings, pair = run.settings, run.pair
     try:
         server_keys: Optional[Path] = None
-        if pair.start_logged_server is not None and pair.writes_keylog and run.keylog is not None:
+        logged = pair.start_logged_server is not None and pair.start_server is pair.logged_for
+        if logged and pair.writes_keylog and run.keylog is not None:
+            assert pair.start_logged_server is not None
             server_keys = run.keylog.with_name(run.keylog.name + ".server")
             starting = pair.start_logged_server(run.tls_version, settings, server_keys)
         else:
@@ -729,6 +739,10 @@ async def _execute(run: _PathRun) -> Tuple[str, str, List[Exchange]]:
         with contextlib.suppress(asyncio.TimeoutError, RuntimeError):
             await conn.wait_closed(settings.reply_timeout)
         await run.server.settle(settings.reply_timeout)
+        if run.fault is not None and run.fault.action == "rst":
+            # The reset receiver's own report comes when it reads the RST;
+            # nothing the harness does afterwards can reach that connection.
+            run.server_upto = len(_events(run.server))
         if run.stored_before is not None:
             run.stored_after = await run.server.count()
         events = list(conn.events)

@@ -52,7 +52,10 @@ unit to hit; ``judge`` names the decision rule:
     not resume plaintext (``plaintext-resumed``), must not treat the unit
     as complete (``stored-truncated`` for a server that stored it,
     ``unit-accepted`` for a client that took the cut reply) and reports a
-    truncation, not a clean end (``truncation-not-reported``).
+    truncation, not a clean end (``truncation-not-reported``).  The
+    ``path.reset-*`` twins send a TCP RST instead: nothing can follow it, so
+    the RST itself ends the wait (``reset`` when the receiver's own report
+    shows nothing wrong).
 
 Outcomes shared by every path scenario: a rule the proxy saw either peer
 break on the wire (unless the receiver's reaction is a fail already) is
@@ -130,6 +133,7 @@ _INJECTION: Dict[str, Expect] = {
 _TRUNCATION: Dict[str, Expect] = {
     "truncation-reported": Expect(P, "reported the truncation and discarded the cut unit"),
     "closed": Expect(P, "closed without resuming plaintext (the unit's fate is not observable)"),
+    "reset": Expect(P, "the connection was reset and the cut unit was not taken as complete"),
     "plaintext-resumed": Expect(F, "took the truncation for a closure and resumed plaintext"),
     "truncation-not-reported": Expect(F, "took the truncation for a clean end of the connection"),
 }
@@ -406,6 +410,42 @@ _PATH = [
 ]
 
 
+def _reset_scenario(direction: str) -> Scenario:
+    """As ``path.truncate-*``, with a TCP RST where the FIN was."""
+    to_server = direction == "c2s"
+    verb = "send-unit" if to_server else "fetch-unit"
+    if to_server:
+        title = "RST to the server in the middle of a unit under TLS"
+        outcome = {"stored-truncated": Expect(F, "the server stored a unit cut by a TCP reset")}
+        reference = "RFC 8446 §6.1; RFC 5246 §7.2.1; RFC 5321 §4.1.1.4; RFC 3501 §4.3"
+    else:
+        title = "RST to the client in the middle of a reply under TLS"
+        outcome = {"unit-accepted": Expect(F, "the client took a reply cut by a TCP reset")}
+        reference = "RFC 8446 §6.1; RFC 5246 §7.2.1; GHSA-vxj7-4xrp-5vr4"
+    return Scenario(
+        id=f"path.reset-{direction}",
+        title=title,
+        role="path",
+        rule=Rule.R6,
+        reference=reference,
+        reason="A reset is no closure either: the unit it cuts is incomplete.",
+        steps=(
+            *_SESSION,
+            S(
+                verb,
+                fault=True,
+                direction=direction,
+                at="application-data",
+                op="rst",
+                arm="verb",
+                judge="truncation",
+            ),
+            S("quit"),
+        ),
+        expect=_with(_TRUNCATION, outcome),
+    )
+
+
 def _upgrade_scenario(direction: str, split: bool) -> Scenario:
     """Plaintext injected at the upgrade, toward the server (``c2s``) or the client."""
     to_server = direction == "c2s"
@@ -476,6 +516,7 @@ def _upgrade_scenario(direction: str, split: bool) -> Scenario:
 _PATH.extend(
     _upgrade_scenario(direction, split) for direction in ("c2s", "s2c") for split in (False, True)
 )
+_PATH.extend(_reset_scenario(direction) for direction in ("c2s", "s2c"))
 
 PATH_SCENARIOS: Tuple[Scenario, ...] = needing_return(_PATH, STOPTLS_SCENARIOS)
 
