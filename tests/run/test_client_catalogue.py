@@ -632,3 +632,21 @@ def test_close_notify_answered_later_than_the_bound_is_a_warn_with_the_time(
     assert re.fullmatch(
         r"answered close_notify, but not at once after \d+\.\d\d s \(bound 0 s\)", result.summary
     )
+
+
+def test_the_imap_injection_predicts_the_next_tag_only() -> None:
+    """The predicted completion is part of the injected bytes (never an answer
+    to a command): the STARTTLS tag plus one, and none where there is no number."""
+    scripted = dialect_named("imap").scripted_server()
+    starttls = scripted.parse(b"a2 STARTTLS\r\n", tls=False)
+    assert scripted.injection(starttls).endswith(b"\r\na3 OK CAPABILITY completed\r\n")
+    assert scripted.shaped_injection("tagged", starttls) == b"a3 OK CAPABILITY completed\r\n"
+    untagged = scripted.shaped_injection("untagged-before-answer", starttls)
+    assert untagged is not None and all(line.startswith(b"* ") for line in untagged.splitlines())
+    bare = scripted.parse(b"tag STARTTLS\r\n", tls=False)
+    assert scripted.shaped_injection("tagged", bare) is None
+    assert scripted.injection(bare) == b"* CAPABILITY IMAP4rev1 LOGINDISABLED\r\n"
+    smtp = dialect_named("smtp").scripted_server()
+    assert smtp.shaped_injection("tagged", starttls) is None
+    forged = smtp.shaped_injection("capabilities", smtp.parse(b"STARTTLS\r\n", tls=False))
+    assert forged is not None and b"AUTH" not in forged and forged.startswith(b"250-")
