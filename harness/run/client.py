@@ -88,9 +88,9 @@ from starttls_harness.run.targets import (
     ReferenceClientTarget,
 )
 from starttls_harness.run.validation import CLIENT_VALIDATION_SETTINGS
-from starttls_harness.scenarios.client import CLIENT_COMMON, CLIENT_SCENARIOS
+from starttls_harness.scenarios.client import CLIENT_COMMON, CLIENT_SANITY, CLIENT_SCENARIOS
 from starttls_harness.scenarios.expectations import expected_client_verdicts, mismatches
-from starttls_harness.scenarios.model import Expect, Scenario, Step
+from starttls_harness.scenarios.model import Scenario, Step
 from starttls_harness.tls.aio import Timeouts, create_server
 from starttls_harness.tls.certs import make_pki
 from starttls_harness.tls.engine import (
@@ -361,13 +361,9 @@ async def step_serve(run: _Run, args: Mapping[str, object]) -> None:
 
 
 async def _stalled(run: _Run, until: str) -> None:
-    """The client went quiet after a fault while the whole session was served.
-
-    A client whose replies fell out of step (it took an injected reply as
-    one of ours) can end up waiting for an answer we already gave while we
-    wait for what it announced (a DATA body).  Its own report decides: a
-    failure is ``client-failed``; anything else leaves the timeout an error.
-    """
+    """Quiet after a fault while the whole session was served: a client out of
+    step (it took an injected reply for ours) may wait for an answer it already
+    took while we wait for its DATA body.  Its own failure report decides."""
     if until != "end" or not run.fault_applied:
         return
     outcome = await run.outcome()
@@ -884,26 +880,6 @@ async def run_client_scenario(
 
 # ------------------------------------------------------------ many scenarios
 
-SANITY = Scenario(
-    id="client.sanity",
-    title="sanity probe: a normal STARTTLS session",
-    role="client",
-    rule=Rule.R1,
-    reference="",
-    reason="A client that cannot complete the conforming path makes every refusal meaningless.",
-    steps=(
-        Step("greet"),
-        Step("serve", {"until": "starttls"}),
-        Step("accept-starttls", fault=True),
-        Step("handshake"),
-        Step("serve", {"until": "end"}),
-    ),
-    expect={
-        **CLIENT_COMMON,
-        "completed": Expect(Verdict.PASS, "the client completed a normal session"),
-    },
-)
-
 
 def _probe_problem(result: Result) -> str:
     """Why the sanity probe failed, in one line (the client's own words included)."""
@@ -925,7 +901,7 @@ async def sanity_probe(
 
 async def sanity_result(target: ClientTarget, tls_version: str, settings: RunSettings) -> Result:
     """The sanity probe as a result, with its evidence."""
-    return await run_client_scenario(SANITY, target, tls_version, settings)
+    return await run_client_scenario(CLIENT_SANITY, target, tls_version, settings)
 
 
 async def run_client_target(

@@ -92,6 +92,7 @@ from starttls_harness.tls.engine import Rule
 __all__ = [
     "CLIENT_COMMON",
     "CLIENT_EXPECTED",
+    "CLIENT_SANITY",
     "CLIENT_SCENARIOS",
     "SPEC_CLIENT_IDS",
     "client_by_id",
@@ -466,6 +467,26 @@ _CLIENT: Tuple[Scenario, ...] = (
 
 CLIENT_SCENARIOS: Tuple[Scenario, ...] = needing_return(
     _CLIENT, ("client.one-sided-close", "client.stoptls-wait", "client.stoptls-cycle")
+)
+
+
+#: The sanity probe that brackets every client target x TLS version: the
+#: client must complete a normal session against the conforming fake server.
+CLIENT_SANITY = Scenario(
+    id="client.sanity",
+    title="sanity probe: a normal STARTTLS session",
+    role="client",
+    rule=Rule.R1,
+    reference="",
+    reason="A client that cannot complete the conforming path makes every refusal meaningless.",
+    steps=(
+        S("greet"),
+        S("serve", until="starttls"),
+        S("accept-starttls", fault=True),
+        S("handshake"),
+        S("serve", until="end"),
+    ),
+    expect=_expect(completed=Expect(P, "the client completed a normal session")),
 )
 
 
