@@ -470,3 +470,42 @@ def test_the_built_in_pair_never_waits_for_a_secret(dialect: str, pki: Pki, run:
     assert late == []
     decrypted = [e for r in results for e in r.evidence.exchanges if "keylog" in e.note]
     assert decrypted  # followed by decryption, not by position
+
+
+class _Opaque(PathServer):
+    """A reference server seen from outside: its own TLS-layer report is hidden."""
+
+    def __init__(self, inner: PathServer) -> None:
+        self.inner = inner
+        self.address = inner.address
+
+    async def settle(self, timeout: float) -> None:
+        await self.inner.settle(timeout)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def test_a_server_running_injected_commands_fails_on_the_wire_alone(
+    tls_version: str, pki: Pki, run: Runner
+) -> None:
+    """Without the server's own report (a real server), a command pipelined
+    behind STARTTLS and run inside TLS still fails when the client's session
+    breaks on the answers out of step: IMAP's tags make every extra answer
+    fatal.  (An SMTP client can survive replies shifted by one -- a 500 for
+    its EHLO, then HELO answered by the EHLO reply -- and then only the
+    server's own report, or the decrypted replies, could tell: see the
+    limitation in docs/check-path.md.)"""
+    pair = reference_pair("imap", server_behaviour="keep-buffer", pki=pki)
+    inner = pair.start_server
+
+    async def start(version: str, settings: RunSettings) -> PathServer:
+        return _Opaque(await inner(version, settings))
+
+    pair.start_server = start
+    scenarios = [path_by_id("path.inject-after-starttls-c2s")]
+
+    (result,) = run(lambda: run_path_target(scenarios, pair, FAST, tls_versions=(tls_version,)), 30)
+    assert result.verdict is F, result.summary
+    assert getattr(result, "side", None) == "server"
+    assert "out of step" in result.summary or "answered" in result.summary, result.summary
