@@ -8,7 +8,14 @@ import shutil
 from pathlib import Path
 from typing import AsyncIterator, Callable, List, Tuple
 
-from starttls_harness.cli.checks import Job, _add_run_options, _reachable, _RunSetup, _select
+from starttls_harness.cli.checks import (
+    Job,
+    _add_run_options,
+    _reachable,
+    _RunSetup,
+    _select,
+    _storage_probe,
+)
 from starttls_harness.cli.common import UsageError, check_cafile, parse_target
 from starttls_harness.report.verdicts import Result
 from starttls_harness.run.path import run_path_target
@@ -70,6 +77,12 @@ def _add_options(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="the server's TLS key log, used when the client writes none",
     )
+    p.add_argument(
+        "--storage-probe",
+        metavar="COMMAND",
+        help="a command (no shell) that prints how many messages the server holds; "
+        "lets path.truncate-c2s see whether a cut message was stored (as in check)",
+    )
 
 
 def _split(args: argparse.Namespace) -> List[str]:
@@ -112,6 +125,7 @@ def cmd_check_path(args: argparse.Namespace) -> int:
     if args.password:
         setup.secrets.append(args.password)
     versions: Tuple[str, ...] = setup.versions
+    count = _storage_probe(args.storage_probe, args.reply_timeout) if args.storage_probe else None
     pair = command_pair(
         dialect,
         (host, port),
@@ -122,6 +136,7 @@ def cmd_check_path(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         server_keylog=args.server_keylog,
         tls_versions=versions,
+        storage_count=count,
     )
 
     @contextlib.asynccontextmanager
@@ -130,6 +145,11 @@ def cmd_check_path(args: argparse.Namespace) -> int:
             return await run_path_target(scenarios, pair, setup.settings, progress, setup.versions)
 
         await _reachable(host, port, args.reply_timeout)
+        if count is not None:
+            try:
+                await count()  # a probe that cannot count is a usage error, before anything runs
+            except RuntimeError as exc:
+                raise UsageError(f"--storage-probe: {exc}") from None
         label = f"{args.target} <- proxy <- {' '.join(argv)}"
         setup.out.write(f"checking the path: {label}\n")
         yield label, [(label, job, setup.count(scenarios, [dialect]))]

@@ -107,6 +107,12 @@ class Dialect:
     rereads_capabilities = True
     #: The scripted server can greet "authenticated already" (IMAP PREAUTH).
     has_preauth = False
+    #: The hello is answered with the capability list (SMTP EHLO): the scripted
+    #: server can inject a forged one (``ScriptedServer.shaped_injection``).
+    has_capability_list_reply = False
+    #: Replies complete commands by tag (IMAP): the scripted server can inject
+    #: a tagged completion, and untagged responses ahead of the STARTTLS answer.
+    has_tagged_replies = False
     #: After the STARTTLS handshake the server speaks first, unprompted
     #: (ManageSieve re-sends its capabilities, RFC 5804 §2.2): its first TLS
     #: record then is no answer to anything the client sent.

@@ -132,6 +132,21 @@ class _ScriptedImap(ScriptedServer):
             out += tag + b" OK CAPABILITY completed\r\n"
         return out
 
+    def shaped_injection(self, shape: str, starttls: Command) -> Optional[bytes]:
+        if shape == "tagged":
+            # The completion alone: a client that reads it has its CAPABILITY
+            # answered with no capability list (and the real answer comes later,
+            # under a tag it has finished with).
+            tag = next_tag(starttls.tag)
+            return None if tag is None else tag + b" OK CAPABILITY completed\r\n"
+        if shape == "untagged-before-answer":
+            # Legal in plaintext, but knowledge a client must drop at the upgrade (R8).
+            return (
+                b"* CAPABILITY IMAP4rev1 LOGINDISABLED\r\n"
+                b"* OK [ALERT] injected by starttls-harness before the STARTTLS answer\r\n"
+            )
+        return None
+
     def starttls_bad(self, cmd: Command) -> bytes:
         return self._tagged(cmd, "BAD STARTTLS refused")
 
@@ -189,6 +204,7 @@ class _Imap(Dialect):
     storage_needs_login = True
     state_needs_login = ("stoptls",)  # SELECT after STOPTLS: is the login gone?
     has_preauth = True
+    has_tagged_replies = True
     any_reply_tag = "*"
     #: The reference IMAP client's relaxed engine also takes plaintext that
     #: arrives after its ClientHello (the SMTP one refuses it: only its hold
@@ -199,6 +215,7 @@ class _Imap(Dialect):
             "client.response-injection-split": Verdict.FAIL,
             "client.response-injection-partial": Verdict.FAIL,
             "client.response-injection-multi": Verdict.FAIL,
+            "client.response-injection-tagged": Verdict.FAIL,
         },
         "downgrade": {
             "client.starttls-stripped": Verdict.FAIL,

@@ -140,6 +140,16 @@ class ScriptedServer(abc.ABC):
         """Several injected responses (lines) in one write."""
         return self.injection(starttls) * 2
 
+    def shaped_injection(self, shape: str, starttls: Command) -> Optional[bytes]:
+        """The bytes of one more injection shape, None where the dialect has none.
+
+        ``capabilities``: a forged answer to the hello, a capability list that
+        offers no way to log in; ``tagged``: a tagged completion alone, for
+        the tag the client will most likely use next; ``untagged-before-answer``:
+        untagged responses written in plaintext *ahead of* the STARTTLS answer.
+        """
+        return None
+
     def starttls_bad(self, cmd: Command) -> bytes:
         """STARTTLS answered as a bad command (SMTP 5xx, IMAP ``BAD``)."""
         return self.not_offered(cmd)

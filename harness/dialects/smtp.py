@@ -105,6 +105,12 @@ class _ScriptedSmtp(ScriptedServer):
             b"421 4.7.0 and a second injected reply\r\n"
         )
 
+    def shaped_injection(self, shape: str, starttls: Command) -> Optional[bytes]:
+        if shape == "capabilities":
+            # A forged EHLO answer: no AUTH, a marker, and no line a client needs.
+            return _lines("250", ["injected.invalid", "8BITMIME", "XHARNESS-INJECTED"])
+        return None
+
     def starttls_bad(self, cmd: Command) -> bytes:
         return b"501 5.5.4 Syntax error (STARTTLS refused)\r\n"
 
@@ -165,6 +171,7 @@ class _Smtp(Dialect):
     server_module = "starttls_harness.servers.smtp"
     client_module = "starttls_harness.clients.smtp"
     has_return_to_plaintext = True
+    has_capability_list_reply = True
 
     def framer(self) -> Framer:
         return line_framer()

@@ -232,13 +232,16 @@ async def _open_body(run: _Run, cmd: Command) -> None:
     run.conn.send(prompt)
 
 
-def _switch_to_tls(run: _Run, cmd: Command, inject: bytes = b"") -> None:
-    """Answer STARTTLS and switch in one write (with ``inject`` glued on)."""
+def _switch_to_tls(run: _Run, cmd: Command, inject: bytes = b"", before: bool = False) -> None:
+    """Answer STARTTLS and switch in one write (with ``inject`` glued on,
+    behind the answer or, with ``before``, ahead of it)."""
     conn = run.conn
     t = conn.t()
     with t.corked():
+        if inject and before:
+            conn.inject(inject, "plaintext responses ahead of the STARTTLS answer (same segment)")
         conn.send(run.dialect.starttls_ok(cmd))
-        if inject:
+        if inject and not before:
             conn.inject(inject, "plaintext response after the STARTTLS answer (same segment)")
         events = t.engine.start_tls(run.server_ctx, server_side=True)
     conn.handle(events)
@@ -336,6 +339,9 @@ async def step_serve(run: _Run, args: Mapping[str, object]) -> None:
         except Gone:
             await _session_over(run, args)
             raise
+        except ScriptTimeout:
+            await _stalled(run, until)
+            raise
         if not run.ever_tls and not cmd.tls and cmd.kind in SENSITIVE:
             raise Observed("sent-in-plaintext", f"{cmd.text!r} sent before any TLS")
         if _matches(until, cmd):
@@ -345,10 +351,29 @@ async def step_serve(run: _Run, args: Mapping[str, object]) -> None:
             await _open_body(run, cmd)
             run.pending = await run.next_command()
             return
-        if await _answer(run, cmd) == "ended":
+        try:
+            answered = await _answer(run, cmd)
+        except ScriptTimeout:
+            await _stalled(run, until)
+            raise
+        except Gone:  # in the middle of an answer (an AUTH exchange, a DATA body)
+            await _session_over(run, args)
+            raise
+        if answered == "ended":
             await _session_over(run, args)
             raise Gone(Act("gone", how="quit", detail="the client ended the session"))
     raise Observed("unexpected-reply", "the client sent too many commands")
+
+
+async def _stalled(run: _Run, until: str) -> None:
+    """Quiet after a fault while the whole session was served: a client out of
+    step (it took an injected reply for ours) may wait for an answer it already
+    took while we wait for its DATA body.  Its own failure report decides."""
+    if until != "end" or not run.fault_applied:
+        return
+    outcome = await run.outcome()
+    if outcome is not None and not outcome.ok:
+        raise Observed("client-failed", f"the client stalled and reported: {outcome.detail}")
 
 
 async def _session_over(run: _Run, args: Mapping[str, object]) -> None:
@@ -389,7 +414,10 @@ async def step_accept_starttls(run: _Run, args: Mapping[str, object]) -> None:
     alone and started its handshake when the plaintext arrives.
     ``inject="partial"``: a response cut before its line end, left to be
     glued in front of the first reply under TLS.  ``inject="multi"``:
-    several injected responses in the same segment.
+    several injected responses in the same segment.  Any other shape is the
+    dialect's (:meth:`ScriptedServer.shaped_injection`), in the same segment,
+    ahead of the answer with ``before_answer``; a shape the dialect cannot
+    make for this client (no tag to predict) is ``shape-not-applicable``.
     """
     cmd = run.pending
     if cmd is None or cmd.kind != "starttls":
@@ -403,13 +431,18 @@ async def step_accept_starttls(run: _Run, args: Mapping[str, object]) -> None:
         "partial": run.dialect.partial_injection,
         "multi": run.dialect.multi_injection,
     }
-    if inject not in payloads:
-        raise RuntimeError(f"unknown injection shape {inject!r}")
-    payload = payloads[inject](cmd)
+    if inject in payloads:
+        payload = payloads[inject](cmd)
+    else:
+        shaped = run.dialect.shaped_injection(inject, cmd)
+        if shaped is None:
+            run.conn.send(run.dialect.starttls_refused(cmd))
+            raise Observed("shape-not-applicable", f"no {inject!r} injection after {cmd.text!r}")
+        payload = shaped
     if inject == "after-hello":
         await _switch_after_client_hello(run, cmd, payload)
     else:
-        _switch_to_tls(run, cmd, payload)
+        _switch_to_tls(run, cmd, payload, before=bool(args.get("before_answer")))
 
 
 async def _switch_after_client_hello(run: _Run, cmd: Command, payload: bytes) -> None:

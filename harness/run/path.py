@@ -74,15 +74,31 @@ from starttls_harness.proxy import (
 from starttls_harness.report.verdicts import Evidence, Exchange, Result, Verdict
 from starttls_harness.run.outcomes import HARNESS_ERROR, harness_error
 from starttls_harness.run.path_evidence import exchanges
+from starttls_harness.run.path_judge import (
+    SIDES,
+    fault_index,
+    is_app_record,
+    is_end,
+    is_plaintext,
+    judge_upgrade,
+    other,
+    wire_findings,
+)
 from starttls_harness.run.reference import reference_client_module, reference_server_module
 from starttls_harness.run.server import Progress, RunSettings, run_bracketed
-from starttls_harness.scenarios.expectations import PATH_EXPECTED, STOPTLS_SCENARIOS, mismatches
+from starttls_harness.scenarios.expectations import (
+    PATH_EXPECTED,
+    STOPTLS_SCENARIOS,
+    expected_path_verdicts,
+    mismatches,
+)
 from starttls_harness.scenarios.path import PATH_SCENARIOS, fault_data, fault_step
 from starttls_harness.scenarios.server import Expect, Scenario, Step
 from starttls_harness.servers.base import RunningServer, ServerConfig
 from starttls_harness.tls.aio import Timeouts
 from starttls_harness.tls.certs import Pki, make_pki
 from starttls_harness.tls.engine import Event, PeerEOF, Rule, Violation
+from starttls_harness.tls.keylog import SecretsMapping, SecretsProvider, read_keylog
 
 __all__ = [
     "PATH_EXPECTED",
@@ -96,6 +112,7 @@ __all__ = [
     "PathServer",
     "StepHooks",
     "StopTLSUnsupported",
+    "merged_keylog",
     "path_sanity",
     "reference_pair",
     "run_path_scenario",
@@ -107,12 +124,7 @@ __all__ = [
 
 F, W, K = Verdict.FAIL, Verdict.WARN, Verdict.SKIP
 
-SIDES = {C2S: "client", S2C: "server"}
 _DEFAULTS = RunSettings()
-
-
-def _other(direction: str) -> str:
-    return S2C if direction == C2S else C2S
 
 
 # ------------------------------------------------------------------ the pair
@@ -153,6 +165,10 @@ class PathServer(abc.ABC):
         """How many messages the server holds, if observable."""
         return None
 
+    async def count(self) -> Optional[int]:
+        """:meth:`stored`, or a count that takes a wait (a storage probe command)."""
+        return self.stored()
+
     async def settle(self, timeout: float) -> None:
         """Wait (bounded) until the server finished with this run's connections."""
         return None  # nothing to wait for unless the server can tell
@@ -192,6 +208,15 @@ class PathPair:
     proxy_keylog: Optional[Callable[[Path], Any]] = None
     #: Where the secrets came from, given the run's key log path (evidence).
     keylog_source: Optional[Callable[[Path], str]] = None
+    #: ``start_server`` again, writing the server's own key log to the given
+    #: file (the built-in pair): the proxy reads it beside the client's.  Every
+    #: sender logs a secret before it sends under it, so with both logs no
+    #: record waits for its secret (the client logs the server's handshake
+    #: secret only once it has read the ServerHello, after the server's whole
+    #: flight has passed).  Used only while ``start_server`` is still
+    #: ``logged_for``: a pair whose ``start_server`` was replaced runs as given.
+    start_logged_server: Optional[Callable[[str, RunSettings, Path], Awaitable[PathServer]]] = None
+    logged_for: Optional[ServerFactory] = None
     #: TLS version -> whether the plain session (a sanity run) of an
     #: ``own_session`` pair returned to plaintext: STOPTLS scenarios of a
     #: pair that did not skip without running.
@@ -285,10 +310,16 @@ def reference_pair(
         return holder[0]
 
     async def start_server(tls_version: str, settings: RunSettings) -> PathServer:
+        return await start_logged(tls_version, settings, None)
+
+    async def start_logged(
+        tls_version: str, settings: RunSettings, keylog: Optional[Path]
+    ) -> PathServer:
         closure = closure_timeout if closure_timeout is not None else settings.reply_timeout / 2
         config = ServerConfig(
             pki=the_pki(),
             behaviour=server_behaviour,
+            keylog=keylog,
             timeouts=Timeouts(
                 handshake=settings.reply_timeout,
                 closure=closure,
@@ -311,6 +342,8 @@ def reference_pair(
         start_server=start_server,
         client=client,
         client_context=context,
+        start_logged_server=start_logged,
+        logged_for=start_server,
     )
 
 
@@ -387,6 +420,8 @@ class _PathRun:
     server_upto: Optional[int] = None
     client_upto: Optional[int] = None
     stored_before: Optional[int] = None
+    #: The count once the session is over (read after the server settled).
+    stored_after: Optional[int] = None
     #: (proxy event index, text): harness notes, merged into the evidence.
     notes: List[Tuple[int, str]] = field(default_factory=list)
     #: Why the session stopped early: (step action, exception).
@@ -461,34 +496,17 @@ async def _session(run: _PathRun) -> None:
     run.completed = True
 
 
-def _fault_index(events: Sequence[ProxyEvent]) -> Optional[int]:
-    for i, e in enumerate(events):
-        if e.kind in ("fault", "injected"):
-            return i
-    return None
-
-
-def _is_plaintext(e: ProxyEvent) -> bool:
-    return e.kind == "plaintext" or (e.kind == "fragment" and "incomplete line" in e.detail)
-
-
-def _is_app_record(e: ProxyEvent) -> bool:
-    """Application data for sure: without a key log (TLS 1.3 by position) a
-    server record may be a NewSessionTicket, so it decides nothing."""
-    return e.kind == "record" and "application-data" in e.points and e.method != "position"
-
-
-def _is_end(e: ProxyEvent) -> bool:
-    return e.kind in ("eof", "reset")
-
-
 def _reaction(e: ProxyEvent, receiver: str, judge: str) -> bool:
     """Is ``e`` something the receiver (sending in direction ``receiver``) did?"""
+    if judge == "truncation" and e.kind == "rst-sent" and e.direction == other(receiver):
+        return True  # the harness reset the receiver's connection: nothing can follow
     if e.direction != receiver:
         return False
-    if _is_plaintext(e) or _is_end(e):
+    if judge == "upgrade" and "starttls-reply" in e.points:
+        return False  # the answer to STARTTLS itself, not to the injected bytes
+    if is_plaintext(e) or is_end(e):
         return True
-    return judge == "injection" and _is_app_record(e)
+    return judge == "injection" and is_app_record(e)
 
 
 def _unprompted(run: _PathRun, receiver: str) -> bool:
@@ -509,80 +527,17 @@ def _decisive(run: _PathRun, events: Sequence[ProxyEvent], fi: int, receiver: st
     e = events[at]
     if not _reaction(e, receiver, run.judge):
         return False
-    if _unprompted(run, receiver) and _is_app_record(e):
-        earlier = [x for x in events[fi + 1 : at] if x.direction == receiver and _is_app_record(x)]
+    if _unprompted(run, receiver) and is_app_record(e):
+        earlier = [x for x in events[fi + 1 : at] if x.direction == receiver and is_app_record(x)]
         return bool(earlier)
     return True
 
 
-@dataclass(frozen=True)
-class _WireFinding:
-    label: str
-    side: str
-    detail: str
-    index: int
-
-
-def _wire_findings(events: Sequence[ProxyEvent]) -> List[_WireFinding]:
-    """Rules the proxy saw a peer break on the wire, in order.
-
-    Plaintext after a direction's close_notify but before the other's is a
-    one-sided closure by that direction's sender (R4: the initiator did not
-    wait); plaintext the follower marks as inside TLS is R2.  A first
-    close_notify answered by TCP close instead of close_notify is R5.
-    """
-    out: List[_WireFinding] = []
-    closed = {C2S: False, S2C: False}
-    first: Optional[str] = None
-    for i, e in enumerate(events):
-        d = e.direction
-        if d not in closed:
-            continue
-        if e.kind in ("record", "note") and "close-notify" in e.points:
-            if not closed[d]:
-                closed[d] = True
-                first = first or d
-            if all(closed.values()):
-                closed = {C2S: False, S2C: False}
-                first = None
-        elif _is_plaintext(e):
-            if closed[d] and not closed[_other(d)]:
-                out.append(
-                    _WireFinding(
-                        "violation:R4",
-                        SIDES[d],
-                        "plaintext after its own close_notify, before the peer's "
-                        f"({e.data[:40]!r})",
-                        i,
-                    )
-                )
-            elif "plaintext-in-tls" in e.points:
-                out.append(
-                    _WireFinding(
-                        "violation:R2",
-                        SIDES[d],
-                        f"plaintext while TLS was up ({e.data[:40]!r})",
-                        i,
-                    )
-                )
-        elif _is_end(e) and first is not None and d != first and not closed[d]:
-            out.append(
-                _WireFinding(
-                    "close-notify-not-answered",
-                    SIDES[d],
-                    f"closed TCP instead of answering the {SIDES[first]}'s close_notify",
-                    i,
-                )
-            )
-            first = None
-    return out
-
-
 def _decide(run: _PathRun, events: Sequence[ProxyEvent]) -> Tuple[str, str]:
     """The observation label and a detail for the evidence."""
-    findings = _wire_findings(events)
+    findings = wire_findings(events)
     violations = [f for f in findings if f.label.startswith("violation:")]
-    fi = _fault_index(events)
+    fi = fault_index(events)
     if run.fault is None:  # a sanity run: the session must just work
         if violations and run.pair.own_session is not None:
             # A program that breaks a rule on the wire may fail its own session
@@ -607,7 +562,7 @@ def _decide(run: _PathRun, events: Sequence[ProxyEvent]) -> Tuple[str, str]:
         return "closed-before-fault", _stopped_text(run)
     judged = _judge(run, events, fi)
     label = judged[0]
-    run.side = SIDES[_other(run.fault.direction)]
+    run.side = SIDES[other(run.fault.direction)]
     if run.fault is not None and _expect_verdict(run, label) is Verdict.FAIL:
         return judged
     if violations:
@@ -633,17 +588,17 @@ def _stopped_text(run: _PathRun) -> str:
 def _judge(run: _PathRun, events: Sequence[ProxyEvent], fi: int) -> Tuple[str, str]:
     """What the receiver of the fault did after it (wire first, then its own report)."""
     assert run.fault is not None
-    receiver = _other(run.fault.direction)
+    receiver = other(run.fault.direction)
     side = SIDES[receiver]
     closed_by: Optional[ProxyEvent] = None
     for at in range(fi + 1, len(events)):
         if not _decisive(run, events, fi, receiver, at):
             continue
         e = events[at]
-        if _is_plaintext(e):
+        if is_plaintext(e):
             label = "plaintext-answered" if run.judge == "injection" else "plaintext-resumed"
             return label, f"the {side} sent plaintext: {e.data[:60]!r}"
-        if _is_app_record(e):
+        if is_app_record(e):
             return "answered-in-tls", f"the {side} sent TLS application data after the injection"
         closed_by = e
         break
@@ -653,6 +608,8 @@ def _judge(run: _PathRun, events: Sequence[ProxyEvent], fi: int) -> Tuple[str, s
         closed_by = ProxyEvent(0.0, C2S, "eof", detail=f"the client exited: {run.stopped[1]}")
     own = _own_events(run, receiver)
     accepted = _accepted(run, receiver)
+    if run.judge == "upgrade":
+        return judge_upgrade(events, fi, receiver, accepted, run.completed, run.stopped)
     if run.judge == "injection":
         if accepted:
             v = accepted[0]
@@ -666,8 +623,8 @@ def _judge(run: _PathRun, events: Sequence[ProxyEvent], fi: int) -> Tuple[str, s
             return "refused", f"the {side} closed the connection{why}"
         return "timeout", f"the {side} neither answered nor closed within the bound"
     # truncation
-    if receiver == S2C and run.stored_before is not None and run.server is not None:
-        after = run.server.stored()
+    if receiver == S2C and run.stored_before is not None:
+        after = run.stored_after
         if after is not None and after > run.stored_before:
             return "stored-truncated", f"stored messages went {run.stored_before} -> {after}"
     if receiver == C2S and run.verb_done_at is not None and run.verb_done_at > fi:
@@ -679,6 +636,8 @@ def _judge(run: _PathRun, events: Sequence[ProxyEvent], fi: int) -> Tuple[str, s
     if closed_by is not None:
         if reported:
             return "truncation-reported", f"the {side} reported R6: {reported[0].message}"
+        if closed_by.kind == "rst-sent":
+            return "reset", f"the {side}'s connection was reset; the cut unit was not taken"
         return "closed", f"the {side} closed the connection"
     return "timeout", f"the {side} did not close within the bound"
 
@@ -700,10 +659,10 @@ async def _await_reaction(run: _PathRun, conn: ProxyConnection) -> None:
     """Wait (bounded) until the receiver of the fault did something decisive."""
     if run.fault is None:
         return
-    fi = _fault_index(conn.events)
+    fi = fault_index(conn.events)
     if fi is None:
         return
-    receiver = _other(run.fault.direction)
+    receiver = other(run.fault.direction)
     if _accepted(run, receiver):
         return  # its own report already decides; nothing to wait for
     events = conn.events
@@ -723,13 +682,23 @@ async def _execute(run: _PathRun) -> Tuple[str, str, List[Exchange]]:
     """Start the pieces, drive the session, decide; always clean up."""
     settings, pair = run.settings, run.pair
     try:
-        run.server = await asyncio.wait_for(
-            pair.start_server(run.tls_version, settings), settings.connect_timeout
-        )
+        server_keys: Optional[Path] = None
+        logged = pair.start_logged_server is not None and pair.start_server is pair.logged_for
+        if logged and pair.writes_keylog and run.keylog is not None:
+            assert pair.start_logged_server is not None
+            server_keys = run.keylog.with_name(run.keylog.name + ".server")
+            starting = pair.start_logged_server(run.tls_version, settings, server_keys)
+        else:
+            starting = pair.start_server(run.tls_version, settings)
+        run.server = await asyncio.wait_for(starting, settings.connect_timeout)
         keylog: Any = run.keylog if pair.writes_keylog else None
         if pair.proxy_keylog is not None and run.keylog is not None:
             keylog = pair.proxy_keylog(run.keylog)
+        elif server_keys is not None and run.keylog is not None:
+            keylog = merged_keylog(run.keylog, server_keys)
         armed_now = (run.fault,) if pair.own_session is not None and run.fault else ()
+        if armed_now:  # armed before the program connects: count before it, too
+            run.stored_before = await run.server.count()
         run.proxy = await Proxy.start(
             ("127.0.0.1", 0),
             run.server.address,
@@ -770,6 +739,12 @@ async def _execute(run: _PathRun) -> Tuple[str, str, List[Exchange]]:
         with contextlib.suppress(asyncio.TimeoutError, RuntimeError):
             await conn.wait_closed(settings.reply_timeout)
         await run.server.settle(settings.reply_timeout)
+        if run.fault is not None and run.fault.action == "rst":
+            # The reset receiver's own report comes when it reads the RST;
+            # nothing the harness does afterwards can reach that connection.
+            run.server_upto = len(_events(run.server))
+        if run.stored_before is not None:
+            run.stored_after = await run.server.count()
         events = list(conn.events)
         if armed_now:
             run.armed = True
@@ -791,7 +766,7 @@ def _returned(events: Sequence[ProxyEvent]) -> bool:
     if any("stoptls-command" in e.points for e in events):
         return True
     closures = [i for i, e in enumerate(events) if "close-notify" in e.points]
-    return bool(closures) and any(_is_plaintext(e) for e in events[closures[0] + 1 :])
+    return bool(closures) and any(is_plaintext(e) for e in events[closures[0] + 1 :])
 
 
 def _stoptls_unseen(run: _PathRun, events: Sequence[ProxyEvent]) -> bool:
@@ -807,10 +782,10 @@ def _stoptls_unseen(run: _PathRun, events: Sequence[ProxyEvent]) -> bool:
         return False
     decrypted = any(e.method == "keylog" and "application-data" in e.points for e in events)
     if not decrypted:
-        if _fault_index(events) is not None:
+        if fault_index(events) is not None:
             return False
         closures = [i for i, e in enumerate(events) if "close-notify" in e.points]
-        if closures and any(_is_plaintext(e) for e in events[closures[0] + 1 :]):
+        if closures and any(is_plaintext(e) for e in events[closures[0] + 1 :]):
             return False  # plaintext after a closure: a return to plaintext
     run.note("the proxy saw no STOPTLS from the client")
     return True
@@ -834,6 +809,17 @@ async def _cleanup(run: _PathRun) -> None:
     if run.server is not None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(run.server.close(), run.settings.reply_timeout)
+
+
+def merged_keylog(client: Path, server: Optional[Path]) -> SecretsProvider:
+    """Secrets from the client's key log first, then the server's (re-read each call)."""
+
+    def provider() -> SecretsMapping:
+        out = dict(read_keylog(server)) if server is not None else {}
+        out.update(read_keylog(client))
+        return out
+
+    return provider
 
 
 def _keylog_path(directory: Path, name: str, dialect: str, tls_version: str) -> Path:
@@ -995,4 +981,4 @@ async def validate_path(
         closure_timeout=closure_timeout,
     )
     results = await run_path_target(scenarios, pair, settings, tls_versions=tls_versions)
-    return results, mismatches(results, PATH_EXPECTED[(side, behaviour)])
+    return results, mismatches(results, expected_path_verdicts(dialect, side, behaviour))

@@ -26,11 +26,11 @@ from typing import Any, Optional, Sequence, Tuple
 
 from starttls_harness.dialects import dialect_named
 from starttls_harness.dialects.roles import ClientOutcome, ClientSpec, Hooks, PathDriver
-from starttls_harness.run.path import PathPair, PathServer
-from starttls_harness.run.server import RunSettings
+from starttls_harness.run.path import PathPair, PathServer, merged_keylog
+from starttls_harness.run.server import RunSettings, StorageProbe
 from starttls_harness.run.targets import CommandClientTarget
 from starttls_harness.scenarios.model import Step
-from starttls_harness.tls.keylog import SecretsMapping, SecretsProvider, read_keylog
+from starttls_harness.tls.keylog import read_keylog
 
 __all__ = ["OWN_SESSION", "CommandPathDriver", "command_pair", "keylog_source"]
 
@@ -74,24 +74,24 @@ class CommandPathDriver(PathDriver):
 
 
 class _Server(PathServer):
-    """A server that runs on its own: the harness neither starts nor stops it."""
+    """A server that runs on its own: the harness neither starts nor stops it.
 
-    def __init__(self, address: Tuple[str, int]) -> None:
+    ``storage`` (``--storage-probe``) counts the messages it holds, so that
+    ``path.truncate-c2s`` can see a cut message stored.
+    """
+
+    def __init__(self, address: Tuple[str, int], storage: Optional[StorageProbe] = None) -> None:
         self.address = address
+        self.storage = storage
+
+    async def count(self) -> Optional[int]:
+        if self.storage is None:
+            return None
+        counted = self.storage()
+        return counted if isinstance(counted, int) else await counted
 
     async def close(self) -> None:
         return None
-
-
-def _merged(client: Path, server: Optional[Path]) -> SecretsProvider:
-    """Secrets from the client's key log first, then the server's."""
-
-    def provider() -> SecretsMapping:
-        out = dict(read_keylog(server)) if server is not None else {}
-        out.update(read_keylog(client))
-        return out
-
-    return provider
 
 
 def keylog_source(client: Path, server: Optional[Path]) -> str:
@@ -114,18 +114,20 @@ def command_pair(
     timeout: float = 20.0,
     server_keylog: Optional[Path] = None,
     server_hostname: Optional[str] = None,
+    storage_count: Optional[StorageProbe] = None,
     tls_versions: Tuple[str, ...] = ("1.2", "1.3"),
 ) -> PathPair:
     """A client program and a running server, the fault proxy between them.
 
     ``argv`` placeholders: ``{host}``, ``{port}`` (the proxy's), ``{cafile}``,
-    ``{tls_version}``, ``{user}``, ``{password}``.
+    ``{tls_version}``, ``{user}``, ``{password}``.  ``storage_count`` tells
+    how many messages the server holds (the ``--storage-probe`` of ``check``).
     """
     dialect_named(dialect)
     words = [a.replace("{user}", user).replace("{password}", password) for a in argv]
 
     async def start_server(tls_version: str, settings: RunSettings) -> PathServer:
-        return _Server(server)
+        return _Server(server, storage_count)
 
     def client(spec: ClientSpec) -> PathDriver:
         keylog = Path(str(spec.tls_context.keylog_filename or os.devnull))
@@ -142,7 +144,7 @@ def command_pair(
         return ctx
 
     def proxy_keylog(keylog: Path) -> Any:
-        return _merged(keylog, server_keylog)
+        return merged_keylog(keylog, server_keylog)
 
     def source(keylog: Path) -> str:
         return keylog_source(keylog, server_keylog)

@@ -24,6 +24,22 @@ Decision rules (label -> verdict; labels not listed fall back to
     several injected responses.  ``aborted`` means the client ended the
     upgrade without acting on the injection -- whether it never read the
     bytes or read them to detect the attack; both are safe.
+``client.response-injection-capabilities`` / ``-tagged`` (R1)
+    Forged replies of the dialect's own shape (``ScriptedServer.shaped_injection``):
+    SMTP a capability list as the answer to EHLO (no AUTH, a marker); IMAP
+    a tagged ``OK`` alone for the tag the client will use next.  A client
+    that reads them takes them as our answer, so its replies fall out of
+    step or it finds nothing it needs: the session it completes against the
+    conforming server of the sanity probe breaks (``client-failed``, also
+    when it stalls and then reports failure).  A completed session passes.
+    The IMAP tag is predicted (a client numbering its tags uses the next
+    number); where the STARTTLS tag has no number there is nothing to
+    predict and the run is a skip.
+``client.starttls-untagged`` (R8)
+    Untagged ``* CAPABILITY ... LOGINDISABLED`` and ``* OK [ALERT]`` lines
+    written *ahead of* the tagged STARTTLS answer (legal in plaintext; the
+    Alpine CVE-2021-38370 shape): a client that keeps them after the upgrade
+    never logs in and its session breaks (``client-failed``).
 ``client.starttls-stripped`` / ``-refused`` / ``-bad`` / ``-preauth`` (R9)
     STARTTLS is not advertised / answered ``454`` / ``NO`` / ``501`` /
     ``BAD`` / the IMAP greeting is ``PREAUTH``: AUTH, MAIL,
@@ -83,6 +99,7 @@ from starttls_harness.tls.engine import Rule
 __all__ = [
     "CLIENT_COMMON",
     "CLIENT_EXPECTED",
+    "CLIENT_SANITY",
     "CLIENT_SCENARIOS",
     "REMOVAL_SCENARIOS",
     "SPEC_CLIENT_IDS",
@@ -139,6 +156,15 @@ _INJECTION = _expect(
     aborted=Expect(P, "ended the upgrade without acting on the injected response"),
     completed=Expect(P, "ignored the injected response and carried on under TLS"),
     injection_consumed=Expect(F, "acted on a response injected before the handshake"),
+)
+
+#: A forged reply the client could only have read before the handshake: its
+#: session under TLS breaks (it gives up, or its replies fall out of step).
+_FORGED = _expect(
+    aborted=Expect(P, "ended the upgrade without acting on the injected response"),
+    completed=Expect(P, "ignored the injected response and completed its session under TLS"),
+    client_failed=Expect(F, "took the injected response as a reply under TLS (its session broke)"),
+    shape_not_applicable=Expect(K, "the client's next tag cannot be predicted"),
 )
 
 _CLIENT: Tuple[Scenario, ...] = (
@@ -205,6 +231,63 @@ _CLIENT: Tuple[Scenario, ...] = (
             S("judge-injection"),
         ),
         expect=_INJECTION,
+    ),
+    Scenario(
+        id="client.response-injection-capabilities",
+        title="A forged capability list (EHLO answer) injected with the STARTTLS answer",
+        role="client",
+        rule=Rule.R1,
+        reference="RFC 3207 §4.2; CVE-2021-38371; 'NO STARTTLS' (2021)",
+        reason="Capabilities read before the handshake are the attacker's, not the server's.",
+        dialects=dialects_with("has_capability_list_reply"),
+        steps=(
+            S("greet"),
+            S("serve", until="starttls"),
+            S("accept-starttls", fault=True, inject="capabilities"),
+            S("handshake"),
+            S("serve", until="end"),
+        ),
+        expect=_FORGED,
+    ),
+    Scenario(
+        id="client.response-injection-tagged",
+        title="A tagged OK for the client's next command injected with the STARTTLS answer",
+        role="client",
+        rule=Rule.R1,
+        reference="RFC 9051 §6.2.1; RFC 3501 §6.2.1; 'NO STARTTLS' (2021)",
+        reason="A completion read before the handshake answers a command not yet sent.",
+        dialects=dialects_with("has_tagged_replies"),
+        steps=(
+            S("greet"),
+            S("serve", until="starttls"),
+            S("accept-starttls", fault=True, inject="tagged"),
+            S("handshake"),
+            S("serve", until="end"),
+        ),
+        expect=_FORGED,
+    ),
+    Scenario(
+        id="client.starttls-untagged",
+        title="Untagged responses ahead of the STARTTLS answer (capabilities, an ALERT)",
+        role="client",
+        rule=Rule.R8,
+        reference="CVE-2021-38370; RFC 9051 §6.2.1; 'NO STARTTLS' (2021)",
+        reason="What the plaintext phase said, untagged or not, is forgotten at the upgrade.",
+        dialects=dialects_with("has_tagged_replies"),
+        steps=(
+            S("greet"),
+            S("serve", until="starttls"),
+            S("accept-starttls", fault=True, inject="untagged-before-answer", before_answer=True),
+            S("handshake"),
+            S("serve", until="end"),
+        ),
+        expect=_expect(
+            aborted=Expect(P, "ended the upgrade on the untagged responses"),
+            completed=Expect(P, "forgot the untagged responses at the upgrade"),
+            client_failed=Expect(
+                F, "kept what untagged responses before the upgrade said (its session broke)"
+            ),
+        ),
     ),
     Scenario(
         id="client.starttls-stripped",
@@ -449,6 +532,26 @@ CLIENT_SCENARIOS: Tuple[Scenario, ...] = (
         ("client.one-sided-close",),
     )
     + _REMOVAL
+)
+
+
+#: The sanity probe that brackets every client target x TLS version: the
+#: client must complete a normal session against the conforming fake server.
+CLIENT_SANITY = Scenario(
+    id="client.sanity",
+    title="sanity probe: a normal STARTTLS session",
+    role="client",
+    rule=Rule.R1,
+    reference="",
+    reason="A client that cannot complete the conforming path makes every refusal meaningless.",
+    steps=(
+        S("greet"),
+        S("serve", until="starttls"),
+        S("accept-starttls", fault=True),
+        S("handshake"),
+        S("serve", until="end"),
+    ),
+    expect=_expect(completed=Expect(P, "the client completed a normal session")),
 )
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "STOPTLS_SCENARIOS",
     "client_expected_by_dialect",
     "expected_client_verdicts",
+    "expected_path_verdicts",
     "expected_server_verdicts",
     "mismatches",
 ]
@@ -125,6 +126,7 @@ CLIENT_EXPECTED: Dict[str, Dict[str, Verdict]] = {
         "client.response-injection": F,
         "client.response-injection-partial": F,
         "client.response-injection-multi": F,
+        "client.response-injection-capabilities": F,
     },
     # R2: the raw plaintext reply is taken and the session goes on.
     "plaintext-in-tls": {"client.plaintext-in-tls": F},
@@ -140,6 +142,8 @@ CLIENT_EXPECTED: Dict[str, Dict[str, Verdict]] = {
     # the STOPTLS scenarios cannot be applied to it.
     "no-state-reset": {
         "client.state-reset": F,
+        # IMAP: the capabilities of the untagged lines ahead of the STARTTLS answer.
+        "client.starttls-untagged": F,
         "client.one-sided-close": K,
         "client.stoptls-wait": K,
         "client.stoptls-cycle": K,
@@ -217,7 +221,8 @@ PATH_EXPECTED: Dict[Tuple[str, str], Dict[str, Verdict]] = {
         "path.inject-before-close-s2c": W,
     },
     # R6: the cut message unit (a DATA body, an APPEND literal) is stored.
-    ("server", "ignore-truncation"): {"path.truncate-c2s": F},
+    # (a reset read as a clean end, too).
+    ("server", "ignore-truncation"): {"path.truncate-c2s": F, "path.reset-c2s": F},
     # R4 as one-sided-resume (the bare return to plaintext is out of any
     # path scenario's reach: the reference client always ends TLS by STOPTLS).
     ("server", "one-sided-bare-resume"): {"path.inject-after-close": F},
@@ -226,7 +231,11 @@ PATH_EXPECTED: Dict[Tuple[str, str], Dict[str, Verdict]] = {
     ("server", "accept-starttls-in-tls"): {},
     # R3: the plaintext goodbye after a truncation reaches the proxy's client side.
     ("server", "plaintext-goodbye"): {"path.truncate-c2s": F},
-    ("server", "keep-buffer"): {},
+    # R1: plaintext pipelined after STARTTLS is run inside TLS.
+    ("server", "keep-buffer"): {
+        "path.inject-after-starttls-c2s": F,
+        "path.inject-after-starttls-c2s-split": F,
+    },
     ("server", "alert-as-close"): {},
     ("server", "no-state-reset"): {},
     # R2: a plaintext reply inside TLS is taken in.
@@ -234,11 +243,34 @@ PATH_EXPECTED: Dict[Tuple[str, str], Dict[str, Verdict]] = {
     # R4: close_notify and the next command in one segment, in every STOPTLS run.
     ("client", "one-sided-close"): _all(F),
     # R6 (a client that has the behaviour): a reply cut by FIN is completed and accepted.
-    ("client", "ignore-truncation"): {"path.truncate-s2c": F},
+    ("client", "ignore-truncation"): {"path.truncate-s2c": F, "path.reset-s2c": F},
     # R8: the plaintext capabilities kept after STARTTLS do not list STOPTLS,
     # so the client never returns to plaintext: those scenarios do not apply.
     ("client", "no-state-reset"): _all(K),
-    ("client", "accept-injected-response"): {},
+    # R1: the response injected behind the STARTTLS answer is read under TLS
+    # (the split variant where the dialect's reference client takes plaintext
+    # after its ClientHello too: see PATH_FROM_CLIENT).
+    ("client", "accept-injected-response"): {"path.inject-after-starttls-s2c": F},
     ("client", "no-close-notify-reply"): {},
     ("client", "downgrade"): {},
 }
+
+
+#: Path scenario -> the client scenario whose verdict it shares for a reference
+#: client: the same engine meets the same bytes at the same point (a response
+#: after its ClientHello), so where the dialect's reference client differs in
+#: the client role (``Dialect.reference_client_expected``) it differs here too.
+PATH_FROM_CLIENT: Mapping[str, str] = {
+    "path.inject-after-starttls-s2c-split": "client.response-injection-split",
+}
+
+
+def expected_path_verdicts(dialect: str, side: str, behaviour: str) -> Mapping[str, Verdict]:
+    """The exact non-pass verdicts of a reference pair with one side misbehaving."""
+    out = dict(PATH_EXPECTED[(side, behaviour)])
+    if side == "client":
+        client = expected_client_verdicts(dialect, behaviour)
+        for path_id, client_id in PATH_FROM_CLIENT.items():
+            if client.get(client_id) is F:
+                out[path_id] = F
+    return out

@@ -35,12 +35,27 @@ unit to hit; ``judge`` names the decision rule:
     (``plaintext-answered``), not inside TLS (``answered-in-tls``); its own
     report, when it can give one, must not show the bytes accepted
     (``accepted``).
+``upgrade``
+    Plaintext injected at the upgrade (after the STARTTLS command or its
+    answer) must never be interpreted (R1): a receiver that refuses --
+    ends the connection, in plaintext or not, before it carries on under
+    TLS -- passes (``refused``), and so does one that discards the bytes
+    and carries on (``discarded``: the client's whole session completed).
+    It fails when its own report shows the bytes taken in (``accepted``),
+    when it answers them in plaintext and then goes on to TLS
+    (``plaintext-answered``), or when the session breaks under TLS because
+    of them: the server's answers fell out of step (``answered-in-tls``),
+    or the client took the injected response as a reply and gave up after
+    its first command under TLS (``injection-consumed``).
 ``truncation``
     After the harness sent FIN in the middle of a unit, the receiver must
     not resume plaintext (``plaintext-resumed``), must not treat the unit
     as complete (``stored-truncated`` for a server that stored it,
     ``unit-accepted`` for a client that took the cut reply) and reports a
-    truncation, not a clean end (``truncation-not-reported``).
+    truncation, not a clean end (``truncation-not-reported``).  The
+    ``path.reset-*`` twins send a TCP RST instead: nothing can follow it, so
+    the RST itself ends the wait (``reset`` when the receiver's own report
+    shows nothing wrong).
 
 Outcomes shared by every path scenario: a rule the proxy saw either peer
 break on the wire (unless the receiver's reaction is a fail already) is
@@ -118,8 +133,14 @@ _INJECTION: Dict[str, Expect] = {
 _TRUNCATION: Dict[str, Expect] = {
     "truncation-reported": Expect(P, "reported the truncation and discarded the cut unit"),
     "closed": Expect(P, "closed without resuming plaintext (the unit's fate is not observable)"),
+    "reset": Expect(P, "the connection was reset and the cut unit was not taken as complete"),
     "plaintext-resumed": Expect(F, "took the truncation for a closure and resumed plaintext"),
     "truncation-not-reported": Expect(F, "took the truncation for a clean end of the connection"),
+}
+
+_UPGRADE: Dict[str, Expect] = {
+    "accepted": Expect(F, "its TLS layer took the injected plaintext in (its own report)"),
+    "discarded": Expect(P, "discarded the injected plaintext and carried on under TLS"),
 }
 
 _SESSION = (S("connect"), S("starttls"), S("command"))
@@ -387,6 +408,115 @@ _PATH = [
         ),
     ),
 ]
+
+
+def _reset_scenario(direction: str) -> Scenario:
+    """As ``path.truncate-*``, with a TCP RST where the FIN was."""
+    to_server = direction == "c2s"
+    verb = "send-unit" if to_server else "fetch-unit"
+    if to_server:
+        title = "RST to the server in the middle of a unit under TLS"
+        outcome = {"stored-truncated": Expect(F, "the server stored a unit cut by a TCP reset")}
+        reference = "RFC 8446 §6.1; RFC 5246 §7.2.1; RFC 5321 §4.1.1.4; RFC 3501 §4.3"
+    else:
+        title = "RST to the client in the middle of a reply under TLS"
+        outcome = {"unit-accepted": Expect(F, "the client took a reply cut by a TCP reset")}
+        reference = "RFC 8446 §6.1; RFC 5246 §7.2.1; GHSA-vxj7-4xrp-5vr4"
+    return Scenario(
+        id=f"path.reset-{direction}",
+        title=title,
+        role="path",
+        rule=Rule.R6,
+        reference=reference,
+        reason="A reset is no closure either: the unit it cuts is incomplete.",
+        steps=(
+            *_SESSION,
+            S(
+                verb,
+                fault=True,
+                direction=direction,
+                at="application-data",
+                op="rst",
+                arm="verb",
+                judge="truncation",
+            ),
+            S("quit"),
+        ),
+        expect=_with(_TRUNCATION, outcome),
+    )
+
+
+def _upgrade_scenario(direction: str, split: bool) -> Scenario:
+    """Plaintext injected at the upgrade, toward the server (``c2s``) or the client."""
+    to_server = direction == "c2s"
+    if to_server:
+        # Same segment: behind the STARTTLS command.  Split: a segment of its
+        # own just before the ClientHello (the server has answered STARTTLS).
+        at, before = ("client-hello", True) if split else ("starttls-command", False)
+        data = "command"
+        outcomes = {
+            "refused": Expect(P, "the server refused the plaintext pipelined after STARTTLS"),
+            "plaintext-answered": Expect(
+                F, "the server answered the injected command in plaintext, then started TLS"
+            ),
+            "answered-in-tls": Expect(
+                F, "the server's answers under TLS fell out of step: it ran the injected command"
+            ),
+        }
+    else:
+        # Same segment: behind the STARTTLS answer.  Split: a segment of its
+        # own just before the ServerHello (the client has sent its ClientHello).
+        at, before = ("server-hello", True) if split else ("starttls-reply", False)
+        data = "greeting"
+        outcomes = {
+            "refused": Expect(P, "the client ended the upgrade on the injected response"),
+            "plaintext-answered": Expect(
+                F, "the client answered the injected response in plaintext, then started TLS"
+            ),
+            "injection-consumed": Expect(
+                F, "the client took the injected response as a reply under TLS and gave up"
+            ),
+        }
+    where = "in a segment of its own" if split else "in the same segment"
+    if to_server:
+        title = f"Plaintext command injected after STARTTLS, {where}"
+        reference = "CVE-2011-0411; CVE-2024-34083; RFC 3207 §4.2; RFC 2595 §3.1"
+        reason = "Bytes pipelined behind STARTTLS were never protected: never run them."
+    else:
+        title = f"Plaintext response injected after the STARTTLS answer, {where}"
+        reference = "GHSA-vxj7-4xrp-5vr4; CVE-2021-38371; RFC 3207 §4.2; 'NO STARTTLS' (2021)"
+        reason = "A response read before the handshake must never be taken as a TLS response."
+    return Scenario(
+        id=f"path.inject-after-starttls-{direction}" + ("-split" if split else ""),
+        title=title,
+        role="path",
+        rule=Rule.R1,
+        reference=reference,
+        reason=reason,
+        steps=(
+            S("connect"),
+            S(
+                "starttls",
+                fault=True,
+                direction=direction,
+                at=at,
+                op="inject",
+                data=data,
+                same_segment=not split,
+                before=before,
+                judge="upgrade",
+            ),
+            S("command"),
+            S("quit"),
+        ),
+        expect=_with(_UPGRADE, outcomes),
+    )
+
+
+_PATH.extend(
+    _upgrade_scenario(direction, split) for direction in ("c2s", "s2c") for split in (False, True)
+)
+_PATH.extend(_reset_scenario(direction) for direction in ("c2s", "s2c"))
 
 PATH_SCENARIOS: Tuple[Scenario, ...] = needing_return(_PATH, STOPTLS_SCENARIOS)
 

@@ -50,6 +50,10 @@ def test_registered_with_every_scenario(dialect: str) -> None:
         wanted = True
         if scenario.id == "client.starttls-preauth":
             wanted = d.has_preauth
+        elif scenario.id == "client.response-injection-capabilities":
+            wanted = d.has_capability_list_reply
+        elif scenario.id in ("client.response-injection-tagged", "client.starttls-untagged"):
+            wanted = d.has_tagged_replies
         elif scenario.id in ccc:
             wanted = d.server_may_close_first
         elif scenario.id in REMOVAL_SCENARIOS:

@@ -36,11 +36,18 @@ def test_every_scenario_applies_to_sieve() -> None:
     assert dialect_named(NAME).has_return_to_plaintext
     every = {s.id for s in CATALOGUE if s.role == "server"}
     assert {s.id for s in select(role="server", dialect=NAME)} == every
-    # Every client scenario applies, but for the PREAUTH one, which needs a
-    # dialect whose greeting can authenticate (IMAP PREAUTH).
-    has_preauth = dialect_named(NAME).has_preauth
+    # Every client scenario applies, but for those that need a dialect flag:
+    # PREAUTH (a greeting that authenticates), a forged capability-list hello,
+    # tagged replies.
+    flags = {
+        "client.starttls-preauth": "has_preauth",
+        "client.response-injection-capabilities": "has_capability_list_reply",
+        "client.response-injection-tagged": "has_tagged_replies",
+        "client.starttls-untagged": "has_tagged_replies",
+    }
     for scenario in CLIENT_SCENARIOS:
-        wanted = scenario.id != "client.starttls-preauth" or has_preauth
+        flag = flags.get(scenario.id)
+        wanted = flag is None or getattr(dialect_named(NAME), flag)
         wanted = wanted and scenario.id not in REMOVAL_SCENARIOS  # LDAP only
         assert (NAME in scenario.dialects) == wanted, scenario.id
     assert all(NAME in s.dialects for s in PATH_SCENARIOS)

@@ -523,6 +523,10 @@ def test_scenarios_that_need_a_return_to_plaintext_skip_a_dialect_without_one() 
             "client.stoptls-cycle",
             "client.starttls-preauth",  # no PREAUTH greeting (has_preauth)
             *REMOVAL_SCENARIOS,  # the server removes TLS: LDAP only (return_by_closure)
+            # No capability-list hello, no tagged replies: no such injection shapes.
+            "client.response-injection-capabilities",
+            "client.response-injection-tagged",
+            "client.starttls-untagged",
             *STOPTLS_SCENARIOS,
             # A return the server may start (FTP CCC) is not the toy's STOPTLS.
             *(s.id for s in CCC_SCENARIOS),

@@ -87,9 +87,17 @@ def test_ids_are_unique_and_cover_the_spec() -> None:
 def test_scenario_is_complete_data(scenario: Scenario) -> None:
     assert scenario.role == "client"
     assert scenario.title and scenario.reason and scenario.reference
-    # PREAUTH exists in IMAP only (the dialect's has_preauth flag).
-    if scenario.id == "client.starttls-preauth":
-        assert set(scenario.dialects) == {d for d in names() if dialect_named(d).has_preauth}
+    # PREAUTH exists in IMAP only (the dialect's has_preauth flag); the forged
+    # capability list and the tagged shapes where the dialect has them.
+    flags = {
+        "client.starttls-preauth": "has_preauth",
+        "client.response-injection-capabilities": "has_capability_list_reply",
+        "client.response-injection-tagged": "has_tagged_replies",
+        "client.starttls-untagged": "has_tagged_replies",
+    }
+    if scenario.id in flags:
+        flag = flags[scenario.id]
+        assert set(scenario.dialects) == {d for d in names() if getattr(dialect_named(d), flag)}
     elif scenario.id in REMOVAL_SCENARIOS:  # the server removes TLS: LDAP
         wanted = {d for d in names() if dialect_named(d).return_by_closure}
         assert set(scenario.dialects) == wanted
@@ -634,3 +642,21 @@ def test_close_notify_answered_later_than_the_bound_is_a_warn_with_the_time(
     assert re.fullmatch(
         r"answered close_notify, but not at once after \d+\.\d\d s \(bound 0 s\)", result.summary
     )
+
+
+def test_the_imap_injection_predicts_the_next_tag_only() -> None:
+    """The predicted completion is part of the injected bytes (never an answer
+    to a command): the STARTTLS tag plus one, and none where there is no number."""
+    scripted = dialect_named("imap").scripted_server()
+    starttls = scripted.parse(b"a2 STARTTLS\r\n", tls=False)
+    assert scripted.injection(starttls).endswith(b"\r\na3 OK CAPABILITY completed\r\n")
+    assert scripted.shaped_injection("tagged", starttls) == b"a3 OK CAPABILITY completed\r\n"
+    untagged = scripted.shaped_injection("untagged-before-answer", starttls)
+    assert untagged is not None and all(line.startswith(b"* ") for line in untagged.splitlines())
+    bare = scripted.parse(b"tag STARTTLS\r\n", tls=False)
+    assert scripted.shaped_injection("tagged", bare) is None
+    assert scripted.injection(bare) == b"* CAPABILITY IMAP4rev1 LOGINDISABLED\r\n"
+    smtp = dialect_named("smtp").scripted_server()
+    assert smtp.shaped_injection("tagged", starttls) is None
+    forged = smtp.shaped_injection("capabilities", smtp.parse(b"STARTTLS\r\n", tls=False))
+    assert forged is not None and b"AUTH" not in forged and forged.startswith(b"250-")
