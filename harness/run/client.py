@@ -83,12 +83,8 @@ from starttls_harness.run.server import Progress, RunSettings, run_bracketed
 from starttls_harness.run.targets import (
     ClientOutcome,
     ClientTarget,
-    CommandClientTarget,
-    ReferenceClientTarget,
 )
-from starttls_harness.run.validation import CLIENT_VALIDATION_SETTINGS
-from starttls_harness.scenarios.client import CLIENT_COMMON, CLIENT_SANITY, CLIENT_SCENARIOS
-from starttls_harness.scenarios.expectations import expected_client_verdicts, mismatches
+from starttls_harness.scenarios.client import CLIENT_COMMON, CLIENT_SANITY
 from starttls_harness.scenarios.model import Scenario, Step
 from starttls_harness.tls.aio import Timeouts, create_server
 from starttls_harness.tls.certs import Pki, make_pki
@@ -101,12 +97,10 @@ __all__ = [
     "SENSITIVE",
     "ClientSettings",
     "Command",
-    "check_client",
     "run_client_scenario",
     "run_client_target",
     "sanity_probe",
     "unknown_client_steps",
-    "validate_client",
 ]
 
 #: Command kinds a client that requires TLS must never send before TLS (R9).
@@ -985,44 +979,3 @@ async def run_client_target(
             if probe is not None:
                 r.evidence = probe.evidence
     return results
-
-
-# ------------------------------------------------------------ entry points
-
-
-async def check_client(
-    dialect: str,
-    argv: Sequence[str],
-    scenarios: Optional[Sequence[Scenario]] = None,
-    settings: RunSettings = DEFAULT_SETTINGS,
-    progress: Optional[Progress] = None,
-    *,
-    tls_versions: Optional[Sequence[str]] = None,
-    timeout: Optional[float] = None,
-) -> List[Result]:
-    """Run the client catalogue against an external client command."""
-    chosen = list(scenarios) if scenarios is not None else list(CLIENT_SCENARIOS)
-    target = CommandClientTarget(
-        dialect, argv, timeout=timeout if timeout is not None else settings.scenario_timeout
-    )
-    return await run_client_target(
-        chosen,
-        target,
-        settings,
-        progress=progress,
-        tls_versions=tls_versions,
-    )
-
-
-async def validate_client(
-    dialect: str,
-    behaviour: str,
-    tls_versions: Sequence[str] = ("1.2", "1.3"),
-    settings: Optional[RunSettings] = None,
-) -> Tuple[List[Result], List[str]]:
-    """Run the client catalogue against one reference client; return mismatches."""
-    chosen = settings or CLIENT_VALIDATION_SETTINGS
-    target = ReferenceClientTarget(dialect, behaviour, timeout=chosen.reply_timeout)
-    results = await run_client_target(CLIENT_SCENARIOS, target, chosen, tls_versions=tls_versions)
-    expected: Mapping[str, Verdict] = expected_client_verdicts(dialect, behaviour)
-    return results, mismatches(results, expected)

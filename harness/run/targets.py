@@ -23,7 +23,7 @@ Two kinds:
   (bounded) and their tails are evidence.  The process is killed when the
   scenario is over.
 
-:func:`starttls_harness.run.client.check_client` is what ``starttls-harness
+:func:`starttls_harness.run.client_checks.check_client` is what ``starttls-harness
 check-client`` calls.
 """
 

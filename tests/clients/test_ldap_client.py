@@ -17,7 +17,7 @@ import pytest
 from starttls_harness.clients.ldap import BEHAVIOURS, LdapClient, TLSRequired
 from starttls_harness.dialects import DIALECTS, Dialect, register, unregister
 from starttls_harness.dialects.ldap import LDAP
-from starttls_harness.run.client import validate_client
+from starttls_harness.run.client_checks import validate_client
 from starttls_harness.scenarios.client import CLIENT_SCENARIOS
 from starttls_harness.servers.base import ServerConfig
 from starttls_harness.servers.ldap import start_server
@@ -44,11 +44,15 @@ def test_the_removal_scenarios_apply_to_ldap_alone(ldap: Dialect) -> None:
             assert list(s.dialects) == ["ldap"]
     left_out = {s.id for s in CLIENT_SCENARIOS if "ldap" not in s.dialects}
     # The command-staged one-sided closure is replaced by the removal one;
-    # LDAP has no PREAUTH greeting and needs no root DSE search after StartTLS.
+    # LDAP has no PREAUTH greeting and needs no root DSE search after StartTLS;
+    # its replies are neither capability lists nor tagged (no such shapes).
     assert left_out == {
         "client.one-sided-close",
         "client.starttls-preauth",
         "client.state-reset",
+        "client.response-injection-capabilities",
+        "client.response-injection-tagged",
+        "client.starttls-untagged",
     }
 
 

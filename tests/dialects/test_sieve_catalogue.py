@@ -13,7 +13,7 @@ from typing import Any, List, Tuple
 import pytest
 from starttls_harness.dialects import dialect_named
 from starttls_harness.report.verdicts import Verdict
-from starttls_harness.run.client import validate_client
+from starttls_harness.run.client_checks import validate_client
 from starttls_harness.run.path import validate_path
 from starttls_harness.run.targets import client_behaviours
 from starttls_harness.run.validation import validate_server

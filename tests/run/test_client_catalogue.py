@@ -27,12 +27,11 @@ from starttls_harness.dialects.imap import next_tag
 from starttls_harness.report.verdicts import Result, Verdict
 from starttls_harness.run.client import (
     CLIENT_STEP_NAMES,
-    check_client,
     run_client_scenario,
     run_client_target,
     unknown_client_steps,
-    validate_client,
 )
+from starttls_harness.run.client_checks import check_client, validate_client
 from starttls_harness.run.client_support import ClientSettings
 from starttls_harness.run.server import RunSettings
 from starttls_harness.run.targets import (
