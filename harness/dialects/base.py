@@ -95,6 +95,9 @@ class Dialect:
     client_module = ""
     #: Capability flags.
     has_return_to_plaintext = False
+    #: The server speaks first on connect (a greeting).  False where the
+    #: client does (PostgreSQL, LDAP): the prober then reads no greeting.
+    greets = True
     #: The scripted server can greet "authenticated already" (IMAP PREAUTH).
     has_preauth = False
     #: After the STARTTLS handshake the server speaks first, unprompted
@@ -142,6 +145,17 @@ class Dialect:
 
     def hello(self) -> bytes:
         raise NotImplementedError
+
+    def hello_for(self, tls: bool) -> bytes:
+        """The hello in the current phase; ``b""`` where the protocol has none
+        (PostgreSQL before TLS): the prober then exchanges nothing and asks
+        :meth:`capabilities` of an empty reply."""
+        return self.hello()
+
+    def after_handshake(self) -> bytes:
+        """What the client sends first in every TLS session, before anything a
+        scenario sends (PostgreSQL's StartupMessage); ``b""``: nothing."""
+        return b""
 
     def starttls(self) -> bytes:
         raise NotImplementedError
