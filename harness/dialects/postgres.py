@@ -361,7 +361,7 @@ class _ScriptedPostgres(ScriptedServer):
         if kind_byte == b"Q":
             sql = (query_text(raw) or "").strip()
             word = sql.split(None, 1)[0].upper() if sql else ""
-            kind = "message" if word in ("INSERT", "COPY") else "access"
+            kind = "append" if word in ("INSERT", "COPY") else "access"
             return Command(raw, tls, kind, "Query", b"", sql.encode())
         if kind_byte == b"p":
             return Command(raw, tls, "auth", "PasswordMessage", b"", raw[5:])
@@ -401,8 +401,12 @@ class _ScriptedPostgres(ScriptedServer):
         return error_response("FATAL", "28000", f"{INJECTED_TEXT} before the handshake")
 
     def partial_injection(self, starttls: Command) -> bytes:
-        whole = self.injection(starttls)
-        return whole[: len(whole) // 2]
+        """Half an ErrorResponse whose length also spans the first reply under
+        TLS (the password request): a client that keeps the bytes reads one
+        FATAL error made of both."""
+        body = self.injection(starttls)[5:]
+        half = body[: len(body) // 2]
+        return b"E" + struct.pack("!i", 4 + len(half) + len(auth(3))) + half
 
     def stored(self, cmd: Command) -> bytes:
         return command_complete("INSERT 0 1") + ready()
@@ -461,7 +465,16 @@ class Postgres(Dialect):
     reference_server_expected: Mapping[str, Mapping[str, Verdict]] = {
         "no-close-notify-reply": {"server.close-notify-reply": Verdict.WARN},
     }
-    reference_client_expected: Mapping[str, Mapping[str, Verdict]] = {}
+    #: The reference client's R1 mode reads whatever is glued to the ``S`` as
+    #: TLS data, wherever it arrives (libpq < 14.1): every injection is taken.
+    reference_client_expected: Mapping[str, Mapping[str, Verdict]] = {
+        "accept-injected-response": {
+            "client.response-injection": Verdict.FAIL,
+            "client.response-injection-split": Verdict.FAIL,
+            "client.response-injection-partial": Verdict.FAIL,
+            "client.response-injection-multi": Verdict.FAIL,
+        },
+    }
 
     def framer(self) -> Framer:
         return PostgresFramer()
