@@ -27,6 +27,7 @@ from starttls_harness.dialects.imap import IMAP
 from starttls_harness.dialects.lmtp import LMTP
 from starttls_harness.dialects.nntp import NNTP
 from starttls_harness.dialects.pop3 import POP3
+from starttls_harness.dialects.postgres import POSTGRES
 from starttls_harness.dialects.sieve import SIEVE
 from starttls_harness.dialects.smtp import SMTP
 
@@ -35,6 +36,7 @@ __all__ = [
     "EVERY_DIALECT",
     "IMAP",
     "POP3",
+    "POSTGRES",
     "RETURN_TO_PLAINTEXT",
     "SIEVE",
     "SMTP",
@@ -169,6 +171,7 @@ register(POP3)
 register(SIEVE)
 register(LMTP)
 register(NNTP)
+register(POSTGRES)
 # FTP (dialects/ftp.py: server role, CCC scenarios) is not registered by
 # default yet: its reference client and the proxy's FTP table are still to
 # come, and the client and path catalogues apply to every registered dialect.

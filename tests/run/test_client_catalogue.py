@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import pytest
 from cryptography import x509
-from starttls_harness.dialects import dialect_named, names
+from starttls_harness.dialects import RETURN_TO_PLAINTEXT, dialect_named, names
 from starttls_harness.dialects.imap import next_tag
 from starttls_harness.report.verdicts import Result, Verdict
 from starttls_harness.run.client import (
@@ -89,6 +89,8 @@ def test_scenario_is_complete_data(scenario: Scenario) -> None:
     # PREAUTH exists in IMAP only (the dialect's has_preauth flag).
     if scenario.id == "client.starttls-preauth":
         assert set(scenario.dialects) == {d for d in names() if dialect_named(d).has_preauth}
+    elif scenario.id in ("client.one-sided-close", "client.stoptls-wait", "client.stoptls-cycle"):
+        assert set(scenario.dialects) == set(RETURN_TO_PLAINTEXT)  # not postgres
     else:
         assert set(scenario.dialects) == set(names())
     assert set(scenario.tls_versions) == {"1.2", "1.3"}
