@@ -84,7 +84,8 @@ def summary_table(
         shown = f"{colours[r.verdict]}{verdict:<7}\033[0m" if color else f"{verdict:<7}"
         rule = f" [{r.rule}]" if r.rule and r.verdict is not Verdict.PASS else ""
         summary = redactor.text(r.summary)
-        out.write(f"{r.id:<{width}}  {r.dialect:<{dwidth}}  {r.tls_version}  {shown}  {summary}{rule}\n")
+        dialect = f"{r.dialect:<{dwidth}}"
+        out.write(f"{r.id:<{width}}  {dialect}  {r.tls_version}  {shown}  {summary}{rule}\n")
     counts = count_verdicts(results)
     out.write(", ".join(f"{n} {v}" for v, n in counts.items() if n) + "\n")
 
