@@ -344,6 +344,10 @@ class _ScriptedPostgres(ScriptedServer):
     """The scripted server's PostgreSQL: SSLRequest, startup, password, simple queries."""
 
     injection_effect = "answer-taken"
+    #: libpq >= 14.1 ends the connection once TLS is up when bytes came
+    #: with the ``S`` ("received unencrypted data after SSL response"); one
+    #: that took them sends its StartupMessage and gives up on the answer.
+    close_before_first_is_refusal = True
 
     def parse(self, raw: bytes, tls: bool) -> Command:
         code = untyped_code(raw)
