@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from realworld import compare
+from realworld.postgres import psql_argv, psql_version
 
 __all__ = [
     "CLIENTS",
@@ -319,6 +320,15 @@ CLIENTS: Tuple[ClientSpec, ...] = (
         _fetchmail,
         _fetchmail_version,
         needs=("fetchmail", "sh"),
+    ),
+    # libpq through psql (realworld/postgres.py).
+    ClientSpec(
+        "psql",
+        "postgres",
+        "postgresql-client-15 (Debian)",
+        psql_argv,
+        psql_version,
+        needs=("psql", "env"),
     ),
 )
 

@@ -10,6 +10,9 @@
 # private instances on high loopback ports with their own configuration.
 set -euo pipefail
 
+# PostgreSQL 15 (realworld/postgres.py) has a script of its own.
+bash "$(dirname "${BASH_SOURCE[0]}")/install-postgres.sh"
+
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 
 # binary -> Debian package

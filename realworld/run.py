@@ -47,6 +47,7 @@ from realworld.instances import (
     binaries_missing,
     free_port,
 )
+from realworld.postgres import PostgreSQL
 
 EXIT_MATCH = 0
 EXIT_DIFFER = 1
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--server",
         action="append",
-        choices=("postfix", "dovecot", "dovecot-pop3", "dovecot-sieve"),
+        choices=("postfix", "dovecot", "dovecot-pop3", "dovecot-sieve", "postgresql"),
         help="only this server (repeatable; default: all)",
     )
     p.add_argument(
@@ -209,6 +210,8 @@ def _instances(root: Path, names: Sequence[str]) -> List[Instance]:
             made.append(Postfix("postfix", "smtp", directory, free_port()))
         elif name == "dovecot":
             made.append(Dovecot("dovecot", "imap", directory, free_port()))
+        elif name == "postgresql":  # realworld/postgres.py
+            made.append(PostgreSQL("postgresql", "postgres", directory, free_port()))
     # POP3 and ManageSieve are listeners of the same Dovecot (started first).
     parent = next((i for i in made if isinstance(i, Dovecot)), None)
     for name, dialect, greeting, probe in _DOVECOT_SERVICES:
@@ -265,7 +268,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not expected and not args.update:
         print(f"realworld: {args.expected} does not exist; run with --update", file=sys.stderr)
         return EXIT_ERROR
-    names = args.server or ["postfix", "dovecot", "dovecot-pop3", "dovecot-sieve"]
+    names = args.server or ["postfix", "dovecot", "dovecot-pop3", "dovecot-sieve", "postgresql"]
     versions = compare.TLS_VERSIONS if args.tls_version == "all" else (args.tls_version,)
 
     own_root = args.state_dir is None

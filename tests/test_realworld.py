@@ -46,7 +46,7 @@ def cells(**verdicts: str) -> Dict[compare.Key, Cell]:
 
 def test_expected_json_parses_and_covers_the_catalogue() -> None:
     tables = compare.load_expected()
-    assert set(tables) == {"postfix", "dovecot", "dovecot-pop3", "dovecot-sieve"}
+    assert set(tables) == {"postfix", "dovecot", "dovecot-pop3", "dovecot-sieve", "postgresql"}
     for name, t in tables.items():
         dialect_scenarios = {
             s.id for s in CATALOGUE if s.role == "server" and t.dialect in s.dialects

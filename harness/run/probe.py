@@ -306,6 +306,10 @@ class Probe:
         opening = self.dialect.after_handshake()
         if opening:
             reply = await self.command(opening)
+            if not reply.ok and self.dialect.is_goodbye(reply):
+                # e.g. PostgreSQL >= 14.1 on bytes injected before the handshake.
+                self.evidence.note("the target ended the session at its start (a goodbye)")
+                raise await self.wait_closed()
             if not reply.ok:
                 raise Observed("unexpected-reply", f"the session start was refused: {reply.text}")
 
