@@ -208,9 +208,49 @@ def psql_version(paths: object) -> str:
     return words[2] if len(words) > 2 else "?"
 
 
+def psycopg_argv(paths: object) -> List[str]:
+    """psycopg 3 (libpq underneath) for ``check-client``: see :func:`psycopg_session`."""
+    return [
+        sys.executable, "-m", "realworld.postgres", "psycopg",
+        "{host}", "{hostname}", "{port}", "{cafile}",
+    ]  # fmt: skip
+
+
+def psycopg_version(paths: object) -> str:
+    code = "import psycopg; print(psycopg.__version__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    return done.stdout.strip() or "?"
+
+
+def psycopg_session(host: str, hostname: str, port: str, cafile: str) -> int:
+    """One psycopg session: TLS required and verified, one INSERT; 0 on success.
+
+    Autocommit and a client-side-binding cursor: psycopg then sends a simple
+    query (``Q``), which the harness's scripted server answers (no extended
+    protocol, no BEGIN)."""
+    import psycopg  # an optional client: imported only when it runs
+
+    conninfo = (
+        f"hostaddr={host} host={hostname} port={port} sslmode=verify-full "
+        f"sslrootcert={cafile} user=tester password=secret dbname=postgres connect_timeout=10"
+    )
+    try:
+        with psycopg.connect(
+            conninfo, autocommit=True, cursor_factory=psycopg.ClientCursor
+        ) as conn:
+            conn.execute(f"INSERT INTO {TABLE} VALUES ('sent by psycopg')")
+    except psycopg.Error as exc:
+        print(f"psycopg: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m realworld.postgres count ROOT PORT``: the rows of the storage table."""
+    """``python -m realworld.postgres count ROOT PORT``: the rows of the storage table;
+    ``... psycopg HOST HOSTNAME PORT CAFILE``: one psycopg client session."""
     args = sys.argv[1:] if argv is None else argv
+    if len(args) == 5 and args[0] == "psycopg":
+        return psycopg_session(*args[1:])
     if len(args) != 3 or args[0] != "count":
         print("usage: python -m realworld.postgres count ROOT PORT", file=sys.stderr)
         return 2
