@@ -35,7 +35,15 @@ from starttls_harness.tls.certs import Pki
 
 from realworld.instances import Instance, NotReady
 
-__all__ = ["PG_USER", "PostgreSQL", "pg_bindir", "postgres_missing", "psql_argv", "psql_version"]
+__all__ = [
+    "PG_USER",
+    "PSQL_PATH_ARGV",
+    "PostgreSQL",
+    "pg_bindir",
+    "postgres_missing",
+    "psql_argv",
+    "psql_version",
+]
 
 #: The system user the server runs as (it refuses root).
 PG_USER = "postgres"
@@ -198,6 +206,17 @@ def psql_argv(paths: object) -> List[str]:
         "env", "PGPASSWORD=secret", "psql", "-X", "-w", "-q", "-v", "ON_ERROR_STOP=1",
         conninfo, "-c", f"INSERT INTO {TABLE} VALUES ('sent by psql')",
     ]  # fmt: skip
+
+
+#: psql for ``check-path`` (realworld/paths.py): the server's own user, TLS pinned to the
+#: scenario's version, one INSERT of a long row (over two TLS records, for the truncation).
+PSQL_PATH_ARGV = (
+    "psql", "-X", "-w", "-q", "-v", "ON_ERROR_STOP=1",
+    "hostaddr=127.0.0.1 host=localhost port={port} sslmode=verify-full sslrootcert={cafile} "
+    "user=postgres dbname=postgres ssl_min_protocol_version=TLSv{tls_version} "
+    "ssl_max_protocol_version=TLSv{tls_version} connect_timeout=10",
+    "-c", f"INSERT INTO {TABLE} VALUES (repeat('x', 20000))",
+)  # fmt: skip
 
 
 def psql_version(paths: object) -> str:
