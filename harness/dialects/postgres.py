@@ -316,8 +316,11 @@ def _ends_answer(unit: bytes) -> bool:
 
 
 def _reply(units: Sequence[bytes]) -> Reply:
+    """Not ok: an error, or a password request (the harness authenticates by
+    the server's trust in its user over TLS, never by a password)."""
     last = units[-1][:1].decode("latin-1") if units else ""
-    ok = not any(u[:1] == b"E" for u in units) and last != "?"
+    asks = last == "R" and _ends_answer(units[-1])
+    ok = not any(u[:1] == b"E" for u in units) and last != "?" and not asks
     return Reply(tuple(units), ok, last)
 
 
