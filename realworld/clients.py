@@ -29,8 +29,6 @@ import argparse
 import fnmatch
 import json
 import os
-import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -42,11 +40,20 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from realworld import compare
-from realworld.postgres import psql_argv, psql_version
+from realworld.client_specs import (
+    CLIENTS,
+    DRIVERS,
+    NPM_PACKAGES,
+    ClientSpec,
+    Paths,
+    npm_installed_version,
+)
 
 __all__ = [
     "CLIENTS",
+    "DRIVERS",
     "EXPECTED_CLIENTS_FILE",
+    "NPM_PACKAGES",
     "ClientSpec",
     "Paths",
     "TierResult",
@@ -55,13 +62,13 @@ __all__ = [
     "instability",
     "load_expected_clients",
     "main",
+    "npm_installed_version",
     "parse_expected_clients",
     "run_tier",
     "to_expected_clients_doc",
 ]
 
 HERE = Path(__file__).resolve().parent
-DRIVERS = HERE / "drivers"
 EXPECTED_CLIENTS_FILE = HERE / "expected-clients.json"
 CLIENT_TABLE_BEGIN = (
     "<!-- realworld-clients-table: begin "
@@ -74,9 +81,6 @@ EXIT_DIFFER = 1
 EXIT_ERROR = 2
 
 HARNESS = [sys.executable, "-m", "starttls_harness"]
-
-#: npm packages the tier installs, pinned: a new release is a decision, not a drift.
-NPM_PACKAGES = {"imapflow": "2.10.2", "nodemailer": "10.6.0"}
 
 #: The message curl uploads and msmtp reads on stdin (CRLF line ends, as on the wire).
 MESSAGE = (
@@ -91,245 +95,6 @@ COMMENT = (
     "so far, which only inform; and a note on what the client did (from the evidence "
     "ladders). 'python -m realworld.clients --update' rewrites the cells and keeps the "
     "notes; 'python -m realworld.clients --table' regenerates the README table."
-)
-
-
-# ------------------------------------------------------------------ clients
-
-
-@dataclass(frozen=True)
-class Paths:
-    """Where one run keeps what the client commands need."""
-
-    message: Path
-    npm_dir: Path
-    python: str = sys.executable
-
-
-def _curl_smtp(p: Paths) -> List[str]:
-    # The URL path is the EHLO name; --ssl-reqd makes STARTTLS mandatory.
-    return [
-        "curl", "--silent", "--show-error", "--ssl-reqd", "--cacert", "{cafile}",
-        "--max-time", "15", "--user", "tester:secret",
-        "--mail-from", "sender@localhost", "--mail-rcpt", "rcpt@localhost",
-        "--upload-file", str(p.message), "smtp://{host}:{port}/localhost",
-    ]  # fmt: skip
-
-
-def _curl_imap(p: Paths) -> List[str]:
-    # An upload to an IMAP mailbox URL is an APPEND.
-    return [
-        "curl", "--silent", "--show-error", "--ssl-reqd", "--cacert", "{cafile}",
-        "--max-time", "15", "--user", "tester:secret",
-        "--upload-file", str(p.message), "imap://{host}:{port}/INBOX",
-    ]  # fmt: skip
-
-
-def _curl_pop3(p: Paths) -> List[str]:
-    # A POP3 URL without a message number is a LIST; --ssl-reqd makes STLS mandatory.
-    return [
-        "curl", "--silent", "--show-error", "--ssl-reqd", "--cacert", "{cafile}",
-        "--max-time", "15", "--user", "tester:secret", "pop3://{host}:{port}/",
-    ]  # fmt: skip
-
-
-def _msmtp(p: Paths) -> List[str]:
-    # msmtp reads the message on stdin, and check-client gives clients /dev/null:
-    # sh redirects it from the file and execs msmtp (values passed as $1..$4).
-    script = (
-        'exec msmtp --file=/dev/null --host="$1" --port="$2" --tls=on --tls-starttls=on '
-        '--tls-trust-file="$3" --auth=on --user=tester --passwordeval="echo secret" '
-        '--domain=localhost --timeout=10 --from=sender@localhost -- rcpt@localhost <"$4"'
-    )
-    return ["sh", "-c", script, "msmtp", "{host}", "{port}", "{cafile}", str(p.message)]
-
-
-def _python_driver(script: str) -> Callable[[Paths], List[str]]:
-    def argv(p: Paths) -> List[str]:
-        return [
-            p.python, str(DRIVERS / script),
-            "--host", "{host}", "--port", "{port}", "--cafile", "{cafile}",
-        ]  # fmt: skip
-
-    return argv
-
-
-def _node_driver(script: str) -> Callable[[Paths], List[str]]:
-    def argv(p: Paths) -> List[str]:
-        return ["node", str(DRIVERS / script), str(p.npm_dir), "{host}", "{port}", "{cafile}"]
-
-    return argv
-
-
-def _first_line_word(argv: Sequence[str], index: int) -> Callable[[Paths], str]:
-    def version(p: Paths) -> str:
-        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=30, check=False)
-        words = (done.stdout.splitlines() or [""])[0].split()
-        return words[index] if len(words) > abs(index) else "?"
-
-    return version
-
-
-def _fetchmail_version(p: Paths) -> str:
-    done = subprocess.run(
-        ["fetchmail", "--version"], capture_output=True, text=True, timeout=30, check=False
-    )
-    found = re.search(r"release (\d[\w.]*)", done.stdout + done.stderr)
-    return found.group(1) if found else "?"
-
-
-def _fetchmail(p: Paths) -> List[str]:
-    # {hostname}: fetchmail matches the certificate's CN/DNS names, not IP addresses.
-    return ["sh", str(DRIVERS / "fetchmail_fetch.sh"), "{hostname}", "{port}", "{cafile}"]
-
-
-def _python_version(p: Paths) -> str:
-    done = subprocess.run(
-        [p.python, "-c", "import platform; print(platform.python_version())"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    return done.stdout.strip() or platform.python_version()
-
-
-def _pip_version(package: str) -> Callable[[Paths], str]:
-    def version(p: Paths) -> str:
-        code = f"import importlib.metadata as m; print(m.version({package!r}))"
-        done = subprocess.run(
-            [p.python, "-c", code], capture_output=True, text=True, timeout=30, check=False
-        )
-        return done.stdout.strip() or "?"
-
-    return version
-
-
-def _npm_version(package: str) -> Callable[[Paths], str]:
-    def version(p: Paths) -> str:
-        return npm_installed_version(p.npm_dir, package) or "?"
-
-    return version
-
-
-@dataclass(frozen=True)
-class ClientSpec:
-    """One real client speaking one dialect, and how to start it for ``check-client``."""
-
-    client: str
-    dialect: str
-    package: str
-    argv: Callable[[Paths], List[str]]
-    version: Callable[[Paths], str]
-    needs: Tuple[str, ...] = ()
-    npm: Tuple[str, ...] = field(default=())
-    #: False only for a client that cannot be run with certificate checking
-    #: against the harness's certificate; ``unchecked_why`` says why.
-    checks_certificate: bool = True
-    unchecked_why: str = ""
-
-    @property
-    def name(self) -> str:
-        """The table's key: ``client/dialect``."""
-        return f"{self.client}/{self.dialect}"
-
-
-CLIENTS: Tuple[ClientSpec, ...] = (
-    ClientSpec(
-        "curl",
-        "smtp",
-        "curl (Debian)",
-        _curl_smtp,
-        _first_line_word(["curl", "--version"], 1),
-        needs=("curl",),
-    ),
-    ClientSpec(
-        "curl",
-        "imap",
-        "curl (Debian)",
-        _curl_imap,
-        _first_line_word(["curl", "--version"], 1),
-        needs=("curl",),
-    ),
-    ClientSpec(
-        "curl",
-        "pop3",
-        "curl (Debian)",
-        _curl_pop3,
-        _first_line_word(["curl", "--version"], 1),
-        needs=("curl",),
-    ),
-    ClientSpec(
-        "poplib",
-        "pop3",
-        "Python standard library",
-        _python_driver("poplib_fetch.py"),
-        _python_version,
-    ),
-    ClientSpec(
-        "msmtp",
-        "smtp",
-        "msmtp (Debian)",
-        _msmtp,
-        _first_line_word(["msmtp", "--version"], -1),
-        needs=("msmtp", "sh"),
-    ),
-    ClientSpec(
-        "smtplib",
-        "smtp",
-        "Python standard library",
-        _python_driver("smtplib_send.py"),
-        _python_version,
-    ),
-    ClientSpec(
-        "imaplib",
-        "imap",
-        "Python standard library",
-        _python_driver("imaplib_append.py"),
-        _python_version,
-    ),
-    ClientSpec(
-        "aiosmtplib",
-        "smtp",
-        "aiosmtplib (PyPI)",
-        _python_driver("aiosmtplib_send.py"),
-        _pip_version("aiosmtplib"),
-    ),
-    ClientSpec(
-        "nodemailer",
-        "smtp",
-        "nodemailer (npm)",
-        _node_driver("nodemailer_send.cjs"),
-        _npm_version("nodemailer"),
-        needs=("node",),
-        npm=("nodemailer",),
-    ),
-    ClientSpec(
-        "imapflow",
-        "imap",
-        "imapflow (npm)",
-        _node_driver("imapflow_append.cjs"),
-        _npm_version("imapflow"),
-        needs=("node",),
-        npm=("imapflow",),
-    ),
-    ClientSpec(
-        "fetchmail",
-        "imap",
-        "fetchmail (Debian)",
-        _fetchmail,
-        _fetchmail_version,
-        needs=("fetchmail", "sh"),
-    ),
-    # libpq through psql (realworld/postgres.py).
-    ClientSpec(
-        "psql",
-        "postgres",
-        "postgresql-client-15 (Debian)",
-        psql_argv,
-        psql_version,
-        needs=("psql", "env"),
-    ),
 )
 
 
@@ -350,15 +115,6 @@ def default_npm_dir() -> Path:
     """A cache folder kept between runs, so the npm clients install once."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "starttls-harness" / "realworld-npm"
-
-
-def npm_installed_version(npm_dir: Path, package: str) -> Optional[str]:
-    manifest = npm_dir / "node_modules" / package / "package.json"
-    try:
-        version = json.loads(manifest.read_text(encoding="utf-8")).get("version")
-    except (OSError, ValueError):
-        return None
-    return str(version) if version else None
 
 
 def ensure_npm(npm_dir: Path, packages: Sequence[str], timeout: float = 300.0) -> List[str]:
@@ -769,8 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m realworld.clients",
         description=(
             "Run 'starttls-harness check-client' against real mail clients (curl, msmtp, "
-            "smtplib, imaplib, aiosmtplib, nodemailer, imapflow, fetchmail) and compare every "
-            "verdict "
+            "smtplib (SMTP, LMTP), imaplib, poplib, nntplib, aiosmtplib, nodemailer, imapflow, "
+            "fetchmail (IMAP, POP3), sieve-connect) and compare every verdict "
             "with realworld/expected-clients.json."
         ),
     )

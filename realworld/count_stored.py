@@ -4,6 +4,7 @@
     python realworld/count_stored.py dovecot STATE/dovecot   # the test user's Maildir
     python realworld/count_stored.py maildir PATH            # any Maildir
     python realworld/count_stored.py sieve STATE/dovecot     # the test user's Sieve scripts
+    python realworld/count_stored.py inn STATE/inn           # articles nnrpd spooled
 
 This is the storage probe of the truncation scenario (R6: a message cut by
 a TCP FIN must not be stored), in the form a command line can take: one
@@ -19,7 +20,13 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-__all__ = ["count_maildir", "count_postfix_queue", "count_sieve_scripts", "count_stored"]
+__all__ = [
+    "count_maildir",
+    "count_postfix_queue",
+    "count_sieve_scripts",
+    "count_spooled",
+    "count_stored",
+]
 
 #: Queue directories that hold finished messages (``maildrop`` is local
 #: submission, ``corrupt`` what Postfix could not read).
@@ -66,7 +73,9 @@ def count_stored(kind: str, root: Path) -> int:
         return count_maildir(root)
     if kind == "sieve":
         return count_sieve_scripts(root / "mail" / "tester" / "sieve")
-    raise ValueError(f"unknown kind {kind!r}: use postfix, dovecot, maildir or sieve")
+    if kind == "inn":
+        return count_spooled(root / "spool" / "incoming")
+    raise ValueError(f"unknown kind {kind!r}: use postfix, dovecot, maildir, sieve or inn")
 
 
 def count_sieve_scripts(path: Path) -> int:
@@ -77,11 +86,19 @@ def count_sieve_scripts(path: Path) -> int:
         return 0
 
 
+def count_spooled(incoming: Path) -> int:
+    """Articles INN's nnrpd spooled (``spoolfirst``): regular files in ``incoming``."""
+    try:
+        return sum(1 for entry in os.scandir(incoming) if entry.is_file(follow_symlinks=False))
+    except OSError:
+        return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
         print(__doc__.strip().splitlines()[0], file=sys.stderr)
-        print("usage: count_stored.py {postfix|dovecot|maildir} DIR", file=sys.stderr)
+        print("usage: count_stored.py {postfix|dovecot|maildir|sieve|inn} DIR", file=sys.stderr)
         return 2
     try:
         print(count_stored(args[0], Path(args[1])))

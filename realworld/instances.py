@@ -1,4 +1,4 @@
-"""Private Postfix and Dovecot instances on loopback, without systemd.
+"""Private Postfix and Dovecot instances on loopback, without systemd (INN: :mod:`realworld.inn`).
 
 Each instance lives in its own directory under one state directory:
 configuration, queue or runtime directories, logs, mail.  Nothing in
@@ -283,13 +283,15 @@ def dovecot_conf(
     host: str = "127.0.0.1",
     pop3_port: Optional[int] = None,
     sieve_port: Optional[int] = None,
+    lmtp_port: Optional[int] = None,
 ) -> str:
     """A complete dovecot.conf: IMAP with STARTTLS on ``host:port``, one user.
 
-    With ``pop3_port`` / ``sieve_port`` also POP3 (STLS) and ManageSieve
-    (STARTTLS) listeners of the same instance (:func:`dovecot_pop3_sieve_conf`).
+    With ``pop3_port`` / ``sieve_port`` / ``lmtp_port`` also POP3 (STLS),
+    ManageSieve and LMTP (STARTTLS) listeners of the same instance
+    (:func:`dovecot_pop3_sieve_conf`).
     """
-    extra = dovecot_pop3_sieve_conf(host, pop3_port, sieve_port)
+    extra = dovecot_pop3_sieve_conf(host, pop3_port, sieve_port, lmtp_port)
     protocols = " ".join(["imap", *extra[0]])
     return f"""\
 # Private Dovecot instance of the starttls-harness real-server tier.
@@ -337,13 +339,18 @@ service imap-login {{
 
 
 def dovecot_pop3_sieve_conf(
-    host: str, pop3_port: Optional[int], sieve_port: Optional[int]
+    host: str,
+    pop3_port: Optional[int],
+    sieve_port: Optional[int],
+    lmtp_port: Optional[int] = None,
 ) -> Tuple[List[str], str]:
-    """The protocols and blocks of the POP3 and ManageSieve listeners (none: empty).
+    """The protocols and blocks of the POP3, ManageSieve and LMTP listeners (none: empty).
 
     POP3 keeps ``disable_plaintext_auth`` (USER/AUTH refused before STLS);
     ManageSieve stores the user's scripts in ``~/sieve`` (the storage probe
-    counts them, ``count_stored.py sieve``).
+    counts them, ``count_stored.py sieve``); LMTP (``dovecot-lmtpd``) offers
+    STARTTLS from the global ``ssl = yes`` and delivers into the test user's
+    Maildir (the storage probe of ``count_stored.py dovecot``).
     """
     protocols: List[str] = []
     blocks = ""
@@ -373,6 +380,16 @@ plugin {{
   sieve = file:~/sieve;active=~/.dovecot.sieve
 }}
 """
+    if lmtp_port is not None:
+        protocols.append("lmtp")
+        blocks += f"""
+service lmtp {{
+  inet_listener lmtp {{
+    address = {host}
+    port = {lmtp_port}
+  }}
+}}
+"""
     return protocols, blocks
 
 
@@ -390,6 +407,8 @@ class Instance:
     host: str = "127.0.0.1"
     log: Path = field(default_factory=Path)
     started: bool = False
+    #: What ``check --rcpt`` names (LMTP: a local user; NNTP: the newsgroup).
+    rcpt: str = "postmaster@localhost"
 
     @property
     def url(self) -> str:
@@ -507,9 +526,10 @@ class Dovecot(Instance):
     """``dovecot -F -c FILE``: a foreground master we own, stopped by its pid."""
 
     process: Optional[subprocess.Popen[bytes]] = None
-    #: Ports of the POP3 and ManageSieve listeners (None: not configured).
+    #: Ports of the POP3, ManageSieve and LMTP listeners (None: not configured).
     pop3_port: Optional[int] = None
     sieve_port: Optional[int] = None
+    lmtp_port: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.conf = self.root / "dovecot.conf"
@@ -550,6 +570,7 @@ class Dovecot(Instance):
                 host=self.host,
                 pop3_port=self.pop3_port,
                 sieve_port=self.sieve_port,
+                lmtp_port=self.lmtp_port,
             )
         )
 
@@ -594,7 +615,7 @@ class Dovecot(Instance):
 
 @dataclass
 class DovecotService(Instance):
-    """Another listener (POP3, ManageSieve) of a :class:`Dovecot` instance.
+    """Another listener (POP3, ManageSieve, LMTP) of a :class:`Dovecot` instance.
 
     The master is configured, started and stopped by ``parent`` (which must
     come first in the run's list); this only waits for its greeting.
@@ -648,9 +669,12 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-#: Dovecot's POP3 and ManageSieve daemons (dovecot-pop3d, dovecot-managesieved).
-DOVECOT_DAEMONS = ("/usr/lib/dovecot/pop3", "/usr/lib/dovecot/managesieve")
+#: Dovecot's POP3, ManageSieve and LMTP daemons (dovecot-pop3d, -managesieved, -lmtpd).
+DOVECOT_DAEMONS = ("/usr/lib/dovecot/pop3", "/usr/lib/dovecot/managesieve", "/usr/lib/dovecot/lmtp")
+#: INN's reader daemon (inn2), run privately by :mod:`realworld.inn`.
+NNRPD = "/usr/lib/news/bin/nnrpd"
 
 
 def binaries_missing() -> List[str]:
-    return [b for b in (POSTFIX, DOVECOT, *DOVECOT_DAEMONS) if not os.access(b, os.X_OK)]
+    wanted = (POSTFIX, DOVECOT, *DOVECOT_DAEMONS, NNRPD)
+    return [b for b in wanted if not os.access(b, os.X_OK)]

@@ -33,9 +33,11 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from starttls_harness.tls.certs import make_pki
+from starttls_harness.dialects.nntp import NEWSGROUP
+from starttls_harness.tls.certs import Pki, make_pki
 
 from realworld import clients, compare, paths
+from realworld.inn import Inn
 from realworld.instances import (
     TEST_PASSWORD,
     TEST_USER,
@@ -48,6 +50,17 @@ from realworld.instances import (
     free_port,
 )
 from realworld.postgres import PostgreSQL
+
+#: The servers of the tier; ``dovecot-*`` are listeners of the one ``dovecot`` instance.
+SERVERS = (
+    "postfix",
+    "dovecot",
+    "dovecot-pop3",
+    "dovecot-sieve",
+    "dovecot-lmtp",
+    "inn",
+    "postgresql",
+)
 
 EXIT_MATCH = 0
 EXIT_DIFFER = 1
@@ -88,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--server",
         action="append",
-        choices=("postfix", "dovecot", "dovecot-pop3", "dovecot-sieve", "postgresql"),
+        choices=SERVERS,
         help="only this server (repeatable; default: all)",
     )
     p.add_argument(
@@ -159,7 +172,7 @@ def run_check(
     if instance.dialect in ("imap", "pop3", "sieve"):
         argv += ["--user", TEST_USER, "--password", TEST_PASSWORD]
     else:
-        argv += ["--rcpt", "postmaster@localhost"]
+        argv += ["--rcpt", instance.rcpt]
     if storage_probe and instance.storage_probe_command():
         argv += ["--storage-probe", instance.storage_probe_command()]
     # check --evidence keeps key logs in a mkdtemp() directory it does not
@@ -210,11 +223,13 @@ def _instances(root: Path, names: Sequence[str]) -> List[Instance]:
             made.append(Postfix("postfix", "smtp", directory, free_port()))
         elif name == "dovecot":
             made.append(Dovecot("dovecot", "imap", directory, free_port()))
+        elif name == "inn":
+            made.append(Inn("inn", "nntp", directory, free_port(), rcpt=NEWSGROUP))
         elif name == "postgresql":  # realworld/postgres.py
             made.append(PostgreSQL("postgresql", "postgres", directory, free_port()))
     # POP3 and ManageSieve are listeners of the same Dovecot (started first).
     parent = next((i for i in made if isinstance(i, Dovecot)), None)
-    for name, dialect, greeting, probe in _DOVECOT_SERVICES:
+    for name, dialect, greeting, probe, rcpt in _DOVECOT_SERVICES:
         if name not in names:
             continue
         if parent is None:
@@ -224,22 +239,55 @@ def _instances(root: Path, names: Sequence[str]) -> List[Instance]:
             parent = Dovecot("dovecot", "imap", directory, free_port())
             made.append(parent)
         port = free_port()
-        if dialect == "pop3":
-            parent.pop3_port = port
-        else:
-            parent.sieve_port = port
+        setattr(parent, f"{dialect}_port", port)  # pop3_port, sieve_port, lmtp_port
         service = DovecotService(
-            name, dialect, parent.root, port, parent=parent, greeting=greeting, probe_kind=probe
+            name,
+            dialect,
+            parent.root,
+            port,
+            rcpt=rcpt or Instance.rcpt,
+            parent=parent,
+            greeting=greeting,
+            probe_kind=probe,
         )
         made.append(service)
     return made
 
 
-#: name, dialect, greeting, storage probe kind of the services of the Dovecot instance.
+#: name, dialect, greeting, storage probe kind, --rcpt of the services of the Dovecot instance.
 _DOVECOT_SERVICES = (
-    ("dovecot-pop3", "pop3", b"+OK", ""),
-    ("dovecot-sieve", "sieve", b'"IMPLEMENTATION"', "sieve"),
+    ("dovecot-pop3", "pop3", b"+OK", "", ""),
+    ("dovecot-sieve", "sieve", b'"IMPLEMENTATION"', "sieve", ""),
+    ("dovecot-lmtp", "lmtp", b"220 ", "dovecot", TEST_USER),
 )
+
+
+#: How often a server whose port was taken meanwhile is given new ports.
+START_ATTEMPTS = 3
+
+
+def start(instance: Instance, instances: Sequence[Instance], pki: Pki, timeout: float) -> None:
+    """Configure and start ``instance``; new free ports when one was taken meanwhile.
+
+    A port :func:`free_port` called free may be bound by another process
+    (any outgoing connection on a busy machine) before the server binds it.
+    A Dovecot master binds its services' listeners too: they get new ports.
+    """
+    for attempt in range(1, START_ATTEMPTS + 1):
+        instance.configure(pki)
+        try:
+            instance.start(timeout)
+            return
+        except NotReady as exc:
+            if "already in use" not in str(exc).lower() or attempt == START_ATTEMPTS:
+                raise
+            instance.stop()
+            print(f"{instance.name}: a port was taken meanwhile; again on new ports", flush=True)
+            instance.port = free_port()
+            for service in instances:
+                if isinstance(service, DovecotService) and service.parent is instance:
+                    service.port = free_port()
+                    setattr(instance, f"{service.dialect}_port", service.port)
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -268,7 +316,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not expected and not args.update:
         print(f"realworld: {args.expected} does not exist; run with --update", file=sys.stderr)
         return EXIT_ERROR
-    names = args.server or ["postfix", "dovecot", "dovecot-pop3", "dovecot-sieve", "postgresql"]
+    names = args.server or list(SERVERS)
     versions = compare.TLS_VERSIONS if args.tls_version == "all" else (args.tls_version,)
 
     own_root = args.state_dir is None
@@ -288,8 +336,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         for instance in instances:
             t = time.monotonic()
-            instance.configure(pki)
-            instance.start(args.start_timeout)
+            start(instance, instances, pki, args.start_timeout)
             print(
                 f"{instance.name} {instance.version()} on {instance.url} "
                 f"(ready in {time.monotonic() - t:.2f} s)",

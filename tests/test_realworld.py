@@ -28,6 +28,7 @@ from starttls_harness.scenarios.server import CATALOGUE  # noqa: E402
 
 from realworld import compare, count_stored, instances, table  # noqa: E402
 from realworld.compare import Cell, Outcome  # noqa: E402
+from realworld.run import SERVERS  # noqa: E402
 
 P12 = ("server.x", "1.2")
 P13 = ("server.x", "1.3")
@@ -46,7 +47,7 @@ def cells(**verdicts: str) -> Dict[compare.Key, Cell]:
 
 def test_expected_json_parses_and_covers_the_catalogue() -> None:
     tables = compare.load_expected()
-    assert set(tables) == {"postfix", "dovecot", "dovecot-pop3", "dovecot-sieve", "postgresql"}
+    assert set(tables) == set(SERVERS)
     for name, t in tables.items():
         dialect_scenarios = {
             s.id for s in CATALOGUE if s.role == "server" and t.dialect in s.dialects

@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:
 from starttls_harness.scenarios.client import CLIENT_SCENARIOS  # noqa: E402
 
 from realworld import clients, compare  # noqa: E402
+from realworld.client_specs import python_with  # noqa: E402
 from realworld.compare import Cell, Outcome, ServerTable  # noqa: E402
 
 K12 = ("client.x", "1.2")
@@ -365,3 +366,14 @@ def test_the_trust_control_is_judged_against_what_the_spec_records(
     )  # fmt: skip
     ok, line = clients.judge_trust(spec, refused, "detail")
     assert ok is as_recorded and words in line
+
+
+def test_python_with_finds_an_interpreter_that_has_the_module() -> None:
+    assert python_with("json") == sys.executable  # this one, when it has it
+    assert python_with("no_such_module_anywhere") == sys.executable  # none has it: this one
+    nntp = python_with("nntplib")  # gone from 3.13's standard library
+    if sys.version_info < (3, 13):
+        assert nntp == sys.executable
+    spec = clients.client_by_name("nntplib/nntp")[0]
+    paths = clients.Paths(message=Path("m"), npm_dir=Path("n"))
+    assert spec.argv(paths)[0] == nntp and spec.argv(paths)[1].endswith("nntplib_post.py")

@@ -3,12 +3,10 @@
 Theory of operation
 ===================
 
-For a client under test, each scenario x TLS version is one run: a fake
-server is started on ``127.0.0.1:0`` (it accepts one connection and refuses
-any other), a fresh CA and server certificate are written to a temporary
-directory, the client is launched once against that address
-(:class:`~starttls_harness.run.targets.ClientTarget`), and the scenario's steps
-are interpreted against the one connection it opens.
+Each scenario x TLS version is one run: a fake server on ``127.0.0.1:0``
+(one connection; any other is refused), the client launched once against it
+(:class:`~starttls_harness.run.targets.ClientTarget`, given the CA file of the
+target run's throwaway certificate), the steps interpreted on that connection.
 
 The server runs on :func:`starttls_harness.tls.aio.create_server` with a **strict**
 engine: whatever the client sends is judged by every rule (a client that
@@ -88,11 +86,11 @@ from starttls_harness.run.targets import (
     ReferenceClientTarget,
 )
 from starttls_harness.run.validation import CLIENT_VALIDATION_SETTINGS
-from starttls_harness.scenarios.client import CLIENT_COMMON, CLIENT_SCENARIOS
+from starttls_harness.scenarios.client import CLIENT_COMMON, CLIENT_SANITY, CLIENT_SCENARIOS
 from starttls_harness.scenarios.expectations import expected_client_verdicts, mismatches
-from starttls_harness.scenarios.model import Expect, Scenario, Step
+from starttls_harness.scenarios.model import Scenario, Step
 from starttls_harness.tls.aio import Timeouts, create_server
-from starttls_harness.tls.certs import make_pki
+from starttls_harness.tls.certs import Pki, make_pki
 from starttls_harness.tls.engine import (
     Policy,
     Rule,
@@ -668,16 +666,21 @@ async def step_accept_stoptls(run: _Run, args: Mapping[str, object]) -> None:
 
 
 async def step_expect_hello(run: _Run, args: Mapping[str, object]) -> None:
-    """R8: the first command after a transition must be EHLO/CAPABILITY."""
+    """R8: the first command after a transition must be EHLO/CAPABILITY (a NOOP carries
+    no state: answered, the next command decides; sieve-connect resyncs with one)."""
     after = str(args.get("after", "starttls"))
     if "stoptls" in args:
         run.offer_stoptls = bool(args["stoptls"])
-    try:
-        cmd = await run.next_command()
-    except Gone as gone:
-        if gone.act.how == "violation":
-            raise
-        raise Observed("closed-before-check", gone.act.detail) from None
+    for _ in range(5):
+        try:
+            cmd = await run.next_command()
+        except Gone as gone:
+            if gone.act.how == "violation":
+                raise
+            raise Observed("closed-before-check", gone.act.detail) from None
+        if cmd.kind != "noop":
+            break
+        await _answer(run, cmd)
     if cmd.kind == "hello":
         await _answer(run, cmd)
         return
@@ -748,8 +751,13 @@ async def run_client_scenario(
     target: ClientTarget,
     tls_version: str,
     settings: RunSettings = DEFAULT_SETTINGS,
+    *,
+    pki: Optional[Pki] = None,
 ) -> Result:
-    """One scenario x TLS version against a client; never raises."""
+    """One scenario x TLS version against a client; never raises.
+
+    ``pki`` (on disk): the fake server's certificate, else one of its own.
+    """
     evidence = Evidence()
     start = time.monotonic()
     label = HARNESS_ERROR
@@ -761,9 +769,13 @@ async def run_client_scenario(
     client: Optional[asyncio.Future[ClientOutcome]] = None
     outcome: Optional[ClientOutcome] = None
     suffix = ""
-    with tempfile.TemporaryDirectory(prefix="starttls-harness-client-") as tmp:
+    with contextlib.ExitStack() as stack:
         try:
-            pki = make_pki(directory=tmp)
+            if pki is None:
+                tmp = stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix="starttls-harness-client-")
+                )
+                pki = make_pki(directory=tmp)
             assert pki.cafile is not None
             keylog = None
             if settings.keylog_dir is not None:
@@ -850,26 +862,6 @@ async def run_client_scenario(
 
 # ------------------------------------------------------------ many scenarios
 
-SANITY = Scenario(
-    id="client.sanity",
-    title="sanity probe: a normal STARTTLS session",
-    role="client",
-    rule=Rule.R1,
-    reference="",
-    reason="A client that cannot complete the conforming path makes every refusal meaningless.",
-    steps=(
-        Step("greet"),
-        Step("serve", {"until": "starttls"}),
-        Step("accept-starttls", fault=True),
-        Step("handshake"),
-        Step("serve", {"until": "end"}),
-    ),
-    expect={
-        **CLIENT_COMMON,
-        "completed": Expect(Verdict.PASS, "the client completed a normal session"),
-    },
-)
-
 
 def _probe_problem(result: Result) -> str:
     """Why the sanity probe failed, in one line (the client's own words included)."""
@@ -889,9 +881,11 @@ async def sanity_probe(
     return None if result.verdict is Verdict.PASS else _probe_problem(result)
 
 
-async def sanity_result(target: ClientTarget, tls_version: str, settings: RunSettings) -> Result:
+async def sanity_result(
+    target: ClientTarget, tls_version: str, settings: RunSettings, *, pki: Optional[Pki] = None
+) -> Result:
     """The sanity probe as a result, with its evidence."""
-    return await run_client_scenario(SANITY, target, tls_version, settings)
+    return await run_client_scenario(CLIENT_SANITY, target, tls_version, settings, pki=pki)
 
 
 async def run_client_target(
@@ -910,14 +904,17 @@ async def run_client_target(
     versions = [v for v in (tls_versions or target.tls_versions) if v in target.tls_versions]
     probes: Dict[str, Result] = {}
     never_connected: List[str] = []
+    # One throwaway certificate for the whole target run, not one per run.
+    stack = contextlib.ExitStack()
+    pki = make_pki(directory=stack.enter_context(tempfile.TemporaryDirectory(prefix="sth-")))
 
     async def run_one(scenario: Scenario, version: str) -> Result:
-        return await run_client_scenario(scenario, target, version, settings)
+        return await run_client_scenario(scenario, target, version, settings, pki=pki)
 
     async def sanity(version: str) -> Optional[str]:
         if never_connected:
             return never_connected[0]
-        result = await sanity_result(target, version, settings)
+        result = await sanity_result(target, version, settings, pki=pki)
         if result.verdict is Verdict.PASS:
             return None
         probes[version] = result
@@ -927,16 +924,17 @@ async def run_client_target(
             probes["*"] = result
         return problem
 
-    results = await run_bracketed(
-        scenarios,
-        role="client",
-        dialect=target.dialect,
-        versions=versions,
-        settings=settings,
-        run_one=run_one,
-        sanity=sanity,
-        progress=progress,
-    )
+    with stack:
+        results = await run_bracketed(
+            scenarios,
+            role="client",
+            dialect=target.dialect,
+            versions=versions,
+            settings=settings,
+            run_one=run_one,
+            sanity=sanity,
+            progress=progress,
+        )
     for r in results:
         if r.summary.startswith("sanity probe failed") and not r.evidence.exchanges:
             probe = probes.get(r.tls_version) or probes.get("*")

@@ -41,7 +41,7 @@ from starttls_harness.dialects.roles import ClientOutcome, SessionPlan, failed
 from starttls_harness.run.reference import reference_client_module
 from starttls_harness.run.server import RunSettings
 from starttls_harness.tls.aio import Timeouts
-from starttls_harness.tls.certs import client_context
+from starttls_harness.tls.certs import shared_client_context
 
 __all__ = [
     "FOLLOW_SERVER",
@@ -147,7 +147,7 @@ class ReferenceClientTarget(ClientTarget):
             plan = SessionPlan(
                 host=host,
                 port=port,
-                tls_context=client_context(pinned, cafile=cafile),
+                tls_context=shared_client_context(pinned, cafile),
                 behaviour=self.behaviour,
                 timeout=self.timeout,
                 timeouts=self.timeouts(),

@@ -392,3 +392,25 @@ def client_by_id(scenario_id: str) -> Scenario:
         if s.id == scenario_id:
             return s
     raise KeyError(scenario_id)
+
+
+#: The client role's sanity probe (not in the catalogue).
+CLIENT_SANITY = Scenario(
+    id="client.sanity",
+    title="sanity probe: a normal STARTTLS session",
+    role="client",
+    rule=Rule.R1,
+    reference="",
+    reason="A client that cannot complete the conforming path makes every refusal meaningless.",
+    steps=(
+        Step("greet"),
+        Step("serve", {"until": "starttls"}),
+        Step("accept-starttls", fault=True),
+        Step("handshake"),
+        Step("serve", {"until": "end"}),
+    ),
+    expect={
+        **CLIENT_COMMON,
+        "completed": Expect(Verdict.PASS, "the client completed a normal session"),
+    },
+)

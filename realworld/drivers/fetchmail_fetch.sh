@@ -1,7 +1,7 @@
 #!/bin/sh
-# Fetch the INBOX with fetchmail over IMAP, STARTTLS required (sslproto tls1.2+).
+# Fetch the INBOX with fetchmail over IMAP (or POP3), STARTTLS/STLS required (sslproto tls1.2+).
 #
-# Usage: sh fetchmail_fetch.sh HOST PORT CAFILE
+# Usage: sh fetchmail_fetch.sh HOST PORT CAFILE [IMAP|POP3]
 #
 # Certificate checking is ON (sslcertck): fetchmail matches the subject CN and
 # DNS names only, so HOST is the certificate's name ({hostname}, localhost),
@@ -13,7 +13,7 @@ dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 umask 077
 cat >"$dir/rc" <<RC
-poll $1 port $2 protocol IMAP timeout 10
+poll $1 port $2 protocol ${4:-IMAP} timeout 10
   user tester password secret
   sslproto "tls1.2+" sslcertck sslcertfile "$3"
   mda "cat >/dev/null" keep
