@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from realworld.ldap import CLIENTS as LDAP_CLIENTS
+from realworld.postgres import psql_argv, psql_version
 
 __all__ = ["CLIENTS", "DRIVERS", "NPM_PACKAGES", "ClientSpec", "Paths", "npm_installed_version"]
 
@@ -360,5 +361,14 @@ CLIENTS: Tuple[ClientSpec, ...] = (
         "ldap3 (PyPI)",
         _python_driver("ldap3_client.py"),
         _pip_version("ldap3"),
+    ),
+    # libpq through psql (realworld/postgres.py).
+    ClientSpec(
+        "psql",
+        "postgres",
+        "postgresql-client-15 (Debian)",
+        psql_argv,
+        psql_version,
+        needs=("psql", "env"),
     ),
 )

@@ -13,6 +13,8 @@ set -euo pipefail
 
 # OpenLDAP slapd and ldapsearch (realworld/ldap.py) have their own script.
 bash "$(dirname "$0")/install-ldap.sh"
+# PostgreSQL 15 (realworld/postgres.py) has a script of its own.
+bash "$(dirname "${BASH_SOURCE[0]}")/install-postgres.sh"
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 

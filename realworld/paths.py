@@ -39,6 +39,7 @@ from realworld.instances import (
     binaries_missing,
     free_port,
 )
+from realworld.postgres import PSQL_PATH_ARGV, PostgreSQL
 
 EXIT_MATCH, EXIT_DIFFER, EXIT_ERROR = 0, 1, 2
 HARNESS = [sys.executable, "-m", "starttls_harness"]
@@ -115,6 +116,7 @@ PAIRS: Tuple[PathPair, ...] = (
         (sys.executable, "{scripts}/smtplib_client.py", "{port}", "{cafile}", "{tls_version}"),
         sys.executable,
     ),
+    PathPair("postgresql+psql", "postgresql", PSQL_PATH_ARGV, "psql"),  # realworld/postgres.py
 )
 
 #: pair -> scenario -> TLS version -> "verdict" or "verdict/side".
@@ -220,6 +222,9 @@ def run_and_report(
         directory = root / name
         directory.mkdir()
         directory.chmod(0o755)
+        if name == "postgresql":
+            instances[name] = PostgreSQL(name, "postgres", directory, free_port())
+            continue
         kind = Postfix if name == "postfix" else Dovecot
         instances[name] = kind(
             name, "smtp" if name == "postfix" else "imap", directory, free_port()

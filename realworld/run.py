@@ -50,6 +50,7 @@ from realworld.instances import (
     free_port,
 )
 from realworld.ldap import Slapd, slapd_missing
+from realworld.postgres import PostgreSQL
 
 #: The servers of the tier; ``dovecot-*`` are listeners of the one ``dovecot`` instance.
 SERVERS = (
@@ -60,6 +61,7 @@ SERVERS = (
     "dovecot-lmtp",
     "inn",
     "slapd",  # realworld/ldap.py
+    "postgresql",
 )
 
 EXIT_MATCH = 0
@@ -230,6 +232,8 @@ def _instances(root: Path, names: Sequence[str]) -> List[Instance]:
             made.append(Inn("inn", "nntp", directory, free_port(), rcpt=NEWSGROUP))
         elif name == "slapd":
             made.append(Slapd("slapd", "ldap", directory, free_port()))
+        elif name == "postgresql":  # realworld/postgres.py
+            made.append(PostgreSQL("postgresql", "postgres", directory, free_port()))
     # POP3 and ManageSieve are listeners of the same Dovecot (started first).
     parent = next((i for i in made if isinstance(i, Dovecot)), None)
     for name, dialect, greeting, probe, rcpt in _DOVECOT_SERVICES:

@@ -28,6 +28,7 @@ from starttls_harness.dialects.ldap import LDAP
 from starttls_harness.dialects.lmtp import LMTP
 from starttls_harness.dialects.nntp import NNTP
 from starttls_harness.dialects.pop3 import POP3
+from starttls_harness.dialects.postgres import POSTGRES
 from starttls_harness.dialects.sieve import SIEVE
 from starttls_harness.dialects.smtp import SMTP
 
@@ -37,6 +38,7 @@ __all__ = [
     "IMAP",
     "LDAP",
     "POP3",
+    "POSTGRES",
     "RETURN_TO_PLAINTEXT",
     "SIEVE",
     "SMTP",
@@ -179,6 +181,7 @@ register(SIEVE)
 register(LMTP)
 register(NNTP)
 register(LDAP)
+register(POSTGRES)
 # FTP (dialects/ftp.py: server role, CCC scenarios) is not registered by
 # default yet: its reference client and the proxy's FTP table are still to
 # come, and the client and path catalogues apply to every registered dialect.

@@ -159,6 +159,17 @@ class Dialect:
     def hello(self) -> bytes:
         raise NotImplementedError
 
+    def hello_for(self, tls: bool) -> bytes:
+        """The hello in the current phase; ``b""`` where the protocol has none
+        (PostgreSQL before TLS): the prober then exchanges nothing and asks
+        :meth:`capabilities` of an empty reply."""
+        return self.hello()
+
+    def after_handshake(self) -> bytes:
+        """What the client sends first in every TLS session, before anything a
+        scenario sends (PostgreSQL's StartupMessage); ``b""``: nothing."""
+        return b""
+
     def starttls(self) -> bytes:
         raise NotImplementedError
 

@@ -100,6 +100,10 @@ class ScriptedServer(abc.ABC):
     #: Verbs by which a client retreats after taking an injected answer
     #: (``answer-taken``), besides its goodbye and repeating its command.
     retreat_verbs: FrozenSet[str] = frozenset()
+    #: A client that ends the connection once TLS is up, before its first
+    #: command, refused the injection rather than acted on it (libpq checks
+    #: its buffer for unencrypted bytes when the handshake completes).
+    close_before_first_is_refusal: bool = False
 
     @abc.abstractmethod
     def parse(self, raw: bytes, tls: bool) -> Command: ...

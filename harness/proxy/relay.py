@@ -16,7 +16,7 @@ from starttls_harness.proxy.faults import Fault
 from starttls_harness.proxy.sockets import Side
 from starttls_harness.proxy.upgrade import upgrade_reader
 from starttls_harness.proxy.vocabulary import C2S, EV_ERROR
-from starttls_harness.tls.framing import FramerFactory, line_framer
+from starttls_harness.tls.framing import FramerFactory
 from starttls_harness.tls.keylog import SecretsProvider
 
 __all__ = ["Proxy"]
@@ -34,15 +34,16 @@ class Proxy:
         keylog: Union[str, os.PathLike[str], SecretsProvider, None],
         limits: Limits,
         on_event: Optional[Callable[[ProxyEvent], None]],
-        framer: FramerFactory = line_framer,
+        framer: Optional[FramerFactory] = None,
     ) -> None:
-        upgrade_reader(dialect)  # refuse an unknown dialect before listening
+        reader = upgrade_reader(dialect)  # refuse an unknown dialect before listening
         self.upstream = upstream
         self.dialect = dialect
         self.faults = tuple(faults)
         self.keylog = keylog
         self.limits = limits
-        self.framer = framer
+        #: The dialect's framer unless another is given (PostgreSQL is not lines).
+        self.framer: FramerFactory = framer or reader.framer
         self.on_event = on_event
         #: Every connection accepted, in order (finished ones included).
         self.connections: List[ProxyConnection] = []
@@ -69,12 +70,12 @@ class Proxy:
         idle_timeout: float = 60.0,
         partial_timeout: float = 0.5,
         on_event: Optional[Callable[[ProxyEvent], None]] = None,
-        framer: FramerFactory = line_framer,
+        framer: Optional[FramerFactory] = None,
     ) -> Proxy:
         """Listen on ``listen`` and relay each connection to ``upstream``.
 
         ``framer`` makes the framer that cuts each direction's plaintext into
-        units (the dialect's; CRLF lines by default).
+        units (default: the dialect's own).
         """
         limits = Limits(
             max_connections, max_buffer, max_line, connect_timeout, idle_timeout, partial_timeout

@@ -67,7 +67,8 @@ def summary_table(
         Verdict.ERROR: "\033[35;1m",
     }
     width = max((len(r.id) for r in results), default=10)
-    out.write(f"{'scenario':<{width}}  dialect  TLS  verdict  reason\n")
+    dwidth = max([7] + [len(r.dialect) for r in results])  # "postgres" is longer
+    out.write(f"{'scenario':<{width}}  {'dialect':<{dwidth}}  TLS  verdict  reason\n")
     targets = list(dict.fromkeys(r.target for r in results))
     if len(targets) > 1:  # a fleet: one group per target, in the order given
         results = [r for t in targets for r in results if r.target == t]
@@ -83,7 +84,8 @@ def summary_table(
         shown = f"{colours[r.verdict]}{verdict:<7}\033[0m" if color else f"{verdict:<7}"
         rule = f" [{r.rule}]" if r.rule and r.verdict is not Verdict.PASS else ""
         summary = redactor.text(r.summary)
-        out.write(f"{r.id:<{width}}  {r.dialect:<7}  {r.tls_version}  {shown}  {summary}{rule}\n")
+        dialect = f"{r.dialect:<{dwidth}}"
+        out.write(f"{r.id:<{width}}  {dialect}  {r.tls_version}  {shown}  {summary}{rule}\n")
     counts = count_verdicts(results)
     out.write(", ".join(f"{n} {v}" for v, n in counts.items() if n) + "\n")
 

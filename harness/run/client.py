@@ -544,6 +544,9 @@ async def _judge_answer_taken(run: _Run) -> None:
     except Gone as gone:
         if gone.act.how == "violation":
             raise
+        if run.dialect.close_before_first_is_refusal:
+            detail = f"closed before its first command: {gone.act.detail}"
+            raise Observed("aborted", detail) from None
         raise Observed("injection-consumed", "closed right after the handshake") from None
     await _answer(run, first)
     try:

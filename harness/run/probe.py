@@ -19,7 +19,7 @@ from typing import Callable, FrozenSet, Optional
 from starttls_harness.dialects import Dialect, Reply
 from starttls_harness.report.verdicts import Evidence
 from starttls_harness.run import pacing
-from starttls_harness.run.outcomes import RemoteEnded, WaitTimeout
+from starttls_harness.run.outcomes import Observed, RemoteEnded, WaitTimeout
 from starttls_harness.tls.aio import ConnectionEnded, SwitchableTransport, Timeouts, open_connection
 from starttls_harness.tls.engine import (
     AlertReceived,
@@ -34,7 +34,7 @@ from starttls_harness.tls.engine import (
     Violation,
 )
 
-__all__ = ["PeerClosed", "Probe", "ProbeSettings", "ProbeTimeout"]
+__all__ = ["NO_EXCHANGE", "PeerClosed", "Probe", "ProbeSettings", "ProbeTimeout"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,11 @@ class ProbeSettings:
     #: short lines is cut off here instead of being re-parsed until the
     #: reply bound runs out (quadratic work; tests/test_hostile.py).
     max_lines: int = 1000
+
+
+#: The reply to an exchange the dialect does not have (no greeting, no hello
+#: before TLS): nothing is sent or read.
+NO_EXCHANGE = Reply((), True, "")
 
 
 class PeerClosed(RemoteEnded):
@@ -233,7 +238,7 @@ class Probe:
             ) from exc
         self.evidence.wires.append(self._t().wire)  # real bytes, for --capture
         if not self.dialect.server_greets:
-            return Reply((), True, "")  # the client speaks first (LDAP)
+            return NO_EXCHANGE  # the client speaks first (PostgreSQL, LDAP)
         return await self.reply(greeting=True)
 
     def write(self, data: bytes, kind: str = "") -> None:
@@ -272,11 +277,14 @@ class Probe:
                 continue
 
     async def command(self, data: bytes) -> Reply:
+        if not data:
+            return NO_EXCHANGE  # the dialect has no such command in this phase
         self.write(data)
         return await self.reply(tag=self.dialect.tag_of(data))
 
     async def hello(self) -> Reply:
-        reply = await self.command(self.dialect.hello())
+        tls = self.transport is not None and self.transport.tls_active
+        reply = await self.command(self.dialect.hello_for(tls))
         self.capabilities = self.dialect.capabilities(reply)
         return reply
 
@@ -295,6 +303,15 @@ class Probe:
         except (ConnectionError, OSError) as exc:
             raise self._closed or self._classify(exc) from exc
         self.evidence.note(f"TLS up: {t.tls_version}")
+        opening = self.dialect.after_handshake()
+        if opening:
+            reply = await self.command(opening)
+            if not reply.ok and self.dialect.is_goodbye(reply):
+                # e.g. PostgreSQL >= 14.1 on bytes injected before the handshake.
+                self.evidence.note("the target ended the session at its start (a goodbye)")
+                raise await self.wait_closed()
+            if not reply.ok:
+                raise Observed("unexpected-reply", f"the session start was refused: {reply.text}")
 
     async def unwrap(self) -> None:
         self.ensure_open()

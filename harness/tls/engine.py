@@ -275,14 +275,15 @@ def _header_problem(buf: Union[bytes, bytearray]) -> Optional[str]:
     return check_header(bytes(buf[:5]))
 
 
-def _tls_resumes_at(data: bytes) -> int:
-    """Where a TLS handshake record starts after plaintext lines, or len(data)."""
-    pos = data.find(b"\n")
-    while pos >= 0:
-        start = pos + 1
+def _tls_resumes_at(data: bytes, framer: Framer) -> int:
+    """Where a TLS handshake record starts after whole plaintext units (cut by
+    the dialect's ``framer``, e.g. lines), or len(data)."""
+    framer.reset()
+    start = 0
+    for unit in framer.split(data)[0]:
+        start += len(unit)
         if data[start : start + 1] == b"\x16" and _header_problem(data[start : start + 5]) is None:
             return start
-        pos = data.find(b"\n", start)
     return len(data)
 
 
@@ -655,7 +656,7 @@ class Connection:
         if not enforced and rule is Rule.R1:
             # Misbehaving peer: the plaintext runs after the handshake, as if it
             # had come through TLS; a ClientHello glued to it goes on to OpenSSL.
-            cut = _tls_resumes_at(data)
+            cut = _tls_resumes_at(data, self._gate.framer)
             data, self._rx[:] = data[:cut], data[cut:]
             self._events.append(Violation(rule, f"{what} ({problem})", data, enforced))
             self._relaxed_leftover += data

@@ -254,8 +254,11 @@ def test_the_path_tier_table_names_every_pair_and_scenario() -> None:
 
     table = json.loads(EXPECTED_PATHS_FILE.read_text())["pairs"]
     assert set(table) == {p.name for p in PAIRS}
-    for cells in table.values():
-        assert set(cells) == {s.id for s in PATH_SCENARIOS}
+    for name, cells in table.items():
+        wanted = {s.id for s in PATH_SCENARIOS}
+        if name.startswith("postgresql+"):  # no return to plaintext: no STOPTLS scenario
+            wanted = {s.id for s in PATH_SCENARIOS if "postgres" in s.dialects}
+        assert set(cells) == wanted
         for by_version in cells.values():
             assert set(by_version) == {"1.2", "1.3"}
             for c in by_version.values():

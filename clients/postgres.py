@@ -1,0 +1,476 @@
+"""Reference PostgreSQL client: SSLRequest, startup, simple queries, and misbehaviours.
+
+Why not ``psycopg``/libpq in process: the harness must see what happens to
+bytes that arrive after the ``S`` (CVE-2021-23222 was exactly libpq reading
+them as TLS data), and a client built on the harness's engine reports that
+byte exact.  libpq (``psql``) is exercised as an external client by
+``check-client`` and the real-software tier instead.
+
+Rules it keeps: R1 (the hold gate is armed for the one-byte answer to
+``SSLRequest``; bytes after it are refused by the engine), R2/R6 through the
+strict engine, R5 (a close_notify is answered), R8 (every TLS session starts
+with a new ``StartupMessage``), R9 (with ``require_tls`` it never sends a
+startup, let alone a password, after ``N``).  There is no return to
+plaintext in PostgreSQL: :meth:`PgClient.stoptls` always raises
+:class:`StopTLSNotSupported`.
+
+Behaviours (``BEHAVIOURS``; each breaks exactly one rule):
+``accept-injected-response`` (R1: bytes glued to the ``S`` are read as the
+first TLS message, as libpq < 14.1), ``plaintext-in-tls`` (R2),
+``no-close-notify-reply`` (R5), ``ignore-truncation`` (R6: an answer cut by
+EOF counts as complete) and ``downgrade`` (R9: after ``N`` it starts the
+session and sends its password in plaintext).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import struct
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from starttls_harness.dialects.postgres import (
+    PostgresFramer,
+    error_fields,
+    message,
+    query,
+    ssl_request,
+    startup,
+    terminate,
+)
+from starttls_harness.dialects.roles import (
+    PATH_MESSAGE,
+    ClientOutcome,
+    ClientSpec,
+    Hooks,
+    PathDriver,
+    SessionPlan,
+    StopTLSUnsupported,
+    failed,
+    transport_events,
+)
+from starttls_harness.servers.base import STRICT, Behaviour, behaviour_named
+from starttls_harness.servers.imapsyntax import IncompleteRead, LineReader
+from starttls_harness.tls.aio import ConnectionEnded, SwitchableTransport, Timeouts, open_connection
+from starttls_harness.tls.engine import CloseNotifyReceived, Event, Rule
+from starttls_harness.tls.states import State
+
+__all__ = [
+    "BEHAVIOURS",
+    "PgClient",
+    "PgError",
+    "ServerError",
+    "StopTLSNotSupported",
+    "TLSRequired",
+    "path_driver",
+    "reference_session",
+]
+
+BEHAVIOURS: Dict[str, Behaviour] = {
+    b.name: b
+    for b in (
+        STRICT,
+        Behaviour(
+            "accept-injected-response",
+            Rule.R1,
+            "reads bytes glued to the S answer as TLS data (libpq < 14.1, CVE-2021-23222)",
+            (Rule.R1,),
+        ),
+        Behaviour(
+            "plaintext-in-tls",
+            Rule.R2,
+            "takes plaintext received while TLS is up as a response",
+            (Rule.R2,),
+        ),
+        Behaviour(
+            "no-close-notify-reply",
+            Rule.R5,
+            "closes TCP instead of answering the server's close_notify",
+            (Rule.R5,),
+        ),
+        Behaviour(
+            "ignore-truncation",
+            Rule.R6,
+            "takes an answer cut by EOF under TLS as complete",
+            (Rule.R6,),
+        ),
+        Behaviour(
+            "downgrade",
+            Rule.R9,
+            "starts the session and sends its password in plaintext after N",
+        ),
+    )
+}
+
+#: Largest backend message the client accepts (bytes).
+_MAX_MESSAGE = 1 << 24
+
+
+class PgError(Exception):
+    """Base class of the client's errors."""
+
+
+class ServerError(PgError):
+    """The server answered with an ErrorResponse."""
+
+
+class TLSRequired(PgError):
+    """TLS is required and could not be had (refused, failed)."""
+
+
+class StopTLSNotSupported(PgError):
+    """PostgreSQL has no return to plaintext."""
+
+
+class _Cut(PgError):
+    """The connection ended in the middle of an answer (ignore-truncation takes it)."""
+
+
+class _ClientProtocol(asyncio.Protocol):
+    """Feeds the reader; answers (or, misbehaving, ignores) the server's close_notify."""
+
+    def __init__(self, behaviour: Behaviour) -> None:
+        self.behaviour = behaviour
+        self.reader = LineReader(_MAX_MESSAGE)
+        self.transport: Optional[SwitchableTransport] = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, SwitchableTransport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+
+    def eof_received(self) -> None:
+        self.reader.feed_eof()
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.reader.set_exception(exc or ConnectionResetError("the server closed the connection"))
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def engine_event(self, event: Event) -> None:
+        if (
+            isinstance(event, CloseNotifyReceived)
+            and not self.behaviour.policy.enforces(Rule.R5)
+            and self.transport is not None
+            and self.transport.engine.state is State.CLOSE_RECEIVED
+        ):
+            self.transport.close()  # no-close-notify-reply: hang up instead
+
+
+class PgClient:
+    """A PostgreSQL client on the switchable transport; create it with :meth:`connect`."""
+
+    def __init__(
+        self,
+        transport: SwitchableTransport,
+        protocol: _ClientProtocol,
+        *,
+        behaviour: Behaviour = STRICT,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        server_hostname: Optional[str] = None,
+        require_tls: bool = True,
+        timeout: float = 10.0,
+    ) -> None:
+        self.transport = transport
+        self.protocol = protocol
+        self.behaviour = behaviour
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.require_tls = require_tls
+        self.timeout = timeout
+        self.parameters: Dict[str, str] = {}
+        self.started = False
+        self.upgrades = 0
+        self.downgraded: Optional[str] = None
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        server_hostname: Optional[str] = None,
+        require_tls: bool = True,
+        behaviour: str = "strict",
+        timeout: float = 10.0,
+        timeouts: Optional[Timeouts] = None,
+    ) -> PgClient:
+        """Connect (the client speaks first: nothing is read)."""
+        chosen = behaviour_named(BEHAVIOURS, behaviour)
+        protocol = _ClientProtocol(chosen)
+        transport, _ = await open_connection(
+            lambda: protocol, host, port, policy=chosen.policy, timeouts=timeouts or Timeouts()
+        )
+        return cls(
+            transport,
+            protocol,
+            behaviour=chosen,
+            ssl_context=ssl_context,
+            server_hostname=server_hostname or host,
+            require_tls=require_tls,
+            timeout=timeout,
+        )
+
+    # ----------------------------------------------------------- requests
+
+    async def starttls(self, ssl_context: Optional[ssl.SSLContext] = None) -> bool:
+        """SSLRequest and the handshake; True once TLS is up (False only for ``downgrade``)."""
+        context = ssl_context or self.ssl_context
+        if context is None:
+            raise ValueError("no ssl_context given")
+        if self.transport.tls_active or self.started:
+            raise PgError("SSLRequest only comes first")
+        # R1: whatever follows the one-byte answer is held, not read.
+        self.transport.hold_after(lambda unit: True, once=True, framer=PostgresFramer())
+        self._write(ssl_request())
+        answer = await self.protocol.reader.read_exactly(1, self.timeout)
+        if answer != b"S":
+            self.transport.release_held()
+            if answer != b"N" and self.behaviour.name == "downgrade":
+                self.protocol.reader.take_pending()  # the refusal's text: carry on regardless
+            shown = "N" if answer == b"N" else repr(answer)
+            return self._without_tls(f"SSLRequest answered {shown}")
+        leftover = self.protocol.reader.take_pending()
+        try:
+            await self.transport.start_tls(
+                context,
+                server_side=False,
+                server_hostname=self.server_hostname,
+                leftover=leftover,
+                timeout=self.timeout,
+            )
+        except (ConnectionError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            self.transport.abort()
+            raise TLSRequired(f"TLS could not be started: {exc}") from exc
+        self.upgrades += 1
+        return True
+
+    async def start(self, user: str, password: str, database: str = "postgres") -> None:
+        """The StartupMessage, a cleartext password if asked, up to ReadyForQuery."""
+        if not self.transport.tls_active and self.require_tls and not self.downgraded:
+            raise TLSRequired("refusing to start a session in plaintext (require_tls)")
+        self._write(startup({"user": user, "database": database}))
+        while True:
+            kind, body = await self._message()
+            if kind == b"R":
+                (code,) = struct.unpack_from("!i", body)
+                if code == 3:
+                    self._write(message(b"p", password.encode() + b"\0"))
+                elif code not in (0, 12):
+                    raise PgError(f"authentication method {code} is not supported")
+            elif kind == b"S":
+                name, _, value = body.rstrip(b"\0").partition(b"\0")
+                self.parameters[name.decode("latin-1")] = value.decode("latin-1")
+            elif kind == b"Z":
+                self.started = True
+                return
+
+    async def query(self, sql: str) -> List[List[Optional[bytes]]]:
+        """A simple query; the rows of its answer (an ErrorResponse raises)."""
+        if not self.started:
+            raise PgError("no session: start() first")
+        self._write(query(sql))
+        rows: List[List[Optional[bytes]]] = []
+        error: Optional[ServerError] = None
+        while True:
+            try:
+                kind, body = await self._message()
+            except _Cut:
+                if self.behaviour.name == "ignore-truncation":
+                    return rows  # R6 broken: the cut answer counts as complete
+                raise
+            if kind == b"D":
+                rows.append(_row(body))
+            elif kind == b"E" and error is None:
+                error = ServerError(_describe_error(body))
+            elif kind == b"Z":
+                if error is not None:
+                    raise error
+                return rows
+
+    async def insert(self, data: bytes) -> None:
+        """Store ``data`` (the storage action): one INSERT statement."""
+        text = data.decode("latin-1").replace("'", "''")
+        await self.query(f"INSERT INTO messages VALUES ('{text}')")
+
+    async def stoptls(self) -> None:
+        raise StopTLSNotSupported("PostgreSQL has no return to plaintext")
+
+    async def quit(self) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            self._write(terminate())
+        await self.aclose()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    async def aclose(self) -> None:
+        """Close and wait (bounded) until the connection is gone."""
+        self.transport.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.protocol.lost), self.timeout)
+        except asyncio.TimeoutError:
+            self.transport.abort()
+
+    # ------------------------------------------------------- internals
+
+    def _without_tls(self, reason: str) -> bool:
+        if self.behaviour.name == "downgrade":
+            self.downgraded = reason
+            return False
+        if self.require_tls:
+            self.transport.close()
+        raise TLSRequired(reason)
+
+    def _write(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            raise ConnectionResetError("the connection is closed")
+        self.transport.write(data)
+
+    async def _message(self) -> Tuple[bytes, bytes]:
+        """One typed backend message; a FATAL error raises at once."""
+        reader = self.protocol.reader
+        try:
+            head = await reader.read_exactly(5, self.timeout)
+            (length,) = struct.unpack_from("!I", head, 1)
+            if head[0] == 0 or not 4 <= length <= _MAX_MESSAGE:
+                self.transport.abort()
+                raise PgError(f"not a backend message: {head!r}")
+            body = await reader.read_exactly(length - 4, self.timeout)
+        except IncompleteRead as cut:
+            raise _Cut(f"connection ended in the middle of an answer: {cut}") from cut
+        except ConnectionEnded as ended:
+            if ended.event is not None and getattr(ended.event, "rule", None) is Rule.R6:
+                raise _Cut(f"truncated: {ended}") from ended
+            raise
+        kind = head[:1]
+        if kind == b"E" and error_fields(head + body).get("S") in ("FATAL", "PANIC"):
+            raise ServerError(_describe_error(body))
+        return kind, body
+
+
+def _row(body: bytes) -> List[Optional[bytes]]:
+    (count,) = struct.unpack_from("!h", body)
+    pos = 2
+    out: List[Optional[bytes]] = []
+    for _ in range(count):
+        (size,) = struct.unpack_from("!i", body, pos)
+        pos += 4
+        if size < 0:
+            out.append(None)
+            continue
+        out.append(body[pos : pos + size])
+        pos += size
+    return out
+
+
+def _describe_error(body: bytes) -> str:
+    fields = error_fields(b"E\0\0\0\0" + body)
+    return f"{fields.get('S', 'ERROR')} {fields.get('C', '')}: {fields.get('M', '')}"
+
+
+# ------------------------------------------------------ the harness's roles
+
+
+class _PathDriver(PathDriver):
+    """:class:`PgClient` through the path proxy, one verb at a time."""
+
+    def __init__(self, spec: ClientSpec, behaviour: str, user: str, password: str) -> None:
+        self.spec = spec
+        self.behaviour = behaviour
+        self.user = user
+        self.password = password
+        self.client: Optional[PgClient] = None
+
+    def _client(self) -> PgClient:
+        if self.client is None:
+            raise ConnectionError("not connected")
+        return self.client
+
+    async def connect(self, hooks: Hooks) -> None:
+        spec = self.spec
+        self.client = await PgClient.connect(
+            spec.host,
+            spec.port,
+            ssl_context=spec.tls_context,
+            server_hostname=spec.server_hostname,
+            behaviour=self.behaviour,
+            timeout=spec.timeout,
+            timeouts=Timeouts(handshake=spec.timeout, closure=spec.timeout, connect=spec.timeout),
+        )
+
+    async def starttls(self, hooks: Hooks) -> None:
+        client = self._client()
+        if not await client.starttls():
+            raise ConnectionError("the client carried on without TLS")
+        await client.start(self.user, self.password)
+
+    async def command(self, hooks: Hooks) -> None:
+        await self._client().query("SELECT 1")
+
+    async def stoptls(self, hooks: Hooks) -> None:
+        raise StopTLSUnsupported("PostgreSQL has no return to plaintext")
+
+    async def send_unit(self, hooks: Hooks) -> None:
+        """An INSERT over two records: FIN replaces the second."""
+        hooks.arm(nth=2)
+        await self._client().insert(PATH_MESSAGE)
+
+    async def fetch_unit(self, hooks: Hooks) -> None:
+        """A SELECT whose answer takes two records: FIN cuts it."""
+        client = self._client()
+        value = PATH_MESSAGE.decode("latin-1").replace("'", "''")
+        sql = f"SELECT '{value}'"
+        hooks.arm(nth=2)
+        await client.query(sql)
+
+    async def quit(self, hooks: Hooks) -> None:
+        await self._client().quit()
+
+    def engine_events(self) -> Optional[Sequence[Event]]:
+        if self.client is None:
+            return None
+        return transport_events(self.client.transport)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+
+def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
+    """The reference client as the path role's client under test."""
+    return _PathDriver(spec, behaviour, user, password)
+
+
+async def reference_session(plan: SessionPlan) -> ClientOutcome:
+    """The reference client's normal session against the scripted server."""
+    errors = (PgError, ConnectionError, OSError, asyncio.TimeoutError, RuntimeError)
+    try:
+        client = await PgClient.connect(
+            plan.host,
+            plan.port,
+            ssl_context=plan.tls_context,
+            server_hostname="localhost",
+            require_tls=True,
+            behaviour=plan.behaviour,
+            timeout=plan.timeout,
+            timeouts=plan.timeouts,
+        )
+    except errors as exc:
+        return failed(exc)
+    try:
+        await client.starttls()
+        await client.start(plan.user, plan.password)
+        await client.insert(plan.message)
+        with contextlib.suppress(*errors):
+            await client.quit()
+    except errors as exc:
+        return failed(exc)
+    finally:
+        client.close()
+    return ClientOutcome(True, "message stored (PostgreSQL: no STOPTLS cycle)")

@@ -1,0 +1,355 @@
+"""Reference PostgreSQL server: SSLRequest, a trusting startup, simple queries, misbehaviours.
+
+Just enough of the backend protocol 3.0 for the harness (see
+:mod:`starttls_harness.dialects.postgres`): ``SSLRequest`` is answered ``S``
+and the handshake follows; ``GSSENCRequest`` is answered ``N``; the
+``StartupMessage`` is accepted only under TLS (as a ``hostssl``-only
+``pg_hba.conf`` would) and answered ``AuthenticationOk`` ...
+``ReadyForQuery`` (trust: no password); a simple query ``SELECT 'text'`` or
+``SELECT n`` returns one row, ``INSERT ...`` stores the statement (the
+storage action, see :attr:`RunningServer.messages`), anything else is a
+syntax error; ``Terminate`` ends the session.
+
+Security decisions: the hold gate is armed for ``SSLRequest``, so bytes
+pipelined after it are the R1 leftover the strict engine refuses -- the
+connection ends, as PostgreSQL >= 14.1 ends it with "received unencrypted
+data after SSL request" (CVE-2021-23214).  There is no return to
+plaintext: after a TLS closure the connection is closed.
+
+Behaviours (``BEHAVIOURS``; each breaks exactly one rule): ``keep-buffer``
+(R1: the pipelined startup and query run inside TLS, as PostgreSQL < 14.1),
+``plaintext-in-tls`` (R2), ``no-close-notify-reply`` (R5),
+``ignore-truncation`` (R6: an INSERT cut by EOF is stored),
+``alert-as-close`` (R7: a fatal alert is taken for a closure and the session
+goes on in plaintext), and the shared
+:data:`~starttls_harness.servers.base.EXTRA_BEHAVIOURS`:
+``resume-without-stoptls`` (R3), ``plaintext-goodbye`` (R3: a plaintext
+``FATAL`` ErrorResponse after the closure), ``one-sided-bare-resume`` (R4),
+``accept-starttls-in-tls`` (R8: ``SSLRequest`` inside TLS answered ``S``)
+and ``accept-stoptls-in-plaintext`` (R3: the harness's STOPTLS request
+answered ``S``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import struct
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Set
+
+from starttls_harness.dialects.postgres import (
+    CANCEL_CODE,
+    GSSENC_CODE,
+    PROTOCOL_3,
+    SSL_CODE,
+    STOPTLS_CODE,
+    PostgresFramer,
+    command_complete,
+    error_response,
+    ready,
+    select_result,
+    selected_value,
+    session_start,
+    startup_params,
+    untyped_code,
+)
+from starttls_harness.servers.base import (
+    EXTRA_BEHAVIOURS,
+    STRICT,
+    Behaviour,
+    ExtraModes,
+    RunningServer,
+    ServerConfig,
+    behaviour_named,
+)
+from starttls_harness.servers.imapsyntax import IncompleteRead, LineReader
+from starttls_harness.tls.aio import SwitchableTransport, create_server
+from starttls_harness.tls.engine import (
+    AlertReceived,
+    CloseNotifyReceived,
+    ClosureComplete,
+    Event,
+    LocalProtocolError,
+    Rule,
+    TransitionError,
+)
+from starttls_harness.tls.states import State
+
+__all__ = ["BEHAVIOURS", "PgMessage", "PostgresServerProtocol", "start_server"]
+
+BEHAVIOURS: Dict[str, Behaviour] = {
+    b.name: b
+    for b in (
+        STRICT,
+        Behaviour(
+            "keep-buffer",
+            Rule.R1,
+            "runs a startup and query pipelined after SSLRequest inside TLS (CVE-2021-23214)",
+            (Rule.R1,),
+        ),
+        Behaviour(
+            "plaintext-in-tls", Rule.R2, "runs plaintext received while TLS is up", (Rule.R2,)
+        ),
+        Behaviour(
+            "no-close-notify-reply",
+            Rule.R5,
+            "closes TCP instead of answering the client's close_notify",
+            (Rule.R5,),
+        ),
+        Behaviour(
+            "ignore-truncation", Rule.R6, "stores an INSERT cut by EOF under TLS", (Rule.R6,)
+        ),
+        Behaviour(
+            "alert-as-close",
+            Rule.R7,
+            "takes a fatal alert for a closure and goes on in plaintext",
+            (Rule.R7,),
+        ),
+        *EXTRA_BEHAVIOURS,
+    )
+}
+
+#: Longest startup packet PostgreSQL accepts (``MAX_STARTUP_PACKET_LENGTH``).
+_MAX_STARTUP = 10000
+
+
+def _fatal(why: str, sqlstate: str = "08P01") -> bytes:
+    return error_response("FATAL", sqlstate, why)
+
+
+def _goodbye(why: str) -> bytes:
+    """What the plaintext-goodbye mode writes: a FATAL error, as a backend ending."""
+    return _fatal(f"terminating connection: {why}", "57P01")
+
+
+def _is_ssl_request(unit: bytes) -> bool:
+    return untyped_code(unit) == SSL_CODE
+
+
+@dataclass
+class PgMessage:
+    """One stored INSERT statement (the storage action)."""
+
+    data: bytes
+    tls: bool
+    complete: bool = True
+
+
+class _End(Exception):
+    """End the session (after a final FATAL error, if one is given)."""
+
+    def __init__(self, answer: bytes = b"") -> None:
+        super().__init__("session ends")
+        self.answer = answer
+
+
+class PostgresServerProtocol(asyncio.Protocol):
+    """One PostgreSQL connection (see the module docstring)."""
+
+    def __init__(self, running: RunningServer, behaviour: Behaviour, ctx: ssl.SSLContext) -> None:
+        self.running = running
+        self.config: ServerConfig = running.config
+        self.behaviour = behaviour
+        self.ctx = ctx
+        self.reader = LineReader(self.config.limits.max_line)
+        self.transport: Optional[SwitchableTransport] = None
+        #: The StartupMessage was accepted: typed messages follow.
+        self.started = False
+        self.user: Optional[str] = None
+        self.log: List[bytes] = []
+        self.extra = ExtraModes(behaviour, _goodbye)
+
+    # --------------------------------------------------- asyncio protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, SwitchableTransport)
+        self.transport = transport
+        self.running.connections.append(self)
+        transport.hold_after(_is_ssl_request, framer=PostgresFramer())
+        task = asyncio.get_running_loop().create_task(self._session())
+        sessions = getattr(self.running, "sessions", None)
+        if isinstance(sessions, set):
+            sessions.add(task)
+            task.add_done_callback(sessions.discard)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+
+    def eof_received(self) -> bool:
+        self.reader.feed_eof()
+        return True
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.reader.set_exception(exc or ConnectionResetError("connection closed"))
+
+    def engine_event(self, event: Event) -> None:
+        """Closure bookkeeping; the misbehaving modes hook in here."""
+        t = self.transport
+        if t is None:
+            return
+        if self.extra.on_event(event, t):
+            return  # resume-without-stoptls: the session goes on in plaintext
+        if isinstance(event, ClosureComplete) and not event.resumed:
+            t.close()  # no return to plaintext: the connection ends
+        elif isinstance(event, CloseNotifyReceived):
+            if not self.behaviour.policy.enforces(Rule.R5) and (
+                t.engine.state is State.CLOSE_RECEIVED
+            ):
+                t.close()  # no-close-notify-reply: hang up instead of answering
+        elif isinstance(event, AlertReceived) and self.behaviour.policy.enforces(Rule.R7):
+            t.abort()
+
+    # ------------------------------------------------------------ session
+
+    async def _session(self) -> None:
+        t = self.transport
+        assert t is not None
+        try:
+            while not t.is_closing():
+                if self.started:
+                    await self._typed()
+                else:
+                    await self._startup()
+        except _End as end:
+            self._write(end.answer)
+        except (
+            asyncio.TimeoutError,
+            ConnectionError,
+            LocalProtocolError,
+            TransitionError,
+            ssl.SSLError,
+        ):
+            pass
+        finally:
+            t.close()
+
+    def _write(self, data: bytes) -> None:
+        t = self.transport
+        if t is None or t.is_closing() or not data:
+            return
+        with contextlib.suppress(LocalProtocolError):
+            t.write(data)
+
+    async def _read(self, size: int) -> bytes:
+        return await self.reader.read_exactly(size, self.config.limits.idle_timeout)
+
+    async def _startup(self) -> None:
+        """One startup-phase message (no type byte)."""
+        t = self.transport
+        assert t is not None
+        head = await self._read(4)
+        (length,) = struct.unpack("!I", head)
+        if not 8 <= length <= _MAX_STARTUP:
+            raise _End()  # "invalid length of startup packet": closed silently
+        unit = head + await self._read(length - 4)
+        self.log.append(unit[:200])
+        code = untyped_code(unit)
+        if code == SSL_CODE and not t.tls_active:
+            leftover = self.reader.take_pending()
+            await t.start_tls(self.ctx, server_side=True, preface=b"S", leftover=leftover)
+            self.extra.handshake_done(t)
+        elif code == GSSENC_CODE and not t.tls_active:
+            self._write(b"N")
+        elif code == STOPTLS_CODE and not t.tls_active and self.extra.stoptls_in_plaintext:
+            self._write(b"S")  # R3 broken: there is no TLS to end
+        elif code == PROTOCOL_3:
+            self._start(startup_params(unit))
+        elif code == CANCEL_CODE:
+            raise _End()
+        else:
+            major, minor = divmod(code or 0, 1 << 16)
+            raise _End(_fatal(f"unsupported frontend protocol {major}.{minor}"))
+
+    def _start(self, params: Dict[str, str]) -> None:
+        t = self.transport
+        assert t is not None
+        if not t.tls_active:
+            why = 'no pg_hba.conf entry for host "127.0.0.1", SSL off'
+            raise _End(_fatal(why, "28000"))
+        if not params.get("user"):
+            raise _End(_fatal("no PostgreSQL user name specified in startup packet", "28000"))
+        self.user = params["user"]
+        self.started = True
+        self._write(session_start())
+
+    async def _typed(self) -> None:
+        """One typed message after the startup."""
+        t = self.transport
+        assert t is not None
+        head = await self._read(5)
+        if head[0] == 0:
+            await self._untyped_in_session(head)
+            return
+        (length,) = struct.unpack_from("!I", head, 1)
+        kind = head[:1]
+        if length < 4 or length - 4 > self.config.limits.max_message:
+            raise _End(_fatal("invalid message length"))
+        try:
+            body = await self._read(length - 4)
+        except IncompleteRead as cut:
+            if kind == b"Q" and self.behaviour.name == "ignore-truncation":
+                self._store(head + cut.partial, complete=False)
+            raise
+        self.log.append(head + body[:200])
+        if kind == b"Q":
+            self._query(body.rstrip(b"\0").decode("utf-8", "replace"), head + body)
+        elif kind == b"X":
+            raise _End()
+        else:
+            raise _End(_fatal(f"invalid frontend message type {head[0]}"))
+
+    async def _untyped_in_session(self, head: bytes) -> None:
+        """A startup-phase message after the startup: only accept-starttls-in-tls answers."""
+        t = self.transport
+        assert t is not None
+        rest = await self._read(3)
+        if untyped_code(head + rest) == SSL_CODE and t.tls_active and self.extra.starttls_in_tls:
+            self._write(b"S")  # R8 broken: the session stays in TLS
+            return
+        raise _End(_fatal("invalid frontend message type 0"))
+
+    def _query(self, sql: str, raw: bytes) -> None:
+        value = selected_value(sql)
+        if value is not None:
+            self._write(select_result(value))
+        elif sql.strip().upper().startswith("INSERT"):
+            self._store(raw, complete=True)
+            self._write(command_complete("INSERT 0 1") + ready())
+        else:
+            self._write(error_response("ERROR", "42601", "syntax error") + ready())
+
+    def _store(self, data: bytes, *, complete: bool) -> None:
+        assert self.transport is not None
+        self.running.messages.append(PgMessage(data, self.transport.tls_active, complete))
+
+
+async def start_server(config: ServerConfig) -> RunningServer:
+    """Start the reference PostgreSQL server (``config.behaviour`` picks a mode)."""
+    behaviour = behaviour_named(BEHAVIOURS, config.behaviour)
+    ctx = config.ssl_context()
+    holder: List[PgRunningServer] = []
+
+    def factory() -> PostgresServerProtocol:
+        return PostgresServerProtocol(holder[0], behaviour, ctx)
+
+    server = await create_server(
+        factory, config.host, config.port, policy=behaviour.policy, timeouts=config.timeouts
+    )
+    running = PgRunningServer(server, config)
+    holder.append(running)
+    return running
+
+
+@dataclass
+class PgRunningServer(RunningServer):
+    """:class:`RunningServer` whose ``close()`` also waits for the sessions."""
+
+    sessions: Set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def close(self) -> None:
+        await super().close()
+        pending = list(self.sessions)
+        if pending:
+            await asyncio.wait(pending, timeout=self.config.timeouts.closure)

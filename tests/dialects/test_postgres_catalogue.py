@@ -1,0 +1,181 @@
+"""PostgreSQL runs the catalogue of every role, judged by the matrices, and from the CLI.
+
+The dialect was added by the registry alone (``harness/dialects/postgres.py``)
+plus three small generic seams (a dialect without a greeting, a session
+opening after every handshake, a client that refuses injected bytes by
+closing before its first command).  It has no return to plaintext, so the
+STOPTLS scenarios do not apply; every other scenario does, the strict
+reference peers pass every one, and each misbehaving reference peer gets
+exactly the verdicts of :mod:`starttls_harness.scenarios.expectations` (with
+the dialect's own overrides).  From the CLI: ``check postgres://``,
+``check-client --protocol postgres`` with the reference client and, where
+installed, ``psql`` (libpq), and ``check-path`` through the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Tuple
+
+import pytest
+from starttls_harness.dialects import RETURN_TO_PLAINTEXT, dialect_named, names
+from starttls_harness.dialects.postgres import POSTGRES
+from starttls_harness.report.verdicts import Verdict
+from starttls_harness.run.client import validate_client
+from starttls_harness.run.path import validate_path
+from starttls_harness.run.targets import client_behaviours
+from starttls_harness.run.validation import validate_server
+from starttls_harness.scenarios.catalogue import ALL_SCENARIOS
+from starttls_harness.scenarios.client import CLIENT_SCENARIOS
+from starttls_harness.scenarios.expectations import (
+    PATH_EXPECTED,
+    expected_client_verdicts,
+    expected_server_verdicts,
+)
+from starttls_harness.scenarios.server import CATALOGUE
+from starttls_harness.servers.base import ServerConfig
+from starttls_harness.servers.postgres import BEHAVIOURS as SERVER_BEHAVIOURS
+from starttls_harness.servers.postgres import start_server
+from starttls_harness.tls.certs import Pki
+
+Run = Callable[..., Any]
+P = Verdict.PASS
+NAME = "postgres"
+CLI = [sys.executable, "-m", "starttls_harness"]
+CLI_TIMEOUT = 240
+
+
+def test_registered_without_a_return_to_plaintext() -> None:
+    assert NAME in names() and dialect_named(NAME) is POSTGRES
+    assert not POSTGRES.has_return_to_plaintext and not POSTGRES.server_greets
+    assert NAME not in RETURN_TO_PLAINTEXT
+    # Exactly the scenarios that need a return to plaintext (or PREAUTH, or a
+    # server that may close first) do not apply; every other one does.
+    for scenario in ALL_SCENARIOS:
+        needs = scenario.dialects is not ALL_SCENARIOS[0].dialects
+        assert (NAME in scenario.dialects) == (not needs), scenario.id
+    skipped = {s.id for s in ALL_SCENARIOS if NAME not in s.dialects}
+    assert {"server.stoptls-cycle", "client.stoptls-cycle", "path.inject-after-close"} <= skipped
+    assert "server.command-injection" not in skipped
+
+
+def test_every_behaviour_has_an_expectation() -> None:
+    for behaviour in SERVER_BEHAVIOURS:
+        expected_server_verdicts(NAME, behaviour)  # raises if unknown
+    for behaviour in client_behaviours(NAME):
+        expected_client_verdicts(NAME, behaviour)
+
+
+_SERVER = sorted(SERVER_BEHAVIOURS)
+
+
+@pytest.mark.parametrize("behaviour", _SERVER)
+def test_server_matrix(behaviour: str, tls_version: str, run: Run) -> None:
+    results, problems = run(lambda: validate_server(NAME, behaviour, (tls_version,)), 120)
+    assert len(results) == len([s for s in CATALOGUE if NAME in s.dialects])
+    assert problems == []
+    if behaviour != "strict":
+        guarded = next(iter(expected_server_verdicts(NAME, behaviour)))
+        assert any(r.id == guarded and r.verdict is not P for r in results)
+
+
+@pytest.mark.parametrize("behaviour", client_behaviours(NAME))
+def test_client_matrix(behaviour: str, tls_version: str, run: Run) -> None:
+    results, problems = run(lambda: validate_client(NAME, behaviour, (tls_version,)), 60)
+    assert len(results) == len([s for s in CLIENT_SCENARIOS if NAME in s.dialects])
+    assert problems == []
+    if behaviour != "strict":
+        guarded = next(iter(expected_client_verdicts(NAME, behaviour)))
+        assert any(r.id == guarded and r.verdict is not P for r in results)
+
+
+def _pairings() -> List[Tuple[str, str]]:
+    out = []
+    for side, behaviour in PATH_EXPECTED:
+        dialect = dialect_named(NAME)
+        module = dialect.server_module if side == "server" else dialect.client_module
+        if behaviour in importlib.import_module(module).BEHAVIOURS:
+            out.append((side, behaviour))
+    return out
+
+
+@pytest.mark.parametrize(("side", "behaviour"), _pairings())
+def test_path_matrix(side: str, behaviour: str, tls_version: str, pki: Pki, run: Run) -> None:
+    results, problems = run(
+        lambda: validate_path(NAME, side, behaviour, (tls_version,), pki=pki), 60
+    )
+    assert results and problems == []
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+@pytest.fixture
+def served(pki: Pki, tmp_path: Path) -> Iterator[Tuple[int, Path]]:
+    """The strict reference server on its own event loop thread: (port, CA file)."""
+    pki.write(tmp_path)
+    assert pki.cafile is not None
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    holder: List[Any] = []
+
+    async def serve() -> None:
+        running = await start_server(ServerConfig(pki=pki))
+        holder.append(running)
+        started.set()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(serve(), loop).result(10)
+    assert started.wait(10)
+    try:
+        yield holder[0].port, Path(pki.cafile)
+    finally:
+        asyncio.run_coroutine_threadsafe(holder[0].close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def _cli(*args: str) -> Tuple[int, str]:
+    done = subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=CLI_TIMEOUT, check=False
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_check_a_postgres_url(served: Tuple[int, Path]) -> None:
+    port, cafile = served
+    code, out = _cli(
+        "check", f"postgres://127.0.0.1:{port}", "--cafile", str(cafile), "--server-name",
+        "localhost",
+    )  # fmt: skip
+    assert code == 0, out
+    assert "server.command-injection " in out and "postgres" in out
+    assert "FAIL" not in out and "ERROR" not in out
+
+
+def test_check_client_with_the_reference_client() -> None:
+    client = [*CLI, "client", NAME, "--port", "{port}", "--cafile", "{cafile}"]
+    code, out = _cli("check-client", "--protocol", NAME, "--", *client)
+    assert code == 0, out
+    assert "client.response-injection " in out and "FAIL" not in out
+
+
+@pytest.mark.skipif(shutil.which("psql") is None, reason="psql (libpq) is not installed")
+def test_check_client_with_psql() -> None:
+    """libpq >= 14.1 refuses bytes glued to the S (CVE-2021-23222 fixed): all pass."""
+    conninfo = (
+        "hostaddr={host} host={hostname} port={port} sslmode=verify-full "
+        "sslrootcert={cafile} user=tester dbname=postgres"
+    )
+    psql = ["psql", "-X", "-w", "-v", "ON_ERROR_STOP=1", conninfo, "-c", "INSERT INTO t VALUES (1)"]
+    code, out = _cli("check-client", "--protocol", NAME, "--", "env", "PGPASSWORD=secret", *psql)
+    assert code == 0, out
+    assert "22 pass" in out or "11 pass" in out, out
