@@ -145,11 +145,6 @@ def test_the_ftp_validation_matrix_holds(ftp: Dialect) -> None:
 # ------------------------------------------------------ ftplib interop
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known race (issue 13, open): about one run in two the reference server does not "
-    "answer STOR on a PROT P data connection within 10 s; FTP is not registered yet",
-)
 def test_ftplib_logs_in_stores_lists_and_clears_the_control_channel(tmp_path: Path) -> None:
     pki = make_pki(directory=tmp_path)
     pki.write(tmp_path)
