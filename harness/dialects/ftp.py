@@ -30,9 +30,17 @@ from starttls_harness.dialects.roles import Command, ScriptedServer
 from starttls_harness.report.verdicts import Verdict
 from starttls_harness.tls.framing import Framer, line_framer
 
-__all__ = ["BAIT", "FTP", "LOGIN_TAG", "SERVER_EXPECTED", "feat_reply", "split_ftp_reply"]
+__all__ = [
+    "BAIT",
+    "CLIENT_EXPECTED",
+    "FTP",
+    "LOGIN_TAG",
+    "SERVER_EXPECTED",
+    "feat_reply",
+    "split_ftp_reply",
+]
 
-F, W, K = Verdict.FAIL, Verdict.WARN, Verdict.SKIP
+F, W, K, E = Verdict.FAIL, Verdict.WARN, Verdict.SKIP, Verdict.ERROR
 
 #: A FEAT line the scripted server offers in plaintext only (R8 bait).
 BAIT = "XHARNESS-PLAINTEXT-ONLY"
@@ -78,6 +86,60 @@ SERVER_EXPECTED: Dict[str, Dict[str, Verdict]] = {
     "alert-as-close": {"server.alert-then-plaintext": F, **_SERVER_FIRST},
 }
 
+#: The reference FTP client's validation matrix (client catalogue and the
+#: CCC scenarios): behaviour -> {scenario id: verdict}, the first entry the
+#: scenario that guards the broken rule.  The scripted FTP server sends the
+#: first close_notify after CCC (as ProFTPD): a client's one-sided closure
+#: (R4) then shows only where the server holds its close_notify back
+#: (client.ccc-no-close-notify), and a client that hangs up instead of
+#: answering (R5) ends the CCC positive controls.
+_NO_CCC = {
+    "client.ccc-cycle": K,
+    "client.ccc-no-close-notify": K,
+    "client.ccc-close-notify-reply": K,
+}
+CLIENT_EXPECTED: Dict[str, Dict[str, Verdict]] = {
+    "strict": {},
+    "accept-injected-response": {
+        "client.response-injection": F,
+        "client.response-injection-partial": F,
+        "client.response-injection-multi": F,
+        "client.response-injection-split": F,
+    },
+    "plaintext-in-tls": {"client.plaintext-in-tls": F},
+    "early-plaintext": {"client.ccc-no-close-notify": F},
+    "one-sided-close": {"client.ccc-no-close-notify": F},
+    "no-close-notify-reply": {
+        "client.ccc-close-notify-reply": W,
+        "client.close-notify-reply": W,
+        "client.ccc-cycle": F,
+        "client.stoptls-wait": F,
+        # The session ends at CCC, before any fault: neither can decide.
+        "client.stoptls-cycle": E,
+        "client.state-reset": E,
+    },
+    "passive-ccc": {
+        "client.ccc-close-notify-reply": F,
+        "client.ccc-cycle": F,
+        "client.close-notify-reply": W,
+        "client.stoptls-cycle": F,
+        "client.stoptls-wait": F,
+        "client.state-reset": F,
+    },
+    "no-state-reset": {
+        "client.state-reset": F,
+        "client.one-sided-close": K,
+        "client.stoptls-wait": K,
+        "client.stoptls-cycle": K,
+        **_NO_CCC,
+    },
+    "downgrade": {
+        "client.starttls-stripped": F,
+        "client.starttls-refused": F,
+        "client.starttls-bad": F,
+    },
+}
+
 _KINDS = {
     "FEAT": "hello",
     "AUTH": "starttls",
@@ -85,6 +147,7 @@ _KINDS = {
     "USER": "auth",
     "PASS": "auth",
     "STOR": "append",
+    "MKD": "append",
     "LIST": "access",
     "RETR": "access",
     "CWD": "select",
@@ -185,6 +248,8 @@ class _ScriptedFtp(ScriptedServer):
         return b"530 injected by starttls-harness before the handshake\r\n"
 
     def stored(self, cmd: Command) -> bytes:
+        if cmd.verb == "MKD":
+            return b'257 "' + cmd.rest.strip() + b'" created\r\n'
         return b"226 Transfer complete\r\n"
 
     def simple(self, cmd: Command) -> bytes:
@@ -222,6 +287,7 @@ class _Ftp(Dialect):
     greets_after_stoptls = False
     stoptls_needs_login = True
     reference_server_expected: Mapping[str, Mapping[str, Verdict]] = SERVER_EXPECTED
+    reference_client_expected: Mapping[str, Mapping[str, Verdict]] = CLIENT_EXPECTED
 
     def framer(self) -> Framer:
         return line_framer()

@@ -56,6 +56,11 @@ from typing import (
 from starttls_harness.dialects import dialect_named
 from starttls_harness.dialects.roles import Command, ScriptedServer
 from starttls_harness.report.verdicts import Evidence, Result, Verdict
+from starttls_harness.run.client_ccc import (
+    accept_server_first,
+    step_ccc_close_notify,
+    step_ccc_plaintext,
+)
 from starttls_harness.run.client_support import (
     DEFAULT_SETTINGS,
     ClientSettings,
@@ -259,6 +264,10 @@ async def _accept_stoptls(run: _Run, cmd: Command) -> None:
     """The conforming STOPTLS closure, then the plaintext greeting (R3-R5)."""
     conn = run.conn
     t = conn.t()
+    if dialect_named(run.target.dialect).server_may_close_first:
+        await accept_server_first(run, cmd)  # FTP CCC: our close_notify goes first
+        run.stoptls_done += 1
+        return  # the client speaks first in plaintext
     answer = run.dialect.stoptls_ok(cmd)
     conn.evidence.add("s2c", "tls", answer)
     conn.in_closure = True
@@ -705,6 +714,8 @@ _CLIENT_STEPS: Dict[str, StepFunc] = {
     "expect-no-resume": step_expect_no_resume,
     "accept-stoptls": step_accept_stoptls,
     "expect-hello": step_expect_hello,
+    "ccc-close-notify": step_ccc_close_notify,
+    "ccc-plaintext": step_ccc_plaintext,
 }
 
 CLIENT_STEP_NAMES = frozenset(_CLIENT_STEPS)
