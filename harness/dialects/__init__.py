@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Dict, Iterator, Sequence, Tuple, Union, overload
 
 from starttls_harness.dialects.base import Dialect, LinePredicate, Reply, UnitStep, missing
+from starttls_harness.dialects.ftp import FTP
 from starttls_harness.dialects.imap import IMAP
 from starttls_harness.dialects.lmtp import LMTP
 from starttls_harness.dialects.nntp import NNTP
@@ -119,15 +120,20 @@ class _EveryDialect(Sequence[str]):
     :func:`dialects_with`).
     """
 
-    def __init__(self, flag: str = "") -> None:
-        if flag and not isinstance(getattr(Dialect, flag, None), bool):
-            raise ValueError(f"{flag!r} is not a capability flag of a dialect")
+    def __init__(self, flag: str = "", unless: str = "") -> None:
+        for f in (flag, unless):
+            if f and not isinstance(getattr(Dialect, f, None), bool):
+                raise ValueError(f"{f!r} is not a capability flag of a dialect")
         self.flag = flag
+        self.unless = unless
 
     def _names(self) -> Tuple[str, ...]:
-        if not self.flag:
-            return names()
-        return tuple(n for n, d in DIALECTS.items() if getattr(d, self.flag))
+        return tuple(
+            n
+            for n, d in DIALECTS.items()
+            if (not self.flag or getattr(d, self.flag))
+            and not (self.unless and getattr(d, self.unless))
+        )
 
     @overload
     def __getitem__(self, index: int) -> str: ...
@@ -148,6 +154,8 @@ class _EveryDialect(Sequence[str]):
         return name in self._names()
 
     def __repr__(self) -> str:
+        if self.unless:
+            return f"dialects_with({self.flag!r}, unless={self.unless!r})"
         return f"dialects_with({self.flag!r})" if self.flag else "EVERY_DIALECT"
 
 
@@ -155,9 +163,10 @@ class _EveryDialect(Sequence[str]):
 EVERY_DIALECT: Sequence[str] = _EveryDialect()
 
 
-def dialects_with(flag: str) -> Sequence[str]:
-    """The registered dialects whose capability ``flag`` is true, read when asked."""
-    return _EveryDialect(flag)
+def dialects_with(flag: str, unless: str = "") -> Sequence[str]:
+    """The registered dialects whose capability ``flag`` is true (and ``unless``
+    false), read when asked."""
+    return _EveryDialect(flag, unless)
 
 
 #: The dialects that can return from TLS to plaintext (STOPTLS and the like).
@@ -169,7 +178,4 @@ register(POP3)
 register(SIEVE)
 register(LMTP)
 register(NNTP)
-# FTP (dialects/ftp.py: server role, CCC scenarios) is not registered by
-# default yet: its reference client and the proxy's FTP table are still to
-# come, and the client and path catalogues apply to every registered dialect.
-# ``register(starttls_harness.dialects.ftp.FTP)`` turns it on.
+register(FTP)
