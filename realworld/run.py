@@ -36,6 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from starttls_harness.tls.certs import make_pki
 
 from realworld import clients, compare, paths
+from realworld.ftpservers import FTP_SERVERS, ftp_installed
 from realworld.instances import (
     TEST_PASSWORD,
     TEST_USER,
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--server",
         action="append",
-        choices=("postfix", "dovecot", "dovecot-pop3", "dovecot-sieve"),
+        choices=("postfix", "dovecot", "dovecot-pop3", "dovecot-sieve", *FTP_SERVERS),
         help="only this server (repeatable; default: all)",
     )
     p.add_argument(
@@ -155,7 +156,7 @@ def run_check(
         str(out_dir / instance.name),
         "--quiet",
     ]
-    if instance.dialect in ("imap", "pop3", "sieve"):
+    if instance.dialect in ("imap", "pop3", "sieve") or getattr(instance, "has_test_user", False):
         argv += ["--user", TEST_USER, "--password", TEST_PASSWORD]
     else:
         argv += ["--rcpt", "postmaster@localhost"]
@@ -209,6 +210,8 @@ def _instances(root: Path, names: Sequence[str]) -> List[Instance]:
             made.append(Postfix("postfix", "smtp", directory, free_port()))
         elif name == "dovecot":
             made.append(Dovecot("dovecot", "imap", directory, free_port()))
+        elif name in FTP_SERVERS:  # realworld/ftpservers.py (install-ftp.sh)
+            made.append(FTP_SERVERS[name](name, "ftp", directory, free_port()))
     # POP3 and ManageSieve are listeners of the same Dovecot (started first).
     parent = next((i for i in made if isinstance(i, Dovecot)), None)
     for name, dialect, greeting, probe in _DOVECOT_SERVICES:
@@ -265,7 +268,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not expected and not args.update:
         print(f"realworld: {args.expected} does not exist; run with --update", file=sys.stderr)
         return EXIT_ERROR
-    names = args.server or ["postfix", "dovecot", "dovecot-pop3", "dovecot-sieve"]
+    names = args.server or ["postfix", "dovecot", "dovecot-pop3", "dovecot-sieve", *ftp_installed()]
     versions = compare.TLS_VERSIONS if args.tls_version == "all" else (args.tls_version,)
 
     own_root = args.state_dir is None
