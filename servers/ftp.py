@@ -27,9 +27,6 @@ Behaviours (``ServerConfig.behaviour``; each breaks exactly one rule):
     After CCC sends its ``200`` and its close_notify and then takes
     plaintext commands without waiting for the client's close_notify (the
     guess ProFTPD makes when the client's alert does not come).
-``one-sided-resume`` (R4)
-    Accepts plaintext sent right after the client's close_notify (it waits
-    for the client to start the closure after CCC, the STOPTLS order).
 ``no-close-notify-reply`` (R5)
     Never answers the client's close_notify; closes TCP instead (it, too,
     waits for the client to start the closure after CCC).
@@ -68,9 +65,11 @@ __all__ = ["BEHAVIOURS", "start_server"]
 GUESS_WINDOW = 1.0
 
 #: Behaviours whose rule only exists when the client sends the first
-#: close_notify after CCC (R4 on a one-sided client closure, R5 answering it):
-#: they wait for the client's close_notify instead of sending theirs first.
-_CLIENT_FIRST = frozenset({"one-sided-resume", "no-close-notify-reply"})
+#: close_notify after CCC (R5, answering it): they wait for the client's
+#: close_notify instead of sending theirs first.  (A server that accepts a
+#: one-sided client closure, R4, has no FTP form: the strict server closes
+#: first, so no scenario can tell it from a conforming one.)
+_CLIENT_FIRST = frozenset({"no-close-notify-reply"})
 
 BEHAVIOURS: Dict[str, Behaviour] = {
     b.name: b
@@ -93,12 +92,6 @@ BEHAVIOURS: Dict[str, Behaviour] = {
             Rule.R3,
             "after CCC sends close_notify and takes plaintext commands before the client's",
             (Rule.R3,),
-        ),
-        Behaviour(
-            "one-sided-resume",
-            Rule.R4,
-            "accepts plaintext sent right after the client's close_notify",
-            (Rule.R4,),
         ),
         Behaviour(
             "no-close-notify-reply",

@@ -77,6 +77,7 @@ from starttls_harness.run.path_evidence import exchanges
 from starttls_harness.run.reference import reference_client_module, reference_server_module
 from starttls_harness.run.server import Progress, RunSettings, run_bracketed
 from starttls_harness.scenarios.expectations import PATH_EXPECTED, STOPTLS_SCENARIOS, mismatches
+from starttls_harness.scenarios.expectations import expected_path_verdicts as _expected
 from starttls_harness.scenarios.path import PATH_SCENARIOS, fault_data, fault_step
 from starttls_harness.scenarios.server import Expect, Scenario, Step
 from starttls_harness.servers.base import RunningServer, ServerConfig
@@ -999,4 +1000,4 @@ async def validate_path(
         closure_timeout=closure_timeout,
     )
     results = await run_path_target(scenarios, pair, settings, tls_versions=tls_versions)
-    return results, mismatches(results, PATH_EXPECTED[(side, behaviour)])
+    return results, mismatches(results, _expected(dialect, side, behaviour))

@@ -25,6 +25,7 @@ __all__ = [
     "STOPTLS_SCENARIOS",
     "client_expected_by_dialect",
     "expected_client_verdicts",
+    "expected_path_verdicts",
     "expected_server_verdicts",
     "mismatches",
 ]
@@ -177,6 +178,14 @@ def expected_client_verdicts(dialect: str, behaviour: str) -> Mapping[str, Verdi
     if specific is not None:
         return specific
     return CLIENT_EXPECTED[behaviour]
+
+
+def expected_path_verdicts(dialect: str, side: str, behaviour: str) -> Mapping[str, Verdict]:
+    """The exact non-pass verdicts expected of one reference pair on a path."""
+    specific = dialect_named(dialect).reference_path_expected.get((side, behaviour))
+    if specific is not None:
+        return specific
+    return PATH_EXPECTED[(side, behaviour)]
 
 
 # -------------------------------------------------------------- path role

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple
 
+from starttls_harness.dialects import dialects_with
 from starttls_harness.report.verdicts import Verdict
 from starttls_harness.scenarios.model import COMMON, Expect, S, Scenario, Step, needing_return
 from starttls_harness.scenarios.model import select as select_from
@@ -380,8 +382,12 @@ _SERVER: List[Scenario] = [
     ),
 ]
 
-CATALOGUE: Tuple[Scenario, ...] = needing_return(
-    _SERVER, ("server.one-sided-close-stoptls", "server.stoptls-cycle")
+#: A one-sided closure by the client can only be staged where the client
+#: closes first: a server that may end TLS first (FTP CCC) is left out.
+_CLIENT_FIRST = dialects_with("has_return_to_plaintext", unless="server_may_close_first")
+CATALOGUE: Tuple[Scenario, ...] = tuple(
+    replace(s, dialects=_CLIENT_FIRST) if s.id == "server.one-sided-close-stoptls" else s
+    for s in needing_return(_SERVER, ("server.one-sided-close-stoptls", "server.stoptls-cycle"))
 )
 
 

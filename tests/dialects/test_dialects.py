@@ -54,7 +54,10 @@ def test_scenarios_apply_to_every_registered_dialect_unless_they_say_otherwise()
     assert list(EVERY_DIALECT) == list(names())
     assert "smtp" in EVERY_DIALECT and "gopher" not in EVERY_DIALECT
     for name in names():
-        assert select(dialect=name) == list(CATALOGUE)
+        # A one-sided client closure cannot be staged where the server closes first (FTP).
+        first = dialect_named(name).server_may_close_first
+        unstaged = {"server.one-sided-close-stoptls"} if first else set()
+        assert select(dialect=name) == [s for s in CATALOGUE if s.id not in unstaged]
     assert select(dialect="gopher") == []
 
 

@@ -68,7 +68,10 @@ def test_ids_are_unique_and_cover_the_spec() -> None:
 def test_scenario_is_complete_data(scenario: Any) -> None:
     assert scenario.role == "path"
     assert scenario.title and scenario.reason and scenario.reference
-    assert set(scenario.dialects) == set(names())
+    everyone = set(names())
+    if scenario.id == "path.inject-after-close":  # needs the client to close first (not FTP)
+        everyone = {n for n in everyone if not dialect_named(n).server_may_close_first}
+    assert set(scenario.dialects) == everyone
     assert set(scenario.tls_versions) == {"1.2", "1.3"}
     verdicts = {e.verdict for e in scenario.expect.values()}
     assert P in verdicts and F in verdicts  # a check that cannot fail is a defect
