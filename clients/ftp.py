@@ -317,7 +317,6 @@ class FtpClient:
             not self.transport.tls_active
             and self.require_tls
             and self.behaviour.name != "downgrade"
-            and self.upgrades == 0
         ):
             raise TLSRequired("refusing to send credentials in plaintext (require_tls)")
         lines = await self._send(f"USER {user}".encode(), check=False)
