@@ -75,6 +75,20 @@ def _curl_pop3(p: Paths) -> List[str]:
     ]  # fmt: skip
 
 
+def _curl_ftp(mode: str) -> Callable[[Paths], List[str]]:
+    # AUTH TLS required, CCC after the login in curl's passive (its default) or
+    # active mode; MKD by --quote after the login, -I so no data connection opens.
+    def argv(p: Paths) -> List[str]:
+        return [
+            "curl", "--silent", "--show-error", "--ssl-reqd", "--cacert", "{cafile}",
+            "--max-time", "15", "--user", "tester:secret", "--ftp-ssl-ccc",
+            "--ftp-ssl-ccc-mode", mode, "--quote", "MKD made-by-curl", "-I",
+            "ftp://{host}:{port}/",
+        ]  # fmt: skip
+
+    return argv
+
+
 def _msmtp(p: Paths) -> List[str]:
     # msmtp reads the message on stdin, and check-client gives clients /dev/null:
     # sh redirects it from the file and execs msmtp (values passed as $1..$4).
@@ -254,6 +268,29 @@ CLIENTS: Tuple[ClientSpec, ...] = (
         _curl_pop3,
         _first_line_word(["curl", "--version"], 1),
         needs=("curl",),
+    ),
+    ClientSpec(
+        "curl",
+        "ftp",
+        "curl (Debian), --ftp-ssl-ccc passive mode",
+        _curl_ftp("passive"),
+        _first_line_word(["curl", "--version"], 1),
+        needs=("curl",),
+    ),
+    ClientSpec(
+        "curl-ccc-active",
+        "ftp",
+        "curl (Debian), --ftp-ssl-ccc-mode active",
+        _curl_ftp("active"),
+        _first_line_word(["curl", "--version"], 1),
+        needs=("curl",),
+    ),
+    ClientSpec(
+        "ftplib",
+        "ftp",
+        "Python standard library",
+        _python_driver("ftplib_ccc.py"),
+        _python_version,
     ),
     ClientSpec(
         "poplib",

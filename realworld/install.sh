@@ -109,4 +109,6 @@ for daemon in pop3 managesieve lmtp; do
         exit 1
     fi
 done
+# The FTP servers of realworld/ftpservers.py (their own script: the packages conflict).
+bash "$(dirname "${BASH_SOURCE[0]}")/install-ftp.sh"
 echo "realworld/install.sh: installed ${packages[*]}: $(/usr/sbin/postconf -d -h mail_version 2>/dev/null | sed 's/^/postfix /'), dovecot $(/usr/sbin/dovecot --version 2>/dev/null), $(curl --version | head -n1 | cut -d' ' -f1-2), $(msmtp --version | head -n1), node $(node --version)"

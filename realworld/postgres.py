@@ -247,7 +247,7 @@ def psycopg_session(host: str, hostname: str, port: str, cafile: str) -> int:
     Autocommit and a client-side-binding cursor: psycopg then sends a simple
     query (``Q``), which the harness's scripted server answers (no extended
     protocol, no BEGIN)."""
-    import psycopg  # an optional client: imported only when it runs
+    import psycopg  # type: ignore[import-not-found,unused-ignore]  # optional: when it runs
 
     conninfo = (
         f"hostaddr={host} host={hostname} port={port} sslmode=verify-full "

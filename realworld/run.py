@@ -37,6 +37,7 @@ from starttls_harness.dialects.nntp import NEWSGROUP
 from starttls_harness.tls.certs import Pki, make_pki
 
 from realworld import clients, compare, paths
+from realworld.ftpservers import FTP_SERVERS, ftp_installed
 from realworld.inn import Inn
 from realworld.instances import (
     TEST_PASSWORD,
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--server",
         action="append",
-        choices=SERVERS,
+        choices=(*SERVERS, *FTP_SERVERS),
         help="only this server (repeatable; default: all)",
     )
     p.add_argument(
@@ -174,7 +175,7 @@ def run_check(
     extra = getattr(instance, "check_arguments", None)  # realworld/ldap.py: the user's DN
     if extra is not None:
         argv += extra()
-    elif instance.dialect in ("imap", "pop3", "sieve"):
+    elif instance.dialect in ("imap", "pop3", "sieve") or getattr(instance, "has_test_user", False):
         argv += ["--user", TEST_USER, "--password", TEST_PASSWORD]
     else:
         argv += ["--rcpt", instance.rcpt]
@@ -234,6 +235,8 @@ def _instances(root: Path, names: Sequence[str]) -> List[Instance]:
             made.append(Slapd("slapd", "ldap", directory, free_port()))
         elif name == "postgresql":  # realworld/postgres.py
             made.append(PostgreSQL("postgresql", "postgres", directory, free_port()))
+        elif name in FTP_SERVERS:  # realworld/ftpservers.py (install-ftp.sh)
+            made.append(FTP_SERVERS[name](name, "ftp", directory, free_port()))
     # POP3 and ManageSieve are listeners of the same Dovecot (started first).
     parent = next((i for i in made if isinstance(i, Dovecot)), None)
     for name, dialect, greeting, probe, rcpt in _DOVECOT_SERVICES:
@@ -323,7 +326,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not expected and not args.update:
         print(f"realworld: {args.expected} does not exist; run with --update", file=sys.stderr)
         return EXIT_ERROR
-    names = args.server or list(SERVERS)
+    names = args.server or [*SERVERS, *ftp_installed()]
     versions = compare.TLS_VERSIONS if args.tls_version == "all" else (args.tls_version,)
 
     own_root = args.state_dir is None

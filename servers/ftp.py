@@ -5,8 +5,8 @@ file): ``FEAT``, ``AUTH TLS`` (``234``), ``PBSZ 0``, ``PROT P``/``C``,
 ``CCC`` (``200``), ``USER``/``PASS`` (only under TLS: no credentials in
 plaintext), ``PWD``, ``MKD`` (a directory made counts as stored), ``TYPE``,
 ``SYST``, ``NOOP``, ``PASV`` (one listener on the server's address),
-``LIST``, ``STOR``, ``QUIT``.  Data connections are plain asyncio streams,
-wrapped by the standard library's TLS when ``PROT P`` is in force: the
+``LIST``, ``STOR``, ``QUIT``.  Data connections are plain asyncio protocols
+with the standard library's ``SSLObject`` when ``PROT P`` is in force: the
 closure rules are about the control connection.
 
 CCC done right (RFC 4217 §5): the ``200`` and the server's close_notify are
@@ -27,9 +27,6 @@ Behaviours (``ServerConfig.behaviour``; each breaks exactly one rule):
     After CCC sends its ``200`` and its close_notify and then takes
     plaintext commands without waiting for the client's close_notify (the
     guess ProFTPD makes when the client's alert does not come).
-``one-sided-resume`` (R4)
-    Accepts plaintext sent right after the client's close_notify (it waits
-    for the client to start the closure after CCC, the STOPTLS order).
 ``no-close-notify-reply`` (R5)
     Never answers the client's close_notify; closes TCP instead (it, too,
     waits for the client to start the closure after CCC).
@@ -45,8 +42,9 @@ Behaviours (``ServerConfig.behaviour``; each breaks exactly one rule):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, cast
 
 from starttls_harness.dialects.ftp import feat_reply
 from starttls_harness.servers.base import (
@@ -67,9 +65,11 @@ __all__ = ["BEHAVIOURS", "start_server"]
 GUESS_WINDOW = 1.0
 
 #: Behaviours whose rule only exists when the client sends the first
-#: close_notify after CCC (R4 on a one-sided client closure, R5 answering it):
-#: they wait for the client's close_notify instead of sending theirs first.
-_CLIENT_FIRST = frozenset({"one-sided-resume", "no-close-notify-reply"})
+#: close_notify after CCC (R5, answering it): they wait for the client's
+#: close_notify instead of sending theirs first.  (A server that accepts a
+#: one-sided client closure, R4, has no FTP form: the strict server closes
+#: first, so no scenario can tell it from a conforming one.)
+_CLIENT_FIRST = frozenset({"no-close-notify-reply"})
 
 BEHAVIOURS: Dict[str, Behaviour] = {
     b.name: b
@@ -92,12 +92,6 @@ BEHAVIOURS: Dict[str, Behaviour] = {
             Rule.R3,
             "after CCC sends close_notify and takes plaintext commands before the client's",
             (Rule.R3,),
-        ),
-        Behaviour(
-            "one-sided-resume",
-            Rule.R4,
-            "accepts plaintext sent right after the client's close_notify",
-            (Rule.R4,),
         ),
         Behaviour(
             "no-close-notify-reply",
@@ -361,10 +355,12 @@ class _Session(asyncio.Protocol):
         self.data_conn = fut
 
         def factory() -> asyncio.Protocol:
-            data = _Data()
-            if not fut.done():
-                fut.set_result(data)
-            return data
+            # The transfer may start only once the connection is made (its
+            # transport is set): the protocol announces itself from
+            # connection_made, never from the factory, which runs a loop turn
+            # earlier (the race where STOR met a data protocol without its
+            # transport when the accept and the STOR line arrived together).
+            return _Data(fut)
 
         self.passive = await loop.create_server(factory, self.config.host, 0)
         host, port = self.passive.sockets[0].getsockname()[:2]
@@ -378,21 +374,17 @@ class _Session(asyncio.Protocol):
         bound = self.config.timeouts.closure
         try:
             data = await asyncio.wait_for(self.data_conn, bound)
-            upgrade = None
-            if self.prot_private:
-                # Reading is paused since the accept: a ClientHello sent before
-                # our 150 (curl) waits in the socket for the TLS layer.
-                upgrade = data.begin_tls(self.config.ssl_context())
-            else:
-                data.resume()
+            # Whatever the client sent before our 150 (curl's ClientHello) is
+            # in the data connection's buffer and goes to the TLS layer first.
+            data.begin(self.config.ssl_context() if self.prot_private else None)
             t.write(b"150 Opening data connection\r\n")
-            if upgrade is not None:
-                data.transport = await asyncio.wait_for(upgrade, bound)
+            await data.handshake(bound)
             if verb == "LIST":
                 data.send(_LIST_LINE)
+                await data.finish(bound)
             else:
                 self.messages.append(await data.receive(self.config.limits.max_message, bound))
-            data.close()
+                await data.finish(bound)
         except (ConnectionError, asyncio.TimeoutError, ssl.SSLError):
             t.write(b"426 Transfer aborted\r\n")
             return
@@ -403,53 +395,136 @@ class _Session(asyncio.Protocol):
 
 
 class _Data(asyncio.Protocol):
-    """One passive data connection: bytes in until EOF, bytes out, TLS on demand."""
+    """One passive data connection: bytes in until the end, bytes out, TLS on demand.
 
-    def __init__(self) -> None:
-        self.transport: Optional[asyncio.BaseTransport] = None
-        self.buf = bytearray()
+    TLS runs on an ``SSLObject`` and two memory BIOs, fed from the first
+    byte the connection received: ``loop.start_tls`` loses a ClientHello
+    that arrives before its protocol is in place (Python 3.9 reads a
+    transport paused in ``connection_made``), which is exactly when curl and
+    ftplib send theirs.  A data connection under ``PROT P`` ends with
+    close_notify both ways; an EOF without it is a truncation (``426``).
+    """
+
+    def __init__(self, made: asyncio.Future[_Data]) -> None:
+        self.transport: Optional[asyncio.Transport] = None
+        self.made = made
+        self.pending = bytearray()  # received before the transfer started
+        self.buf = bytearray()  # application data
+        self.started = False
+        self.tls: Optional[ssl.SSLObject] = None
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.handshaken = asyncio.Event()
         self.done = asyncio.Event()
+        self.closed_cleanly = False
+        self.secured = False
+        self.failure: Optional[BaseException] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        assert isinstance(transport, asyncio.ReadTransport)
-        transport.pause_reading()  # until the transfer starts (in TLS or not)
+        self.transport = cast(asyncio.Transport, transport)
+        if self.made.done():  # a second connection to one PASV port: not ours
+            transport.close()
+        else:
+            self.made.set_result(self)
 
-    def resume(self) -> None:
-        assert isinstance(self.transport, asyncio.ReadTransport)
-        self.transport.resume_reading()
+    def begin(self, context: Optional[ssl.SSLContext]) -> None:
+        """The transfer starts: plain bytes, or TLS (server side) from the first byte."""
+        self.started = True
+        if context is None:
+            self.handshaken.set()
+            self.buf += self.pending
+        else:
+            self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+            self._feed(bytes(self.pending))
+        self.pending.clear()
 
     def data_received(self, data: bytes) -> None:
-        self.buf += data
+        if not self.started:
+            self.pending += data
+        elif self.tls is None:
+            self.buf += data
+        else:
+            self._feed(data)
 
     def eof_received(self) -> bool:
+        if self.tls is None and self.started:
+            self.closed_cleanly = True
         self.done.set()
         return False
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         self.done.set()
+        self.handshaken.set()
 
-    def begin_tls(self, context: ssl.SSLContext) -> asyncio.Future[Optional[asyncio.Transport]]:
-        """Start the server side of TLS (it resumes reading once its layer is in place)."""
-        assert isinstance(self.transport, asyncio.Transport)
-        loop = asyncio.get_running_loop()
-        return asyncio.ensure_future(
-            loop.start_tls(self.transport, self, context, server_side=True)
-        )
+    def _feed(self, data: bytes) -> None:
+        tls = self.tls
+        assert tls is not None
+        if data:
+            self.incoming.write(data)
+        try:
+            if not self.handshaken.is_set():
+                tls.do_handshake()
+                self.secured = True
+                self.handshaken.set()
+            while True:
+                chunk = tls.read(1 << 16)
+                if not chunk:
+                    raise ssl.SSLZeroReturnError
+                self.buf += chunk
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass
+        except ssl.SSLZeroReturnError:  # the client's close_notify: answer it (R5)
+            self.closed_cleanly = True
+            with contextlib.suppress(ssl.SSLError):
+                tls.unwrap()
+            self.done.set()
+        except ssl.SSLError as exc:
+            self.failure = exc
+            self.done.set()
+            self.handshaken.set()
+        self._flush()
+
+    def _flush(self) -> None:
+        out = self.outgoing.read()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)
+
+    async def handshake(self, bound: float) -> None:
+        await asyncio.wait_for(self.handshaken.wait(), bound)
+        self._raise()
 
     def send(self, data: bytes) -> None:
-        assert isinstance(self.transport, asyncio.WriteTransport)
-        self.transport.write(data)
+        if self.tls is not None:
+            self.tls.write(data)
+            self._flush()
+        elif self.transport is not None:
+            self.transport.write(data)
 
     async def receive(self, limit: int, bound: float) -> bytes:
         await asyncio.wait_for(self.done.wait(), bound)
+        self._raise()
+        if not self.closed_cleanly:
+            raise ConnectionError("the data connection was truncated (no close_notify)")
         if len(self.buf) > limit:
             raise ConnectionError("file over the size limit")
         return bytes(self.buf)
 
-    def close(self) -> None:
+    async def finish(self, bound: float) -> None:
+        """Close: under TLS our close_notify, then the client's (bounded), then TCP."""
+        if self.tls is not None and not self.closed_cleanly and self.failure is None:
+            with contextlib.suppress(ssl.SSLError):
+                self.tls.unwrap()
+            self._flush()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.done.wait(), bound)
         if self.transport is not None:
             self.transport.close()
+
+    def _raise(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+        if self.tls is not None and not self.secured:
+            raise ConnectionResetError("the data connection closed before its TLS handshake")
 
 
 def _is_auth_tls(line: bytes) -> bool:

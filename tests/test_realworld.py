@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:
     # distribution; appended so the installed harness still wins.
     sys.path.append(str(ROOT))
 
+from starttls_harness.scenarios.ccc import SERVER_CCC_SCENARIOS  # noqa: E402
 from starttls_harness.scenarios.server import CATALOGUE  # noqa: E402
 
 from realworld import compare, count_stored, instances, table  # noqa: E402
@@ -47,10 +48,12 @@ def cells(**verdicts: str) -> Dict[compare.Key, Cell]:
 
 def test_expected_json_parses_and_covers_the_catalogue() -> None:
     tables = compare.load_expected()
-    assert set(tables) == set(SERVERS)
+    assert set(tables) == set(SERVERS) | {"proftpd", "vsftpd"}
     for name, t in tables.items():
         dialect_scenarios = {
-            s.id for s in CATALOGUE if s.role == "server" and t.dialect in s.dialects
+            s.id
+            for s in (*CATALOGUE, *SERVER_CCC_SCENARIOS)
+            if s.role == "server" and t.dialect in s.dialects
         }
         covered = {k[0] for k in t.results}
         assert covered == dialect_scenarios, f"{name}: table and catalogue disagree"

@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:
     # distribution; appended so the installed harness still wins.
     sys.path.append(str(ROOT))
 
+from starttls_harness.scenarios.ccc import CLIENT_CCC_SCENARIOS  # noqa: E402
 from starttls_harness.scenarios.client import CLIENT_SCENARIOS  # noqa: E402
 
 from realworld import clients, compare  # noqa: E402
@@ -54,7 +55,9 @@ def test_expected_clients_json_covers_every_client_and_scenario() -> None:
     assert set(tables) == {s.name for s in clients.CLIENTS}
     assert len({s.client for s in clients.CLIENTS}) >= 4
     for spec in clients.CLIENTS:
-        ids = {s.id for s in CLIENT_SCENARIOS if spec.dialect in s.dialects}
+        ids = {
+            s.id for s in (*CLIENT_SCENARIOS, *CLIENT_CCC_SCENARIOS) if spec.dialect in s.dialects
+        }
         t = tables[spec.name]
         assert t.dialect == spec.dialect
         assert t.tested_version
@@ -78,7 +81,9 @@ def test_table_command_checks_and_rewrites(
     readme.write_text(compare.README_FILE.read_text(encoding="utf-8"), encoding="utf-8")
     assert clients.main(["--table", "--check", "--readme", str(readme)]) == 0
     text = readme.read_text(encoding="utf-8")
-    readme.write_text(text.replace("| **fail** |", "| **pass** |", 1), encoding="utf-8")
+    begin = text.index(clients.CLIENT_TABLE_BEGIN)  # a cell of the client table
+    broken = text[:begin] + text[begin:].replace("| **fail** |", "| **pass** |", 1)
+    readme.write_text(broken, encoding="utf-8")
     assert clients.main(["--table", "--check", "--readme", str(readme)]) == 1
     assert "out of date" in capsys.readouterr().out
     assert clients.main(["--table", "--readme", str(readme)]) == 0
@@ -221,11 +226,17 @@ def test_every_client_command_takes_host_port_and_cafile(tmp_path: Path) -> None
 
 
 def test_select_by_client_or_by_client_and_dialect() -> None:
-    assert [s.name for s in clients.select(["curl"])] == ["curl/smtp", "curl/imap", "curl/pop3"]
+    assert [s.name for s in clients.select(["curl"])] == [
+        "curl/smtp",
+        "curl/imap",
+        "curl/pop3",
+        "curl/ftp",
+    ]
     assert [s.name for s in clients.select(["curl/imap", "curl"])] == [
         "curl/imap",
         "curl/smtp",
         "curl/pop3",
+        "curl/ftp",
     ]
     assert clients.select(None) == list(clients.CLIENTS)
     with pytest.raises(ValueError, match="unknown client 'mutt'"):

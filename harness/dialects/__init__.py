@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Dict, Iterator, Sequence, Tuple, Union, overload
 
 from starttls_harness.dialects.base import Dialect, LinePredicate, Reply, UnitStep, missing
+from starttls_harness.dialects.ftp import FTP
 from starttls_harness.dialects.imap import IMAP
 from starttls_harness.dialects.ldap import LDAP
 from starttls_harness.dialects.lmtp import LMTP
@@ -182,7 +183,4 @@ register(LMTP)
 register(NNTP)
 register(LDAP)
 register(POSTGRES)
-# FTP (dialects/ftp.py: server role, CCC scenarios) is not registered by
-# default yet: its reference client and the proxy's FTP table are still to
-# come, and the client and path catalogues apply to every registered dialect.
-# ``register(starttls_harness.dialects.ftp.FTP)`` turns it on.
+register(FTP)

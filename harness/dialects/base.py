@@ -139,6 +139,8 @@ class Dialect:
     reference_client_expected: Mapping[str, Mapping[str, Verdict]] = {}
     #: The same for the reference server (behaviour -> the whole non-pass map).
     reference_server_expected: Mapping[str, Mapping[str, Verdict]] = {}
+    #: The same for the path role: (side, behaviour) -> the whole non-pass map.
+    reference_path_expected: Mapping[Tuple[str, str], Mapping[str, Verdict]] = {}
 
     # ------------------------------------------------------- every role
 

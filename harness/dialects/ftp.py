@@ -13,12 +13,11 @@ open.  Python's ``ftplib`` (``ccc()`` = ``SSLSocket.unwrap()``) and curl's
 active CCC mode send theirs at once after the ``200``; ProFTPD sends its
 close_notify right after its ``200`` and curl's passive mode waits for the
 server's.  :attr:`closure_initiator` records this: ``either``.  The
-reference FTP server sends its close_notify right behind the ``200`` and
-then waits for the client's (R4), so that both kinds of client work; the probe answers such a
-close_notify at once (R5 is then the harness's side) and the one-sided
-client closure cannot be staged (skipped).  The two misbehaviours whose
-rule needs the other order (R4 on the client's closure, R5) wait for the
-client to start it.
+reference FTP server and the scripted server send their close_notify right
+behind the ``200`` and then wait for the client's (R4), so that both kinds
+of client work; the probe answers such a close_notify at once (R5 is then
+the harness's side), and a one-sided closure by the client cannot be staged
+(those scenarios do not apply to FTP).  See docs/ftp.md.
 """
 
 from __future__ import annotations
@@ -30,9 +29,18 @@ from starttls_harness.dialects.roles import Command, ScriptedServer
 from starttls_harness.report.verdicts import Verdict
 from starttls_harness.tls.framing import Framer, line_framer
 
-__all__ = ["BAIT", "FTP", "LOGIN_TAG", "SERVER_EXPECTED", "feat_reply", "split_ftp_reply"]
+__all__ = [
+    "BAIT",
+    "CLIENT_EXPECTED",
+    "FTP",
+    "LOGIN_TAG",
+    "PATH_EXPECTED",
+    "SERVER_EXPECTED",
+    "feat_reply",
+    "split_ftp_reply",
+]
 
-F, W, K = Verdict.FAIL, Verdict.WARN, Verdict.SKIP
+F, W, K, E = Verdict.FAIL, Verdict.WARN, Verdict.SKIP, Verdict.ERROR
 
 #: A FEAT line the scripted server offers in plaintext only (R8 bait).
 BAIT = "XHARNESS-PLAINTEXT-ONLY"
@@ -51,21 +59,17 @@ CCC_REFUSALS = frozenset({"500", "502", "533", "534"})
 #: scenario that guards the broken rule; every scenario not listed passes.
 #: After CCC the strict reference server sends the first close_notify (as
 #: ProFTPD does), which leaves no room for a one-sided closure by the client:
-#: that scenario is skipped, saying so, except against the two behaviours that
-#: wait for the client to start the closure (their rules only exist there).
-_SERVER_FIRST = {"server.one-sided-close-stoptls": Verdict.SKIP}
-
+#: server.one-sided-close-stoptls does not apply to FTP (R4 of the server is
+#: judged by server.ccc-late-close-notify).
 SERVER_EXPECTED: Dict[str, Dict[str, Verdict]] = {
-    "strict": dict(_SERVER_FIRST),
+    "strict": {},
     "keep-buffer": {
         "server.command-injection": F,
         "server.command-injection-split": F,
         "server.command-injection-multi": F,
-        **_SERVER_FIRST,
     },
-    "plaintext-in-tls": {"server.plaintext-in-tls": F, **_SERVER_FIRST},
-    "early-plaintext": {"server.ccc-no-close-notify": F, **_SERVER_FIRST},
-    "one-sided-resume": {"server.one-sided-close-stoptls": F},
+    "plaintext-in-tls": {"server.plaintext-in-tls": F},
+    "early-plaintext": {"server.ccc-no-close-notify": F},
     "no-close-notify-reply": {
         "server.close-notify-reply": W,
         "server.stoptls-cycle": F,
@@ -73,9 +77,85 @@ SERVER_EXPECTED: Dict[str, Dict[str, Verdict]] = {
         "server.ccc-cycle": F,
         "server.ccc-late-close-notify": F,
     },
-    "impatient-ccc": {"server.ccc-late-close-notify": F, **_SERVER_FIRST},
-    "ignore-truncation": {"server.truncation": F, **_SERVER_FIRST},
-    "alert-as-close": {"server.alert-then-plaintext": F, **_SERVER_FIRST},
+    "impatient-ccc": {"server.ccc-late-close-notify": F},
+    "ignore-truncation": {"server.truncation": F},
+    "alert-as-close": {"server.alert-then-plaintext": F},
+}
+
+#: The reference FTP client's validation matrix (client catalogue and the
+#: CCC scenarios): behaviour -> {scenario id: verdict}, the first entry the
+#: scenario that guards the broken rule.  The scripted FTP server sends the
+#: first close_notify after CCC (as ProFTPD): a client's one-sided closure
+#: (R4) then shows only where the server holds its close_notify back
+#: (client.ccc-no-close-notify), and a client that hangs up instead of
+#: answering (R5) ends the CCC positive controls.
+_NO_CCC = {
+    "client.ccc-cycle": K,
+    "client.ccc-no-close-notify": K,
+    "client.ccc-close-notify-reply": K,
+}
+CLIENT_EXPECTED: Dict[str, Dict[str, Verdict]] = {
+    "strict": {},
+    "accept-injected-response": {
+        "client.response-injection": F,
+        "client.response-injection-partial": F,
+        "client.response-injection-multi": F,
+        "client.response-injection-split": F,
+    },
+    "plaintext-in-tls": {"client.plaintext-in-tls": F},
+    "early-plaintext": {"client.ccc-no-close-notify": F},
+    "one-sided-close": {"client.ccc-no-close-notify": F},
+    "no-close-notify-reply": {
+        "client.ccc-close-notify-reply": W,
+        "client.close-notify-reply": W,
+        "client.ccc-cycle": F,
+        "client.stoptls-wait": F,
+        # The session ends at CCC, before any fault: neither can decide.
+        "client.stoptls-cycle": E,
+        "client.state-reset": E,
+    },
+    "passive-ccc": {
+        "client.ccc-close-notify-reply": F,
+        "client.ccc-cycle": F,
+        "client.close-notify-reply": W,
+        "client.stoptls-cycle": F,
+        "client.stoptls-wait": F,
+        "client.state-reset": F,
+    },
+    "no-state-reset": {
+        "client.state-reset": F,
+        "client.one-sided-close": K,
+        "client.stoptls-wait": K,
+        "client.stoptls-cycle": K,
+        **_NO_CCC,
+    },
+    "downgrade": {
+        "client.starttls-stripped": F,
+        "client.starttls-refused": F,
+        "client.starttls-bad": F,
+    },
+}
+
+#: The path role where FTP differs from ``PATH_EXPECTED``: (side, behaviour)
+#: -> the whole non-pass map.  The server sends the first close_notify after
+#: CCC, so the client answers rather than starts the closure (a client's
+#: one-sided closure never happens), and the faults around the server's
+#: close_notify (s2c) meet the client's reaction, not the server's.
+PATH_EXPECTED: Dict[Tuple[str, str], Dict[str, Verdict]] = {
+    # R2 relaxed, but after its close_notify the server judges plaintext by R3.
+    ("server", "plaintext-in-tls"): {"path.inject-in-tls-c2s": F},
+    # R3: plaintext taken before the client's close_notify.
+    ("server", "early-plaintext"): {"path.drop-close-notify-c2s": F},
+    # R2: plaintext around the server's close_notify is taken in.
+    ("client", "plaintext-in-tls"): {
+        "path.inject-in-tls-s2c": F,
+        "path.drop-close-notify-s2c": F,
+        "path.inject-before-close-s2c": F,
+    },
+    # R4: never staged, the client answers the server's close_notify.
+    ("client", "one-sided-close"): {},
+    # R5: the client hangs up instead of answering the server's close_notify.
+    ("client", "no-close-notify-reply"): {"path.drop-close-notify-c2s": W},
 }
 
 _KINDS = {
@@ -85,6 +165,7 @@ _KINDS = {
     "USER": "auth",
     "PASS": "auth",
     "STOR": "append",
+    "MKD": "append",
     "LIST": "access",
     "RETR": "access",
     "CWD": "select",
@@ -185,6 +266,8 @@ class _ScriptedFtp(ScriptedServer):
         return b"530 injected by starttls-harness before the handshake\r\n"
 
     def stored(self, cmd: Command) -> bytes:
+        if cmd.verb == "MKD":
+            return b'257 "' + cmd.rest.strip() + b'" created\r\n'
         return b"226 Transfer complete\r\n"
 
     def simple(self, cmd: Command) -> bytes:
@@ -222,6 +305,8 @@ class _Ftp(Dialect):
     greets_after_stoptls = False
     stoptls_needs_login = True
     reference_server_expected: Mapping[str, Mapping[str, Verdict]] = SERVER_EXPECTED
+    reference_client_expected: Mapping[str, Mapping[str, Verdict]] = CLIENT_EXPECTED
+    reference_path_expected: Mapping[Tuple[str, str], Mapping[str, Verdict]] = PATH_EXPECTED
 
     def framer(self) -> Framer:
         return line_framer()

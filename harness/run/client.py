@@ -54,6 +54,11 @@ from typing import (
 from starttls_harness.dialects import dialect_named
 from starttls_harness.dialects.roles import Command, ScriptedServer
 from starttls_harness.report.verdicts import Evidence, Result, Verdict
+from starttls_harness.run.client_ccc import (
+    accept_server_first,
+    step_ccc_close_notify,
+    step_ccc_plaintext,
+)
 from starttls_harness.run.client_removal import step_server_removal as server_removal
 from starttls_harness.run.client_support import (
     DEFAULT_SETTINGS,
@@ -260,6 +265,10 @@ async def _accept_stoptls(run: _Run, cmd: Command) -> None:
         return
     conn = run.conn
     t = conn.t()
+    if dialect_named(run.target.dialect).server_may_close_first:
+        await accept_server_first(run, cmd)  # FTP CCC: our close_notify goes first
+        run.stoptls_done += 1
+        return  # the client speaks first in plaintext
     answer = run.dialect.stoptls_ok(cmd)
     conn.evidence.add("s2c", "tls", answer)
     conn.in_closure = True
@@ -752,6 +761,8 @@ _CLIENT_STEPS: Dict[str, StepFunc] = {
     "accept-stoptls": step_accept_stoptls,
     "expect-hello": step_expect_hello,
     "server-removal": step_server_removal,
+    "ccc-close-notify": step_ccc_close_notify,
+    "ccc-plaintext": step_ccc_plaintext,
 }
 
 CLIENT_STEP_NAMES = frozenset(_CLIENT_STEPS)

@@ -28,18 +28,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import (
-    Awaitable,
-    Callable,
-    Dict,
-    List,
-    Mapping,
-    Optional,
-    Sequence,
-    Set,
-    Tuple,
-    Union,
-)
+from typing import Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from starttls_harness.dialects import Dialect, Reply, dialect_named
 from starttls_harness.report.verdicts import Evidence, Exchange, Result, Verdict
@@ -719,6 +708,15 @@ def _mark(run: _Run) -> None:
     run.mark = len(run.evidence.exchanges)
 
 
+def _said_failed(run: _Run, step: Step) -> bool:
+    """The injected bytes broke the handshake and the target said so in plaintext (vsftpd)."""
+    t = run.probe.transport
+    if step.action != "handshake" or not run.fault_applied or t is None or not t.violations:
+        return False
+    reply, _ = run.dialect.split_reply(t.violations[-1].data)
+    return reply is not None and not reply.ok and not run.dialect.is_injected_reply(reply)
+
+
 def _closed(run: _Run, step: Step, closed: RemoteEnded) -> str:
     """The target ended the connection during ``step``."""
     if closed.how == "refused":
@@ -726,7 +724,7 @@ def _closed(run: _Run, step: Step, closed: RemoteEnded) -> str:
     if closed.how == "overflow":
         return "reply-bound"  # an error: the target closed nothing
     if closed.how == "violation" and closed.rule is not None:
-        return violation(closed.rule)
+        return "handshake-refused" if _said_failed(run, step) else violation(closed.rule)
     if not run.fault_applied:
         return "closed-before-fault"
     if step.action == "handshake" and closed.how in ("handshake", "alert"):

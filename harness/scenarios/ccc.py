@@ -19,6 +19,19 @@ Server role (the harness is the FTP client):
     :data:`LATE_CLOSE_NOTIFY_DELAY` seconds: the server must neither drop
     the session nor misread the next command.  The delay is a declared
     setting; the scenario runs concurrently with the others.
+
+Client role (the harness is the FTP server; it sends its close_notify
+right behind CCC's ``200``, as ProFTPD does):
+
+``client.ccc-cycle`` (positive control)
+    The client answers (or crosses) the server's close_notify and goes on
+    in plaintext.
+``client.ccc-no-close-notify`` (R3)
+    After the ``200`` the server writes plaintext and never its
+    close_notify: a conforming client refuses it (ends the connection).
+``client.ccc-close-notify-reply`` (R5, the client-side mirror)
+    The ``200`` and the server's close_notify: the client's close_notify
+    must come first (plaintext before it is R3: a fail; a TCP close a warn).
 """
 
 from __future__ import annotations
@@ -27,10 +40,16 @@ from typing import Tuple
 
 from starttls_harness.dialects import dialects_with
 from starttls_harness.report.verdicts import Verdict
+from starttls_harness.scenarios.client import CLIENT_COMMON
 from starttls_harness.scenarios.model import Expect, S, Scenario
 from starttls_harness.tls.engine import Rule
 
-__all__ = ["CCC_SCENARIOS", "LATE_CLOSE_NOTIFY_DELAY", "SERVER_CCC_SCENARIOS"]
+__all__ = [
+    "CCC_SCENARIOS",
+    "CLIENT_CCC_SCENARIOS",
+    "LATE_CLOSE_NOTIFY_DELAY",
+    "SERVER_CCC_SCENARIOS",
+]
 
 P, F, W, K, E = Verdict.PASS, Verdict.FAIL, Verdict.WARN, Verdict.SKIP, Verdict.ERROR
 
@@ -118,5 +137,75 @@ SERVER_CCC_SCENARIOS: Tuple[Scenario, ...] = (
     ),
 )
 
+_CLIENT_UPGRADE = (
+    S("greet"),
+    S("serve", until="starttls"),
+    S("accept-starttls"),
+    S("handshake"),
+    S("serve", until="stoptls", stoptls=True, otherwise="no-stoptls"),
+)
+
+_CLIENT_COMMON = {
+    **CLIENT_COMMON,
+    "no-stoptls": Expect(K, "the client does not use CCC"),
+    "closed-before-fault": Expect(E, "the client ended the session before CCC"),
+}
+
+#: Client role (the harness is the FTP server): the server sends the first
+#: close_notify after CCC, as ProFTPD does.
+CLIENT_CCC_SCENARIOS: Tuple[Scenario, ...] = (
+    Scenario(
+        id="client.ccc-cycle",
+        title="Positive control: CCC answered with 200 and the server's close_notify",
+        role="client",
+        rule=Rule.R3,
+        reference=_REFERENCE,
+        reason="The conforming CCC path must work, or every refusal of it means nothing.",
+        steps=(*_CLIENT_UPGRADE[:-1], S("serve", until="end", stoptls=True, cycles=1)),
+        expect={
+            **_CLIENT_COMMON,
+            "completed": Expect(P, "answered the server's close_notify and went on in plaintext"),
+            "client-failed": Expect(F, "the conforming CCC path broke"),
+            "closed": Expect(F, "the conforming CCC path broke"),
+            "closed-before-fault": Expect(F, "the conforming CCC path broke"),
+        },
+        dialects=_CCC_DIALECTS,
+    ),
+    Scenario(
+        id="client.ccc-no-close-notify",
+        title="CCC answered, then plaintext from the server without its close_notify",
+        role="client",
+        rule=Rule.R3,
+        reference=_REFERENCE,
+        reason="Plaintext may be read only after close_notify crossed both ways after CCC.",
+        steps=(*_CLIENT_UPGRADE, S("ccc-plaintext", fault=True), S("expect-no-resume")),
+        expect={
+            **_CLIENT_COMMON,
+            "refused": Expect(P, "did not take plaintext that came without the server's closure"),
+            "resumed": Expect(F, "went on in plaintext without the server's close_notify"),
+            "ignored-closure": Expect(W, "kept sending under TLS after CCC"),
+        },
+        dialects=_CCC_DIALECTS,
+    ),
+    Scenario(
+        id="client.ccc-close-notify-reply",
+        title="CCC answered with 200 and close_notify: the client answers at once",
+        role="client",
+        rule=Rule.R5,
+        reference=_REFERENCE + "; curl --ftp-ssl-ccc (passive)",
+        reason="The responder answers close_notify before anything else; plaintext before it "
+        "is unprotected (R3).",
+        steps=(*_CLIENT_UPGRADE, S("ccc-close-notify", fault=True), S("expect-close-notify")),
+        expect={
+            **_CLIENT_COMMON,
+            "answered": Expect(P, "answered the server's close_notify at once"),
+            "answered-late": Expect(W, "answered the server's close_notify, but not at once"),
+            "unanswered": Expect(W, "closed TCP instead of answering close_notify"),
+            "spoke-first": Expect(F, "spoke before answering the server's close_notify"),
+        },
+        dialects=_CCC_DIALECTS,
+    ),
+)
+
 #: Every CCC scenario (the catalogue includes them).
-CCC_SCENARIOS: Tuple[Scenario, ...] = SERVER_CCC_SCENARIOS
+CCC_SCENARIOS: Tuple[Scenario, ...] = SERVER_CCC_SCENARIOS + CLIENT_CCC_SCENARIOS

@@ -266,8 +266,10 @@ PATH_FROM_CLIENT: Mapping[str, str] = {
 
 
 def expected_path_verdicts(dialect: str, side: str, behaviour: str) -> Mapping[str, Verdict]:
-    """The exact non-pass verdicts of a reference pair with one side misbehaving."""
-    out = dict(PATH_EXPECTED[(side, behaviour)])
+    """The exact non-pass verdicts of a reference pair with one side misbehaving
+    (a dialect's own table first, FTP's; then the shared one)."""
+    specific = dialect_named(dialect).reference_path_expected.get((side, behaviour))
+    out = dict(specific if specific is not None else PATH_EXPECTED[(side, behaviour)])
     if side == "client":
         client = expected_client_verdicts(dialect, behaviour)
         for path_id, client_id in PATH_FROM_CLIENT.items():

@@ -75,9 +75,10 @@ front of* the server's close_notify (``path.inject-before-close-s2c``).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Dict, Tuple
 
-from starttls_harness.dialects import Dialect
+from starttls_harness.dialects import Dialect, dialects_with
 from starttls_harness.report.verdicts import Verdict
 from starttls_harness.scenarios.expectations import STOPTLS_SCENARIOS
 from starttls_harness.scenarios.model import Expect, S, Scenario, Step, needing_return
@@ -518,7 +519,13 @@ _PATH.extend(
 )
 _PATH.extend(_reset_scenario(direction) for direction in ("c2s", "s2c"))
 
-PATH_SCENARIOS: Tuple[Scenario, ...] = needing_return(_PATH, STOPTLS_SCENARIOS)
+#: Plaintext behind the client's close_notify is a one-sided closure only where
+#: the client closes first: where the server may (FTP CCC) it is a resumption.
+_CLIENT_FIRST = dialects_with("has_return_to_plaintext", "!server_may_close_first")
+PATH_SCENARIOS: Tuple[Scenario, ...] = tuple(
+    replace(s, dialects=_CLIENT_FIRST) if s.id == "path.inject-after-close" else s
+    for s in needing_return(_PATH, STOPTLS_SCENARIOS)
+)
 
 
 def path_by_id(scenario_id: str) -> Scenario:

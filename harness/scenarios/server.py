@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple
 
+from starttls_harness.dialects import dialects_with
 from starttls_harness.report.verdicts import Verdict
 from starttls_harness.scenarios.model import (
     COMMON,
@@ -393,14 +395,20 @@ _SERVER: List[Scenario] = [
     ),
 ]
 
-CATALOGUE: Tuple[Scenario, ...] = needing_command_return(
-    needing_return(_SERVER, ("server.one-sided-close-stoptls", "server.stoptls-cycle")),
-    # On LDAP a bare closure is the return itself, and there is no command to refuse.
-    (
-        "server.plaintext-after-close",
-        "server.data-after-close-notify",
-        "server.stoptls-outside-tls",
-    ),
+#: A one-sided closure by the client can only be staged where the client
+#: closes first: a server that may end TLS first (FTP CCC) is left out.
+_CLIENT_FIRST = dialects_with("has_return_to_plaintext", "!server_may_close_first")
+CATALOGUE: Tuple[Scenario, ...] = tuple(
+    replace(s, dialects=_CLIENT_FIRST) if s.id == "server.one-sided-close-stoptls" else s
+    for s in needing_command_return(
+        needing_return(_SERVER, ("server.one-sided-close-stoptls", "server.stoptls-cycle")),
+        # On LDAP a bare closure is the return itself, and there is no command to refuse.
+        (
+            "server.plaintext-after-close",
+            "server.data-after-close-notify",
+            "server.stoptls-outside-tls",
+        ),
+    )
 )
 
 

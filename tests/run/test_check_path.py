@@ -199,7 +199,7 @@ def test_stoptls_scenarios_skip_when_the_client_never_returns_to_plaintext(
     [
         (["smtp://127.0.0.1:1"], "give the client command after --"),
         (["smtp://127.0.0.1:1", "--", "no-such-program-xyz"], "command not found"),
-        (["ftp://127.0.0.1:1", "--", sys.executable], "use smtp://HOST:PORT"),
+        (["gopher://127.0.0.1:1", "--", sys.executable], "use smtp://HOST:PORT"),
         (["smtp://127.0.0.1:1", "--", sys.executable], "cannot connect"),
         (["smtp://127.0.0.1:1", "--cafile", "/nonexistent.pem", "--", sys.executable], "cafile"),
     ],

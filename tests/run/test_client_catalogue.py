@@ -45,6 +45,7 @@ from starttls_harness.run.targets import (
     error_line,
 )
 from starttls_harness.run.validation import CLIENT_VALIDATION_SETTINGS, mismatches
+from starttls_harness.scenarios.ccc import CLIENT_CCC_SCENARIOS
 from starttls_harness.scenarios.client import (
     CLIENT_COMMON,
     CLIENT_EXPECTED,
@@ -123,7 +124,7 @@ def test_scenario_is_complete_data(scenario: Scenario) -> None:
 
 def test_every_step_is_in_the_verb_table() -> None:
     assert unknown_client_steps(CLIENT_SCENARIOS) == []
-    used = {step.action for s in CLIENT_SCENARIOS for step in s.steps}
+    used = {step.action for s in (*CLIENT_SCENARIOS, *CLIENT_CCC_SCENARIOS) for step in s.steps}
     assert used <= CLIENT_STEP_NAMES
     # Every verb is used by some scenario (no dead entries in the table).
     assert CLIENT_STEP_NAMES <= used
