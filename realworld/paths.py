@@ -116,6 +116,13 @@ PAIRS: Tuple[PathPair, ...] = (
         (sys.executable, "{scripts}/smtplib_client.py", "{port}", "{cafile}", "{tls_version}"),
         sys.executable,
     ),
+)
+#: Not in the tier: psql -> proxy -> PostgreSQL (``PSQL_PATH_ARGV``).  Neither
+#: libpq nor the server writes a key log, so the proxy follows TLS 1.3 by record
+#: position, and three of its cells (injection at the upgrade and inside TLS)
+#: changed between runs: 1 run in 3-4 (issue 14's note).  A flaky verdict is a
+#: bug; it comes back when the path judge can decide it every time.
+UNSTABLE_PAIRS: Tuple[PathPair, ...] = (
     PathPair("postgresql+psql", "postgresql", PSQL_PATH_ARGV, "psql"),  # realworld/postgres.py
 )
 

@@ -360,7 +360,8 @@ async def step_serve(run: _Run, args: Mapping[str, object]) -> None:
             await _stalled(run, until)
             raise
         except Gone:  # in the middle of an answer (an AUTH exchange, a DATA body)
-            await _session_over(run, args)
+            if cmd.kind != "stoptls":  # not a cycle it never tried (FTP: gone at CCC)
+                await _session_over(run, args)
             raise
         if answered == "ended":
             await _session_over(run, args)

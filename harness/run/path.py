@@ -661,6 +661,9 @@ async def _await_reaction(run: _PathRun, conn: ProxyConnection) -> None:
         return
     fi = fault_index(conn.events)
     if fi is None:
+        if run.stopped is not None:  # the client gave up: its own close is its act
+            with contextlib.suppress(asyncio.TimeoutError, EventNotSeen):
+                await conn.wait_for(_client_ended, timeout=run.settings.reply_timeout)
         return
     receiver = other(run.fault.direction)
     if _accepted(run, receiver):
@@ -676,6 +679,10 @@ async def _await_reaction(run: _PathRun, conn: ProxyConnection) -> None:
     with contextlib.suppress(asyncio.TimeoutError, EventNotSeen):
         seen = await conn.wait_for(after_fault, timeout=run.settings.reply_timeout)
         run.reaction_at = next(i for i in range(len(events) - 1, fi, -1) if events[i] is seen)
+
+
+def _client_ended(e: ProxyEvent) -> bool:
+    return e.direction == "c2s" and e.kind in ("eof", "reset")
 
 
 async def _execute(run: _PathRun) -> Tuple[str, str, List[Exchange]]:

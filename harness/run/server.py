@@ -714,7 +714,10 @@ def _said_failed(run: _Run, step: Step) -> bool:
     if step.action != "handshake" or not run.fault_applied or t is None or not t.violations:
         return False
     reply, _ = run.dialect.split_reply(t.violations[-1].data)
-    return reply is not None and not reply.ok and not run.dialect.is_injected_reply(reply)
+    if reply is None or reply.ok or run.dialect.is_injected_reply(reply):
+        return False
+    # Words, not garbage: bytes that merely parse as a reply say nothing.
+    return all(32 <= b < 127 or b in b"\r\n\t" for b in reply.raw)
 
 
 def _closed(run: _Run, step: Step, closed: RemoteEnded) -> str:
