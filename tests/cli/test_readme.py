@@ -128,6 +128,15 @@ EXAMPLES: Dict[str, Example] = {
     "starttls-harness check nntp://127.0.0.1:1119": Example(
         serve=("nntp",), subs={"127.0.0.1:1119": "127.0.0.1:{port}"}
     ),
+    "starttls-harness check ftp://127.0.0.1:2121 --user tester --password secret": Example(
+        serve=("ftp",), subs={"127.0.0.1:2121": "127.0.0.1:{port}", "secret": "correct horse"}
+    ),
+    "starttls-harness check ldap://127.0.0.1:3389": Example(
+        serve=("ldap",), subs={"127.0.0.1:3389": "127.0.0.1:{port}"}
+    ),
+    "starttls-harness check postgres://127.0.0.1:5432": Example(
+        serve=("postgres",), subs={"127.0.0.1:5432": "127.0.0.1:{port}"}
+    ),
     # smtplib takes a FIN without close_notify for a clean end (README: it fails
     # client.truncation), so the run's status is 1.
     "starttls-harness check-client --protocol smtp -- python3 send.py {host} {port} {cafile}": (
