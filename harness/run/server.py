@@ -3,21 +3,15 @@
 Theory of operation
 ===================
 
-For a server under test, each scenario x TLS version is one fresh TCP
-connection driven by a :class:`~starttls_harness.run.probe.Probe`.  The steps of the
-scenario are looked up in :data:`_SERVER_STEPS` (a verb table) and run in
-order; a step that sees the target deviate raises :class:`Observed` with a
-label, and the scenario's ``expect`` table turns the label into a verdict.
-Decisions come from events -- a reply, a close, an alert, a sentinel
-command answered -- never from silence: a wait that runs out is the label
-``timeout`` and therefore an ``error``, not a ``pass``.
-
-Sanity probes bracket every target x TLS version: the conforming path
-(STARTTLS, handshake, sentinel) must work before the scenarios run and
-still work after them, or every result of that group becomes an ``error``.
-
-Concurrency is bounded by a semaphore; each scenario has a hard time bound
-on top of the per-reply bounds; probes are always closed in ``finally``.
+Each scenario x TLS version is one fresh TCP connection driven by a
+:class:`~starttls_harness.run.probe.Probe`; its steps come from the verb table
+:data:`_SERVER_STEPS`.  A step that sees the target deviate raises
+:class:`Observed` with a label, which the scenario's ``expect`` turns into a
+verdict.  Decisions come from events (a reply, a close, an alert, a sentinel
+answered), never from silence: a wait that runs out is ``timeout``, an error.
+Sanity probes bracket every target x TLS version (the conforming path must work
+before and after, or the group's results are errors).  Concurrency is bounded by
+a semaphore, each scenario by a hard bound; probes are closed in ``finally``.
 """
 
 from __future__ import annotations
@@ -106,9 +100,6 @@ class RunSettings:
             reply_timeout=self.reply_timeout,
             handshake_timeout=self.reply_timeout,
         )
-
-
-# ------------------------------------------------------------- the steps
 
 
 @dataclass
@@ -680,9 +671,6 @@ def unknown_steps(scenarios: Sequence[Scenario]) -> List[Tuple[str, str]]:
     ]
 
 
-# ------------------------------------------------------------- one scenario
-
-
 def _probe_context(
     target: ServerTarget, tls_version: str, keylog: Optional[Path]
 ) -> ssl.SSLContext:
@@ -720,6 +708,20 @@ def _said_failed(run: _Run, step: Step) -> bool:
     return all(32 <= b < 127 or b in b"\r\n\t" for b in reply.raw)
 
 
+def _injected_answer(run: _Run) -> bool:
+    """An answer to the injected command among the target's TLS data since the fault."""
+    data = b"".join(e.data for e in _said_since(run, run.mark) if e.kind == "tls")
+    while data:
+        reply, rest = run.dialect.split_reply(data)
+        if reply is None or len(rest) >= len(data):
+            return False
+        if run.dialect.is_injected_reply(reply):
+            run.evidence.note(f"answer to the injected command under TLS: {reply.text}")
+            return True
+        data = rest
+    return False
+
+
 def _closed(run: _Run, step: Step, closed: RemoteEnded) -> str:
     """The target ended the connection during ``step``."""
     if closed.how == "refused":
@@ -730,6 +732,8 @@ def _closed(run: _Run, step: Step, closed: RemoteEnded) -> str:
         return "handshake-refused" if _said_failed(run, step) else violation(closed.rule)
     if not run.fault_applied:
         return "closed-before-fault"
+    if "injection-answered" in run.scenario.expect and _injected_answer(run):
+        return "injection-answered"  # answered under TLS, then closed before our sentinel
     if step.action == "handshake" and closed.how in ("handshake", "alert"):
         if not any(s.fault for s in run.scenario.steps):
             return "handshake-failed"

@@ -38,6 +38,19 @@ async def _read_until_ok(reader: asyncio.StreamReader, tag: bytes = b"") -> byte
             return seen
 
 
+async def _start_tls(writer: asyncio.StreamWriter, context: ssl.SSLContext) -> None:
+    """``StreamWriter.start_tls`` (Python 3.11+), or the loop's on older ones."""
+    if hasattr(writer, "start_tls"):
+        await writer.start_tls(context, server_hostname="localhost")
+        return
+    loop = asyncio.get_running_loop()
+    transport = writer.transport
+    tls = await loop.start_tls(
+        transport, transport.get_protocol(), context, server_hostname="localhost"
+    )
+    setattr(writer, "_transport", tls)  # noqa: B010 (as 3.11's start_tls does)
+
+
 def _resyncing_client(then: bytes) -> Callable[..., Any]:
     async def client(host: str, port: int, cafile: Path, tls_version: str) -> ClientOutcome:
         reader, writer = await asyncio.open_connection(host, port)
@@ -46,7 +59,7 @@ def _resyncing_client(then: bytes) -> Callable[..., Any]:
             writer.write(b"STARTTLS\r\n")
             await _read_until_ok(reader)
             context: ssl.SSLContext = client_context(tls_version, cafile=cafile)
-            await writer.start_tls(context, server_hostname="localhost")
+            await _start_tls(writer, context)
             writer.write(b'NOOP "STARTTLS-RESYNC-CAPA"\r\n')
             await _read_until_ok(reader, b"STARTTLS-RESYNC-CAPA")
             writer.write(then)
