@@ -126,7 +126,8 @@ def _jobs(role: str, targets: Sequence[object]) -> List[Job]:
             return lambda settings: run_client_target(CLIENT_SCENARIOS, target, settings)
 
         return [client(d) for d in ("smtp", "imap")]
-    from starttls_harness.run.path import reference_pair, run_path_target
+    from starttls_harness.run.path import run_path_target
+    from starttls_harness.run.path_reference import reference_pair
     from starttls_harness.scenarios.path import PATH_SCENARIOS
 
     def path(dialect: str) -> Job:

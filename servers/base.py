@@ -178,8 +178,13 @@ class ServerConfig:
     #: The test user for AUTH PLAIN (SMTP) and LOGIN (IMAP).
     user: str = "tester"
     password: str = "correct horse"
+    #: A TLS context built by the caller (the built-in path pair keeps one per
+    #: key log file); it then stands for ``pki``, ``tls_version`` and ``keylog``.
+    context: Optional[ssl.SSLContext] = None
 
     def ssl_context(self) -> ssl.SSLContext:
+        if self.context is not None:
+            return self.context
         return self.pki.server_context(self.tls_version, keylog=self.keylog)
 
 

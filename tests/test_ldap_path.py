@@ -14,7 +14,7 @@ import pytest
 from starttls_harness.clients.ldap import BEHAVIOURS as CLIENT_BEHAVIOURS
 from starttls_harness.dialects import DIALECTS, Dialect, register, unregister
 from starttls_harness.dialects.ldap import LDAP
-from starttls_harness.run.path import validate_path
+from starttls_harness.run.path_reference import validate_path
 from starttls_harness.servers.ldap import BEHAVIOURS as SERVER_BEHAVIOURS
 
 

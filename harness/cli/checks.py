@@ -57,7 +57,8 @@ from starttls_harness.report.redact import Redactor
 from starttls_harness.report.verdicts import Result, Verdict
 from starttls_harness.run.client import run_client_target
 from starttls_harness.run.pacing import Pacing, pacing, refusal
-from starttls_harness.run.path import reference_pair, run_path_target
+from starttls_harness.run.path import run_path_target
+from starttls_harness.run.path_reference import reference_pair
 from starttls_harness.run.reference import reference_servers
 from starttls_harness.run.server import RunSettings, ServerTarget, run_server_target
 from starttls_harness.run.targets import CommandClientTarget, ReferenceClientTarget

@@ -41,7 +41,7 @@ import contextlib
 import ssl
 import tempfile
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import (
     Any,
@@ -56,11 +56,9 @@ from typing import (
 
 from starttls_harness.dialects import Dialect, dialect_named
 from starttls_harness.dialects.roles import (
-    PATH_MESSAGE,
     ClientSpec,
     PathDriver,
     StopTLSUnsupported,
-    transport_events,
 )
 from starttls_harness.proxy import (
     C2S,
@@ -84,26 +82,18 @@ from starttls_harness.run.path_judge import (
     other,
     wire_findings,
 )
-from starttls_harness.run.reference import reference_client_module, reference_server_module
 from starttls_harness.run.server import Progress, RunSettings, run_bracketed
 from starttls_harness.scenarios.expectations import (
     PATH_EXPECTED,
     STOPTLS_SCENARIOS,
-    expected_path_verdicts,
-    mismatches,
 )
-from starttls_harness.scenarios.path import PATH_SCENARIOS, fault_data, fault_step
+from starttls_harness.scenarios.path import fault_data, fault_step
 from starttls_harness.scenarios.server import Expect, Scenario, Step
-from starttls_harness.servers.base import RunningServer, ServerConfig
-from starttls_harness.tls.aio import Timeouts
-from starttls_harness.tls.certs import Pki, make_pki
 from starttls_harness.tls.engine import Event, PeerEOF, Rule, Violation
 from starttls_harness.tls.keylog import SecretsMapping, SecretsProvider, read_keylog
 
 __all__ = [
     "PATH_EXPECTED",
-    "PATH_VALIDATION_CLOSURE",
-    "PATH_VALIDATION_SETTINGS",
     "STOPTLS_SCENARIOS",
     "ClientDriver",
     "ClientSpec",
@@ -114,12 +104,10 @@ __all__ = [
     "StopTLSUnsupported",
     "merged_keylog",
     "path_sanity",
-    "reference_pair",
     "run_path_scenario",
     "run_path_target",
     "scenario_fault",
     "unknown_path_steps",
-    "validate_path",
 ]
 
 F, W, K = Verdict.FAIL, Verdict.WARN, Verdict.SKIP
@@ -221,6 +209,13 @@ class PathPair:
     #: ``own_session`` pair returned to plaintext: STOPTLS scenarios of a
     #: pair that did not skip without running.
     returns: Dict[str, bool] = field(default_factory=dict)
+    #: Whether the runs of one TLS version may share one key log file per
+    #: side (the built-in pair): the proxy finds each connection's secrets by
+    #: its client random, so the runs need not be apart, and the pair builds
+    #: its TLS contexts once instead of once per run (a context that writes a
+    #: key log cannot be shared across files).  Never with ``keylog_dir``: the
+    #: evidence then keeps each run's own secrets.
+    shares_keylog: bool = False
 
 
 @dataclass
@@ -234,117 +229,6 @@ class PathResult(Result):
         if self.side is not None:
             out["side"] = self.side
         return out
-
-
-# ------------------------------------------------- the reference pair (built in)
-
-BIG_MESSAGE = PATH_MESSAGE
-_transport_events = transport_events
-
-
-class _ReferenceServer(PathServer):
-    """A reference server started for one run."""
-
-    def __init__(self, running: RunningServer) -> None:
-        self.running = running
-        self.address = running.address
-
-    def engine_events(self) -> Optional[Sequence[Event]]:
-        out: List[Event] = []
-        for conn in list(self.running.connections):
-            out.extend(_transport_events(getattr(conn, "transport", None)))
-        return out
-
-    def stored(self) -> Optional[int]:
-        return len(self.running.messages)
-
-    async def settle(self, timeout: float) -> None:
-        waits: List[Awaitable[Any]] = []
-        for conn in list(self.running.connections):
-            closed = getattr(conn, "closed", None)  # SMTP: set at connection loss
-            if isinstance(closed, asyncio.Event):
-                waits.append(closed.wait())
-            finished = getattr(conn, "finished", None)  # IMAP: set when the session ends
-            if isinstance(finished, asyncio.Future):
-                waits.append(asyncio.shield(finished))
-        if waits:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), timeout)
-
-    async def close(self) -> None:
-        await self.running.close()
-
-
-def reference_pair(
-    dialect: str,
-    server_behaviour: str = "strict",
-    client_behaviour: str = "strict",
-    *,
-    pki: Optional[Pki] = None,
-    closure_timeout: Optional[float] = None,
-) -> PathPair:
-    """The built-in pair: a reference server and a reference client.
-
-    A fresh server is started for every run (shared PKI).  Its closure
-    bound is ``closure_timeout`` (default: half the run's reply bound), so
-    that a server which took the attacker's bytes in and waits gives up
-    before the harness's own bounds run out.
-    """
-    module = reference_server_module(dialect)
-    client_module = reference_client_module(dialect)
-    for name, known in (
-        (server_behaviour, module.BEHAVIOURS),
-        (client_behaviour, client_module.BEHAVIOURS),
-    ):
-        if name not in known:
-            choices = ", ".join(sorted(known))
-            raise ValueError(f"unknown behaviour {name!r}; choose one of: {choices}")
-    holder: List[Pki] = [pki] if pki is not None else []
-    # The reference servers' test user (the IMAP units need a login).
-    defaults = {f.name: f.default for f in fields(ServerConfig)}
-    user, password = str(defaults["user"]), str(defaults["password"])
-
-    def the_pki() -> Pki:
-        if not holder:
-            holder.append(make_pki())
-        return holder[0]
-
-    async def start_server(tls_version: str, settings: RunSettings) -> PathServer:
-        return await start_logged(tls_version, settings, None)
-
-    async def start_logged(
-        tls_version: str, settings: RunSettings, keylog: Optional[Path]
-    ) -> PathServer:
-        closure = closure_timeout if closure_timeout is not None else settings.reply_timeout / 2
-        config = ServerConfig(
-            pki=the_pki(),
-            behaviour=server_behaviour,
-            keylog=keylog,
-            timeouts=Timeouts(
-                handshake=settings.reply_timeout,
-                closure=closure,
-                connect=settings.connect_timeout,
-            ),
-        )
-        running: RunningServer = await module.start_server(config)
-        return _ReferenceServer(running)
-
-    def client(spec: ClientSpec) -> ClientDriver:
-        driver: ClientDriver = client_module.path_driver(spec, client_behaviour, user, password)
-        return driver
-
-    def context(tls_version: str, keylog: Optional[Path]) -> ssl.SSLContext:
-        return the_pki().client_context(tls_version, keylog)
-
-    return PathPair(
-        dialect=dialect,
-        name=f"reference {dialect} server={server_behaviour} client={client_behaviour}",
-        start_server=start_server,
-        client=client,
-        client_context=context,
-        start_logged_server=start_logged,
-        logged_for=start_server,
-    )
 
 
 # ------------------------------------------------------------------ one run
@@ -829,9 +713,14 @@ def merged_keylog(client: Path, server: Optional[Path]) -> SecretsProvider:
     return provider
 
 
-def _keylog_path(directory: Path, name: str, dialect: str, tls_version: str) -> Path:
+def _keylog_path(
+    directory: Path, name: str, pair: PathPair, tls_version: str, settings: RunSettings
+) -> Path:
+    """The run's key log: its own file, or the TLS version's shared one."""
+    if pair.shares_keylog and settings.keylog_dir is None:
+        return directory / f"{pair.dialect}-tls{tls_version}.keys"
     stem = name.replace("/", "_").replace(".", "_")
-    return directory / f"{stem}-{dialect}-tls{tls_version}-{time.monotonic_ns()}.keys"
+    return directory / f"{stem}-{pair.dialect}-tls{tls_version}-{time.monotonic_ns()}.keys"
 
 
 async def run_path_scenario(
@@ -851,7 +740,7 @@ async def run_path_scenario(
         if directory is None:
             directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="path-")))
         directory.mkdir(parents=True, exist_ok=True)
-        keylog = _keylog_path(directory, scenario.id, pair.dialect, tls_version)
+        keylog = _keylog_path(directory, scenario.id, pair, tls_version, settings)
         if settings.keylog_dir is not None:
             evidence.keylog = str(keylog)
         steps = pair.own_session if pair.own_session is not None else scenario.steps
@@ -909,7 +798,7 @@ async def path_sanity(
 ) -> Optional[str]:
     """None if the pair connects, upgrades and talks under TLS through the
     proxy (no fault); otherwise why not."""
-    keylog = _keylog_path(keylog_dir, "sanity", pair.dialect, tls_version)
+    keylog = _keylog_path(keylog_dir, "sanity", pair, tls_version, settings)
     run = _PathRun(_SANITY_STEPS, None, pair, tls_version, settings, keylog)
     try:
         label, detail, _ = await _execute(run)
@@ -954,38 +843,3 @@ async def run_path_target(
             sanity=sanity,
             progress=progress,
         )
-
-
-# ------------------------------------------------------------- validation
-
-#: Bounds for validation runs: generous (1.5 s ran out on a loaded CI machine);
-#: only a peer that takes injected bytes in and stays silent waits on them.
-PATH_VALIDATION_SETTINGS = RunSettings(reply_timeout=3.0, scenario_timeout=10.0)
-#: The reference server's closure bound in validation runs: a server that
-#: took injected bytes in and waits for a close_notify gives up after it.
-PATH_VALIDATION_CLOSURE = 1.0
-
-
-async def validate_path(
-    dialect: str,
-    side: str,
-    behaviour: str,
-    tls_versions: Sequence[str] = ("1.2", "1.3"),
-    scenarios: Tuple[Scenario, ...] = PATH_SCENARIOS,
-    settings: RunSettings = PATH_VALIDATION_SETTINGS,
-    *,
-    pki: Optional[Pki] = None,
-    closure_timeout: float = PATH_VALIDATION_CLOSURE,
-) -> Tuple[List[Result], List[str]]:
-    """Run the path catalogue with one misbehaving reference peer; return mismatches."""
-    if side not in ("server", "client"):
-        raise ValueError(f"side must be 'server' or 'client', not {side!r}")
-    pair = reference_pair(
-        dialect,
-        server_behaviour=behaviour if side == "server" else "strict",
-        client_behaviour=behaviour if side == "client" else "strict",
-        pki=pki,
-        closure_timeout=closure_timeout,
-    )
-    results = await run_path_target(scenarios, pair, settings, tls_versions=tls_versions)
-    return results, mismatches(results, expected_path_verdicts(dialect, side, behaviour))

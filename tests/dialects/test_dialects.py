@@ -14,7 +14,7 @@ from starttls_harness.dialects import (
     names,
 )
 from starttls_harness.dialects.base import missing
-from starttls_harness.run.path import reference_pair
+from starttls_harness.run.path_reference import reference_pair
 from starttls_harness.run.server import ServerTarget
 from starttls_harness.run.targets import ReferenceClientTarget
 from starttls_harness.scenarios.server import CATALOGUE, select

@@ -15,7 +15,7 @@ from typing import Any, Callable, List, Tuple
 
 import pytest
 from starttls_harness.dialects import dialect_named, names
-from starttls_harness.run.path import validate_path
+from starttls_harness.run.path_reference import validate_path
 from starttls_harness.scenarios.catalogue import ALL_SCENARIOS
 from starttls_harness.scenarios.client import REMOVAL_SCENARIOS
 from starttls_harness.scenarios.expectations import PATH_EXPECTED, expected_path_verdicts

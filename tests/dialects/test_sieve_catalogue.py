@@ -14,7 +14,7 @@ import pytest
 from starttls_harness.dialects import dialect_named
 from starttls_harness.report.verdicts import Verdict
 from starttls_harness.run.client_checks import validate_client
-from starttls_harness.run.path import validate_path
+from starttls_harness.run.path_reference import validate_path
 from starttls_harness.run.targets import client_behaviours
 from starttls_harness.run.validation import validate_server
 from starttls_harness.scenarios.client import CLIENT_SCENARIOS, REMOVAL_SCENARIOS

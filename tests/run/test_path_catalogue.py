@@ -28,12 +28,11 @@ from starttls_harness.run.path import (
     PathPair,
     PathServer,
     StepHooks,
-    reference_pair,
     run_path_target,
     scenario_fault,
     unknown_path_steps,
-    validate_path,
 )
+from starttls_harness.run.path_reference import reference_pair, validate_path
 from starttls_harness.run.server import RunSettings
 from starttls_harness.scenarios.expectations import expected_path_verdicts
 from starttls_harness.scenarios.path import PATH_COMMON, PATH_SCENARIOS, fault_step, path_by_id
