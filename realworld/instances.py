@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Set, Tuple
 
 from starttls_harness.tls.certs import Pki
 
@@ -67,11 +67,24 @@ class NotReady(Exception):
     """An instance did not greet within its bound; the message says why."""
 
 
+#: Ports :func:`free_port` has handed out in this process.
+_GIVEN: Set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS calls free right now (the server binds it moments later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port the OS calls free right now (the server binds it moments later).
+
+    Never the same one twice in a process: the instances are all made before
+    any binds, and the OS once gave ProFTPD's port to vsftpd too, whose greeting
+    wait was then answered by ProFTPD.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def wait_for_greeting(

@@ -9,9 +9,13 @@ written.
 Configuration: ``listen_addresses = '127.0.0.1'`` on a free port,
 ``ssl = on`` with the harness's throwaway certificate, the Unix socket in
 the state directory.  ``pg_hba.conf`` trusts the user ``postgres`` over
-``hostssl`` only (the harness's StartupMessage names that user and sends no
-password; see :mod:`starttls_harness.dialects.postgres`), refuses every
-plaintext TCP session, and trusts the local socket (the storage probe).
+``hostssl`` only (the path tier's psql logs in as that user), asks every other
+user for a password with ``scram-sha-256`` over ``hostssl``, refuses every
+plaintext TCP session, and trusts the local socket (the storage probe).  The
+test user ``tester`` (:data:`~realworld.instances.TEST_USER`) is a login role
+with a SCRAM-SHA-256 password: ``python -m realworld.run`` checks with
+``--user tester --password ...``, so every session start the harness makes is
+a SCRAM login (:mod:`starttls_harness.dialects.pg_auth`).
 
 The storage probe: the harness's truncated unit is an ``INSERT INTO
 starttls_harness VALUES (...)`` cut by a FIN; the table exists and
@@ -33,7 +37,7 @@ from typing import List, Optional, Sequence
 
 from starttls_harness.tls.certs import Pki
 
-from realworld.instances import Instance, NotReady
+from realworld.instances import TEST_PASSWORD, TEST_USER, Instance, NotReady
 
 __all__ = [
     "PG_USER",
@@ -82,6 +86,7 @@ def hba_conf() -> str:
         "# starttls-harness: TLS-only TCP; the harness's user is trusted over TLS\n"
         "local   all  all                 trust\n"
         f"hostssl all  {PG_USER}  127.0.0.1/32  trust\n"
+        f"hostssl all  {TEST_USER}    127.0.0.1/32  scram-sha-256\n"
         "hostssl all  all       127.0.0.1/32  scram-sha-256\n"
         "host    all  all       0.0.0.0/0     reject\n"
     )
@@ -99,6 +104,7 @@ def server_conf(port: int, socket_dir: Path, log_dir: Path) -> str:
         "max_connections = 100\n"
         "logging_collector = off\n"
         "log_connections = on\n"
+        "password_encryption = 'scram-sha-256'\n"
         "log_min_messages = info\n"
         f"# log: {log_dir}\n"
     )
@@ -107,6 +113,9 @@ def server_conf(port: int, socket_dir: Path, log_dir: Path) -> str:
 @dataclass
 class PostgreSQL(Instance):
     """``initdb`` + ``pg_ctl`` with a data directory of its own."""
+
+    #: ``realworld.run`` checks it with ``--user``/``--password`` (a SCRAM login).
+    has_test_user = True
 
     def __post_init__(self) -> None:
         self.data = self.root / "data"
@@ -166,6 +175,13 @@ class PostgreSQL(Instance):
         made = self._psql(f"CREATE TABLE {TABLE} (t text)")
         if made.returncode != 0:
             raise NotReady(f"cannot create the storage table: {made.stderr.strip()}")
+        secret = TEST_PASSWORD.replace("'", "''")
+        role = self._psql(
+            f"CREATE ROLE {TEST_USER} LOGIN PASSWORD '{secret}'; "
+            f"GRANT SELECT, INSERT ON {TABLE} TO {TEST_USER}"
+        )
+        if role.returncode != 0:
+            raise NotReady(f"cannot make the test user: {role.stderr.strip()}")
 
     def stop(self, timeout: float = 10.0) -> None:
         if not self.started:

@@ -406,8 +406,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                     observed[instance.name],
                     versions,
                 )
+        doc = compare.to_expected_doc(merged, COMMENT)
+        # ensure_ascii off: the notes' "§" stays as written, not as \u00a7.
         args.expected.write_text(
-            json.dumps(compare.to_expected_doc(merged, COMMENT), indent=2) + "\n"
+            json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
         from realworld.table import write_readme
 

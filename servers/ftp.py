@@ -30,6 +30,9 @@ Behaviours (``ServerConfig.behaviour``; each breaks exactly one rule):
 ``no-close-notify-reply`` (R5)
     Never answers the client's close_notify; closes TCP instead (it, too,
     waits for the client to start the closure after CCC).
+``logout-at-close-notify`` (R5)
+    Says ``211 Logout.`` under TLS at the client's close_notify and closes
+    TCP without answering it (Pure-FTPd 1.0.50); CCC is done right.
 ``impatient-ccc`` (R4)
     After CCC sends its close_notify first and, when the client's does not
     come within :data:`GUESS_WINDOW` seconds, hangs up.
@@ -57,6 +60,7 @@ from starttls_harness.servers.base import (
 from starttls_harness.tls.aio import SwitchableTransport, create_server
 from starttls_harness.tls.engine import AlertReceived, CloseNotifyReceived, Event, Rule
 from starttls_harness.tls.framing import line_framer
+from starttls_harness.tls.states import State
 
 __all__ = ["BEHAVIOURS", "start_server"]
 
@@ -70,6 +74,10 @@ GUESS_WINDOW = 1.0
 #: one-sided client closure, R4, has no FTP form: the strict server closes
 #: first, so no scenario can tell it from a conforming one.)
 _CLIENT_FIRST = frozenset({"no-close-notify-reply"})
+
+#: What ``logout-at-close-notify`` says under TLS at the client's close_notify
+#: (as Pure-FTPd 1.0.50 does) before it hangs up without answering it.
+LOGOUT = b"211 Logout.\r\n"
 
 BEHAVIOURS: Dict[str, Behaviour] = {
     b.name: b
@@ -97,6 +105,13 @@ BEHAVIOURS: Dict[str, Behaviour] = {
             "no-close-notify-reply",
             Rule.R5,
             "never answers the client's close_notify; closes TCP instead",
+            (Rule.R5,),
+        ),
+        Behaviour(
+            "logout-at-close-notify",
+            Rule.R5,
+            "says '211 Logout.' under TLS at the client's close_notify, then closes TCP"
+            " without answering it (Pure-FTPd)",
             (Rule.R5,),
         ),
         Behaviour(
@@ -180,6 +195,13 @@ class _Session(asyncio.Protocol):
         name = self.behaviour.name
         if isinstance(event, CloseNotifyReceived) and name == "no-close-notify-reply":
             t.close()  # R5 broken: hang up instead of answering
+        elif (
+            isinstance(event, CloseNotifyReceived)
+            and name == "logout-at-close-notify"
+            and t.engine.state is State.CLOSE_RECEIVED  # the client started the closure
+        ):
+            t.write(LOGOUT)  # a goodbye under TLS, never the close_notify's answer
+            t.close()
         elif isinstance(event, AlertReceived) and name != "alert-as-close":
             t.abort()
 

@@ -5,7 +5,9 @@ Just enough of the backend protocol 3.0 for the harness (see
 and the handshake follows; ``GSSENCRequest`` is answered ``N``; the
 ``StartupMessage`` is accepted only under TLS (as a ``hostssl``-only
 ``pg_hba.conf`` would) and answered ``AuthenticationOk`` ...
-``ReadyForQuery`` (trust: no password); a simple query ``SELECT 'text'`` or
+``ReadyForQuery`` (trust: no password; with :class:`PgServerConfig`'s
+``auth`` = ``password``, ``md5`` or ``scram-sha-256`` the test user must
+give its password first, as ``pg_hba.conf`` would ask); a simple query ``SELECT 'text'`` or
 ``SELECT n`` returns one row, ``INSERT ...`` stores the statement (the
 storage action, see :attr:`RunningServer.messages`), anything else is a
 syntax error; ``Terminate`` ends the session.
@@ -34,11 +36,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 import struct
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set
 
+from starttls_harness.dialects.pg_auth import SCRAM, ScramServer, md5_password, scram_verifier
 from starttls_harness.dialects.postgres import (
     CANCEL_CODE,
     GSSENC_CODE,
@@ -46,6 +50,7 @@ from starttls_harness.dialects.postgres import (
     SSL_CODE,
     STOPTLS_CODE,
     PostgresFramer,
+    auth,
     command_complete,
     error_response,
     ready,
@@ -77,7 +82,14 @@ from starttls_harness.tls.engine import (
 )
 from starttls_harness.tls.states import State
 
-__all__ = ["BEHAVIOURS", "PgMessage", "PostgresServerProtocol", "start_server"]
+__all__ = [
+    "AUTH_METHODS",
+    "BEHAVIOURS",
+    "PgMessage",
+    "PgServerConfig",
+    "PostgresServerProtocol",
+    "start_server",
+]
 
 BEHAVIOURS: Dict[str, Behaviour] = {
     b.name: b
@@ -110,6 +122,23 @@ BEHAVIOURS: Dict[str, Behaviour] = {
         *EXTRA_BEHAVIOURS,
     )
 }
+
+#: How the reference server authenticates the startup's user (pg_hba.conf's
+#: methods): ``trust`` (no password), ``password`` (cleartext), ``md5`` and
+#: ``scram-sha-256``.
+AUTH_METHODS = ("trust", "password", "md5", "scram-sha-256")
+
+
+@dataclass
+class PgServerConfig(ServerConfig):
+    """:class:`ServerConfig` with the login method; the test user is ``user``/``password``."""
+
+    auth: str = "trust"
+
+    def __post_init__(self) -> None:
+        if self.auth not in AUTH_METHODS:
+            raise ValueError(f"auth {self.auth!r}: use one of {', '.join(AUTH_METHODS)}")
+
 
 #: Longest startup packet PostgreSQL accepts (``MAX_STARTUP_PACKET_LENGTH``).
 _MAX_STARTUP = 10000
@@ -158,6 +187,10 @@ class PostgresServerProtocol(asyncio.Protocol):
         #: The StartupMessage was accepted: typed messages follow.
         self.started = False
         self.user: Optional[str] = None
+        #: The password exchange under way (None: none asked, or done).
+        self.asked: Optional[str] = None
+        self.salt = b""
+        self.scram: Optional[ScramServer] = None
         self.log: List[bytes] = []
         self.extra = ExtraModes(behaviour, _goodbye)
 
@@ -272,6 +305,43 @@ class PostgresServerProtocol(asyncio.Protocol):
             raise _End(_fatal("no PostgreSQL user name specified in startup packet", "28000"))
         self.user = params["user"]
         self.started = True
+        method = getattr(self.config, "auth", "trust")
+        if method == "trust":
+            self._write(session_start())
+            return
+        self.asked = method
+        if method == "password":
+            self._write(auth(3))
+        elif method == "md5":
+            self.salt = os.urandom(4)
+            self._write(auth(5, self.salt))
+        else:
+            self._write(auth(10, SCRAM.encode() + b"\0\0"))
+
+    def _password(self, body: bytes) -> None:
+        """One PasswordMessage / SASL message of the login the server asked for."""
+        user, password = self.config.user, self.config.password
+        failed = _fatal(f'password authentication failed for user "{self.user}"', "28P01")
+        if self.asked == "scram-sha-256" and self.scram is None:
+            self.scram = ScramServer(scram_verifier(password))
+            first = self.scram.first(body)
+            if first is None or self.user != user:
+                raise _End(failed)
+            self._write(auth(11, first))
+            return
+        if self.asked == "scram-sha-256":
+            assert self.scram is not None
+            final = self.scram.final(body)
+            if final is None:
+                raise _End(failed)
+            self._write(auth(12, final))
+        else:
+            wanted = password.encode()
+            if self.asked == "md5":
+                wanted = md5_password(user, password, self.salt)
+            if body.rstrip(b"\0") != wanted or self.user != user:
+                raise _End(failed)
+        self.asked = None
         self._write(session_start())
 
     async def _typed(self) -> None:
@@ -293,7 +363,11 @@ class PostgresServerProtocol(asyncio.Protocol):
                 self._store(head + cut.partial, complete=False)
             raise
         self.log.append(head + body[:200])
-        if kind == b"Q":
+        if self.asked is not None:
+            if kind != b"p":
+                raise _End(_fatal(f"expected password response, got message type {head[0]}"))
+            self._password(body)
+        elif kind == b"Q":
             self._query(body.rstrip(b"\0").decode("utf-8", "replace"), head + body)
         elif kind == b"X":
             raise _End()

@@ -29,6 +29,7 @@ from starttls_harness.scenarios.server import CATALOGUE  # noqa: E402
 
 from realworld import compare, count_stored, instances, table  # noqa: E402
 from realworld.compare import Cell, Outcome  # noqa: E402
+from realworld.ftpservers import DEFAULT_RUN as FTP_DEFAULT_RUN  # noqa: E402
 from realworld.run import SERVERS  # noqa: E402
 
 P12 = ("server.x", "1.2")
@@ -48,7 +49,7 @@ def cells(**verdicts: str) -> Dict[compare.Key, Cell]:
 
 def test_expected_json_parses_and_covers_the_catalogue() -> None:
     tables = compare.load_expected()
-    assert set(tables) == set(SERVERS) | {"proftpd", "vsftpd"}
+    assert set(tables) == set(SERVERS) | set(FTP_DEFAULT_RUN)
     for name, t in tables.items():
         dialect_scenarios = {
             s.id

@@ -24,7 +24,16 @@ from starttls_harness.dialects.roles import ScriptedServer
 from starttls_harness.report.verdicts import Verdict
 from starttls_harness.tls.framing import Framer
 
-__all__ = ["REQUIRED", "REQUIRED_ATTRIBUTES", "Dialect", "LinePredicate", "Reply", "UnitStep"]
+__all__ = [
+    "REQUIRED",
+    "REQUIRED_ATTRIBUTES",
+    "Dialect",
+    "LinePredicate",
+    "LoginRefused",
+    "Reply",
+    "SessionLogin",
+    "UnitStep",
+]
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,25 @@ class UnitStep:
     def __post_init__(self) -> None:
         if self.answer not in ("ok", "continue", "none"):
             raise ValueError(f"unit step answer {self.answer!r}: use ok, continue or none")
+
+
+class LoginRefused(Exception):
+    """The target refused the test user's login; ``str(exc)`` says why (never a secret)."""
+
+
+class SessionLogin:
+    """A login carried by the session start after each handshake (PostgreSQL).
+
+    :meth:`opening` is sent first (instead of :meth:`Dialect.after_handshake`);
+    :meth:`answer` gets each reply and returns what to send next, ``b""`` when
+    nothing (the login is over), or raises :class:`LoginRefused`.
+    """
+
+    def opening(self) -> bytes:
+        raise NotImplementedError
+
+    def answer(self, reply: Reply) -> bytes:
+        raise NotImplementedError
 
 
 class LinePredicate:
@@ -171,6 +199,10 @@ class Dialect:
         """What the client sends first in every TLS session, before anything a
         scenario sends (PostgreSQL's StartupMessage); ``b""``: nothing."""
         return b""
+
+    def session_login(self, user: Optional[str], password: Optional[str]) -> Optional[SessionLogin]:
+        """The login the session start carries (None: :meth:`after_handshake` as is)."""
+        return None
 
     def starttls(self) -> bytes:
         raise NotImplementedError

@@ -77,6 +77,13 @@ SERVER_EXPECTED: Dict[str, Dict[str, Verdict]] = {
         "server.ccc-cycle": F,
         "server.ccc-late-close-notify": F,
     },
+    # Pure-FTPd's way (realworld/README.md): its "211 Logout." under TLS is a
+    # goodbye, so server.one-sided-close still passes.
+    # (server.close-notify-reply goes through CCC, where it closes first.)
+    "logout-at-close-notify": {
+        "server.plaintext-after-close": W,
+        "server.data-after-close-notify": W,
+    },
     "impatient-ccc": {"server.ccc-late-close-notify": F},
     "ignore-truncation": {"server.truncation": F},
     "alert-as-close": {"server.alert-then-plaintext": F},
@@ -345,7 +352,15 @@ class _Ftp(Dialect):
         return reply.key.startswith("5") and not reply.text[3:].strip().startswith("OOPS:")
 
     def is_sentinel_reply(self, reply: Reply) -> bool:
-        return reply.key == "211"
+        return reply.key == "211" and not self.is_goodbye(reply)
+
+    def is_goodbye(self, reply: Reply) -> bool:
+        # 221/421: the server closes the control connection (RFC 959 §4.2).  A
+        # one-line 211 is a status line, never FEAT's answer from a server that
+        # lists AUTH TLS (RFC 2389 §3.2: features make it multi-line): Pure-FTPd
+        # says "211 Logout." under TLS when the client's close_notify comes, and
+        # hangs up.  Taken for FEAT's answer it read as plaintext answered (R4).
+        return reply.key in ("221", "421") or (reply.key == "211" and len(reply.lines) == 1)
 
     def split_reply(
         self, buf: bytes, expect_tag: Optional[str] = None

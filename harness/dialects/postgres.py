@@ -15,10 +15,11 @@ How the harness maps PostgreSQL onto its STARTTLS vocabulary:
   ``SSLRequest`` is always worth asking, so the capability ``STARTTLS`` is
   implied;
 * STARTTLS = ``SSLRequest``; every TLS session opens with the
-  ``StartupMessage`` (:meth:`Postgres.after_handshake`: user ``postgres``,
-  database ``postgres``, answered by ``AuthenticationOk`` ...
-  ``ReadyForQuery`` on a server that trusts that user over TLS; no
-  password is sent); the sentinel is a simple query (``Q``) whose row the
+  ``StartupMessage`` (:meth:`Postgres.session_login`: the test user, else
+  ``postgres``, database ``postgres``, answered by ``AuthenticationOk`` ...
+  ``ReadyForQuery``; where the server asks for a password the harness gives
+  the test user's, in cleartext, MD5 or SCRAM-SHA-256 as asked:
+  :mod:`~starttls_harness.dialects.pg_auth`); the sentinel is a simple query (``Q``) whose row the
   answer must carry;
 * injection (server role, CVE-2021-23214): a ``StartupMessage`` and a query
   pipelined after ``SSLRequest``; a server that runs them answers the
@@ -41,7 +42,8 @@ from __future__ import annotations
 import struct
 from typing import Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from starttls_harness.dialects.base import Dialect, LinePredicate, Reply, UnitStep
+from starttls_harness.dialects.base import Dialect, LinePredicate, Reply, SessionLogin, UnitStep
+from starttls_harness.dialects.pg_auth import ClientLogin
 from starttls_harness.dialects.roles import Command, ScriptedServer
 from starttls_harness.report.verdicts import Verdict
 from starttls_harness.tls.framing import DEFAULT_MAX_UNIT, Framer
@@ -316,8 +318,8 @@ def _ends_answer(unit: bytes) -> bool:
 
 
 def _reply(units: Sequence[bytes]) -> Reply:
-    """Not ok: an error, or a password request (the harness authenticates by
-    the server's trust in its user over TLS, never by a password)."""
+    """Not ok: an error, or a password request (answered, if at all, by the
+    session start's login: :class:`_PgSessionLogin`)."""
     last = units[-1][:1].decode("latin-1") if units else ""
     asks = last == "R" and _ends_answer(units[-1])
     ok = not any(u[:1] == b"E" for u in units) and last != "?" and not asks
@@ -455,6 +457,24 @@ def selected_value(sql: str) -> Optional[bytes]:
 _TRUNCATED_SQL = "INSERT INTO starttls_harness VALUES ('" + "cut by a truncation " * 20 + "')"
 
 
+class _PgSessionLogin(SessionLogin):
+    """The StartupMessage names the test user; a password is given where asked."""
+
+    def __init__(self, user: Optional[str], password: Optional[str]) -> None:
+        self.user = user or USER
+        self.client = ClientLogin(self.user, password)
+
+    def opening(self) -> bytes:
+        return startup(
+            {"user": self.user, "database": DATABASE, "application_name": "starttls-harness"}
+        )
+
+    def answer(self, reply: Reply) -> bytes:
+        last = reply.lines[-1] if reply.lines else b""
+        fatal = error_fields(last) if last[:1] == b"E" and _ends_answer(last) else None
+        return self.client.answer(reply.lines, fatal)
+
+
 class Postgres(Dialect):
     """The PostgreSQL dialect (see the module docstring)."""
 
@@ -500,6 +520,11 @@ class Postgres(Dialect):
 
     def after_handshake(self) -> bytes:
         return self.hello()
+
+    def session_login(self, user: Optional[str], password: Optional[str]) -> SessionLogin:
+        # The test user (or ``postgres``) logs in at every session start:
+        # cleartext, MD5 or SCRAM-SHA-256 where the server asks (pg_auth.py).
+        return _PgSessionLogin(user, password)
 
     def starttls(self) -> bytes:
         return ssl_request()

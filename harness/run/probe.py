@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import ssl
 from dataclasses import dataclass
-from typing import Callable, FrozenSet, Optional
+from typing import Callable, FrozenSet, Optional, Tuple
 
 from starttls_harness.dialects import Dialect, Reply
+from starttls_harness.dialects.base import LoginRefused, SessionLogin
 from starttls_harness.report.verdicts import Evidence
 from starttls_harness.run import pacing
 from starttls_harness.run.outcomes import Observed, RemoteEnded, WaitTimeout
@@ -109,8 +110,11 @@ class Probe:
         evidence: Evidence,
         settings: ProbeSettings = ProbeSettings(),
         policy: Optional[Policy] = None,
+        credentials: Tuple[Optional[str], Optional[str]] = (None, None),
     ) -> None:
         self.dialect = dialect
+        #: The test user and password, for a login the session start carries.
+        self.credentials = credentials
         self._framer = dialect.framer()
         self.host = host
         self.port = port
@@ -303,15 +307,30 @@ class Probe:
         except (ConnectionError, OSError) as exc:
             raise self._closed or self._classify(exc) from exc
         self.evidence.note(f"TLS up: {t.tls_version}")
-        opening = self.dialect.after_handshake()
+        login = self.dialect.session_login(*self.credentials)
+        opening = login.opening() if login is not None else self.dialect.after_handshake()
         if opening:
             reply = await self.command(opening)
+            if login is not None:
+                reply = await self._log_in(login, reply)
             if not reply.ok and self.dialect.is_goodbye(reply):
                 # e.g. PostgreSQL >= 14.1 on bytes injected before the handshake.
                 self.evidence.note("the target ended the session at its start (a goodbye)")
                 raise await self.wait_closed()
             if not reply.ok:
                 raise Observed("unexpected-reply", f"the session start was refused: {reply.text}")
+
+    async def _log_in(self, login: SessionLogin, reply: Reply) -> Reply:
+        """Answer the session start's password requests (SCRAM takes two)."""
+        for _ in range(4):
+            try:
+                step = login.answer(reply)
+            except LoginRefused as exc:
+                raise Observed("unexpected-reply", f"login refused: {exc}") from None
+            if not step:
+                return reply
+            reply = await self.command(step)
+        raise Observed("unexpected-reply", "login refused: the server kept asking")
 
     async def unwrap(self) -> None:
         self.ensure_open()

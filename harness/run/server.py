@@ -783,6 +783,7 @@ async def _execute(
         server_hostname=target.server_hostname,
         evidence=evidence,
         settings=settings.probe_settings(),
+        credentials=(target.user, target.password),
     )
     run = _Run(scenario, target, dialect, probe, evidence)
     start = time.monotonic()
