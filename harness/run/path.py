@@ -609,7 +609,8 @@ def _judge(run: _PathRun, events: Sequence[ProxyEvent], fi: int) -> Tuple[str, s
     own = _own_events(run, receiver)
     accepted = _accepted(run, receiver)
     if run.judge == "upgrade":
-        return judge_upgrade(events, fi, receiver, accepted, run.completed, run.stopped)
+        dialect = dialect_named(run.pair.dialect)
+        return judge_upgrade(events, fi, receiver, accepted, run.completed, run.stopped, dialect)
     if run.judge == "injection":
         if accepted:
             v = accepted[0]
