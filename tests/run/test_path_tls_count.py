@@ -1,0 +1,298 @@
+"""The path judge counts commands and replies under TLS (issue 16).
+
+A server that runs a command pipelined behind STARTTLS inside TLS answers
+once more than the client asked.  A client that survives replies shifted by
+one completes its session, so completion alone proves nothing: the proxy
+decrypts the TLS data (TLS 1.3 from the key log's traffic secrets, TLS 1.2
+from its ``CLIENT_RANDOM`` line) and the judge counts.  Where it cannot read
+the data, a completed session is ``skip``, never ``pass``.
+
+The server under test here is a reference server seen from outside (its own
+TLS-layer report hidden, as with real software), and the client is a test
+client that takes any complete reply as the answer to its command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable, List, Optional, Sequence
+
+import pytest
+from starttls_harness.dialects import Reply, dialect_named
+from starttls_harness.proxy import C2S, S2C, ProxyEvent
+from starttls_harness.report.verdicts import Result, Verdict
+from starttls_harness.run.path import (
+    ClientDriver,
+    ClientSpec,
+    PathPair,
+    PathServer,
+    StepHooks,
+    reference_pair,
+    run_path_target,
+)
+from starttls_harness.run.path_judge import count_tls_exchange
+from starttls_harness.run.server import RunSettings
+from starttls_harness.scenarios.path import path_by_id
+from starttls_harness.tls.aio import SwitchableTransport, open_connection
+from starttls_harness.tls.certs import Pki
+from starttls_harness.tls.engine import Event
+
+Runner = Callable[..., Any]
+P, F, K = Verdict.PASS, Verdict.FAIL, Verdict.SKIP
+SETTINGS = RunSettings(reply_timeout=3.0, scenario_timeout=10.0, connect_timeout=3.0)
+UPGRADE = "path.inject-after-starttls-c2s"
+
+
+# ------------------------------------------------------------ the count alone
+
+
+def _app(direction: str, text: Optional[bytes], method: str = "keylog") -> ProxyEvent:
+    points = ("application-data", "record")
+    return ProxyEvent(0.0, direction, "record", points[0], "", b"", method, points, clear=text)
+
+
+FAULT = ProxyEvent(0.0, C2S, "injected", data=b"XHARNESS-INJECTED\r\n")
+
+
+def _count(dialect: str, *events: ProxyEvent) -> Any:
+    return count_tls_exchange([FAULT, *events], 0, dialect_named(dialect))
+
+
+def test_one_reply_per_command_is_no_answer() -> None:
+    count = _count(
+        "smtp",
+        _app(C2S, b"EHLO a\r\n"),
+        _app(S2C, b"250-x\r\n250 y\r\n"),
+        _app(C2S, b"NOOP\r\nQUIT\r\n"),
+        _app(S2C, b"250 ok\r\n"),
+        _app(S2C, b"221 bye\r\n"),
+    )
+    assert not count.unread and not count.answered
+    assert (count.commands, count.replies) == (3, 3)
+
+
+def test_one_reply_too_many_is_the_injected_commands_answer() -> None:
+    count = _count(
+        "smtp",
+        _app(S2C, b"500 unknown command\r\n"),
+        _app(C2S, b"EHLO a\r\n"),
+        _app(S2C, b"250-x\r\n250 y\r\n"),
+        _app(C2S, b"QUIT\r\n"),
+        _app(S2C, b"221 bye\r\n"),
+    )
+    assert count.answered and [r.key for r in count.extra] == ["221"]
+    assert "2 unit(s), the server 3 reply(ies)" in count.describe()
+
+
+def test_a_goodbye_is_not_an_extra_reply() -> None:
+    count = _count(
+        "smtp", _app(C2S, b"NOOP\r\n"), _app(S2C, b"250 ok\r\n421 closing, idle too long\r\n")
+    )
+    assert not count.answered
+
+
+def test_a_reply_to_the_injected_commands_tag() -> None:
+    """IMAP: ``i1 OK`` where the client never sent a command tagged i1."""
+    count = _count(
+        "imap",
+        _app(C2S, b"a2 CAPABILITY\r\n"),
+        _app(S2C, b"i1 OK NOOP completed\r\n"),
+        _app(S2C, b"* CAPABILITY IMAP4rev1\r\na2 OK done\r\n"),
+    )
+    assert count.answered and count.injected is not None and count.injected.key == "i1"
+
+
+def test_unread_tls_data_is_said_so() -> None:
+    position = _count("smtp", _app(C2S, None, "position"), _app(S2C, b"250 ok\r\n"))
+    tls12 = _count("smtp", _app(C2S, b"NOOP\r\n"), _app(S2C, None, "record-type"))
+    for count in (position, tls12):
+        assert count.unread and not count.answered
+        assert count.describe().startswith("the proxy cannot read the TLS data")
+    assert "no key log" in position.unread
+
+
+def test_a_record_still_waiting_for_its_secret_is_unread() -> None:
+    pending = ProxyEvent(0.0, S2C, "record", detail="protected record, classification pending")
+    assert _count("smtp", _app(C2S, b"NOOP\r\n"), pending).unread
+
+
+# ------------------------------------------- a client that survives shifted replies
+
+
+class _Buffer(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.more = asyncio.Event()
+        self.lost = False
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        self.more.set()
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.lost = True
+        self.more.set()
+
+
+class ShiftTolerantClient(ClientDriver):
+    """Takes any complete reply as the answer to its command (never checks it):
+    replies shifted by one do not break its session.  Strict TLS otherwise."""
+
+    def __init__(self, spec: ClientSpec) -> None:
+        self.spec = spec
+        self.dialect = dialect_named(spec.dialect)
+        self.t: Optional[SwitchableTransport] = None
+        self.p: Optional[_Buffer] = None
+
+    async def _reply(self, tag: Optional[str] = None) -> Reply:
+        async def wait() -> Reply:
+            assert self.p is not None
+            while True:
+                reply, rest = self.dialect.split_reply(self.p.data, tag)
+                if reply is not None:
+                    self.p.data = rest
+                    return reply
+                if self.p.lost:
+                    raise ConnectionResetError("closed")
+                self.p.more.clear()
+                await self.p.more.wait()
+
+        return await asyncio.wait_for(wait(), self.spec.timeout)
+
+    async def _command(self, line: bytes) -> Reply:
+        assert self.t is not None
+        self.t.write(line)
+        return await self._reply(self.dialect.tag_of(line) or self.dialect.any_reply_tag)
+
+    async def connect(self, hooks: StepHooks) -> None:
+        t, p = await open_connection(_Buffer, self.spec.host, self.spec.port)
+        assert isinstance(p, _Buffer)
+        self.t, self.p = t, p
+        await self._reply()
+        await self._command(self.dialect.hello())
+
+    async def starttls(self, hooks: StepHooks) -> None:
+        assert self.t is not None
+        command = self.dialect.starttls()
+        self.t.hold_after(self.dialect.final_line_of(command), once=True)
+        if not (await self._command(command)).ok:
+            raise ConnectionError("STARTTLS refused")
+        await self.t.start_tls(
+            self.spec.tls_context,
+            server_side=False,
+            server_hostname=self.spec.server_hostname,
+            timeout=self.spec.timeout,
+        )
+        await self._command(self.dialect.hello())
+
+    async def command(self, hooks: StepHooks) -> None:
+        await self._command(self.dialect.sentinel())
+
+    async def stoptls(self, hooks: StepHooks) -> None:
+        raise NotImplementedError("only the upgrade scenarios")
+
+    async def send_unit(self, hooks: StepHooks) -> None:
+        raise NotImplementedError("only the upgrade scenarios")
+
+    async def fetch_unit(self, hooks: StepHooks) -> None:
+        raise NotImplementedError("only the upgrade scenarios")
+
+    async def quit(self, hooks: StepHooks) -> None:
+        await self._command(self.dialect.quit())
+
+    def engine_events(self) -> Optional[Sequence[Event]]:
+        return self.t.events if self.t is not None else None
+
+    async def close(self) -> None:
+        if self.t is not None:
+            self.t.close()
+
+
+class _Opaque(PathServer):
+    """A reference server seen from outside: its own TLS-layer report is hidden."""
+
+    def __init__(self, inner: PathServer) -> None:
+        self.inner = inner
+        self.address = inner.address
+
+    async def settle(self, timeout: float) -> None:
+        await self.inner.settle(timeout)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def _pair(dialect: str, server: str, pki: Pki, keylog: bool) -> PathPair:
+    """The reference server (opaque) with the shift-tolerant client; with
+    ``keylog`` the client writes its key log (the server's is not read)."""
+    pair = reference_pair(dialect, server_behaviour=server, pki=pki)
+    inner = pair.start_server
+
+    async def start(version: str, settings: RunSettings) -> PathServer:
+        return _Opaque(await inner(version, settings))
+
+    pair.start_server = start
+    pair.client = ShiftTolerantClient
+    pair.writes_keylog = keylog
+    return pair
+
+
+def _one(run: Runner, pair: PathPair, tls_version: str, scenario: str = UPGRADE) -> Result:
+    results: List[Result] = run(
+        lambda: run_path_target(
+            [path_by_id(scenario)], pair, SETTINGS, tls_versions=(tls_version,)
+        ),
+        60,
+    )
+    (result,) = results
+    return result
+
+
+def _notes(result: Result) -> str:
+    return "\n".join(e.note for e in result.evidence.exchanges)
+
+
+#: The dialects whose server speaks first: the test client's session fits them.
+LINE_DIALECTS = ["smtp", "imap", "pop3", "sieve", "nntp", "lmtp", "ftp"]
+
+
+@pytest.mark.parametrize("dialect", LINE_DIALECTS)
+def test_injected_command_run_inside_tls_fails_from_the_decrypted_count(
+    dialect: str, tls_version: str, pki: Pki, run: Runner
+) -> None:
+    """The client completes its session; the count still shows the answer."""
+    result = _one(run, _pair(dialect, "keep-buffer", pki, keylog=True), tls_version)
+    assert result.verdict is F, result.summary
+    assert getattr(result, "side", None) == "server"
+    assert "the server ran the injected command" in _notes(result)
+    assert "stopped" not in _notes(result)  # the client's session did not break
+
+
+@pytest.mark.parametrize("dialect", LINE_DIALECTS)
+def test_without_a_key_log_a_completed_session_is_skip_never_pass(
+    dialect: str, tls_version: str, pki: Pki, run: Runner
+) -> None:
+    result = _one(run, _pair(dialect, "keep-buffer", pki, keylog=False), tls_version)
+    assert result.verdict is K, result.summary
+    assert "the proxy cannot read the TLS data" in _notes(result)
+
+
+@pytest.mark.parametrize("keylog", [True, False])
+def test_the_strict_server_still_passes(
+    keylog: bool, tls_version: str, pki: Pki, run: Runner
+) -> None:
+    """Refused in plaintext or by closing: decided on the wire, key log or not."""
+    for scenario in (UPGRADE, UPGRADE + "-split"):
+        result = _one(run, _pair("smtp", "strict", pki, keylog=keylog), tls_version, scenario)
+        assert result.verdict is P, (scenario, result.summary)
+
+
+def test_a_conforming_session_counts_even(tls_version: str, pki: Pki, run: Runner) -> None:
+    """The strict reference pair with its key logs: the split injection is
+    discarded or refused, and where the session completes the count is even."""
+    pair = reference_pair("imap", pki=pki)
+    result = _one(run, pair, tls_version, UPGRADE + "-split")
+    assert result.verdict is P, result.summary
+    notes = _notes(result)
+    if "discarded" in result.summary:
+        assert "none beyond the client's" in notes
