@@ -300,13 +300,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--tls-version", choices=("1.2", "1.3", "all"), default="all")
     p.add_argument("--update", action="store_true", help="write expected-paths.json")
     p.add_argument("--evidence", type=Path, help="keep reports and ladders here")
+    known = {pair.name: pair for pair in (*PAIRS, *UNSTABLE_PAIRS)}
+    p.add_argument(
+        "--pair",
+        action="append",
+        choices=sorted(known),
+        help="run only this pair (repeatable; the only way to run a pair left out of the tier)",
+    )
     args = p.parse_args(argv)
     missing = binaries_missing()
     if missing:
         print(f"realworld-paths: {', '.join(missing)} not installed", file=sys.stderr)
         return EXIT_ERROR
+    pairs = tuple(known[name] for name in args.pair) if args.pair else PAIRS
     outcome = run_and_report(
-        tls_version=args.tls_version, update=args.update, evidence=args.evidence
+        tls_version=args.tls_version, update=args.update, evidence=args.evidence, pairs=pairs
     )
     print(f"realworld-paths: {outcome.total - outcome.failed} passed, {outcome.failed} failed")
     return outcome.status

@@ -6,8 +6,10 @@ drives the session) so that the rules read from the log stay in one place.
 
 from __future__ import annotations
 
+import collections
+import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 from starttls_harness.dialects import Dialect, Reply
 from starttls_harness.proxy import C2S, S2C, ProxyEvent
@@ -153,74 +155,104 @@ class TlsCount:
         return f"{text}; none beyond the client's"
 
 
-def _clear_text(events: Sequence[ProxyEvent], fi: int) -> Tuple[str, bytes, bytes]:
-    """Why the application data after ``fi`` cannot be read (or ""), and its
-    text per direction in order (records, and late notes that classified one)."""
-    data = {C2S: bytearray(), S2C: bytearray()}
+_LATE = re.compile(r"record #(\d+) classified late")
+
+
+def _clear_text(events: Sequence[ProxyEvent], fi: int) -> Tuple[str, List[Tuple[str, bytes]]]:
+    """Why the application data after ``fi`` cannot be read ("" if it can), and
+    its text as (direction, bytes) in wire order.  A record classified late
+    (its secret came after it passed) takes its own place, not its note's."""
+    placed: List[Tuple[int, str, bytes]] = []
+    where: Dict[int, int] = {}
     pending = late = 0
-    for e in events[fi + 1 :]:
-        if e.direction not in data:
+    for i, e in enumerate(events[fi + 1 :], fi + 1):
+        if e.direction not in SIDES:
             continue
-        if e.kind == "record" and "classification pending" in e.detail:
-            pending += 1
-        if e.kind == "note" and "classified late" in e.detail:
+        if e.kind == "record":
+            where[e.index] = i
+            if "classification pending" in e.detail:
+                pending += 1
+        if e.kind == "note" and _LATE.search(e.detail):
             late += 1
         if e.kind not in ("record", "note") or "application-data" not in e.points:
             continue
         if e.clear is None:
             if e.method == "position":
-                return "no key log (TLS 1.3 followed by position)", b"", b""
-            return "no key log secret for this connection, or a suite it cannot decrypt", b"", b""
-        data[e.direction].extend(e.clear)
+                return "no key log (TLS 1.3 followed by position)", []
+            return "no key log secret for this connection, or a suite it cannot decrypt", []
+        at = i
+        if e.kind == "note":
+            found = _LATE.search(e.detail)
+            at = where.get(int(found.group(1)), i) if found else i
+        placed.append((at, e.direction, e.clear))
     if pending > late:
-        return "records still wait for their key log secret", b"", b""
-    return "", bytes(data[C2S]), bytes(data[S2C])
+        return "records still wait for their key log secret", []
+    return "", [(d, text) for _, d, text in sorted(placed, key=lambda p: p[0])]
 
 
 def count_tls_exchange(events: Sequence[ProxyEvent], fi: int, dialect: Dialect) -> TlsCount:
-    """Count the client's units against the server's replies under TLS.
+    """Walk the decrypted TLS data in wire order: every reply answers the
+    oldest command still open; a reply with none open was asked by nobody.
 
-    The client's decrypted data is cut by the dialect's framer; each unit
-    takes the next reply the dialect's reply recogniser cuts (with the tag
-    that unit expects, as the prober does).  A unit that gets no reply (a
-    message body line, a terminate) takes a reply that is not its own: that
-    can hide an extra reply, never make one up.  A server that ran the
-    injected command under TLS answers once more than the client asked.
+    The client's data is cut by the dialect's framer; a reply is cut by its
+    reply recogniser with the tag the oldest open command expects (as the
+    prober does).  After a continuation (SMTP 354, IMAP ``+``) the client's
+    units are the rest of that command until the next reply, and replies
+    right after its answer, before the client writes again, are that
+    answer's too (LMTP answers a body once per recipient).  A unit that
+    never gets a reply (a non-synchronising literal, a terminate) stays
+    open and can only hide an extra reply, never make one up: a server
+    cannot answer a command before it passed the proxy.  A server that ran
+    the injected command under TLS has answered once more than it was asked
+    when the session ends.
     """
-    unread, c2s, s2c = _clear_text(events, fi)
+    unread, texts = _clear_text(events, fi)
     if unread:
         return TlsCount(unread)
-    commands, _ = dialect.framer().split(c2s)
-    buf = s2c
+    framer = dialect.framer()
+    open_commands: Deque[bytes] = collections.deque()
+    sent: List[bytes] = []
     replies: List[Reply] = []
-
-    def cut(tag: Optional[str]) -> Optional[Reply]:
-        nonlocal buf
-        reply, rest = dialect.split_reply(buf, tag)
-        if reply is None or len(rest) >= len(buf):
-            return None
-        buf = rest
-        replies.append(reply)
-        return reply
-
-    if dialect.speaks_first_after_starttls:
-        cut(None)  # the unprompted greeting (ManageSieve's capabilities)
-    for command in commands:
-        if cut(dialect.tag_of(command) or dialect.any_reply_tag) is None:
-            break
     extra: List[Reply] = []
-    while buf:
-        reply = cut(dialect.any_reply_tag)
-        if reply is None:
-            break
-        if not dialect.is_goodbye(reply):
-            extra.append(reply)
+    c2s, s2c = b"", b""
+    continued = False
+    #: Replies right after a continued command's answer, before the client
+    #: writes again, belong to it (LMTP answers a body once per recipient).
+    after_body = False
+    greeting = dialect.speaks_first_after_starttls  # ManageSieve's capabilities
+    for direction, text in texts:
+        if direction == C2S:
+            c2s += text
+            units, used = framer.split(c2s)
+            c2s = c2s[used:]
+            if not continued:
+                open_commands.extend(units)
+                sent.extend(units)
+                after_body = after_body and not units
+            continue
+        s2c += text
+        while s2c:
+            head = open_commands[0] if open_commands else None
+            tag = dialect.tag_of(head) if head is not None else None
+            reply, rest = dialect.split_reply(s2c, tag or dialect.any_reply_tag)
+            if reply is None or len(rest) >= len(s2c):
+                break
+            s2c = rest
+            replies.append(reply)
+            was_continued, continued = continued, dialect.is_continuation(reply)
+            if head is not None:
+                if not continued:
+                    open_commands.popleft()
+                    after_body = was_continued
+            elif greeting:
+                greeting = False
+            elif not dialect.is_goodbye(reply) and not after_body:
+                extra.append(reply)
     own_tag = dialect.tag_of(dialect.injected())
-    sent_tags = {dialect.tag_of(c) for c in commands}
     injected = None
-    if own_tag is not None and own_tag not in sent_tags:
+    if own_tag is not None and own_tag not in {dialect.tag_of(c) for c in sent}:
         injected = next((r for r in replies if r.key == own_tag), None)
-    return TlsCount("", len(commands), len(replies), tuple(extra), injected)
+    return TlsCount("", len(sent), len(replies), tuple(extra), injected)
 
 
 def judge_upgrade(

@@ -80,8 +80,65 @@ def test_one_reply_too_many_is_the_injected_commands_answer() -> None:
         _app(C2S, b"QUIT\r\n"),
         _app(S2C, b"221 bye\r\n"),
     )
-    assert count.answered and [r.key for r in count.extra] == ["221"]
+    assert count.answered and [r.key for r in count.extra] == ["500"]  # asked by nobody
     assert "2 unit(s), the server 3 reply(ies)" in count.describe()
+
+
+def test_a_message_body_does_not_hide_an_extra_reply() -> None:
+    """After DATA's 354 the client's lines are the body, not commands."""
+    session = [
+        _app(C2S, b"MAIL FROM:<a@b>\r\n"),
+        _app(S2C, b"250 ok\r\n"),
+        _app(C2S, b"DATA\r\n"),
+        _app(S2C, b"354 go on\r\n"),
+        _app(C2S, b"Subject: x\r\n\r\nline\r\n.\r\n"),
+        _app(S2C, b"250 queued\r\n"),
+        _app(C2S, b"QUIT\r\n"),
+        _app(S2C, b"250 shifted: the answer to something else\r\n"),
+        _app(S2C, b"221 bye\r\n"),
+    ]
+    count = _count("smtp", *session)
+    assert count.answered and [r.key for r in count.extra] == ["221"]
+    assert not _count("smtp", *session[:-1]).answered
+
+
+def test_lmtp_answers_a_body_once_per_recipient() -> None:
+    session = [
+        _app(C2S, b"RCPT TO:<a@b>\r\nRCPT TO:<c@d>\r\n"),
+        _app(S2C, b"250 ok\r\n250 ok\r\n"),
+        _app(C2S, b"DATA\r\n"),
+        _app(S2C, b"354 go on\r\n"),
+        _app(C2S, b"body\r\n.\r\n"),
+        _app(S2C, b"250 a@b delivered\r\n250 c@d delivered\r\n"),
+        _app(C2S, b"QUIT\r\n"),
+        _app(S2C, b"221 bye\r\n"),
+    ]
+    assert not _count("lmtp", *session).answered
+    assert _count("lmtp", *session, _app(S2C, b"250 one more\r\n")).answered
+
+
+def test_a_reply_is_placed_where_its_record_passed() -> None:
+    """A record classified late (its secret came after it) counts at its own
+    place in the log, not at its note's."""
+    pending = ProxyEvent(0.0, C2S, "record", detail="classification pending", index=7)
+    note = ProxyEvent(
+        0.0,
+        C2S,
+        "note",
+        detail="record #7 classified late: application data",
+        points=("application-data",),
+        method="keylog",
+        clear=b"NOOP\r\n",
+    )
+    count = _count("smtp", pending, _app(S2C, b"250 ok\r\n"), note)
+    assert not count.unread and not count.answered
+
+
+def test_an_unprompted_greeting_is_allowed_where_the_dialect_speaks_first() -> None:
+    capabilities = b'"IMPLEMENTATION" "x"\r\nOK\r\n'
+    count = _count("sieve", _app(S2C, capabilities), _app(C2S, b"NOOP\r\n"), _app(S2C, b"OK\r\n"))
+    assert not count.answered
+    assert _count("smtp", _app(S2C, b"220 hello\r\n")).answered
 
 
 def test_a_goodbye_is_not_an_extra_reply() -> None:
