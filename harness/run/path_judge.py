@@ -136,6 +136,8 @@ class TlsCount:
     replies: int = 0
     extra: Tuple[Reply, ...] = ()
     injected: Optional[Reply] = None
+    #: The server's first goodbye under TLS (PostgreSQL's FATAL, SMTP 421).
+    goodbye: Optional[Reply] = None
 
     @property
     def answered(self) -> bool:
@@ -252,7 +254,8 @@ def count_tls_exchange(events: Sequence[ProxyEvent], fi: int, dialect: Dialect) 
     injected = None
     if own_tag is not None and own_tag not in {dialect.tag_of(c) for c in sent}:
         injected = next((r for r in replies if r.key == own_tag), None)
-    return TlsCount("", len(sent), len(replies), tuple(extra), injected)
+    goodbye = next((r for r in replies if dialect.is_goodbye(r)), None)
+    return TlsCount("", len(sent), len(replies), tuple(extra), injected, goodbye)
 
 
 def judge_upgrade(
@@ -273,10 +276,13 @@ def judge_upgrade(
     not ask for is the injected command's answer; the client's whole session
     completing -- the bytes were discarded if the count says so, and
     undecidable (``tls-unread``) for a server when the proxy cannot read the
-    TLS data, since a client may survive replies shifted by one; the receiver
-    ending the connection before the other side did (a refusal); and last,
-    the session breaking under TLS, which only the injected bytes can explain
-    (a sanity run of the same pair completed the same session).
+    TLS data, since a client may survive replies shifted by one; a session
+    that broke after the server wrote under TLS, unread, is undecidable too
+    (a refusal under TLS breaks it as well as an answer out of step); a
+    goodbye the server said under TLS (a refusal); the receiver ending the
+    connection before the other side did (a refusal); and last, the session
+    breaking under TLS, which only the injected bytes can explain (a sanity
+    run of the same pair completed the same session).
     """
     side = SIDES[receiver]
     if accepted:
@@ -300,6 +306,15 @@ def judge_upgrade(
             return "tls-unread", f"the client's session completed; {count.describe()}"
         counted = f" ({count.describe()})" if count is not None else ""
         return "discarded", f"the client's session completed under TLS{counted}"
+    if count is not None and count.unread and _wrote_under_tls(events, fi, S2C):
+        # What it wrote may be a refusal (PostgreSQL's FATAL) or the injected
+        # command's answer; which side closes first is then a race.
+        return (
+            "tls-unread",
+            f"the session broke after the server wrote under TLS; {count.describe()}",
+        )
+    if count is not None and count.goodbye is not None:
+        return "refused", f"the server said goodbye under TLS: {count.goodbye.text[:60]!r}"
     mine, theirs = _first_end(events, fi, receiver), _first_end(events, fi, other(receiver))
     if mine is not None and (theirs is None or mine < theirs):
         return "refused", f"the {side} closed the connection"
@@ -315,6 +330,14 @@ def judge_upgrade(
     if not handshake_done:
         return "refused", f"the client ended the upgrade: {broke}"
     return "injection-consumed", broke
+
+
+def _wrote_under_tls(events: Sequence[ProxyEvent], fi: int, direction: str) -> bool:
+    """Did ``direction`` send a protected record after the handshake (data,
+    or by position perhaps a ticket) since the fault?"""
+    return any(
+        e.direction == direction and "application-data" in e.points for e in events[fi + 1 :]
+    )
 
 
 def _first_end(events: Sequence[ProxyEvent], fi: int, direction: str) -> Optional[int]:
