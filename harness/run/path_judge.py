@@ -19,6 +19,7 @@ __all__ = [
     "SIDES",
     "TlsCount",
     "WireFinding",
+    "alert_after",
     "count_tls_exchange",
     "fault_index",
     "is_app_record",
@@ -330,6 +331,17 @@ def judge_upgrade(
     if not handshake_done:
         return "refused", f"the client ended the upgrade: {broke}"
     return "injection-consumed", broke
+
+
+def alert_after(events: Sequence[ProxyEvent], fi: int, direction: str) -> Optional[ProxyEvent]:
+    """The first alert ``direction`` sent after the fault (TLS 1.2 cannot tell
+    close_notify from a fatal alert; either ends its TLS), if any."""
+    alerts = (
+        e
+        for e in events[fi + 1 :]
+        if e.direction == direction and e.kind in ("record", "note") and "close-notify" in e.points
+    )
+    return next(alerts, None)
 
 
 def _wrote_under_tls(events: Sequence[ProxyEvent], fi: int, direction: str) -> bool:
