@@ -30,7 +30,7 @@ from starttls_harness.run.path import (
     reference_pair,
     run_path_target,
 )
-from starttls_harness.run.path_judge import count_tls_exchange
+from starttls_harness.run.path_judge import alert_after, count_tls_exchange, judge_upgrade
 from starttls_harness.run.server import RunSettings
 from starttls_harness.scenarios.path import path_by_id
 from starttls_harness.tls.aio import SwitchableTransport, open_connection
@@ -171,6 +171,47 @@ def test_unread_tls_data_is_said_so() -> None:
 def test_a_record_still_waiting_for_its_secret_is_unread() -> None:
     pending = ProxyEvent(0.0, S2C, "record", detail="protected record, classification pending")
     assert _count("smtp", _app(C2S, b"NOOP\r\n"), pending).unread
+
+
+def _judge(dialect: str, *events: ProxyEvent, completed: bool) -> str:
+    stopped = None if completed else ("quit", ConnectionResetError("closed"))
+    label, _ = judge_upgrade(
+        [FAULT, *events], 0, S2C, [], completed, stopped, dialect_named(dialect)
+    )
+    return label
+
+
+def test_a_broken_session_after_unread_tls_data_is_undecidable() -> None:
+    """PostgreSQL refuses with a FATAL under TLS: unread, that is no answer
+    out of step, and which side closes first is a race -- skip, not fail."""
+    server_eof = ProxyEvent(0.0, S2C, "eof")
+    client_eof = ProxyEvent(0.0, C2S, "eof")
+    for ends in ((server_eof, client_eof), (client_eof, server_eof)):
+        label = _judge("postgres", _app(S2C, None, "position"), *ends, completed=False)
+        assert label == "tls-unread"
+    # Nothing written under TLS, then closed: a refusal seen on the wire.
+    assert _judge("postgres", server_eof, client_eof, completed=False) == "refused"
+
+
+def test_a_goodbye_read_under_tls_is_a_refusal() -> None:
+    fatal = b"E\x00\x00\x00\x16SFATAL\x00Mno thanks\x00\x00"
+    events = (_app(C2S, b""), _app(S2C, fatal), ProxyEvent(0.0, C2S, "eof"))
+    assert _judge("postgres", *events, completed=False) == "refused"
+
+
+def test_completed_sessions() -> None:
+    counted = (_app(C2S, b"NOOP\r\n"), _app(S2C, b"250 ok\r\n"))
+    assert _judge("smtp", *counted, completed=True) == "discarded"
+    assert _judge("smtp", _app(C2S, None, "record-type"), completed=True) == "tls-unread"
+    extra = (*counted, _app(S2C, b"500 what\r\n"))
+    assert _judge("smtp", *extra, completed=True) == "answered-in-tls"
+
+
+def test_an_alert_after_the_fault_is_found() -> None:
+    alert = ProxyEvent(0.0, S2C, "record", points=("close-notify", "record"))
+    assert alert_after([FAULT, alert], 0, S2C) is alert
+    assert alert_after([alert, FAULT], 1, S2C) is None
+    assert alert_after([FAULT, alert], 0, C2S) is None
 
 
 # ------------------------------------------- a client that survives shifted replies
