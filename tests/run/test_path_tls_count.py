@@ -194,7 +194,7 @@ def test_a_broken_session_after_unread_tls_data_is_undecidable() -> None:
 
 
 def test_a_goodbye_read_under_tls_is_a_refusal() -> None:
-    fatal = b"E\x00\x00\x00\x16SFATAL\x00Mno thanks\x00\x00"
+    fatal = b"E\x00\x00\x00\x17SFATAL\x00Mno thanks\x00\x00"
     events = (_app(C2S, b""), _app(S2C, fatal), ProxyEvent(0.0, C2S, "eof"))
     assert _judge("postgres", *events, completed=False) == "refused"
 
