@@ -116,15 +116,16 @@ PAIRS: Tuple[PathPair, ...] = (
         (sys.executable, "{scripts}/smtplib_client.py", "{port}", "{cafile}", "{tls_version}"),
         sys.executable,
     ),
-)
-#: Not in the tier: psql -> proxy -> PostgreSQL (``PSQL_PATH_ARGV``).  Neither
-#: libpq nor the server writes a key log, so the proxy follows TLS 1.3 by record
-#: position, and three of its cells (injection at the upgrade and inside TLS)
-#: changed between runs: 1 run in 3-4 (issue 14's note).  A flaky verdict is a
-#: bug; it comes back when the path judge can decide it every time.
-UNSTABLE_PAIRS: Tuple[PathPair, ...] = (
+    # Neither libpq nor PostgreSQL writes a key log: the proxy cannot read the
+    # TLS data, so the upgrade injection toward the server is skip (undecidable:
+    # PostgreSQL refuses with a FATAL under TLS, which the proxy cannot tell from
+    # an answer) -- it flapped between pass and fail while that was judged by
+    # which side closed first.  32 runs without a change (issue 16).
     PathPair("postgresql+psql", "postgresql", PSQL_PATH_ARGV, "psql"),  # realworld/postgres.py
 )
+#: Pairs left out of the tier (their verdicts changed between runs); they run
+#: only when named with ``--pair``.  None at present.
+UNSTABLE_PAIRS: Tuple[PathPair, ...] = ()
 
 #: pair -> scenario -> TLS version -> "verdict" or "verdict/side".
 Table = Dict[str, Dict[str, Dict[str, str]]]
@@ -300,13 +301,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--tls-version", choices=("1.2", "1.3", "all"), default="all")
     p.add_argument("--update", action="store_true", help="write expected-paths.json")
     p.add_argument("--evidence", type=Path, help="keep reports and ladders here")
+    known = {pair.name: pair for pair in (*PAIRS, *UNSTABLE_PAIRS)}
+    p.add_argument(
+        "--pair",
+        action="append",
+        choices=sorted(known),
+        help="run only this pair (repeatable; the only way to run a pair left out of the tier)",
+    )
     args = p.parse_args(argv)
     missing = binaries_missing()
     if missing:
         print(f"realworld-paths: {', '.join(missing)} not installed", file=sys.stderr)
         return EXIT_ERROR
+    pairs = tuple(known[name] for name in args.pair) if args.pair else PAIRS
     outcome = run_and_report(
-        tls_version=args.tls_version, update=args.update, evidence=args.evidence
+        tls_version=args.tls_version, update=args.update, evidence=args.evidence, pairs=pairs
     )
     print(f"realworld-paths: {outcome.total - outcome.failed} passed, {outcome.failed} failed")
     return outcome.status

@@ -210,6 +210,9 @@ class _Smtp(Dialect):
     def is_goodbye(self, reply: Reply) -> bool:
         return reply.key == "421"
 
+    def is_continuation(self, reply: Reply) -> bool:
+        return reply.key in ("354", "334")  # DATA's body, an AUTH exchange
+
     def split_reply(
         self, buf: bytes, expect_tag: Optional[str] = None
     ) -> Tuple[Optional[Reply], bytes]:

@@ -236,6 +236,7 @@ class ProxyConnection:
         points: Sequence[str] = (),
         index: int = 0,
         action: str = "",
+        clear: Optional[bytes] = None,
     ) -> None:
         self._emit(
             ProxyEvent(
@@ -250,6 +251,7 @@ class ProxyConnection:
                 index,
                 action,
                 self.number,
+                clear,
             )
         )
 
@@ -393,6 +395,7 @@ class ProxyConnection:
                     method=unit.method,
                     points=unit.points,
                     index=unit.index,
+                    clear=unit.clear,
                 )
                 continue
             self._relay(unit)
@@ -420,6 +423,7 @@ class ProxyConnection:
                 points=unit.points,
                 index=unit.index,
                 action="discarded",
+                clear=unit.clear,
             )
             return
         faults = self._matching(unit)
@@ -432,6 +436,7 @@ class ProxyConnection:
             points=unit.points,
             index=unit.index,
             action="+".join(f.action for f in faults),
+            clear=unit.clear,
         )
         self._apply(unit, faults)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 __all__ = ["EventNotSeen", "ProxyEvent"]
 
@@ -32,6 +32,9 @@ class ProxyEvent:
     index: int = 0
     action: str = ""
     connection: int = 0
+    #: The decrypted text of an application data record (or of the late
+    #: note that classified one); None when the proxy could not read it.
+    clear: Optional[bytes] = None
 
 
 class EventNotSeen(LookupError):

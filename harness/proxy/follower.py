@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import struct
+from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from starttls_harness.proxy.session import Session
@@ -117,6 +118,8 @@ class Follower:
         self._after_close: Dict[str, bool] = {d: False for d in DIRECTIONS}
         self._first_plain_after: Dict[str, bool] = {d: False for d in DIRECTIONS}
         self._retro_stoptls: Optional[Tuple[str, str]] = None  # (text, method)
+        #: The text of the application data record just classified (None: unread).
+        self._clear: Optional[bytes] = None
 
     # --------------------------------------------------------------- state
 
@@ -396,6 +399,7 @@ class Follower:
             notes.append("record after this direction's close_notify")
         sd.records += 1
         points: List[str] = []
+        self._clear = None
         protected = session.is13 and record.content_type == CT_APPLICATION_DATA
         if protected:
             sd.protected += 1
@@ -419,7 +423,17 @@ class Follower:
         if Point.CLOSE_NOTIFY.value in points:
             self._after_close[direction] = True
         detail = "; ".join([*notes, f"{desc} ({len(record.raw)} bytes)"] if desc else notes)
-        unit = Unit(index, direction, UNIT_RECORD, record.raw, tuple(points), detail, method, phase)
+        unit = Unit(
+            index,
+            direction,
+            UNIT_RECORD,
+            record.raw,
+            tuple(points),
+            detail,
+            method,
+            phase,
+            clear=self._clear,
+        )
         out.append(unit)
         if Point.CLOSE_NOTIFY.value in points:
             self._after_closed(session, direction)
@@ -480,6 +494,7 @@ class Follower:
     ) -> Tuple[str, str]:
         """Classify a record the TLS follower read; look for STOPTLS in it."""
         desc, method = session.classify(direction, fr, points)
+        self._clear = fr.clear
         if fr.encrypted and fr.content_type == CT_APPLICATION_DATA and fr.plaintext is not None:
             self._stoptls(session, direction, fr.plaintext, points)
         return desc, method
@@ -515,7 +530,9 @@ class Follower:
         text = f"record #{index} classified late: {desc}"
         if points:
             text += f" (points {', '.join(points)} passed before it was known)"
-        unit = self._unit(fr.direction, UNIT_NOTE, b"", points, text, method)
+        unit = replace(
+            self._unit(fr.direction, UNIT_NOTE, b"", points, text, method), clear=self._clear
+        )
         out = [unit]
         if Point.CLOSE_NOTIFY.value in points:
             self._after_closed(session, fr.direction)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from starttls_harness.tls.keylog import C2S, DIRECTIONS, S2C
 
@@ -126,6 +126,8 @@ class Unit:
     detail: str = ""
     method: str = ""
     phase: str = ""
+    #: The decrypted text of an application data record (None: not read).
+    clear: Optional[bytes] = None
 
     @property
     def point(self) -> str:

@@ -74,6 +74,7 @@ from starttls_harness.run.outcomes import HARNESS_ERROR, harness_error
 from starttls_harness.run.path_evidence import exchanges
 from starttls_harness.run.path_judge import (
     SIDES,
+    alert_after,
     fault_index,
     is_app_record,
     is_end,
@@ -493,7 +494,8 @@ def _judge(run: _PathRun, events: Sequence[ProxyEvent], fi: int) -> Tuple[str, s
     own = _own_events(run, receiver)
     accepted = _accepted(run, receiver)
     if run.judge == "upgrade":
-        return judge_upgrade(events, fi, receiver, accepted, run.completed, run.stopped)
+        dialect = dialect_named(run.pair.dialect)
+        return judge_upgrade(events, fi, receiver, accepted, run.completed, run.stopped, dialect)
     if run.judge == "injection":
         if accepted:
             v = accepted[0]
@@ -505,6 +507,8 @@ def _judge(run: _PathRun, events: Sequence[ProxyEvent], fi: int) -> Tuple[str, s
             refused = [v for v in own if isinstance(v, Violation) and v.enforced]
             why = f" ({refused[0].rule.value}: {refused[0].message})" if refused else ""
             return "refused", f"the {side} closed the connection{why}"
+        if alert_after(events, fi, receiver) is not None:  # answered nothing, ended its TLS
+            return "refused", f"the {side} sent an alert and nothing else (its FIN came late)"
         return "timeout", f"the {side} neither answered nor closed within the bound"
     # truncation
     if receiver == S2C and run.stored_before is not None:

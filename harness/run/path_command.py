@@ -10,9 +10,10 @@ status (a client that exits 0 after its reply was cut took the truncation
 for an end).  STOPTLS scenarios skip unless the proxy saw the client send
 STOPTLS.
 
-TLS secrets for the proxy (TLS 1.3 close_notify is only seen decrypted):
-the client's key log (``SSLKEYLOGFILE`` is set in its environment), else
-the server's (``server_keylog``), else the follower works by position; the
+TLS secrets for the proxy (TLS 1.3 close_notify is only seen decrypted, and
+the judge counts commands and replies in decrypted data, TLS 1.2 too): the
+client's key log (``SSLKEYLOGFILE`` is set in its environment), else the
+server's (``server_keylog``), else the follower works by position; the
 evidence of every run says which.
 """
 
@@ -100,7 +101,10 @@ def keylog_source(client: Path, server: Optional[Path]) -> str:
         return "the client's key log (SSLKEYLOGFILE)"
     if server is not None and read_keylog(server):
         return f"the server's key log ({server})"
-    return "none: the proxy followed TLS 1.3 by record position"
+    return (
+        "none: the proxy cannot read the TLS data (TLS 1.3 followed by record position, "
+        "TLS 1.2 by record type)"
+    )
 
 
 def command_pair(

@@ -45,6 +45,9 @@ def exchange(e: ProxyEvent) -> Optional[Exchange]:
         return Exchange(e.time, d, "plaintext", e.data, text)
     if e.kind == "record":
         # Ciphertext says nothing to a reader: its size and classification do.
+        # Application data the proxy decrypted is shown as its text.
+        if e.clear is not None and "close-notify" not in e.points:
+            return Exchange(e.time, d, "tls", e.clear, text)
         kind = "close_notify" if "close-notify" in e.points else "tls-wire"
         return Exchange(e.time, d, kind, b"", text)
     if e.kind in ("eof", "reset"):
@@ -56,6 +59,8 @@ def exchange(e: ProxyEvent) -> Optional[Exchange]:
         if what:
             return Exchange(e.time, d, "injected", b"", f"{what} by the harness: {e.detail}")
         return Exchange(e.time, "--", "note", b"", f"FAULT [{d}] {e.detail}")
+    if e.kind == "note" and e.clear is not None:  # a record classified late: its text
+        return Exchange(e.time, d, "tls", e.clear, f"proxy: {e.detail}")
     if e.kind in ("note", "error"):
         return Exchange(e.time, "--", "note", b"", f"proxy [{d or '--'}]: {e.detail}")
     return None  # sent, fin-sent, rst-sent, connect, closed: the relay's own bookkeeping

@@ -6,15 +6,21 @@ drives the session) so that the rules read from the log stay in one place.
 
 from __future__ import annotations
 
+import collections
+import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
+from starttls_harness.dialects import Dialect, Reply
 from starttls_harness.proxy import C2S, S2C, ProxyEvent
 from starttls_harness.tls.engine import Violation
 
 __all__ = [
     "SIDES",
+    "TlsCount",
     "WireFinding",
+    "alert_after",
+    "count_tls_exchange",
     "fault_index",
     "is_app_record",
     "is_end",
@@ -115,6 +121,144 @@ def wire_findings(events: Sequence[ProxyEvent]) -> List[WireFinding]:
     return out
 
 
+@dataclass(frozen=True)
+class TlsCount:
+    """The client's commands and the server's replies under TLS after the fault.
+
+    ``unread`` says why the proxy could not read the TLS data ("" when it
+    could); ``extra`` are complete replies beyond one per command (an
+    unprompted greeting allowed where the dialect speaks first after the
+    upgrade, goodbyes not counted); ``injected`` is a reply to the injected
+    command's own tag where the client sent no command with that tag.
+    """
+
+    unread: str
+    commands: int = 0
+    replies: int = 0
+    extra: Tuple[Reply, ...] = ()
+    injected: Optional[Reply] = None
+    #: The server's first goodbye under TLS (PostgreSQL's FATAL, SMTP 421).
+    goodbye: Optional[Reply] = None
+
+    @property
+    def answered(self) -> bool:
+        return not self.unread and (bool(self.extra) or self.injected is not None)
+
+    def describe(self) -> str:
+        if self.unread:
+            return f"the proxy cannot read the TLS data: {self.unread}"
+        text = (
+            f"under TLS the client sent {self.commands} unit(s), "
+            f"the server {self.replies} reply(ies)"
+        )
+        if self.injected is not None:
+            return f"{text}; one answers the injected command's tag: {self.injected.text[:60]!r}"
+        if self.extra:
+            return f"{text}; {len(self.extra)} more than asked for: {self.extra[0].text[:60]!r}"
+        return f"{text}; none beyond the client's"
+
+
+_LATE = re.compile(r"record #(\d+) classified late")
+
+
+def _clear_text(events: Sequence[ProxyEvent], fi: int) -> Tuple[str, List[Tuple[str, bytes]]]:
+    """Why the application data after ``fi`` cannot be read ("" if it can), and
+    its text as (direction, bytes) in wire order.  A record classified late
+    (its secret came after it passed) takes its own place, not its note's."""
+    placed: List[Tuple[int, str, bytes]] = []
+    where: Dict[int, int] = {}
+    pending = late = 0
+    for i, e in enumerate(events[fi + 1 :], fi + 1):
+        if e.direction not in SIDES:
+            continue
+        if e.kind == "record":
+            where[e.index] = i
+            if "classification pending" in e.detail:
+                pending += 1
+        if e.kind == "note" and _LATE.search(e.detail):
+            late += 1
+        if e.kind not in ("record", "note") or "application-data" not in e.points:
+            continue
+        if e.clear is None:
+            if e.method == "position":
+                return "no key log (TLS 1.3 followed by position)", []
+            return "no key log secret for this connection, or a suite it cannot decrypt", []
+        at = i
+        if e.kind == "note":
+            found = _LATE.search(e.detail)
+            at = where.get(int(found.group(1)), i) if found else i
+        placed.append((at, e.direction, e.clear))
+    if pending > late:
+        return "records still wait for their key log secret", []
+    return "", [(d, text) for _, d, text in sorted(placed, key=lambda p: p[0])]
+
+
+def count_tls_exchange(events: Sequence[ProxyEvent], fi: int, dialect: Dialect) -> TlsCount:
+    """Walk the decrypted TLS data in wire order: every reply answers the
+    oldest command still open; a reply with none open was asked by nobody.
+
+    The client's data is cut by the dialect's framer; a reply is cut by its
+    reply recogniser with the tag the oldest open command expects (as the
+    prober does).  After a continuation (SMTP 354, IMAP ``+``) the client's
+    units are the rest of that command until the next reply, and replies
+    right after its answer, before the client writes again, are that
+    answer's too (LMTP answers a body once per recipient).  A unit that
+    never gets a reply (a non-synchronising literal, a terminate) stays
+    open and can only hide an extra reply, never make one up: a server
+    cannot answer a command before it passed the proxy.  A server that ran
+    the injected command under TLS has answered once more than it was asked
+    when the session ends.
+    """
+    unread, texts = _clear_text(events, fi)
+    if unread:
+        return TlsCount(unread)
+    framer = dialect.framer()
+    open_commands: Deque[bytes] = collections.deque()
+    sent: List[bytes] = []
+    replies: List[Reply] = []
+    extra: List[Reply] = []
+    c2s, s2c = b"", b""
+    continued = False
+    #: Replies right after a continued command's answer, before the client
+    #: writes again, belong to it (LMTP answers a body once per recipient).
+    after_body = False
+    greeting = dialect.speaks_first_after_starttls  # ManageSieve's capabilities
+    for direction, text in texts:
+        if direction == C2S:
+            c2s += text
+            units, used = framer.split(c2s)
+            c2s = c2s[used:]
+            if not continued:
+                open_commands.extend(units)
+                sent.extend(units)
+                after_body = after_body and not units
+            continue
+        s2c += text
+        while s2c:
+            head = open_commands[0] if open_commands else None
+            tag = dialect.tag_of(head) if head is not None else None
+            reply, rest = dialect.split_reply(s2c, tag or dialect.any_reply_tag)
+            if reply is None or len(rest) >= len(s2c):
+                break
+            s2c = rest
+            replies.append(reply)
+            was_continued, continued = continued, dialect.is_continuation(reply)
+            if head is not None:
+                if not continued:
+                    open_commands.popleft()
+                    after_body = was_continued
+            elif greeting:
+                greeting = False
+            elif not dialect.is_goodbye(reply) and not after_body:
+                extra.append(reply)
+    own_tag = dialect.tag_of(dialect.injected())
+    injected = None
+    if own_tag is not None and own_tag not in {dialect.tag_of(c) for c in sent}:
+        injected = next((r for r in replies if r.key == own_tag), None)
+    goodbye = next((r for r in replies if dialect.is_goodbye(r)), None)
+    return TlsCount("", len(sent), len(replies), tuple(extra), injected, goodbye)
+
+
 def judge_upgrade(
     events: Sequence[ProxyEvent],
     fi: int,
@@ -122,16 +266,24 @@ def judge_upgrade(
     accepted: Sequence[Violation],
     completed: bool,
     stopped: Optional[Tuple[str, BaseException]],
+    dialect: Dialect,
 ) -> Tuple[str, str]:
     """Plaintext injected at the upgrade: interpreted, refused or discarded (R1)?
 
     In order: the receiver's own report that it took the bytes in; its
     plaintext after the fault (not its STARTTLS answer) -- a refusal when it
-    then ends the connection, an answer when it goes on to TLS; the client's
-    whole session completing (the bytes were discarded); the receiver ending
-    the connection before the other side did (a refusal); and last, the
-    session breaking under TLS, which only the injected bytes can explain
-    (a sanity run of the same pair completed the same session).
+    then ends the connection, an answer when it goes on to TLS; for a server,
+    the TLS data counted (:func:`count_tls_exchange`): a reply the client did
+    not ask for is the injected command's answer; the client's whole session
+    completing -- the bytes were discarded if the count says so, and
+    undecidable (``tls-unread``) for a server when the proxy cannot read the
+    TLS data, since a client may survive replies shifted by one; a session
+    that broke after the server wrote under TLS, unread, is undecidable too
+    (a refusal under TLS breaks it as well as an answer out of step); a
+    goodbye the server said under TLS (a refusal); the receiver ending the
+    connection before the other side did (a refusal); and last, the session
+    breaking under TLS, which only the injected bytes can explain (a sanity
+    run of the same pair completed the same session).
     """
     side = SIDES[receiver]
     if accepted:
@@ -147,8 +299,23 @@ def judge_upgrade(
         if tls_later:
             return "plaintext-answered", f"the {side} sent plaintext, then TLS: {e.data[:60]!r}"
         return "refused", f"the {side} answered in plaintext and did not start TLS: {e.data[:60]!r}"
+    count = count_tls_exchange(events, fi, dialect) if receiver == S2C else None
+    if count is not None and count.answered:
+        return "answered-in-tls", f"the server ran the injected command: {count.describe()}"
     if completed:
-        return "discarded", "the client's session completed under TLS"
+        if count is not None and count.unread:
+            return "tls-unread", f"the client's session completed; {count.describe()}"
+        counted = f" ({count.describe()})" if count is not None else ""
+        return "discarded", f"the client's session completed under TLS{counted}"
+    if count is not None and count.unread and _wrote_under_tls(events, fi, S2C):
+        # What it wrote may be a refusal (PostgreSQL's FATAL) or the injected
+        # command's answer; which side closes first is then a race.
+        return (
+            "tls-unread",
+            f"the session broke after the server wrote under TLS; {count.describe()}",
+        )
+    if count is not None and count.goodbye is not None:
+        return "refused", f"the server said goodbye under TLS: {count.goodbye.text[:60]!r}"
     mine, theirs = _first_end(events, fi, receiver), _first_end(events, fi, other(receiver))
     if mine is not None and (theirs is None or mine < theirs):
         return "refused", f"the {side} closed the connection"
@@ -164,6 +331,25 @@ def judge_upgrade(
     if not handshake_done:
         return "refused", f"the client ended the upgrade: {broke}"
     return "injection-consumed", broke
+
+
+def alert_after(events: Sequence[ProxyEvent], fi: int, direction: str) -> Optional[ProxyEvent]:
+    """The first alert ``direction`` sent after the fault (TLS 1.2 cannot tell
+    close_notify from a fatal alert; either ends its TLS), if any."""
+    alerts = (
+        e
+        for e in events[fi + 1 :]
+        if e.direction == direction and e.kind in ("record", "note") and "close-notify" in e.points
+    )
+    return next(alerts, None)
+
+
+def _wrote_under_tls(events: Sequence[ProxyEvent], fi: int, direction: str) -> bool:
+    """Did ``direction`` send a protected record after the handshake (data,
+    or by position perhaps a ticket) since the fault?"""
+    return any(
+        e.direction == direction and "application-data" in e.points for e in events[fi + 1 :]
+    )
 
 
 def _first_end(events: Sequence[ProxyEvent], fi: int, direction: str) -> Optional[int]:

@@ -92,7 +92,7 @@ __all__ = [
     "path_by_id",
 ]
 
-P, F, W = Verdict.PASS, Verdict.FAIL, Verdict.WARN
+P, F, W, K = Verdict.PASS, Verdict.FAIL, Verdict.WARN, Verdict.SKIP
 
 
 def fault_data(symbol: str, dialect: Dialect) -> bytes:
@@ -462,6 +462,11 @@ def _upgrade_scenario(direction: str, split: bool) -> Scenario:
             ),
             "answered-in-tls": Expect(
                 F, "the server's answers under TLS fell out of step: it ran the injected command"
+            ),
+            "tls-unread": Expect(
+                K,
+                "the proxy cannot read the TLS data (no key log, or a suite it cannot decrypt): "
+                "a session that completes does not show the injected command was not run",
             ),
         }
     else:

@@ -35,14 +35,23 @@ persists raises :class:`SecretsUnavailable` *without* changing any state, and
 The proxy must keep relaying meanwhile: blocking until the key appears could
 deadlock, because the client writes the key only after receiving those bytes.
 
-TLS 1.2 is followed without decryption: alerts keep outer type 21 there, and
-any alert after a direction's ChangeCipherSpec is reported as an (assumed)
-close_notify.  0-RTT early data is not supported.
+TLS 1.2 is classified without decryption: alerts keep outer type 21 there,
+and any alert after a direction's ChangeCipherSpec is reported as an
+(assumed) close_notify.  Where the key log has the connection's
+``CLIENT_RANDOM`` line (its master secret) and the suite is one of the AEAD
+suites the peers use (AES-GCM, RFC 5288; ChaCha20-Poly1305, RFC 7905), the
+application data is decrypted too (:class:`Tls12Decryptor`: key block from
+the TLS 1.2 PRF, RFC 5246 §5 and §6.3; sequence numbers from 0 at each
+direction's ChangeCipherSpec).  Only the text of application data is handed
+on (``FollowedRecord.clear``, for TLS 1.3 as well), so the path judge can
+count commands and replies; how records are classified does not change.
+0-RTT early data is not supported.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import os
 import struct
@@ -61,7 +70,7 @@ from typing import (
 )
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from starttls_harness.tls.records import (
@@ -567,6 +576,147 @@ class Tls13Decryptor:
             state.handshake.clear()
 
 
+# --- TLS 1.2 AEAD decryption -------------------------------------------------------
+
+TLS12_VERSION = 0x0303
+
+
+@dataclass(frozen=True)
+class Tls12Suite:
+    """A TLS 1.2 AEAD suite: PRF hash, key length, fixed IV length (4: GCM salt)."""
+
+    code: int
+    hash_factory: Callable[[], hashes.HashAlgorithm]
+    key_length: int
+    fixed_iv_length: int
+    aead_factory: _AeadFactory
+
+
+def _gcm12(code: int, key_length: int, sha384: bool = False) -> Tls12Suite:
+    return Tls12Suite(code, hashes.SHA384 if sha384 else hashes.SHA256, key_length, 4, AESGCM)
+
+
+def _chacha12(code: int) -> Tls12Suite:
+    return Tls12Suite(code, hashes.SHA256, 32, 12, ChaCha20Poly1305)
+
+
+#: The (EC)DHE AEAD suites (RFC 5289, RFC 5288, RFC 7905).
+TLS12_SUITES: Dict[int, Tls12Suite] = {
+    s.code: s
+    for s in (
+        _gcm12(0xC02B, 16),
+        _gcm12(0xC02C, 32, sha384=True),
+        _gcm12(0xC02F, 16),
+        _gcm12(0xC030, 32, sha384=True),
+        _gcm12(0x009E, 16),
+        _gcm12(0x009F, 32, sha384=True),
+        _chacha12(0xCCA8),
+        _chacha12(0xCCA9),
+        _chacha12(0xCCAA),
+    )
+}
+
+
+def tls12_prf(
+    secret: bytes, label: bytes, seed: bytes, length: int, algorithm: hashes.HashAlgorithm
+) -> bytes:
+    """The TLS 1.2 PRF: P_hash(secret, label + seed) (RFC 5246 §5)."""
+    seed = label + seed
+    out = b""
+    a = seed
+    while len(out) < length:
+        a = _hmac(secret, a, algorithm)
+        out += _hmac(secret, a + seed, algorithm)
+    return out[:length]
+
+
+def _hmac(key: bytes, data: bytes, algorithm: hashes.HashAlgorithm) -> bytes:
+    mac = hmac.HMAC(key, type(algorithm)())
+    mac.update(data)
+    return mac.finalize()
+
+
+class Tls12Decryptor:
+    """Decrypt the application data of one TLS 1.2 connection (AEAD suites).
+
+    Feed every record after a direction's ChangeCipherSpec, in wire order, to
+    :meth:`decrypt`.  A missing master secret raises :class:`SecretsUnavailable`
+    (nothing consumed); a record that fails authentication raises
+    :class:`DecryptionError` and the direction stays unreadable from then on.
+    """
+
+    def __init__(
+        self,
+        client_random: bytes,
+        server_random: bytes,
+        cipher_suite: int,
+        secrets: Union[SecretsProvider, SecretsMapping],
+    ) -> None:
+        suite = TLS12_SUITES.get(cipher_suite)
+        if suite is None:
+            raise UnsupportedCipherSuite(
+                f"TLS 1.2 cipher suite 0x{cipher_suite:04x} is not supported for decryption"
+            )
+        self.suite = suite
+        self.client_random = bytes(client_random)
+        self.server_random = bytes(server_random)
+        self._secrets = secrets
+        self._keys: Optional[Dict[str, _Opener]] = None
+        self._seq = {direction: 0 for direction in DIRECTIONS}
+        self._broken: Dict[str, str] = {}
+
+    def _master_secret(self) -> bytes:
+        secrets = self._secrets() if callable(self._secrets) else self._secrets
+        master = secrets.get(self.client_random, {}).get(CLIENT_RANDOM)
+        if master is None or len(master) != 48:
+            raise SecretsUnavailable(
+                f"key log has no {CLIENT_RANDOM} line for {self.client_random.hex()}"
+            )
+        return master
+
+    def _openers(self) -> Dict[str, _Opener]:
+        if self._keys is None:
+            suite = self.suite
+            klen, ivlen = suite.key_length, suite.fixed_iv_length
+            block = tls12_prf(
+                self._master_secret(),
+                b"key expansion",
+                self.server_random + self.client_random,
+                2 * (klen + ivlen),
+                suite.hash_factory(),
+            )
+            ck, sk = block[:klen], block[klen : 2 * klen]
+            civ, siv = block[2 * klen : 2 * klen + ivlen], block[2 * klen + ivlen :]
+            self._keys = {
+                C2S: (suite.aead_factory(ck), civ),
+                S2C: (suite.aead_factory(sk), siv),
+            }
+        return self._keys
+
+    def decrypt(self, direction: str, record: Record) -> bytes:
+        """The plaintext of ``direction``'s next protected record."""
+        _check_direction(direction)
+        if direction in self._broken:
+            raise DecryptionError(self._broken[direction])
+        aead, iv = self._openers()[direction]
+        seq = self._seq[direction]
+        self._seq[direction] = seq + 1
+        payload = record.payload
+        if self.suite.fixed_iv_length == 4:  # GCM: 8-byte explicit nonce first
+            nonce, body = iv + payload[:8], payload[8:]
+        else:  # ChaCha20-Poly1305: IV xor sequence number
+            nonce = bytes(a ^ b for a, b in zip(iv, seq.to_bytes(AEAD_IV_LENGTH, "big")))
+            body = payload
+        length = len(body) - 16
+        aad = struct.pack("!QBHH", seq, record.content_type, record.version, max(length, 0))
+        try:
+            return aead.decrypt(nonce, body, aad)
+        except (InvalidTag, ValueError):
+            why = f"{direction} TLS 1.2 record #{seq} fails authentication"
+            self._broken[direction] = why
+            raise DecryptionError(why) from None
+
+
 # --- following a whole connection ------------------------------------------------
 
 
@@ -584,6 +734,9 @@ class FollowedRecord:
     content_type: int
     plaintext: Optional[bytes]
     encrypted: bool
+    #: The text of a decrypted application data record (TLS 1.3, or TLS 1.2
+    #: with the master secret); None when it could not be read.
+    clear: Optional[bytes] = None
 
     @property
     def decrypted(self) -> bool:
@@ -653,6 +806,8 @@ class Tls13Follower:
         }
         self._handshake = {direction: bytearray() for direction in DIRECTIONS}
         self._ccs_seen = {direction: False for direction in DIRECTIONS}
+        self._tls12: Optional[Tls12Decryptor] = None
+        self._tls12_tried = False
 
     @property
     def version(self) -> Optional[int]:
@@ -723,12 +878,39 @@ class Tls13Follower:
                 # CCS (middlebox compatibility) and pre-key alerts stay clear.
                 return self._plain(direction, record)
             inner_type, plaintext = self._tls13_decryptor().decrypt(direction, record)
-            return FollowedRecord(direction, record, inner_type, plaintext, True)
+            clear = plaintext if inner_type == CT_APPLICATION_DATA else None
+            return FollowedRecord(direction, record, inner_type, plaintext, True, clear)
         if self._ccs_seen[direction]:
-            return FollowedRecord(direction, record, record.content_type, None, True)
+            clear = self._tls12_clear(direction, record)
+            return FollowedRecord(direction, record, record.content_type, None, True, clear)
         if record.is_ccs:
             self._ccs_seen[direction] = True
         return self._plain(direction, record)
+
+    def _tls12_clear(self, direction: str, record: Record) -> Optional[bytes]:
+        """The text of a TLS 1.2 application data record, when it can be read.
+
+        Every protected record goes through the decryptor (sequence numbers);
+        a missing secret or an unsupported suite only leaves the text unread.
+        """
+        if self._tls12 is None and not self._tls12_tried:
+            self._tls12_tried = True
+            hello = self.server_hello
+            if self.client_random is not None and hello is not None and self._secrets:
+                with contextlib.suppress(UnsupportedCipherSuite):
+                    self._tls12 = Tls12Decryptor(
+                        self.client_random, hello.random, hello.cipher_suite, self._secrets
+                    )
+        if self._tls12 is None:
+            return None
+        try:
+            plaintext = self._tls12.decrypt(direction, record)
+        except SecretsUnavailable:
+            self._tls12 = None  # no master secret: nothing of this connection is readable
+            return None
+        except DecryptionError:
+            return None
+        return plaintext if record.content_type == CT_APPLICATION_DATA else None
 
     def _tls13_decryptor(self) -> Tls13Decryptor:
         if self.decryptor is None:

@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from starttls_harness.tls.keylog import (
     CLIENT_HANDSHAKE_TRAFFIC_SECRET,
+    CLIENT_RANDOM,
     CLIENT_TRAFFIC_SECRET_0,
     SERVER_HANDSHAKE_TRAFFIC_SECRET,
     SERVER_TRAFFIC_SECRET_0,
@@ -36,6 +38,7 @@ from starttls_harness.tls.keylog import (
     HandshakeParseError,
     KeylogError,
     SecretsUnavailable,
+    Tls12Decryptor,
     Tls13Decryptor,
     Tls13Follower,
     UnsupportedCipherSuite,
@@ -47,6 +50,7 @@ from starttls_harness.tls.keylog import (
     parse_keylog,
     parse_server_hello,
     read_keylog,
+    tls12_prf,
     traffic_key_and_iv,
 )
 from starttls_harness.tls.records import (
@@ -114,6 +118,7 @@ def run_session(
     server_curve: Optional[str] = None,
     on_chunk: Optional[Callable[[str, bytes], None]] = None,
     trust_server: bool = True,
+    ciphers: Optional[str] = None,
 ) -> Session:
     """Handshake, exchange data, then close_notify both ways (client first).
 
@@ -136,6 +141,8 @@ def run_session(
     tls_version = ssl.TLSVersion[version]
     for ctx in (server_ctx, client_ctx):
         ctx.minimum_version = ctx.maximum_version = tls_version
+        if ciphers is not None:
+            ctx.set_ciphers(ciphers)
 
     c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
     client = client_ctx.wrap_bio(c_in, c_out, server_hostname="localhost")
@@ -723,6 +730,65 @@ def test_tls12_follower_flags_close_notify(tmp_path: Path) -> None:
         assert not any(r.encrypted for r in results[: ccs + 1])
         assert all(r.encrypted for r in results[ccs + 1 :])
     assert len(followed.of("s2c")) + len(followed.of("c2s")) == len(session.records())
+
+
+def _clear(followed: Followed, direction: str) -> bytes:
+    return b"".join(r.clear or b"" for r in followed.of(direction))
+
+
+@pytest.mark.parametrize(
+    "ciphers",
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+    ],
+)
+def test_tls12_application_data_is_decrypted_from_client_random(
+    tmp_path: Path, ciphers: str
+) -> None:
+    """With the master secret (CLIENT_RANDOM) the AEAD suites' application
+    data is read exactly; how records are classified does not change."""
+    session = run_session(tmp_path, "TLSv1_2", ciphers=ciphers)
+    assert session.cipher == ciphers
+    followed = follow(session, Tls13Follower(keylog_file_provider(session.keylog_path)))
+    assert _clear(followed, "c2s") == b"".join(CLIENT_MESSAGES)
+    assert _clear(followed, "s2c") == SERVER_DATA
+    for direction in ("c2s", "s2c"):
+        results = followed.of(direction)
+        assert [r.is_close_notify for r in results].count(True) == 1
+        assert all(r.plaintext is None for r in results if r.encrypted)  # classification as before
+
+
+def test_tls12_without_the_master_secret_nothing_is_read(tmp_path: Path) -> None:
+    session = run_session(tmp_path, "TLSv1_2")
+    (tmp_path / "other").mkdir()
+    other = run_session(tmp_path / "other", "TLSv1_2")
+    for secrets in ({}, keylog_file_provider(other.keylog_path)):
+        followed = follow(session, Tls13Follower(secrets))
+        assert _clear(followed, "c2s") == _clear(followed, "s2c") == b""
+
+
+def test_tls12_wrong_master_secret_reads_nothing(tmp_path: Path) -> None:
+    """A master secret that does not authenticate leaves the text unread, never garbage."""
+    session = run_session(tmp_path, "TLSv1_2")
+    keys = read_keylog(session.keylog_path)
+    wrong = {r: {CLIENT_RANDOM: bytes(48)} for r in keys}
+    followed = follow(session, Tls13Follower(wrong))
+    assert _clear(followed, "c2s") == _clear(followed, "s2c") == b""
+
+
+def test_tls12_prf_known_answer() -> None:
+    """The TLS 1.2 PRF (SHA-256) against the widely used test vector."""
+    secret = bytes.fromhex("9bbe436ba940f017b17652849a71db35")
+    seed = bytes.fromhex("a0ba9f936cda311827a6f796ffd5198c")
+    out = tls12_prf(secret, b"test label", seed, 100, hashes.SHA256())
+    assert out.hex().startswith("e3f229ba727be17b8d122620557cd453c2aab21d07c3d495329b52d4e61edb5a")
+
+
+def test_tls12_unsupported_suite_is_refused() -> None:
+    with pytest.raises(UnsupportedCipherSuite):
+        Tls12Decryptor(bytes(32), bytes(32), 0x002F, {})
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--session"]:
