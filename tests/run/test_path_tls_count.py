@@ -27,10 +27,10 @@ from starttls_harness.run.path import (
     PathPair,
     PathServer,
     StepHooks,
-    reference_pair,
     run_path_target,
 )
 from starttls_harness.run.path_judge import alert_after, count_tls_exchange, judge_upgrade
+from starttls_harness.run.path_reference import reference_pair
 from starttls_harness.run.server import RunSettings
 from starttls_harness.scenarios.path import path_by_id
 from starttls_harness.tls.aio import SwitchableTransport, open_connection
