@@ -345,20 +345,13 @@ class LineClient:
 
     async def stoptls(self) -> None:
         """Return to plaintext with the bidirectional closure (R3-R5)."""
-        name = self.stoptls_name
-        if not self.transport.tls_active:
-            raise self.error(f"{name} needs an active TLS session")
-        if name not in await self._offered():
-            raise self.stoptls_unsupported(self.stoptls_missing)
+        await self._may_stop()
         await self._ask_stoptls()
         if self.transport.engine.state is not State.TLS:
             # The answer came, and the same read broke a rule (e.g. the
             # server's plaintext greeting glued to its close_notify).
-            raise self._ended(f"TLS ended before {name} completed")
-        if self.protocol.reader.pending:
-            self.transport.abort()
-            error = self.protocol_error or self.error
-            raise error(f"the server sent data after its {name} answer")
+            raise self._ended(f"TLS ended before {self.stoptls_name} completed")
+        self._nothing_after_answer()
         if self.behaviour.name == "one-sided-close":
             # R4 broken: close_notify and the next command in one segment.
             command, answer = self._glued()
@@ -396,6 +389,20 @@ class LineClient:
         if enforced:
             return ConnectionEnded(enforced[-1])
         return ConnectionResetError(what)
+
+    async def _may_stop(self) -> None:
+        """The return needs TLS up and the server offering it."""
+        if not self.transport.tls_active:
+            raise self.error(f"{self.stoptls_name} needs an active TLS session")
+        if self.stoptls_name not in await self._offered():
+            raise self.stoptls_unsupported(self.stoptls_missing)
+
+    def _nothing_after_answer(self) -> None:
+        """R3: nothing may follow the return's answer before the closure."""
+        if self.protocol.reader.pending:
+            self.transport.abort()
+            error = self.protocol_error or self.error
+            raise error(f"the server sent data after its {self.stoptls_name} answer")
 
     def _guard_credentials(self) -> None:
         """R9: no credentials in plaintext when TLS is required (``downgrade`` sends them)."""
