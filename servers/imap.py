@@ -111,8 +111,6 @@ from typing import (
 
 from starttls_harness.servers.base import (
     BARE_RESUME,
-    EXTRA_BEHAVIOURS,
-    STRICT,
     Behaviour,
     Limits,
     RunningServer,
@@ -128,9 +126,6 @@ from starttls_harness.servers.imapmailbox import (
     fetch_items,
     sequence_set,
 )
-
-# The wire syntax lives in imapsyntax (the reference client reads IMAP with it
-# too); its public names stay importable from here.
 from starttls_harness.servers.imapsyntax import (
     LITERAL_AT_END,
     TAG_RE,
@@ -145,6 +140,10 @@ from starttls_harness.servers.imapsyntax import (
     is_starttls_line,
     tokenize,
 )
+
+# The wire syntax lives in imapsyntax (the reference client reads IMAP with it
+# too); its public names stay importable from here.
+from starttls_harness.servers.lines import ClosureResponder, server_behaviours
 from starttls_harness.tls.aio import SwitchableTransport, create_server
 from starttls_harness.tls.engine import (
     AlertReceived,
@@ -176,60 +175,9 @@ __all__ = [
     "tokenize",
 ]
 
-BEHAVIOURS: Dict[str, Behaviour] = {
-    b.name: b
-    for b in (
-        STRICT,
-        Behaviour(
-            "keep-buffer",
-            Rule.R1,
-            "executes commands pipelined after STARTTLS inside TLS",
-            (Rule.R1,),
-        ),
-        Behaviour(
-            "plaintext-in-tls",
-            Rule.R2,
-            "executes plaintext received while TLS is up",
-            (Rule.R2,),
-        ),
-        Behaviour(
-            "early-plaintext",
-            Rule.R3,
-            "sends close_notify and the plaintext greeting without waiting for the client's"
-            " close_notify",
-        ),
-        Behaviour(
-            "one-sided-resume",
-            Rule.R4,
-            "accepts plaintext that follows the client's close_notify in the same segment",
-            (Rule.R4,),
-        ),
-        Behaviour(
-            "no-close-notify-reply",
-            Rule.R5,
-            "closes TCP instead of answering the client's close_notify",
-            (Rule.R5,),
-        ),
-        Behaviour(
-            "ignore-truncation",
-            Rule.R6,
-            "stores an APPEND literal cut by EOF under TLS",
-            (Rule.R6,),
-        ),
-        Behaviour(
-            "alert-as-close",
-            Rule.R7,
-            "takes a fatal alert for a closure and resumes plaintext",
-            (Rule.R7,),
-        ),
-        Behaviour(
-            "no-state-reset",
-            Rule.R8,
-            "keeps the authenticated state across STARTTLS and STOPTLS",
-        ),
-        *EXTRA_BEHAVIOURS,
-    )
-}
+BEHAVIOURS: Dict[str, Behaviour] = server_behaviours(
+    "STARTTLS", cut="an APPEND literal", keeps="the authenticated state"
+)
 
 # ------------------------------------------------------------------ server
 
@@ -267,7 +215,7 @@ _NOT_AUTH, _AUTH, _SELECTED, _ANY = "not-authenticated", "authenticated", "selec
 _KEEP_FINISHED = 256
 
 
-class ImapServerProtocol(asyncio.Protocol):
+class ImapServerProtocol(ClosureResponder, asyncio.Protocol):
     """One IMAP connection (see the module docstring)."""
 
     def __init__(self, server: _Server) -> None:
@@ -535,6 +483,9 @@ class ImapServerProtocol(asyncio.Protocol):
     def _greeting(self, text: bytes) -> bytes:
         return b"* OK [CAPABILITY " + self._capabilities() + b"] " + text + b"\r\n"
 
+    def _resumed_greeting(self) -> bytes:
+        return self._greeting(b"Plaintext resumed")
+
     def _reset(self) -> None:
         """R8: back to the state at connection start (unless no-state-reset)."""
         self.predicate.cancel_literal()
@@ -649,36 +600,8 @@ class ImapServerProtocol(asyncio.Protocol):
             self._write(tag + b" BAD STOPTLS takes no arguments and must end the pipeline\r\n")
             return
         answer = tag + b" OK Begin TLS closure\r\n"
-        loop = asyncio.get_running_loop()
-        closure_timeout = self.server.config.timeouts.closure
-        name = self.behaviour.name
-        if name == "early-plaintext":
-            # R3 broken: close_notify and plaintext leave together, before
-            # the client's close_notify can have arrived.
-            self._closure = loop.create_future()
-            with transport.corked():
-                transport.write(answer)
-                transport.events.extend(transport.engine.unwrap())
-                self._reset()
-                transport.write_raw(self._greeting(b"Plaintext resumed"))
-            await asyncio.wait_for(self._closure, closure_timeout)
-            return
-        if name == "no-close-notify-reply":
-            # R5 broken: the client's close_notify is never answered; the
-            # engine_event hook closes TCP when it arrives.
-            self._close_notify = loop.create_future()
-            transport.write(answer)
-            await asyncio.wait_for(self._close_notify, closure_timeout)
-            return
-        self._stopping = True
-        try:
-            await transport.accept_unwrap(preface=answer)
-        finally:
-            self._stopping = False
-        if self._after_stoptls:
+        if not await self._close_then_greet(answer, self.server.config.timeouts.closure):
             raise _Bye("Commands were pipelined after STOPTLS")
-        self._reset()
-        self._write(self._greeting(b"Plaintext resumed"))
 
     async def cmd_login(self, tag: bytes, args: List[Token]) -> None:
         assert self.transport is not None

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Dict, List, Optional, Set, Type, TypeVar
 
 from starttls_harness.servers.base import (
+    EXTRA_BEHAVIOURS,
+    STRICT,
     Behaviour,
     ExtraModes,
     RunningServer,
@@ -48,7 +50,71 @@ from starttls_harness.tls.engine import (
 )
 from starttls_harness.tls.states import State
 
-__all__ = ["EndSession", "LineSession", "SessionsRunningServer", "start_session_server"]
+__all__ = [
+    "ClosureResponder",
+    "EndSession",
+    "LineSession",
+    "SessionsRunningServer",
+    "server_behaviours",
+    "start_session_server",
+]
+
+
+def server_behaviours(upgrade: str, *, cut: str, keeps: str) -> Dict[str, Behaviour]:
+    """A line server's misbehaving modes, each breaking exactly one rule.
+
+    ``upgrade`` names the upgrade command, ``cut`` the unit that
+    ``ignore-truncation`` stores when EOF cuts it (R6), ``keeps`` the state
+    that ``no-state-reset`` keeps (R8); then the shared
+    :data:`~starttls_harness.servers.base.EXTRA_BEHAVIOURS`.
+    """
+    return {
+        b.name: b
+        for b in (
+            STRICT,
+            Behaviour(
+                "keep-buffer",
+                Rule.R1,
+                f"executes commands pipelined after {upgrade} inside TLS",
+                (Rule.R1,),
+            ),
+            Behaviour(
+                "plaintext-in-tls",
+                Rule.R2,
+                "executes plaintext received while TLS is up",
+                (Rule.R2,),
+            ),
+            Behaviour(
+                "early-plaintext",
+                Rule.R3,
+                "sends close_notify and the plaintext greeting without waiting for the client's"
+                " close_notify",
+            ),
+            Behaviour(
+                "one-sided-resume",
+                Rule.R4,
+                "accepts plaintext that follows the client's close_notify in the same segment",
+                (Rule.R4,),
+            ),
+            Behaviour(
+                "no-close-notify-reply",
+                Rule.R5,
+                "closes TCP instead of answering the client's close_notify",
+                (Rule.R5,),
+            ),
+            Behaviour(
+                "ignore-truncation", Rule.R6, f"stores {cut} cut by EOF under TLS", (Rule.R6,)
+            ),
+            Behaviour(
+                "alert-as-close",
+                Rule.R7,
+                "takes a fatal alert for a closure and resumes plaintext",
+                (Rule.R7,),
+            ),
+            Behaviour("no-state-reset", Rule.R8, f"keeps {keeps} across {upgrade} and STOPTLS"),
+            *EXTRA_BEHAVIOURS,
+        )
+    }
 
 
 class EndSession(Exception):
@@ -72,7 +138,71 @@ class SessionsRunningServer(RunningServer):
             await asyncio.wait(pending, timeout=self.config.timeouts.closure)
 
 
-class LineSession(asyncio.Protocol):
+class ClosureResponder:
+    """The server's half of an agreed return to plaintext, and its broken modes.
+
+    Shared by every reference server whose STOPTLS answer is followed by the
+    bidirectional closure and a fresh greeting (R3-R5): the answer leaves
+    under TLS, the client's close_notify is answered, and only then does the
+    server greet in plaintext.  ``early-plaintext`` greets before the client's
+    close_notify (R3); ``no-close-notify-reply`` hangs up instead (R5, in
+    the engine watch).
+    """
+
+    transport: Optional[SwitchableTransport]
+    behaviour: Behaviour
+    reader: LineReader
+    _stopping: bool
+    _after_stoptls: bytes
+    _closure: Optional[asyncio.Future[None]]
+    _close_notify: Optional[asyncio.Future[None]]
+
+    def _reset(self) -> None:
+        raise NotImplementedError
+
+    def _resumed_greeting(self) -> bytes:
+        """The greeting after the return to plaintext."""
+        raise NotImplementedError
+
+    def _write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def _close_then_greet(self, answer: bytes, bound: float) -> bool:
+        """Answer STOPTLS with ``answer``, close, greet; False when commands were pipelined."""
+        t = self.transport
+        assert t is not None
+        loop = asyncio.get_running_loop()
+        name = self.behaviour.name
+        if name == "early-plaintext":
+            # R3 broken: close_notify and plaintext leave together, before
+            # the client's close_notify can have arrived.
+            self._closure = loop.create_future()
+            with t.corked():
+                t.write(answer)
+                t.events.extend(t.engine.unwrap())
+                self._reset()
+                t.write_raw(self._resumed_greeting())
+            await asyncio.wait_for(self._closure, bound)
+            return True
+        if name == "no-close-notify-reply":
+            # R5 broken: the engine watch closes TCP when the close_notify comes.
+            self._close_notify = loop.create_future()
+            t.write(answer)
+            await asyncio.wait_for(self._close_notify, bound)
+            return True
+        self._stopping = True
+        try:
+            await t.accept_unwrap(preface=answer)
+        finally:
+            self._stopping = False
+        if self._after_stoptls:
+            return False
+        self._reset()
+        self._write(self._resumed_greeting())
+        return True
+
+
+class LineSession(ClosureResponder, asyncio.Protocol):
     """One connection of a line server (see the module docstring).
 
     A dialect sets the class attributes and fills in the hooks (the methods
@@ -122,6 +252,9 @@ class LineSession(asyncio.Protocol):
     def _reset(self) -> None:
         """R8: back to the state at connection start (unless no-state-reset)."""
         raise NotImplementedError
+
+    def _resumed_greeting(self) -> bytes:
+        return self._greeting()
 
     def _holds(self, line: bytes) -> bool:
         """Hold-gate predicate: the plaintext upgrade command."""
@@ -265,35 +398,8 @@ class LineSession(asyncio.Protocol):
         if has_args or self.reader.pending:
             self._write(misplaced)
             return
-        answer = self.stoptls_ok
-        loop = asyncio.get_running_loop()
-        bound = self.config.timeouts.closure
-        name = self.behaviour.name
-        if name == "early-plaintext":
-            # R3 broken: close_notify and plaintext leave together.
-            self._closure = loop.create_future()
-            with t.corked():
-                t.write(answer)
-                t.events.extend(t.engine.unwrap())
-                self._reset()
-                t.write_raw(self._greeting())
-            await asyncio.wait_for(self._closure, bound)
-            return
-        if name == "no-close-notify-reply":
-            # R5 broken: engine_event closes TCP when the close_notify comes.
-            self._close_notify = loop.create_future()
-            t.write(answer)
-            await asyncio.wait_for(self._close_notify, bound)
-            return
-        self._stopping = True
-        try:
-            await t.accept_unwrap(preface=answer)
-        finally:
-            self._stopping = False
-        if self._after_stoptls:
+        if not await self._close_then_greet(self.stoptls_ok, self.config.timeouts.closure):
             raise self._farewell(self.pipelined)
-        self._reset()
-        self._write(self._greeting())
 
 
 def _set(fut: Optional[asyncio.Future[None]]) -> None:

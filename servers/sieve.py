@@ -42,65 +42,23 @@ from typing import Dict, List, Optional, Tuple
 
 from starttls_harness.dialects.sieve import capability_lines, quoted
 from starttls_harness.servers.base import (
-    EXTRA_BEHAVIOURS,
-    STRICT,
     Behaviour,
     RunningServer,
     ServerConfig,
 )
 from starttls_harness.servers.imapsyntax import IncompleteRead
-from starttls_harness.servers.lines import LineSession, SessionsRunningServer, start_session_server
-from starttls_harness.tls.engine import Rule
+from starttls_harness.servers.lines import (
+    LineSession,
+    SessionsRunningServer,
+    server_behaviours,
+    start_session_server,
+)
 
 __all__ = ["BEHAVIOURS", "SieveScript", "SieveServerProtocol", "start_server"]
 
-BEHAVIOURS: Dict[str, Behaviour] = {
-    b.name: b
-    for b in (
-        STRICT,
-        Behaviour(
-            "keep-buffer",
-            Rule.R1,
-            "executes commands pipelined after STARTTLS inside TLS",
-            (Rule.R1,),
-        ),
-        Behaviour(
-            "plaintext-in-tls", Rule.R2, "executes plaintext received while TLS is up", (Rule.R2,)
-        ),
-        Behaviour(
-            "early-plaintext",
-            Rule.R3,
-            "sends close_notify and the plaintext greeting without waiting for the client's"
-            " close_notify",
-        ),
-        Behaviour(
-            "one-sided-resume",
-            Rule.R4,
-            "accepts plaintext that follows the client's close_notify in the same segment",
-            (Rule.R4,),
-        ),
-        Behaviour(
-            "no-close-notify-reply",
-            Rule.R5,
-            "closes TCP instead of answering the client's close_notify",
-            (Rule.R5,),
-        ),
-        Behaviour(
-            "ignore-truncation",
-            Rule.R6,
-            "stores a PUTSCRIPT literal cut by EOF under TLS",
-            (Rule.R6,),
-        ),
-        Behaviour(
-            "alert-as-close",
-            Rule.R7,
-            "takes a fatal alert for a closure and resumes plaintext",
-            (Rule.R7,),
-        ),
-        Behaviour("no-state-reset", Rule.R8, "keeps the login across STARTTLS and STOPTLS"),
-        *EXTRA_BEHAVIOURS,
-    )
-}
+BEHAVIOURS: Dict[str, Behaviour] = server_behaviours(
+    "STARTTLS", cut="a PUTSCRIPT literal", keeps="the login"
+)
 
 _LITERAL_AT_END = re.compile(rb"\{(\d{1,10})(\+?)\}\r?\n\Z")
 _TOKEN = re.compile(rb'\s*(?:"((?:[^"\\]|\\.)*)"|\{(\d{1,10})\+?\}\r?\n|([^\s"{]+))', re.S)
