@@ -37,6 +37,7 @@ from starttls_harness.clients.lines import (
     LineClient,
     LineClientProtocol,
     LinePathDriver,
+    client_behaviours,
     run_reference_session,
 )
 from starttls_harness.dialects.roles import (
@@ -46,7 +47,7 @@ from starttls_harness.dialects.roles import (
     PathDriver,
     SessionPlan,
 )
-from starttls_harness.servers.base import STRICT, Behaviour
+from starttls_harness.servers.base import Behaviour
 from starttls_harness.tls.aio import SwitchableTransport
 from starttls_harness.tls.engine import Event, Rule, Violation
 from starttls_harness.tls.states import Input, State, transition
@@ -62,22 +63,12 @@ __all__ = [
     "reference_session",
 ]
 
-BEHAVIOURS: Dict[str, Behaviour] = {
-    b.name: b
-    for b in (
-        STRICT,
-        Behaviour(
-            "accept-injected-response",
-            Rule.R1,
-            "takes plaintext sent after the AUTH TLS answer as a TLS reply",
-            (Rule.R1,),
-        ),
-        Behaviour(
-            "plaintext-in-tls",
-            Rule.R2,
-            "takes plaintext received while TLS is up as a reply",
-            (Rule.R2,),
-        ),
+BEHAVIOURS: Dict[str, Behaviour] = client_behaviours(
+    "AUTH TLS",
+    answer="reply",
+    keeps="keeps the FEAT list learned before AUTH TLS/CCC",
+    downgrade="logs in in plaintext when AUTH TLS is not offered despite require_tls",
+    extra=(
         Behaviour(
             "early-plaintext",
             Rule.R3,
@@ -85,31 +76,13 @@ BEHAVIOURS: Dict[str, Behaviour] = {
             (Rule.R3,),
         ),
         Behaviour(
-            "one-sided-close",
-            Rule.R4,
-            "sends the next command right after its close_notify without waiting",
-            (Rule.R4,),
-        ),
-        Behaviour(
-            "no-close-notify-reply",
-            Rule.R5,
-            "closes TCP instead of answering the server's close_notify",
-            (Rule.R5,),
-        ),
-        Behaviour(
             "passive-ccc",
             Rule.R5,
             "after CCC waits for the server's close_notify, never answers it, speaks plaintext",
             (Rule.R3, Rule.R5),
         ),
-        Behaviour("no-state-reset", Rule.R8, "keeps the FEAT list learned before AUTH TLS/CCC"),
-        Behaviour(
-            "downgrade",
-            Rule.R9,
-            "logs in in plaintext when AUTH TLS is not offered despite require_tls",
-        ),
-    )
-}
+    ),
+)
 
 
 class FtpError(Exception):

@@ -59,13 +59,11 @@ Behaviours (``BEHAVIOURS``; each breaks exactly one rule):
 from __future__ import annotations
 
 import re
-import ssl
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
 from starttls_harness.clients.lines import (
     LineClient,
-    LineClientProtocol,
     LinePathDriver,
     client_behaviours,
     run_reference_session,
@@ -78,7 +76,7 @@ from starttls_harness.dialects.roles import (
     PathDriver,
     SessionPlan,
 )
-from starttls_harness.servers.base import STRICT, Behaviour
+from starttls_harness.servers.base import Behaviour
 from starttls_harness.servers.imapsyntax import (
     LITERAL_AT_END,
     Atom,
@@ -87,7 +85,6 @@ from starttls_harness.servers.imapsyntax import (
     quote,
     tokenize,
 )
-from starttls_harness.tls.aio import SwitchableTransport, Timeouts
 
 __all__ = [
     "BEHAVIOURS",
@@ -267,59 +264,9 @@ class ImapClient(LineClient):
     capabilities: Optional[FrozenSet[str]] = None
     authenticated = False
     selected: Optional[str] = None
+    #: The largest literal the client reads.
+    max_literal = 16 << 20
     _tag = 0
-
-    def __init__(
-        self,
-        transport: SwitchableTransport,
-        protocol: LineClientProtocol,
-        *,
-        behaviour: Behaviour = STRICT,
-        ssl_context: Optional[ssl.SSLContext] = None,
-        server_hostname: Optional[str] = None,
-        require_tls: bool = True,
-        timeout: float = 10.0,
-        max_literal: int = 16 << 20,
-    ) -> None:
-        super().__init__(
-            transport,
-            protocol,
-            behaviour=behaviour,
-            ssl_context=ssl_context,
-            server_hostname=server_hostname,
-            require_tls=require_tls,
-            timeout=timeout,
-        )
-        self.max_literal = max_literal
-
-    @classmethod
-    async def connect(
-        cls,
-        host: str,
-        port: int,
-        *,
-        ssl_context: Optional[ssl.SSLContext] = None,
-        server_hostname: Optional[str] = None,
-        require_tls: bool = True,
-        behaviour: str = "strict",
-        timeout: float = 10.0,
-        timeouts: Optional[Timeouts] = None,
-        max_line: int = 1 << 16,
-        max_literal: int = 16 << 20,
-    ) -> ImapClient:
-        """Connect and read the greeting."""
-        return await cls._open(
-            host,
-            port,
-            ssl_context=ssl_context,
-            server_hostname=server_hostname,
-            require_tls=require_tls,
-            behaviour=behaviour,
-            timeout=timeout,
-            timeouts=timeouts,
-            max_line=max_line,
-            max_literal=max_literal,
-        )
 
     async def __aenter__(self) -> ImapClient:
         return self

@@ -69,44 +69,51 @@ __all__ = [
 C = TypeVar("C", bound="LineClient")
 
 
-def client_behaviours(upgrade: str, *, keeps: str, downgrade: str) -> Dict[str, Behaviour]:
-    """A line client's misbehaving modes, each breaking exactly one rule.
+def client_behaviours(
+    upgrade: str,
+    *,
+    keeps: str,
+    downgrade: str,
+    answer: str = "response",
+    extra: Sequence[Behaviour] = (),
+) -> Dict[str, Behaviour]:
+    """A line client's misbehaving modes, each breaking exactly one rule, in rule order.
 
-    ``upgrade`` names the upgrade command; ``keeps`` says what ``no-state-reset``
-    keeps (R8), ``downgrade`` what the client does without TLS (R9).
+    ``upgrade`` names the upgrade command and ``answer`` what the server sends;
+    ``keeps`` says what ``no-state-reset`` keeps (R8), ``downgrade`` what the
+    client does without TLS (R9); ``extra`` adds the dialect's own modes.
     """
-    return {
-        b.name: b
-        for b in (
-            STRICT,
-            Behaviour(
-                "accept-injected-response",
-                Rule.R1,
-                f"takes plaintext sent after the {upgrade} answer as a TLS response",
-                (Rule.R1,),
-            ),
-            Behaviour(
-                "plaintext-in-tls",
-                Rule.R2,
-                "takes plaintext received while TLS is up as a response",
-                (Rule.R2,),
-            ),
-            Behaviour(
-                "one-sided-close",
-                Rule.R4,
-                "sends the next command right after its close_notify without waiting",
-                (Rule.R4,),
-            ),
-            Behaviour(
-                "no-close-notify-reply",
-                Rule.R5,
-                "closes TCP instead of answering the server's close_notify",
-                (Rule.R5,),
-            ),
-            Behaviour("no-state-reset", Rule.R8, keeps),
-            Behaviour("downgrade", Rule.R9, downgrade),
-        )
-    }
+    modes = (
+        Behaviour(
+            "accept-injected-response",
+            Rule.R1,
+            f"takes plaintext sent after the {upgrade} answer as a TLS {answer}",
+            (Rule.R1,),
+        ),
+        Behaviour(
+            "plaintext-in-tls",
+            Rule.R2,
+            f"takes plaintext received while TLS is up as a {answer}",
+            (Rule.R2,),
+        ),
+        Behaviour(
+            "one-sided-close",
+            Rule.R4,
+            "sends the next command right after its close_notify without waiting",
+            (Rule.R4,),
+        ),
+        Behaviour(
+            "no-close-notify-reply",
+            Rule.R5,
+            "closes TCP instead of answering the server's close_notify",
+            (Rule.R5,),
+        ),
+        Behaviour("no-state-reset", Rule.R8, keeps),
+        Behaviour("downgrade", Rule.R9, downgrade),
+        *extra,
+    )
+    ordered = sorted(modes, key=lambda b: list(Rule).index(b.rule) if b.rule else -1)
+    return {b.name: b for b in (STRICT, *ordered)}
 
 
 class LineClientProtocol(asyncio.Protocol):
