@@ -97,7 +97,6 @@ import asyncio
 import contextlib
 import ssl
 import time
-from dataclasses import dataclass, field
 from typing import (
     Awaitable,
     Callable,
@@ -143,7 +142,11 @@ from starttls_harness.servers.imapsyntax import (
 
 # The wire syntax lives in imapsyntax (the reference client reads IMAP with it
 # too); its public names stay importable from here.
-from starttls_harness.servers.lines import ClosureResponder, server_behaviours
+from starttls_harness.servers.lines import (
+    ClosureResponder,
+    SessionsRunningServer,
+    server_behaviours,
+)
 from starttls_harness.tls.aio import SwitchableTransport, create_server
 from starttls_harness.tls.engine import (
     AlertReceived,
@@ -764,14 +767,5 @@ async def start_server(config: ServerConfig) -> RunningServer:
     return running
 
 
-@dataclass
-class ImapRunningServer(RunningServer):
+class ImapRunningServer(SessionsRunningServer):
     """:class:`RunningServer` whose ``close()`` also waits for the sessions."""
-
-    sessions: Set[asyncio.Task[None]] = field(default_factory=set)
-
-    async def close(self) -> None:
-        await super().close()
-        pending = list(self.sessions)
-        if pending:
-            await asyncio.wait(pending, timeout=self.config.timeouts.closure)
