@@ -143,7 +143,7 @@ from starttls_harness.servers.imapsyntax import (
 # The wire syntax lives in imapsyntax (the reference client reads IMAP with it
 # too); its public names stay importable from here.
 from starttls_harness.servers.lines import (
-    ClosureResponder,
+    ConnectionCount,
     SessionsRunningServer,
     server_behaviours,
 )
@@ -214,19 +214,14 @@ Handler = Callable[["ImapServerProtocol", bytes, List[Token]], Awaitable[None]]
 
 _NOT_AUTH, _AUTH, _SELECTED, _ANY = "not-authenticated", "authenticated", "selected", "any"
 
-#: How many finished connection records ``RunningServer.connections`` keeps.
-_KEEP_FINISHED = 256
 
-
-class ImapServerProtocol(ClosureResponder, asyncio.Protocol):
+class ImapServerProtocol(ConnectionCount):
     """One IMAP connection (see the module docstring)."""
 
     def __init__(self, server: _Server) -> None:
         self.server = server
         self.behaviour = server.behaviour
         self.limits = server.limits
-        self.id = server.next_id
-        server.next_id += 1
         self.reader = LineReader(self.limits.max_line)
         self.predicate = StartTLSLine()
         self.transport: Optional[SwitchableTransport] = None
@@ -240,8 +235,7 @@ class ImapServerProtocol(ClosureResponder, asyncio.Protocol):
         self._unasked_return = False
         #: Commands executed, with the phase they ran in (evidence).
         self.log: List[Tuple[str, bytes]] = []
-        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._counted = False
+        self._count_in(server, server.running.connections)
         self._stopping = False
         self._after_stoptls = b""
         self._closure: Optional[asyncio.Future[None]] = None
@@ -254,40 +248,13 @@ class ImapServerProtocol(ClosureResponder, asyncio.Protocol):
         self.transport = transport
         server = self.server
         server.running.connections.append(self)
-        if server.active >= self.limits.max_connections:
-            transport.write(b"* BYE [UNAVAILABLE] Too many connections\r\n")
-            transport.close()
-            self._finish()
+        refusal = b"* BYE [UNAVAILABLE] Too many connections\r\n"
+        if not self._take_slot(transport, self.limits.max_connections, refusal):
             return
-        server.active += 1
-        self._counted = True
         transport.hold_after(self.predicate)
         task = asyncio.get_running_loop().create_task(self._session())
         server.tasks.add(task)
         task.add_done_callback(server.tasks.discard)
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-
-    def eof_received(self) -> bool:
-        # Keep the transport open: the session decides (and may still store
-        # a truncated APPEND under ``ignore-truncation``) and then closes.
-        self.reader.feed_eof()
-        return True
-
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        lost = exc or ConnectionResetError("connection closed")
-        self.reader.set_exception(lost)
-        for fut in (self._closure, self._close_notify):
-            if fut is not None and not fut.done():
-                fut.set_exception(lost)
-        self._release_slot()
-        self._prune()
-
-    def _release_slot(self) -> None:
-        if self._counted:
-            self._counted = False
-            self.server.active -= 1
 
     def engine_event(self, event: Event) -> None:
         """Closure bookkeeping; the misbehaving modes hook in here."""
@@ -368,17 +335,6 @@ class ImapServerProtocol(ClosureResponder, asyncio.Protocol):
     def _phase(self) -> str:
         assert self.transport is not None
         return f"tls{self.upgrades}" if self.transport.tls_active else f"plain{self.upgrades}"
-
-    def _finish(self) -> None:
-        self._release_slot()
-        if not self.finished.done():
-            self.finished.set_result(None)
-
-    def _prune(self) -> None:
-        conns = self.server.running.connections
-        done = [c for c in conns if getattr(c, "finished", None) is not None and c.finished.done()]
-        for old in done[: max(0, len(done) - _KEEP_FINISHED)]:
-            conns.remove(old)
 
     async def _read_command(self) -> Optional[Tuple[bytes, bytes]]:
         """One command with its literals inline: ``(tag, raw)``, or None if refused."""

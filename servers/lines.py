@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import ssl
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Dict, List, Optional, Set, Type, TypeVar
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Protocol, Set, Type, TypeVar
 
 from starttls_harness.servers.base import (
     EXTRA_BEHAVIOURS,
@@ -51,8 +51,9 @@ from starttls_harness.tls.engine import (
 from starttls_harness.tls.states import State
 
 __all__ = [
-    "ClosureResponder",
+    "ConnectionCount",
     "EndSession",
+    "LineServerProtocol",
     "LineSession",
     "SessionsRunningServer",
     "server_behaviours",
@@ -138,15 +139,16 @@ class SessionsRunningServer(RunningServer):
             await asyncio.wait(pending, timeout=self.config.timeouts.closure)
 
 
-class ClosureResponder:
-    """The server's half of an agreed return to plaintext, and its broken modes.
+class LineServerProtocol(asyncio.Protocol):
+    """A server connection that reads lines, and its half of the return to plaintext.
 
-    Shared by every reference server whose STOPTLS answer is followed by the
-    bidirectional closure and a fresh greeting (R3-R5): the answer leaves
-    under TLS, the client's close_notify is answered, and only then does the
-    server greet in plaintext.  ``early-plaintext`` greets before the client's
-    close_notify (R3); ``no-close-notify-reply`` hangs up instead (R5, in
-    the engine watch).
+    Shared by the line sessions and the IMAP server: the reader is fed and
+    failed here, and STOPTLS's answer is followed by the bidirectional
+    closure and a fresh greeting (R3-R5): the answer leaves under TLS, the
+    client's close_notify is answered, and only then does the server greet
+    in plaintext.  ``early-plaintext`` greets before the client's
+    close_notify (R3); ``no-close-notify-reply`` hangs up instead (R5, in the
+    engine watch).
     """
 
     transport: Optional[SwitchableTransport]
@@ -156,6 +158,23 @@ class ClosureResponder:
     _after_stoptls: bytes
     _closure: Optional[asyncio.Future[None]]
     _close_notify: Optional[asyncio.Future[None]]
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+
+    def eof_received(self) -> bool:
+        # Keep the transport open: the session decides (and may still store
+        # a truncated unit under ``ignore-truncation``) and then closes.
+        self.reader.feed_eof()
+        return True
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        lost = exc or ConnectionResetError("connection closed")
+        self.reader.set_exception(lost)
+        for fut in (self._closure, self._close_notify):
+            if fut is not None and not fut.done():
+                fut.set_exception(lost)
+                fut.exception()
 
     def _reset(self) -> None:
         raise NotImplementedError
@@ -202,7 +221,69 @@ class ClosureResponder:
         return True
 
 
-class LineSession(ClosureResponder, asyncio.Protocol):
+#: How many finished connection records ``RunningServer.connections`` keeps.
+KEEP_FINISHED = 256
+
+
+class Slots(Protocol):
+    """Where a server counts its connections: those served now, and the next id."""
+
+    active: int
+    next_id: int
+
+
+class ConnectionCount(LineServerProtocol):
+    """A connection counted against ``Limits.max_connections`` (the IMAP and NNTP servers).
+
+    It takes a slot when it is made (or is turned away with the dialect's
+    refusal), gives it back when it ends, and prunes the finished records of
+    ``RunningServer.connections`` so that a long run does not grow them.
+    """
+
+    def _count_in(self, slots: Slots, records: List[Any]) -> None:
+        self._slots = slots
+        self._records = records
+        self.id = slots.next_id
+        slots.next_id += 1
+        self._counted = False
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def _take_slot(self, transport: SwitchableTransport, limit: int, refusal: bytes) -> bool:
+        """Take a slot; False (after ``refusal`` and a close) when all are taken."""
+        if self._slots.active >= limit:
+            transport.write(refusal)
+            transport.close()
+            self._finish()
+            return False
+        self._slots.active += 1
+        self._counted = True
+        return True
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        super().connection_lost(exc)
+        self._release_slot()
+        self._prune()
+
+    def _finish(self) -> None:
+        self._release_slot()
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+    def _release_slot(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._slots.active -= 1
+
+    def _prune(self) -> None:
+        records = self._records
+        done = [
+            c for c in records if getattr(c, "finished", None) is not None and c.finished.done()
+        ]
+        for old in done[: max(0, len(done) - KEEP_FINISHED)]:
+            records.remove(old)
+
+
+class LineSession(LineServerProtocol):
     """One connection of a line server (see the module docstring).
 
     A dialect sets the class attributes and fills in the hooks (the methods
@@ -289,21 +370,6 @@ class LineSession(ClosureResponder, asyncio.Protocol):
         if isinstance(sessions, set):
             sessions.add(task)
             task.add_done_callback(sessions.discard)
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-
-    def eof_received(self) -> bool:
-        self.reader.feed_eof()  # the session decides, then closes
-        return True
-
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        lost = exc or ConnectionResetError("connection closed")
-        self.reader.set_exception(lost)
-        for fut in (self._closure, self._close_notify):
-            if fut is not None and not fut.done():
-                fut.set_exception(lost)
-                fut.exception()
 
     def engine_event(self, event: Event) -> None:
         """Closure bookkeeping; the misbehaving modes hook in here."""

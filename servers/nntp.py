@@ -45,7 +45,6 @@ a second STARTTLS gets ``382``) and ``accept-stoptls-in-plaintext`` (R3).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hmac
@@ -59,6 +58,7 @@ from starttls_harness.servers.base import Behaviour, RunningServer, ServerConfig
 from starttls_harness.servers.imap import BEHAVIOURS as IMAP_SERVER_BEHAVIOURS
 from starttls_harness.servers.imapsyntax import IncompleteRead
 from starttls_harness.servers.lines import (
+    ConnectionCount,
     EndSession,
     LineSession,
     SessionsRunningServer,
@@ -84,9 +84,6 @@ BEHAVIOURS: Dict[str, Behaviour] = {
     ),
 }
 
-#: How many finished connection records ``RunningServer.connections`` keeps.
-_KEEP_FINISHED = 256
-
 
 @dataclass(frozen=True)
 class PostedArticle:
@@ -106,7 +103,7 @@ class PostedArticle:
 Handler = Callable[["NntpServerProtocol", List[bytes]], Awaitable[None]]
 
 
-class NntpServerProtocol(LineSession):
+class NntpServerProtocol(ConnectionCount, LineSession):
     """One NNTP connection (see the module docstring)."""
 
     starttls_ok = b"382 Continue with TLS negotiation\r\n"
@@ -121,36 +118,21 @@ class NntpServerProtocol(LineSession):
         super().__init__(running, behaviour, ctx, _goodbye)
         self.server = running
         self.limits = running.config.limits
-        self.id = running.next_id
-        running.next_id += 1
         self._pending_user: Optional[str] = None
         self.group: Optional[str] = None
         #: True while an article is being read (its lines are not commands).
         self.in_article = False
-        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._counted = False
+        self._count_in(running, running.connections)
 
     # --------------------------------------------------- asyncio protocol
 
     def _admit(self, transport: SwitchableTransport) -> bool:
-        server = self.server
-        if server.active >= self.limits.max_connections:
-            transport.write(b"400 Too many connections, try again later\r\n")
-            transport.close()
-            self._finish()
-            return False
-        server.active += 1
-        self._counted = True
-        return True
+        refusal = b"400 Too many connections, try again later\r\n"
+        return self._take_slot(transport, self.limits.max_connections, refusal)
 
     def _holds(self, line: bytes) -> bool:
         """Hold-gate predicate: a plaintext STARTTLS command (not an article line)."""
         return not self.in_article and line.strip().upper() == b"STARTTLS"
-
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        super().connection_lost(exc)
-        self._release_slot()
-        self._prune()
 
     def _session_over(self) -> None:
         self._finish()
@@ -165,22 +147,6 @@ class NntpServerProtocol(LineSession):
 
     def _greeting(self) -> bytes:
         return f"200 {IDENT} ready (posting ok)\r\n".encode()
-
-    def _finish(self) -> None:
-        self._release_slot()
-        if not self.finished.done():
-            self.finished.set_result(None)
-
-    def _release_slot(self) -> None:
-        if self._counted:
-            self._counted = False
-            self.server.active -= 1
-
-    def _prune(self) -> None:
-        conns = self.server.connections
-        done = [c for c in conns if getattr(c, "finished", None) is not None and c.finished.done()]
-        for old in done[: max(0, len(done) - _KEEP_FINISHED)]:
-            conns.remove(old)
 
     def _reset(self) -> None:
         """R8: back to the state at connection start (unless no-state-reset)."""
