@@ -94,7 +94,6 @@ whose ``connections`` holds one :class:`ImapServerProtocol` per connection
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 import time
 from typing import (
@@ -109,8 +108,8 @@ from typing import (
 )
 
 from starttls_harness.servers.base import (
-    BARE_RESUME,
     Behaviour,
+    ExtraModes,
     Limits,
     RunningServer,
     ServerConfig,
@@ -149,16 +148,9 @@ from starttls_harness.servers.lines import (
 )
 from starttls_harness.tls.aio import SwitchableTransport, create_server
 from starttls_harness.tls.engine import (
-    AlertReceived,
-    CloseNotifyReceived,
-    ClosureComplete,
-    Event,
     LocalProtocolError,
-    Rule,
     TransitionError,
-    Violation,
 )
-from starttls_harness.tls.states import State
 
 __all__ = [
     "BEHAVIOURS",
@@ -231,8 +223,7 @@ class ImapServerProtocol(ConnectionCount):
         self.exists = 0
         #: STARTTLS upgrades done on this connection.
         self.upgrades = 0
-        #: resume-without-stoptls: the next closure was never asked for by STOPTLS.
-        self._unasked_return = False
+        self.extra = ExtraModes(self.behaviour, _goodbye)
         #: Commands executed, with the phase they ran in (evidence).
         self.log: List[Tuple[str, bytes]] = []
         self._count_in(server, server.running.connections)
@@ -256,53 +247,6 @@ class ImapServerProtocol(ConnectionCount):
         server.tasks.add(task)
         task.add_done_callback(server.tasks.discard)
 
-    def engine_event(self, event: Event) -> None:
-        """Closure bookkeeping; the misbehaving modes hook in here."""
-        if isinstance(event, ClosureComplete):
-            if (
-                not event.resumed
-                and self.behaviour.name == "plaintext-goodbye"
-                and self.transport is not None
-            ):
-                # R3 broken: plaintext onto the connection after the closure.
-                self.transport.write_raw(b"* BYE TLS closed, closing connection\r\n")
-            if event.resumed and self._unasked_return:
-                # resume-without-stoptls (R3 broken): a bare closure returns
-                # to plaintext as if STOPTLS had been agreed.
-                self._unasked_return = False
-                self._reset()
-                self._write(self._greeting(b"Plaintext resumed"))
-            if self._stopping and self.reader.pending:
-                # Sent under TLS after STOPTLS, before the closure.
-                self._after_stoptls = self.reader.take_pending()
-            _set(self._closure)
-        elif (
-            isinstance(event, Violation)
-            and event.rule is Rule.R6
-            and self.behaviour.name == "plaintext-goodbye"
-            and self.transport is not None
-        ):
-            # R3 broken: a plaintext goodbye onto the truncated TLS connection.
-            self.transport.write_raw(b"* BYE connection truncated\r\n")
-        elif isinstance(event, CloseNotifyReceived):
-            _set(self._close_notify)
-            if (
-                not self.behaviour.policy.enforces(Rule.R5)
-                and self.transport is not None
-                and self.transport.engine.state is State.CLOSE_RECEIVED
-            ):
-                # no-close-notify-reply: hang up instead of answering.
-                self.transport.close()
-        elif (
-            isinstance(event, AlertReceived)
-            and not self.behaviour.policy.enforces(Rule.R7)
-            and self.transport is not None
-            and self.transport.engine.state is State.PLAINTEXT
-        ):
-            # alert-as-close: the alert is taken for a closure.
-            self._reset()
-            self._write(self._greeting(b"TLS ended by alert; plaintext resumed"))
-
     # ------------------------------------------------------------ session
 
     async def _session(self) -> None:
@@ -324,13 +268,6 @@ class ImapServerProtocol(ConnectionCount):
             if self.transport is not None:
                 self.transport.close()
             self._finish()
-
-    def _write(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        with contextlib.suppress(LocalProtocolError):
-            transport.write(data)
 
     def _phase(self) -> str:
         assert self.transport is not None
@@ -445,6 +382,9 @@ class ImapServerProtocol(ConnectionCount):
     def _resumed_greeting(self) -> bytes:
         return self._greeting(b"Plaintext resumed")
 
+    def _greeting_after_alert(self) -> bytes:
+        return self._greeting(b"TLS ended by alert; plaintext resumed")
+
     def _reset(self) -> None:
         """R8: back to the state at connection start (unless no-state-reset)."""
         self.predicate.cancel_literal()
@@ -540,10 +480,7 @@ class ImapServerProtocol(ConnectionCount):
         )
         self.upgrades += 1
         self._reset()
-        if self.behaviour.name in BARE_RESUME:
-            # R3 broken: a close_notify without STOPTLS returns to plaintext.
-            transport.engine.accept_unwrap()
-            self._unasked_return = True
+        self.extra.handshake_done(transport)
 
     async def cmd_stoptls(self, tag: bytes, args: List[Token]) -> None:
         transport = self.transport
@@ -554,7 +491,7 @@ class ImapServerProtocol(ConnectionCount):
                 return
             self._write(tag + b" BAD STOPTLS is only valid under TLS\r\n")
             return
-        self._unasked_return = False
+        self.extra.stoptls_asked()
         if args or self.reader.pending:
             self._write(tag + b" BAD STOPTLS takes no arguments and must end the pipeline\r\n")
             return
@@ -675,9 +612,9 @@ class ImapServerProtocol(ConnectionCount):
         return b"* %d FETCH (" % number + b" ".join(parts) + b")\r\n"
 
 
-def _set(fut: Optional[asyncio.Future[None]]) -> None:
-    if fut is not None and not fut.done():
-        fut.set_result(None)
+def _goodbye(why: str) -> bytes:
+    """IMAP's goodbye: an untagged ``BYE`` before the server closes."""
+    return b"* BYE " + why.encode() + b"\r\n"
 
 
 #: Dispatch table: command name -> (state it needs, handler).

@@ -154,6 +154,7 @@ class LineServerProtocol(asyncio.Protocol):
     transport: Optional[SwitchableTransport]
     behaviour: Behaviour
     reader: LineReader
+    extra: ExtraModes
     _stopping: bool
     _after_stoptls: bytes
     _closure: Optional[asyncio.Future[None]]
@@ -176,14 +177,49 @@ class LineServerProtocol(asyncio.Protocol):
                 fut.set_exception(lost)
                 fut.exception()
 
+    def engine_event(self, event: Event) -> None:
+        """Closure bookkeeping; the misbehaving modes hook in here."""
+        t = self.transport
+        if self.extra.on_event(event, t):
+            self._reset()  # resume-without-stoptls: greet as after STOPTLS
+            self._write(self._resumed_greeting())
+        if isinstance(event, ClosureComplete):
+            if self._stopping and self.reader.pending:
+                self._after_stoptls = self.reader.take_pending()
+            _set(self._closure)
+        elif isinstance(event, CloseNotifyReceived):
+            _set(self._close_notify)
+            if (
+                not self.behaviour.policy.enforces(Rule.R5)
+                and t is not None
+                and t.engine.state is State.CLOSE_RECEIVED
+            ):
+                t.close()  # no-close-notify-reply: hang up instead of answering
+        elif (
+            isinstance(event, AlertReceived)
+            and not self.behaviour.policy.enforces(Rule.R7)
+            and t is not None
+            and t.engine.state is State.PLAINTEXT
+        ):
+            self._reset()  # alert-as-close: the alert is taken for a closure
+            self._write(self._greeting_after_alert())
+
+    def _write(self, data: bytes) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        with contextlib.suppress(LocalProtocolError):
+            t.write(data)
+
+    def _greeting_after_alert(self) -> bytes:
+        """The greeting when ``alert-as-close`` takes an alert for a closure."""
+        return self._resumed_greeting()
+
     def _reset(self) -> None:
         raise NotImplementedError
 
     def _resumed_greeting(self) -> bytes:
         """The greeting after the return to plaintext."""
-        raise NotImplementedError
-
-    def _write(self, data: bytes) -> None:
         raise NotImplementedError
 
     async def _close_then_greet(self, answer: bytes, bound: float) -> bool:
@@ -371,33 +407,6 @@ class LineSession(LineServerProtocol):
             sessions.add(task)
             task.add_done_callback(sessions.discard)
 
-    def engine_event(self, event: Event) -> None:
-        """Closure bookkeeping; the misbehaving modes hook in here."""
-        t = self.transport
-        if self.extra.on_event(event, t):
-            self._reset()  # resume-without-stoptls: greet as after STOPTLS
-            self._write(self._greeting())
-        if isinstance(event, ClosureComplete):
-            if self._stopping and self.reader.pending:
-                self._after_stoptls = self.reader.take_pending()
-            _set(self._closure)
-        elif isinstance(event, CloseNotifyReceived):
-            _set(self._close_notify)
-            if (
-                not self.behaviour.policy.enforces(Rule.R5)
-                and t is not None
-                and t.engine.state is State.CLOSE_RECEIVED
-            ):
-                t.close()  # no-close-notify-reply: hang up instead of answering
-        elif (
-            isinstance(event, AlertReceived)
-            and not self.behaviour.policy.enforces(Rule.R7)
-            and t is not None
-            and t.engine.state is State.PLAINTEXT
-        ):
-            self._reset()  # alert-as-close: the alert is taken for a closure
-            self._write(self._greeting())
-
     # ------------------------------------------------------------ session
 
     async def _session(self) -> None:
@@ -419,13 +428,6 @@ class LineSession(LineServerProtocol):
         finally:
             t.close()
             self._session_over()
-
-    def _write(self, data: bytes) -> None:
-        t = self.transport
-        if t is None or t.is_closing():
-            return
-        with contextlib.suppress(LocalProtocolError):
-            t.write(data)
 
     def _farewell(self, why: str) -> EndSession:
         """The end of the session with the dialect's goodbye saying ``why``."""
