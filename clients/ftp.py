@@ -33,26 +33,23 @@ import contextlib
 import ssl
 from typing import Dict, FrozenSet, List, Optional, Sequence, Set
 
+from starttls_harness.clients.lines import (
+    LineClient,
+    LineClientProtocol,
+    LinePathDriver,
+    client_behaviours,
+    run_reference_session,
+)
 from starttls_harness.dialects.roles import (
     ClientOutcome,
     ClientSpec,
     Hooks,
     PathDriver,
     SessionPlan,
-    StopTLSUnsupported,
-    failed,
-    transport_events,
 )
-from starttls_harness.servers.base import STRICT, Behaviour, behaviour_named
-from starttls_harness.servers.imapsyntax import LineReader
-from starttls_harness.tls.aio import ConnectionEnded, SwitchableTransport, Timeouts, open_connection
-from starttls_harness.tls.engine import (
-    CloseNotifyReceived,
-    ClosureComplete,
-    Event,
-    Rule,
-    Violation,
-)
+from starttls_harness.servers.base import Behaviour
+from starttls_harness.tls.aio import SwitchableTransport
+from starttls_harness.tls.engine import Event, Rule, Violation
 from starttls_harness.tls.states import Input, State, transition
 
 __all__ = [
@@ -66,22 +63,12 @@ __all__ = [
     "reference_session",
 ]
 
-BEHAVIOURS: Dict[str, Behaviour] = {
-    b.name: b
-    for b in (
-        STRICT,
-        Behaviour(
-            "accept-injected-response",
-            Rule.R1,
-            "takes plaintext sent after the AUTH TLS answer as a TLS reply",
-            (Rule.R1,),
-        ),
-        Behaviour(
-            "plaintext-in-tls",
-            Rule.R2,
-            "takes plaintext received while TLS is up as a reply",
-            (Rule.R2,),
-        ),
+BEHAVIOURS: Dict[str, Behaviour] = client_behaviours(
+    "AUTH TLS",
+    answer="reply",
+    keeps="keeps the FEAT list learned before AUTH TLS/CCC",
+    downgrade="logs in in plaintext when AUTH TLS is not offered despite require_tls",
+    extra=(
         Behaviour(
             "early-plaintext",
             Rule.R3,
@@ -89,31 +76,13 @@ BEHAVIOURS: Dict[str, Behaviour] = {
             (Rule.R3,),
         ),
         Behaviour(
-            "one-sided-close",
-            Rule.R4,
-            "sends the next command right after its close_notify without waiting",
-            (Rule.R4,),
-        ),
-        Behaviour(
-            "no-close-notify-reply",
-            Rule.R5,
-            "closes TCP instead of answering the server's close_notify",
-            (Rule.R5,),
-        ),
-        Behaviour(
             "passive-ccc",
             Rule.R5,
             "after CCC waits for the server's close_notify, never answers it, speaks plaintext",
             (Rule.R3, Rule.R5),
         ),
-        Behaviour("no-state-reset", Rule.R8, "keeps the FEAT list learned before AUTH TLS/CCC"),
-        Behaviour(
-            "downgrade",
-            Rule.R9,
-            "logs in in plaintext when AUTH TLS is not offered despite require_tls",
-        ),
-    )
-}
+    ),
+)
 
 
 class FtpError(Exception):
@@ -146,127 +115,42 @@ def _features(lines: Sequence[bytes]) -> FrozenSet[str]:
     return frozenset(found)
 
 
-class _ClientProtocol(asyncio.Protocol):
-    """Feeds the line reader; watches the engine for closures."""
-
-    def __init__(self, behaviour: Behaviour, max_line: int) -> None:
-        self.behaviour = behaviour
-        self.reader = LineReader(max_line)
-        self.transport: Optional[SwitchableTransport] = None
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        #: Resolved when the CCC closure is over (or, relaxed, forced over).
-        self.closure: Optional[asyncio.Future[None]] = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, SwitchableTransport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-
-    def eof_received(self) -> None:
-        self.reader.feed_eof()
-
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        lost = exc or ConnectionResetError("the server closed the connection")
-        self.reader.set_exception(lost)
-        if self.closure is not None and not self.closure.done():
-            self.closure.set_exception(lost)
-            self.closure.exception()
-        if not self.lost.done():
-            self.lost.set_result(None)
-
-    def _closed(self) -> None:
-        if self.closure is not None and not self.closure.done():
-            self.closure.set_result(None)
+class _ClientProtocol(LineClientProtocol):
+    """The line client's protocol, with the CCC modes' own closures."""
 
     def engine_event(self, event: Event) -> None:
-        t = self.transport
-        if isinstance(event, ClosureComplete):
-            self._closed()
-        elif isinstance(event, Violation) and not event.enforced and event.rule is Rule.R3:
-            self._closed()  # early-plaintext: the plaintext ended TLS for it
-        elif (
-            isinstance(event, CloseNotifyReceived)
-            and not self.behaviour.policy.enforces(Rule.R5)
-            and t is not None
-            and t.engine.state is State.CLOSE_RECEIVED
-        ):
-            if self.behaviour.name == "passive-ccc" and self.closure is not None:
-                # curl's passive mode: the server's close_notify ends TLS for
-                # it; it never answers and goes on in plaintext.
-                t.engine.state = transition(t.engine.state, Input.FORCED_RESUME)
-                self._closed()
-            else:
-                t.close()  # hang up instead (passive-ccc does so outside CCC)
+        if isinstance(event, Violation) and not event.enforced and event.rule is Rule.R3:
+            self.closure_over()  # early-plaintext: the plaintext ended TLS for it
+        else:
+            super().engine_event(event)
+
+    def unanswered(self, transport: SwitchableTransport) -> None:
+        if self.behaviour.name == "passive-ccc" and self.closure is not None:
+            # curl's passive mode: the server's close_notify ends TLS for
+            # it; it never answers and goes on in plaintext.
+            transport.engine.state = transition(transport.engine.state, Input.FORCED_RESUME)
+            self.closure_over()
+        else:
+            transport.close()  # hang up instead (passive-ccc does so outside CCC)
 
 
-class FtpClient:
+class FtpClient(LineClient):
     """An FTP client on the switchable transport; create it with :meth:`connect`."""
 
-    def __init__(
-        self,
-        transport: SwitchableTransport,
-        protocol: _ClientProtocol,
-        *,
-        behaviour: Behaviour = STRICT,
-        ssl_context: Optional[ssl.SSLContext] = None,
-        server_hostname: Optional[str] = None,
-        require_tls: bool = True,
-        timeout: float = 10.0,
-    ) -> None:
-        self.transport = transport
-        self.protocol = protocol
-        self.behaviour = behaviour
-        self.ssl_context = ssl_context
-        self.server_hostname = server_hostname
-        self.require_tls = require_tls
-        self.timeout = timeout
-        self.greeting = b""
-        #: What FEAT listed in the current phase (None: not known).
-        self.features: Optional[FrozenSet[str]] = None
-        self.logged_in = False
-        self.upgrades = 0
-        self.downgraded: Optional[str] = None
+    behaviours = BEHAVIOURS
+    protocol_class = _ClientProtocol
+    error = FtpError
+    tls_required = TLSRequired
+    starttls_error = TLSRequired
+    stoptls_unsupported = StopTLSNotSupported
+    upgrade_name = "AUTH TLS"
+    stoptls_name = "CCC"
+    stoptls_missing = "the server does not list CCC"
 
-    @classmethod
-    async def connect(
-        cls,
-        host: str,
-        port: int,
-        *,
-        ssl_context: Optional[ssl.SSLContext] = None,
-        server_hostname: Optional[str] = None,
-        require_tls: bool = True,
-        behaviour: str = "strict",
-        timeout: float = 10.0,
-        timeouts: Optional[Timeouts] = None,
-        max_line: int = 1 << 16,
-    ) -> FtpClient:
-        """Connect and read the ``220`` greeting."""
-        chosen = behaviour_named(BEHAVIOURS, behaviour)
-        protocol = _ClientProtocol(chosen, max_line)
-        transport, _ = await open_connection(
-            lambda: protocol, host, port, policy=chosen.policy, timeouts=timeouts or Timeouts()
-        )
-        client = cls(
-            transport,
-            protocol,
-            behaviour=chosen,
-            ssl_context=ssl_context,
-            server_hostname=server_hostname or host,
-            require_tls=require_tls,
-            timeout=timeout,
-        )
-        try:
-            lines = await client._reply()
-            if not lines[-1].startswith(b"220"):
-                raise FtpError(f"unexpected greeting {lines[-1][:80]!r}")
-            client.greeting = b"".join(lines)
-        except BaseException:
-            transport.abort()
-            raise
-        return client
+    greeting = b""
+    #: What FEAT listed in the current phase (None: not known).
+    features: Optional[FrozenSet[str]] = None
+    logged_in = False
 
     # ----------------------------------------------------------- commands
 
@@ -279,46 +163,11 @@ class FtpClient:
 
     async def auth_tls(self, ssl_context: Optional[ssl.SSLContext] = None) -> bool:
         """Upgrade to TLS; True once TLS is up (False only for ``downgrade``)."""
-        context = ssl_context or self.ssl_context
-        if context is None:
-            raise ValueError("no ssl_context given")
-        if self.transport.tls_active:
-            raise FtpError("TLS is already active")
-        features = await self._known_features()
-        if "AUTH TLS" not in features:
-            return self._without_tls("the server does not offer AUTH TLS")
-        # R1: whatever follows the one-line answer is held, not read.
-        self.transport.hold_after(lambda line: True, once=True)
-        self._write(b"AUTH TLS\r\n")
-        answer = await self._line()
-        if not answer.startswith(b"234"):
-            self.transport.release_held()
-            return self._without_tls(f"AUTH TLS refused: {answer.decode('latin-1').strip()}")
-        leftover = self.protocol.reader.take_pending()
-        try:
-            await self.transport.start_tls(
-                context,
-                server_side=False,
-                server_hostname=self.server_hostname,
-                leftover=leftover,
-                timeout=self.timeout,
-            )
-        except (ConnectionError, asyncio.TimeoutError, ssl.SSLError) as exc:
-            self.transport.abort()
-            raise TLSRequired(f"TLS could not be started: {exc}") from exc
-        self.upgrades += 1
-        if self._transition():
-            await self.feat()
-        return True
+        return await self.starttls(ssl_context)
 
     async def login(self, user: str, password: str) -> bytes:
         """USER/PASS; refused locally in plaintext (R9)."""
-        if (
-            not self.transport.tls_active
-            and self.require_tls
-            and self.behaviour.name != "downgrade"
-        ):
-            raise TLSRequired("refusing to send credentials in plaintext (require_tls)")
+        self._guard_credentials()
         lines = await self._send(f"USER {user}".encode(), check=False)
         if lines[-1].startswith(b"331"):
             lines = await self._send(f"PASS {password}".encode(), check=False)
@@ -334,18 +183,13 @@ class FtpClient:
     async def ccc(self) -> None:
         """Clear the control channel (CCC): the bidirectional closure, then plaintext."""
         t = self.transport
-        if not t.tls_active:
-            raise FtpError("CCC needs an active TLS session")
-        if "CCC" not in await self._known_features():
-            raise StopTLSNotSupported("the server does not list CCC")
+        await self._may_stop()
         passive = self.behaviour.name == "passive-ccc"
         self.protocol.closure = asyncio.get_running_loop().create_future()
         if not passive:
             t.engine.accept_unwrap()  # a close_notify of the server's returns to plaintext
         await self._send(b"CCC")
-        if self.protocol.reader.pending:
-            t.abort()
-            raise FtpError("the server sent data after its CCC answer")
+        self._nothing_after_answer()
         if passive:
             await asyncio.wait_for(self.protocol.closure, self.timeout)
         elif self.behaviour.name == "one-sided-close" and t.engine.state is State.TLS:
@@ -381,47 +225,47 @@ class FtpClient:
             await self._send(b"QUIT")
         await self.aclose()
 
-    def close(self) -> None:
-        self.transport.close()
+    async def stoptls(self) -> None:
+        """FTP's return to plaintext is CCC."""
+        await self.ccc()
 
-    async def aclose(self) -> None:
-        """Close and wait (bounded) until the connection is gone."""
-        self.transport.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(self.protocol.lost), self.timeout)
-        except asyncio.TimeoutError:
-            self.transport.abort()
+    # ------------------------------------------------------------ hooks
+
+    async def _greet(self) -> None:
+        lines = await self._reply()
+        if not lines[-1].startswith(b"220"):
+            raise FtpError(f"unexpected greeting {lines[-1][:80]!r}")
+        self.greeting = b"".join(lines)
+
+    def _known(self) -> Optional[FrozenSet[str]]:
+        return self.features
+
+    async def _discover(self) -> FrozenSet[str]:
+        return await self.feat()
+
+    async def _ask_upgrade(self) -> Optional[str]:
+        # R1: whatever follows the one-line answer is held, not read.
+        self.transport.hold_after(lambda line: True, once=True)
+        self._write(b"AUTH TLS\r\n")
+        answer = await self._line()
+        return None if answer.startswith(b"234") else answer.decode("latin-1").strip()
 
     # ------------------------------------------------------- internals
 
-    def _without_tls(self, reason: str) -> bool:
-        if self.behaviour.name == "downgrade":
-            self.downgraded = reason
-            return False
-        if self.require_tls:
-            self.transport.close()
-        raise TLSRequired(reason)
+    def _forget(self) -> None:
+        self.features = None
+        self.logged_in = False
 
     def _transition(self, keep_login: bool = False) -> bool:
         """R8 after AUTH TLS/CCC; False when ``no-state-reset`` keeps the state.
 
         CCC keeps the login by design (RFC 4217 §5); AUTH TLS resets it.
         """
-        if self.behaviour.name == "no-state-reset":
+        logged_in = self.logged_in
+        if not super()._transition():
             return False
-        self.features = None
-        self.logged_in = self.logged_in and keep_login
+        self.logged_in = logged_in and keep_login
         return True
-
-    async def _known_features(self) -> FrozenSet[str]:
-        if self.features is None:
-            return await self.feat()
-        return self.features
-
-    def _write(self, data: bytes) -> None:
-        if self.transport.is_closing():
-            raise ConnectionResetError("the connection is closed")
-        self.transport.write(data)
 
     async def _line(self) -> bytes:
         return await self.protocol.reader.read_line(self.timeout)
@@ -456,41 +300,8 @@ class FtpClient:
 # ------------------------------------------------------ the harness's roles
 
 
-def _ended(client: FtpClient, what: str) -> ConnectionError:
-    enforced = [v for v in client.transport.violations if v.enforced]
-    return ConnectionEnded(enforced[-1]) if enforced else ConnectionResetError(what)
-
-
-class _PathDriver(PathDriver):
+class _PathDriver(LinePathDriver[FtpClient]):
     """:class:`FtpClient` through the path proxy, one verb at a time."""
-
-    def __init__(self, spec: ClientSpec, behaviour: str, user: str, password: str) -> None:
-        self.spec = spec
-        self.behaviour = behaviour
-        self.user = user
-        self.password = password
-        self.client: Optional[FtpClient] = None
-
-    def _client(self) -> FtpClient:
-        if self.client is None:
-            raise ConnectionError("not connected")
-        return self.client
-
-    async def connect(self, hooks: Hooks) -> None:
-        spec = self.spec
-        self.client = await FtpClient.connect(
-            spec.host,
-            spec.port,
-            ssl_context=spec.tls_context,
-            server_hostname=spec.server_hostname,
-            behaviour=self.behaviour,
-            timeout=spec.timeout,
-            timeouts=Timeouts(handshake=spec.timeout, closure=spec.timeout, connect=spec.timeout),
-        )
-
-    async def starttls(self, hooks: Hooks) -> None:
-        if not await self._client().auth_tls():
-            raise ConnectionError("the client carried on without TLS")
 
     async def command(self, hooks: Hooks) -> None:
         await self._client().noop(check=False)
@@ -499,10 +310,7 @@ class _PathDriver(PathDriver):
         client = self._client()
         if not client.logged_in:
             await client.login(self.user, self.password)
-        try:
-            await client.ccc()
-        except StopTLSNotSupported as exc:
-            raise StopTLSUnsupported(str(exc)) from exc
+        await super().stoptls(hooks)
 
     async def send_unit(self, hooks: Hooks) -> None:
         """``MKD`` cut in two records: the FIN replaces the second."""
@@ -523,19 +331,10 @@ class _PathDriver(PathDriver):
     async def quit(self, hooks: Hooks) -> None:
         await self._client().quit()
 
-    def engine_events(self) -> Optional[Sequence[Event]]:
-        if self.client is None:
-            return None
-        return transport_events(self.client.transport)
-
-    async def close(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
-
 
 def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
     """The reference client as the path role's client under test (it logs in)."""
-    return _PathDriver(spec, behaviour, user, password)
+    return _PathDriver(FtpClient, spec, behaviour, user, password)
 
 
 async def reference_session(plan: SessionPlan) -> ClientOutcome:
@@ -545,40 +344,25 @@ async def reference_session(plan: SessionPlan) -> ClientOutcome:
     ``cycles`` times CCC + FEAT + AUTH TLS + FEAT + login; ``MKD`` as the
     stored unit; QUIT.
     """
-    errors = (FtpError, ConnectionError, OSError, asyncio.TimeoutError, RuntimeError)
-    try:
-        client = await FtpClient.connect(
-            plan.host,
-            plan.port,
-            ssl_context=plan.tls_context,
-            server_hostname="localhost",
-            require_tls=True,
-            behaviour=plan.behaviour,
-            timeout=plan.timeout,
-            timeouts=plan.timeouts,
-        )
-    except errors as exc:
-        return failed(exc)
-    done = 0
-    try:
-        await client.auth_tls()
+
+    async def login(client: FtpClient) -> None:
         await client.login(plan.user, plan.password)
+
+    async def protect(client: FtpClient) -> None:
         if client.transport.tls_active:
             await client.protect()
-        for _ in range(plan.cycles):
-            if "CCC" not in (client.features or frozenset()):
-                break
-            await client.ccc()
-            await client.auth_tls()
-            await client.login(plan.user, plan.password)
-            done += 1
+
+    async def store(client: FtpClient) -> None:
         answer = await client.mkd("harness-stored")
         if not answer.startswith(b"257"):
-            raise _ended(client, f"MKD answered {answer[:60]!r}")
-        with contextlib.suppress(*errors):
-            await client.quit()
-    except errors as exc:
-        return failed(exc)
-    finally:
-        client.close()
-    return ClientOutcome(True, f"directory made after {done} CCC cycle(s)")
+            raise client._ended(f"MKD answered {answer[:60]!r}")
+
+    return await run_reference_session(
+        FtpClient,
+        plan,
+        login=login,
+        settle=protect,
+        store=store,
+        goodbye=FtpClient.quit,
+        done="directory made after {n} CCC cycle(s)",
+    )

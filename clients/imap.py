@@ -58,13 +58,16 @@ Behaviours (``BEHAVIOURS``; each breaks exactly one rule):
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import re
-import ssl
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
+from typing import Awaitable, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
+from starttls_harness.clients.lines import (
+    LineClient,
+    LinePathDriver,
+    client_behaviours,
+    run_reference_session,
+)
 from starttls_harness.dialects.roles import (
     PATH_MESSAGE,
     ClientOutcome,
@@ -72,23 +75,16 @@ from starttls_harness.dialects.roles import (
     Hooks,
     PathDriver,
     SessionPlan,
-    StopTLSUnsupported,
-    failed,
-    transport_events,
 )
-from starttls_harness.servers.base import STRICT, Behaviour, behaviour_named
+from starttls_harness.servers.base import Behaviour
 from starttls_harness.servers.imapsyntax import (
     LITERAL_AT_END,
     Atom,
-    LineReader,
     ParseError,
     Token,
     quote,
     tokenize,
 )
-from starttls_harness.tls.aio import ConnectionEnded, SwitchableTransport, Timeouts, open_connection
-from starttls_harness.tls.engine import CloseNotifyReceived, ClosureComplete, Event, Rule
-from starttls_harness.tls.states import State
 
 __all__ = [
     "BEHAVIOURS",
@@ -108,46 +104,11 @@ __all__ = [
     "reference_session",
 ]
 
-BEHAVIOURS: Dict[str, Behaviour] = {
-    b.name: b
-    for b in (
-        STRICT,
-        Behaviour(
-            "accept-injected-response",
-            Rule.R1,
-            "takes plaintext sent after the STARTTLS answer as a TLS response",
-            (Rule.R1,),
-        ),
-        Behaviour(
-            "plaintext-in-tls",
-            Rule.R2,
-            "takes plaintext received while TLS is up as a response",
-            (Rule.R2,),
-        ),
-        Behaviour(
-            "one-sided-close",
-            Rule.R4,
-            "sends the next command right after its close_notify without waiting",
-            (Rule.R4,),
-        ),
-        Behaviour(
-            "no-close-notify-reply",
-            Rule.R5,
-            "closes TCP instead of answering the server's close_notify",
-            (Rule.R5,),
-        ),
-        Behaviour(
-            "no-state-reset",
-            Rule.R8,
-            "keeps capabilities learned before STARTTLS/STOPTLS",
-        ),
-        Behaviour(
-            "downgrade",
-            Rule.R9,
-            "logs in in plaintext when STARTTLS is not offered despite require_tls",
-        ),
-    )
-}
+BEHAVIOURS: Dict[str, Behaviour] = client_behaviours(
+    "STARTTLS",
+    keeps="keeps capabilities learned before STARTTLS/STOPTLS",
+    downgrade="logs in in plaintext when STARTTLS is not offered despite require_tls",
+)
 
 
 # ------------------------------------------------------------------ errors
@@ -280,54 +241,10 @@ def _capabilities(tokens: Sequence[Token]) -> FrozenSet[str]:
 # ---------------------------------------------------------------- protocol
 
 
-class _ClientProtocol(asyncio.Protocol):
-    """Feeds the line reader; watches the engine for closures."""
-
-    def __init__(self, behaviour: Behaviour, max_line: int) -> None:
-        self.behaviour = behaviour
-        self.reader = LineReader(max_line)
-        self.transport: Optional[SwitchableTransport] = None
-        loop = asyncio.get_running_loop()
-        self.lost: asyncio.Future[None] = loop.create_future()
-        self.closure: Optional[asyncio.Future[None]] = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, SwitchableTransport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-
-    def eof_received(self) -> None:
-        self.reader.feed_eof()
-
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        lost = exc or ConnectionResetError("the server closed the connection")
-        self.reader.set_exception(lost)
-        if self.closure is not None and not self.closure.done():
-            self.closure.set_exception(lost)
-            self.closure.exception()
-        if not self.lost.done():
-            self.lost.set_result(None)
-
-    def engine_event(self, event: Event) -> None:
-        if isinstance(event, ClosureComplete):
-            if self.closure is not None and not self.closure.done():
-                self.closure.set_result(None)
-        elif (
-            isinstance(event, CloseNotifyReceived)
-            and not self.behaviour.policy.enforces(Rule.R5)
-            and self.transport is not None
-            and self.transport.engine.state is State.CLOSE_RECEIVED
-        ):
-            # no-close-notify-reply: hang up instead of answering (R5 broken).
-            self.transport.close()
-
-
 # ------------------------------------------------------------------ client
 
 
-class ImapClient:
+class ImapClient(LineClient):
     """An IMAP client on the switchable transport (see the module docstring).
 
     Create it with :meth:`connect`.  Transport failures surface as
@@ -335,77 +252,21 @@ class ImapClient:
     rule when a violation ended the connection).
     """
 
-    def __init__(
-        self,
-        transport: SwitchableTransport,
-        protocol: _ClientProtocol,
-        *,
-        behaviour: Behaviour = STRICT,
-        ssl_context: Optional[ssl.SSLContext] = None,
-        server_hostname: Optional[str] = None,
-        require_tls: bool = True,
-        timeout: float = 10.0,
-        max_literal: int = 16 << 20,
-    ) -> None:
-        self.transport = transport
-        self.protocol = protocol
-        self.behaviour = behaviour
-        self.ssl_context = ssl_context
-        self.server_hostname = server_hostname
-        self.require_tls = require_tls
-        self.timeout = timeout
-        self.max_literal = max_literal
-        self.greeting: Optional[Untagged] = None
-        #: What the server advertised in the current phase (None: not known).
-        self.capabilities: Optional[FrozenSet[str]] = None
-        self.authenticated = False
-        self.selected: Optional[str] = None
-        #: STARTTLS upgrades done; ``downgraded`` says why TLS was skipped.
-        self.upgrades = 0
-        self.downgraded: Optional[str] = None
-        self._tag = 0
+    behaviours = BEHAVIOURS
+    error = ImapError
+    tls_required = TLSRequired
+    starttls_error = StartTLSError
+    stoptls_unsupported = StopTLSNotSupported
+    protocol_error = ImapProtocolError
 
-    @classmethod
-    async def connect(
-        cls,
-        host: str,
-        port: int,
-        *,
-        ssl_context: Optional[ssl.SSLContext] = None,
-        server_hostname: Optional[str] = None,
-        require_tls: bool = True,
-        behaviour: str = "strict",
-        timeout: float = 10.0,
-        timeouts: Optional[Timeouts] = None,
-        max_line: int = 1 << 16,
-        max_literal: int = 16 << 20,
-    ) -> ImapClient:
-        """Connect and read the greeting."""
-        chosen = behaviour_named(BEHAVIOURS, behaviour)
-        protocol = _ClientProtocol(chosen, max_line)
-        transport, _ = await open_connection(
-            lambda: protocol,
-            host,
-            port,
-            policy=chosen.policy,
-            timeouts=timeouts or Timeouts(),
-        )
-        client = cls(
-            transport,
-            protocol,
-            behaviour=chosen,
-            ssl_context=ssl_context,
-            server_hostname=server_hostname or host,
-            require_tls=require_tls,
-            timeout=timeout,
-            max_literal=max_literal,
-        )
-        try:
-            await client._read_greeting(learn=True)
-        except BaseException:
-            transport.abort()
-            raise
-        return client
+    greeting: Optional[Untagged] = None
+    #: What the server advertised in the current phase (None: not known).
+    capabilities: Optional[FrozenSet[str]] = None
+    authenticated = False
+    selected: Optional[str] = None
+    #: The largest literal the client reads.
+    max_literal = 16 << 20
+    _tag = 0
 
     async def __aenter__(self) -> ImapClient:
         return self
@@ -426,84 +287,10 @@ class ImapClient:
     async def noop(self) -> Response:
         return await self._run("NOOP")
 
-    async def starttls(self, ssl_context: Optional[ssl.SSLContext] = None) -> bool:
-        """Upgrade to TLS; True once TLS is up (False only for ``downgrade``)."""
-        context = ssl_context or self.ssl_context
-        if context is None:
-            raise ValueError("no ssl_context given")
-        if self.transport.tls_active:
-            raise ImapError("TLS is already active")
-        caps = await self._known_capabilities()
-        if "STARTTLS" not in caps:
-            return self._without_tls("the server does not offer STARTTLS")
-        tag = self._next_tag()
-        prefix = tag + b" "
-        # R1: whatever follows our tagged answer line is held, not read.
-        self.transport.hold_after(lambda line: line.startswith(prefix), once=True)
-        self._write(tag + b" STARTTLS\r\n")
-        response = await self._read_response(tag)
-        if not response.ok:
-            self.transport.release_held()
-            return self._without_tls(f"STARTTLS refused: {response.status} {response.text}")
-        leftover = self.protocol.reader.take_pending()
-        try:
-            await self.transport.start_tls(
-                context,
-                server_side=False,
-                server_hostname=self.server_hostname,
-                leftover=leftover,
-                timeout=self.timeout,
-            )
-        except (ConnectionError, asyncio.TimeoutError, ssl.SSLError) as exc:
-            self.transport.abort()
-            error = TLSRequired if self.require_tls else StartTLSError
-            raise error(f"TLS could not be started: {exc}") from exc
-        self.upgrades += 1
-        if self._transition():
-            await self.capability()
-        return True
-
-    async def stoptls(self) -> None:
-        """Return to plaintext with the bidirectional closure (R3-R5)."""
-        if not self.transport.tls_active:
-            raise ImapError("STOPTLS needs an active TLS session")
-        caps = await self._known_capabilities()
-        if "STOPTLS" not in caps:
-            raise StopTLSNotSupported("the server does not advertise STOPTLS")
-        await self._run("STOPTLS")
-        if self.transport.engine.state is not State.TLS:
-            # The answer came, and the same read broke a rule (e.g. the
-            # server's plaintext greeting glued to its close_notify).
-            raise self._ended("TLS ended before STOPTLS completed")
-        if self.protocol.reader.pending:
-            self.transport.abort()
-            raise ImapProtocolError("the server sent data after its STOPTLS answer")
-        if self.behaviour.name == "one-sided-close":
-            await self._one_sided_stoptls()
-            return
-        await self.transport.unwrap(timeout=self.timeout)
-        reset = self._transition()
-        await self._read_greeting(learn=reset)
-        if reset:
-            await self.capability()
-
-    async def _one_sided_stoptls(self) -> None:
-        """R4 broken: close_notify and the next command in one segment."""
-        loop = asyncio.get_running_loop()
-        self.protocol.closure = loop.create_future()
-        tag = self._next_tag()
-        with self.transport.corked():
-            self.transport.events.extend(self.transport.engine.unwrap())
-            self.transport.write(tag + b" CAPABILITY\r\n")
-        await asyncio.wait_for(self.protocol.closure, self.timeout)
-        self._transition()
-        await self._read_greeting(learn=True)
-        await self._read_response(tag)
-
     async def login(self, user: str, password: str) -> Response:
         """LOGIN; refused locally in plaintext when TLS is required (R9)."""
         self._guard_credentials()
-        caps = await self._known_capabilities()
+        caps = await self._offered()
         if "LOGINDISABLED" in caps:
             raise LoginDisabled("the server advertises LOGINDISABLED")
         response = await self._run("LOGIN", astring(user), quote(password).decode("utf-8"))
@@ -573,57 +360,47 @@ class ImapClient:
             self._guard_credentials()
         return await self._run(verb, *args, check=check)
 
-    def close(self) -> None:
-        """Close (one-way close_notify under TLS, then TCP FIN)."""
-        self.transport.close()
+    # ------------------------------------------------------------ hooks
 
-    async def aclose(self) -> None:
-        """Close and wait (bounded) until the connection is gone."""
-        self.transport.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(self.protocol.lost), self.timeout)
-        except asyncio.TimeoutError:
-            self.transport.abort()
+    async def _greet(self) -> None:
+        await self._read_greeting(learn=True)
 
-    # ------------------------------------------------------- internals
+    def _known(self) -> Optional[FrozenSet[str]]:
+        return self.capabilities
 
-    def _ended(self, what: str) -> ConnectionError:
-        """The error that ended the connection (the violation, if one did)."""
-        enforced = [v for v in self.transport.violations if v.enforced]
-        if enforced:
-            return ConnectionEnded(enforced[-1])
-        return ConnectionResetError(what)
+    async def _discover(self) -> FrozenSet[str]:
+        return await self.capability()
 
-    def _guard_credentials(self) -> None:
-        if (
-            not self.transport.tls_active
-            and self.require_tls
-            and self.behaviour.name != "downgrade"
-        ):
-            raise TLSRequired("refusing to send credentials in plaintext (require_tls)")
+    async def _ask_upgrade(self) -> Optional[str]:
+        tag = self._next_tag()
+        prefix = tag + b" "
+        # R1: whatever follows our tagged answer line is held, not read.
+        self.transport.hold_after(lambda line: line.startswith(prefix), once=True)
+        self._write(tag + b" STARTTLS\r\n")
+        response = await self._read_response(tag)
+        return None if response.ok else f"{response.status} {response.text}"
 
-    def _without_tls(self, reason: str) -> bool:
-        if self.behaviour.name == "downgrade":
-            self.downgraded = reason
-            return False
-        if self.require_tls:
-            self.transport.close()
-            raise TLSRequired(reason)
-        raise StartTLSError(reason)
+    async def _ask_stoptls(self) -> None:
+        await self._run("STOPTLS")
 
-    def _transition(self) -> bool:
-        """R8 after STARTTLS/STOPTLS; False when ``no-state-reset`` keeps it."""
-        if self.behaviour.name == "no-state-reset":
-            return False
+    def _glued(self) -> Tuple[bytes, Callable[[], Awaitable[object]]]:
+        tag = self._next_tag()
+
+        async def answer() -> None:
+            await self._read_greeting(learn=True)
+            await self._read_response(tag)
+
+        return tag + b" CAPABILITY\r\n", answer
+
+    async def _greet_again(self, reset: bool) -> None:
+        await self._read_greeting(learn=reset)
+
+    def _forget(self) -> None:
         self.selected = None
         self.capabilities = None
         self.authenticated = False
-        return True
 
-    async def _known_capabilities(self) -> FrozenSet[str]:
-        if self.capabilities is None:
-            return await self.capability()
-        return self.capabilities
+    # ------------------------------------------------------- internals
 
     def _next_tag(self) -> bytes:
         self._tag += 1
@@ -749,45 +526,11 @@ class ImapClient:
 # ------------------------------------------------------ the harness's roles
 
 
-class _PathDriver(PathDriver):
+class _PathDriver(LinePathDriver[ImapClient]):
     """:class:`ImapClient` through the path proxy, one verb at a time."""
-
-    def __init__(self, spec: ClientSpec, behaviour: str, user: str, password: str) -> None:
-        self.spec = spec
-        self.behaviour = behaviour
-        self.user = user
-        self.password = password
-        self.client: Optional[ImapClient] = None
-
-    def _client(self) -> ImapClient:
-        if self.client is None:
-            raise ConnectionError("not connected")
-        return self.client
-
-    async def connect(self, hooks: Hooks) -> None:
-        spec = self.spec
-        self.client = await ImapClient.connect(
-            spec.host,
-            spec.port,
-            ssl_context=spec.tls_context,
-            server_hostname=spec.server_hostname,
-            behaviour=self.behaviour,
-            timeout=spec.timeout,
-            timeouts=Timeouts(handshake=spec.timeout, closure=spec.timeout, connect=spec.timeout),
-        )
-
-    async def starttls(self, hooks: Hooks) -> None:
-        if not await self._client().starttls():
-            raise ConnectionError("the client carried on without TLS")
 
     async def command(self, hooks: Hooks) -> None:
         await self._client().noop()
-
-    async def stoptls(self, hooks: Hooks) -> None:
-        try:
-            await self._client().stoptls()
-        except StopTLSNotSupported as exc:
-            raise StopTLSUnsupported(str(exc)) from exc
 
     async def send_unit(self, hooks: Hooks) -> None:
         """APPEND of a literal over two records: FIN cuts the literal."""
@@ -812,53 +555,30 @@ class _PathDriver(PathDriver):
     async def quit(self, hooks: Hooks) -> None:
         await self._client().logout()
 
-    def engine_events(self) -> Optional[Sequence[Event]]:
-        if self.client is None:
-            return None
-        return transport_events(self.client.transport)
-
-    async def close(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
-
 
 def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
     """The reference client as the path role's client under test (it logs in)."""
-    return _PathDriver(spec, behaviour, user, password)
+    return _PathDriver(ImapClient, spec, behaviour, user, password)
 
 
 async def reference_session(plan: SessionPlan) -> ClientOutcome:
-    """The reference client's normal session against the scripted server."""
-    errors = (ImapError, ConnectionError, OSError, asyncio.TimeoutError, RuntimeError)
-    try:
-        client = await ImapClient.connect(
-            plan.host,
-            plan.port,
-            ssl_context=plan.tls_context,
-            server_hostname="localhost",
-            require_tls=True,
-            behaviour=plan.behaviour,
-            timeout=plan.timeout,
-            timeouts=plan.timeouts,
-        )
-    except errors as exc:
-        return failed(exc)
-    done = 0
-    try:
-        await client.starttls()  # CAPABILITY, STARTTLS, CAPABILITY
+    """The reference client's normal session against the scripted server.
+
+    CAPABILITY, STARTTLS, CAPABILITY, LOGIN; STOPTLS cycles (closure,
+    greeting, CAPABILITY); APPEND; LOGOUT.
+    """
+
+    async def login(client: ImapClient) -> None:
         await client.login(plan.user, plan.password)
-        for _ in range(plan.cycles):
-            if "STOPTLS" not in (client.capabilities or frozenset()):
-                break
-            await client.stoptls()  # closure, greeting, CAPABILITY
-            await client.starttls()
-            await client.login(plan.user, plan.password)
-            done += 1
+
+    async def store(client: ImapClient) -> None:
         await client.append(plan.message)
-        with contextlib.suppress(*errors):
-            await client.logout()
-    except errors as exc:
-        return failed(exc)
-    finally:
-        client.close()
-    return ClientOutcome(True, f"message appended after {done} STOPTLS cycle(s)")
+
+    return await run_reference_session(
+        ImapClient,
+        plan,
+        login=login,
+        store=store,
+        goodbye=ImapClient.logout,
+        done="message appended after {n} STOPTLS cycle(s)",
+    )

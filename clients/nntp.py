@@ -36,14 +36,12 @@ plaintext, AUTHINFO in the clear, when STARTTLS is missing or refused).
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
-import ssl
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Awaitable, Callable, Dict, List, Optional, Tuple
 
 from starttls_harness.clients.imap import BEHAVIOURS as IMAP_CLIENT_BEHAVIOURS
+from starttls_harness.clients.lines import LineClient, LinePathDriver, run_reference_session
 from starttls_harness.dialects.nntp import NEWSGROUP, is_multiline
 from starttls_harness.dialects.roles import (
     PATH_MESSAGE,
@@ -52,15 +50,8 @@ from starttls_harness.dialects.roles import (
     Hooks,
     PathDriver,
     SessionPlan,
-    StopTLSUnsupported,
-    failed,
-    transport_events,
 )
-from starttls_harness.servers.base import Behaviour, behaviour_named
-from starttls_harness.servers.imapsyntax import LineReader
-from starttls_harness.tls.aio import ConnectionEnded, SwitchableTransport, Timeouts, open_connection
-from starttls_harness.tls.engine import CloseNotifyReceived, ClosureComplete, Event, Rule
-from starttls_harness.tls.states import State
+from starttls_harness.servers.base import Behaviour
 
 __all__ = [
     "BEHAVIOURS",
@@ -112,118 +103,25 @@ class Response:
     lines: List[bytes] = field(default_factory=list)
 
 
-class _ClientProtocol(asyncio.Protocol):
-    """Feeds the line reader; watches the engine for closures."""
-
-    def __init__(self, behaviour: Behaviour, max_line: int) -> None:
-        self.behaviour = behaviour
-        self.reader = LineReader(max_line)
-        self.transport: Optional[SwitchableTransport] = None
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.closure: Optional[asyncio.Future[None]] = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, SwitchableTransport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-
-    def eof_received(self) -> None:
-        self.reader.feed_eof()
-
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        lost = exc or ConnectionResetError("the server closed the connection")
-        self.reader.set_exception(lost)
-        if self.closure is not None and not self.closure.done():
-            self.closure.set_exception(lost)
-            self.closure.exception()
-        if not self.lost.done():
-            self.lost.set_result(None)
-
-    def engine_event(self, event: Event) -> None:
-        if isinstance(event, ClosureComplete):
-            if self.closure is not None and not self.closure.done():
-                self.closure.set_result(None)
-        elif (
-            isinstance(event, CloseNotifyReceived)
-            and not self.behaviour.policy.enforces(Rule.R5)
-            and self.transport is not None
-            and self.transport.engine.state is State.CLOSE_RECEIVED
-        ):
-            self.transport.close()  # no-close-notify-reply: hang up instead (R5 broken)
-
-
 def _is_status_line(line: bytes) -> bool:
     """Hold-gate predicate: the (single-line) answer to STARTTLS."""
     return line[:3].isdigit()
 
 
-class NntpClient:
+class NntpClient(LineClient):
     """An NNTP reader client on the switchable transport (see the module docstring)."""
 
-    def __init__(
-        self,
-        transport: SwitchableTransport,
-        protocol: _ClientProtocol,
-        *,
-        behaviour: Behaviour,
-        ssl_context: Optional[ssl.SSLContext],
-        server_hostname: Optional[str],
-        require_tls: bool,
-        timeout: float,
-    ) -> None:
-        self.transport = transport
-        self.protocol = protocol
-        self.behaviour = behaviour
-        self.ssl_context = ssl_context
-        self.server_hostname = server_hostname
-        self.require_tls = require_tls
-        self.timeout = timeout
-        self.greeting: Optional[Response] = None
-        #: Capability keyword -> its arguments, in the current phase (None: not known).
-        self.capabilities: Optional[Dict[str, List[str]]] = None
-        self.authenticated = False
-        self.group: Optional[str] = None
-        self.upgrades = 0
-        #: Why TLS was skipped (``downgrade`` only).
-        self.downgraded: Optional[str] = None
+    behaviours = BEHAVIOURS
+    error = NntpError
+    tls_required = TLSRequired
+    starttls_error = StartTLSError
+    stoptls_unsupported = StopTLSNotSupported
 
-    @classmethod
-    async def connect(
-        cls,
-        host: str,
-        port: int,
-        *,
-        ssl_context: Optional[ssl.SSLContext] = None,
-        server_hostname: Optional[str] = None,
-        require_tls: bool = True,
-        behaviour: str = "strict",
-        timeout: float = 10.0,
-        timeouts: Optional[Timeouts] = None,
-        max_line: int = 1 << 16,
-    ) -> NntpClient:
-        """Connect and read the greeting."""
-        chosen = behaviour_named(BEHAVIOURS, behaviour)
-        protocol = _ClientProtocol(chosen, max_line)
-        transport, _ = await open_connection(
-            lambda: protocol, host, port, policy=chosen.policy, timeouts=timeouts or Timeouts()
-        )
-        client = cls(
-            transport,
-            protocol,
-            behaviour=chosen,
-            ssl_context=ssl_context,
-            server_hostname=server_hostname or host,
-            require_tls=require_tls,
-            timeout=timeout,
-        )
-        try:
-            await client._read_greeting()
-        except BaseException:
-            transport.abort()
-            raise
-        return client
+    greeting: Optional[Response] = None
+    #: Capability keyword -> its arguments, in the current phase (None: not known).
+    capabilities: Optional[Dict[str, List[str]]] = None
+    authenticated = False
+    group: Optional[str] = None
 
     # ----------------------------------------------------------- commands
 
@@ -242,77 +140,11 @@ class NntpClient:
     async def date(self) -> Response:
         return await self._run(b"DATE", 111)
 
-    async def starttls(self, ssl_context: Optional[ssl.SSLContext] = None) -> bool:
-        """Upgrade to TLS; True once TLS is up (False only for ``downgrade``)."""
-        context = ssl_context or self.ssl_context
-        if context is None:
-            raise ValueError("no ssl_context given")
-        if self.transport.tls_active:
-            raise NntpError("TLS is already active")
-        if "STARTTLS" not in await self._known_capabilities():
-            return self._without_tls("the server does not offer STARTTLS")
-        # R1: whatever follows the answer line is held, not read.
-        self.transport.hold_after(_is_status_line, once=True)
-        self._write(b"STARTTLS\r\n")
-        response = await self._read_response()
-        if response.code != 382:
-            self.transport.release_held()
-            return self._without_tls(f"STARTTLS refused: {response.code} {response.text}")
-        leftover = self.protocol.reader.take_pending()
-        try:
-            await self.transport.start_tls(
-                context,
-                server_side=False,
-                server_hostname=self.server_hostname,
-                leftover=leftover,
-                timeout=self.timeout,
-            )
-        except (ConnectionError, asyncio.TimeoutError, ssl.SSLError) as exc:
-            self.transport.abort()
-            error = TLSRequired if self.require_tls else StartTLSError
-            raise error(f"TLS could not be started: {exc}") from exc
-        self.upgrades += 1
-        if self._transition():
-            await self.capability()
-        return True
-
-    async def stoptls(self) -> None:
-        """Return to plaintext with the bidirectional closure (R3-R5)."""
-        if not self.transport.tls_active:
-            raise NntpError("STOPTLS needs an active TLS session")
-        if "STOPTLS" not in await self._known_capabilities():
-            raise StopTLSNotSupported("the server does not advertise STOPTLS")
-        await self._run(b"STOPTLS", 382)
-        if self.transport.engine.state is not State.TLS:
-            raise self._ended("TLS ended before STOPTLS completed")
-        if self.protocol.reader.pending:
-            self.transport.abort()
-            raise NntpError("the server sent data after its STOPTLS answer")
-        if self.behaviour.name == "one-sided-close":
-            await self._one_sided_stoptls()
-            return
-        await self.transport.unwrap(timeout=self.timeout)
-        reset = self._transition()
-        await self._read_greeting()
-        if reset:
-            await self.capability()
-
-    async def _one_sided_stoptls(self) -> None:
-        """R4 broken: close_notify and the next command in one segment."""
-        self.protocol.closure = asyncio.get_running_loop().create_future()
-        with self.transport.corked():
-            self.transport.events.extend(self.transport.engine.unwrap())
-            self.transport.write(b"CAPABILITIES\r\n")
-        await asyncio.wait_for(self.protocol.closure, self.timeout)
-        self._transition()
-        await self._read_greeting()
-        await self._read_response()
-
     async def login(self, user: str, password: str) -> Response:
         """AUTHINFO USER/PASS, or SASL PLAIN; never in plaintext when TLS is required."""
         if not self.transport.tls_active and self.require_tls and not self.downgraded:
             raise TLSRequired("refusing to send credentials in plaintext (require_tls)")
-        caps = await self._known_capabilities()
+        caps = self.capabilities if self.capabilities is not None else await self.capability()
         offered = caps.get("AUTHINFO", [])
         if "SASL" in offered and "PLAIN" in caps.get("SASL", []) and "USER" not in offered:
             token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
@@ -344,53 +176,44 @@ class NntpClient:
         await self.aclose()
         return response
 
-    def close(self) -> None:
-        """Close (one-way close_notify under TLS, then TCP FIN)."""
-        self.transport.close()
+    # ------------------------------------------------------------ hooks
 
-    async def aclose(self) -> None:
-        """Close and wait (bounded) until the connection is gone."""
-        self.transport.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(self.protocol.lost), self.timeout)
-        except asyncio.TimeoutError:
+    async def _greet(self) -> None:
+        response = await self._read_response()
+        if response.code not in (200, 201):
             self.transport.abort()
+            raise CommandError(response)
+        self.greeting = response
 
-    # ------------------------------------------------------- internals
+    def _known(self) -> Optional[Dict[str, List[str]]]:
+        return self.capabilities
 
-    def _ended(self, what: str) -> ConnectionError:
-        enforced = [v for v in self.transport.violations if v.enforced]
-        if enforced:
-            return ConnectionEnded(enforced[-1])
-        return ConnectionResetError(what)
+    async def _discover(self) -> Dict[str, List[str]]:
+        return await self.capability()
 
-    def _without_tls(self, reason: str) -> bool:
-        if self.behaviour.name == "downgrade":
-            self.downgraded = reason
-            return False
-        if self.require_tls:
-            self.transport.close()
-            raise TLSRequired(reason)
-        raise StartTLSError(reason)
+    async def _ask_upgrade(self) -> Optional[str]:
+        # R1: whatever follows the answer line is held, not read.
+        self.transport.hold_after(_is_status_line, once=True)
+        self._write(b"STARTTLS\r\n")
+        response = await self._read_response()
+        return None if response.code == 382 else f"{response.code} {response.text}"
 
-    def _transition(self) -> bool:
-        """R8 after STARTTLS/STOPTLS; False when ``no-state-reset`` keeps it."""
-        if self.behaviour.name == "no-state-reset":
-            return False
+    async def _ask_stoptls(self) -> None:
+        await self._run(b"STOPTLS", 382)
+
+    def _glued(self) -> Tuple[bytes, Callable[[], Awaitable[object]]]:
+        async def answer() -> None:
+            await self._greet()
+            await self._read_response()
+
+        return b"CAPABILITIES\r\n", answer
+
+    def _forget(self) -> None:
         self.capabilities = None
         self.authenticated = False
         self.group = None
-        return True
 
-    async def _known_capabilities(self) -> Dict[str, List[str]]:
-        if self.capabilities is None:
-            return await self.capability()
-        return self.capabilities
-
-    def _write(self, data: bytes) -> None:
-        if self.transport.is_closing():
-            raise ConnectionResetError("the connection is closed")
-        self.transport.write(data)
+    # ------------------------------------------------------- internals
 
     async def _run(self, command: bytes, expect: int) -> Response:
         self._write(command + b"\r\n")
@@ -417,13 +240,6 @@ class NntpClient:
                 response.lines.append(line[1:] if line.startswith(b".") else line)
         return response
 
-    async def _read_greeting(self) -> None:
-        response = await self._read_response()
-        if response.code not in (200, 201):
-            self.transport.abort()
-            raise CommandError(response)
-        self.greeting = response
-
 
 # ------------------------------------------------------ the harness's roles
 
@@ -438,43 +254,11 @@ def _as_article(message: bytes, sender: str = "harness@harness.invalid") -> byte
     return head + message
 
 
-class _PathDriver(PathDriver):
+class _PathDriver(LinePathDriver[NntpClient]):
     """:class:`NntpClient` through the path proxy, one verb at a time."""
-
-    def __init__(self, spec: ClientSpec, behaviour: str, user: str, password: str) -> None:
-        self.spec = spec
-        self.behaviour = behaviour
-        self.client: Optional[NntpClient] = None
-
-    def _client(self) -> NntpClient:
-        if self.client is None:
-            raise ConnectionError("not connected")
-        return self.client
-
-    async def connect(self, hooks: Hooks) -> None:
-        spec = self.spec
-        self.client = await NntpClient.connect(
-            spec.host,
-            spec.port,
-            ssl_context=spec.tls_context,
-            server_hostname=spec.server_hostname,
-            behaviour=self.behaviour,
-            timeout=spec.timeout,
-            timeouts=Timeouts(handshake=spec.timeout, closure=spec.timeout, connect=spec.timeout),
-        )
-
-    async def starttls(self, hooks: Hooks) -> None:
-        if not await self._client().starttls():
-            raise ConnectionError("the client carried on without TLS")
 
     async def command(self, hooks: Hooks) -> None:
         await self._client().date()
-
-    async def stoptls(self, hooks: Hooks) -> None:
-        try:
-            await self._client().stoptls()
-        except StopTLSNotSupported as exc:
-            raise StopTLSUnsupported(str(exc)) from exc
 
     async def send_unit(self, hooks: Hooks) -> None:
         """POST (record 1), then the article over two records: FIN replaces the second."""
@@ -489,56 +273,31 @@ class _PathDriver(PathDriver):
     async def quit(self, hooks: Hooks) -> None:
         await self._client().quit()
 
-    def engine_events(self) -> Optional[Sequence[Event]]:
-        return None if self.client is None else transport_events(self.client.transport)
-
-    async def close(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
-
 
 def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
     """The reference client as the path role's client under test."""
-    return _PathDriver(spec, behaviour, user, password)
+    return _PathDriver(NntpClient, spec, behaviour, user, password)
 
 
 async def reference_session(plan: SessionPlan) -> ClientOutcome:
-    """The reference client's normal session against the scripted server."""
-    errors = (NntpError, ConnectionError, OSError, asyncio.TimeoutError, RuntimeError)
-    try:
-        client = await NntpClient.connect(
-            plan.host,
-            plan.port,
-            ssl_context=plan.tls_context,
-            server_hostname="localhost",
-            require_tls=True,
-            behaviour=plan.behaviour,
-            timeout=plan.timeout,
-            timeouts=plan.timeouts,
-        )
-    except errors as exc:
-        return failed(exc)
+    """The reference client's normal session against the scripted server.
 
-    async def login() -> None:
+    CAPABILITIES, STARTTLS, CAPABILITIES, AUTHINFO (when offered); STOPTLS
+    cycles (closure, greeting, CAPABILITIES); POST; QUIT.
+    """
+
+    async def login(client: NntpClient) -> None:
         if "AUTHINFO" in (client.capabilities or {}):
             await client.login(plan.user, plan.password)
 
-    done = 0
-    try:
-        await client.starttls()  # CAPABILITIES, STARTTLS, CAPABILITIES
-        await login()
-        for _ in range(plan.cycles):
-            if "STOPTLS" not in (client.capabilities or {}):
-                break
-            await client.stoptls()  # closure, greeting, CAPABILITIES
-            await client.starttls()
-            await login()
-            done += 1
+    async def store(client: NntpClient) -> None:
         await client.post(_as_article(plan.message, plan.sender))
-        with contextlib.suppress(*errors):
-            await client.quit()
-    except errors as exc:
-        return failed(exc)
-    finally:
-        client.close()
-    return ClientOutcome(True, f"article posted after {done} STOPTLS cycle(s)")
+
+    return await run_reference_session(
+        NntpClient,
+        plan,
+        login=login,
+        store=store,
+        goodbye=NntpClient.quit,
+        done="article posted after {n} STOPTLS cycle(s)",
+    )

@@ -24,14 +24,18 @@ client's): ``accept-injected-response`` (R1), ``plaintext-in-tls`` (R2),
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import re
-import ssl
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, Optional, Sequence
+from typing import Awaitable, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
+from starttls_harness.clients.lines import (
+    LineClient,
+    LinePathDriver,
+    client_behaviours,
+    run_reference_session,
+)
 from starttls_harness.dialects.roles import (
     PATH_MESSAGE,
     ClientOutcome,
@@ -39,16 +43,9 @@ from starttls_harness.dialects.roles import (
     Hooks,
     PathDriver,
     SessionPlan,
-    StopTLSUnsupported,
-    failed,
-    transport_events,
 )
 from starttls_harness.dialects.sieve import final_status, quoted, response_tag
-from starttls_harness.servers.base import STRICT, Behaviour, behaviour_named
-from starttls_harness.servers.imapsyntax import LineReader
-from starttls_harness.tls.aio import ConnectionEnded, SwitchableTransport, Timeouts, open_connection
-from starttls_harness.tls.engine import CloseNotifyReceived, ClosureComplete, Event, Rule
-from starttls_harness.tls.states import State
+from starttls_harness.servers.base import Behaviour
 
 __all__ = [
     "BEHAVIOURS",
@@ -62,42 +59,11 @@ __all__ = [
     "reference_session",
 ]
 
-BEHAVIOURS: Dict[str, Behaviour] = {
-    b.name: b
-    for b in (
-        STRICT,
-        Behaviour(
-            "accept-injected-response",
-            Rule.R1,
-            "takes plaintext sent after the STARTTLS answer as a TLS response",
-            (Rule.R1,),
-        ),
-        Behaviour(
-            "plaintext-in-tls",
-            Rule.R2,
-            "takes plaintext received while TLS is up as a response",
-            (Rule.R2,),
-        ),
-        Behaviour(
-            "one-sided-close",
-            Rule.R4,
-            "sends the next command right after its close_notify without waiting",
-            (Rule.R4,),
-        ),
-        Behaviour(
-            "no-close-notify-reply",
-            Rule.R5,
-            "closes TCP instead of answering the server's close_notify",
-            (Rule.R5,),
-        ),
-        Behaviour("no-state-reset", Rule.R8, "keeps capabilities learned before a transition"),
-        Behaviour(
-            "downgrade",
-            Rule.R9,
-            "authenticates in plaintext when STARTTLS is not offered despite require_tls",
-        ),
-    )
-}
+BEHAVIOURS: Dict[str, Behaviour] = client_behaviours(
+    "STARTTLS",
+    keeps="keeps capabilities learned before a transition",
+    downgrade="authenticates in plaintext when STARTTLS is not offered despite require_tls",
+)
 
 _STRING = re.compile(rb'"((?:[^"\\]|\\.)*)"')
 _LITERAL_AT_END = re.compile(rb"\{(\d{1,10})\+?\}\r?\n\Z")
@@ -147,113 +113,21 @@ def _capability_list(data: Sequence[bytes]) -> Dict[str, str]:
     return caps
 
 
-class _ClientProtocol(asyncio.Protocol):
-    """Feeds the line reader; watches the engine for closures."""
-
-    def __init__(self, behaviour: Behaviour, max_line: int) -> None:
-        self.behaviour = behaviour
-        self.reader = LineReader(max_line)
-        self.transport: Optional[SwitchableTransport] = None
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.closure: Optional[asyncio.Future[None]] = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, SwitchableTransport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-
-    def eof_received(self) -> None:
-        self.reader.feed_eof()
-
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        lost = exc or ConnectionResetError("the server closed the connection")
-        self.reader.set_exception(lost)
-        if self.closure is not None and not self.closure.done():
-            self.closure.set_exception(lost)
-            self.closure.exception()
-        if not self.lost.done():
-            self.lost.set_result(None)
-
-    def engine_event(self, event: Event) -> None:
-        if isinstance(event, ClosureComplete):
-            if self.closure is not None and not self.closure.done():
-                self.closure.set_result(None)
-        elif (
-            isinstance(event, CloseNotifyReceived)
-            and not self.behaviour.policy.enforces(Rule.R5)
-            and self.transport is not None
-            and self.transport.engine.state is State.CLOSE_RECEIVED
-        ):
-            self.transport.close()  # no-close-notify-reply: hang up instead
-
-
-class SieveClient:
+class SieveClient(LineClient):
     """A ManageSieve client on the switchable transport; create it with :meth:`connect`."""
 
-    def __init__(
-        self,
-        transport: SwitchableTransport,
-        protocol: _ClientProtocol,
-        *,
-        behaviour: Behaviour = STRICT,
-        ssl_context: Optional[ssl.SSLContext] = None,
-        server_hostname: Optional[str] = None,
-        require_tls: bool = True,
-        timeout: float = 10.0,
-        max_literal: int = 1 << 20,
-    ) -> None:
-        self.transport = transport
-        self.protocol = protocol
-        self.behaviour = behaviour
-        self.ssl_context = ssl_context
-        self.server_hostname = server_hostname
-        self.require_tls = require_tls
-        self.timeout = timeout
-        self.max_literal = max_literal
-        #: The capability list of the current phase, name -> value (None: not known).
-        self.caps: Optional[Dict[str, str]] = None
-        self.authenticated = False
-        self.upgrades = 0
-        self.downgraded: Optional[str] = None
-        self._tag = 0
+    behaviours = BEHAVIOURS
+    error = SieveError
+    tls_required = TLSRequired
+    starttls_error = TLSRequired
+    stoptls_unsupported = StopTLSNotSupported
+    stoptls_missing = "the server does not list STOPTLS"
 
-    @classmethod
-    async def connect(
-        cls,
-        host: str,
-        port: int,
-        *,
-        ssl_context: Optional[ssl.SSLContext] = None,
-        server_hostname: Optional[str] = None,
-        require_tls: bool = True,
-        behaviour: str = "strict",
-        timeout: float = 10.0,
-        timeouts: Optional[Timeouts] = None,
-        max_line: int = 1 << 16,
-    ) -> SieveClient:
-        """Connect and read the greeting (the capability list)."""
-        chosen = behaviour_named(BEHAVIOURS, behaviour)
-        protocol = _ClientProtocol(chosen, max_line)
-        transport, _ = await open_connection(
-            lambda: protocol, host, port, policy=chosen.policy, timeouts=timeouts or Timeouts()
-        )
-        client = cls(
-            transport,
-            protocol,
-            behaviour=chosen,
-            ssl_context=ssl_context,
-            server_hostname=server_hostname or host,
-            require_tls=require_tls,
-            timeout=timeout,
-        )
-        try:
-            await client._read_greeting(learn=True)
-        except BaseException:
-            transport.abort()
-            raise
-        return client
+    max_literal = 1 << 20
+    #: The capability list of the current phase, name -> value (None: not known).
+    caps: Optional[Dict[str, str]] = None
+    authenticated = False
+    _tag = 0
 
     @property
     def capabilities(self) -> Optional[FrozenSet[str]]:
@@ -270,39 +144,6 @@ class SieveClient:
     async def noop(self) -> Response:
         self._tag += 1
         return await self._run(b"NOOP " + quoted(f"n{self._tag}") + b"\r\n")
-
-    async def starttls(self, ssl_context: Optional[ssl.SSLContext] = None) -> bool:
-        """Upgrade to TLS; True once TLS is up (False only for ``downgrade``)."""
-        context = ssl_context or self.ssl_context
-        if context is None:
-            raise ValueError("no ssl_context given")
-        if self.transport.tls_active:
-            raise SieveError("TLS is already active")
-        if "STARTTLS" not in await self._known():
-            return self._without_tls("the server does not offer STARTTLS")
-        # R1: whatever follows the line closing the answer is held, not read.
-        self.transport.hold_after(lambda line: final_status(line) is not None, once=True)
-        self._write(b"STARTTLS\r\n")
-        response = await self._response()
-        if not response.ok:
-            self.transport.release_held()
-            return self._without_tls(f"STARTTLS refused: {response.final.decode().strip()}")
-        leftover = self.protocol.reader.take_pending()
-        try:
-            await self.transport.start_tls(
-                context,
-                server_side=False,
-                server_hostname=self.server_hostname,
-                leftover=leftover,
-                timeout=self.timeout,
-            )
-        except (ConnectionError, asyncio.TimeoutError, ssl.SSLError) as exc:
-            self.transport.abort()
-            raise TLSRequired(f"TLS could not be started: {exc}") from exc
-        self.upgrades += 1
-        if self._transition():
-            await self._resync()
-        return True
 
     async def _resync(self) -> None:
         """CAPABILITY, then a tagged NOOP read up to its answer; the first list counts.
@@ -325,43 +166,9 @@ class SieveClient:
                 return
         raise SieveError("no answer to the synchronising NOOP")
 
-    async def stoptls(self) -> None:
-        """Return to plaintext with the bidirectional closure (R3-R5)."""
-        if not self.transport.tls_active:
-            raise SieveError("STOPTLS needs an active TLS session")
-        if "STOPTLS" not in await self._known():
-            raise StopTLSNotSupported("the server does not list STOPTLS")
-        await self._run(b"STOPTLS\r\n")
-        if self.transport.engine.state is not State.TLS:
-            raise self._ended("TLS ended before STOPTLS completed")
-        if self.protocol.reader.pending:
-            self.transport.abort()
-            raise SieveError("the server sent data after its STOPTLS answer")
-        if self.behaviour.name == "one-sided-close":
-            # R4 broken: close_notify and the next command in one segment.
-            self.protocol.closure = asyncio.get_running_loop().create_future()
-            with self.transport.corked():
-                self.transport.events.extend(self.transport.engine.unwrap())
-                self.transport.write(b"CAPABILITY\r\n")
-            await asyncio.wait_for(self.protocol.closure, self.timeout)
-            self._transition()
-            await self._read_greeting(learn=True)
-            self.caps = _capability_list((await self._response()).data)
-            return
-        await self.transport.unwrap(timeout=self.timeout)
-        reset = self._transition()
-        await self._read_greeting(learn=False)
-        if reset:
-            await self.capability()
-
     async def authenticate(self, user: str, password: str) -> Response:
         """AUTHENTICATE "PLAIN" with an initial response; never in plaintext (R9)."""
-        if (
-            not self.transport.tls_active
-            and self.require_tls
-            and self.behaviour.name != "downgrade"
-        ):
-            raise TLSRequired("refusing to send credentials in plaintext (require_tls)")
+        self._guard_credentials()
         caps = self.caps or {}
         if "PLAIN" not in caps.get("SASL", "").upper().split():
             raise SieveError("the server offers no SASL PLAIN")
@@ -397,50 +204,48 @@ class SieveClient:
             await self._run(b"LOGOUT\r\n")
         await self.aclose()
 
-    def close(self) -> None:
-        self.transport.close()
+    # ------------------------------------------------------------ hooks
 
-    async def aclose(self) -> None:
-        """Close and wait (bounded) until the connection is gone."""
-        self.transport.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(self.protocol.lost), self.timeout)
-        except asyncio.TimeoutError:
-            self.transport.abort()
+    async def _greet(self) -> None:
+        await self._read_greeting(learn=True)
 
-    # ------------------------------------------------------- internals
+    def _known(self) -> Optional[FrozenSet[str]]:
+        return self.capabilities
 
-    def _ended(self, what: str) -> ConnectionError:
-        enforced = [v for v in self.transport.violations if v.enforced]
-        if enforced:
-            return ConnectionEnded(enforced[-1])
-        return ConnectionResetError(what)
+    async def _discover(self) -> FrozenSet[str]:
+        return await self.capability()
 
-    def _without_tls(self, reason: str) -> bool:
-        if self.behaviour.name == "downgrade":
-            self.downgraded = reason
-            return False
-        if self.require_tls:
-            self.transport.close()
-        raise TLSRequired(reason)
+    async def _ask_upgrade(self) -> Optional[str]:
+        # R1: whatever follows the line closing the answer is held, not read.
+        self.transport.hold_after(lambda line: final_status(line) is not None, once=True)
+        self._write(b"STARTTLS\r\n")
+        response = await self._response()
+        return None if response.ok else response.final.decode().strip()
 
-    def _transition(self) -> bool:
-        """R8 after STARTTLS/STOPTLS; False when ``no-state-reset`` keeps the state."""
-        if self.behaviour.name == "no-state-reset":
-            return False
+    async def _rediscover(self, upgraded: bool) -> None:
+        if upgraded:
+            await self._resync()
+        else:
+            await self.capability()
+
+    async def _ask_stoptls(self) -> None:
+        await self._run(b"STOPTLS\r\n")
+
+    def _glued(self) -> Tuple[bytes, Callable[[], Awaitable[object]]]:
+        async def answer() -> None:
+            await self._read_greeting(learn=True)
+            self.caps = _capability_list((await self._response()).data)
+
+        return b"CAPABILITY\r\n", answer
+
+    async def _greet_again(self, reset: bool) -> None:
+        await self._read_greeting(learn=False)
+
+    def _forget(self) -> None:
         self.caps = None
         self.authenticated = False
-        return True
 
-    async def _known(self) -> FrozenSet[str]:
-        if self.caps is None:
-            return await self.capability()
-        return frozenset(self.caps)
-
-    def _write(self, data: bytes) -> None:
-        if self.transport.is_closing():
-            raise ConnectionResetError("the connection is closed")
-        self.transport.write(data)
+    # ------------------------------------------------------- internals
 
     async def _run(self, command: bytes, *, data: bool = False) -> Response:
         """Send ``command``; its answer (a re-issued capability list before it is read as one)."""
@@ -486,45 +291,11 @@ class SieveClient:
 # ------------------------------------------------------ the harness's roles
 
 
-class _PathDriver(PathDriver):
+class _PathDriver(LinePathDriver[SieveClient]):
     """:class:`SieveClient` through the path proxy, one verb at a time."""
-
-    def __init__(self, spec: ClientSpec, behaviour: str, user: str, password: str) -> None:
-        self.spec = spec
-        self.behaviour = behaviour
-        self.user = user
-        self.password = password
-        self.client: Optional[SieveClient] = None
-
-    def _client(self) -> SieveClient:
-        if self.client is None:
-            raise ConnectionError("not connected")
-        return self.client
-
-    async def connect(self, hooks: Hooks) -> None:
-        spec = self.spec
-        self.client = await SieveClient.connect(
-            spec.host,
-            spec.port,
-            ssl_context=spec.tls_context,
-            server_hostname=spec.server_hostname,
-            behaviour=self.behaviour,
-            timeout=spec.timeout,
-            timeouts=Timeouts(handshake=spec.timeout, closure=spec.timeout, connect=spec.timeout),
-        )
-
-    async def starttls(self, hooks: Hooks) -> None:
-        if not await self._client().starttls():
-            raise ConnectionError("the client carried on without TLS")
 
     async def command(self, hooks: Hooks) -> None:
         await self._client().noop()
-
-    async def stoptls(self, hooks: Hooks) -> None:
-        try:
-            await self._client().stoptls()
-        except StopTLSNotSupported as exc:
-            raise StopTLSUnsupported(str(exc)) from exc
 
     async def send_unit(self, hooks: Hooks) -> None:
         """PUTSCRIPT of a literal over two records: FIN replaces the second."""
@@ -546,53 +317,30 @@ class _PathDriver(PathDriver):
     async def quit(self, hooks: Hooks) -> None:
         await self._client().logout()
 
-    def engine_events(self) -> Optional[Sequence[Event]]:
-        if self.client is None:
-            return None
-        return transport_events(self.client.transport)
-
-    async def close(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
-
 
 def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
     """The reference client as the path role's client under test (it authenticates)."""
-    return _PathDriver(spec, behaviour, user, password)
+    return _PathDriver(SieveClient, spec, behaviour, user, password)
 
 
 async def reference_session(plan: SessionPlan) -> ClientOutcome:
-    """The reference client's normal session against the scripted server."""
-    errors = (SieveError, ConnectionError, OSError, asyncio.TimeoutError, RuntimeError)
-    try:
-        client = await SieveClient.connect(
-            plan.host,
-            plan.port,
-            ssl_context=plan.tls_context,
-            server_hostname="localhost",
-            require_tls=True,
-            behaviour=plan.behaviour,
-            timeout=plan.timeout,
-            timeouts=plan.timeouts,
-        )
-    except errors as exc:
-        return failed(exc)
-    done = 0
-    try:
-        await client.starttls()
+    """The reference client's normal session against the scripted server.
+
+    STARTTLS, AUTHENTICATE; STOPTLS cycles (closure, greeting, CAPABILITY);
+    PUTSCRIPT; LOGOUT.
+    """
+
+    async def login(client: SieveClient) -> None:
         await client.authenticate(plan.user, plan.password)
-        for _ in range(plan.cycles):
-            if "STOPTLS" not in (client.capabilities or frozenset()):
-                break
-            await client.stoptls()  # closure, greeting, CAPABILITY
-            await client.starttls()
-            await client.authenticate(plan.user, plan.password)
-            done += 1
+
+    async def store(client: SieveClient) -> None:
         await client.putscript("harness", plan.message)
-        with contextlib.suppress(*errors):
-            await client.logout()
-    except errors as exc:
-        return failed(exc)
-    finally:
-        client.close()
-    return ClientOutcome(True, f"script stored after {done} STOPTLS cycle(s)")
+
+    return await run_reference_session(
+        SieveClient,
+        plan,
+        login=login,
+        store=store,
+        goodbye=SieveClient.logout,
+        done="script stored after {n} STOPTLS cycle(s)",
+    )

@@ -94,10 +94,8 @@ whose ``connections`` holds one :class:`ImapServerProtocol` per connection
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 import time
-from dataclasses import dataclass, field
 from typing import (
     Awaitable,
     Callable,
@@ -110,10 +108,8 @@ from typing import (
 )
 
 from starttls_harness.servers.base import (
-    BARE_RESUME,
-    EXTRA_BEHAVIOURS,
-    STRICT,
     Behaviour,
+    ExtraModes,
     Limits,
     RunningServer,
     ServerConfig,
@@ -128,9 +124,6 @@ from starttls_harness.servers.imapmailbox import (
     fetch_items,
     sequence_set,
 )
-
-# The wire syntax lives in imapsyntax (the reference client reads IMAP with it
-# too); its public names stay importable from here.
 from starttls_harness.servers.imapsyntax import (
     LITERAL_AT_END,
     TAG_RE,
@@ -145,18 +138,19 @@ from starttls_harness.servers.imapsyntax import (
     is_starttls_line,
     tokenize,
 )
+
+# The wire syntax lives in imapsyntax (the reference client reads IMAP with it
+# too); its public names stay importable from here.
+from starttls_harness.servers.lines import (
+    ConnectionCount,
+    SessionsRunningServer,
+    server_behaviours,
+)
 from starttls_harness.tls.aio import SwitchableTransport, create_server
 from starttls_harness.tls.engine import (
-    AlertReceived,
-    CloseNotifyReceived,
-    ClosureComplete,
-    Event,
     LocalProtocolError,
-    Rule,
     TransitionError,
-    Violation,
 )
-from starttls_harness.tls.states import State
 
 __all__ = [
     "BEHAVIOURS",
@@ -176,60 +170,9 @@ __all__ = [
     "tokenize",
 ]
 
-BEHAVIOURS: Dict[str, Behaviour] = {
-    b.name: b
-    for b in (
-        STRICT,
-        Behaviour(
-            "keep-buffer",
-            Rule.R1,
-            "executes commands pipelined after STARTTLS inside TLS",
-            (Rule.R1,),
-        ),
-        Behaviour(
-            "plaintext-in-tls",
-            Rule.R2,
-            "executes plaintext received while TLS is up",
-            (Rule.R2,),
-        ),
-        Behaviour(
-            "early-plaintext",
-            Rule.R3,
-            "sends close_notify and the plaintext greeting without waiting for the client's"
-            " close_notify",
-        ),
-        Behaviour(
-            "one-sided-resume",
-            Rule.R4,
-            "accepts plaintext that follows the client's close_notify in the same segment",
-            (Rule.R4,),
-        ),
-        Behaviour(
-            "no-close-notify-reply",
-            Rule.R5,
-            "closes TCP instead of answering the client's close_notify",
-            (Rule.R5,),
-        ),
-        Behaviour(
-            "ignore-truncation",
-            Rule.R6,
-            "stores an APPEND literal cut by EOF under TLS",
-            (Rule.R6,),
-        ),
-        Behaviour(
-            "alert-as-close",
-            Rule.R7,
-            "takes a fatal alert for a closure and resumes plaintext",
-            (Rule.R7,),
-        ),
-        Behaviour(
-            "no-state-reset",
-            Rule.R8,
-            "keeps the authenticated state across STARTTLS and STOPTLS",
-        ),
-        *EXTRA_BEHAVIOURS,
-    )
-}
+BEHAVIOURS: Dict[str, Behaviour] = server_behaviours(
+    "STARTTLS", cut="an APPEND literal", keeps="the authenticated state"
+)
 
 # ------------------------------------------------------------------ server
 
@@ -263,19 +206,14 @@ Handler = Callable[["ImapServerProtocol", bytes, List[Token]], Awaitable[None]]
 
 _NOT_AUTH, _AUTH, _SELECTED, _ANY = "not-authenticated", "authenticated", "selected", "any"
 
-#: How many finished connection records ``RunningServer.connections`` keeps.
-_KEEP_FINISHED = 256
 
-
-class ImapServerProtocol(asyncio.Protocol):
+class ImapServerProtocol(ConnectionCount):
     """One IMAP connection (see the module docstring)."""
 
     def __init__(self, server: _Server) -> None:
         self.server = server
         self.behaviour = server.behaviour
         self.limits = server.limits
-        self.id = server.next_id
-        server.next_id += 1
         self.reader = LineReader(self.limits.max_line)
         self.predicate = StartTLSLine()
         self.transport: Optional[SwitchableTransport] = None
@@ -285,12 +223,10 @@ class ImapServerProtocol(asyncio.Protocol):
         self.exists = 0
         #: STARTTLS upgrades done on this connection.
         self.upgrades = 0
-        #: resume-without-stoptls: the next closure was never asked for by STOPTLS.
-        self._unasked_return = False
+        self.extra = ExtraModes(self.behaviour, _goodbye)
         #: Commands executed, with the phase they ran in (evidence).
         self.log: List[Tuple[str, bytes]] = []
-        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._counted = False
+        self._count_in(server, server.running.connections)
         self._stopping = False
         self._after_stoptls = b""
         self._closure: Optional[asyncio.Future[None]] = None
@@ -303,87 +239,13 @@ class ImapServerProtocol(asyncio.Protocol):
         self.transport = transport
         server = self.server
         server.running.connections.append(self)
-        if server.active >= self.limits.max_connections:
-            transport.write(b"* BYE [UNAVAILABLE] Too many connections\r\n")
-            transport.close()
-            self._finish()
+        refusal = b"* BYE [UNAVAILABLE] Too many connections\r\n"
+        if not self._take_slot(transport, self.limits.max_connections, refusal):
             return
-        server.active += 1
-        self._counted = True
         transport.hold_after(self.predicate)
         task = asyncio.get_running_loop().create_task(self._session())
         server.tasks.add(task)
         task.add_done_callback(server.tasks.discard)
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-
-    def eof_received(self) -> bool:
-        # Keep the transport open: the session decides (and may still store
-        # a truncated APPEND under ``ignore-truncation``) and then closes.
-        self.reader.feed_eof()
-        return True
-
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        lost = exc or ConnectionResetError("connection closed")
-        self.reader.set_exception(lost)
-        for fut in (self._closure, self._close_notify):
-            if fut is not None and not fut.done():
-                fut.set_exception(lost)
-        self._release_slot()
-        self._prune()
-
-    def _release_slot(self) -> None:
-        if self._counted:
-            self._counted = False
-            self.server.active -= 1
-
-    def engine_event(self, event: Event) -> None:
-        """Closure bookkeeping; the misbehaving modes hook in here."""
-        if isinstance(event, ClosureComplete):
-            if (
-                not event.resumed
-                and self.behaviour.name == "plaintext-goodbye"
-                and self.transport is not None
-            ):
-                # R3 broken: plaintext onto the connection after the closure.
-                self.transport.write_raw(b"* BYE TLS closed, closing connection\r\n")
-            if event.resumed and self._unasked_return:
-                # resume-without-stoptls (R3 broken): a bare closure returns
-                # to plaintext as if STOPTLS had been agreed.
-                self._unasked_return = False
-                self._reset()
-                self._write(self._greeting(b"Plaintext resumed"))
-            if self._stopping and self.reader.pending:
-                # Sent under TLS after STOPTLS, before the closure.
-                self._after_stoptls = self.reader.take_pending()
-            _set(self._closure)
-        elif (
-            isinstance(event, Violation)
-            and event.rule is Rule.R6
-            and self.behaviour.name == "plaintext-goodbye"
-            and self.transport is not None
-        ):
-            # R3 broken: a plaintext goodbye onto the truncated TLS connection.
-            self.transport.write_raw(b"* BYE connection truncated\r\n")
-        elif isinstance(event, CloseNotifyReceived):
-            _set(self._close_notify)
-            if (
-                not self.behaviour.policy.enforces(Rule.R5)
-                and self.transport is not None
-                and self.transport.engine.state is State.CLOSE_RECEIVED
-            ):
-                # no-close-notify-reply: hang up instead of answering.
-                self.transport.close()
-        elif (
-            isinstance(event, AlertReceived)
-            and not self.behaviour.policy.enforces(Rule.R7)
-            and self.transport is not None
-            and self.transport.engine.state is State.PLAINTEXT
-        ):
-            # alert-as-close: the alert is taken for a closure.
-            self._reset()
-            self._write(self._greeting(b"TLS ended by alert; plaintext resumed"))
 
     # ------------------------------------------------------------ session
 
@@ -407,27 +269,9 @@ class ImapServerProtocol(asyncio.Protocol):
                 self.transport.close()
             self._finish()
 
-    def _write(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        with contextlib.suppress(LocalProtocolError):
-            transport.write(data)
-
     def _phase(self) -> str:
         assert self.transport is not None
         return f"tls{self.upgrades}" if self.transport.tls_active else f"plain{self.upgrades}"
-
-    def _finish(self) -> None:
-        self._release_slot()
-        if not self.finished.done():
-            self.finished.set_result(None)
-
-    def _prune(self) -> None:
-        conns = self.server.running.connections
-        done = [c for c in conns if getattr(c, "finished", None) is not None and c.finished.done()]
-        for old in done[: max(0, len(done) - _KEEP_FINISHED)]:
-            conns.remove(old)
 
     async def _read_command(self) -> Optional[Tuple[bytes, bytes]]:
         """One command with its literals inline: ``(tag, raw)``, or None if refused."""
@@ -535,6 +379,12 @@ class ImapServerProtocol(asyncio.Protocol):
     def _greeting(self, text: bytes) -> bytes:
         return b"* OK [CAPABILITY " + self._capabilities() + b"] " + text + b"\r\n"
 
+    def _resumed_greeting(self) -> bytes:
+        return self._greeting(b"Plaintext resumed")
+
+    def _greeting_after_alert(self) -> bytes:
+        return self._greeting(b"TLS ended by alert; plaintext resumed")
+
     def _reset(self) -> None:
         """R8: back to the state at connection start (unless no-state-reset)."""
         self.predicate.cancel_literal()
@@ -630,10 +480,7 @@ class ImapServerProtocol(asyncio.Protocol):
         )
         self.upgrades += 1
         self._reset()
-        if self.behaviour.name in BARE_RESUME:
-            # R3 broken: a close_notify without STOPTLS returns to plaintext.
-            transport.engine.accept_unwrap()
-            self._unasked_return = True
+        self.extra.handshake_done(transport)
 
     async def cmd_stoptls(self, tag: bytes, args: List[Token]) -> None:
         transport = self.transport
@@ -644,41 +491,13 @@ class ImapServerProtocol(asyncio.Protocol):
                 return
             self._write(tag + b" BAD STOPTLS is only valid under TLS\r\n")
             return
-        self._unasked_return = False
+        self.extra.stoptls_asked()
         if args or self.reader.pending:
             self._write(tag + b" BAD STOPTLS takes no arguments and must end the pipeline\r\n")
             return
         answer = tag + b" OK Begin TLS closure\r\n"
-        loop = asyncio.get_running_loop()
-        closure_timeout = self.server.config.timeouts.closure
-        name = self.behaviour.name
-        if name == "early-plaintext":
-            # R3 broken: close_notify and plaintext leave together, before
-            # the client's close_notify can have arrived.
-            self._closure = loop.create_future()
-            with transport.corked():
-                transport.write(answer)
-                transport.events.extend(transport.engine.unwrap())
-                self._reset()
-                transport.write_raw(self._greeting(b"Plaintext resumed"))
-            await asyncio.wait_for(self._closure, closure_timeout)
-            return
-        if name == "no-close-notify-reply":
-            # R5 broken: the client's close_notify is never answered; the
-            # engine_event hook closes TCP when it arrives.
-            self._close_notify = loop.create_future()
-            transport.write(answer)
-            await asyncio.wait_for(self._close_notify, closure_timeout)
-            return
-        self._stopping = True
-        try:
-            await transport.accept_unwrap(preface=answer)
-        finally:
-            self._stopping = False
-        if self._after_stoptls:
+        if not await self._close_then_greet(answer, self.server.config.timeouts.closure):
             raise _Bye("Commands were pipelined after STOPTLS")
-        self._reset()
-        self._write(self._greeting(b"Plaintext resumed"))
 
     async def cmd_login(self, tag: bytes, args: List[Token]) -> None:
         assert self.transport is not None
@@ -793,9 +612,9 @@ class ImapServerProtocol(asyncio.Protocol):
         return b"* %d FETCH (" % number + b" ".join(parts) + b")\r\n"
 
 
-def _set(fut: Optional[asyncio.Future[None]]) -> None:
-    if fut is not None and not fut.done():
-        fut.set_result(None)
+def _goodbye(why: str) -> bytes:
+    """IMAP's goodbye: an untagged ``BYE`` before the server closes."""
+    return b"* BYE " + why.encode() + b"\r\n"
 
 
 #: Dispatch table: command name -> (state it needs, handler).
@@ -841,14 +660,5 @@ async def start_server(config: ServerConfig) -> RunningServer:
     return running
 
 
-@dataclass
-class ImapRunningServer(RunningServer):
+class ImapRunningServer(SessionsRunningServer):
     """:class:`RunningServer` whose ``close()`` also waits for the sessions."""
-
-    sessions: Set[asyncio.Task[None]] = field(default_factory=set)
-
-    async def close(self) -> None:
-        await super().close()
-        pending = list(self.sessions)
-        if pending:
-            await asyncio.wait(pending, timeout=self.config.timeouts.closure)

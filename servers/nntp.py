@@ -45,37 +45,26 @@ a second STARTTLS gets ``382``) and ``accept-stoptls-in-plaintext`` (R3).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import contextlib
 import hmac
 import ssl
 import time
-from dataclasses import dataclass, field, replace
-from typing import Awaitable, Callable, Dict, List, Optional, Set
+from dataclasses import dataclass, replace
+from typing import Awaitable, Callable, Dict, List, Optional
 
 from starttls_harness.dialects.nntp import NEWSGROUP
-from starttls_harness.servers.base import (
-    Behaviour,
-    ExtraModes,
-    RunningServer,
-    ServerConfig,
-    behaviour_named,
-)
+from starttls_harness.servers.base import Behaviour, RunningServer, ServerConfig
 from starttls_harness.servers.imap import BEHAVIOURS as IMAP_SERVER_BEHAVIOURS
-from starttls_harness.servers.imapsyntax import IncompleteRead, LineReader, LineTooLong
-from starttls_harness.tls.aio import SwitchableTransport, create_server
-from starttls_harness.tls.engine import (
-    AlertReceived,
-    CloseNotifyReceived,
-    ClosureComplete,
-    Event,
-    LocalProtocolError,
-    Rule,
-    TransitionError,
+from starttls_harness.servers.imapsyntax import IncompleteRead
+from starttls_harness.servers.lines import (
+    ConnectionCount,
+    EndSession,
+    LineSession,
+    SessionsRunningServer,
+    start_session_server,
 )
-from starttls_harness.tls.states import State
+from starttls_harness.tls.aio import SwitchableTransport
 
 __all__ = ["BEHAVIOURS", "NntpRunningServer", "NntpServerProtocol", "PostedArticle", "start_server"]
 
@@ -95,9 +84,6 @@ BEHAVIOURS: Dict[str, Behaviour] = {
     ),
 }
 
-#: How many finished connection records ``RunningServer.connections`` keeps.
-_KEEP_FINISHED = 256
-
 
 @dataclass(frozen=True)
 class PostedArticle:
@@ -114,151 +100,42 @@ class PostedArticle:
     complete: bool = True
 
 
-class _Quit(Exception):
-    """End the session after a final status line."""
-
-    def __init__(self, line: bytes) -> None:
-        super().__init__(line.decode("latin-1").strip())
-        self.line = line
-
-
-class _Server:
-    """What the connections of one server share."""
-
-    def __init__(self, running: NntpRunningServer, behaviour: Behaviour) -> None:
-        self.running = running
-        self.config = running.config
-        self.limits = running.config.limits
-        self.behaviour = behaviour
-        self.context: ssl.SSLContext = running.config.ssl_context()
-        self.active = 0
-        self.next_id = 1
-
-
 Handler = Callable[["NntpServerProtocol", List[bytes]], Awaitable[None]]
 
 
-class NntpServerProtocol(asyncio.Protocol):
+class NntpServerProtocol(ConnectionCount, LineSession):
     """One NNTP connection (see the module docstring)."""
 
-    def __init__(self, server: _Server) -> None:
-        self.server = server
-        self.behaviour = server.behaviour
-        self.limits = server.limits
-        self.id = server.next_id
-        server.next_id += 1
-        self.reader = LineReader(self.limits.max_line)
-        self.transport: Optional[SwitchableTransport] = None
-        self.user: Optional[str] = None
+    starttls_ok = b"382 Continue with TLS negotiation\r\n"
+    stoptls_ok = b"382 Continue with TLS closure\r\n"
+    too_long = b"501 Line too long\r\n"
+    idle = b"400 Idle for too long\r\n"
+    pipelined = "Commands were pipelined after STOPTLS"
+
+    def __init__(
+        self, running: NntpRunningServer, behaviour: Behaviour, ctx: ssl.SSLContext
+    ) -> None:
+        super().__init__(running, behaviour, ctx, _goodbye)
+        self.server = running
+        self.limits = running.config.limits
         self._pending_user: Optional[str] = None
         self.group: Optional[str] = None
-        self.upgrades = 0
         #: True while an article is being read (its lines are not commands).
         self.in_article = False
-        #: Commands executed, with the phase they ran in (evidence; no secrets).
-        self.log: List[bytes] = []
-        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._counted = False
-        self._stopping = False
-        self._after_stoptls = b""
-        self._closure: Optional[asyncio.Future[None]] = None
-        self._close_notify: Optional[asyncio.Future[None]] = None
-        self.extra = ExtraModes(self.behaviour, _goodbye)
+        self._count_in(running, running.connections)
 
     # --------------------------------------------------- asyncio protocol
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, SwitchableTransport)
-        self.transport = transport
-        server = self.server
-        server.running.connections.append(self)
-        if server.active >= self.limits.max_connections:
-            transport.write(b"400 Too many connections, try again later\r\n")
-            transport.close()
-            self._finish()
-            return
-        server.active += 1
-        self._counted = True
-        transport.hold_after(self._is_starttls_line)
-        task = asyncio.get_running_loop().create_task(self._session())
-        server.running.sessions.add(task)
-        task.add_done_callback(server.running.sessions.discard)
+    def _admit(self, transport: SwitchableTransport) -> bool:
+        refusal = b"400 Too many connections, try again later\r\n"
+        return self._take_slot(transport, self.limits.max_connections, refusal)
 
-    def _is_starttls_line(self, line: bytes) -> bool:
+    def _holds(self, line: bytes) -> bool:
         """Hold-gate predicate: a plaintext STARTTLS command (not an article line)."""
         return not self.in_article and line.strip().upper() == b"STARTTLS"
 
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-
-    def eof_received(self) -> bool:
-        self.reader.feed_eof()  # the session decides, then closes
-        return True
-
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        lost = exc or ConnectionResetError("connection closed")
-        self.reader.set_exception(lost)
-        for fut in (self._closure, self._close_notify):
-            if fut is not None and not fut.done():
-                fut.set_exception(lost)
-                fut.exception()
-        self._release_slot()
-        self._prune()
-
-    def engine_event(self, event: Event) -> None:
-        """Closure bookkeeping; the misbehaving modes hook in here."""
-        transport = self.transport
-        if self.extra.on_event(event, transport):
-            self._reset()  # resume-without-stoptls: greet as after STOPTLS
-            self._write(self._greeting())
-        if isinstance(event, ClosureComplete):
-            if self._stopping and self.reader.pending:
-                self._after_stoptls = self.reader.take_pending()
-            _set(self._closure)
-        elif isinstance(event, CloseNotifyReceived):
-            _set(self._close_notify)
-            if (
-                not self.behaviour.policy.enforces(Rule.R5)
-                and transport is not None
-                and transport.engine.state is State.CLOSE_RECEIVED
-            ):
-                transport.close()  # no-close-notify-reply: hang up instead
-        elif (
-            isinstance(event, AlertReceived)
-            and not self.behaviour.policy.enforces(Rule.R7)
-            and transport is not None
-            and transport.engine.state is State.PLAINTEXT
-        ):
-            self._reset()  # alert-as-close: the alert is taken for a closure
-            self._write(self._greeting())
-
-    # ------------------------------------------------------------ session
-
-    async def _session(self) -> None:
-        try:
-            self._write(self._greeting())
-            while self.transport is not None and not self.transport.is_closing():
-                line = await self.reader.read_line(self.limits.idle_timeout)
-                await self._execute(line)
-        except _Quit as quit_:
-            self._write(quit_.line)
-        except LineTooLong:
-            self._write(b"501 Line too long\r\n")
-        except asyncio.TimeoutError:
-            self._write(b"400 Idle for too long\r\n")
-        except (ConnectionError, LocalProtocolError, TransitionError, ssl.SSLError):
-            pass
-        finally:
-            if self.transport is not None:
-                self.transport.close()
-            self._finish()
-
-    def _write(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        with contextlib.suppress(LocalProtocolError):
-            transport.write(data)
+    def _session_over(self) -> None:
+        self._finish()
 
     def _block(self, status: str, lines: List[str]) -> None:
         """A multi-line answer, one write per line (see the module docstring)."""
@@ -270,22 +147,6 @@ class NntpServerProtocol(asyncio.Protocol):
 
     def _greeting(self) -> bytes:
         return f"200 {IDENT} ready (posting ok)\r\n".encode()
-
-    def _finish(self) -> None:
-        self._release_slot()
-        if not self.finished.done():
-            self.finished.set_result(None)
-
-    def _release_slot(self) -> None:
-        if self._counted:
-            self._counted = False
-            self.server.active -= 1
-
-    def _prune(self) -> None:
-        conns = self.server.running.connections
-        done = [c for c in conns if getattr(c, "finished", None) is not None and c.finished.done()]
-        for old in done[: max(0, len(done) - _KEEP_FINISHED)]:
-            conns.remove(old)
 
     def _reset(self) -> None:
         """R8: back to the state at connection start (unless no-state-reset)."""
@@ -339,73 +200,18 @@ class NntpServerProtocol(asyncio.Protocol):
         self._block("100 Help text follows", [" ".join(sorted(COMMANDS))])
 
     async def cmd_quit(self, args: List[bytes]) -> None:
-        raise _Quit(b"205 Connection closing\r\n")
+        raise EndSession(b"205 Connection closing\r\n")
 
     async def cmd_starttls(self, args: List[bytes]) -> None:
-        transport = self.transport
-        assert transport is not None
-        if transport.tls_active and not args and self.extra.starttls_in_tls:
-            self._write(_STARTTLS_OK)  # R8 broken: the session stays in TLS
-            return
-        if args or transport.tls_active or self.user is not None:
-            why = b"501 No arguments allowed" if args else b"502 Command unavailable"
-            self._write(why + b"\r\n")
-            if not transport.tls_active and transport.engine.held:
-                transport.release_held()
-            return
-        leftover = self.reader.take_pending()  # R1 leftover, if the gate missed any
-        await transport.start_tls(
-            self.server.context,
-            server_side=True,
-            preface=_STARTTLS_OK,
-            leftover=leftover,
-        )
-        self.upgrades += 1
-        self._reset()
-        self.extra.handshake_done(transport)
+        why = b"501 No arguments allowed" if args else b"502 Command unavailable"
+        await self._serve_starttls(bool(args), why + b"\r\n")
 
     async def cmd_stoptls(self, args: List[bytes]) -> None:
-        transport = self.transport
-        assert transport is not None
-        self.extra.stoptls_asked()
-        if not transport.tls_active and not args and self.extra.stoptls_in_plaintext:
-            self._write(_STOPTLS_OK)  # R3 broken: there is no TLS to end
-            return
-        if not transport.tls_active:
-            self._write(b"502 STOPTLS is only valid under TLS\r\n")
-            return
-        if args or self.reader.pending:
-            self._write(b"501 STOPTLS takes no arguments and must end the pipeline\r\n")
-            return
-        answer = _STOPTLS_OK
-        loop = asyncio.get_running_loop()
-        closure_timeout = self.server.config.timeouts.closure
-        name = self.behaviour.name
-        if name == "early-plaintext":
-            # R3 broken: close_notify and plaintext leave together.
-            self._closure = loop.create_future()
-            with transport.corked():
-                transport.write(answer)
-                transport.events.extend(transport.engine.unwrap())
-                self._reset()
-                transport.write_raw(self._greeting())
-            await asyncio.wait_for(self._closure, closure_timeout)
-            return
-        if name == "no-close-notify-reply":
-            # R5 broken: engine_event closes TCP when the close_notify comes.
-            self._close_notify = loop.create_future()
-            transport.write(answer)
-            await asyncio.wait_for(self._close_notify, closure_timeout)
-            return
-        self._stopping = True
-        try:
-            await transport.accept_unwrap(preface=answer)
-        finally:
-            self._stopping = False
-        if self._after_stoptls:
-            raise _Quit(b"400 Commands were pipelined after STOPTLS\r\n")
-        self._reset()
-        self._write(self._greeting())
+        await self._serve_stoptls(
+            bool(args),
+            not_in_tls=b"502 STOPTLS is only valid under TLS\r\n",
+            misplaced=b"501 STOPTLS takes no arguments and must end the pipeline\r\n",
+        )
 
     async def cmd_authinfo(self, args: List[bytes]) -> None:
         sub = args[0].upper() if args else b""
@@ -450,7 +256,7 @@ class NntpServerProtocol(asyncio.Protocol):
         self._login(parts[1].decode("utf-8", "replace"), parts[2].decode("utf-8", "replace"))
 
     def _login(self, user: str, password: str) -> None:
-        config = self.server.config
+        config = self.config
         ok = hmac.compare_digest(user.encode(), config.user.encode()) and hmac.compare_digest(
             password.encode(), config.password.encode()
         )
@@ -461,7 +267,7 @@ class NntpServerProtocol(asyncio.Protocol):
             self._write(b"481 Authentication failed\r\n")
 
     def _count(self) -> int:
-        return len(self.server.running.messages)
+        return len(self.server.messages)
 
     async def cmd_group(self, args: List[bytes]) -> None:
         if len(args) != 1:
@@ -508,7 +314,7 @@ class NntpServerProtocol(asyncio.Protocol):
                     break
                 size += len(line)
                 if size > self.limits.max_message:
-                    raise _Quit(b"441 Article too large\r\n")
+                    raise EndSession(b"441 Article too large\r\n")
                 lines.append(line[1:] if line.startswith(b".") else line)
         except IncompleteRead as cut:
             # R6: an article cut by EOF is discarded -- unless ignore-truncation.
@@ -523,7 +329,7 @@ class NntpServerProtocol(asyncio.Protocol):
     def _store(self, data: bytes, *, tls: bool, complete: bool = True) -> None:
         transport = self.transport
         assert transport is not None
-        self.server.running.messages.append(
+        self.server.messages.append(
             PostedArticle(
                 data=data,
                 tls=tls,
@@ -536,18 +342,9 @@ class NntpServerProtocol(asyncio.Protocol):
         )
 
 
-_STARTTLS_OK = b"382 Continue with TLS negotiation\r\n"
-_STOPTLS_OK = b"382 Continue with TLS closure\r\n"
-
-
 def _goodbye(why: str) -> bytes:
     """RFC 3977 §3.2.1: a ``400`` response is the server ending the session."""
     return b"400 " + why.encode() + b"\r\n"
-
-
-def _set(fut: Optional[asyncio.Future[None]]) -> None:
-    if fut is not None and not fut.done():
-        fut.set_result(None)
 
 
 #: Dispatch table: command name -> handler.
@@ -568,29 +365,13 @@ COMMANDS: Dict[str, Handler] = {
 
 
 @dataclass
-class NntpRunningServer(RunningServer):
-    """:class:`RunningServer` whose ``close()`` also waits for the sessions."""
+class NntpRunningServer(SessionsRunningServer):
+    """The running server, with what its connections share (a slot count, ids)."""
 
-    sessions: Set[asyncio.Task[None]] = field(default_factory=set)
-
-    async def close(self) -> None:
-        await super().close()
-        pending = list(self.sessions)
-        if pending:
-            await asyncio.wait(pending, timeout=self.config.timeouts.closure)
+    active: int = 0
+    next_id: int = 1
 
 
 async def start_server(config: ServerConfig) -> RunningServer:
     """Start the reference NNTP server (``config.behaviour`` picks a mode)."""
-    behaviour = behaviour_named(BEHAVIOURS, config.behaviour)
-    holder: List[_Server] = []
-
-    def factory() -> NntpServerProtocol:
-        return NntpServerProtocol(holder[0])
-
-    server = await create_server(
-        factory, config.host, config.port, policy=behaviour.policy, timeouts=config.timeouts
-    )
-    running = NntpRunningServer(server, config)
-    holder.append(_Server(running, behaviour))
-    return running
+    return await start_session_server(config, BEHAVIOURS, NntpServerProtocol, NntpRunningServer)

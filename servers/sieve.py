@@ -33,87 +33,32 @@ a second STARTTLS gets ``OK``) and ``accept-stoptls-in-plaintext`` (R3).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import contextlib
 import re
 import ssl
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 from starttls_harness.dialects.sieve import capability_lines, quoted
 from starttls_harness.servers.base import (
-    EXTRA_BEHAVIOURS,
-    STRICT,
     Behaviour,
-    ExtraModes,
     RunningServer,
     ServerConfig,
-    behaviour_named,
 )
-from starttls_harness.servers.imapsyntax import IncompleteRead, LineReader, LineTooLong
-from starttls_harness.tls.aio import SwitchableTransport, create_server
-from starttls_harness.tls.engine import (
-    AlertReceived,
-    CloseNotifyReceived,
-    ClosureComplete,
-    Event,
-    LocalProtocolError,
-    Rule,
-    TransitionError,
+from starttls_harness.servers.imapsyntax import IncompleteRead
+from starttls_harness.servers.lines import (
+    LineSession,
+    SessionsRunningServer,
+    server_behaviours,
+    start_session_server,
 )
-from starttls_harness.tls.states import State
 
 __all__ = ["BEHAVIOURS", "SieveScript", "SieveServerProtocol", "start_server"]
 
-BEHAVIOURS: Dict[str, Behaviour] = {
-    b.name: b
-    for b in (
-        STRICT,
-        Behaviour(
-            "keep-buffer",
-            Rule.R1,
-            "executes commands pipelined after STARTTLS inside TLS",
-            (Rule.R1,),
-        ),
-        Behaviour(
-            "plaintext-in-tls", Rule.R2, "executes plaintext received while TLS is up", (Rule.R2,)
-        ),
-        Behaviour(
-            "early-plaintext",
-            Rule.R3,
-            "sends close_notify and the plaintext greeting without waiting for the client's"
-            " close_notify",
-        ),
-        Behaviour(
-            "one-sided-resume",
-            Rule.R4,
-            "accepts plaintext that follows the client's close_notify in the same segment",
-            (Rule.R4,),
-        ),
-        Behaviour(
-            "no-close-notify-reply",
-            Rule.R5,
-            "closes TCP instead of answering the client's close_notify",
-            (Rule.R5,),
-        ),
-        Behaviour(
-            "ignore-truncation",
-            Rule.R6,
-            "stores a PUTSCRIPT literal cut by EOF under TLS",
-            (Rule.R6,),
-        ),
-        Behaviour(
-            "alert-as-close",
-            Rule.R7,
-            "takes a fatal alert for a closure and resumes plaintext",
-            (Rule.R7,),
-        ),
-        Behaviour("no-state-reset", Rule.R8, "keeps the login across STARTTLS and STOPTLS"),
-        *EXTRA_BEHAVIOURS,
-    )
-}
+BEHAVIOURS: Dict[str, Behaviour] = server_behaviours(
+    "STARTTLS", cut="a PUTSCRIPT literal", keeps="the login"
+)
 
 _LITERAL_AT_END = re.compile(rb"\{(\d{1,10})(\+?)\}\r?\n\Z")
 _TOKEN = re.compile(rb'\s*(?:"((?:[^"\\]|\\.)*)"|\{(\d{1,10})\+?\}\r?\n|([^\s"{]+))', re.S)
@@ -127,10 +72,6 @@ class SieveScript:
     data: bytes
     tls: bool
     complete: bool = True
-
-
-class _Bye(Exception):
-    """End the session with a BYE line."""
 
 
 def _tokens(raw: bytes) -> List[bytes]:
@@ -157,102 +98,18 @@ def _tokens(raw: bytes) -> List[bytes]:
     return out
 
 
-class SieveServerProtocol(asyncio.Protocol):
+class SieveServerProtocol(LineSession):
     """One ManageSieve connection (see the module docstring)."""
 
+    starttls_ok = b'OK "Begin TLS negotiation now."\r\n'
+    stoptls_ok = b'OK "Begin TLS closure."\r\n'
+    too_long = b'BYE "line too long"\r\n'
+
     def __init__(self, running: RunningServer, behaviour: Behaviour, ctx: ssl.SSLContext) -> None:
-        self.running = running
-        self.config: ServerConfig = running.config
-        self.behaviour = behaviour
-        self.ctx = ctx
-        self.reader = LineReader(self.config.limits.max_line)
-        self.transport: Optional[SwitchableTransport] = None
-        self.user: Optional[str] = None
-        self.log: List[bytes] = []
-        self._stopping = False
-        self._after_stoptls = b""
-        self._closure: Optional[asyncio.Future[None]] = None
-        self._close_notify: Optional[asyncio.Future[None]] = None
-        self.extra = ExtraModes(behaviour, _goodbye)
+        super().__init__(running, behaviour, ctx, _goodbye)
 
-    # --------------------------------------------------- asyncio protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, SwitchableTransport)
-        self.transport = transport
-        self.running.connections.append(self)
-        transport.hold_after(_is_starttls)
-        task = asyncio.get_running_loop().create_task(self._session())
-        sessions = getattr(self.running, "sessions", None)
-        if isinstance(sessions, set):
-            sessions.add(task)
-            task.add_done_callback(sessions.discard)
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-
-    def eof_received(self) -> bool:
-        self.reader.feed_eof()
-        return True
-
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        lost = exc or ConnectionResetError("connection closed")
-        self.reader.set_exception(lost)
-        for fut in (self._closure, self._close_notify):
-            if fut is not None and not fut.done():
-                fut.set_exception(lost)
-
-    def engine_event(self, event: Event) -> None:
-        """Closure bookkeeping; the misbehaving modes hook in here."""
-        t = self.transport
-        if self.extra.on_event(event, t):
-            self._reset()  # resume-without-stoptls: greet as after STOPTLS
-            self._write(self._greeting())
-        if isinstance(event, ClosureComplete):
-            if self._stopping and self.reader.pending:
-                self._after_stoptls = self.reader.take_pending()
-            _set(self._closure)
-        elif isinstance(event, CloseNotifyReceived):
-            _set(self._close_notify)
-            if (
-                not self.behaviour.policy.enforces(Rule.R5)
-                and t is not None
-                and t.engine.state is State.CLOSE_RECEIVED
-            ):
-                t.close()  # no-close-notify-reply: hang up instead of answering
-        elif (
-            isinstance(event, AlertReceived)
-            and not self.behaviour.policy.enforces(Rule.R7)
-            and t is not None
-            and t.engine.state is State.PLAINTEXT
-        ):
-            self._reset()  # alert-as-close: the alert is taken for a closure
-            self._write(self._greeting())
-
-    # ------------------------------------------------------------ session
-
-    async def _session(self) -> None:
-        t = self.transport
-        assert t is not None
-        try:
-            self._write(self._greeting())
-            while not t.is_closing():
-                raw = await self._read_command()
-                await self._execute(raw)
-        except _Bye as why:
-            self._write(b"BYE " + quoted(str(why)) + b"\r\n")
-        except LineTooLong:
-            self._write(b'BYE "line too long"\r\n')
-        except (
-            asyncio.TimeoutError,
-            ConnectionError,
-            LocalProtocolError,
-            TransitionError,
-            ssl.SSLError,
-        ):
-            pass
-        finally:
-            t.close()
+    def _holds(self, line: bytes) -> bool:
+        return line.strip().upper() == b"STARTTLS"
 
     async def _read_command(self) -> bytes:
         """One command with its literals inline (EOF inside a PUTSCRIPT literal: R6)."""
@@ -265,7 +122,7 @@ class SieveServerProtocol(asyncio.Protocol):
                 return bytes(raw)
             size = int(announced.group(1))
             if size > self.config.limits.max_literal:
-                raise _Bye("literal too large")
+                raise self._farewell("literal too large")
             try:
                 raw += await self.reader.read_exactly(size, timeout)
             except IncompleteRead as cut:
@@ -279,13 +136,6 @@ class SieveServerProtocol(asyncio.Protocol):
             return
         if head.split(None, 1)[:1] == [b"PUTSCRIPT"]:
             self._store("truncated", partial, complete=False)
-
-    def _write(self, data: bytes) -> None:
-        t = self.transport
-        if t is None or t.is_closing():
-            return
-        with contextlib.suppress(LocalProtocolError):
-            t.write(data)
 
     def _reset(self) -> None:
         """R8: forget the login (unless no-state-reset)."""
@@ -341,7 +191,8 @@ class SieveServerProtocol(asyncio.Protocol):
         elif verb == "STARTTLS":
             await self._starttls(args)
         elif verb == "STOPTLS":
-            await self._stoptls(args)
+            refusal = b'NO "STOPTLS only under TLS, alone and without arguments"\r\n'
+            await self._serve_stoptls(bool(args), not_in_tls=refusal, misplaced=refusal)
         elif verb == "AUTHENTICATE":
             await self._authenticate(args)
         elif verb in _AUTHENTICATED and self.user is None:
@@ -352,65 +203,9 @@ class SieveServerProtocol(asyncio.Protocol):
             self._write(b'NO "unknown command"\r\n')
 
     async def _starttls(self, args: List[bytes]) -> None:
-        t = self.transport
-        assert t is not None
-        if t.tls_active and not args and self.extra.starttls_in_tls:
-            self._write(_STARTTLS_OK)  # R8 broken: the session stays in TLS
-            return
-        if args or t.tls_active or self.user is not None:
-            self._write(b'NO "STARTTLS not allowed now"\r\n')
-            if not t.tls_active and t.engine.held:
-                t.release_held()
-            return
-        leftover = self.reader.take_pending()
-        await t.start_tls(
-            self.ctx,
-            server_side=True,
-            preface=_STARTTLS_OK,
-            leftover=leftover,
-        )
-        self._reset()
-        self.extra.handshake_done(t)
-        # RFC 5804 §2.2: the capabilities are re-issued under TLS.
-        self._write(self._capabilities() + b'OK "TLS negotiation successful."\r\n')
-
-    async def _stoptls(self, args: List[bytes]) -> None:
-        t = self.transport
-        assert t is not None
-        self.extra.stoptls_asked()
-        if not t.tls_active and not args and self.extra.stoptls_in_plaintext:
-            self._write(_STOPTLS_OK)  # R3 broken: there is no TLS to end
-            return
-        if not t.tls_active or args or self.reader.pending:
-            self._write(b'NO "STOPTLS only under TLS, alone and without arguments"\r\n')
-            return
-        answer = _STOPTLS_OK
-        loop = asyncio.get_running_loop()
-        bound = self.config.timeouts.closure
-        name = self.behaviour.name
-        if name == "early-plaintext":
-            self._closure = loop.create_future()
-            with t.corked():
-                t.write(answer)
-                t.events.extend(t.engine.unwrap())
-                self._reset()
-                t.write_raw(self._greeting())
-            await asyncio.wait_for(self._closure, bound)
-            return
-        if name == "no-close-notify-reply":
-            self._close_notify = loop.create_future()
-            t.write(answer)
-            await asyncio.wait_for(self._close_notify, bound)
-            return
-        self._stopping = True
-        try:
-            await t.accept_unwrap(preface=answer)
-        finally:
-            self._stopping = False
-        if self._after_stoptls:
-            raise _Bye("commands were pipelined after STOPTLS")
-        self._reset()
-        self._write(self._greeting())
+        if await self._serve_starttls(bool(args), b'NO "STARTTLS not allowed now"\r\n'):
+            # RFC 5804 §2.2: the capabilities are re-issued under TLS.
+            self._write(self._capabilities() + b'OK "TLS negotiation successful."\r\n')
 
     async def _authenticate(self, args: List[bytes]) -> None:
         t = self.transport
@@ -474,49 +269,13 @@ _AUTHENTICATED = frozenset(
 )
 
 
-_STARTTLS_OK = b'OK "Begin TLS negotiation now."\r\n'
-_STOPTLS_OK = b'OK "Begin TLS closure."\r\n'
-
-
 def _goodbye(why: str) -> bytes:
     """RFC 5804's goodbye: a ``BYE`` response before the server closes."""
     return b"BYE " + quoted(why) + b"\r\n"
 
 
-def _is_starttls(line: bytes) -> bool:
-    return line.strip().upper() == b"STARTTLS"
-
-
-def _set(fut: Optional[asyncio.Future[None]]) -> None:
-    if fut is not None and not fut.done():
-        fut.set_result(None)
-
-
 async def start_server(config: ServerConfig) -> RunningServer:
     """Start the reference ManageSieve server (``config.behaviour`` picks a mode)."""
-    behaviour = behaviour_named(BEHAVIOURS, config.behaviour)
-    ctx = config.ssl_context()
-    holder: List[SieveRunningServer] = []
-
-    def factory() -> SieveServerProtocol:
-        return SieveServerProtocol(holder[0], behaviour, ctx)
-
-    server = await create_server(
-        factory, config.host, config.port, policy=behaviour.policy, timeouts=config.timeouts
+    return await start_session_server(
+        config, BEHAVIOURS, SieveServerProtocol, SessionsRunningServer
     )
-    running = SieveRunningServer(server, config)
-    holder.append(running)
-    return running
-
-
-@dataclass
-class SieveRunningServer(RunningServer):
-    """:class:`RunningServer` whose ``close()`` also waits for the sessions."""
-
-    sessions: Set[asyncio.Task[None]] = field(default_factory=set)
-
-    async def close(self) -> None:
-        await super().close()
-        pending = list(self.sessions)
-        if pending:
-            await asyncio.wait(pending, timeout=self.config.timeouts.closure)

@@ -109,6 +109,25 @@ class LinePredicate:
         return f"{type(self).__name__}({self.arg!r})"
 
 
+#: The client-role verdicts of a reference client whose engine is relaxed for
+#: R1 (``accept-injected-response``), beyond the default table: it also takes
+#: plaintext that arrives after its ClientHello, and every injected line, not
+#: only the first (a partial one is completed by the first TLS bytes).
+TAKES_EVERY_INJECTION: Mapping[str, Verdict] = {
+    "client.response-injection": Verdict.FAIL,
+    "client.response-injection-split": Verdict.FAIL,
+    "client.response-injection-partial": Verdict.FAIL,
+    "client.response-injection-multi": Verdict.FAIL,
+}
+
+
+class CodedFinalLine(LinePredicate):
+    """The last line of a coded reply (SMTP, FTP: three digits and a space, or the line end)."""
+
+    def __call__(self, line: bytes) -> bool:
+        return len(line) >= 4 and line[:3].isdigit() and line[3:4] in (b" ", b"\r", b"\n")
+
+
 class Dialect:
     """Base class; see :data:`~starttls_harness.dialects.smtp.SMTP` and ``IMAP``."""
 

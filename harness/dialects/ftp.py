@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Set, Tuple
 
-from starttls_harness.dialects.base import Dialect, LinePredicate, Reply, UnitStep
+from starttls_harness.dialects.base import CodedFinalLine, Dialect, LinePredicate, Reply, UnitStep
 from starttls_harness.dialects.roles import Command, ScriptedServer
 from starttls_harness.report.verdicts import Verdict
 from starttls_harness.tls.framing import Framer, line_framer
@@ -216,13 +216,10 @@ def feat_reply(features: Sequence[str]) -> bytes:
     return f"211-Features:\r\n{body}211 End\r\n".encode("ascii")
 
 
-class _FinalReplyLine(LinePredicate):
+class _FinalReplyLine(CodedFinalLine):
     """The last line of an FTP reply: three digits and a space (or the line end)."""
 
     kind = "ftp-final"
-
-    def __call__(self, line: bytes) -> bool:
-        return len(line) >= 4 and line[:3].isdigit() and line[3:4] in (b" ", b"\r", b"\n")
 
 
 class _ScriptedFtp(ScriptedServer):

@@ -5,7 +5,13 @@ from __future__ import annotations
 import re
 from typing import FrozenSet, List, Mapping, Optional, Sequence, Set, Tuple
 
-from starttls_harness.dialects.base import Dialect, LinePredicate, Reply, UnitStep
+from starttls_harness.dialects.base import (
+    TAKES_EVERY_INJECTION,
+    Dialect,
+    LinePredicate,
+    Reply,
+    UnitStep,
+)
 from starttls_harness.dialects.roles import Command, ScriptedServer
 from starttls_harness.report.verdicts import Verdict
 from starttls_harness.tls.framing import Framer, line_framer
@@ -211,10 +217,7 @@ class _Imap(Dialect):
     #: gate is off, and aiosmtplib drops bytes no command waits for).
     reference_client_expected: Mapping[str, Mapping[str, Verdict]] = {
         "accept-injected-response": {
-            "client.response-injection": Verdict.FAIL,
-            "client.response-injection-split": Verdict.FAIL,
-            "client.response-injection-partial": Verdict.FAIL,
-            "client.response-injection-multi": Verdict.FAIL,
+            **TAKES_EVERY_INJECTION,
             "client.response-injection-tagged": Verdict.FAIL,
         },
         "downgrade": {

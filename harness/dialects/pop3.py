@@ -18,8 +18,14 @@ from __future__ import annotations
 import base64
 from typing import FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
-from starttls_harness.dialects.base import Dialect, LinePredicate, Reply, UnitStep
-from starttls_harness.dialects.roles import Command, ScriptedServer
+from starttls_harness.dialects.base import (
+    TAKES_EVERY_INJECTION,
+    Dialect,
+    LinePredicate,
+    Reply,
+    UnitStep,
+)
+from starttls_harness.dialects.roles import Command, ScriptedServer, dot_body_end
 from starttls_harness.report.verdicts import Verdict
 from starttls_harness.tls.framing import Framer, line_framer
 
@@ -165,12 +171,7 @@ class _ScriptedPop3(ScriptedServer):
         return b"+OK Start sending message\r\n"
 
     def body_end(self, data: bytes) -> Optional[Tuple[int, int]]:
-        if data.startswith(b".\r\n"):
-            return 0, 3
-        pos = data.find(b"\r\n.\r\n")
-        if pos < 0:
-            return None
-        return pos + 2, pos + 5
+        return dot_body_end(data)
 
     def parse_body(self, body: bytes, tls: bool) -> Command:
         return Command(body, tls, "message", "XTND")
@@ -188,14 +189,7 @@ class _Pop3(Dialect):
     #: that arrives after its ClientHello (only the hold gate is at stake for
     #: SMTP's), so the split injection is acted on too.
     reference_client_expected: Mapping[str, Mapping[str, Verdict]] = {
-        "accept-injected-response": {
-            "client.response-injection": Verdict.FAIL,
-            "client.response-injection-split": Verdict.FAIL,
-            # Every injected line is taken in, not only the first; a partial
-            # line is completed by the first TLS bytes (as the IMAP client).
-            "client.response-injection-partial": Verdict.FAIL,
-            "client.response-injection-multi": Verdict.FAIL,
-        },
+        "accept-injected-response": TAKES_EVERY_INJECTION,
     }
 
     def framer(self) -> Framer:

@@ -39,6 +39,7 @@ __all__ = [
     "ScriptedServer",
     "SessionPlan",
     "StopTLSUnsupported",
+    "dot_body_end",
     "failed",
     "transport_events",
 ]
@@ -202,6 +203,17 @@ class ScriptedServer(abc.ABC):
 
 
 # ------------------------------------------------------------ the path role
+
+
+def dot_body_end(data: bytes) -> Optional[Tuple[int, int]]:
+    """:meth:`ScriptedServer.body_end` of a body ended by a line with a lone dot
+    (SMTP DATA, POP3 XTND XMIT, NNTP POST): the body up to (not including) it."""
+    if data.startswith(b".\r\n"):
+        return 0, 3
+    pos = data.find(b"\r\n.\r\n")
+    if pos < 0:
+        return None
+    return pos + 2, pos + 5
 
 
 class StopTLSUnsupported(Exception):

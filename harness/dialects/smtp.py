@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 from typing import FrozenSet, List, Optional, Sequence, Set, Tuple
 
-from starttls_harness.dialects.base import Dialect, LinePredicate, Reply, UnitStep
-from starttls_harness.dialects.roles import Command, ScriptedServer
+from starttls_harness.dialects.base import CodedFinalLine, Dialect, LinePredicate, Reply, UnitStep
+from starttls_harness.dialects.roles import Command, ScriptedServer, dot_body_end
 from starttls_harness.tls.framing import Framer, line_framer
 
 __all__ = ["BAIT", "SMTP"]
@@ -37,13 +37,10 @@ def _lines(code: str, lines: Sequence[str]) -> bytes:
     return "".join(out).encode("ascii")
 
 
-class _FinalReplyLine(LinePredicate):
+class _FinalReplyLine(CodedFinalLine):
     """The last line of an SMTP reply: a code followed by a space (or the line end)."""
 
     kind = "smtp-final"
-
-    def __call__(self, line: bytes) -> bool:
-        return len(line) >= 4 and line[:3].isdigit() and line[3:4] in (b" ", b"\r", b"\n")
 
 
 class _ScriptedSmtp(ScriptedServer):
@@ -153,12 +150,7 @@ class _ScriptedSmtp(ScriptedServer):
 
     def body_end(self, data: bytes) -> Optional[Tuple[int, int]]:
         """The DATA body up to (not including) its final dot line."""
-        if data.startswith(b".\r\n"):
-            return 0, 3
-        pos = data.find(b"\r\n.\r\n")
-        if pos < 0:
-            return None
-        return pos + 2, pos + 5
+        return dot_body_end(data)
 
     def parse_body(self, body: bytes, tls: bool) -> Command:
         return Command(body, tls, "message", "DATA")

@@ -68,7 +68,7 @@ from starttls_harness.run.client_support import (
     output_tail,
     stop_client,
 )
-from starttls_harness.run.interpreter import interpret
+from starttls_harness.run.interpreter import interpret, unknown_actions
 from starttls_harness.run.outcomes import (
     HARNESS_ERROR,
     TIMEOUT,
@@ -408,6 +408,15 @@ async def _session_over(run: _Run, args: Mapping[str, object]) -> None:
     raise Observed("completed", f"session completed ({run.stoptls_done} STOPTLS cycle(s))")
 
 
+def _take_pending(run: _Run, missing: str, kind: Optional[str] = None) -> Command:
+    """The command waiting for an answer (of ``kind``, if given), now taken."""
+    cmd = run.pending
+    if cmd is None or (kind is not None and cmd.kind != kind):
+        raise Observed("unexpected-reply", missing)
+    run.pending = None
+    return cmd
+
+
 async def step_accept_starttls(run: _Run, args: Mapping[str, object]) -> None:
     """Accept the pending STARTTLS, optionally injecting a plaintext response.
 
@@ -423,10 +432,7 @@ async def step_accept_starttls(run: _Run, args: Mapping[str, object]) -> None:
     ahead of the answer with ``before_answer``; a shape the dialect cannot
     make for this client (no tag to predict) is ``shape-not-applicable``.
     """
-    cmd = run.pending
-    if cmd is None or cmd.kind != "starttls":
-        raise Observed("unexpected-reply", "no STARTTLS to accept")
-    run.pending = None
+    cmd = _take_pending(run, "no STARTTLS to accept", "starttls")
     inject = str(args.get("inject", ""))
     payloads = {
         "": lambda c: b"",
@@ -479,10 +485,7 @@ async def _switch_after_client_hello(run: _Run, cmd: Command, payload: bytes) ->
 
 
 async def step_refuse_starttls(run: _Run, args: Mapping[str, object]) -> None:
-    cmd = run.pending
-    if cmd is None or cmd.kind != "starttls":
-        raise Observed("unexpected-reply", "no STARTTLS to refuse")
-    run.pending = None
+    cmd = _take_pending(run, "no STARTTLS to refuse", "starttls")
     bad = str(args.get("how", "")) == "bad"
     run.conn.send(run.dialect.starttls_bad(cmd) if bad else run.dialect.starttls_refused(cmd))
     run.conn.t().release_held()
@@ -598,10 +601,7 @@ _INJECTION_JUDGES: Dict[str, Callable[[_Run], Awaitable[None]]] = {
 
 async def step_raw_reply(run: _Run, args: Mapping[str, object]) -> None:
     """Answer the pending command with its normal reply written raw (R2)."""
-    cmd = run.pending
-    if cmd is None:
-        raise Observed("unexpected-reply", "no command to answer")
-    run.pending = None
+    cmd = _take_pending(run, "no command to answer")
     if cmd.kind == "hello":
         reply = run.dialect.hello(cmd, tls=True, starttls=False, stoptls=run.offer_stoptls)
     elif cmd.kind == "auth" and not run.dialect.auth_prompts(cmd):
@@ -625,10 +625,7 @@ async def step_expect_abort(run: _Run, args: Mapping[str, object]) -> None:
 
 async def step_truncate_reply(run: _Run, args: Mapping[str, object]) -> None:
     """Half of the answer to the pending message, then FIN without close_notify."""
-    cmd = run.pending
-    if cmd is None:
-        raise Observed("unexpected-reply", "no message to answer")
-    run.pending = None
+    cmd = _take_pending(run, "no message to answer")
     reply = run.dialect.stored(cmd)
     conn = run.conn
     conn.send(reply[: max(4, len(reply) // 2)])
@@ -649,9 +646,7 @@ async def step_client_outcome(run: _Run, args: Mapping[str, object]) -> None:
 
 async def step_close_notify(run: _Run, args: Mapping[str, object]) -> None:
     """Instead of answering the pending command, send close_notify (R5)."""
-    if run.pending is None:
-        raise Observed("unexpected-reply", "no command to answer")
-    run.pending = None
+    _take_pending(run, "no command to answer")
     run.conn.t().send_close_notify()
     run.close_notify_sent = time.monotonic()
 
@@ -675,10 +670,7 @@ async def step_expect_close_notify(run: _Run, args: Mapping[str, object]) -> Non
 
 async def step_one_sided_stoptls(run: _Run, args: Mapping[str, object]) -> None:
     """Answer STOPTLS, close_notify and the plaintext greeting in one segment (R4)."""
-    cmd = run.pending
-    if cmd is None or cmd.kind != "stoptls":
-        raise Observed("unexpected-reply", "no STOPTLS to answer")
-    run.pending = None
+    cmd = _take_pending(run, "no STOPTLS to answer", "stoptls")
     conn = run.conn
     t = conn.t()
     conn.in_closure = True
@@ -704,10 +696,7 @@ async def step_expect_no_resume(run: _Run, args: Mapping[str, object]) -> None:
 
 
 async def step_accept_stoptls(run: _Run, args: Mapping[str, object]) -> None:
-    cmd = run.pending
-    if cmd is None or cmd.kind != "stoptls":
-        raise Observed("unexpected-reply", "no STOPTLS to accept")
-    run.pending = None
+    cmd = _take_pending(run, "no STOPTLS to accept", "stoptls")
     await _accept_stoptls(run, cmd)
 
 
@@ -771,13 +760,7 @@ CLIENT_STEP_NAMES = frozenset(_CLIENT_STEPS)
 
 def unknown_client_steps(scenarios: Sequence[Scenario]) -> List[Tuple[str, str]]:
     """(scenario id, action) pairs the client verb table does not know (a test)."""
-    return [
-        (s.id, step.action)
-        for s in scenarios
-        if s.role == "client"
-        for step in s.steps
-        if step.action not in _CLIENT_STEPS
-    ]
+    return unknown_actions(scenarios, "client", _CLIENT_STEPS)
 
 
 # ------------------------------------------------------------- one scenario

@@ -10,7 +10,7 @@ and what the peer ending the connection means at a given step.
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable, Mapping, Optional, Protocol, TypeVar
+from typing import Awaitable, Callable, List, Mapping, Optional, Protocol, Sequence, Tuple, TypeVar
 
 from starttls_harness.report.verdicts import Evidence
 from starttls_harness.run.outcomes import (
@@ -22,7 +22,7 @@ from starttls_harness.run.outcomes import (
 )
 from starttls_harness.scenarios.model import Scenario, Step
 
-__all__ = ["Interpreted", "interpret"]
+__all__ = ["Interpreted", "interpret", "unknown_actions"]
 
 
 class Interpreted(Protocol):
@@ -73,3 +73,16 @@ async def interpret(
             run.evidence.note(gone.detail or gone.how)
             return ended(run, step, gone)
     return COMPLETED
+
+
+def unknown_actions(
+    scenarios: Sequence[Scenario], role: str, verbs: Mapping[str, object]
+) -> List[Tuple[str, str]]:
+    """(scenario id, action) pairs of ``role``'s scenarios that ``verbs`` does not know."""
+    return [
+        (s.id, step.action)
+        for s in scenarios
+        if s.role == role
+        for step in s.steps
+        if step.action not in verbs
+    ]

@@ -26,7 +26,7 @@ from typing import Awaitable, Callable, Dict, List, Mapping, Optional, Sequence,
 
 from starttls_harness.dialects import Dialect, Reply, dialect_named
 from starttls_harness.report.verdicts import Evidence, Exchange, Result, Verdict
-from starttls_harness.run.interpreter import interpret
+from starttls_harness.run.interpreter import interpret, unknown_actions
 from starttls_harness.run.outcomes import (
     HARNESS_ERROR,
     TIMEOUT,
@@ -39,6 +39,7 @@ from starttls_harness.run.outcomes import (
 from starttls_harness.run.probe import PeerClosed, Probe, ProbeSettings, ProbeTimeout
 from starttls_harness.run.sanity import NotOffered, SanityProblem, TargetUnusable, classify
 from starttls_harness.scenarios.model import Expect, Scenario, Step
+from starttls_harness.tls.aio import SwitchableTransport
 from starttls_harness.tls.certs import client_context, shared_client_context
 from starttls_harness.tls.engine import Policy, Rule
 
@@ -376,11 +377,17 @@ async def _probe_silence_after_answer(run: _Run) -> None:
     raise Observed("plaintext-answered", f"answered plaintext after the closure: {reply.text}")
 
 
-async def step_close_then_sentinel(run: _Run, args: Mapping[str, object]) -> None:
-    """close_notify and a plaintext command in one segment (one-sided)."""
+def _open_transport(run: _Run) -> SwitchableTransport:
+    """The probe's transport, which must still be open."""
     run.probe.ensure_open()
     transport = run.probe.transport
     assert transport is not None
+    return transport
+
+
+async def step_close_then_sentinel(run: _Run, args: Mapping[str, object]) -> None:
+    """close_notify and a plaintext command in one segment (one-sided)."""
+    transport = _open_transport(run)
     if not transport.engine.tls_active:
         raise Observed("server-closed-first", "the server's close_notify came with its answer")
     with transport.corked():
@@ -391,9 +398,7 @@ async def step_close_then_sentinel(run: _Run, args: Mapping[str, object]) -> Non
 
 async def step_alert_then_sentinel(run: _Run, args: Mapping[str, object]) -> None:
     """A real fatal alert and a plaintext command in one segment."""
-    run.probe.ensure_open()
-    transport = run.probe.transport
-    assert transport is not None
+    transport = _open_transport(run)
     with transport.corked():
         transport.send_fatal_alert()
         run.probe.read_raw()
@@ -403,9 +408,7 @@ async def step_alert_then_sentinel(run: _Run, args: Mapping[str, object]) -> Non
 
 async def step_close_notify_only(run: _Run, args: Mapping[str, object]) -> None:
     """Our close_notify, then wait for the target's answer (bounded)."""
-    run.probe.ensure_open()
-    transport = run.probe.transport
-    assert transport is not None
+    transport = _open_transport(run)
     with transport.corked():
         transport.engine.unwrap()
         run.evidence.add("c2s", "close_notify")
@@ -662,13 +665,7 @@ _SERVER_STEPS: Dict[str, StepFunc] = {
 
 def unknown_steps(scenarios: Sequence[Scenario]) -> List[Tuple[str, str]]:
     """(scenario id, action) pairs the verb table does not know (a test)."""
-    return [
-        (s.id, step.action)
-        for s in scenarios
-        if s.role == "server"
-        for step in s.steps
-        if step.action not in _SERVER_STEPS
-    ]
+    return unknown_actions(scenarios, "server", _SERVER_STEPS)
 
 
 def _probe_context(
