@@ -55,6 +55,7 @@ __all__ = [
     "MissingPortPlaceholder",
     "ReferenceClientTarget",
     "client_behaviours",
+    "require_port_placeholder",
 ]
 
 #: The test user the reference session logs in with (any user is accepted).
@@ -223,6 +224,15 @@ class MissingPortPlaceholder(ValueError):
     """
 
 
+def require_port_placeholder(argv: Sequence[str]) -> None:
+    """Raise :class:`MissingPortPlaceholder` unless some argument has ``{port}``."""
+    if not any("{port}" in a for a in argv):
+        raise MissingPortPlaceholder(
+            "the client command has no {port}: every run listens on a new port, "
+            "so pass it to the client (e.g. --port {port})"
+        )
+
+
 def error_line(output: bytes) -> str:
     """The line of a client's output that carries its error (else its last line).
 
@@ -262,11 +272,7 @@ class CommandClientTarget(ClientTarget):
     ) -> None:
         if not argv:
             raise ValueError("the client command is empty")
-        if not any("{port}" in a for a in argv):
-            raise MissingPortPlaceholder(
-                "the client command has no {port}: every run listens on a new port, "
-                "so pass it to the client (e.g. --port {port})"
-            )
+        require_port_placeholder(argv)
         self.argv = list(argv)
         self.timeout = timeout
         self.env = dict(env) if env is not None else None
