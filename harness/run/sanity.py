@@ -64,15 +64,22 @@ class SanityProblem:
 
 
 def _greets(dialect: Dialect, data: bytes) -> bool:
-    """Is ``data`` a ready greeting of ``dialect`` (where the client speaks
-    first, LDAP and PostgreSQL: one whole message of it)?"""
+    """Is ``data`` a ready greeting of ``dialect``?
+
+    Where the client speaks first (LDAP, PostgreSQL) there is no greeting:
+    ``data`` must then be exactly one message of that dialect, which its
+    parser delimits (twice the bytes are two messages), not junk it swallows.
+    """
     try:
-        reply, _ = dialect.split_reply(data, None)
+        reply, rest = dialect.split_reply(data, None)
+        if reply is None:
+            return False
+        if dialect.server_greets:
+            return dialect.greeting_ok(reply)
+        again, after = dialect.split_reply(data + data, None)
     except Exception:  # bytes of another protocol may break any parser
         return False
-    if reply is None:
-        return False
-    return dialect.greeting_ok(reply) if dialect.server_greets else bool(reply.lines)
+    return not rest and again is not None and after == data
 
 
 def _looks_like(dialect: str, data: bytes) -> Optional[str]:
@@ -145,9 +152,15 @@ def _classify(
     if label == "refused":
         return SanityProblem("dead", detail or f"cannot connect to {url}")
     received = _received(evidence) or (greeting.raw if greeting is not None else b"")
+    words = refusal(received) if received else None
+    if words is not None:
+        return SanityProblem(
+            "target",
+            f"{url} refused the connection for load ({words!r}); not a STARTTLS verdict: "
+            "retry with --max-connections 1 and/or --rate",
+        )
     other = _looks_like(dialect, received)
-    foreign = label not in ("handshake-failed", "handshake-refused") and other is not None
-    if foreign:
+    if label not in ("handshake-failed", "handshake-refused") and other is not None:
         shown = received.decode("latin-1").strip()[:80]
         return SanityProblem("target", f"{url} answers like {other}, not {name} ({shown!r})")
     if label == "timeout" and greeting is None:
@@ -155,13 +168,6 @@ def _classify(
             "dead",
             f"{url} accepted the connection but sent no {name} greeting within "
             f"{reply_timeout:g} s (a TLS-on-connect port? another protocol?)",
-        )
-    words = refusal(greeting.raw) if greeting is not None else None
-    if words is not None:
-        return SanityProblem(
-            "target",
-            f"{url} refused the connection for load ({words!r}); not a STARTTLS verdict: "
-            "retry with --max-connections 1 and/or --rate",
         )
     if label == "bad-greeting" and greeting is not None:
         return SanityProblem("target", f"{url} does not greet like {name}: {greeting.text[:80]!r}")

@@ -41,7 +41,7 @@ from starttls_harness.dialects.roles import ClientOutcome, SessionPlan, failed
 from starttls_harness.run.reference import reference_client_module
 from starttls_harness.run.server import RunSettings
 from starttls_harness.tls.aio import Timeouts
-from starttls_harness.tls.certs import shared_client_context
+from starttls_harness.tls.certs import client_context, shared_client_context
 
 __all__ = [
     "FOLLOW_SERVER",
@@ -120,7 +120,8 @@ class ReferenceClientTarget(ClientTarget):
     ``run(..., tls_version)`` pins the client to that version; a version in
     :data:`FOLLOW_SERVER` leaves it free (1.2 or 1.3, whichever the server
     speaks), so a scenario pinned to TLS 1.2 is not lost to a client pinned
-    to 1.3.
+    to 1.3.  ``keylog``: append the TLS secrets there (what ``SSLKEYLOGFILE``
+    means to other clients), so a proxy or a capture can decrypt.
     """
 
     accepts_cycles = True
@@ -133,6 +134,7 @@ class ReferenceClientTarget(ClientTarget):
         cycles: int = 1,
         timeout: float = 5.0,
         tls_versions: Tuple[str, ...] = ("1.2", "1.3"),
+        keylog: Optional[Path] = None,
     ) -> None:
         if behaviour not in client_behaviours(dialect):
             choices = ", ".join(client_behaviours(dialect))
@@ -140,15 +142,20 @@ class ReferenceClientTarget(ClientTarget):
         self.behaviour = behaviour
         self.cycles = cycles
         self.timeout = timeout
+        self.keylog = keylog
         session = reference_client_module(dialect).reference_session
         label = f"reference {dialect} client ({behaviour})"
 
         async def run(host: str, port: int, cafile: Path, tls_version: str) -> ClientOutcome:
             pinned = None if tls_version in FOLLOW_SERVER else tls_version
+            if keylog is None:
+                context = shared_client_context(pinned, cafile)
+            else:  # a context of its own: the shared ones write no key log
+                context = client_context(pinned, keylog, cafile=cafile)
             plan = SessionPlan(
                 host=host,
                 port=port,
-                tls_context=shared_client_context(pinned, cafile),
+                tls_context=context,
                 behaviour=self.behaviour,
                 timeout=self.timeout,
                 timeouts=self.timeouts(),
@@ -174,6 +181,7 @@ class ReferenceClientTarget(ClientTarget):
             cycles=cycles,
             timeout=self.timeout,
             tls_versions=self.tls_versions,
+            keylog=self.keylog,
         )
 
     def timeouts(self) -> Timeouts:
