@@ -20,7 +20,7 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import AsyncIterator, Dict, List, Tuple
+from typing import AsyncIterator, Dict, List, Set, Tuple
 
 import jsonschema
 import pytest
@@ -177,6 +177,45 @@ def test_a_fleet_is_one_report_whose_results_name_their_target(tmp_path: Path) -
         # keep-buffer answered the injected command inside TLS; tshark decrypts it alone.
         assert any(in_tls(r) and "XHARNESS-INJECTED" in r["smtp.response"] for r in rows)
         assert sum("injected by the harness" in r["frame.comment"] for r in rows) == 1
+
+
+def test_a_fleet_of_mixed_dialects_with_an_unusable_target(tmp_path: Path) -> None:
+    """LDAP, PostgreSQL and FTP side by side, and an LDAP URL that points at an SMTP
+    server: one report, the unusable target's rows say what it answers like."""
+    json_path = tmp_path / "r.json"
+
+    async def go() -> Tuple[int, str, str, List[str]]:
+        async with _servers(("ldap",), ("postgres",), ("ftp",), ("smtp",)) as servers:
+            ldap, postgres, ftp, smtp = servers
+            urls = [
+                _url("ldap", ldap),
+                _url("postgres", postgres),
+                _url("ftp", ftp),
+                _url("ldap", smtp),
+            ]
+            result = await _cli(
+                "check",
+                *urls,
+                "--only",
+                "server.command-injection",
+                "--tls-version",
+                "1.3",
+                "--json",
+                str(json_path),
+            )
+            return (*result, urls)
+
+    code, out, err, urls = asyncio.run(go())
+    assert code == 2, out + err  # an unusable target is an error of the run
+    doc = json.loads(json_path.read_text())
+    verdicts: Dict[str, Set[str]] = {}
+    for r in doc["results"]:
+        verdicts.setdefault(r["target"], set()).add(r["verdict"])
+    assert verdicts == {urls[0]: {"pass"}, urls[1]: {"pass"}, urls[2]: {"pass"}, urls[3]: {"error"}}
+    wrong = [r for r in doc["results"] if r["target"] == urls[3]]
+    assert all("answers like SMTP, not LDAP" in r["summary"] for r in wrong)
+    headers = [line for line in out.splitlines() if line.startswith("== ")]
+    assert [h.split(": ")[0][3:] for h in headers] == urls
 
 
 def test_jsonl_to_stdout_is_only_json(tmp_path: Path) -> None:
