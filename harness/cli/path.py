@@ -112,7 +112,6 @@ def cmd_check_path(args: argparse.Namespace) -> int:
         raise UsageError("give the client command after --, e.g. -- python3 send.py {port}")
     if shutil.which(argv[0]) is None and not Path(argv[0]).exists():
         raise UsageError(f"{argv[0]!r}: command not found")
-    require_port_placeholder(argv)  # the proxy listens on a new port for every run
     dialect, host, port = parse_target(args.target)
     if args.cafile is not None:
         check_cafile("--cafile", args.cafile)
@@ -147,6 +146,7 @@ def cmd_check_path(args: argparse.Namespace) -> int:
             return await run_path_target(scenarios, pair, setup.settings, progress, setup.versions)
 
         await _reachable(host, port, args.reply_timeout)
+        require_port_placeholder(argv)  # the proxy listens on a new port for every run
         if count is not None:
             try:
                 await count()  # a probe that cannot count is a usage error, before anything runs

@@ -7,12 +7,13 @@ no traceback.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from pathlib import Path
 from typing import List, Tuple
 
-from test_cli import _closed_pipe_run, run_cli
+from test_cli import _closed_pipe_run, _serve, run_cli
 
 CLIENT = ["--", sys.executable, "-c", "pass", "{port}"]
 
@@ -37,7 +38,6 @@ def _bad_inputs(tmp: Path) -> List[Tuple[List[str], str]]:
         ([*path, "--concurrency", "0", *CLIENT], "--concurrency"),
         ([*path, "--server-keylog", str(tmp), *CLIENT], "--server-keylog"),
         ([*path, "--only", "no-such-*", *CLIENT], "--only"),
-        ([*path, "--", sys.executable, "-c", "pass"], "{port}"),
         ([*path, "--", "no-such-client-program", "{port}"], "no-such-client-program"),
         (path, "give the client command"),
         (["check-path", "gopher://127.0.0.1:70", *CLIENT], "gopher://"),
@@ -62,3 +62,25 @@ def test_check_path_bad_inputs_are_one_line_and_exit_2(tmp_path: Path) -> None:
 def test_check_path_into_a_closed_pipe_is_no_traceback() -> None:
     code, err = _closed_pipe_run("check-path", "--help")
     assert code == 0 and "Traceback" not in err, err
+
+
+def test_a_client_command_without_port_is_one_line_before_any_run() -> None:
+    """Was 13 error rows ("harness error: MissingPortPlaceholder"), exit 2."""
+
+    async def body() -> Tuple[int, str, str]:
+        async with _serve("ftp") as served:
+            return await asyncio.to_thread(
+                run_cli,
+                "check-path",
+                f"ftp://127.0.0.1:{served.port}",
+                "--",
+                sys.executable,
+                "-c",
+                "pass",
+            )
+
+    code, out, err = asyncio.run(body())
+    assert code == 2, out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "{port}" in lines[0], err
+    assert "scenario runs" not in out and "ERROR" not in out, out
