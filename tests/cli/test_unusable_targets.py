@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
-from starttls_harness.run.reference import reference_servers
+from starttls_harness.dialects import names
+from starttls_harness.report.verdicts import Result, Verdict
+from starttls_harness.run.reference import reference_servers, server_module
 from starttls_harness.run.sanity import TargetUnusable
 from starttls_harness.run.server import RunSettings, ServerTarget, run_server_target
-from starttls_harness.scenarios.server import CATALOGUE
+from starttls_harness.scenarios.server import CATALOGUE, by_id
+from starttls_harness.servers.base import ServerConfig
+from starttls_harness.tls.certs import Pki
 from test_cli import CLI, _serve
 
 Runner = Any
@@ -113,3 +117,32 @@ def test_credentials_a_dialect_does_not_send_are_said_to_be_unused() -> None:
     code, out, err = asyncio.run(body())
     assert code == 0, out + err
     assert "postgres targets are not logged in with --user/--password" in out, out
+
+
+@pytest.mark.parametrize("dialect", names())
+def test_a_tls13_only_target_of_any_dialect_skips_12(dialect: str, pki: Pki, run: Runner) -> None:
+    """Issue 11.8 for every registered dialect (the test beside the run layer's
+    covers SMTP and IMAP): no error rows, TLS 1.2 skipped, TLS 1.3 run."""
+
+    async def body() -> List[Result]:
+        config = ServerConfig(pki=pki, tls_version="1.3")
+        server = await server_module(dialect).start_server(config)
+        try:
+            target = ServerTarget(
+                dialect,
+                server.host,
+                server.port,
+                cafile=pki.cafile,
+                user=config.user,
+                password=config.password,
+            )
+            chosen = [by_id("server.command-injection")]
+            return await run_server_target(chosen, target, SETTINGS, raise_unusable=True)
+        finally:
+            await server.close()
+
+    results = run(body, 30.0)
+    by_version = {r.tls_version: r for r in results}
+    assert by_version["1.2"].verdict is Verdict.SKIP, by_version["1.2"].summary
+    assert by_version["1.2"].summary == "target does not offer TLS 1.2"
+    assert by_version["1.3"].verdict is Verdict.PASS, by_version["1.3"].summary
