@@ -25,7 +25,7 @@ from typing import AsyncIterator, Dict, List, Set, Tuple
 import jsonschema
 import pytest
 from starttls_harness.report.verdicts import Verdict
-from starttls_harness.run.pacing import Pacing, pacing
+from starttls_harness.run.pacing import Pacing, pacing, refusal
 from starttls_harness.run.reference import reference_servers
 from starttls_harness.run.server import RunSettings, run_server_target
 from starttls_harness.scenarios.server import CATALOGUE, Scenario
@@ -290,6 +290,25 @@ def test_load_refusal_is_reported_as_the_cause(tmp_path: Path) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert "refused the connection for load" in lines[0] and "--max-connections" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "greeting",
+    [
+        b"421 4.7.0 mx.example Too many connections from your host\r\n",
+        b"* BYE Too many connections\r\n",
+        b"421 There are too many connected users, please try later.\r\n",  # vsftpd
+        b"421 Sorry, the maximum number of clients (5) from your host are already connected.\r\n",
+        b"E\x00\x00\x00\x3eSFATAL\x00C53300\x00Msorry, too many clients already\x00\x00",
+    ],
+)
+def test_load_refusals_of_every_kind_of_server_are_recognised(greeting: bytes) -> None:
+    assert refusal(greeting) is not None
+
+
+def test_a_greeting_is_not_a_load_refusal() -> None:
+    assert refusal(b"220 ProFTPD Server (Debian) [127.0.0.1]\r\n") is None
+    assert refusal(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] Dovecot ready.\r\n") is None
 
 
 def _connection_scenarios() -> List[Scenario]:
