@@ -20,12 +20,12 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import AsyncIterator, Dict, List, Tuple
+from typing import AsyncIterator, Dict, List, Set, Tuple
 
 import jsonschema
 import pytest
 from starttls_harness.report.verdicts import Verdict
-from starttls_harness.run.pacing import Pacing, pacing
+from starttls_harness.run.pacing import Pacing, pacing, refusal
 from starttls_harness.run.reference import reference_servers
 from starttls_harness.run.server import RunSettings, run_server_target
 from starttls_harness.scenarios.server import CATALOGUE, Scenario
@@ -179,6 +179,45 @@ def test_a_fleet_is_one_report_whose_results_name_their_target(tmp_path: Path) -
         assert sum("injected by the harness" in r["frame.comment"] for r in rows) == 1
 
 
+def test_a_fleet_of_mixed_dialects_with_an_unusable_target(tmp_path: Path) -> None:
+    """LDAP, PostgreSQL and FTP side by side, and an LDAP URL that points at an SMTP
+    server: one report, the unusable target's rows say what it answers like."""
+    json_path = tmp_path / "r.json"
+
+    async def go() -> Tuple[int, str, str, List[str]]:
+        async with _servers(("ldap",), ("postgres",), ("ftp",), ("smtp",)) as servers:
+            ldap, postgres, ftp, smtp = servers
+            urls = [
+                _url("ldap", ldap),
+                _url("postgres", postgres),
+                _url("ftp", ftp),
+                _url("ldap", smtp),
+            ]
+            result = await _cli(
+                "check",
+                *urls,
+                "--only",
+                "server.command-injection",
+                "--tls-version",
+                "1.3",
+                "--json",
+                str(json_path),
+            )
+            return (*result, urls)
+
+    code, out, err, urls = asyncio.run(go())
+    assert code == 2, out + err  # an unusable target is an error of the run
+    doc = json.loads(json_path.read_text())
+    verdicts: Dict[str, Set[str]] = {}
+    for r in doc["results"]:
+        verdicts.setdefault(r["target"], set()).add(r["verdict"])
+    assert verdicts == {urls[0]: {"pass"}, urls[1]: {"pass"}, urls[2]: {"pass"}, urls[3]: {"error"}}
+    wrong = [r for r in doc["results"] if r["target"] == urls[3]]
+    assert all("answers like SMTP, not LDAP" in r["summary"] for r in wrong)
+    headers = [line for line in out.splitlines() if line.startswith("== ")]
+    assert [h.split(": ")[0][3:] for h in headers] == urls
+
+
 def test_jsonl_to_stdout_is_only_json(tmp_path: Path) -> None:
     async def go() -> Tuple[int, str, str]:
         async with _servers(("imap",)) as (imap,):
@@ -251,6 +290,25 @@ def test_load_refusal_is_reported_as_the_cause(tmp_path: Path) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert "refused the connection for load" in lines[0] and "--max-connections" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "greeting",
+    [
+        b"421 4.7.0 mx.example Too many connections from your host\r\n",
+        b"* BYE Too many connections\r\n",
+        b"421 There are too many connected users, please try later.\r\n",  # vsftpd
+        b"421 Sorry, the maximum number of clients (5) from your host are already connected.\r\n",
+        b"E\x00\x00\x00\x3eSFATAL\x00C53300\x00Msorry, too many clients already\x00\x00",
+    ],
+)
+def test_load_refusals_of_every_kind_of_server_are_recognised(greeting: bytes) -> None:
+    assert refusal(greeting) is not None
+
+
+def test_a_greeting_is_not_a_load_refusal() -> None:
+    assert refusal(b"220 ProFTPD Server (Debian) [127.0.0.1]\r\n") is None
+    assert refusal(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] Dovecot ready.\r\n") is None
 
 
 def _connection_scenarios() -> List[Scenario]:

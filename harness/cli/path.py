@@ -20,6 +20,7 @@ from starttls_harness.cli.common import UsageError, check_cafile, parse_target
 from starttls_harness.report.verdicts import Result
 from starttls_harness.run.path import run_path_target
 from starttls_harness.run.path_command import command_pair
+from starttls_harness.run.targets import require_port_placeholder
 
 __all__ = ["_add_check_path", "cmd_check_path"]
 
@@ -55,7 +56,7 @@ def _add_check_path(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "      imap://localhost:{port}/INBOX"
         ),
     )
-    p.add_argument("target", metavar="SERVER_URL", help="smtp://HOST:PORT or imap://HOST:PORT")
+    p.add_argument("target", metavar="SERVER_URL", help="smtp://HOST:PORT, ftp://HOST:PORT, ...")
     _add_options(p)
     # Everything after SERVER_URL: more options, then -- and the command.
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="[OPTION...] -- COMMAND ARG...")
@@ -145,6 +146,7 @@ def cmd_check_path(args: argparse.Namespace) -> int:
             return await run_path_target(scenarios, pair, setup.settings, progress, setup.versions)
 
         await _reachable(host, port, args.reply_timeout)
+        require_port_placeholder(argv)  # the proxy listens on a new port for every run
         if count is not None:
             try:
                 await count()  # a probe that cannot count is a usage error, before anything runs

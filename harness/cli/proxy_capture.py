@@ -11,70 +11,28 @@ injected are marked on the segment that carried them.  The proxy's key log
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from starttls_harness.dialects import dialect_named
 from starttls_harness.proxy import Proxy, ProxyConnection, ProxyEvent
 from starttls_harness.report.capture import wire_capture_bytes
 from starttls_harness.report.formats import write_private
 from starttls_harness.report.verdicts import Evidence, Exchange
+from starttls_harness.run.path_evidence import proxy_legs
 from starttls_harness.tls.aio import WireLog
 
 __all__ = ["connection_capture", "on_closed_capture"]
 
-_RECEIVED = ("plaintext", "record", "fragment")
-
-
-def _address(side: Any, name: str) -> Optional[Tuple[str, int]]:
-    transport = getattr(side, "transport", None)
-    with contextlib.suppress(Exception):
-        value = transport.get_extra_info(name) if transport is not None else None
-        if isinstance(value, tuple) and len(value) >= 2:
-            return str(value[0]), int(value[1])
-    return None
-
 
 def _legs(conn: ProxyConnection, base: float) -> Tuple[List[WireLog], Evidence]:
     """The two legs as wire logs, and the proxy's notes as evidence."""
-    client_leg = WireLog(
-        server_side=True,
-        local=_address(conn.client, "sockname"),
-        peer=_address(conn.client, "peername"),
-    )
-    server_leg = WireLog(
-        local=_address(conn.upstream, "sockname"), peer=_address(conn.upstream, "peername")
-    )
-    # c2s arrives on the client leg and is written on the server leg; s2c the reverse.
-    inbound = {"c2s": client_leg, "s2c": server_leg}
-    outbound = {"c2s": server_leg, "s2c": client_leg}
     evidence = Evidence(start=base)
-    injected: Dict[str, List[bytes]] = {"c2s": [], "s2c": []}
-
-    def add(leg: WireLog, t: float, direction: str, what: str, data: bytes = b"") -> None:
-        leg.segments.append((base + t, direction, what, data))
-
     for e in conn.events:
-        d = e.direction
-        if d in inbound and e.kind in _RECEIVED:
-            add(inbound[d], e.time, "in", "data", e.data)
-        elif d in inbound and e.kind in ("eof", "reset"):
-            add(inbound[d], e.time, "in", e.kind)
-        elif d in outbound and e.kind == "sent":
-            leg = outbound[d]
-            raw, injected[d] = injected[d], []
-            if raw:
-                leg.injected[len(leg.segments)] = raw
-            add(leg, e.time, "out", "injected" if raw else "data", e.data)
-        elif d in outbound and e.kind in ("fin-sent", "rst-sent"):
-            add(outbound[d], e.time, "out", "eof" if e.kind == "fin-sent" else "abort")
-        if e.kind == "injected" and d in injected and e.data:
-            injected[d].append(e.data)
-        if e.kind not in (*_RECEIVED, "sent"):
+        if e.kind not in ("plaintext", "record", "fragment", "sent"):
             evidence.exchanges.append(Exchange(e.time, "--", "note", b"", _describe(e)))
-    return [leg for leg in (client_leg, server_leg) if leg.segments], evidence
+    return proxy_legs(conn, base), evidence
 
 
 def _describe(e: ProxyEvent) -> str:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -46,7 +47,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "serve",
         help="run a reference server in the foreground",
         description=(
-            "Start a reference server (SMTP or IMAP) on loopback. It prints its address and "
+            "Start a reference server of any dialect on loopback. It prints its address and "
             "the CA file to trust, writes a TLS key log for Wireshark, and stops on Ctrl-C. "
             "STARTTLS is offered in plaintext, STOPTLS inside TLS."
         ),
@@ -145,9 +146,11 @@ def _add_client(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "client",
         help="run one session of a reference client (for check-client or by hand)",
         description=(
-            "Connect a reference client, require STARTTLS, log in, send a message (SMTP) or "
-            "APPEND one (IMAP) and quit; with --cycles N and a server that offers STOPTLS, "
-            "return to plaintext and upgrade again N times. Exit 0 on success, 1 on any error."
+            "Connect a reference client, require STARTTLS, log in, do the protocol's one piece "
+            "of work (send a message, APPEND one, a query ...) and quit; with --cycles N and a "
+            "server that offers STOPTLS, return to plaintext and upgrade again N times. The TLS "
+            "secrets go to the file SSLKEYLOGFILE names, when it is set (check-path sets it). "
+            "Exit 0 on success, 1 on any error."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
@@ -185,8 +188,13 @@ def cmd_client(args: argparse.Namespace) -> int:
     check_seconds("--timeout", args.timeout)
     if args.cycles < 1:
         raise UsageError(f"--cycles {args.cycles}: give a whole number >= 1")
+    keylog = os.environ.get("SSLKEYLOGFILE") or None  # as OpenSSL, NSS and curl clients do
     target = ReferenceClientTarget(
-        args.protocol, args.behaviour, cycles=args.cycles, timeout=args.timeout
+        args.protocol,
+        args.behaviour,
+        cycles=args.cycles,
+        timeout=args.timeout,
+        keylog=Path(keylog) if keylog else None,
     )
 
     async def session() -> ClientOutcome:

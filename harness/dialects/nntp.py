@@ -196,6 +196,7 @@ class _Nntp(Dialect):
     server_module = "starttls_harness.servers.nntp"
     client_module = "starttls_harness.clients.nntp"
     has_return_to_plaintext = True
+    state_needs_login = ("stoptls",)  # GROUP after STOPTLS: is the login gone?
     #: The reference NNTP client breaks R1 as the IMAP one does (its engine
     #: relaxed), so it also takes plaintext that arrives after its ClientHello.
     reference_client_expected: Mapping[str, Mapping[str, Verdict]] = {

@@ -185,6 +185,7 @@ class _Pop3(Dialect):
     client_module = "starttls_harness.clients.pop3"
     has_return_to_plaintext = True
     storage_needs_login = True
+    state_needs_login = ("stoptls",)  # STAT after STOPTLS: is the login gone?
     #: As the reference IMAP client: its relaxed engine also takes plaintext
     #: that arrives after its ClientHello (only the hold gate is at stake for
     #: SMTP's), so the split injection is acted on too.

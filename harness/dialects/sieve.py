@@ -199,6 +199,7 @@ class _ManageSieve(Dialect):
     client_module = "starttls_harness.clients.sieve"
     has_return_to_plaintext = True
     storage_needs_login = True
+    state_needs_login = ("stoptls",)  # LISTSCRIPTS after STOPTLS: is the login gone?
     speaks_first_after_starttls = True
     #: As the reference IMAP client: its relaxed engine also takes plaintext
     #: that arrives after its ClientHello, so the split injection is believed too.

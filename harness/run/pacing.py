@@ -119,10 +119,12 @@ def release(slot: Optional[Slot]) -> None:
         slot.gate.leave()
 
 
-#: Greetings that turn a client away for load (RFC 5321 §3.8 421, RFC 9051 BYE).
+#: Greetings that turn a client away for load (RFC 5321 §3.8 421, RFC 9051 BYE;
+#: vsftpd's and ProFTPD's 421, PostgreSQL's 53300 "too many clients already").
 _REFUSAL = re.compile(
-    rb"too many (connections|sessions|clients|concurrent)|connection (limit|rate)"
-    rb"|rate limit|try again later|maximum number of connections|too busy",
+    rb"too many (connections|sessions|clients|concurrent|connected|users)"
+    rb"|connection (limit|rate)|rate limit|try again later|please try later"
+    rb"|maximum number of (connections|clients)|too busy",
     re.IGNORECASE,
 )
 

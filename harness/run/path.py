@@ -71,7 +71,7 @@ from starttls_harness.proxy import (
 )
 from starttls_harness.report.verdicts import Evidence, Exchange, Result, Verdict
 from starttls_harness.run.outcomes import HARNESS_ERROR, harness_error
-from starttls_harness.run.path_evidence import exchanges
+from starttls_harness.run.path_evidence import exchanges, proxy_legs
 from starttls_harness.run.path_judge import (
     SIDES,
     alert_after,
@@ -756,6 +756,9 @@ async def run_path_scenario(
                 raise _NoReturn()
             label, detail, log = await _execute(run)
             evidence.exchanges.extend(log)
+            if run.conn is not None and run.conn.events:  # the real bytes, for --capture
+                evidence.start = time.monotonic() - run.conn.events[-1].time
+                evidence.wires = proxy_legs(run.conn, evidence.start)
             if pair.keylog_source is not None:
                 evidence.exchanges.append(
                     Exchange(0.0, "--", "note", b"", f"TLS secrets: {pair.keylog_source(keylog)}")

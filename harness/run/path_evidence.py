@@ -2,12 +2,71 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+import contextlib
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from starttls_harness.proxy import ProxyEvent
+from starttls_harness.proxy import ProxyConnection, ProxyEvent
 from starttls_harness.report.verdicts import Exchange
+from starttls_harness.tls.aio import WireLog
 
-__all__ = ["exchange", "exchanges"]
+__all__ = ["exchange", "exchanges", "proxy_legs"]
+
+#: Proxy event kinds that carry bytes a sender sent, as the proxy received them.
+_RECEIVED = ("plaintext", "record", "fragment")
+
+
+def _address(side: Any, name: str) -> Optional[Tuple[str, int]]:
+    transport = getattr(side, "transport", None)
+    with contextlib.suppress(Exception):
+        value = transport.get_extra_info(name) if transport is not None else None
+        if isinstance(value, tuple) and len(value) >= 2:
+            return str(value[0]), int(value[1])
+    return None
+
+
+def proxy_legs(conn: ProxyConnection, base: float) -> List[WireLog]:
+    """The real bytes of a proxied connection as two wire logs, for pcapng captures.
+
+    The client <-> proxy leg and the proxy <-> server leg: what each sender
+    sent (the proxy's received units) and every write the proxy made
+    (``sent`` events), so a fault shows as the difference between the legs;
+    bytes the proxy injected are marked on the write that carried them.
+    ``base`` is the monotonic time of the connection's start (event times
+    are relative to it).
+    """
+    client_leg = WireLog(
+        server_side=True,
+        local=_address(conn.client, "sockname"),
+        peer=_address(conn.client, "peername"),
+    )
+    server_leg = WireLog(
+        local=_address(conn.upstream, "sockname"), peer=_address(conn.upstream, "peername")
+    )
+    # c2s arrives on the client leg and is written on the server leg; s2c the reverse.
+    inbound = {"c2s": client_leg, "s2c": server_leg}
+    outbound = {"c2s": server_leg, "s2c": client_leg}
+    injected: Dict[str, List[bytes]] = {"c2s": [], "s2c": []}
+
+    def add(leg: WireLog, t: float, direction: str, what: str, data: bytes = b"") -> None:
+        leg.segments.append((base + t, direction, what, data))
+
+    for e in conn.events:
+        d = e.direction
+        if d in inbound and e.kind in _RECEIVED:
+            add(inbound[d], e.time, "in", "data", e.data)
+        elif d in inbound and e.kind in ("eof", "reset"):
+            add(inbound[d], e.time, "in", e.kind)
+        elif d in outbound and e.kind == "sent":
+            leg = outbound[d]
+            raw, injected[d] = injected[d], []
+            if raw:
+                leg.injected[len(leg.segments)] = raw
+            add(leg, e.time, "out", "injected" if raw else "data", e.data)
+        elif d in outbound and e.kind in ("fin-sent", "rst-sent"):
+            add(outbound[d], e.time, "out", "eof" if e.kind == "fin-sent" else "abort")
+        if e.kind == "injected" and d in injected and e.data:
+            injected[d].append(e.data)
+    return [leg for leg in (client_leg, server_leg) if leg.segments]
 
 
 def exchanges(

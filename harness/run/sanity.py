@@ -18,10 +18,12 @@ the probe's observation into a :class:`SanityProblem`:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
-from starttls_harness.dialects import DIALECTS, Reply, dialect_named
+from starttls_harness.dialects import DIALECTS, Dialect, Reply, dialect_named
+from starttls_harness.report.verdicts import Evidence
 from starttls_harness.run.pacing import refusal
 
 __all__ = ["NotOffered", "SanityProblem", "TargetUnusable", "classify"]
@@ -61,15 +63,59 @@ class SanityProblem:
     line: str
 
 
-def _looks_like(dialect: str, greeting: Reply) -> Optional[str]:
-    """The other registered dialect whose ready greeting this is, if any."""
-    for name, other in sorted(DIALECTS.items()):
-        if name == dialect:
-            continue
-        reply, _ = other.split_reply(greeting.raw, None)
-        if reply is not None and other.greeting_ok(reply):
-            return name
-    return None
+def _greets(dialect: Dialect, data: bytes) -> bool:
+    """Is ``data`` a ready greeting of ``dialect``?
+
+    Where the client speaks first (LDAP, PostgreSQL) there is no greeting:
+    ``data`` must then be exactly one message of that dialect, which its
+    parser delimits (twice the bytes are two messages), not junk it swallows.
+    """
+    try:
+        reply, rest = dialect.split_reply(data, None)
+        if reply is None:
+            return False
+        if dialect.server_greets:
+            return dialect.greeting_ok(reply)
+        again, after = dialect.split_reply(data + data, None)
+    except Exception:  # bytes of another protocol may break any parser
+        return False
+    return not rest and again is not None and after == data
+
+
+def _looks_like(dialect: str, data: bytes) -> Optional[str]:
+    """The other registered dialect(s) whose greeting ``data`` is, in words.
+
+    Several protocols greet alike (SMTP, LMTP and FTP with ``220``): a protocol
+    the greeting names wins; a greeting the named dialect accepts too is only
+    another protocol's when it names that one and not its own.
+    """
+    if not data:
+        return None
+    text = data.decode("latin-1").upper()
+    alike = [n for n, d in sorted(DIALECTS.items()) if n != dialect and _greets(d, data)]
+    named = [n for n in alike if n.upper() in text]
+    if _greets(dialect_named(dialect), data):
+        chosen = named if dialect.upper() not in text else []
+    else:
+        chosen = named or alike
+    if not chosen:
+        return None
+    words = [n.upper() for n in chosen]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def _received(evidence: Optional[Evidence]) -> bytes:
+    """The first bytes the target sent, as recorded."""
+    if evidence is None:
+        return b""
+    return next((e.data for e in evidence.exchanges if e.direction == "s2c" and e.data), b"")
+
+
+def _one_line(text: str) -> str:
+    """A multi-line reply or binary bytes on one printable line."""
+    parts: List[str] = [p.strip() for p in text.splitlines() if p.strip()]
+    joined = " / ".join(parts)
+    return re.sub(r"[^\x20-\x7e]", "?", joined)
 
 
 def classify(
@@ -81,32 +127,50 @@ def classify(
     tls_version: str,
     greeting: Optional[Reply],
     reply_timeout: float,
+    evidence: Optional[Evidence] = None,
 ) -> SanityProblem:
-    """The one-line cause of a sanity probe that ended in ``label`` (with ``detail``)."""
+    """The one-line cause of a sanity probe that ended in ``label`` (with ``detail``).
+
+    ``evidence`` (the probe's) gives the bytes the target sent first: a target
+    that greets like another protocol is named as such, whatever step failed.
+    """
+    problem = _classify(label, detail, dialect, url, tls_version, greeting, reply_timeout, evidence)
+    return SanityProblem(problem.kind, _one_line(problem.line))
+
+
+def _classify(
+    label: str,
+    detail: str,
+    dialect: str,
+    url: str,
+    tls_version: str,
+    greeting: Optional[Reply],
+    reply_timeout: float,
+    evidence: Optional[Evidence],
+) -> SanityProblem:
     name = dialect_named(dialect).name.upper()
     if label == "refused":
         return SanityProblem("dead", detail or f"cannot connect to {url}")
-    if label == "timeout" and greeting is None:
-        return SanityProblem(
-            "dead",
-            f"{url} accepted the connection but sent no {name} greeting within "
-            f"{reply_timeout:g} s (a TLS-on-connect port? another protocol?)",
-        )
-    words = refusal(greeting.raw) if greeting is not None else None
+    received = _received(evidence) or (greeting.raw if greeting is not None else b"")
+    words = refusal(received) if received else None
     if words is not None:
         return SanityProblem(
             "target",
             f"{url} refused the connection for load ({words!r}); not a STARTTLS verdict: "
             "retry with --max-connections 1 and/or --rate",
         )
+    other = _looks_like(dialect, received)
+    if label not in ("handshake-failed", "handshake-refused") and other is not None:
+        shown = received.decode("latin-1").strip()[:80]
+        return SanityProblem("target", f"{url} answers like {other}, not {name} ({shown!r})")
+    if label == "timeout" and greeting is None:
+        return SanityProblem(
+            "dead",
+            f"{url} accepted the connection but sent no {name} greeting within "
+            f"{reply_timeout:g} s (a TLS-on-connect port? another protocol?)",
+        )
     if label == "bad-greeting" and greeting is not None:
-        other = _looks_like(dialect, greeting)
-        shown = greeting.text[:80]
-        if other is not None:
-            return SanityProblem(
-                "target", f"{url} answers like {other.upper()}, not {name} ({shown!r})"
-            )
-        return SanityProblem("target", f"{url} does not greet like {name}: {shown!r}")
+        return SanityProblem("target", f"{url} does not greet like {name}: {greeting.text[:80]!r}")
     if label == "no-starttls":
         return SanityProblem("target", f"{url} does not offer STARTTLS")
     if label == "starttls-refused":

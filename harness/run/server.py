@@ -866,6 +866,7 @@ async def sanity_problem(
         tls_version=tls_version,
         greeting=run.greeting,
         reply_timeout=settings.reply_timeout,
+        evidence=result.evidence,
     )
 
 

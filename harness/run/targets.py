@@ -41,7 +41,7 @@ from starttls_harness.dialects.roles import ClientOutcome, SessionPlan, failed
 from starttls_harness.run.reference import reference_client_module
 from starttls_harness.run.server import RunSettings
 from starttls_harness.tls.aio import Timeouts
-from starttls_harness.tls.certs import shared_client_context
+from starttls_harness.tls.certs import client_context, shared_client_context
 
 __all__ = [
     "FOLLOW_SERVER",
@@ -55,6 +55,7 @@ __all__ = [
     "MissingPortPlaceholder",
     "ReferenceClientTarget",
     "client_behaviours",
+    "require_port_placeholder",
 ]
 
 #: The test user the reference session logs in with (any user is accepted).
@@ -119,7 +120,8 @@ class ReferenceClientTarget(ClientTarget):
     ``run(..., tls_version)`` pins the client to that version; a version in
     :data:`FOLLOW_SERVER` leaves it free (1.2 or 1.3, whichever the server
     speaks), so a scenario pinned to TLS 1.2 is not lost to a client pinned
-    to 1.3.
+    to 1.3.  ``keylog``: append the TLS secrets there (what ``SSLKEYLOGFILE``
+    means to other clients), so a proxy or a capture can decrypt.
     """
 
     accepts_cycles = True
@@ -132,6 +134,7 @@ class ReferenceClientTarget(ClientTarget):
         cycles: int = 1,
         timeout: float = 5.0,
         tls_versions: Tuple[str, ...] = ("1.2", "1.3"),
+        keylog: Optional[Path] = None,
     ) -> None:
         if behaviour not in client_behaviours(dialect):
             choices = ", ".join(client_behaviours(dialect))
@@ -139,15 +142,20 @@ class ReferenceClientTarget(ClientTarget):
         self.behaviour = behaviour
         self.cycles = cycles
         self.timeout = timeout
+        self.keylog = keylog
         session = reference_client_module(dialect).reference_session
         label = f"reference {dialect} client ({behaviour})"
 
         async def run(host: str, port: int, cafile: Path, tls_version: str) -> ClientOutcome:
             pinned = None if tls_version in FOLLOW_SERVER else tls_version
+            if keylog is None:
+                context = shared_client_context(pinned, cafile)
+            else:  # a context of its own: the shared ones write no key log
+                context = client_context(pinned, keylog, cafile=cafile)
             plan = SessionPlan(
                 host=host,
                 port=port,
-                tls_context=shared_client_context(pinned, cafile),
+                tls_context=context,
                 behaviour=self.behaviour,
                 timeout=self.timeout,
                 timeouts=self.timeouts(),
@@ -173,6 +181,7 @@ class ReferenceClientTarget(ClientTarget):
             cycles=cycles,
             timeout=self.timeout,
             tls_versions=self.tls_versions,
+            keylog=self.keylog,
         )
 
     def timeouts(self) -> Timeouts:
@@ -223,6 +232,15 @@ class MissingPortPlaceholder(ValueError):
     """
 
 
+def require_port_placeholder(argv: Sequence[str]) -> None:
+    """Raise :class:`MissingPortPlaceholder` unless some argument has ``{port}``."""
+    if not any("{port}" in a for a in argv):
+        raise MissingPortPlaceholder(
+            "the client command has no {port}: every run listens on a new port, "
+            "so pass it to the client (e.g. --port {port})"
+        )
+
+
 def error_line(output: bytes) -> str:
     """The line of a client's output that carries its error (else its last line).
 
@@ -262,11 +280,7 @@ class CommandClientTarget(ClientTarget):
     ) -> None:
         if not argv:
             raise ValueError("the client command is empty")
-        if not any("{port}" in a for a in argv):
-            raise MissingPortPlaceholder(
-                "the client command has no {port}: every run listens on a new port, "
-                "so pass it to the client (e.g. --port {port})"
-            )
+        require_port_placeholder(argv)
         self.argv = list(argv)
         self.timeout = timeout
         self.env = dict(env) if env is not None else None

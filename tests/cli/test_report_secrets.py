@@ -213,3 +213,123 @@ def test_check_client_hides_a_password_it_never_knew(
     for form in _forms(sent):
         assert form not in text, form
     assert _mode(report) == 0o600
+
+
+def _strings(value: object) -> List[str]:
+    """Every string in a JSON document, and what it decodes to as base64 or hex."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    if not isinstance(value, str):
+        return []
+    found = [value]
+    for decode in (lambda t: base64.b64decode(t, validate=True), bytes.fromhex):
+        try:
+            found.append(decode(value).decode("latin-1"))
+        except ValueError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("protocol", ["ftp", "ldap", "pop3", "sieve", "nntp", "lmtp"])
+def test_newer_dialects_hide_the_password_in_every_report(tmp_path: Path, protocol: str) -> None:
+    """The logins of the dialects added after issue 11 (FTP PASS, an LDAP bind,
+    SASL PLAIN) are redacted like SMTP's and IMAP's, in every report form."""
+    reports = tmp_path / "reports"
+
+    async def go() -> Tuple[int, str, str]:
+        async with _serve(protocol) as served:
+            return await asyncio.to_thread(
+                run_cli,
+                "check",
+                f"{protocol}://127.0.0.1:{served.port}",
+                "--cafile",
+                served.cafile,
+                "--user",
+                USER,
+                "--password",
+                PASSWORD,
+                "--only",
+                "server.state-reset",
+                "--json",
+                str(reports / "r.json"),
+                "--jsonl",
+                str(reports / "r.jsonl"),
+                "--junit-xml",
+                str(reports / "j.xml"),
+                "--evidence",
+                str(reports / "evidence"),
+            )
+
+    got, out, err = asyncio.run(go())
+    assert got == 0, out + err
+    assert "******** (" in (reports / "r.json").read_text()  # a login was there, hidden
+    docs = [json.loads((reports / "r.json").read_text())]
+    docs += [json.loads(line) for line in (reports / "r.jsonl").read_text().splitlines()]
+    for text in [s for doc in docs for s in _strings(doc)]:
+        for form in _forms(PASSWORD):
+            assert form not in text, (protocol, form)
+    for f in [reports / "r.json", reports / "r.jsonl", reports / "j.xml"]:
+        assert PASSWORD not in f.read_text(errors="replace")
+        assert _mode(f) == 0o600, f
+    assert PASSWORD not in out + err
+
+
+def test_check_path_hides_the_password_it_passes_to_the_client(tmp_path: Path) -> None:
+    """check-path hands {password} to the client; the reports show the placeholder only."""
+    reports = tmp_path / "reports"
+    client = tmp_path / "ftp_client.py"
+    client.write_text(FTPLIB_CLIENT)
+
+    async def go() -> Tuple[int, str, str]:
+        async with _serve("ftp") as served:
+            return await asyncio.to_thread(
+                run_cli,
+                "check-path",
+                f"ftp://127.0.0.1:{served.port}",
+                "--cafile",
+                served.cafile,
+                "--user",
+                USER,
+                "--password",
+                PASSWORD,
+                "--json",
+                str(reports / "r.json"),
+                "--junit-xml",
+                str(reports / "j.xml"),
+                "--evidence",
+                str(reports / "evidence"),
+                "--",
+                sys.executable,
+                str(client),
+                "{host}",
+                "{port}",
+                "{cafile}",
+                "{user}",
+                "{password}",
+                timeout=300,
+            )
+
+    got, out, err = asyncio.run(go())
+    assert got == 0, out + err
+    files = [reports / "r.json", reports / "j.xml", *(reports / "evidence").iterdir()]
+    for f in files:
+        text = f.read_text(errors="replace")
+        for form in _forms(PASSWORD):
+            assert form not in text, (f, form)
+        assert _mode(f) == 0o600, f
+    assert "{password}" in (reports / "r.json").read_text()  # the command, as given
+    assert PASSWORD not in out + err
+
+
+FTPLIB_CLIENT = """\
+import ftplib, ssl, sys
+host, port, cafile, user, password = sys.argv[1:6]
+ftp = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=cafile), timeout=10)
+ftp.connect(host, int(port))
+ftp.auth()
+ftp.login(user, password)
+ftp.pwd()
+ftp.quit()
+"""
