@@ -26,7 +26,6 @@ from typing import (
     Iterator,
     List,
     Optional,
-    Set,
     TextIO,
     Tuple,
 )
@@ -585,22 +584,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             jobs.append(server_job(target))
         if args.cafile is None:
             out.write("note: the target's certificate is NOT verified (give --cafile to verify)\n")
-        for name in _without_password({t.dialect for t in targets}, args):
-            out.write(
-                f"note: {name} targets are not logged in with --user/--password (the "
-                "harness does not send a password there: the scenarios run without them)\n"
-            )
         label = targets[0].url if len(targets) == 1 else f"{len(targets)} targets"
         yield label, jobs
 
     return setup.run(target_jobs)
-
-
-def _without_password(dialects: Set[str], args: argparse.Namespace) -> List[str]:
-    """The dialects among ``dialects`` whose login sends no credentials, when some were given."""
-    if not (args.user or args.password):
-        return []
-    return sorted(d for d in dialects if dialect_named(d).login("user", "password") == b"")
 
 
 def _unreachable_job(target: ServerTarget, reason: str) -> Job:

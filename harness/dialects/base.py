@@ -258,6 +258,15 @@ class Dialect:
     def greeting_ok(self, reply: Reply) -> bool:
         raise NotImplementedError
 
+    def is_own_message(self, reply: Reply) -> bool:
+        """Whether a reply :meth:`split_reply` cut is a message of this protocol.
+
+        A framer that must cut *something* off any bytes (LDAP's BER reader
+        passes junk on as a reply of its own) says here which replies are not
+        the protocol's: a target is never named after bytes it only swallowed.
+        """
+        return True
+
     def final_line_of(self, command: bytes) -> LinePredicate:
         """Predicate for the final line of the answer to ``command``."""
         raise NotImplementedError

@@ -489,10 +489,14 @@ class LdapReply(Reply):
         return "; ".join(parts) if parts else "(nothing: LDAP servers do not greet)"
 
 
+#: The key of a "reply" that is no LDAPMessage at all.
+_JUNK = "junk"
+
+
 def _reply(units: Sequence[bytes]) -> LdapReply:
     last = parse_message(units[-1])
     if last is None:
-        return LdapReply(tuple(units), False, "junk")
+        return LdapReply(tuple(units), False, _JUNK)
     if last.msgid == 0 and last.name == NOTICE_OF_DISCONNECTION:
         return LdapReply(tuple(units), False, "notice")
     code = last.result
@@ -724,6 +728,9 @@ class _Ldap(Dialect):
 
     def greeting_ok(self, reply: Reply) -> bool:
         return reply.ok
+
+    def is_own_message(self, reply: Reply) -> bool:
+        return reply.key != _JUNK
 
     def final_line_of(self, command: bytes) -> LinePredicate:
         return _FinalResponse(str(msgid_of(command)))

@@ -79,7 +79,7 @@ def _greets(dialect: Dialect, data: bytes) -> bool:
         again, after = dialect.split_reply(data + data, None)
     except Exception:  # bytes of another protocol may break any parser
         return False
-    return not rest and again is not None and after == data
+    return not rest and again is not None and after == data and dialect.is_own_message(reply)
 
 
 def _looks_like(dialect: str, data: bytes) -> Optional[str]:
@@ -159,6 +159,10 @@ def _classify(
             f"{url} refused the connection for load ({words!r}); not a STARTTLS verdict: "
             "retry with --max-connections 1 and/or --rate",
         )
+    if label == "unexpected-reply" and "login refused" in detail:
+        # The login step was reached: the target speaks the named protocol.
+        refused = detail.split("login refused:", 1)[-1].strip()
+        return SanityProblem("target", f"the login was refused: {refused}")
     other = _looks_like(dialect, received)
     if label not in ("handshake-failed", "handshake-refused") and other is not None:
         shown = received.decode("latin-1").strip()[:80]
@@ -184,7 +188,4 @@ def _classify(
                 f"the certificate check failed ({detail}): check the CA file and host name",
             )
         return SanityProblem("target", f"{url}: {detail}")
-    if label == "unexpected-reply" and "login refused" in detail:
-        refused = detail.split("login refused:", 1)[-1].strip()
-        return SanityProblem("target", f"the login was refused: {refused}")
     return SanityProblem("target", f"{url}: the conforming path does not work: {detail or label}")

@@ -9,9 +9,8 @@ answers in two (FTP ``331`` then ``530``).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 import pytest
 from starttls_harness.dialects import names
@@ -22,7 +21,6 @@ from starttls_harness.run.server import RunSettings, ServerTarget, run_server_ta
 from starttls_harness.scenarios.server import CATALOGUE, by_id
 from starttls_harness.servers.base import ServerConfig
 from starttls_harness.tls.certs import Pki
-from test_cli import CLI, _serve
 
 Runner = Any
 SETTINGS = RunSettings(reply_timeout=0.5, scenario_timeout=5.0, connect_timeout=1.0)
@@ -88,35 +86,6 @@ def test_a_fleet_names_the_cause_in_the_error_row(run: Runner) -> None:
 
     results = run(body, 30.0)
     assert results and all("answers like SMTP, not LDAP" in r.summary for r in results)
-
-
-def test_credentials_a_dialect_does_not_send_are_said_to_be_unused() -> None:
-    """PostgreSQL logs in by the server's trust, never a password: a wrong
-    password cannot be refused, so the run says the credentials were not used
-    (instead of a silent pass that looks like "the login worked")."""
-
-    async def body() -> Tuple[int, str, str]:
-        async with _serve("postgres", "--port", "0") as served:
-            proc = await asyncio.create_subprocess_exec(
-                *CLI,
-                "check",
-                f"postgres://127.0.0.1:{served.port}",
-                "--only",
-                "server.command-injection",
-                "--user",
-                "tester",
-                "--password",
-                "wrong",
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            out, err = await asyncio.wait_for(proc.communicate(), 120)
-            assert proc.returncode is not None
-            return proc.returncode, out.decode(), err.decode()
-
-    code, out, err = asyncio.run(body())
-    assert code == 0, out + err
-    assert "postgres targets are not logged in with --user/--password" in out, out
 
 
 @pytest.mark.parametrize("dialect", names())
