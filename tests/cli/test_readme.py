@@ -137,6 +137,9 @@ EXAMPLES: Dict[str, Example] = {
     "starttls-harness check postgres://127.0.0.1:5432": Example(
         serve=("postgres",), subs={"127.0.0.1:5432": "127.0.0.1:{port}"}
     ),
+    "starttls-harness check postgres://127.0.0.1:5432 --user tester --password secret": Example(
+        serve=("postgres",), subs={"127.0.0.1:5432": "127.0.0.1:{port}", "secret": "correct horse"}
+    ),
     # smtplib takes a FIN without close_notify for a clean end (README: it fails
     # client.truncation), so the run's status is 1.
     "starttls-harness check-client --protocol smtp -- python3 send.py {host} {port} {cafile}": (
