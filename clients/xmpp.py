@@ -308,6 +308,8 @@ class XmppClient:
         """SASL PLAIN, the stream restart, resource binding."""
         if not self.transport.tls_active and self.require_tls and not self.downgraded:
             raise TLSRequired("refusing to authenticate in plaintext (require_tls)")
+        if "AUTH=PLAIN" not in self.features:
+            raise XmppError("the server offers no SASL PLAIN on this stream")
         self._write(sasl_plain(user, password))
         answer = await self._element()
         if kind_of(answer) != "sasl-success":

@@ -514,7 +514,7 @@ class _ScriptedXmpp(ScriptedServer):
             "stoptls": "stoptls",
             "sasl-auth": "auth",
             "sasl-response": "auth",
-            "message": "message",
+            "message": "append",  # answered by stored(): a receipt
             "iq": "access",
             "presence": "other",
             "close": "quit",
@@ -561,9 +561,9 @@ class _ScriptedXmpp(ScriptedServer):
         return stream_header(sender=DOMAIN, stream_id=INJECTED_ID) + features()
 
     def partial_injection(self, starttls: Command) -> bytes:
-        """An unterminated stream header: a client that keeps it reads the real
-        header under TLS glued on, as one broken tag."""
-        return stream_header(sender=DOMAIN, stream_id=INJECTED_ID)[:-1] + b" "
+        """An unfinished stream error: a client that keeps it reads the real
+        header under TLS inside it, which no XML reader accepts."""
+        return f"<stream:error><not-authorized xmlns='{STREAM_ERRORS_NS}'/>".encode()
 
     def stored(self, cmd: Command) -> bytes:
         elem = parse_unit(cmd.raw)
@@ -614,7 +614,16 @@ class Xmpp(Dialect):
     reference_server_expected: Mapping[str, Mapping[str, Verdict]] = {
         "no-close-notify-reply": {"server.close-notify-reply": W},
     }
-    reference_client_expected: Mapping[str, Mapping[str, Verdict]] = {}
+    #: The reference client's R1 mode reads whatever is glued to ``<proceed/>``
+    #: as the restarted stream, wherever it arrives: every injection is taken.
+    reference_client_expected: Mapping[str, Mapping[str, Verdict]] = {
+        "accept-injected-response": {
+            "client.response-injection": F,
+            "client.response-injection-split": F,
+            "client.response-injection-partial": F,
+            "client.response-injection-multi": F,
+        },
+    }
 
     def framer(self) -> Framer:
         return XmppFramer()
