@@ -17,9 +17,7 @@ Behaviours (``BEHAVIOURS``; each breaks exactly one rule):
 ``accept-injected-response`` (R1: bytes glued to ``<proceed/>`` are read as
 the restarted stream's answer), ``plaintext-in-tls`` (R2),
 ``no-close-notify-reply`` (R5), ``ignore-truncation`` (R6: a receipt cut by
-EOF counts as complete), ``no-state-reset`` (R8: authenticates straight
-after the handshake, on the plaintext features, without a stream restart)
-and ``downgrade`` (R9: without STARTTLS it authenticates in plaintext).
+EOF counts as complete) and ``downgrade`` (R9: without STARTTLS it authenticates in plaintext).
 """
 
 from __future__ import annotations
@@ -101,11 +99,6 @@ BEHAVIOURS: Dict[str, Behaviour] = {
             Rule.R6,
             "takes a receipt cut by EOF under TLS as complete",
             (Rule.R6,),
-        ),
-        Behaviour(
-            "no-state-reset",
-            Rule.R8,
-            "authenticates right after the handshake on the plaintext features (no restart)",
         ),
         Behaviour(
             "downgrade",
@@ -300,8 +293,7 @@ class XmppClient:
             self.transport.abort()
             raise TLSRequired(f"TLS could not be started: {exc}") from exc
         self.upgrades += 1
-        if self.behaviour.name != "no-state-reset":
-            await self.open_stream()  # RFC 6120 §5.4.3.3: the stream restarts
+        await self.open_stream()  # RFC 6120 §5.4.3.3: the stream restarts
         return True
 
     async def login(self, user: str, password: str) -> None:

@@ -392,10 +392,10 @@ class XmppServerProtocol(asyncio.Protocol):
         if name != "iq" or elem.get("type") not in ("get", "set"):
             return
         iq_id = elem.get("id") or ""
+        echo = elem.find(f"{{{ECHO_NS}}}echo")
         if elem.find(f"{{{PING_NS}}}ping") is not None:
             self._write(iq_result(iq_id))
-        elif elem.find(f"{{{ECHO_NS}}}echo") is not None:
-            echo = elem.find(f"{{{ECHO_NS}}}echo")
+        elif echo is not None:
             self._write(iq_result(iq_id, ET.tostring(echo, encoding="unicode")))
         elif elem.find(f"{{{BIND_NS}}}bind") is not None and self.user:
             self.bound = True

@@ -48,13 +48,13 @@ from starttls_harness.tls.framing import DEFAULT_MAX_UNIT, Framer
 
 __all__ = [
     "BIND_NS",
-    "ECHO_NS",
-    "RECEIPTS_NS",
     "CLIENT_NS",
     "DOMAIN",
+    "ECHO_NS",
     "INJECTED_ID",
     "MAX_DEPTH",
     "PING_NS",
+    "RECEIPTS_NS",
     "SASL_NS",
     "SENTINEL_ID",
     "STREAMS_NS",
@@ -380,7 +380,7 @@ def stream_error(condition: str, text: str = "") -> bytes:
 
 
 def iq_ping(iq_id: str) -> bytes:
-    return f"<iq type='get' id='{iq_id}'><ping xmlns='{PING_NS}'/></iq>".encode()
+    return f"<iq type='get' id='{_attr_quote(iq_id)}'><ping xmlns='{PING_NS}'/></iq>".encode()
 
 
 def iq_error(iq_id: str, condition: str, kind: str = "cancel") -> bytes:
@@ -396,7 +396,9 @@ def receipt(message_id: str) -> bytes:
     """A delivery receipt (XEP-0184) for the message ``message_id``: the answer
     the harness's peers wait for after a message (a message has no other)."""
     received = f"<received xmlns='{RECEIPTS_NS}' id='{_attr_quote(message_id)}'/>"
-    return f"<message from='{DOMAIN}' id='r-{_attr_quote(message_id)}'>{received}</message>".encode()
+    return (
+        f"<message from='{DOMAIN}' id='r-{_attr_quote(message_id)}'>{received}</message>".encode()
+    )
 
 
 def chat_message(message_id: str, to: str, body: str) -> bytes:
@@ -453,7 +455,7 @@ def feature_names(elem: ET.Element) -> FrozenSet[str]:
 _FINAL = frozenset(
     {
         "chat_message",
-    "features",
+        "features",
         "proceed",
         "failure",
         "stream-error",
@@ -632,9 +634,7 @@ class Xmpp(Dialect):
         return _SCRIPTED
 
     def fake_greeting(self) -> bytes:
-        return stream_header(sender=DOMAIN, stream_id="attacker") + features(
-            mechanisms=("PLAIN",)
-        )
+        return stream_header(sender=DOMAIN, stream_id="attacker") + features(mechanisms=("PLAIN",))
 
     def hello(self) -> bytes:
         return stream_header(to=DOMAIN)
