@@ -339,8 +339,11 @@ def _attr_quote(value: str) -> str:
     return value.replace("&", "&amp;").replace("'", "&apos;").replace("<", "&lt;")
 
 
-def stream_header(*, to: str = "", sender: str = "", stream_id: str = "") -> bytes:
-    """A stream header (the client's names ``to``; the server's ``from`` and an id)."""
+def stream_header(
+    *, to: str = "", sender: str = "", stream_id: str = "", declaration: bool = True
+) -> bytes:
+    """A stream header (the client's names ``to``; the server's ``from`` and an id),
+    after an XML declaration unless ``declaration`` is False (optional, RFC 6120 §11.5)."""
     attrs = ""
     if to:
         attrs += f" to='{_attr_quote(to)}'"
@@ -348,8 +351,9 @@ def stream_header(*, to: str = "", sender: str = "", stream_id: str = "") -> byt
         attrs += f" from='{_attr_quote(sender)}'"
     if stream_id:
         attrs += f" id='{_attr_quote(stream_id)}'"
+    prolog = "<?xml version='1.0'?>" if declaration else ""
     return (
-        f"<?xml version='1.0'?><stream:stream{attrs} version='1.0' xml:lang='en'"
+        f"{prolog}<stream:stream{attrs} version='1.0' xml:lang='en'"
         f" xmlns='{CLIENT_NS}' xmlns:stream='{STREAMS_NS}'>"
     ).encode()
 
@@ -655,7 +659,9 @@ class Xmpp(Dialect):
         return iq_ping(SENTINEL_ID)
 
     def injected(self) -> bytes:
-        return stream_header(to=DOMAIN) + iq_ping(INJECTED_ID)
+        # No XML declaration: in the middle of a stream a parser refuses one,
+        # which would make any server look as if it refused the injection.
+        return stream_header(to=DOMAIN, declaration=False) + iq_ping(INJECTED_ID)
 
     def quit(self) -> bytes:
         return _CLOSE
@@ -699,7 +705,9 @@ class Xmpp(Dialect):
     def login(self, user: str, password: str) -> bytes:
         # The stream restart the success calls for is pipelined (XEP-0305):
         # the answer is the success, the new header and its features.
-        return sasl_plain(user, password) + self.hello()
+        # Without the XML declaration: Prosody's parser, reset at the success,
+        # takes a declaration in the same read as not-well-formed.
+        return sasl_plain(user, password) + stream_header(to=DOMAIN, declaration=False)
 
     def state_probe(self, after: str) -> bytes:
         return b""  # the stream restart discards everything: nothing to ask
