@@ -41,12 +41,23 @@ from starttls_harness.tls.certs import Pki, make_pki
 
 from realworld.instances import TEST_PASSWORD, TEST_USER, Instance, NotReady, free_port
 
-__all__ = ["PROSODY", "PROSODYCTL", "Prosody", "main", "prosody_conf", "prosody_missing"]
+__all__ = [
+    "PROSODY",
+    "PROSODYCTL",
+    "TIMING_DEPENDENT",
+    "Prosody",
+    "main",
+    "prosody_conf",
+    "prosody_missing",
+]
 
 PROSODY = "/usr/bin/prosody"
 PROSODYCTL = "/usr/bin/prosodyctl"
 #: The package's unprivileged user; the instance runs as it.
 RUN_AS = "prosody"
+#: Scenarios whose verdict against Prosody depends on timing (see
+#: :meth:`Prosody.check_arguments`): left out of the tier's table.
+TIMING_DEPENDENT = frozenset({"server.command-injection-split"})
 
 
 def prosody_missing() -> List[str]:
@@ -183,6 +194,19 @@ class Prosody(Instance):
 
     def storage_probe_command(self) -> str:
         return ""  # messages to an offline user are not kept (no mod_offline): nothing to count
+
+    def check_arguments(self) -> List[str]:
+        """What ``check`` needs beyond the URL: every scenario but the split injection.
+
+        Whether Prosody reads the separate segment behind ``<starttls/>`` in
+        the same read (and answers it in plaintext: fail) or only after its
+        switch to TLS (the bytes break the handshake: pass) is a matter of
+        timing -- both were seen on one machine -- so that cell cannot be
+        reproduced and stays out of the table (:data:`TIMING_DEPENDENT`).
+        """
+        scenarios = select(role="server", dialect="xmpp", catalogue=everything())
+        kept = [s.id for s in scenarios if s.id not in TIMING_DEPENDENT]
+        return ["--rcpt", self.rcpt, *(a for i in kept for a in ("--only", i))]
 
     def dns_queries(self) -> int:
         """Lines of the log that show a DNS lookup (there must be none)."""

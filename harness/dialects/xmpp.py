@@ -564,7 +564,16 @@ class _ScriptedXmpp(ScriptedServer):
     def injection(self, starttls: Command) -> bytes:
         # A restarted stream with nothing to log in with: a client that takes
         # it for the answer to its new header gives up.
-        return stream_header(sender=DOMAIN, stream_id=INJECTED_ID) + features()
+        # No XML declaration (one mid-stream is refused by any parser).
+        return stream_header(sender=DOMAIN, stream_id=INJECTED_ID, declaration=False) + features()
+
+    def multi_injection(self, starttls: Command) -> bytes:
+        """Two forged restarted streams, the first with an XML declaration as a
+        server's restart begins: a client whose parser reads them before its
+        handshake refuses the declaration mid-stream (slixmpp answers with a
+        plaintext stream error)."""
+        forged = stream_header(sender=DOMAIN, stream_id=INJECTED_ID) + features()
+        return forged + self.injection(starttls)
 
     def partial_injection(self, starttls: Command) -> bytes:
         """An unfinished stream error: a client that keeps it reads the real
