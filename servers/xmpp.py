@@ -134,9 +134,14 @@ class UnitReader:
         self._eof = False
         self._exc: Optional[BaseException] = None
         self._waiter: Optional[asyncio.Future[None]] = None
+        #: A '>' arrived since the last cut: a unit may be complete (the buffer
+        #: is not re-read for every byte of a long unit that cannot be).
+        self._complete_maybe = False
 
     def feed(self, data: bytes) -> None:
         self._buf += data
+        if b">" in data:  # no unit can end without one: no new cut to look for
+            self._complete_maybe = True
         self._wake()
 
     def feed_eof(self) -> None:
@@ -157,7 +162,10 @@ class UnitReader:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            units, _used = self.framer.split(bytes(self._buf))
+            units: List[bytes] = []
+            if self._complete_maybe or len(self._buf) >= self.framer.max_unit:
+                units, _used = self.framer.split(bytes(self._buf))
+                self._complete_maybe = len(units) > 1
             if units:
                 del self._buf[: len(units[0])]
                 return units[0]
@@ -210,7 +218,7 @@ class XmppServerProtocol(asyncio.Protocol):
         self.config: ServerConfig = running.config
         self.behaviour = behaviour
         self.ctx = ctx
-        self.reader = UnitReader(XmppFramer(max_unit=self.config.limits.max_message))
+        self.reader = UnitReader(XmppFramer())
         self.transport: Optional[SwitchableTransport] = None
         #: A stream header was answered and no restart is due.
         self.stream_open = False
