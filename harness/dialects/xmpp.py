@@ -38,6 +38,7 @@ How the harness maps XMPP onto its STARTTLS vocabulary:
 from __future__ import annotations
 
 import base64
+import re
 import xml.etree.ElementTree as ET
 from typing import FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
@@ -234,23 +235,27 @@ class XmppFramer(Framer):
                     return pos  # too deep: cut here; unreadable to everyone
 
 
+_TAG_STOPS = re.compile(rb"['\"<>]")
+
+
 def _tag_end(data: bytes, lt: int, limit: int) -> Optional[Tuple[int, bool]]:
     """The end of the start tag at ``lt`` (quotes respected) and whether it is empty."""
     pos = lt + 1
-    quote = 0
-    while pos < limit:
-        ch = data[pos]
-        if quote:
-            if ch == quote:
-                quote = 0
-        elif ch in (0x22, 0x27):
-            quote = ch
+    while True:
+        found = _TAG_STOPS.search(data, pos, limit)
+        if found is None:
+            return None
+        ch = data[found.start()]
+        if ch in (0x22, 0x27):  # a quoted attribute value: skip to its end
+            close = data.find(bytes([ch]), found.start() + 1, limit)
+            if close < 0:
+                return None
+            pos = close + 1
         elif ch == 0x3E:
-            return pos + 1, data[pos - 1] == 0x2F
-        elif ch == 0x3C:
-            return pos, False  # a '<' inside a tag: cut; unreadable to everyone
-        pos += 1
-    return None
+            end = found.start()
+            return end + 1, data[end - 1] == 0x2F
+        else:
+            return found.start(), False  # a '<' inside a tag: cut; unreadable to everyone
 
 
 def _local_name(tag: bytes) -> bytes:
