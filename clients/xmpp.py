@@ -103,7 +103,7 @@ BEHAVIOURS: Dict[str, Behaviour] = {
         Behaviour(
             "downgrade",
             Rule.R9,
-            "authenticates in plaintext when STARTTLS is missing or refused",
+            "authenticates in plaintext when STARTTLS is missing, refused or not marked required",
         ),
     )
 }
@@ -269,6 +269,8 @@ class XmppClient:
             raise XmppError("TLS is up already")
         if "STARTTLS" not in self.features:
             return self._without_tls("the server offers no STARTTLS")
+        if "STARTTLS-REQUIRED" not in self.features and self.behaviour.name == "downgrade":
+            return self._without_tls("STARTTLS is offered, not required")  # R9 broken
         # R1: whatever follows the answer is held, not read.
         self.transport.hold_after(_is_tls_answer, once=True, framer=XmppFramer())
         self._write(f"<starttls xmlns='{TLS_NS}'/>".encode())

@@ -546,6 +546,9 @@ class _ScriptedXmpp(ScriptedServer):
         # TLS never authenticates before it.
         return head + features(starttls=starttls, required=starttls, mechanisms=("PLAIN",))
 
+    def unmarked(self, hello: bytes) -> bytes:
+        return hello.replace(b"<required/>", b"")
+
     def starttls_ok(self, cmd: Command) -> bytes:
         return f"<proceed xmlns='{TLS_NS}'/>".encode()
 
@@ -630,6 +633,7 @@ class Xmpp(Dialect):
     has_return_to_plaintext = False
     server_greets = False
     storage_needs_login = False
+    marks_starttls_required = True
     #: As PostgreSQL: without STOPTLS an unanswered close_notify is only a warn.
     reference_server_expected: Mapping[str, Mapping[str, Verdict]] = {
         "no-close-notify-reply": {"server.close-notify-reply": W},
@@ -642,6 +646,13 @@ class Xmpp(Dialect):
             "client.response-injection-split": F,
             "client.response-injection-partial": F,
             "client.response-injection-multi": F,
+        },
+        # R9: also where STARTTLS is offered but not marked required.
+        "downgrade": {
+            "client.starttls-stripped": F,
+            "client.starttls-refused": F,
+            "client.starttls-bad": F,
+            "client.starttls-required-stripped": F,
         },
     }
 
