@@ -408,4 +408,12 @@ CLIENTS: Tuple[ClientSpec, ...] = (
         psql_version,
         needs=("psql", "env"),
     ),
+    # slixmpp (realworld/drivers/slixmpp_send.py; tox's realworld env installs it).
+    ClientSpec(
+        "slixmpp",
+        "xmpp",
+        "slixmpp (PyPI)",
+        _python_driver("slixmpp_send.py"),
+        _pip_version("slixmpp"),
+    ),
 )

@@ -15,6 +15,8 @@ set -euo pipefail
 bash "$(dirname "$0")/install-ldap.sh"
 # PostgreSQL 15 (realworld/postgres.py) has a script of its own.
 bash "$(dirname "${BASH_SOURCE[0]}")/install-postgres.sh"
+# Prosody (realworld/xmpp.py) has a script of its own.
+bash "$(dirname "${BASH_SOURCE[0]}")/install-xmpp.sh"
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 

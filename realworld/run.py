@@ -52,6 +52,7 @@ from realworld.instances import (
 )
 from realworld.ldap import Slapd, slapd_missing
 from realworld.postgres import PostgreSQL
+from realworld.xmpp import Prosody, prosody_missing
 
 #: The servers of the tier; ``dovecot-*`` are listeners of the one ``dovecot`` instance.
 SERVERS = (
@@ -63,6 +64,7 @@ SERVERS = (
     "inn",
     "slapd",  # realworld/ldap.py
     "postgresql",
+    "prosody",  # realworld/xmpp.py
 )
 
 EXIT_MATCH = 0
@@ -235,6 +237,8 @@ def _instances(root: Path, names: Sequence[str]) -> List[Instance]:
             made.append(Slapd("slapd", "ldap", directory, free_port()))
         elif name == "postgresql":  # realworld/postgres.py
             made.append(PostgreSQL("postgresql", "postgres", directory, free_port()))
+        elif name == "prosody":  # realworld/xmpp.py
+            made.append(Prosody("prosody", "xmpp", directory, free_port()))
         elif name in FTP_SERVERS:  # realworld/ftpservers.py (install-ftp.sh)
             made.append(FTP_SERVERS[name](name, "ftp", directory, free_port()))
     # POP3 and ManageSieve are listeners of the same Dovecot (started first).
@@ -307,7 +311,7 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    missing = binaries_missing() + slapd_missing()
+    missing = binaries_missing() + slapd_missing() + prosody_missing()
     if missing:
         print(
             f"realworld: {', '.join(missing)} not installed; run 'bash realworld/install.sh' "

@@ -32,6 +32,7 @@ from starttls_harness.dialects.pop3 import POP3
 from starttls_harness.dialects.postgres import POSTGRES
 from starttls_harness.dialects.sieve import SIEVE
 from starttls_harness.dialects.smtp import SMTP
+from starttls_harness.dialects.xmpp import XMPP
 
 __all__ = [
     "DIALECTS",
@@ -43,6 +44,7 @@ __all__ = [
     "RETURN_TO_PLAINTEXT",
     "SIEVE",
     "SMTP",
+    "XMPP",
     "Dialect",
     "IncompleteDialect",
     "LinePredicate",
@@ -184,3 +186,4 @@ register(NNTP)
 register(LDAP)
 register(POSTGRES)
 register(FTP)
+register(XMPP)

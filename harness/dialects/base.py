@@ -154,6 +154,9 @@ class Dialect:
     rereads_capabilities = True
     #: The scripted server can greet "authenticated already" (IMAP PREAUTH).
     has_preauth = False
+    #: The upgrade offer can say that it is mandatory (XMPP ``<required/>``): a
+    #: client scenario offers it without the mark (``ScriptedServer.unmarked``).
+    marks_starttls_required = False
     #: The hello is answered with the capability list (SMTP EHLO): the scripted
     #: server can inject a forged one (``ScriptedServer.shaped_injection``).
     has_capability_list_reply = False

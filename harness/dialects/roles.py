@@ -155,6 +155,11 @@ class ScriptedServer(abc.ABC):
         """
         return None
 
+    def unmarked(self, hello: bytes) -> bytes:
+        """The hello answer without the mark that STARTTLS is mandatory (XMPP
+        ``<required/>``); unchanged where the protocol has none."""
+        return hello
+
     def starttls_bad(self, cmd: Command) -> bytes:
         """STARTTLS answered as a bad command (SMTP 5xx, IMAP ``BAD``)."""
         return self.not_offered(cmd)

@@ -132,6 +132,7 @@ class _Run:
     fault_applied: bool = False
     pending: Optional[Command] = None
     offer_starttls: bool = True
+    starttls_marked_required: bool = True
     offer_stoptls: bool = False
     #: STOPTLS closures completed on this connection.
     stoptls_done: int = 0
@@ -183,9 +184,9 @@ async def _answer(run: _Run, cmd: Command) -> str:
     conn, dialect = run.conn, run.dialect
     kind = cmd.kind
     if kind == "hello":
-        conn.send(
-            dialect.hello(cmd, tls=run.tls, starttls=run.offer_starttls, stoptls=run.offer_stoptls)
-        )
+        tls, starttls, stoptls = run.tls, run.offer_starttls, run.offer_stoptls
+        hello = dialect.hello(cmd, tls=tls, starttls=starttls, stoptls=stoptls)
+        conn.send(hello if run.starttls_marked_required else dialect.unmarked(hello))
     elif kind == "starttls":
         if run.tls or not run.offer_starttls:
             conn.send(dialect.not_offered(cmd))
@@ -334,6 +335,7 @@ async def step_serve(run: _Run, args: Mapping[str, object]) -> None:
     """
     until = str(args.get("until", "end"))
     run.offer_starttls = bool(args.get("starttls", True))
+    run.starttls_marked_required = bool(args.get("required", True))
     run.offer_stoptls = bool(args.get("stoptls", False))
     run.conn.offer_removal(run.offer_stoptls)
     for _ in range(200):  # a bound on commands, as on everything else

@@ -300,6 +300,17 @@ _CLIENT: Tuple[Scenario, ...] = (
         expect=_expect(gave_up=Expect(P, "gave up without sending credentials or mail")),
     ),
     Scenario(
+        id="client.starttls-required-stripped",
+        title="STARTTLS offered without the mark that it is mandatory (XMPP <required/>)",
+        role="client",
+        rule=Rule.R9,
+        reference="RFC 6120 §5.3.1, §5.4.1; CVE-2016-10027 (Smack)",
+        reason="A client that requires TLS upgrades whether or not the server says it must.",
+        dialects=dialects_with("marks_starttls_required"),
+        steps=(S("greet"), S("serve", until="end", fault=True, required=False)),
+        expect=_expect(completed=Expect(P, "upgraded although STARTTLS was not marked required")),
+    ),
+    Scenario(
         id="client.starttls-refused",
         title="STARTTLS answered 454 / NO",
         role="client",

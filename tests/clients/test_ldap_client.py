@@ -53,6 +53,7 @@ def test_the_removal_scenarios_apply_to_ldap_alone(ldap: Dialect) -> None:
         "client.response-injection-capabilities",
         "client.response-injection-tagged",
         "client.starttls-untagged",
+        "client.starttls-required-stripped",  # XMPP's <required/> mark
     }
 
 

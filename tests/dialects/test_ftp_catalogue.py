@@ -38,6 +38,7 @@ def test_ftp_is_registered_and_every_other_scenario_applies() -> None:
             "client.response-injection-capabilities",
             "client.response-injection-tagged",
             "client.starttls-untagged",
+            "client.starttls-required-stripped",
             *REMOVAL_SCENARIOS,
         }
         wanted = scenario.id not in CLIENT_FIRST and scenario.id not in flagged

@@ -54,6 +54,8 @@ def test_registered_with_every_scenario(dialect: str) -> None:
             wanted = d.has_capability_list_reply
         elif scenario.id in ("client.response-injection-tagged", "client.starttls-untagged"):
             wanted = d.has_tagged_replies
+        elif scenario.id == "client.starttls-required-stripped":
+            wanted = d.marks_starttls_required
         elif scenario.id in ccc:
             wanted = d.server_may_close_first
         elif scenario.id in REMOVAL_SCENARIOS:

@@ -44,6 +44,7 @@ def test_every_scenario_applies_to_pop3() -> None:
         "client.response-injection-capabilities": "has_capability_list_reply",
         "client.response-injection-tagged": "has_tagged_replies",
         "client.starttls-untagged": "has_tagged_replies",
+        "client.starttls-required-stripped": "marks_starttls_required",
     }
     for scenario in CLIENT_SCENARIOS:
         flag = flags.get(scenario.id)

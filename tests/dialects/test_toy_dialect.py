@@ -527,6 +527,7 @@ def test_scenarios_that_need_a_return_to_plaintext_skip_a_dialect_without_one() 
             "client.response-injection-capabilities",
             "client.response-injection-tagged",
             "client.starttls-untagged",
+            "client.starttls-required-stripped",  # no <required/> mark (XMPP's)
             *STOPTLS_SCENARIOS,
             # A return the server may start (FTP CCC) is not the toy's STOPTLS.
             *(s.id for s in CCC_SCENARIOS),

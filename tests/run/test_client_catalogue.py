@@ -94,6 +94,7 @@ def test_scenario_is_complete_data(scenario: Scenario) -> None:
         "client.response-injection-capabilities": "has_capability_list_reply",
         "client.response-injection-tagged": "has_tagged_replies",
         "client.starttls-untagged": "has_tagged_replies",
+        "client.starttls-required-stripped": "marks_starttls_required",
     }
     if scenario.id in flags:
         flag = flags[scenario.id]

@@ -1,0 +1,447 @@
+"""Reference XMPP server (client-to-server): features, STARTTLS, SASL PLAIN, IQs, misbehaviours.
+
+Just enough of RFC 6120 for the harness (see
+:mod:`starttls_harness.dialects.xmpp`): the client's stream header is
+answered by a header with a new stream id and the features -- in plaintext
+only ``<starttls><required/></starttls>`` (TLS is mandatory here), under TLS
+the SASL mechanism ``PLAIN`` and, after a login, resource binding.
+``<starttls/>`` is answered ``<proceed/>`` and the handshake follows; the
+client must then restart the stream (a new header).  An IQ ping is answered
+under TLS, before a login too; other IQs get ``service-unavailable``; a
+``<message/>`` under TLS is stored (the storage action, see
+:attr:`RunningServer.messages`); ``</stream:stream>`` ends the session.
+Anything unreadable (a DOCTYPE, an entity, text at the top, too deep) is a
+``not-well-formed`` stream error.
+
+Security decisions: the hold gate is armed for ``<starttls/>``, so bytes
+pipelined after it are the R1 leftover the strict engine refuses -- the
+connection ends.  A stanza in plaintext is a ``policy-violation`` stream
+error (TLS is required before anything else).  There is no return to
+plaintext: after a TLS closure the connection is closed.
+
+Behaviours (``BEHAVIOURS``; each breaks exactly one rule): ``keep-buffer``
+(R1: a header and an IQ pipelined after ``<starttls/>`` are read as the
+restarted stream), ``plaintext-in-tls`` (R2), ``no-close-notify-reply``
+(R5), ``ignore-truncation`` (R6: a message cut by EOF is stored),
+``alert-as-close`` (R7), and the shared
+:data:`~starttls_harness.servers.base.EXTRA_BEHAVIOURS` (R3, R4, R8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Set
+
+from starttls_harness.dialects.xmpp import (
+    BIND_NS,
+    DOMAIN,
+    ECHO_NS,
+    PING_NS,
+    RECEIPTS_NS,
+    SASL_NS,
+    TLS_NS,
+    XmppFramer,
+    features,
+    iq_error,
+    iq_result,
+    kind_of,
+    local,
+    parse_unit,
+    plain_credentials,
+    receipt,
+    stream_error,
+    stream_header,
+)
+from starttls_harness.servers.base import (
+    EXTRA_BEHAVIOURS,
+    STRICT,
+    Behaviour,
+    ExtraModes,
+    RunningServer,
+    ServerConfig,
+    behaviour_named,
+)
+from starttls_harness.tls.aio import SwitchableTransport, create_server
+from starttls_harness.tls.engine import (
+    AlertReceived,
+    CloseNotifyReceived,
+    ClosureComplete,
+    Event,
+    LocalProtocolError,
+    Rule,
+    TransitionError,
+)
+from starttls_harness.tls.framing import Framer
+from starttls_harness.tls.states import State
+
+__all__ = ["BEHAVIOURS", "UnitReader", "XmppMessage", "XmppServerProtocol", "start_server"]
+
+BEHAVIOURS: Dict[str, Behaviour] = {
+    b.name: b
+    for b in (
+        STRICT,
+        Behaviour(
+            "keep-buffer",
+            Rule.R1,
+            "reads a header and an IQ pipelined after <starttls/> as the restarted stream",
+            (Rule.R1,),
+        ),
+        Behaviour(
+            "plaintext-in-tls", Rule.R2, "answers plaintext received while TLS is up", (Rule.R2,)
+        ),
+        Behaviour(
+            "no-close-notify-reply",
+            Rule.R5,
+            "closes TCP instead of answering the client's close_notify",
+            (Rule.R5,),
+        ),
+        Behaviour(
+            "ignore-truncation", Rule.R6, "stores a message cut by EOF under TLS", (Rule.R6,)
+        ),
+        Behaviour(
+            "alert-as-close",
+            Rule.R7,
+            "takes a fatal alert for a closure and goes on in plaintext",
+            (Rule.R7,),
+        ),
+        *EXTRA_BEHAVIOURS,
+    )
+}
+
+
+class Truncated(Exception):
+    """The connection ended in the middle of a unit (``partial`` holds its bytes)."""
+
+    def __init__(self, partial: bytes) -> None:
+        super().__init__("the connection ended in the middle of a unit")
+        self.partial = partial
+
+
+class UnitReader:
+    """Bytes from ``data_received``, read as the framer's units by one coroutine.
+
+    What is still unread can be taken (the R1 leftover at ``<starttls/>``);
+    every wait is bounded by ``timeout``.
+    """
+
+    def __init__(self, framer: Framer) -> None:
+        self.framer = framer
+        self._buf = bytearray()
+        self._eof = False
+        self._exc: Optional[BaseException] = None
+        self._waiter: Optional[asyncio.Future[None]] = None
+        #: A '>' arrived since the last cut: a unit may be complete (the buffer
+        #: is not re-read for every byte of a long unit that cannot be).
+        self._complete_maybe = False
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+        if b">" in data:  # no unit can end without one: no new cut to look for
+            self._complete_maybe = True
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def set_exception(self, exc: BaseException) -> None:
+        if self._exc is None:
+            self._exc = exc
+        self._wake()
+
+    def take_pending(self) -> bytes:
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+    async def read_unit(self, timeout: float) -> bytes:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            units: List[bytes] = []
+            if self._complete_maybe or len(self._buf) >= self.framer.max_unit:
+                units, _used = self.framer.split(bytes(self._buf))
+                self._complete_maybe = len(units) > 1
+            if units:
+                del self._buf[: len(units[0])]
+                return units[0]
+            if self._eof or self._exc is not None:
+                if self._buf.strip():
+                    raise Truncated(self.take_pending())
+                raise self._exc or ConnectionResetError("the peer closed the connection")
+            self._waiter = loop.create_future()
+            try:
+                await asyncio.wait_for(self._waiter, max(0.0, deadline - loop.time()))
+            finally:
+                self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+@dataclass
+class XmppMessage:
+    """One stored ``<message/>`` (the storage action)."""
+
+    data: bytes
+    tls: bool
+    complete: bool = True
+
+
+class _End(Exception):
+    """End the session (after a final stream error or close, if one is given)."""
+
+    def __init__(self, answer: bytes = b"") -> None:
+        super().__init__("session ends")
+        self.answer = answer
+
+
+def _goodbye(why: str) -> bytes:
+    """What the plaintext-goodbye mode writes: a stream error, as a server ending."""
+    return stream_error("reset", why)
+
+
+def _is_starttls(unit: bytes) -> bool:
+    return kind_of(parse_unit(unit)) == "starttls"
+
+
+class XmppServerProtocol(asyncio.Protocol):
+    """One XMPP client connection (see the module docstring)."""
+
+    def __init__(self, running: RunningServer, behaviour: Behaviour, ctx: ssl.SSLContext) -> None:
+        self.running = running
+        self.config: ServerConfig = running.config
+        self.behaviour = behaviour
+        self.ctx = ctx
+        self.reader = UnitReader(XmppFramer())
+        self.transport: Optional[SwitchableTransport] = None
+        #: A stream header was answered and no restart is due.
+        self.stream_open = False
+        self.user: Optional[str] = None
+        self.bound = False
+        self.streams = 0
+        #: TLS was up once: plaintext after it is the resumed connection of a
+        #: misbehaving mode (the strict server has closed by then).
+        self.ever_tls = False
+        self.log: List[bytes] = []
+        self.extra = ExtraModes(behaviour, _goodbye)
+
+    # --------------------------------------------------- asyncio protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, SwitchableTransport)
+        self.transport = transport
+        self.running.connections.append(self)
+        transport.hold_after(_is_starttls, framer=XmppFramer())
+        task = asyncio.get_running_loop().create_task(self._session())
+        sessions = getattr(self.running, "sessions", None)
+        if isinstance(sessions, set):
+            sessions.add(task)
+            task.add_done_callback(sessions.discard)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+
+    def eof_received(self) -> bool:
+        self.reader.feed_eof()
+        return True
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.reader.set_exception(exc or ConnectionResetError("connection closed"))
+
+    def engine_event(self, event: Event) -> None:
+        """Closure bookkeeping; the misbehaving modes hook in here."""
+        t = self.transport
+        if t is None:
+            return
+        if self.extra.on_event(event, t):
+            self.stream_open = False  # resume-without-stoptls: a new stream in plaintext
+            return
+        if isinstance(event, ClosureComplete) and not event.resumed:
+            t.close()  # no return to plaintext: the connection ends
+        elif isinstance(event, CloseNotifyReceived):
+            if not self.behaviour.policy.enforces(Rule.R5) and (
+                t.engine.state is State.CLOSE_RECEIVED
+            ):
+                t.close()  # no-close-notify-reply: hang up instead of answering
+        elif isinstance(event, AlertReceived) and self.behaviour.policy.enforces(Rule.R7):
+            t.abort()
+
+    # ------------------------------------------------------------ session
+
+    async def _session(self) -> None:
+        t = self.transport
+        assert t is not None
+        try:
+            while not t.is_closing():
+                try:
+                    unit = await self.reader.read_unit(self.config.limits.idle_timeout)
+                except Truncated as cut:
+                    partial = cut.partial.lstrip()
+                    if self.behaviour.name == "ignore-truncation" and self.ever_tls:
+                        if partial.startswith(b"<message"):
+                            self._store(partial, complete=False)
+                    raise ConnectionResetError("truncated") from None
+                self.log.append(unit[:200])
+                await self._unit(unit)
+        except _End as end:
+            self._write(end.answer)
+        except (
+            asyncio.TimeoutError,
+            ConnectionError,
+            LocalProtocolError,
+            TransitionError,
+            ssl.SSLError,
+        ):
+            pass
+        finally:
+            t.close()
+
+    def _write(self, data: bytes) -> None:
+        t = self.transport
+        if t is None or t.is_closing() or not data:
+            return
+        with contextlib.suppress(LocalProtocolError):
+            t.write(data)
+
+    async def _unit(self, unit: bytes) -> None:
+        elem = parse_unit(unit)
+        kind = kind_of(elem)
+        if kind == "unreadable" or elem is None:
+            raise _End(stream_error("not-well-formed"))
+        if kind == "header":
+            self._open_stream()
+            return
+        if not self.stream_open:
+            raise _End(stream_error("not-well-formed", "the stream was not (re)started"))
+        if kind == "close":
+            raise _End(b"</stream:stream>")
+        if kind == "starttls":
+            await self._starttls()
+        elif kind == "stoptls":
+            t = self.transport
+            assert t is not None
+            if not t.tls_active and self.extra.stoptls_in_plaintext:
+                self._write(f"<proceed xmlns='{TLS_NS}'/>".encode())  # R3 broken
+                return
+            raise _End(stream_error("unsupported-stanza-type"))
+        elif kind == "sasl-auth":
+            self._auth(elem)
+        elif kind in ("iq", "message", "presence"):
+            self._stanza(elem, unit)
+        else:
+            raise _End(stream_error("unsupported-stanza-type"))
+
+    def _secure(self) -> bool:
+        t = self.transport
+        return t is not None and (t.tls_active or self.ever_tls)
+
+    def _open_stream(self) -> None:
+        t = self.transport
+        assert t is not None
+        self.streams += 1
+        self.stream_open = True
+        head = stream_header(sender=DOMAIN, stream_id=f"s{self.streams}-{id(self):x}")
+        if not self._secure():
+            self._write(head + features(starttls=True, required=True))
+        elif self.user is None:
+            self._write(head + features(mechanisms=("PLAIN",)))
+        else:
+            self._write(head + features(bind=True))
+
+    async def _starttls(self) -> None:
+        t = self.transport
+        assert t is not None
+        proceed = f"<proceed xmlns='{TLS_NS}'/>".encode()
+        if t.tls_active:
+            if self.extra.starttls_in_tls:
+                self._write(proceed)  # R8 broken: the session stays in TLS
+                return
+            raise _End(stream_error("policy-violation", "TLS is already up"))
+        self.stream_open = False
+        self.user = None
+        self.bound = False
+        leftover = self.reader.take_pending()
+        await t.start_tls(self.ctx, server_side=True, preface=proceed, leftover=leftover)
+        self.ever_tls = True
+        self.extra.handshake_done(t)
+
+    def _auth(self, elem: ET.Element) -> None:
+        assert self.transport is not None
+        if not self.transport.tls_active:
+            failure = f"<failure xmlns='{SASL_NS}'><encryption-required/></failure>"
+            raise _End(failure.encode() + b"</stream:stream>")
+        creds = plain_credentials(elem)
+        if creds is None or self.user is not None:
+            self._write(f"<failure xmlns='{SASL_NS}'><invalid-mechanism/></failure>".encode())
+            return
+        user, password = creds
+        if (user, password) != (self.config.user, self.config.password):
+            self._write(f"<failure xmlns='{SASL_NS}'><not-authorized/></failure>".encode())
+            return
+        self.user = user
+        self.stream_open = False  # the client restarts the stream (RFC 6120 §6.4.6)
+        self._write(f"<success xmlns='{SASL_NS}'/>".encode())
+
+    def _stanza(self, elem: ET.Element, unit: bytes) -> None:
+        if not self._secure():
+            raise _End(stream_error("policy-violation", "TLS is required"))
+        name = local(elem.tag)
+        if name == "message":
+            self._store(unit, complete=True)
+            if elem.find(f"{{{RECEIPTS_NS}}}request") is not None:
+                self._write(receipt(elem.get("id") or ""))
+            return
+        if name != "iq" or elem.get("type") not in ("get", "set"):
+            return
+        iq_id = elem.get("id") or ""
+        echo = elem.find(f"{{{ECHO_NS}}}echo")
+        if elem.find(f"{{{PING_NS}}}ping") is not None:
+            self._write(iq_result(iq_id))
+        elif echo is not None:
+            self._write(iq_result(iq_id, ET.tostring(echo, encoding="unicode")))
+        elif elem.find(f"{{{BIND_NS}}}bind") is not None and self.user:
+            self.bound = True
+            jid = f"<jid>{self.user}@{DOMAIN}/harness</jid>"
+            self._write(iq_result(iq_id, f"<bind xmlns='{BIND_NS}'>{jid}</bind>"))
+        else:
+            self._write(iq_error(iq_id, "service-unavailable"))
+
+    def _store(self, data: bytes, *, complete: bool) -> None:
+        assert self.transport is not None
+        self.running.messages.append(XmppMessage(data, self.transport.tls_active, complete))
+
+
+async def start_server(config: ServerConfig) -> RunningServer:
+    """Start the reference XMPP server (``config.behaviour`` picks a mode)."""
+    behaviour = behaviour_named(BEHAVIOURS, config.behaviour)
+    ctx = config.ssl_context()
+    holder: List[XmppRunningServer] = []
+
+    def factory() -> XmppServerProtocol:
+        return XmppServerProtocol(holder[0], behaviour, ctx)
+
+    server = await create_server(
+        factory, config.host, config.port, policy=behaviour.policy, timeouts=config.timeouts
+    )
+    running = XmppRunningServer(server, config)
+    holder.append(running)
+    return running
+
+
+@dataclass
+class XmppRunningServer(RunningServer):
+    """:class:`RunningServer` whose ``close()`` also waits for the sessions."""
+
+    sessions: Set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def close(self) -> None:
+        await super().close()
+        pending = list(self.sessions)
+        if pending:
+            await asyncio.wait(pending, timeout=self.config.timeouts.closure)
