@@ -776,7 +776,7 @@ def _gone(run: _Run, step: Step, gone: RemoteEnded) -> str:
 
 
 async def _interpret(run: _Run) -> str:
-    return await interpret(run, _CLIENT_STEPS, ended=_gone)
+    return await interpret(run, _CLIENT_STEPS, run.scenario.steps, run.evidence.note, ended=_gone)
 
 
 def _requested_cycles(scenario: Scenario) -> int:

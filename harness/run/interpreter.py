@@ -1,7 +1,8 @@
 """The one scenario interpreter of the roles that play a peer step by step.
 
-The server role (the harness as a client, :mod:`.server`) and the client
-role (the harness as a scripted server, :mod:`.client`) both walk a
+The server role (the harness as a client, :mod:`.server`), the client
+role (the harness as a scripted server, :mod:`.client`) and the path role
+(the client under test driven through the proxy, :mod:`.path`) all walk a
 scenario's steps through a verb table and end with one observation label
 (see :mod:`.outcomes`).  They differ only in what they know of their own
 peer: which steps to skip, what to remember when the fault step begins,
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 from typing import Awaitable, Callable, List, Mapping, Optional, Protocol, Sequence, Tuple, TypeVar
 
-from starttls_harness.report.verdicts import Evidence
 from starttls_harness.run.outcomes import (
     COMPLETED,
     TIMEOUT,
@@ -28,8 +28,6 @@ __all__ = ["Interpreted", "interpret", "unknown_actions"]
 class Interpreted(Protocol):
     """What the interpreter needs of a role's run state."""
 
-    scenario: Scenario
-    evidence: Evidence
     fault_applied: bool
 
 
@@ -39,38 +37,45 @@ R = TypeVar("R", bound=Interpreted)
 async def interpret(
     run: R,
     verbs: Mapping[str, Callable[[R, Mapping[str, object]], Awaitable[None]]],
+    steps: Sequence[Step],
+    note: Callable[[str], None],
     *,
     ended: Callable[[R, Step, RemoteEnded], str],
     skip: Optional[Callable[[R, Step], Optional[str]]] = None,
     at_fault: Optional[Callable[[R], None]] = None,
+    before: Optional[Callable[[R, Step], None]] = None,
 ) -> str:
-    """Run the steps of ``run.scenario``; return the observation label.
+    """Run ``steps`` (a scenario's, or a role's own session); return the label.
 
-    ``skip(run, step)`` gives the note of a step not to run (None: run it);
-    ``at_fault(run)`` is called as the fault step begins; ``ended(run,
-    step, exc)`` labels the peer ending the connection during ``step``.
+    ``verbs[step.action](run, step.args)`` runs one step; ``note`` writes to
+    the run's evidence; ``skip(run, step)`` gives the note of a step not to
+    run (None: run it); ``at_fault(run)`` is called as the fault step begins,
+    ``before(run, step)`` before every step that runs; ``ended(run, step,
+    exc)`` labels the peer ending the connection during ``step``.
     """
-    for step in run.scenario.steps:
+    for step in steps:
         if skip is not None:
             why = skip(run, step)
             if why is not None:
-                run.evidence.note(why)
+                note(why)
                 continue
         if step.fault:
             run.fault_applied = True
             if at_fault is not None:
                 at_fault(run)
+        if before is not None:
+            before(run, step)
         try:
             await verbs[step.action](run, step.args)
         except Observed as seen:
             if seen.detail:
-                run.evidence.note(seen.detail)
+                note(seen.detail)
             return seen.label
         except WaitTimeout as exc:
-            run.evidence.note(str(exc))
+            note(str(exc))
             return TIMEOUT
         except RemoteEnded as gone:
-            run.evidence.note(gone.detail or gone.how)
+            note(gone.detail or gone.how)
             return ended(run, step, gone)
     return COMPLETED
 

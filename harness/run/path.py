@@ -49,6 +49,7 @@ from typing import (
     Callable,
     Dict,
     List,
+    Mapping,
     Optional,
     Sequence,
     Tuple,
@@ -70,7 +71,14 @@ from starttls_harness.proxy import (
     ProxyEvent,
 )
 from starttls_harness.report.verdicts import Evidence, Exchange, Result, Verdict
-from starttls_harness.run.outcomes import HARNESS_ERROR, harness_error
+from starttls_harness.run.interpreter import interpret
+from starttls_harness.run.outcomes import (
+    COMPLETED,
+    HARNESS_ERROR,
+    Observed,
+    RemoteEnded,
+    harness_error,
+)
 from starttls_harness.run.path_evidence import exchanges, proxy_legs
 from starttls_harness.run.path_judge import (
     SIDES,
@@ -318,6 +326,9 @@ class _PathRun:
     #: Proxy event index when the fault step's verb returned (None: it did not).
     verb_done_at: Optional[int] = None
     completed: bool = False
+    #: For the interpreter: the step being run, and whether the fault step began.
+    step: Optional[Step] = None
+    fault_applied: bool = False
     client_closed: bool = False
     #: The side a non-pass observation blames ("client" or "server").
     side: Optional[str] = None
@@ -352,24 +363,25 @@ def _events(peer: Optional[Any]) -> Sequence[Event]:
     return peer.engine_events() or []
 
 
-async def _session(run: _PathRun) -> None:
-    """Run the client's steps until one stops it; record how it ended."""
-    assert run.driver is not None and run.proxy is not None
-    for step in run.steps:
-        hooks = StepHooks(run, step)
-        if step.fault and run.arm_mode == "before":
-            run.arm(1)
+def _step_verb(verb: Verb) -> Callable[[_PathRun, Mapping[str, object]], Awaitable[None]]:
+    """``verb`` as a step of the shared interpreter: the client under test
+    may raise anything; that stops its session (``run.stopped``), it is not
+    a harness error."""
+
+    async def run_step(run: _PathRun, args: Mapping[str, object]) -> None:
+        step = run.step
+        assert run.driver is not None and run.proxy is not None and step is not None
         try:
-            await _VERBS[step.action](run.driver, hooks)
+            await verb(run.driver, StepHooks(run, step))
         except StopTLSUnsupported as exc:
             run.note(f"client: {exc}")
             run.no_stoptls = True
             run.stopped = (step.action, exc)
-            return
+            raise Observed(_STOPPED) from None
         except Exception as exc:  # whatever the client under test raised
             run.stopped = (step.action, exc)
             run.note(f"client: {step.action} stopped: {type(exc).__name__}: {exc}")
-            return
+            raise Observed(_STOPPED) from None
         if step.fault or (run.pair.own_session is not None and step.action == "quit"):
             run.verb_done_at = len(run.conn.events) if run.conn is not None else 0
             run.note(f"client: {step.action} completed")
@@ -378,7 +390,29 @@ async def _session(run: _PathRun) -> None:
             own = run.pair.own_session is not None
             bound = run.settings.scenario_timeout if own else run.settings.connect_timeout
             run.conn = await run.proxy.connection(0, timeout=bound)
-    run.completed = True
+
+    return run_step
+
+
+#: The path role's steps for :func:`~.interpreter.interpret`.
+_STEPS = {action: _step_verb(verb) for action, verb in _VERBS.items()}
+_STOPPED = "client-stopped"
+
+
+def _before(run: _PathRun, step: Step) -> None:
+    run.step = step
+    if step.fault and run.arm_mode == "before":
+        run.arm(1)
+
+
+def _ended(run: _PathRun, step: Step, gone: RemoteEnded) -> str:
+    return _STOPPED  # not reached: a step turns whatever the client raised into Observed
+
+
+async def _session(run: _PathRun) -> None:
+    """Run the client's steps until one stops it; record how it ended."""
+    label = await interpret(run, _STEPS, run.steps, run.note, ended=_ended, before=_before)
+    run.completed = label == COMPLETED
 
 
 def _reaction(e: ProxyEvent, receiver: str, judge: str) -> bool:

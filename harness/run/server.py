@@ -740,7 +740,8 @@ def _closed(run: _Run, step: Step, closed: RemoteEnded) -> str:
 
 async def _interpret(run: _Run) -> str:
     """Run the steps; return the observation label."""
-    return await interpret(run, _SERVER_STEPS, ended=_closed, skip=_skip, at_fault=_mark)
+    steps, note, verbs = run.scenario.steps, run.evidence.note, _SERVER_STEPS
+    return await interpret(run, verbs, steps, note, ended=_closed, skip=_skip, at_fault=_mark)
 
 
 def _rule_column(scenario: Scenario, label: str, verdict: Verdict) -> str:
