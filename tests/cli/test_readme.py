@@ -137,6 +137,9 @@ EXAMPLES: Dict[str, Example] = {
     "starttls-harness check postgres://127.0.0.1:5432": Example(
         serve=("postgres",), subs={"127.0.0.1:5432": "127.0.0.1:{port}"}
     ),
+    "starttls-harness check xmpp://127.0.0.1:5222": Example(
+        serve=("xmpp",), subs={"127.0.0.1:5222": "127.0.0.1:{port}"}
+    ),
     "starttls-harness check postgres://127.0.0.1:5432 --user tester --password secret": Example(
         serve=("postgres",), subs={"127.0.0.1:5432": "127.0.0.1:{port}", "secret": "correct horse"}
     ),
