@@ -26,7 +26,7 @@ from starttls_harness.dialects import RETURN_TO_PLAINTEXT, dialect_named, names
 from starttls_harness.dialects.xmpp import XMPP
 from starttls_harness.report.verdicts import Verdict
 from starttls_harness.run.client_checks import validate_client
-from starttls_harness.run.path import validate_path
+from starttls_harness.run.path_reference import validate_path
 from starttls_harness.run.targets import client_behaviours
 from starttls_harness.run.validation import validate_server
 from starttls_harness.scenarios.catalogue import ALL_SCENARIOS
