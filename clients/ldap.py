@@ -28,8 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from typing import Dict, FrozenSet, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Optional, Tuple
 
+from starttls_harness.clients.lines import PeerPathDriver
 from starttls_harness.dialects.ldap import (
     ADD_ID,
     BIND_RESPONSE,
@@ -59,7 +60,6 @@ from starttls_harness.dialects.roles import (
     SessionPlan,
     StopTLSUnsupported,
     failed,
-    transport_events,
 )
 from starttls_harness.servers.base import STRICT, Behaviour, behaviour_named
 from starttls_harness.tls.aio import SwitchableTransport, Timeouts, open_connection
@@ -468,36 +468,8 @@ def _final(reply: LdapReply) -> LdapMessage:
 # ------------------------------------------------------ the harness's roles
 
 
-class _PathDriver(PathDriver):
+class _PathDriver(PeerPathDriver[LdapClient]):
     """:class:`LdapClient` through the path proxy, one verb at a time."""
-
-    def __init__(self, spec: ClientSpec, behaviour: str, user: str, password: str) -> None:
-        self.spec = spec
-        self.behaviour = behaviour
-        self.user = user
-        self.password = password
-        self.client: Optional[LdapClient] = None
-
-    def _client(self) -> LdapClient:
-        if self.client is None:
-            raise ConnectionError("not connected")
-        return self.client
-
-    async def connect(self, hooks: Hooks) -> None:
-        spec = self.spec
-        self.client = await LdapClient.connect(
-            spec.host,
-            spec.port,
-            ssl_context=spec.tls_context,
-            server_hostname=spec.server_hostname,
-            behaviour=self.behaviour,
-            timeout=spec.timeout,
-            timeouts=Timeouts(handshake=spec.timeout, closure=spec.timeout, connect=spec.timeout),
-        )
-
-    async def starttls(self, hooks: Hooks) -> None:
-        if not await self._client().starttls():
-            raise ConnectionError("the client carried on without TLS")
 
     async def command(self, hooks: Hooks) -> None:
         await self._client().search_root()
@@ -526,19 +498,10 @@ class _PathDriver(PathDriver):
     async def quit(self, hooks: Hooks) -> None:
         await self._client().unbind()
 
-    def engine_events(self) -> Optional[Sequence[Event]]:
-        if self.client is None:
-            return None
-        return transport_events(self.client.transport)
-
-    async def close(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
-
 
 def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
     """The reference client as the path role's client under test (it binds)."""
-    return _PathDriver(spec, behaviour, user, password)
+    return _PathDriver(LdapClient.connect, spec, behaviour, user, password)
 
 
 async def reference_session(plan: SessionPlan) -> ClientOutcome:

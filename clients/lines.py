@@ -36,6 +36,7 @@ from typing import (
     Dict,
     Generic,
     Optional,
+    Protocol,
     Sequence,
     Tuple,
     Type,
@@ -452,31 +453,51 @@ class LineClient:
 # ------------------------------------------------------ the harness's roles
 
 
-class LinePathDriver(PathDriver, Generic[C]):
-    """A :class:`LineClient` through the path proxy, one verb at a time.
+class PeerClient(Protocol):
+    """What :class:`PeerPathDriver` needs of a reference client (any dialect)."""
 
-    A dialect adds what its client does for the path's own verbs
-    (``command``, ``send_unit``, ``fetch_unit``, ``quit``).
+    transport: SwitchableTransport
+
+    async def starttls(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
+P = TypeVar("P", bound=PeerClient)
+
+
+class PeerPathDriver(PathDriver, Generic[P]):
+    """A reference client through the path proxy, one verb at a time.
+
+    ``connect`` is the client class's ``connect`` (same keywords for every
+    reference client).  A dialect adds what its client does for the path's
+    own verbs (``command``, ``stoptls``, ``send_unit``, ``fetch_unit``,
+    ``quit``), and what follows its upgrade (``after_upgrade``, a login).
     """
 
     def __init__(
-        self, client_class: Type[C], spec: ClientSpec, behaviour: str, user: str, password: str
+        self,
+        connect: Callable[..., Awaitable[P]],
+        spec: ClientSpec,
+        behaviour: str,
+        user: str,
+        password: str,
     ) -> None:
-        self.client_class = client_class
+        self._connect = connect
         self.spec = spec
         self.behaviour = behaviour
         self.user = user
         self.password = password
-        self.client: Optional[C] = None
+        self.client: Optional[P] = None
 
-    def _client(self) -> C:
+    def _client(self) -> P:
         if self.client is None:
             raise ConnectionError("not connected")
         return self.client
 
     async def connect(self, hooks: Hooks) -> None:
         spec = self.spec
-        self.client = await self.client_class.connect(
+        self.client = await self._connect(
             spec.host,
             spec.port,
             ssl_context=spec.tls_context,
@@ -487,15 +508,13 @@ class LinePathDriver(PathDriver, Generic[C]):
         )
 
     async def starttls(self, hooks: Hooks) -> None:
-        if not await self._client().starttls():
-            raise ConnectionError("the client carried on without TLS")
-
-    async def stoptls(self, hooks: Hooks) -> None:
         client = self._client()
-        try:
-            await client.stoptls()
-        except client.stoptls_unsupported as exc:
-            raise StopTLSUnsupported(str(exc)) from exc
+        if not await client.starttls():
+            raise ConnectionError("the client carried on without TLS")
+        await self.after_upgrade(client)
+
+    async def after_upgrade(self, client: P) -> None:
+        """What the client does right after its upgrade (nothing, or a login)."""
 
     def engine_events(self) -> Optional[Sequence[Event]]:
         if self.client is None:
@@ -505,6 +524,27 @@ class LinePathDriver(PathDriver, Generic[C]):
     async def close(self) -> None:
         if self.client is not None:
             await self.client.aclose()
+
+
+class LinePathDriver(PeerPathDriver[C]):
+    """A :class:`LineClient` through the path proxy, one verb at a time.
+
+    A dialect adds what its client does for the path's own verbs
+    (``command``, ``send_unit``, ``fetch_unit``, ``quit``).
+    """
+
+    def __init__(
+        self, client_class: Type[C], spec: ClientSpec, behaviour: str, user: str, password: str
+    ) -> None:
+        super().__init__(client_class.connect, spec, behaviour, user, password)
+        self.client_class = client_class
+
+    async def stoptls(self, hooks: Hooks) -> None:
+        client = self._client()
+        try:
+            await client.stoptls()
+        except client.stoptls_unsupported as exc:
+            raise StopTLSUnsupported(str(exc)) from exc
 
 
 async def run_reference_session(

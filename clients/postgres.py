@@ -28,8 +28,9 @@ import asyncio
 import contextlib
 import ssl
 import struct
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
+from starttls_harness.clients.lines import PeerPathDriver
 from starttls_harness.dialects.postgres import (
     PostgresFramer,
     error_fields,
@@ -48,7 +49,6 @@ from starttls_harness.dialects.roles import (
     SessionPlan,
     StopTLSUnsupported,
     failed,
-    transport_events,
 )
 from starttls_harness.servers.base import STRICT, Behaviour, behaviour_named
 from starttls_harness.servers.imapsyntax import IncompleteRead, LineReader
@@ -377,37 +377,10 @@ def _describe_error(body: bytes) -> str:
 # ------------------------------------------------------ the harness's roles
 
 
-class _PathDriver(PathDriver):
+class _PathDriver(PeerPathDriver[PgClient]):
     """:class:`PgClient` through the path proxy, one verb at a time."""
 
-    def __init__(self, spec: ClientSpec, behaviour: str, user: str, password: str) -> None:
-        self.spec = spec
-        self.behaviour = behaviour
-        self.user = user
-        self.password = password
-        self.client: Optional[PgClient] = None
-
-    def _client(self) -> PgClient:
-        if self.client is None:
-            raise ConnectionError("not connected")
-        return self.client
-
-    async def connect(self, hooks: Hooks) -> None:
-        spec = self.spec
-        self.client = await PgClient.connect(
-            spec.host,
-            spec.port,
-            ssl_context=spec.tls_context,
-            server_hostname=spec.server_hostname,
-            behaviour=self.behaviour,
-            timeout=spec.timeout,
-            timeouts=Timeouts(handshake=spec.timeout, closure=spec.timeout, connect=spec.timeout),
-        )
-
-    async def starttls(self, hooks: Hooks) -> None:
-        client = self._client()
-        if not await client.starttls():
-            raise ConnectionError("the client carried on without TLS")
+    async def after_upgrade(self, client: PgClient) -> None:
         await client.start(self.user, self.password)
 
     async def command(self, hooks: Hooks) -> None:
@@ -432,19 +405,10 @@ class _PathDriver(PathDriver):
     async def quit(self, hooks: Hooks) -> None:
         await self._client().quit()
 
-    def engine_events(self) -> Optional[Sequence[Event]]:
-        if self.client is None:
-            return None
-        return transport_events(self.client.transport)
-
-    async def close(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
-
 
 def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
     """The reference client as the path role's client under test."""
-    return _PathDriver(spec, behaviour, user, password)
+    return _PathDriver(PgClient.connect, spec, behaviour, user, password)
 
 
 async def reference_session(plan: SessionPlan) -> ClientOutcome:

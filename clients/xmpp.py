@@ -27,8 +27,9 @@ import contextlib
 import itertools
 import ssl
 import xml.etree.ElementTree as ET
-from typing import Dict, FrozenSet, List, Optional, Sequence
+from typing import Dict, FrozenSet, List, Optional
 
+from starttls_harness.clients.lines import PeerPathDriver
 from starttls_harness.dialects.roles import (
     PATH_MESSAGE,
     ClientOutcome,
@@ -38,7 +39,6 @@ from starttls_harness.dialects.roles import (
     SessionPlan,
     StopTLSUnsupported,
     failed,
-    transport_events,
 )
 from starttls_harness.dialects.xmpp import (
     BIND_NS,
@@ -418,37 +418,10 @@ class XmppClient:
 # ------------------------------------------------------ the harness's roles
 
 
-class _PathDriver(PathDriver):
+class _PathDriver(PeerPathDriver[XmppClient]):
     """:class:`XmppClient` through the path proxy, one verb at a time."""
 
-    def __init__(self, spec: ClientSpec, behaviour: str, user: str, password: str) -> None:
-        self.spec = spec
-        self.behaviour = behaviour
-        self.user = user
-        self.password = password
-        self.client: Optional[XmppClient] = None
-
-    def _client(self) -> XmppClient:
-        if self.client is None:
-            raise ConnectionError("not connected")
-        return self.client
-
-    async def connect(self, hooks: Hooks) -> None:
-        spec = self.spec
-        self.client = await XmppClient.connect(
-            spec.host,
-            spec.port,
-            ssl_context=spec.tls_context,
-            server_hostname=spec.server_hostname,
-            behaviour=self.behaviour,
-            timeout=spec.timeout,
-            timeouts=Timeouts(handshake=spec.timeout, closure=spec.timeout, connect=spec.timeout),
-        )
-
-    async def starttls(self, hooks: Hooks) -> None:
-        client = self._client()
-        if not await client.starttls():
-            raise ConnectionError("the client carried on without TLS")
+    async def after_upgrade(self, client: XmppClient) -> None:
         await client.login(self.user, self.password)
 
     async def command(self, hooks: Hooks) -> None:
@@ -471,19 +444,10 @@ class _PathDriver(PathDriver):
     async def quit(self, hooks: Hooks) -> None:
         await self._client().quit()
 
-    def engine_events(self) -> Optional[Sequence[Event]]:
-        if self.client is None:
-            return None
-        return transport_events(self.client.transport)
-
-    async def close(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
-
 
 def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
     """The reference client as the path role's client under test."""
-    return _PathDriver(spec, behaviour, user, password)
+    return _PathDriver(XmppClient.connect, spec, behaviour, user, password)
 
 
 async def reference_session(plan: SessionPlan) -> ClientOutcome:
