@@ -182,6 +182,11 @@ def _sieve_connect_version(p: Paths) -> str:
     return found.group(1) if found else "?"
 
 
+def _psycopg(p: Paths) -> List[str]:
+    # libpq's verify-full needs the certificate's name besides the address dialled.
+    return [*_python_driver("psycopg_client.py")(p), "--hostname", "{hostname}"]
+
+
 def _python_version(p: Paths) -> str:
     done = subprocess.run(
         [p.python, "-c", "import platform; print(platform.python_version())"],
@@ -407,6 +412,14 @@ CLIENTS: Tuple[ClientSpec, ...] = (
         psql_argv,
         psql_version,
         needs=("psql", "env"),
+    ),
+    # psycopg 3 over the libpq of its binary wheel (tox's realworld env installs it).
+    ClientSpec(
+        "psycopg",
+        "postgres",
+        "psycopg[binary] (PyPI)",
+        _psycopg,
+        _pip_version("psycopg"),
     ),
     # slixmpp (realworld/drivers/slixmpp_send.py; tox's realworld env installs it).
     ClientSpec(

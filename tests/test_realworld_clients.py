@@ -388,3 +388,16 @@ def test_python_with_finds_an_interpreter_that_has_the_module() -> None:
     spec = clients.client_by_name("nntplib/nntp")[0]
     paths = clients.Paths(message=Path("m"), npm_dir=Path("n"))
     assert spec.argv(paths)[0] == nntp and spec.argv(paths)[1].endswith("nntplib_post.py")
+
+
+def test_psycopg_is_a_client_checking_the_name_and_pinned_in_tox() -> None:
+    """psycopg's libpq needs ``{hostname}`` for verify-full; tox installs the tabled version."""
+    spec = clients.client_by_name("psycopg/postgres")[0]
+    argv = spec.argv(clients.Paths(message=Path("m"), npm_dir=Path("n")))
+    assert argv[1].endswith("psycopg_client.py") and (clients.DRIVERS / argv[1]).is_file()
+    assert argv[argv.index("--hostname") + 1] == "{hostname}" and "--sslmode" not in argv
+    driver = (clients.DRIVERS / "psycopg_client.py").read_text(encoding="utf-8")
+    assert 'default="verify-full"' in driver and "sslrootcert={cafile}" in driver
+    tested = clients.load_expected_clients()[spec.name].tested_version
+    tox = (ROOT / "tox.ini").read_text(encoding="utf-8")
+    assert f"psycopg[binary]=={tested}\n" in tox
