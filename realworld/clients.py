@@ -649,7 +649,8 @@ def run_and_report(
     if update and result.status != EXIT_ERROR:
         merged = updated_tables(expected, specs, result, versions)
         expected_path.write_text(
-            json.dumps(to_expected_clients_doc(merged), indent=2) + "\n", encoding="utf-8"
+            json.dumps(to_expected_clients_doc(merged), indent=2, ensure_ascii=False) + "\n",
+            encoding="utf-8",
         )
         readme.write_text(expected_readme(merged, readme), encoding="utf-8")
         print(f"realworld-clients: wrote {expected_path} and the README client table")

@@ -279,7 +279,9 @@ def run_and_report(
             for sid, by_version in cells.items():
                 merged.setdefault(pair_name, {}).setdefault(sid, {}).update(by_version)
         doc = {"comment": COMMENT, "pairs": merged}
-        expected_path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        expected_path.write_text(
+            json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        )
         print(f"realworld-paths: wrote {expected_path}")
         return Outcome(EXIT_MATCH, total)
     ran = ("1.2", "1.3") if tls_version == "all" else (tls_version,)
