@@ -40,6 +40,14 @@ Behaviours (``ServerConfig.behaviour``; each breaks exactly one rule):
     Executes a command line cut by TCP EOF under TLS.
 ``alert-as-close`` (R7)
     Takes a fatal alert for a closure and goes on in plaintext.
+
+Two modes break no rule; they show that CCC is tried whether or not FEAT
+lists it (RFC 2228 predates FEAT), and skipped only when refused:
+
+``unlisted-ccc``
+    CCC works but FEAT does not list it (Pure-FTPd 1.0.50).
+``no-ccc``
+    No CCC: unlisted, and refused ``500`` (vsftpd).
 """
 
 from __future__ import annotations
@@ -132,6 +140,8 @@ BEHAVIOURS: Dict[str, Behaviour] = {
             "takes a fatal TLS alert for a closure and goes on in plaintext",
             (Rule.R7,),
         ),
+        Behaviour("unlisted-ccc", None, "CCC works but FEAT does not list it (Pure-FTPd)"),
+        Behaviour("no-ccc", None, "no CCC: FEAT does not list it and it is refused (vsftpd)"),
     )
 }
 
@@ -259,6 +269,8 @@ class _Session(asyncio.Protocol):
         tls = t.tls_active
         if verb == "FEAT":
             features = ["PBSZ", "PROT", "CCC"] if tls else ["AUTH TLS", "PBSZ", "PROT"]
+            if self.behaviour.name in ("unlisted-ccc", "no-ccc"):
+                features = [f for f in features if f != "CCC"]
             t.write(feat_reply([*features, "PASV", "UTF8"]))
         elif verb == "AUTH":
             await self._auth(t, arg)
@@ -305,6 +317,9 @@ class _Session(asyncio.Protocol):
             self.phase_tls = True
 
     async def _ccc(self, t: SwitchableTransport) -> bool:
+        if self.behaviour.name == "no-ccc":
+            t.write(b"500 Unknown command.\r\n")
+            return True
         if not t.tls_active:
             t.write(b"533 CCC needs TLS on the control connection\r\n")
             return True

@@ -232,6 +232,15 @@ class Dialect:
     def stoptls(self) -> bytes:
         raise NotImplementedError
 
+    def stoptls_unoffered(self, reply: Reply) -> Optional[str]:
+        """Why a refused return to plaintext means "not offered" (None: it was offered).
+
+        A dialect whose return to plaintext is tried whether or not the
+        hello lists it (FTP's CCC predates FEAT) says here which refusals
+        only mean that the command is unknown: the scenario is then ``skip``.
+        """
+        return None
+
     def sentinel(self) -> bytes:
         """A harmless command whose answer proves the peer is in step."""
         raise NotImplementedError

@@ -4,9 +4,12 @@ The upgrade is ``AUTH TLS`` answered ``234``; the return to plaintext is
 ``CCC`` answered ``200`` (RFC 4217 §5 / RFC 2228): TLS is shut down on the
 control connection and the session goes on in plaintext on the same TCP
 connection, still logged in.  The run layer's generic names map onto it:
-the capability ``STARTTLS`` is FEAT's ``AUTH TLS`` and ``STOPTLS`` is FEAT's
-``CCC``, so the evidence shows the FTP bytes (``AUTH TLS``, ``CCC``) while
-the catalogue stays written once.
+the capability ``STARTTLS`` is FEAT's ``AUTH TLS`` and ``STOPTLS`` is always
+there, because CCC (RFC 2228) predates FEAT and need not be listed (Pure-FTPd
+answers it unlisted): CCC is tried, and only its refusal means there is no
+return to plaintext (:meth:`_Ftp.stoptls_unoffered`, a ``skip`` quoting the
+reply).  The evidence shows the FTP bytes (``AUTH TLS``, ``CCC``) while the
+catalogue stays written once.
 
 Who sends the first close_notify after ``CCC``: RFC 4217 leaves the order
 open.  Python's ``ftplib`` (``ccc()`` = ``SSLSocket.unwrap()``) and curl's
@@ -87,6 +90,15 @@ SERVER_EXPECTED: Dict[str, Dict[str, Verdict]] = {
     "impatient-ccc": {"server.ccc-late-close-notify": F},
     "ignore-truncation": {"server.truncation": F},
     "alert-as-close": {"server.alert-then-plaintext": F},
+    # CCC tried though FEAT does not list it: it works (Pure-FTPd) ...
+    "unlisted-ccc": {},
+    # ... or is refused (vsftpd): every scenario that needs it is a skip.
+    "no-ccc": {
+        "server.ccc-cycle": K,
+        "server.ccc-no-close-notify": K,
+        "server.ccc-late-close-notify": K,
+        "server.stoptls-cycle": K,
+    },
 }
 
 #: The reference FTP client's validation matrix (client catalogue and the
@@ -371,8 +383,14 @@ class _Ftp(Dialect):
         return Reply(first.lines + second.lines, second.ok, second.key), rest
 
     def capabilities(self, reply: Reply) -> FrozenSet[str]:
-        """FEAT's feature lines; ``AUTH TLS`` also as STARTTLS, ``CCC`` as STOPTLS."""
-        words: Set[str] = set()
+        """FEAT's feature lines; ``AUTH TLS`` also as STARTTLS, and always STOPTLS.
+
+        CCC (RFC 2228) predates FEAT (RFC 2389): a server need not list it,
+        and Pure-FTPd 1.0.50 does not, yet answers it.  So CCC is always
+        tried, and only the server's refusal of it (:meth:`stoptls_unoffered`)
+        means there is no return to plaintext.
+        """
+        words: Set[str] = {"STOPTLS"}
         for line in reply.lines[1:-1]:
             text = line.decode("latin-1").strip().upper()
             if not text:
@@ -383,9 +401,16 @@ class _Ftp(Dialect):
                 words.update(f"AUTH {a}" for a in args.replace(";", " ").split())
                 if {"TLS", "TLS-C"} & set(args.replace(";", " ").split()):
                     words.add("STARTTLS")
-            elif head == "CCC":
-                words.add("STOPTLS")
         return frozenset(words)
+
+    def stoptls_unoffered(self, reply: Reply) -> Optional[str]:
+        # 500/502 unknown or unimplemented (vsftpd), 533/534 policy (RFC 4217
+        # §5 / RFC 2228): the server has no CCC for us.  A 421 is a hang-up.
+        if reply.ok or self.is_goodbye(reply):
+            return None
+        if reply.key == "530":  # vsftpd asks for a login before any command
+            return f"the server refused CCC before a login (no test user): {reply.text.strip()}"
+        return f"the server refused CCC: {reply.text.strip()}"
 
     def greeting_ok(self, reply: Reply) -> bool:
         return reply.key == "220"

@@ -286,6 +286,21 @@ class Probe:
         self.write(data)
         return await self.reply(tag=self.dialect.tag_of(data))
 
+    def stoptls_refused(self, reply: Reply, optional: bool) -> None:
+        """Judge a refused return to plaintext; return only where the scenario goes on.
+
+        A dialect that tries it unlisted (FTP's CCC) names the refusals that
+        mean "not offered": a ``skip``, or, for an optional step, the steps
+        that need it are dropped.  Otherwise the refusal is an ``error``.
+        """
+        unoffered = self.dialect.stoptls_unoffered(reply)
+        if unoffered is None:
+            raise Observed("stoptls-refused", reply.text)
+        if not optional:
+            raise Observed("no-stoptls", unoffered)
+        self.capabilities = self.capabilities - {"STOPTLS"}
+        self.evidence.note(f"no return to plaintext: {unoffered}")
+
     async def hello(self) -> Reply:
         tls = self.transport is not None and self.transport.tls_active
         reply = await self.command(self.dialect.hello_for(tls))

@@ -474,7 +474,7 @@ async def step_stoptls(run: _Run, args: Mapping[str, object]) -> None:
         return  # a bare closure is the return (LDAP): the unwrap step is all of it
     reply = await run.probe.command(command)
     if not reply.ok:
-        raise Observed("stoptls-refused", reply.text)
+        run.probe.stoptls_refused(reply, optional=bool(args.get("if_cap")))
 
 
 async def step_stoptls_unanswered(run: _Run, args: Mapping[str, object]) -> None:

@@ -73,8 +73,20 @@ def test_feat_names_the_upgrade_and_the_return() -> None:
     assert reply is not None
     caps = FTP.capabilities(reply)
     assert {"AUTH TLS", "STARTTLS", "CCC", "STOPTLS", "PBSZ", "PROT"} <= caps
+    # CCC predates FEAT: unlisted, it is still tried (Pure-FTPd answers it).
     plain, _ = split_ftp_reply(b"211-Features:\r\n AUTH TLS\r\n211 End\r\n")
-    assert plain is not None and "STOPTLS" not in FTP.capabilities(plain)
+    assert plain is not None and "STOPTLS" in FTP.capabilities(plain)
+
+
+def test_only_a_refusal_of_ccc_means_no_return() -> None:
+    for raw in (b"500 Unknown command.\r\n", b"502 Not implemented\r\n", b"534 Policy\r\n"):
+        reply, _ = split_ftp_reply(raw)
+        assert reply is not None
+        why = FTP.stoptls_unoffered(reply)
+        assert why is not None and raw[:3].decode() in why
+    for raw in (b"200 Control connection unencrypted\r\n", b"421 Timeout\r\n"):
+        reply, _ = split_ftp_reply(raw)
+        assert reply is not None and FTP.stoptls_unoffered(reply) is None
 
 
 def test_the_login_is_two_commands_and_one_answer() -> None:
@@ -144,9 +156,14 @@ def test_the_ftp_validation_matrix_holds(ftp: Dialect) -> None:
         assert len(results) == 2 * len(applicable), behaviour
         expected = expected_server_verdicts("ftp", behaviour)
         problems += [f"{behaviour}: {p}" for p in mismatches(results, expected)]
-        if behaviour != "strict":
+        if BEHAVIOURS[behaviour].rule is not None:  # strict, unlisted-ccc, no-ccc break none
             guarded = next(iter(expected))
             assert any(r.id == guarded and r.verdict is not Verdict.PASS for r in results)
+        if behaviour == "no-ccc":  # CCC tried unlisted: the skip quotes the refusal
+            for r in results:
+                notes = " ".join(e.note for e in r.evidence.exchanges)
+                if r.id in ("server.ccc-cycle", "server.close-notify-reply"):
+                    assert "the server refused CCC: 500 Unknown command." in notes, r.id
     assert problems == [], "\n".join(problems)
 
 
