@@ -167,6 +167,13 @@ class Dialect:
     #: (ManageSieve re-sends its capabilities, RFC 5804 §2.2): its first TLS
     #: record then is no answer to anything the client sent.
     speaks_first_after_starttls = False
+    #: Under TLS the client must wait for the reply to its first command (or
+    #: for the server's unprompted first reply) before it sends another (SMTP
+    #: EHLO: RFC 2920 forbids pipelining past it; POP3 CAPA; ManageSieve; FTP;
+    #: NNTP; PostgreSQL's startup; XMPP's stream header).  A client that sends
+    #: more before that reply passed took an injected response as it (R1).
+    #: False where the client may pipeline there (IMAP, LDAP).
+    awaits_first_tls_reply = False
     #: The server may send the first close_notify of the return to plaintext
     #: (FTP CCC); STOPTLS: only the client starts the closure.
     server_may_close_first = False

@@ -312,6 +312,7 @@ class _ScriptedFtp(ScriptedServer):
 
 
 class _Ftp(Dialect):
+    awaits_first_tls_reply = True
     name = "ftp"
     default_port = 21
     url_scheme = "ftp"

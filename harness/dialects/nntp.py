@@ -190,6 +190,7 @@ class _ScriptedNntp(ScriptedServer):
 
 
 class _Nntp(Dialect):
+    awaits_first_tls_reply = True
     name = "nntp"
     default_port = 119
     url_scheme = "nntp"

@@ -178,6 +178,7 @@ class _ScriptedPop3(ScriptedServer):
 
 
 class _Pop3(Dialect):
+    awaits_first_tls_reply = True
     name = "pop3"
     default_port = 110
     url_scheme = "pop3"

@@ -478,6 +478,7 @@ class _PgSessionLogin(SessionLogin):
 class Postgres(Dialect):
     """The PostgreSQL dialect (see the module docstring)."""
 
+    awaits_first_tls_reply = True
     name = "postgres"
     default_port = 5432
     url_scheme = "postgres"

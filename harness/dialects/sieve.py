@@ -192,6 +192,7 @@ class _ScriptedSieve(ScriptedServer):
 
 
 class _ManageSieve(Dialect):
+    awaits_first_tls_reply = True
     name = "sieve"
     default_port = 4190
     url_scheme = "sieve"

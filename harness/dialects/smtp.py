@@ -157,6 +157,7 @@ class _ScriptedSmtp(ScriptedServer):
 
 
 class _Smtp(Dialect):
+    awaits_first_tls_reply = True
     name = "smtp"
     default_port = 25
     url_scheme = "smtp"

@@ -625,6 +625,7 @@ class _ScriptedXmpp(ScriptedServer):
 class Xmpp(Dialect):
     """The XMPP client-to-server dialect (see the module docstring)."""
 
+    awaits_first_tls_reply = True
     name = "xmpp"
     default_port = 5222
     url_scheme = "xmpp"

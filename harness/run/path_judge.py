@@ -20,6 +20,7 @@ __all__ = [
     "TlsCount",
     "WireFinding",
     "alert_after",
+    "client_ran_ahead",
     "count_tls_exchange",
     "fault_index",
     "is_app_record",
@@ -259,6 +260,40 @@ def count_tls_exchange(events: Sequence[ProxyEvent], fi: int, dialect: Dialect) 
     return TlsCount("", len(sent), len(replies), tuple(extra), injected, goodbye)
 
 
+def client_ran_ahead(events: Sequence[ProxyEvent], fi: int, dialect: Dialect) -> Tuple[str, str]:
+    """Did the client send more under TLS than it may before the server's
+    first reply there passed the proxy?  (why the data cannot be read, or
+    "" -- and what the client sent ahead, or "")
+
+    Where the dialect makes the client wait for the reply to its first
+    command under TLS (:attr:`Dialect.awaits_first_tls_reply`; for the
+    first reply itself where the server speaks first), a second command
+    before it can only follow a reply the client already had: the response
+    injected behind the STARTTLS answer.
+    """
+    unread, texts = _clear_text(events, fi)
+    if unread:
+        return unread, ""
+    framer = dialect.framer()
+    allowed = 0 if dialect.speaks_first_after_starttls else 1
+    units: List[bytes] = []
+    c2s = s2c = b""
+    for direction, text in texts:
+        if direction == S2C:
+            s2c += text
+            reply, _ = dialect.split_reply(s2c, dialect.any_reply_tag)
+            if reply is not None:
+                break  # a whole first reply passed: the client may go on
+            continue
+        c2s += text
+        cut, used = framer.split(c2s)
+        c2s = c2s[used:]
+        units.extend(cut)
+        if len(units) > allowed:
+            return "", units[allowed][:60].decode("latin-1")
+    return "", ""
+
+
 def judge_upgrade(
     events: Sequence[ProxyEvent],
     fi: int,
@@ -274,10 +309,14 @@ def judge_upgrade(
     plaintext after the fault (not its STARTTLS answer) -- a refusal when it
     then ends the connection, an answer when it goes on to TLS; for a server,
     the TLS data counted (:func:`count_tls_exchange`): a reply the client did
-    not ask for is the injected command's answer; the client's whole session
+    not ask for is the injected command's answer; for a client, its next
+    command under TLS sent before the server's first reply there passed
+    (:func:`client_ran_ahead`, where the dialect makes it wait): it took the
+    injected response as that reply; the client's whole session
     completing -- the bytes were discarded if the count says so, and
-    undecidable (``tls-unread``) for a server when the proxy cannot read the
-    TLS data, since a client may survive replies shifted by one; a session
+    undecidable (``tls-unread``) when the proxy cannot read the TLS data
+    (or, for a client, the dialect lets it pipeline), since a client may
+    survive replies shifted by one; a session
     that broke after the server wrote under TLS, unread, is undecidable too
     (a refusal under TLS breaks it as well as an answer out of step); a
     goodbye the server said under TLS (a refusal); the receiver ending the
@@ -302,9 +341,27 @@ def judge_upgrade(
     count = count_tls_exchange(events, fi, dialect) if receiver == S2C else None
     if count is not None and count.answered:
         return "answered-in-tls", f"the server ran the injected command: {count.describe()}"
+    unread, ahead = client_ran_ahead(events, fi, dialect) if receiver == C2S else ("", "")
+    if ahead and dialect.awaits_first_tls_reply:
+        return (
+            "injection-consumed",
+            "under TLS the client sent its next unit before the server's first reply "
+            f"passed the proxy, so it took the injected response as it: {ahead!r}",
+        )
     if completed:
         if count is not None and count.unread:
             return "tls-unread", f"the client's session completed; {count.describe()}"
+        if receiver == C2S and unread:
+            return (
+                "tls-unread",
+                f"the client's session completed; the proxy cannot read the TLS data: {unread}",
+            )
+        if receiver == C2S and not dialect.awaits_first_tls_reply:
+            return (
+                "tls-unread",
+                "the client's session completed, but the dialect lets a client pipeline "
+                "under TLS, so its order does not show whether it took the injected response",
+            )
         counted = f" ({count.describe()})" if count is not None else ""
         return "discarded", f"the client's session completed under TLS{counted}"
     if count is not None and count.unread and _wrote_under_tls(events, fi, S2C):
@@ -328,6 +385,10 @@ def judge_upgrade(
     handshake_done = any(
         e.direction == C2S and is_app_record(e) for i, e in enumerate(events) if i > fi
     )
+    if not handshake_done and unread and _wrote_under_tls(events, fi, C2S):
+        # By position its records after the handshake may be commands sent
+        # on the injected response, or its Finished before it gave up.
+        return "tls-unread", f"{broke}; the proxy cannot read the TLS data: {unread}"
     if not handshake_done:
         return "refused", f"the client ended the upgrade: {broke}"
     return "injection-consumed", broke

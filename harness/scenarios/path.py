@@ -480,7 +480,13 @@ def _upgrade_scenario(direction: str, split: bool) -> Scenario:
                 F, "the client answered the injected response in plaintext, then started TLS"
             ),
             "injection-consumed": Expect(
-                F, "the client took the injected response as a reply under TLS and gave up"
+                F, "the client took the injected response as a reply under TLS"
+            ),
+            "tls-unread": Expect(
+                K,
+                "the proxy cannot read the TLS data (no key log, or a suite it cannot decrypt), "
+                "or the dialect lets the client pipeline: a session that completes does not "
+                "show the injected response was discarded",
             ),
         }
     where = "in a segment of its own" if split else "in the same segment"

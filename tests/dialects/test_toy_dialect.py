@@ -125,6 +125,8 @@ _TRUNCATED = b"this unit is announced at twice its size\r\n"
 
 class ToyDialect(Dialect):
     name = NAME
+    #: Its client waits for each reply (the order under TLS shows an injected one).
+    awaits_first_tls_reply = True
     default_port = 7777
     url_scheme = "toy"
     server_module = __name__

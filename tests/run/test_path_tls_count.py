@@ -29,7 +29,12 @@ from starttls_harness.run.path import (
     StepHooks,
     run_path_target,
 )
-from starttls_harness.run.path_judge import alert_after, count_tls_exchange, judge_upgrade
+from starttls_harness.run.path_judge import (
+    alert_after,
+    client_ran_ahead,
+    count_tls_exchange,
+    judge_upgrade,
+)
 from starttls_harness.run.path_reference import reference_pair
 from starttls_harness.run.server import RunSettings
 from starttls_harness.scenarios.path import path_by_id
@@ -205,6 +210,63 @@ def test_completed_sessions() -> None:
     assert _judge("smtp", _app(C2S, None, "record-type"), completed=True) == "tls-unread"
     extra = (*counted, _app(S2C, b"500 what\r\n"))
     assert _judge("smtp", *extra, completed=True) == "answered-in-tls"
+
+
+# ------------------------------------ the client side: did it wait for its reply?
+
+S2C_FAULT = ProxyEvent(0.0, S2C, "injected", data=b"250 injected\r\n")
+
+
+def _judge_client(dialect: str, *events: ProxyEvent, completed: bool = True) -> str:
+    stopped = None if completed else ("quit", ConnectionResetError("closed"))
+    label, _ = judge_upgrade(
+        [S2C_FAULT, *events], 0, C2S, [], completed, stopped, dialect_named(dialect)
+    )
+    return label
+
+
+def test_a_client_that_runs_ahead_of_its_first_reply_consumed_the_injection() -> None:
+    """SMTP: nothing may follow EHLO before its reply (RFC 2920)."""
+    ahead = (
+        _app(C2S, b"EHLO a\r\n"),
+        _app(C2S, b"MAIL FROM:<a@b>\r\n"),
+        _app(S2C, b"250-x\r\n250 y\r\n"),
+        _app(S2C, b"250 ok\r\n"),
+    )
+    assert client_ran_ahead([S2C_FAULT, *ahead], 0, dialect_named("smtp")) == (
+        "",
+        "MAIL FROM:<a@b>\r\n",
+    )
+    assert _judge_client("smtp", *ahead) == "injection-consumed"
+    assert _judge_client("smtp", *ahead, completed=False) == "injection-consumed"
+
+
+def test_a_client_in_step_discarded_the_injection() -> None:
+    in_step = (
+        _app(C2S, b"EHLO a\r\n"),
+        _app(S2C, b"250-x\r\n"),
+        _app(S2C, b"250 y\r\n"),
+        _app(C2S, b"QUIT\r\n"),
+        _app(S2C, b"221 bye\r\n"),
+    )
+    assert _judge_client("smtp", *in_step) == "discarded"
+    # Half a reply is no reply: a command sent after it still runs ahead.
+    half = (_app(C2S, b"EHLO a\r\n"), _app(S2C, b"250-x\r\n"), _app(C2S, b"QUIT\r\n"))
+    assert _judge_client("smtp", *half) == "injection-consumed"
+
+
+def test_where_the_server_speaks_first_the_client_waits_for_it() -> None:
+    ahead = (_app(C2S, b"CAPABILITY\r\n"), _app(S2C, b'"SIEVE" "x"\r\nOK\r\n'))
+    assert _judge_client("sieve", *ahead) == "injection-consumed"
+    in_step = (_app(S2C, b'"SIEVE" "x"\r\nOK\r\n'), _app(C2S, b"LOGOUT\r\n"))
+    assert _judge_client("sieve", *in_step) == "discarded"
+
+
+def test_a_completed_client_session_unread_or_pipelined_is_undecidable() -> None:
+    assert _judge_client("smtp", _app(C2S, None, "record-type")) == "tls-unread"
+    pipelined = (_app(C2S, b"a1 CAPABILITY\r\na2 NOOP\r\n"), _app(S2C, b"a1 OK\r\n"))
+    assert dialect_named("imap").awaits_first_tls_reply is False
+    assert _judge_client("imap", *pipelined) == "tls-unread"
 
 
 def test_an_alert_after_the_fault_is_found() -> None:
@@ -394,3 +456,82 @@ def test_a_conforming_session_counts_even(tls_version: str, pki: Pki, run: Runne
     notes = _notes(result)
     if "discarded" in result.summary:
         assert "none beyond the client's" in notes
+
+
+# --------------------------- a reference client that takes injected responses
+
+
+def _hidden(pair: PathPair) -> PathPair:
+    """The client's own TLS-layer report hidden, as with a program."""
+    inner = pair.client
+
+    def client(spec: ClientSpec) -> ClientDriver:
+        driver = inner(spec)
+        setattr(driver, "engine_events", lambda: None)  # noqa: B010
+        return driver
+
+    pair.client = client
+    return pair
+
+
+#: Dialects whose client must wait for its first reply under TLS, and whose
+#: accept-injected-response client shows it on the wire (POP3's and
+#: ManageSieve's read the fake line into a multi-line reply and stay in step).
+WAITING = ["smtp", "lmtp", "ftp", "nntp", "postgres"]
+S2C_UPGRADE = "path.inject-after-starttls-s2c"
+
+
+@pytest.mark.parametrize("dialect", WAITING)
+def test_a_client_taking_the_injected_response_fails_from_the_decrypted_order(
+    dialect: str, tls_version: str, pki: Pki, run: Runner
+) -> None:
+    pair = reference_pair(dialect, client_behaviour="accept-injected-response", pki=pki)
+    result = _one(run, _hidden(pair), tls_version, S2C_UPGRADE)
+    assert result.verdict is F, result.summary
+    assert getattr(result, "side", None) == "client"
+    notes = _notes(result)
+    # It either breaks on the shifted replies or goes on out of order.
+    assert "before the server's first reply" in notes or "failed" in notes, notes
+
+
+def test_a_client_going_on_after_the_injected_response_fails_from_the_order(
+    tls_version: str, pki: Pki, run: Runner
+) -> None:
+    """FTP's client survives: only the decrypted order shows it went on early."""
+    pair = reference_pair("ftp", client_behaviour="accept-injected-response", pki=pki)
+    for scenario in (S2C_UPGRADE, S2C_UPGRADE + "-split"):
+        result = _one(run, _hidden(pair), tls_version, scenario)
+        assert result.verdict is F, result.summary
+        assert "before the server's first reply" in _notes(result)
+
+
+@pytest.mark.parametrize("dialect", WAITING)
+def test_the_strict_client_passes_with_or_without_a_key_log(
+    dialect: str, tls_version: str, pki: Pki, run: Runner
+) -> None:
+    for keylog in (True, False):
+        pair = _hidden(reference_pair(dialect, pki=pki))
+        pair.writes_keylog = keylog
+        for scenario in (S2C_UPGRADE, S2C_UPGRADE + "-split"):
+            result = _one(run, pair, tls_version, scenario)
+            assert result.verdict is P, (keylog, scenario, result.summary)
+
+
+@pytest.mark.parametrize("dialect", ["smtp", "pop3", "ftp"])
+def test_without_a_key_log_a_surviving_client_is_never_a_pass(
+    dialect: str, pki: Pki, run: Runner
+) -> None:
+    """TLS 1.3 by position: what the client sent under TLS cannot be read."""
+    pair = reference_pair(dialect, client_behaviour="accept-injected-response", pki=pki)
+    pair = _hidden(pair)
+    pair.writes_keylog = False
+    result = _one(run, pair, "1.3", S2C_UPGRADE)
+    assert result.verdict is K, result.summary
+    assert "the proxy cannot read the TLS data" in _notes(result)
+
+
+def test_a_pipelining_dialect_is_undecidable_from_order(pki: Pki, run: Runner) -> None:
+    pair = _hidden(reference_pair("imap", client_behaviour="accept-injected-response", pki=pki))
+    result = _one(run, pair, "1.3", S2C_UPGRADE)
+    assert result.verdict is K, result.summary
+    assert "lets a client pipeline" in _notes(result)
