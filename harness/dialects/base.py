@@ -294,6 +294,16 @@ class Dialect:
         """The tag a reply to ``command`` ends with (IMAP), or None."""
         return None
 
+    def is_resync(self, unit: bytes) -> bool:
+        """Whether a client may send ``unit`` at once after the handshake, unread.
+
+        A command that only asks the server to say where it stands (sieve-connect
+        sends ``NOOP "STARTTLS-RESYNC-CAPA"`` before it reads the capabilities)
+        shows nothing about what the client read: the path judge does not count
+        it as running ahead of the server's first reply under TLS.
+        """
+        return False
+
     def is_goodbye(self, reply: Reply) -> bool:
         """Whether ``reply`` announces that the server is closing (SMTP 421, IMAP BYE).
 

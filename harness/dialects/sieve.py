@@ -216,6 +216,13 @@ class _ManageSieve(Dialect):
     def framer(self) -> Framer:
         return line_framer()
 
+    def is_resync(self, unit: bytes) -> bool:
+        # RFC 5804 §2.2 has the server re-send its capabilities after TLS; a
+        # client may still ask (CAPABILITY) or mark where they end (NOOP with a
+        # tag, as sieve-connect does for servers that did not re-send them).
+        word = unit.split(None, 1)[0].upper() if unit.strip() else b""
+        return word in (b"NOOP", b"CAPABILITY")
+
     def scripted_server(self) -> ScriptedServer:
         return _SCRIPTED
 

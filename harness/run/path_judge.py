@@ -269,7 +269,8 @@ def client_ran_ahead(events: Sequence[ProxyEvent], fi: int, dialect: Dialect) ->
     command under TLS (:attr:`Dialect.awaits_first_tls_reply`; for the
     first reply itself where the server speaks first), a second command
     before it can only follow a reply the client already had: the response
-    injected behind the STARTTLS answer.
+    injected behind the STARTTLS answer.  A resync the dialect allows
+    unread (:meth:`Dialect.is_resync`) is not counted.
     """
     unread, texts = _clear_text(events, fi)
     if unread:
@@ -288,7 +289,7 @@ def client_ran_ahead(events: Sequence[ProxyEvent], fi: int, dialect: Dialect) ->
         c2s += text
         cut, used = framer.split(c2s)
         c2s = c2s[used:]
-        units.extend(cut)
+        units.extend(u for u in cut if not dialect.is_resync(u))
         if len(units) > allowed:
             return "", units[allowed][:60].decode("latin-1")
     return "", ""

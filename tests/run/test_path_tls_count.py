@@ -256,10 +256,24 @@ def test_a_client_in_step_discarded_the_injection() -> None:
 
 
 def test_where_the_server_speaks_first_the_client_waits_for_it() -> None:
-    ahead = (_app(C2S, b"CAPABILITY\r\n"), _app(S2C, b'"SIEVE" "x"\r\nOK\r\n'))
+    ahead = (_app(C2S, b'AUTHENTICATE "PLAIN"\r\n'), _app(S2C, b'"SIEVE" "x"\r\nOK\r\n'))
     assert _judge_client("sieve", *ahead) == "injection-consumed"
     in_step = (_app(S2C, b'"SIEVE" "x"\r\nOK\r\n'), _app(C2S, b"LOGOUT\r\n"))
     assert _judge_client("sieve", *in_step) == "discarded"
+
+
+def test_a_resync_sent_unread_is_not_running_ahead() -> None:
+    """sieve-connect's ``NOOP "STARTTLS-RESYNC-CAPA"`` leaves before it reads anything."""
+    caps = _app(S2C, b'"SIEVE" "x"\r\nOK\r\nOK (TAG "STARTTLS-RESYNC-CAPA") "Done"\r\n')
+    for resync in (b'NOOP "STARTTLS-RESYNC-CAPA"\r\n', b"capability\r\n"):
+        in_step = (_app(C2S, resync), caps, _app(C2S, b"LOGOUT\r\n"))
+        assert client_ran_ahead([S2C_FAULT, *in_step], 0, dialect_named("sieve")) == ("", "")
+        assert _judge_client("sieve", *in_step) == "discarded"
+        # A resync does not hide a command that really ran ahead after it.
+        ahead = (_app(C2S, resync + b"LOGOUT\r\n"), caps)
+        assert _judge_client("sieve", *ahead) == "injection-consumed"
+    # Elsewhere nothing is a resync: SMTP's NOOP before the EHLO reply runs ahead.
+    assert not dialect_named("smtp").is_resync(b"NOOP\r\n")
 
 
 def test_a_completed_client_session_unread_or_pipelined_is_undecidable() -> None:
