@@ -13,7 +13,9 @@ Server role (the harness is the FTP client):
     plaintext command is answered in plaintext.
 ``server.ccc-no-close-notify`` (R3)
     After the CCC answer the client sends a plaintext command and never
-    its close_notify: a conforming server refuses it (closes).
+    its close_notify: a conforming server refuses it (closes).  A server
+    that stays silent is then sent our close_notify and a sentinel: running
+    the early command after the closure fails (R3), discarding it passes.
 ``server.ccc-late-close-notify`` (R4: the initiator waits)
     The client sends (or answers with) its close_notify only after
     :data:`LATE_CLOSE_NOTIFY_DELAY` seconds: the server must neither drop
@@ -104,13 +106,20 @@ SERVER_CCC_SCENARIOS: Tuple[Scenario, ...] = (
             *_UPGRADE_AND_LOGIN,
             S("stoptls-unanswered"),
             S("raw-sentinel", fault=True),
-            S("expect-close"),
+            S("expect-close-or-closure"),
         ),
         expect={
             "closed": Expect(P, "refused plaintext that came without the client's close_notify"),
             "plaintext-answered": Expect(
                 F, "answered plaintext after CCC without the client's close_notify"
             ),
+            "held-plaintext-discarded": Expect(
+                P, "silent until our close_notify, then discarded the early plaintext"
+            ),
+            "held-plaintext-run": Expect(
+                F, "ran plaintext from before the bidirectional closure after it (R3)"
+            ),
+            "silent": Expect(E, "stayed silent: whether it runs the early plaintext is unknown"),
         },
         dialects=_CCC_DIALECTS,
     ),
