@@ -40,6 +40,14 @@ Behaviours (``ServerConfig.behaviour``; each breaks exactly one rule):
     After CCC's ``200`` and its close_notify, stays silent on plaintext
     that comes before the client's close_notify, holds it, and runs it once
     the client's close_notify has come (after the closure).
+``header-drops-tls`` (R3)
+    After CCC's ``200`` and its close_notify, takes the first five bytes of
+    plaintext that come before the client's close_notify for a broken TLS
+    record header, drops TLS and reads on in plaintext (the rest of that
+    line is ignored, as Pure-FTPd ignores a line that starts with no
+    letter): the next plaintext command is answered.  This is Pure-FTPd
+    1.0.50: its ``SSL_shutdown`` after CCC waits for the client's
+    close_notify, OpenSSL 3 rejects the header and the session is freed.
 ``ignore-truncation`` (R6)
     Executes a command line cut by TCP EOF under TLS.
 ``alert-as-close`` (R7)
@@ -47,7 +55,11 @@ Behaviours (``ServerConfig.behaviour``; each breaks exactly one rule):
 
 ``silent-discard`` breaks no rule: it is ``silent-hold`` that discards the
 held plaintext at the client's close_notify (the silence is allowed; only
-running what came before the closure is not).
+running what came before the closure is not).  Nor does ``swallow-record``:
+it takes early plaintext after CCC for the header of a TLS record and reads
+on for the record's declared length (``FEAT\r`` announces 21,517 bytes),
+so the client's close_notify and later commands vanish into it, until the
+client's FIN: it closes having run nothing.
 
 Two more modes break no rule; they show that CCC is tried whether or not FEAT
 lists it (RFC 2228 predates FEAT), and skipped only when refused:
@@ -93,6 +105,13 @@ _CLIENT_FIRST = frozenset({"no-close-notify-reply"})
 
 #: Behaviours silent on plaintext before the client's close_notify after CCC.
 _SILENT = frozenset({"silent-hold", "silent-discard"})
+
+#: Behaviours whose engine lets plaintext through before the client's
+#: close_notify after CCC (relaxed R3): they decide what it is themselves.
+_EARLY_READ = _SILENT | {"header-drops-tls", "swallow-record"}
+
+#: Bytes of a TLS record header (what ``header-drops-tls`` consumes).
+_HEADER = 5
 
 #: TLS record types the client's close_notify comes in (alert; TLS 1.3's
 #: outer application_data), once the engine has left TLS for ``_SILENT``.
@@ -154,6 +173,18 @@ BEHAVIOURS: Dict[str, Behaviour] = {
             None,
             "after CCC stays silent on plaintext sent before the client's close_notify"
             " and discards it at the closure",
+        ),
+        Behaviour(
+            "header-drops-tls",
+            Rule.R3,
+            "after CCC takes early plaintext for a broken TLS record header, drops TLS"
+            " without the client's close_notify and reads on in plaintext",
+        ),
+        Behaviour(
+            "swallow-record",
+            None,
+            "after CCC takes early plaintext for a TLS record header and reads on for the"
+            " record, running nothing, until the client's FIN",
         ),
         Behaviour(
             "ignore-truncation",
@@ -377,7 +408,7 @@ class _Session(asyncio.Protocol):
             # those that wait for ours (curl passive); then we wait (R4).
             if self.behaviour.name == "impatient-ccc":
                 bound = GUESS_WINDOW  # gives up on the client's close_notify too soon
-            if self.behaviour.name in _SILENT:
+            if self.behaviour.name in _EARLY_READ:
                 t.engine.policy = Policy.relaxing(Rule.R3)  # early plaintext reaches us
             t.write(CCC_OK)
             closure = asyncio.ensure_future(t.unwrap(timeout=bound))
@@ -388,6 +419,10 @@ class _Session(asyncio.Protocol):
                 closure.cancel()
                 if self.behaviour.name in _SILENT:
                     return await self._silent_closure()
+                if self.behaviour.name == "header-drops-tls":
+                    return await self._drop_header()
+                if self.behaviour.name == "swallow-record":
+                    return await self._swallow()
                 return True
             self.changed.clear()
             waiter = asyncio.ensure_future(self.changed.wait())
@@ -427,6 +462,41 @@ class _Session(asyncio.Protocol):
                 await asyncio.wait_for(self.changed.wait(), remaining)
             except asyncio.TimeoutError:
                 return False
+
+    async def _drop_header(self) -> bool:
+        """``header-drops-tls``: five bytes taken for a record header, then plaintext (R3)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.timeouts.closure
+        while len(self.buf) < _HEADER:
+            remaining = deadline - loop.time()
+            if self.ended or self.eof or remaining <= 0:
+                return False
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                return False
+        del self.buf[:_HEADER]
+        if self.buf[:1] == b"\n":
+            del self.buf[:1]  # the rest of that line: no verb, ignored
+        self.phase_tls = False
+        return True
+
+    async def _swallow(self) -> bool:
+        """``swallow-record``: every byte is more of a record that never completes.
+
+        Each read is bounded on its own (the closure bound), as a TLS stack
+        reading a record would; the client's FIN ends the session.
+        """
+        while not (self.ended or self.eof):
+            self.buf.clear()
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), self.config.timeouts.closure)
+            except asyncio.TimeoutError:
+                break
+        self.buf.clear()
+        return False
 
     def _prot(self, t: SwitchableTransport, level: str) -> None:
         if not self.pbsz:
