@@ -36,12 +36,32 @@ Behaviours (``ServerConfig.behaviour``; each breaks exactly one rule):
 ``impatient-ccc`` (R4)
     After CCC sends its close_notify first and, when the client's does not
     come within :data:`GUESS_WINDOW` seconds, hangs up.
+``silent-hold`` (R3)
+    After CCC's ``200`` and its close_notify, stays silent on plaintext
+    that comes before the client's close_notify, holds it, and runs it once
+    the client's close_notify has come (after the closure).
+``header-drops-tls`` (R3)
+    After CCC's ``200`` and its close_notify, takes the first five bytes of
+    plaintext that come before the client's close_notify for a broken TLS
+    record header, drops TLS and reads on in plaintext (the rest of that
+    line is ignored, as Pure-FTPd ignores a line that starts with no
+    letter): the next plaintext command is answered.  This is Pure-FTPd
+    1.0.50: its ``SSL_shutdown`` after CCC waits for the client's
+    close_notify, OpenSSL 3 rejects the header and the session is freed.
 ``ignore-truncation`` (R6)
     Executes a command line cut by TCP EOF under TLS.
 ``alert-as-close`` (R7)
     Takes a fatal alert for a closure and goes on in plaintext.
 
-Two modes break no rule; they show that CCC is tried whether or not FEAT
+``silent-discard`` breaks no rule: it is ``silent-hold`` that discards the
+held plaintext at the client's close_notify (the silence is allowed; only
+running what came before the closure is not).  Nor does ``swallow-record``:
+it takes early plaintext after CCC for the header of a TLS record and reads
+on for the record's declared length (``FEAT\r`` announces 21,517 bytes),
+so the client's close_notify and later commands vanish into it, until the
+client's FIN: it closes having run nothing.
+
+Two more modes break no rule; they show that CCC is tried whether or not FEAT
 lists it (RFC 2228 predates FEAT), and skipped only when refused:
 
 ``unlisted-ccc``
@@ -66,7 +86,7 @@ from starttls_harness.servers.base import (
     behaviour_named,
 )
 from starttls_harness.tls.aio import SwitchableTransport, create_server
-from starttls_harness.tls.engine import AlertReceived, CloseNotifyReceived, Event, Rule
+from starttls_harness.tls.engine import AlertReceived, CloseNotifyReceived, Event, Policy, Rule
 from starttls_harness.tls.framing import line_framer
 from starttls_harness.tls.states import State
 
@@ -82,6 +102,20 @@ GUESS_WINDOW = 1.0
 #: one-sided client closure, R4, has no FTP form: the strict server closes
 #: first, so no scenario can tell it from a conforming one.)
 _CLIENT_FIRST = frozenset({"no-close-notify-reply"})
+
+#: Behaviours silent on plaintext before the client's close_notify after CCC.
+_SILENT = frozenset({"silent-hold", "silent-discard"})
+
+#: Behaviours whose engine lets plaintext through before the client's
+#: close_notify after CCC (relaxed R3): they decide what it is themselves.
+_EARLY_READ = _SILENT | {"header-drops-tls", "swallow-record"}
+
+#: Bytes of a TLS record header (what ``header-drops-tls`` consumes).
+_HEADER = 5
+
+#: TLS record types the client's close_notify comes in (alert; TLS 1.3's
+#: outer application_data), once the engine has left TLS for ``_SILENT``.
+_RECORD_TYPES = (21, 23)
 
 #: What ``logout-at-close-notify`` says under TLS at the client's close_notify
 #: (as Pure-FTPd 1.0.50 does) before it hangs up without answering it.
@@ -129,6 +163,30 @@ BEHAVIOURS: Dict[str, Behaviour] = {
             f" {GUESS_WINDOW:g} s late",
         ),
         Behaviour(
+            "silent-hold",
+            Rule.R3,
+            "after CCC holds plaintext sent before the client's close_notify, silently,"
+            " and runs it after the closure",
+        ),
+        Behaviour(
+            "silent-discard",
+            None,
+            "after CCC stays silent on plaintext sent before the client's close_notify"
+            " and discards it at the closure",
+        ),
+        Behaviour(
+            "header-drops-tls",
+            Rule.R3,
+            "after CCC takes early plaintext for a broken TLS record header, drops TLS"
+            " without the client's close_notify and reads on in plaintext",
+        ),
+        Behaviour(
+            "swallow-record",
+            None,
+            "after CCC takes early plaintext for a TLS record header and reads on for the"
+            " record, running nothing, until the client's FIN",
+        ),
+        Behaviour(
             "ignore-truncation",
             Rule.R6,
             "executes a command line cut by TCP EOF under TLS",
@@ -154,6 +212,14 @@ def _words(line: bytes) -> Tuple[str, str]:
     text = line.decode("latin-1").strip()
     verb, _, arg = text.partition(" ")
     return verb.upper(), arg.strip()
+
+
+def _record_end(data: bytes) -> Optional[int]:
+    """End of the complete TLS record ``data`` starts with, if it does."""
+    if len(data) < 5 or data[0] not in _RECORD_TYPES or data[1] != 3:
+        return None
+    end = 5 + ((data[3] << 8) | data[4])
+    return end if len(data) >= end else None
 
 
 class _Session(asyncio.Protocol):
@@ -342,13 +408,21 @@ class _Session(asyncio.Protocol):
             # those that wait for ours (curl passive); then we wait (R4).
             if self.behaviour.name == "impatient-ccc":
                 bound = GUESS_WINDOW  # gives up on the client's close_notify too soon
+            if self.behaviour.name in _EARLY_READ:
+                t.engine.policy = Policy.relaxing(Rule.R3)  # early plaintext reaches us
             t.write(CCC_OK)
             closure = asyncio.ensure_future(t.unwrap(timeout=bound))
         while not closure.done():
             if self.buf:
-                # Only a relaxed engine (R2) lets bytes through before the
+                # Only a relaxed engine (R2, R3) lets bytes through before the
                 # client's close_notify: that server takes them as a command.
                 closure.cancel()
+                if self.behaviour.name in _SILENT:
+                    return await self._silent_closure()
+                if self.behaviour.name == "header-drops-tls":
+                    return await self._drop_header()
+                if self.behaviour.name == "swallow-record":
+                    return await self._swallow()
                 return True
             self.changed.clear()
             waiter = asyncio.ensure_future(self.changed.wait())
@@ -357,6 +431,72 @@ class _Session(asyncio.Protocol):
         closure.result()  # raises if the closure failed
         self.phase_tls = False
         return True  # plaintext again, still logged in (RFC 4217 §5)
+
+    async def _silent_closure(self) -> bool:
+        """``_SILENT``: keep early plaintext unanswered until the client's close_notify.
+
+        The engine has left TLS at the plaintext (relaxed R3), so the
+        client's close_notify arrives as one raw TLS record; what follows it
+        is plaintext.  ``silent-hold`` then runs what it kept first.
+        """
+        held = bytearray()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.timeouts.closure
+        while True:
+            end = _record_end(bytes(self.buf))
+            if end is not None:
+                kept = bytes(held) if self.behaviour.name == "silent-hold" else b""
+                self.buf[:end] = kept
+                self.phase_tls = False
+                return True
+            cut = self.buf.find(b"\n") + 1
+            if self.buf and self.buf[0] not in _RECORD_TYPES and cut:
+                held += self.buf[:cut]  # a command before the closure: said nothing
+                del self.buf[:cut]
+                continue
+            remaining = deadline - loop.time()
+            if self.ended or self.eof or remaining <= 0:
+                return False
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                return False
+
+    async def _drop_header(self) -> bool:
+        """``header-drops-tls``: five bytes taken for a record header, then plaintext (R3)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.timeouts.closure
+        while len(self.buf) < _HEADER:
+            remaining = deadline - loop.time()
+            if self.ended or self.eof or remaining <= 0:
+                return False
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                return False
+        del self.buf[:_HEADER]
+        if self.buf[:1] == b"\n":
+            del self.buf[:1]  # the rest of that line: no verb, ignored
+        self.phase_tls = False
+        return True
+
+    async def _swallow(self) -> bool:
+        """``swallow-record``: every byte is more of a record that never completes.
+
+        Each read is bounded on its own (the closure bound), as a TLS stack
+        reading a record would; the client's FIN ends the session.
+        """
+        while not (self.ended or self.eof):
+            self.buf.clear()
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), self.config.timeouts.closure)
+            except asyncio.TimeoutError:
+                break
+        self.buf.clear()
+        return False
 
     def _prot(self, t: SwitchableTransport, level: str) -> None:
         if not self.pbsz:

@@ -88,6 +88,16 @@ SERVER_EXPECTED: Dict[str, Dict[str, Verdict]] = {
         "server.data-after-close-notify": W,
     },
     "impatient-ccc": {"server.ccc-late-close-notify": F},
+    # Silent on plaintext before the client's close_notify after CCC (as
+    # Pure-FTPd 1.0.50): running it after the closure is R3 broken ...
+    "silent-hold": {"server.ccc-no-close-notify": F},
+    # ... discarding it is not (the scenario goes on past the silence).
+    "silent-discard": {},
+    # Takes early plaintext's first five bytes for a broken TLS record header,
+    # drops TLS and reads on in plaintext (Pure-FTPd 1.0.50 with OpenSSL 3).
+    "header-drops-tls": {"server.ccc-no-close-notify": F},
+    # Reads on for the record that header announces and never runs it: safe.
+    "swallow-record": {},
     "ignore-truncation": {"server.truncation": F},
     "alert-as-close": {"server.alert-then-plaintext": F},
     # CCC tried though FEAT does not list it: it works (Pure-FTPd) ...

@@ -38,6 +38,7 @@ from starttls_harness.run.outcomes import (
 )
 from starttls_harness.run.probe import PeerClosed, Probe, ProbeSettings, ProbeTimeout
 from starttls_harness.run.sanity import NotOffered, SanityProblem, TargetUnusable, classify
+from starttls_harness.run.server_ccc import after_silence
 from starttls_harness.scenarios.model import Expect, Scenario, Step
 from starttls_harness.tls.aio import SwitchableTransport
 from starttls_harness.tls.certs import client_context, shared_client_context
@@ -645,6 +646,7 @@ _SERVER_STEPS: Dict[str, StepFunc] = {
     "raw-sentinel": step_raw_sentinel,
     "plain-sentinel": step_plain_sentinel,
     "expect-close": step_expect_close,
+    "expect-close-or-closure": after_silence(step_expect_close),
     "expect-silent-close": step_expect_silent_close,
     "close-then-sentinel": step_close_then_sentinel,
     "close-notify-only": step_close_notify_only,

@@ -13,7 +13,13 @@ Server role (the harness is the FTP client):
     plaintext command is answered in plaintext.
 ``server.ccc-no-close-notify`` (R3)
     After the CCC answer the client sends a plaintext command and never
-    its close_notify: a conforming server refuses it (closes).
+    its close_notify: a conforming server refuses it (closes).  A server
+    that stays silent is sent one segment at a time, each after a bounded
+    wait (:mod:`starttls_harness.run.server_ccc`): a second plaintext
+    command (answering it fails: plaintext resumed without the client's
+    close_notify, as Pure-FTPd does), then our close_notify and a sentinel
+    (running the early commands after the closure fails, discarding them
+    passes), then our FIN (closing having run nothing passes).
 ``server.ccc-late-close-notify`` (R4: the initiator waits)
     The client sends (or answers with) its close_notify only after
     :data:`LATE_CLOSE_NOTIFY_DELAY` seconds: the server must neither drop
@@ -104,13 +110,28 @@ SERVER_CCC_SCENARIOS: Tuple[Scenario, ...] = (
             *_UPGRADE_AND_LOGIN,
             S("stoptls-unanswered"),
             S("raw-sentinel", fault=True),
-            S("expect-close"),
+            S("expect-close-or-closure"),
         ),
         expect={
             "closed": Expect(P, "refused plaintext that came without the client's close_notify"),
             "plaintext-answered": Expect(
                 F, "answered plaintext after CCC without the client's close_notify"
             ),
+            "resumed-without-close-notify": Expect(
+                F,
+                "took plaintext after CCC for a broken TLS record and went on in plaintext"
+                " without the client's close_notify",
+            ),
+            "held-plaintext-discarded": Expect(
+                P, "silent until our close_notify, then discarded the early plaintext"
+            ),
+            "held-plaintext-run": Expect(
+                F, "ran plaintext from before the bidirectional closure after it (R3)"
+            ),
+            "never-ran": Expect(
+                P, "took the plaintext for a TLS record and never ran it; closed at our FIN"
+            ),
+            "silent": Expect(E, "stayed silent: whether it runs the early plaintext is unknown"),
         },
         dialects=_CCC_DIALECTS,
     ),

@@ -167,6 +167,42 @@ def test_the_ftp_validation_matrix_holds(ftp: Dialect) -> None:
     assert problems == [], "\n".join(problems)
 
 
+async def _no_close_notify(behaviour: str) -> List[Result]:
+    scenario = [s for s in SERVER_CCC_SCENARIOS if s.id == "server.ccc-no-close-notify"]
+    async with reference_servers(("ftp",), behaviour=behaviour) as (target,):
+        return await run_server_target(scenario, target, SETTINGS)
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "verdict", "said"),
+    [
+        ("silent-discard", Verdict.PASS, "the earlier plaintext was discarded"),
+        ("silent-hold", Verdict.FAIL, "answered the plaintext commands sent before our"),
+        ("header-drops-tls", Verdict.FAIL, "silent to the first plaintext command, answered"),
+        ("swallow-record", Verdict.PASS, "took the plaintext for a TLS record and never ran"),
+        ("strict", Verdict.PASS, "refused plaintext that came without"),
+        ("early-plaintext", Verdict.FAIL, "answered plaintext after CCC without"),
+    ],
+)
+def test_a_silent_server_is_decided_one_segment_at_a_time(
+    ftp: Dialect, behaviour: str, verdict: Verdict, said: str
+) -> None:
+    """Silence after the early plaintext is not the end: a second command, close_notify, decide."""
+    results = asyncio.run(_no_close_notify(behaviour))
+    assert [r.tls_version for r in results] == ["1.2", "1.3"]
+    for r in results:
+        notes = " ".join(e.note for e in r.evidence.exchanges)
+        assert r.verdict is verdict, (r.tls_version, r.summary, notes)
+        assert said in f"{r.summary} {notes}", (r.tls_version, r.summary, notes)
+        silent = behaviour.startswith(("silent-", "swallow-"))
+        second = "a second plaintext command, still without our close_notify" in notes
+        closure = "our close_notify now, then a sentinel command" in notes
+        fin = "our TCP FIN (after the closure)" in notes
+        assert second is (silent or behaviour == "header-drops-tls"), notes
+        assert closure is silent, notes
+        assert fin is (behaviour == "swallow-record"), notes
+
+
 # ------------------------------------------------------ ftplib interop
 
 
