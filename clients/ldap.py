@@ -27,10 +27,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ssl
 from typing import Any, Dict, FrozenSet, Optional, Tuple
 
-from starttls_harness.clients.peer import PeerClient, PeerPathDriver, PeerProtocol, run_session
+from starttls_harness.clients.peer import (
+    PeerClient,
+    PeerPathDriver,
+    PeerProtocol,
+    client_modes,
+    run_reference_session,
+)
 from starttls_harness.dialects.ldap import (
     ADD_ID,
     BIND_RESPONSE,
@@ -51,15 +58,8 @@ from starttls_harness.dialects.ldap import (
     search_request,
     split_ldap_reply,
 )
-from starttls_harness.dialects.roles import (
-    PATH_MESSAGE,
-    ClientOutcome,
-    ClientSpec,
-    Hooks,
-    PathDriver,
-    SessionPlan,
-)
-from starttls_harness.servers.base import STRICT, Behaviour
+from starttls_harness.dialects.roles import PATH_MESSAGE, ClientOutcome, Hooks, SessionPlan
+from starttls_harness.servers.base import Behaviour
 from starttls_harness.tls.engine import (
     ClosureComplete,
     Event,
@@ -79,42 +79,15 @@ __all__ = [
     "reference_session",
 ]
 
-BEHAVIOURS: Dict[str, Behaviour] = {
-    b.name: b
-    for b in (
-        STRICT,
-        Behaviour(
-            "accept-injected-response",
-            Rule.R1,
-            "takes plaintext sent after the StartTLS response as a TLS response",
-            (Rule.R1,),
-        ),
-        Behaviour(
-            "plaintext-in-tls",
-            Rule.R2,
-            "takes plaintext received while TLS is up as a response",
-            (Rule.R2,),
-        ),
-        Behaviour(
-            "one-sided-close",
-            Rule.R4,
-            "sends the next request right after its close_notify without waiting",
-            (Rule.R4,),
-        ),
-        Behaviour(
-            "no-close-notify-reply",
-            Rule.R5,
-            "closes TCP instead of answering the server's close_notify",
-            (Rule.R5,),
-        ),
-        Behaviour("no-state-reset", Rule.R8, "trusts the plaintext root DSE after StartTLS"),
-        Behaviour(
-            "downgrade",
-            Rule.R9,
-            "binds in plaintext when StartTLS is not offered or refused despite require_tls",
-        ),
-    )
-}
+BEHAVIOURS: Dict[str, Behaviour] = client_modes(
+    {
+        Rule.R1: "takes plaintext sent after the StartTLS response as a TLS response",
+        Rule.R2: "takes plaintext received while TLS is up as a response",
+        Rule.R4: "sends the next request right after its close_notify without waiting",
+        Rule.R8: "trusts the plaintext root DSE after StartTLS",
+        Rule.R9: "binds in plaintext when StartTLS is not offered or refused despite require_tls",
+    }
+)
 
 
 class LdapError(Exception):
@@ -318,6 +291,8 @@ class LdapClient(PeerClient):
             self._write(LDAP.quit())
         await self.aclose()
 
+    goodbye = unbind
+
     # ------------------------------------------------------- internals
 
     async def _until_removed(self) -> None:
@@ -354,6 +329,10 @@ class LdapClient(PeerClient):
         """R8 after StartTLS and the removal: the root DSE and the bind."""
         self.capabilities = None
         self.bound = False
+
+    def _return_offered(self) -> bool:
+        # A layer the server removed itself is not removed again: add() starts TLS.
+        return "STOPTLS" in (self.capabilities or frozenset()) and self.transport.tls_active
 
     async def _known_capabilities(self) -> FrozenSet[str]:
         if self.capabilities is None:
@@ -404,13 +383,10 @@ class _PathDriver(PeerPathDriver[LdapClient]):
         hooks.arm(nth=2)
         await client.read(b"cn=path-unit,dc=example,dc=invalid")
 
-    async def quit(self, hooks: Hooks) -> None:
-        await self._client().unbind()
 
-
-def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
-    """The reference client as the path role's client under test (it binds)."""
-    return _PathDriver(LdapClient.connect, spec, behaviour, user, password)
+#: The reference client as the path role's client under test (it binds):
+#: ``path_driver(spec, behaviour, user, password)``.
+path_driver = functools.partial(_PathDriver, LdapClient)
 
 
 async def reference_session(plan: SessionPlan) -> ClientOutcome:
@@ -420,21 +396,16 @@ async def reference_session(plan: SessionPlan) -> ClientOutcome:
     times: remove the TLS layer, StartTLS again, bind; add the entry; unbind.
     """
 
-    async def steps(client: LdapClient) -> str:
-        done = 0
-        await client.starttls()
+    async def login(client: LdapClient) -> None:
         await client.bind(plan.user, plan.password)
-        for _ in range(plan.cycles):
-            if "STOPTLS" not in (client.capabilities or frozenset()):
-                break
-            if not client.transport.tls_active:
-                break  # the server removed the layer itself: add() starts TLS again
-            await client.remove_tls()
-            await client.starttls()
-            await client.bind(plan.user, plan.password)
-            done += 1
-        await client.add(b"cn=" + plan.recipient.encode() + b",dc=example,dc=invalid", plan.message)
-        await client.unbind()
-        return f"entry added after {done} removal(s) of the TLS layer"
 
-    return await run_session(LdapClient, plan, steps)
+    async def store(client: LdapClient) -> None:
+        await client.add(b"cn=" + plan.recipient.encode() + b",dc=example,dc=invalid", plan.message)
+
+    return await run_reference_session(
+        LdapClient,
+        plan,
+        login=login,
+        store=store,
+        done="entry added after {n} removal(s) of the TLS layer",
+    )

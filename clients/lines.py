@@ -17,13 +17,12 @@ their answers (the hooks below), its errors, and its misbehaving modes.
 * :class:`LinePathDriver` -- the client driven one verb at a time through the
   path proxy (its verbs: :class:`~starttls_harness.clients.peer.PeerPathDriver`);
 * :func:`run_reference_session` -- the normal session against the scripted
-  server: upgrade, login, STOPTLS cycles while offered, store, goodbye.
+  server (one skeleton for every reference client, re-exported here).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 from typing import (
     Any,
@@ -36,18 +35,16 @@ from typing import (
     Sequence,
     Tuple,
     Type,
-    TypeVar,
 )
 
 from starttls_harness.clients.peer import (
     PeerClient,
     PeerPathDriver,
     PeerProtocol,
-    run_session,
-    session_errors,
+    client_modes,
+    run_reference_session,
 )
-from starttls_harness.dialects.roles import ClientOutcome, ClientSpec, SessionPlan
-from starttls_harness.servers.base import STRICT, Behaviour
+from starttls_harness.servers.base import Behaviour
 from starttls_harness.servers.imapsyntax import LineReader
 from starttls_harness.tls.engine import Rule
 from starttls_harness.tls.states import State
@@ -59,8 +56,6 @@ __all__ = [
     "client_behaviours",
     "run_reference_session",
 ]
-
-C = TypeVar("C", bound="LineClient")
 
 
 def client_behaviours(
@@ -77,37 +72,16 @@ def client_behaviours(
     ``keeps`` says what ``no-state-reset`` keeps (R8), ``downgrade`` what the
     client does without TLS (R9); ``extra`` adds the dialect's own modes.
     """
-    modes = (
-        Behaviour(
-            "accept-injected-response",
-            Rule.R1,
-            f"takes plaintext sent after the {upgrade} answer as a TLS {answer}",
-            (Rule.R1,),
-        ),
-        Behaviour(
-            "plaintext-in-tls",
-            Rule.R2,
-            f"takes plaintext received while TLS is up as a {answer}",
-            (Rule.R2,),
-        ),
-        Behaviour(
-            "one-sided-close",
-            Rule.R4,
-            "sends the next command right after its close_notify without waiting",
-            (Rule.R4,),
-        ),
-        Behaviour(
-            "no-close-notify-reply",
-            Rule.R5,
-            "closes TCP instead of answering the server's close_notify",
-            (Rule.R5,),
-        ),
-        Behaviour("no-state-reset", Rule.R8, keeps),
-        Behaviour("downgrade", Rule.R9, downgrade),
-        *extra,
+    return client_modes(
+        {
+            Rule.R1: f"takes plaintext sent after the {upgrade} answer as a TLS {answer}",
+            Rule.R2: f"takes plaintext received while TLS is up as a {answer}",
+            Rule.R4: "sends the next command right after its close_notify without waiting",
+            Rule.R8: keeps,
+            Rule.R9: downgrade,
+        },
+        extra,
     )
-    ordered = sorted(modes, key=lambda b: list(Rule).index(b.rule) if b.rule else -1)
-    return {b.name: b for b in (STRICT, *ordered)}
 
 
 class LineClientProtocol(PeerProtocol[LineReader]):
@@ -161,6 +135,9 @@ class LineClient(PeerClient):
     async def _ask_stoptls(self) -> None:
         """Send the return command and check its positive answer."""
         raise NotImplementedError
+
+    def _return_offered(self) -> bool:
+        return self.stoptls_name in (self._known() or ())
 
     def _glued(self) -> Tuple[bytes, Callable[[], Awaitable[object]]]:
         """``one-sided-close``: the command glued to the close_notify, and how to
@@ -249,54 +226,5 @@ class LineClient(PeerClient):
 # ------------------------------------------------------ the harness's roles
 
 
-class LinePathDriver(PeerPathDriver[C]):
-    """A :class:`LineClient` through the path proxy, one verb at a time.
-
-    A dialect adds what its client does for the path's own verbs
-    (``command``, ``send_unit``, ``fetch_unit``, ``quit``).
-    """
-
-    def __init__(
-        self, client_class: Type[C], spec: ClientSpec, behaviour: str, user: str, password: str
-    ) -> None:
-        super().__init__(client_class.connect, spec, behaviour, user, password)
-        self.client_class = client_class
-
-
-async def run_reference_session(
-    client_class: Type[C],
-    plan: SessionPlan,
-    *,
-    login: Callable[[C], Awaitable[object]],
-    store: Callable[[C], Awaitable[object]],
-    goodbye: Callable[[C], Awaitable[object]],
-    done: str,
-    settle: Optional[Callable[[C], Awaitable[object]]] = None,
-) -> ClientOutcome:
-    """The reference client's normal session against the scripted server.
-
-    Upgrade (TLS required), ``login``, ``settle`` once if given; then -- while
-    the server offers the return -- ``plan.cycles`` times return, upgrade,
-    login; ``store``; ``goodbye`` (its errors ignored).  ``done`` is the
-    outcome's words, with ``{n}`` for the cycles done.
-    """
-
-    async def steps(client: C) -> str:
-        cycles = 0
-        await client.starttls()
-        await login(client)
-        if settle is not None:
-            await settle(client)
-        for _ in range(plan.cycles):
-            if client.stoptls_name not in (client._known() or ()):
-                break
-            await client.stoptls()
-            await client.starttls()
-            await login(client)
-            cycles += 1
-        await store(client)
-        with contextlib.suppress(*session_errors(client_class)):
-            await goodbye(client)
-        return done.format(n=cycles)
-
-    return await run_session(client_class, plan, steps)
+#: The path driver of a line client (the same verbs as any reference client's).
+LinePathDriver = PeerPathDriver

@@ -17,8 +17,10 @@ answers (its reader), its errors and its misbehaving modes.
   transition (R8; ``no-state-reset`` keeps the state), a bounded close;
 * :class:`PeerPathDriver` -- a reference client driven one verb at a time
   through the path proxy;
-* :func:`run_session` -- the skeleton of a reference session against the
-  scripted server: connect, the dialect's steps, close, the outcome.
+* :func:`run_reference_session` -- the normal session against the scripted
+  server: upgrade, login, returns while offered, store, goodbye;
+* :func:`client_modes` and the mode makers -- a client's misbehaving modes,
+  each breaking one rule, in rule order.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import (
     ClassVar,
     Dict,
     Generic,
+    Mapping,
     Optional,
     Protocol,
     Sequence,
@@ -61,11 +64,44 @@ __all__ = [
     "PeerPathDriver",
     "PeerProtocol",
     "Reader",
-    "run_session",
+    "client_modes",
+    "run_reference_session",
     "session_errors",
 ]
 
 C = TypeVar("C", bound="PeerClient")
+
+#: The misbehaving modes every reference client may have, by the rule each
+#: breaks: the mode's name, and whether the engine relaxes that rule for it
+#: (R8 and R9 are broken by the client itself).
+_MODES: Dict[Rule, Tuple[str, bool]] = {
+    Rule.R1: ("accept-injected-response", True),
+    Rule.R2: ("plaintext-in-tls", True),
+    Rule.R4: ("one-sided-close", True),
+    Rule.R5: ("no-close-notify-reply", True),
+    Rule.R6: ("ignore-truncation", True),
+    Rule.R8: ("no-state-reset", False),
+    Rule.R9: ("downgrade", False),
+}
+
+
+def client_modes(
+    descriptions: Mapping[Rule, str], extra: Sequence[Behaviour] = ()
+) -> Dict[str, Behaviour]:
+    """``strict`` and a client's misbehaving modes, by name, in rule order.
+
+    ``descriptions`` says which of the common modes the client has and what
+    each does in its words; ``no-close-notify-reply`` (R5) every client has.
+    ``extra`` adds the dialect's own modes.
+    """
+    said = {Rule.R5: "closes TCP instead of answering the server's close_notify", **descriptions}
+    modes = [
+        Behaviour(name, rule, said[rule], (rule,) if relaxed else ())
+        for rule, (name, relaxed) in _MODES.items()
+        if rule in said
+    ]
+    ordered = sorted((*modes, *extra), key=lambda b: list(Rule).index(b.rule) if b.rule else -1)
+    return {b.name: b for b in (STRICT, *ordered)}
 
 
 class Reader(Protocol):
@@ -238,6 +274,10 @@ class PeerClient:
         """R8: drop what the transition invalidates (capabilities, login, ...)."""
         raise NotImplementedError
 
+    def _return_offered(self) -> bool:
+        """The server offers the return to plaintext now (none by default)."""
+        return False
+
     # --------------------------------------------------------- commands
 
     async def starttls(self, ssl_context: Optional[ssl.SSLContext] = None) -> bool:
@@ -247,6 +287,11 @@ class PeerClient:
     async def stoptls(self) -> None:
         """Return to plaintext (none by default: :attr:`stoptls_unsupported`)."""
         raise self.stoptls_unsupported(self.stoptls_missing)
+
+    async def goodbye(self) -> object:
+        """The dialect's goodbye (QUIT, LOGOUT, unbind, ...), then a bounded close."""
+        await self.aclose()
+        return None
 
     def close(self) -> None:
         """Close (one-way close_notify under TLS, then TCP FIN)."""
@@ -331,21 +376,23 @@ P = TypeVar("P", bound=PeerClient)
 class PeerPathDriver(PathDriver, Generic[P]):
     """A reference client through the path proxy, one verb at a time.
 
-    ``connect`` is the client class's ``connect`` (same keywords for every
-    reference client).  A dialect adds what its client does for the path's
+    Every reference client connects with the same keywords and has the same
+    upgrade and return.  A dialect adds what its client does for the path's
     own verbs (``command``, ``send_unit``, ``fetch_unit``, ``quit``), and
-    what follows its upgrade (``after_upgrade``, a login).
+    what follows its upgrade (``after_upgrade``, a login).  Its module's
+    ``path_driver`` is ``functools.partial(_PathDriver, TheClient)``: called
+    with the path's spec, behaviour, user and password.
     """
 
     def __init__(
         self,
-        connect: Callable[..., Awaitable[P]],
+        client_class: Type[P],
         spec: ClientSpec,
         behaviour: str,
         user: str,
         password: str,
     ) -> None:
-        self._connect = connect
+        self.client_class = client_class
         self.spec = spec
         self.behaviour = behaviour
         self.user = user
@@ -359,7 +406,7 @@ class PeerPathDriver(PathDriver, Generic[P]):
 
     async def connect(self, hooks: Hooks) -> None:
         spec = self.spec
-        self.client = await self._connect(
+        self.client = await self.client_class.connect(
             spec.host,
             spec.port,
             ssl_context=spec.tls_context,
@@ -385,6 +432,9 @@ class PeerPathDriver(PathDriver, Generic[P]):
         except client.stoptls_unsupported as exc:
             raise StopTLSUnsupported(str(exc)) from exc
 
+    async def quit(self, hooks: Hooks) -> None:
+        await self._client().goodbye()
+
     def engine_events(self) -> Optional[Sequence[Event]]:
         if self.client is None:
             return None
@@ -400,18 +450,24 @@ def session_errors(client_class: Type[PeerClient]) -> Tuple[Type[BaseException],
     return (client_class.error, ConnectionError, OSError, asyncio.TimeoutError, RuntimeError)
 
 
-async def run_session(
+async def run_reference_session(
     client_class: Type[C],
     plan: SessionPlan,
-    steps: Callable[[C], Awaitable[str]],
     *,
+    login: Callable[[C], Awaitable[object]],
+    store: Callable[[C], Awaitable[object]],
+    done: str,
+    settle: Optional[Callable[[C], Awaitable[object]]] = None,
     on_error: Optional[Callable[[C], object]] = None,
 ) -> ClientOutcome:
-    """The skeleton of the reference client's session against the scripted server.
+    """The reference client's normal session against the scripted server.
 
-    Connect (TLS required), the dialect's ``steps`` (they return the
-    outcome's words), close.  ``on_error`` says goodbye after a failed step
-    (its own errors ignored).
+    Connect, upgrade (TLS required), ``login``, ``settle`` once if given;
+    then -- while the server offers the return -- ``plan.cycles`` times
+    return, upgrade, login; ``store``; the client's goodbye (its errors
+    ignored); close.  ``done`` is the outcome's words, with ``{n}`` for the
+    cycles done.  ``on_error`` says goodbye after a failed step (its own
+    errors ignored).
     """
     errors = session_errors(client_class)
     try:
@@ -427,8 +483,22 @@ async def run_session(
         )
     except errors as exc:
         return failed(exc)
+    cycles = 0
     try:
-        done = await steps(client)
+        await client.starttls()
+        await login(client)
+        if settle is not None:
+            await settle(client)
+        for _ in range(plan.cycles):
+            if not client._return_offered():
+                break
+            await client.stoptls()
+            await client.starttls()
+            await login(client)
+            cycles += 1
+        await store(client)
+        with contextlib.suppress(*errors):
+            await client.goodbye()
     except errors as exc:
         if on_error is not None:
             with contextlib.suppress(*errors):
@@ -436,4 +506,4 @@ async def run_session(
         return failed(exc)
     finally:
         client.close()
-    return ClientOutcome(True, done)
+    return ClientOutcome(True, done.format(n=cycles))

@@ -25,6 +25,7 @@ session and sends its password in plaintext).
 from __future__ import annotations
 
 import contextlib
+import functools
 import ssl
 import struct
 from typing import Any, Dict, List, Optional, Tuple
@@ -33,8 +34,8 @@ from starttls_harness.clients.peer import (
     PeerClient,
     PeerPathDriver,
     PeerProtocol,
-    run_session,
-    session_errors,
+    client_modes,
+    run_reference_session,
 )
 from starttls_harness.dialects.postgres import (
     PostgresFramer,
@@ -45,15 +46,8 @@ from starttls_harness.dialects.postgres import (
     startup,
     terminate,
 )
-from starttls_harness.dialects.roles import (
-    PATH_MESSAGE,
-    ClientOutcome,
-    ClientSpec,
-    Hooks,
-    PathDriver,
-    SessionPlan,
-)
-from starttls_harness.servers.base import STRICT, Behaviour
+from starttls_harness.dialects.roles import PATH_MESSAGE, ClientOutcome, Hooks, SessionPlan
+from starttls_harness.servers.base import Behaviour
 from starttls_harness.servers.imapsyntax import IncompleteRead, LineReader
 from starttls_harness.tls.aio import ConnectionEnded
 from starttls_harness.tls.engine import Rule
@@ -69,41 +63,14 @@ __all__ = [
     "reference_session",
 ]
 
-BEHAVIOURS: Dict[str, Behaviour] = {
-    b.name: b
-    for b in (
-        STRICT,
-        Behaviour(
-            "accept-injected-response",
-            Rule.R1,
-            "reads bytes glued to the S answer as TLS data (libpq < 14.1, CVE-2021-23222)",
-            (Rule.R1,),
-        ),
-        Behaviour(
-            "plaintext-in-tls",
-            Rule.R2,
-            "takes plaintext received while TLS is up as a response",
-            (Rule.R2,),
-        ),
-        Behaviour(
-            "no-close-notify-reply",
-            Rule.R5,
-            "closes TCP instead of answering the server's close_notify",
-            (Rule.R5,),
-        ),
-        Behaviour(
-            "ignore-truncation",
-            Rule.R6,
-            "takes an answer cut by EOF under TLS as complete",
-            (Rule.R6,),
-        ),
-        Behaviour(
-            "downgrade",
-            Rule.R9,
-            "starts the session and sends its password in plaintext after N",
-        ),
-    )
-}
+BEHAVIOURS: Dict[str, Behaviour] = client_modes(
+    {
+        Rule.R1: "reads bytes glued to the S answer as TLS data (libpq < 14.1, CVE-2021-23222)",
+        Rule.R2: "takes plaintext received while TLS is up as a response",
+        Rule.R6: "takes an answer cut by EOF under TLS as complete",
+        Rule.R9: "starts the session and sends its password in plaintext after N",
+    }
+)
 
 #: Largest backend message the client accepts (bytes).
 _MAX_MESSAGE = 1 << 24
@@ -223,6 +190,8 @@ class PgClient(PeerClient):
             self._write(terminate())
         await self.aclose()
 
+    goodbye = quit
+
     # ------------------------------------------------------- internals
 
     def _upgraded(self) -> bool:
@@ -295,24 +264,29 @@ class _PathDriver(PeerPathDriver[PgClient]):
         hooks.arm(nth=2)
         await client.query(sql)
 
-    async def quit(self, hooks: Hooks) -> None:
-        await self._client().quit()
 
-
-def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
-    """The reference client as the path role's client under test."""
-    return _PathDriver(PgClient.connect, spec, behaviour, user, password)
+#: The reference client as the path role's client under test:
+#: ``path_driver(spec, behaviour, user, password)``.
+path_driver = functools.partial(_PathDriver, PgClient)
 
 
 async def reference_session(plan: SessionPlan) -> ClientOutcome:
-    """The reference client's normal session against the scripted server."""
+    """The reference client's normal session against the scripted server.
 
-    async def steps(client: PgClient) -> str:
-        await client.starttls()
+    SSLRequest, startup and login under TLS, an INSERT, Terminate (no return
+    to plaintext in PostgreSQL).
+    """
+
+    async def login(client: PgClient) -> None:
         await client.start(plan.user, plan.password)
-        await client.insert(plan.message)
-        with contextlib.suppress(*session_errors(PgClient)):
-            await client.quit()
-        return "message stored (PostgreSQL: no STOPTLS cycle)"
 
-    return await run_session(PgClient, plan, steps)
+    async def store(client: PgClient) -> None:
+        await client.insert(plan.message)
+
+    return await run_reference_session(
+        PgClient,
+        plan,
+        login=login,
+        store=store,
+        done="message stored (PostgreSQL: no STOPTLS cycle)",
+    )

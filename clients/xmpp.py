@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import ssl
 import xml.etree.ElementTree as ET
@@ -33,17 +34,10 @@ from starttls_harness.clients.peer import (
     PeerClient,
     PeerPathDriver,
     PeerProtocol,
-    run_session,
-    session_errors,
+    client_modes,
+    run_reference_session,
 )
-from starttls_harness.dialects.roles import (
-    PATH_MESSAGE,
-    ClientOutcome,
-    ClientSpec,
-    Hooks,
-    PathDriver,
-    SessionPlan,
-)
+from starttls_harness.dialects.roles import PATH_MESSAGE, ClientOutcome, Hooks, SessionPlan
 from starttls_harness.dialects.xmpp import (
     BIND_NS,
     DOMAIN,
@@ -59,7 +53,7 @@ from starttls_harness.dialects.xmpp import (
     sasl_plain,
     stream_header,
 )
-from starttls_harness.servers.base import STRICT, Behaviour
+from starttls_harness.servers.base import Behaviour
 from starttls_harness.servers.xmpp import Truncated, UnitReader
 from starttls_harness.tls.aio import ConnectionEnded
 from starttls_harness.tls.engine import Rule
@@ -75,41 +69,16 @@ __all__ = [
     "reference_session",
 ]
 
-BEHAVIOURS: Dict[str, Behaviour] = {
-    b.name: b
-    for b in (
-        STRICT,
-        Behaviour(
-            "accept-injected-response",
-            Rule.R1,
-            "reads bytes glued to <proceed/> as the answer to its restarted stream",
-            (Rule.R1,),
+BEHAVIOURS: Dict[str, Behaviour] = client_modes(
+    {
+        Rule.R1: "reads bytes glued to <proceed/> as the answer to its restarted stream",
+        Rule.R2: "takes plaintext received while TLS is up as the server's",
+        Rule.R6: "takes a receipt cut by EOF under TLS as complete",
+        Rule.R9: (
+            "authenticates in plaintext when STARTTLS is missing, refused or not marked required"
         ),
-        Behaviour(
-            "plaintext-in-tls",
-            Rule.R2,
-            "takes plaintext received while TLS is up as the server's",
-            (Rule.R2,),
-        ),
-        Behaviour(
-            "no-close-notify-reply",
-            Rule.R5,
-            "closes TCP instead of answering the server's close_notify",
-            (Rule.R5,),
-        ),
-        Behaviour(
-            "ignore-truncation",
-            Rule.R6,
-            "takes a receipt cut by EOF under TLS as complete",
-            (Rule.R6,),
-        ),
-        Behaviour(
-            "downgrade",
-            Rule.R9,
-            "authenticates in plaintext when STARTTLS is missing, refused or not marked required",
-        ),
-    )
-}
+    }
+)
 
 #: Largest unit the client reads (bytes).
 _MAX_UNIT = 1 << 20
@@ -275,6 +244,8 @@ class XmppClient(PeerClient):
                     await self._element()
         await self.aclose()
 
+    goodbye = quit
+
     # ------------------------------------------------------- internals
 
     def _without_tls(self, reason: str) -> bool:
@@ -331,28 +302,35 @@ class _PathDriver(PeerPathDriver[XmppClient]):
         hooks.arm(nth=2)
         await client.echo(PATH_MESSAGE.decode("latin-1"))
 
-    async def quit(self, hooks: Hooks) -> None:
-        await self._client().quit()
 
-
-def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
-    """The reference client as the path role's client under test."""
-    return _PathDriver(XmppClient.connect, spec, behaviour, user, password)
+#: The reference client as the path role's client under test:
+#: ``path_driver(spec, behaviour, user, password)``.
+path_driver = functools.partial(_PathDriver, XmppClient)
 
 
 async def reference_session(plan: SessionPlan) -> ClientOutcome:
-    """The reference client's normal session against the scripted server."""
+    """The reference client's normal session against the scripted server.
 
-    async def steps(client: XmppClient) -> str:
-        await client.starttls()
+    STARTTLS, SASL PLAIN and binding, a message and its receipt, the stream's
+    close (no return to plaintext in XMPP); after a failure the stream is
+    ended all the same.
+    """
+
+    async def login(client: XmppClient) -> None:
         await client.login(plan.user, plan.password)
-        await client.send_message(plan.message.decode("latin-1"))
-        with contextlib.suppress(*session_errors(XmppClient)):
-            await client.quit()
-        return "message sent and receipted (XMPP: no STOPTLS cycle)"
 
-    def goodbye(client: XmppClient) -> None:
+    async def store(client: XmppClient) -> None:
+        await client.send_message(plan.message.decode("latin-1"))
+
+    def end_stream(client: XmppClient) -> None:
         if not client.transport.is_closing():
             client._write(b"</stream:stream>")  # the stream ends, as XMPP says goodbye
 
-    return await run_session(XmppClient, plan, steps, on_error=goodbye)
+    return await run_reference_session(
+        XmppClient,
+        plan,
+        login=login,
+        store=store,
+        done="message sent and receipted (XMPP: no STOPTLS cycle)",
+        on_error=end_stream,
+    )
