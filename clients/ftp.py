@@ -136,7 +136,6 @@ class FtpClient(LineClient):
     protocol_class = _ClientProtocol
     error = FtpError
     tls_required = TLSRequired
-    starttls_error = TLSRequired
     stoptls_unsupported = StopTLSNotSupported
     upgrade_name = "AUTH TLS"
     stoptls_name = "CCC"

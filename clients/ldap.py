@@ -180,7 +180,6 @@ class LdapClient(PeerClient):
     behaviours = BEHAVIOURS
     error = LdapError
     tls_required = TLSRequired
-    starttls_error = TLSRequired
     stoptls_unsupported = RemovalNotSupported
     stoptls_missing = "the server does not say that it removes the TLS layer"
 

@@ -16,11 +16,18 @@ answers (its reader), its errors and its misbehaving modes.
   ``require_tls`` refuses, ``downgrade`` goes on), the reset at a
   transition (R8; ``no-state-reset`` keeps the state), a bounded close;
 * :class:`PeerPathDriver` -- a reference client driven one verb at a time
-  through the path proxy;
+  through the path proxy (connect, upgrade, return, goodbye, events, close);
 * :func:`run_reference_session` -- the normal session against the scripted
   server: upgrade, login, returns while offered, store, goodbye;
-* :func:`client_modes` and the mode makers -- a client's misbehaving modes,
-  each breaking one rule, in rule order.
+* :func:`client_modes` -- a client's misbehaving modes, each breaking one
+  rule, in rule order (names and relaxed rules written once).
+
+The readers differ by framing and stay with their dialects: a
+:class:`~starttls_harness.servers.imapsyntax.LineReader` for CRLF lines
+(and PostgreSQL's length-prefixed reads), a
+:class:`~starttls_harness.servers.xmpp.UnitReader` cut by the XMPP framer,
+LDAP's reader of whole BER answers.  Whatever a reader still holds at an
+upgrade goes to the engine (R1), the same way for all.
 """
 
 from __future__ import annotations
@@ -181,11 +188,12 @@ class PeerClient:
     #: The dialect's misbehaving modes, by name.
     behaviours: ClassVar[Dict[str, Behaviour]]
     #: The dialect's errors: its base class, TLS required and not had (R9),
-    #: the upgrade refused when TLS is not required, no return to plaintext.
+    #: no return to plaintext, and the upgrade refused or failed when TLS
+    #: is not required (by default the same as TLS required).
     error: ClassVar[Type[Exception]]
     tls_required: ClassVar[Type[Exception]]
-    starttls_error: ClassVar[Type[Exception]]
     stoptls_unsupported: ClassVar[Type[Exception]]
+    starttls_error: ClassVar[Optional[Type[Exception]]] = None
     #: What :meth:`stoptls` says when there is no return to plaintext.
     stoptls_missing: ClassVar[str] = "the server does not advertise STOPTLS"
     #: What an upgrade under TLS says.
@@ -333,7 +341,7 @@ class PeerClient:
             )
         except (ConnectionError, asyncio.TimeoutError, ssl.SSLError) as exc:
             self.transport.abort()
-            error = self.tls_required if self.require_tls else self.starttls_error
+            error = self.tls_required if self.require_tls else self._refused()
             raise error(f"TLS could not be started: {exc}") from exc
         self.upgrades += 1
 
@@ -344,6 +352,10 @@ class PeerClient:
             return ConnectionEnded(enforced[-1])
         return ConnectionResetError(what)
 
+    def _refused(self) -> Type[Exception]:
+        """The error of an upgrade that fails when TLS is not required."""
+        return self.starttls_error or self.tls_required
+
     def _without_tls(self, reason: str) -> bool:
         """No TLS to be had: ``downgrade`` goes on in plaintext, the others raise (R9)."""
         if self.behaviour.name == "downgrade":
@@ -352,7 +364,7 @@ class PeerClient:
         if self.require_tls:
             self.transport.close()
             raise self.tls_required(reason)
-        raise self.starttls_error(reason)
+        raise self._refused()(reason)
 
     def _transition(self) -> bool:
         """R8 after every transition; False when ``no-state-reset`` keeps the state."""

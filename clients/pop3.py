@@ -78,7 +78,6 @@ class Pop3Client(LineClient):
     behaviours = BEHAVIOURS
     error = Pop3Error
     tls_required = TLSRequired
-    starttls_error = TLSRequired
     stoptls_unsupported = StopTLSNotSupported
     upgrade_name = "STLS"
     stoptls_missing = "the server does not list STOPTLS"

@@ -103,7 +103,6 @@ class PgClient(PeerClient):
     behaviours = BEHAVIOURS
     error = PgError
     tls_required = TLSRequired
-    starttls_error = TLSRequired
     stoptls_unsupported = StopTLSNotSupported
     stoptls_missing = "PostgreSQL has no return to plaintext"
     already_tls = "SSLRequest only comes first"

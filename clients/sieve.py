@@ -113,7 +113,6 @@ class SieveClient(LineClient):
     behaviours = BEHAVIOURS
     error = SieveError
     tls_required = TLSRequired
-    starttls_error = TLSRequired
     stoptls_unsupported = StopTLSNotSupported
     stoptls_missing = "the server does not list STOPTLS"
 

@@ -119,7 +119,6 @@ class XmppClient(PeerClient):
     behaviours = BEHAVIOURS
     error = XmppError
     tls_required = TLSRequired
-    starttls_error = TLSRequired
     stoptls_unsupported = StopTLSNotSupported
     stoptls_missing = "XMPP has no return to plaintext"
     already_tls = "TLS is up already"
