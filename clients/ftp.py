@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ssl
 from typing import Dict, FrozenSet, List, Optional, Sequence, Set
 
@@ -40,13 +41,7 @@ from starttls_harness.clients.lines import (
     client_behaviours,
     run_reference_session,
 )
-from starttls_harness.dialects.roles import (
-    ClientOutcome,
-    ClientSpec,
-    Hooks,
-    PathDriver,
-    SessionPlan,
-)
+from starttls_harness.dialects.roles import ClientOutcome, Hooks, SessionPlan
 from starttls_harness.servers.base import Behaviour
 from starttls_harness.tls.aio import SwitchableTransport
 from starttls_harness.tls.engine import Event, Rule, Violation
@@ -141,7 +136,6 @@ class FtpClient(LineClient):
     protocol_class = _ClientProtocol
     error = FtpError
     tls_required = TLSRequired
-    starttls_error = TLSRequired
     stoptls_unsupported = StopTLSNotSupported
     upgrade_name = "AUTH TLS"
     stoptls_name = "CCC"
@@ -224,6 +218,8 @@ class FtpClient(LineClient):
         with contextlib.suppress(CommandError):
             await self._send(b"QUIT")
         await self.aclose()
+
+    goodbye = quit
 
     async def stoptls(self) -> None:
         """FTP's return to plaintext is CCC."""
@@ -328,13 +324,10 @@ class _PathDriver(LinePathDriver[FtpClient]):
         hooks.arm(nth=1)
         await client.feat()
 
-    async def quit(self, hooks: Hooks) -> None:
-        await self._client().quit()
 
-
-def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
-    """The reference client as the path role's client under test (it logs in)."""
-    return _PathDriver(FtpClient, spec, behaviour, user, password)
+#: The reference client as the path role's client under test (it logs in):
+#: ``path_driver(spec, behaviour, user, password)``.
+path_driver = functools.partial(_PathDriver, FtpClient)
 
 
 async def reference_session(plan: SessionPlan) -> ClientOutcome:
@@ -363,6 +356,5 @@ async def reference_session(plan: SessionPlan) -> ClientOutcome:
         login=login,
         settle=protect,
         store=store,
-        goodbye=FtpClient.quit,
         done="directory made after {n} CCC cycle(s)",
     )

@@ -58,6 +58,7 @@ Behaviours (``BEHAVIOURS``; each breaks exactly one rule):
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
@@ -68,14 +69,7 @@ from starttls_harness.clients.lines import (
     client_behaviours,
     run_reference_session,
 )
-from starttls_harness.dialects.roles import (
-    PATH_MESSAGE,
-    ClientOutcome,
-    ClientSpec,
-    Hooks,
-    PathDriver,
-    SessionPlan,
-)
+from starttls_harness.dialects.roles import PATH_MESSAGE, ClientOutcome, Hooks, SessionPlan
 from starttls_harness.servers.base import Behaviour
 from starttls_harness.servers.imapsyntax import (
     LITERAL_AT_END,
@@ -351,6 +345,8 @@ class ImapClient(LineClient):
         await self.aclose()
         return response
 
+    goodbye = logout
+
     async def command(self, name: str, *args: Arg, check: bool = True) -> Response:
         """Any other command (``str`` args verbatim, ``bytes`` as literals)."""
         verb = name.upper()
@@ -552,13 +548,10 @@ class _PathDriver(LinePathDriver[ImapClient]):
         hooks.arm(nth=2)
         await client.fetch(1, "(RFC822)")
 
-    async def quit(self, hooks: Hooks) -> None:
-        await self._client().logout()
 
-
-def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
-    """The reference client as the path role's client under test (it logs in)."""
-    return _PathDriver(ImapClient, spec, behaviour, user, password)
+#: The reference client as the path role's client under test (it logs in):
+#: ``path_driver(spec, behaviour, user, password)``.
+path_driver = functools.partial(_PathDriver, ImapClient)
 
 
 async def reference_session(plan: SessionPlan) -> ClientOutcome:
@@ -579,6 +572,5 @@ async def reference_session(plan: SessionPlan) -> ClientOutcome:
         plan,
         login=login,
         store=store,
-        goodbye=ImapClient.logout,
         done="message appended after {n} STOPTLS cycle(s)",
     )

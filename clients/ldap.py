@@ -27,10 +27,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ssl
-from typing import Dict, FrozenSet, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Optional, Tuple
 
-from starttls_harness.clients.lines import PeerPathDriver
+from starttls_harness.clients.peer import (
+    PeerClient,
+    PeerPathDriver,
+    PeerProtocol,
+    client_modes,
+    run_reference_session,
+)
 from starttls_harness.dialects.ldap import (
     ADD_ID,
     BIND_RESPONSE,
@@ -51,27 +58,15 @@ from starttls_harness.dialects.ldap import (
     search_request,
     split_ldap_reply,
 )
-from starttls_harness.dialects.roles import (
-    PATH_MESSAGE,
-    ClientOutcome,
-    ClientSpec,
-    Hooks,
-    PathDriver,
-    SessionPlan,
-    StopTLSUnsupported,
-    failed,
-)
-from starttls_harness.servers.base import STRICT, Behaviour, behaviour_named
-from starttls_harness.tls.aio import SwitchableTransport, Timeouts, open_connection
+from starttls_harness.dialects.roles import PATH_MESSAGE, ClientOutcome, Hooks, SessionPlan
+from starttls_harness.servers.base import Behaviour
 from starttls_harness.tls.engine import (
-    CloseNotifyReceived,
     ClosureComplete,
     Event,
     HandshakeComplete,
     Rule,
     TransitionError,
 )
-from starttls_harness.tls.states import State
 
 __all__ = [
     "BEHAVIOURS",
@@ -84,42 +79,15 @@ __all__ = [
     "reference_session",
 ]
 
-BEHAVIOURS: Dict[str, Behaviour] = {
-    b.name: b
-    for b in (
-        STRICT,
-        Behaviour(
-            "accept-injected-response",
-            Rule.R1,
-            "takes plaintext sent after the StartTLS response as a TLS response",
-            (Rule.R1,),
-        ),
-        Behaviour(
-            "plaintext-in-tls",
-            Rule.R2,
-            "takes plaintext received while TLS is up as a response",
-            (Rule.R2,),
-        ),
-        Behaviour(
-            "one-sided-close",
-            Rule.R4,
-            "sends the next request right after its close_notify without waiting",
-            (Rule.R4,),
-        ),
-        Behaviour(
-            "no-close-notify-reply",
-            Rule.R5,
-            "closes TCP instead of answering the server's close_notify",
-            (Rule.R5,),
-        ),
-        Behaviour("no-state-reset", Rule.R8, "trusts the plaintext root DSE after StartTLS"),
-        Behaviour(
-            "downgrade",
-            Rule.R9,
-            "binds in plaintext when StartTLS is not offered or refused despite require_tls",
-        ),
-    )
-}
+BEHAVIOURS: Dict[str, Behaviour] = client_modes(
+    {
+        Rule.R1: "takes plaintext sent after the StartTLS response as a TLS response",
+        Rule.R2: "takes plaintext received while TLS is up as a response",
+        Rule.R4: "sends the next request right after its close_notify without waiting",
+        Rule.R8: "trusts the plaintext root DSE after StartTLS",
+        Rule.R9: "binds in plaintext when StartTLS is not offered or refused despite require_tls",
+    }
+)
 
 
 class LdapError(Exception):
@@ -138,56 +106,31 @@ class RemovalNotSupported(LdapError):
     """The server does not say that it removes the TLS layer."""
 
 
-class _ClientProtocol(asyncio.Protocol):
-    """Buffers the server's bytes; watches the engine for closures."""
+class _ReplyReader:
+    """The server's bytes, read as whole answers (BER LDAP messages, cut by the codec)."""
 
-    def __init__(self, behaviour: Behaviour) -> None:
-        self.behaviour = behaviour
+    def __init__(self) -> None:
         self.buf = bytearray()
+        #: Set at every arrival, end and engine event (the client waits on it).
         self.changed = asyncio.Event()
         self.ended: Optional[BaseException] = None
-        self.transport: Optional[SwitchableTransport] = None
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        #: Removals of the TLS layer completed (either side started them).
-        self.removals = 0
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, SwitchableTransport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> None:
         self.buf += data
         self.changed.set()
 
-    def eof_received(self) -> None:
-        self._end(ConnectionResetError("the server closed the connection"))
+    def feed_eof(self) -> None:
+        self.set_exception(ConnectionResetError("the server closed the connection"))
 
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        self._end(exc or ConnectionResetError("the server closed the connection"))
-        if not self.lost.done():
-            self.lost.set_result(None)
-
-    def _end(self, exc: BaseException) -> None:
+    def set_exception(self, exc: BaseException) -> None:
         if self.ended is None:
             self.ended = exc
         self.changed.set()
 
-    def engine_event(self, event: Event) -> None:
-        t = self.transport
-        if isinstance(event, HandshakeComplete) and t is not None:
-            # RFC 4511 §4.14.3: the server may remove the TLS layer at any time.
-            with contextlib.suppress(TransitionError):
-                t.engine.accept_unwrap()
-        elif isinstance(event, ClosureComplete) and event.resumed:
-            self.removals += 1
-        elif (
-            isinstance(event, CloseNotifyReceived)
-            and not self.behaviour.policy.enforces(Rule.R5)
-            and t is not None
-            and t.engine.state is State.CLOSE_RECEIVED
-        ):
-            t.close()  # no-close-notify-reply: hang up instead
-        self.changed.set()
+    def take_pending(self) -> bytes:
+        data = bytes(self.buf)
+        self.buf.clear()
+        return data
 
     async def reply(self, timeout: float) -> LdapReply:
         """The next complete answer (a search's entries and its done, or one response)."""
@@ -210,63 +153,46 @@ class _ClientProtocol(asyncio.Protocol):
                 await asyncio.wait_for(self.changed.wait(), remaining)
 
 
-class LdapClient:
+class _ClientProtocol(PeerProtocol[_ReplyReader]):
+    """The peer protocol on the reply reader; accepts the server's removal of TLS."""
+
+    def __init__(self, behaviour: Behaviour) -> None:
+        super().__init__(behaviour, _ReplyReader())
+        #: Removals of the TLS layer completed (either side started them).
+        self.removals = 0
+
+    def engine_event(self, event: Event) -> None:
+        t = self.transport
+        if isinstance(event, HandshakeComplete) and t is not None:
+            # RFC 4511 §4.14.3: the server may remove the TLS layer at any time.
+            with contextlib.suppress(TransitionError):
+                t.engine.accept_unwrap()
+        elif isinstance(event, ClosureComplete) and event.resumed:
+            self.removals += 1
+        super().engine_event(event)
+        self.reader.changed.set()
+
+
+class LdapClient(PeerClient):
     """An LDAP client on the switchable transport; create it with :meth:`connect`."""
 
-    def __init__(
-        self,
-        transport: SwitchableTransport,
-        protocol: _ClientProtocol,
-        *,
-        behaviour: Behaviour = STRICT,
-        ssl_context: Optional[ssl.SSLContext] = None,
-        server_hostname: Optional[str] = None,
-        require_tls: bool = True,
-        timeout: float = 10.0,
-    ) -> None:
-        self.transport = transport
-        self.protocol = protocol
-        self.behaviour = behaviour
-        self.ssl_context = ssl_context
-        self.server_hostname = server_hostname
-        self.require_tls = require_tls
-        self.timeout = timeout
+    protocol: _ClientProtocol
+    behaviours = BEHAVIOURS
+    error = LdapError
+    tls_required = TLSRequired
+    stoptls_unsupported = RemovalNotSupported
+    stoptls_missing = "the server does not say that it removes the TLS layer"
+
+    def _setup(self) -> None:
         #: What the root DSE said in the current phase (None: not read).
         self.capabilities: Optional[FrozenSet[str]] = None
         self.bound = False
-        self.upgrades = 0
-        self.downgraded: Optional[str] = None
         self._seen_removals = 0
         self._credentials: Optional[Tuple[str, str]] = None
 
     @classmethod
-    async def connect(
-        cls,
-        host: str,
-        port: int,
-        *,
-        ssl_context: Optional[ssl.SSLContext] = None,
-        server_hostname: Optional[str] = None,
-        require_tls: bool = True,
-        behaviour: str = "strict",
-        timeout: float = 10.0,
-        timeouts: Optional[Timeouts] = None,
-    ) -> LdapClient:
-        """Connect (an LDAP server says nothing until asked)."""
-        chosen = behaviour_named(BEHAVIOURS, behaviour)
-        protocol = _ClientProtocol(chosen)
-        transport, _ = await open_connection(
-            lambda: protocol, host, port, policy=chosen.policy, timeouts=timeouts or Timeouts()
-        )
-        return cls(
-            transport,
-            protocol,
-            behaviour=chosen,
-            ssl_context=ssl_context,
-            server_hostname=server_hostname or host,
-            require_tls=require_tls,
-            timeout=timeout,
-        )
+    def _new_protocol(cls, behaviour: Behaviour, options: Dict[str, Any]) -> _ClientProtocol:
+        return _ClientProtocol(behaviour)  # an LDAP server says nothing until asked
 
     # ----------------------------------------------------------- requests
 
@@ -282,11 +208,7 @@ class LdapClient:
 
     async def starttls(self, ssl_context: Optional[ssl.SSLContext] = None) -> bool:
         """The StartTLS extended operation; True once TLS is up (False only for ``downgrade``)."""
-        context = ssl_context or self.ssl_context
-        if context is None:
-            raise ValueError("no ssl_context given")
-        if self.transport.tls_active:
-            raise LdapError("TLS is already active")
+        context = self._upgrade_context(ssl_context)
         self._note_removal()
         caps = await self._known_capabilities()
         if "STARTTLS" not in caps:
@@ -295,27 +217,14 @@ class LdapClient:
         # R1: whatever follows the StartTLS response is held, not read.
         self.transport.hold_after(LDAP.final_line_of(request), once=True, framer=BerFramer())
         self._write(request)
-        final = _final(await self.protocol.reply(self.timeout))
+        final = _final(await self.protocol.reader.reply(self.timeout))
         if final.op != EXTENDED_RESPONSE or final.msgid != STARTTLS_ID:
             self.transport.abort()
             raise LdapError(f"unexpected answer to StartTLS: {final.describe()}")
         if final.result != SUCCESS:
             self.transport.release_held()
             return self._without_tls(f"StartTLS refused: {final.describe()}")
-        leftover = bytes(self.protocol.buf)
-        self.protocol.buf.clear()
-        try:
-            await self.transport.start_tls(
-                context,
-                server_side=False,
-                server_hostname=self.server_hostname,
-                leftover=leftover,
-                timeout=self.timeout,
-            )
-        except (ConnectionError, asyncio.TimeoutError, ssl.SSLError) as exc:
-            self.transport.abort()
-            raise TLSRequired(f"TLS could not be started: {exc}") from exc
-        self.upgrades += 1
+        await self._handshake(context)
         if self._transition():
             await self.root_dse()
         return True
@@ -326,8 +235,8 @@ class LdapClient:
             raise LdapError("there is no TLS layer to remove")
         caps = await self._known_capabilities()
         if "STOPTLS" not in caps:
-            raise RemovalNotSupported("the server does not say that it removes the TLS layer")
-        if self.protocol.buf:
+            raise RemovalNotSupported(self.stoptls_missing)
+        if self.protocol.reader.buf:
             self.transport.abort()
             raise LdapError("unanswered data pending before the removal")
         if self.behaviour.name == "one-sided-close":
@@ -337,12 +246,16 @@ class LdapClient:
                 self.transport.write(LDAP.hello())
             await self._until_removed()
             self._transition()
-            self.capabilities = LDAP.capabilities(await self.protocol.reply(self.timeout))
+            self.capabilities = LDAP.capabilities(await self.protocol.reader.reply(self.timeout))
             return
         await self.transport.unwrap(timeout=self.timeout)
         self._seen_removals = self.protocol.removals
         if self._transition():
             await self.root_dse()
+
+    async def stoptls(self) -> None:
+        """The harness's return to plaintext: :meth:`remove_tls`."""
+        await self.remove_tls()
 
     async def bind(self, user: str, password: str) -> None:
         """Simple bind; refused locally in plaintext (R9)."""
@@ -377,16 +290,7 @@ class LdapClient:
             self._write(LDAP.quit())
         await self.aclose()
 
-    def close(self) -> None:
-        self.transport.close()
-
-    async def aclose(self) -> None:
-        """Close and wait (bounded) until the connection is gone."""
-        self.transport.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(self.protocol.lost), self.timeout)
-        except asyncio.TimeoutError:
-            self.transport.abort()
+    goodbye = unbind
 
     # ------------------------------------------------------- internals
 
@@ -394,13 +298,14 @@ class LdapClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         while self.transport.tls_active:
-            if self.protocol.ended is not None:
-                raise self.protocol.ended
+            reader = self.protocol.reader
+            if reader.ended is not None:
+                raise reader.ended
             if loop.time() >= deadline:
                 raise asyncio.TimeoutError("the server did not answer close_notify")
-            self.protocol.changed.clear()
+            reader.changed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.protocol.changed.wait(), deadline - loop.time())
+                await asyncio.wait_for(reader.changed.wait(), deadline - loop.time())
         self._seen_removals = self.protocol.removals
 
     async def _ensure_tls(self) -> bool:
@@ -419,35 +324,23 @@ class LdapClient:
             self._seen_removals = self.protocol.removals
             self._transition()
 
-    def _without_tls(self, reason: str) -> bool:
-        if self.behaviour.name == "downgrade":
-            self.downgraded = reason
-            return False
-        if self.require_tls:
-            self.transport.close()
-        raise TLSRequired(reason)
-
-    def _transition(self) -> bool:
-        """R8 after StartTLS and the removal; False when ``no-state-reset`` keeps it."""
-        if self.behaviour.name == "no-state-reset":
-            return False
+    def _forget(self) -> None:
+        """R8 after StartTLS and the removal: the root DSE and the bind."""
         self.capabilities = None
         self.bound = False
-        return True
+
+    def _return_offered(self) -> bool:
+        # A layer the server removed itself is not removed again: add() starts TLS.
+        return "STOPTLS" in (self.capabilities or frozenset()) and self.transport.tls_active
 
     async def _known_capabilities(self) -> FrozenSet[str]:
         if self.capabilities is None:
             return await self.root_dse()
         return self.capabilities
 
-    def _write(self, data: bytes) -> None:
-        if self.transport.is_closing():
-            raise ConnectionResetError("the connection is closed")
-        self.transport.write(data)
-
     async def _request(self, request: bytes, msgid: int, op: Optional[int] = None) -> LdapReply:
         self._write(request)
-        answer = await self.protocol.reply(self.timeout)
+        answer = await self.protocol.reader.reply(self.timeout)
         final = _final(answer)
         if final.msgid != msgid:
             raise LdapError(f"answer to another request: {final.describe()}")
@@ -474,12 +367,6 @@ class _PathDriver(PeerPathDriver[LdapClient]):
     async def command(self, hooks: Hooks) -> None:
         await self._client().search_root()
 
-    async def stoptls(self, hooks: Hooks) -> None:
-        try:
-            await self._client().remove_tls()
-        except RemovalNotSupported as exc:
-            raise StopTLSUnsupported(str(exc)) from exc
-
     async def send_unit(self, hooks: Hooks) -> None:
         """An AddRequest over two TLS records: FIN replaces the second."""
         client = self._client()
@@ -495,13 +382,10 @@ class _PathDriver(PeerPathDriver[LdapClient]):
         hooks.arm(nth=2)
         await client.read(b"cn=path-unit,dc=example,dc=invalid")
 
-    async def quit(self, hooks: Hooks) -> None:
-        await self._client().unbind()
 
-
-def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
-    """The reference client as the path role's client under test (it binds)."""
-    return _PathDriver(LdapClient.connect, spec, behaviour, user, password)
+#: The reference client as the path role's client under test (it binds):
+#: ``path_driver(spec, behaviour, user, password)``.
+path_driver = functools.partial(_PathDriver, LdapClient)
 
 
 async def reference_session(plan: SessionPlan) -> ClientOutcome:
@@ -510,37 +394,17 @@ async def reference_session(plan: SessionPlan) -> ClientOutcome:
     Root DSE, StartTLS, root DSE, bind; while the server offers it, ``cycles``
     times: remove the TLS layer, StartTLS again, bind; add the entry; unbind.
     """
-    errors = (LdapError, ConnectionError, OSError, asyncio.TimeoutError, RuntimeError)
-    try:
-        client = await LdapClient.connect(
-            plan.host,
-            plan.port,
-            ssl_context=plan.tls_context,
-            server_hostname="localhost",
-            require_tls=True,
-            behaviour=plan.behaviour,
-            timeout=plan.timeout,
-            timeouts=plan.timeouts,
-        )
-    except errors as exc:
-        return failed(exc)
-    done = 0
-    try:
-        await client.starttls()
+
+    async def login(client: LdapClient) -> None:
         await client.bind(plan.user, plan.password)
-        for _ in range(plan.cycles):
-            if "STOPTLS" not in (client.capabilities or frozenset()):
-                break
-            if not client.transport.tls_active:
-                break  # the server removed the layer itself: add() starts TLS again
-            await client.remove_tls()
-            await client.starttls()
-            await client.bind(plan.user, plan.password)
-            done += 1
+
+    async def store(client: LdapClient) -> None:
         await client.add(b"cn=" + plan.recipient.encode() + b",dc=example,dc=invalid", plan.message)
-        await client.unbind()
-    except errors as exc:
-        return failed(exc)
-    finally:
-        client.close()
-    return ClientOutcome(True, f"entry added after {done} removal(s) of the TLS layer")
+
+    return await run_reference_session(
+        LdapClient,
+        plan,
+        login=login,
+        store=store,
+        done="entry added after {n} removal(s) of the TLS layer",
+    )

@@ -37,20 +37,14 @@ plaintext, AUTHINFO in the clear, when STARTTLS is missing or refused).
 from __future__ import annotations
 
 import base64
+import functools
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Dict, List, Optional, Tuple
 
 from starttls_harness.clients.imap import BEHAVIOURS as IMAP_CLIENT_BEHAVIOURS
 from starttls_harness.clients.lines import LineClient, LinePathDriver, run_reference_session
 from starttls_harness.dialects.nntp import NEWSGROUP, is_multiline
-from starttls_harness.dialects.roles import (
-    PATH_MESSAGE,
-    ClientOutcome,
-    ClientSpec,
-    Hooks,
-    PathDriver,
-    SessionPlan,
-)
+from starttls_harness.dialects.roles import PATH_MESSAGE, ClientOutcome, Hooks, SessionPlan
 from starttls_harness.servers.base import Behaviour
 
 __all__ = [
@@ -176,6 +170,8 @@ class NntpClient(LineClient):
         await self.aclose()
         return response
 
+    goodbye = quit
+
     # ------------------------------------------------------------ hooks
 
     async def _greet(self) -> None:
@@ -270,13 +266,10 @@ class _PathDriver(LinePathDriver[NntpClient]):
         hooks.arm(nth=2)
         await self._client().capability()
 
-    async def quit(self, hooks: Hooks) -> None:
-        await self._client().quit()
 
-
-def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
-    """The reference client as the path role's client under test."""
-    return _PathDriver(NntpClient, spec, behaviour, user, password)
+#: The reference client as the path role's client under test:
+#: ``path_driver(spec, behaviour, user, password)``.
+path_driver = functools.partial(_PathDriver, NntpClient)
 
 
 async def reference_session(plan: SessionPlan) -> ClientOutcome:
@@ -298,6 +291,5 @@ async def reference_session(plan: SessionPlan) -> ClientOutcome:
         plan,
         login=login,
         store=store,
-        goodbye=NntpClient.quit,
         done="article posted after {n} STOPTLS cycle(s)",
     )

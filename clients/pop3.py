@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import ssl
 from typing import Awaitable, Callable, Dict, FrozenSet, List, Optional, Tuple
 
@@ -34,14 +35,7 @@ from starttls_harness.clients.lines import (
     run_reference_session,
 )
 from starttls_harness.dialects.pop3 import dot_stuff
-from starttls_harness.dialects.roles import (
-    PATH_MESSAGE,
-    ClientOutcome,
-    ClientSpec,
-    Hooks,
-    PathDriver,
-    SessionPlan,
-)
+from starttls_harness.dialects.roles import PATH_MESSAGE, ClientOutcome, Hooks, SessionPlan
 from starttls_harness.servers.base import Behaviour
 
 __all__ = [
@@ -84,7 +78,6 @@ class Pop3Client(LineClient):
     behaviours = BEHAVIOURS
     error = Pop3Error
     tls_required = TLSRequired
-    starttls_error = TLSRequired
     stoptls_unsupported = StopTLSNotSupported
     upgrade_name = "STLS"
     stoptls_missing = "the server does not list STOPTLS"
@@ -144,6 +137,8 @@ class Pop3Client(LineClient):
         with contextlib.suppress(CommandError):
             await self._simple(b"QUIT")
         await self.aclose()
+
+    goodbye = quit
 
     # ------------------------------------------------------------ hooks
 
@@ -240,13 +235,10 @@ class _PathDriver(LinePathDriver[Pop3Client]):
         hooks.arm(nth=2)
         await client.retr(1)
 
-    async def quit(self, hooks: Hooks) -> None:
-        await self._client().quit()
 
-
-def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
-    """The reference client as the path role's client under test (it logs in)."""
-    return _PathDriver(Pop3Client, spec, behaviour, user, password)
+#: The reference client as the path role's client under test (it logs in):
+#: ``path_driver(spec, behaviour, user, password)``.
+path_driver = functools.partial(_PathDriver, Pop3Client)
 
 
 async def reference_session(plan: SessionPlan) -> ClientOutcome:
@@ -266,6 +258,5 @@ async def reference_session(plan: SessionPlan) -> ClientOutcome:
         plan,
         login=login,
         store=store,
-        goodbye=Pop3Client.quit,
         done="message sent after {n} STOPTLS cycle(s)",
     )

@@ -24,13 +24,19 @@ session and sends its password in plaintext).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import functools
 import ssl
 import struct
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-from starttls_harness.clients.lines import PeerPathDriver
+from starttls_harness.clients.peer import (
+    PeerClient,
+    PeerPathDriver,
+    PeerProtocol,
+    client_modes,
+    run_reference_session,
+)
 from starttls_harness.dialects.postgres import (
     PostgresFramer,
     error_fields,
@@ -40,21 +46,11 @@ from starttls_harness.dialects.postgres import (
     startup,
     terminate,
 )
-from starttls_harness.dialects.roles import (
-    PATH_MESSAGE,
-    ClientOutcome,
-    ClientSpec,
-    Hooks,
-    PathDriver,
-    SessionPlan,
-    StopTLSUnsupported,
-    failed,
-)
-from starttls_harness.servers.base import STRICT, Behaviour, behaviour_named
+from starttls_harness.dialects.roles import PATH_MESSAGE, ClientOutcome, Hooks, SessionPlan
+from starttls_harness.servers.base import Behaviour
 from starttls_harness.servers.imapsyntax import IncompleteRead, LineReader
-from starttls_harness.tls.aio import ConnectionEnded, SwitchableTransport, Timeouts, open_connection
-from starttls_harness.tls.engine import CloseNotifyReceived, Event, Rule
-from starttls_harness.tls.states import State
+from starttls_harness.tls.aio import ConnectionEnded
+from starttls_harness.tls.engine import Rule
 
 __all__ = [
     "BEHAVIOURS",
@@ -67,41 +63,14 @@ __all__ = [
     "reference_session",
 ]
 
-BEHAVIOURS: Dict[str, Behaviour] = {
-    b.name: b
-    for b in (
-        STRICT,
-        Behaviour(
-            "accept-injected-response",
-            Rule.R1,
-            "reads bytes glued to the S answer as TLS data (libpq < 14.1, CVE-2021-23222)",
-            (Rule.R1,),
-        ),
-        Behaviour(
-            "plaintext-in-tls",
-            Rule.R2,
-            "takes plaintext received while TLS is up as a response",
-            (Rule.R2,),
-        ),
-        Behaviour(
-            "no-close-notify-reply",
-            Rule.R5,
-            "closes TCP instead of answering the server's close_notify",
-            (Rule.R5,),
-        ),
-        Behaviour(
-            "ignore-truncation",
-            Rule.R6,
-            "takes an answer cut by EOF under TLS as complete",
-            (Rule.R6,),
-        ),
-        Behaviour(
-            "downgrade",
-            Rule.R9,
-            "starts the session and sends its password in plaintext after N",
-        ),
-    )
-}
+BEHAVIOURS: Dict[str, Behaviour] = client_modes(
+    {
+        Rule.R1: "reads bytes glued to the S answer as TLS data (libpq < 14.1, CVE-2021-23222)",
+        Rule.R2: "takes plaintext received while TLS is up as a response",
+        Rule.R6: "takes an answer cut by EOF under TLS as complete",
+        Rule.R9: "starts the session and sends its password in plaintext after N",
+    }
+)
 
 #: Largest backend message the client accepts (bytes).
 _MAX_MESSAGE = 1 << 24
@@ -127,104 +96,33 @@ class _Cut(PgError):
     """The connection ended in the middle of an answer (ignore-truncation takes it)."""
 
 
-class _ClientProtocol(asyncio.Protocol):
-    """Feeds the reader; answers (or, misbehaving, ignores) the server's close_notify."""
-
-    def __init__(self, behaviour: Behaviour) -> None:
-        self.behaviour = behaviour
-        self.reader = LineReader(_MAX_MESSAGE)
-        self.transport: Optional[SwitchableTransport] = None
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, SwitchableTransport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-
-    def eof_received(self) -> None:
-        self.reader.feed_eof()
-
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        self.reader.set_exception(exc or ConnectionResetError("the server closed the connection"))
-        if not self.lost.done():
-            self.lost.set_result(None)
-
-    def engine_event(self, event: Event) -> None:
-        if (
-            isinstance(event, CloseNotifyReceived)
-            and not self.behaviour.policy.enforces(Rule.R5)
-            and self.transport is not None
-            and self.transport.engine.state is State.CLOSE_RECEIVED
-        ):
-            self.transport.close()  # no-close-notify-reply: hang up instead
-
-
-class PgClient:
+class PgClient(PeerClient):
     """A PostgreSQL client on the switchable transport; create it with :meth:`connect`."""
 
-    def __init__(
-        self,
-        transport: SwitchableTransport,
-        protocol: _ClientProtocol,
-        *,
-        behaviour: Behaviour = STRICT,
-        ssl_context: Optional[ssl.SSLContext] = None,
-        server_hostname: Optional[str] = None,
-        require_tls: bool = True,
-        timeout: float = 10.0,
-    ) -> None:
-        self.transport = transport
-        self.protocol = protocol
-        self.behaviour = behaviour
-        self.ssl_context = ssl_context
-        self.server_hostname = server_hostname
-        self.require_tls = require_tls
-        self.timeout = timeout
+    protocol: PeerProtocol[LineReader]
+    behaviours = BEHAVIOURS
+    error = PgError
+    tls_required = TLSRequired
+    stoptls_unsupported = StopTLSNotSupported
+    stoptls_missing = "PostgreSQL has no return to plaintext"
+    already_tls = "SSLRequest only comes first"
+
+    def _setup(self) -> None:
         self.parameters: Dict[str, str] = {}
         self.started = False
-        self.upgrades = 0
-        self.downgraded: Optional[str] = None
 
     @classmethod
-    async def connect(
-        cls,
-        host: str,
-        port: int,
-        *,
-        ssl_context: Optional[ssl.SSLContext] = None,
-        server_hostname: Optional[str] = None,
-        require_tls: bool = True,
-        behaviour: str = "strict",
-        timeout: float = 10.0,
-        timeouts: Optional[Timeouts] = None,
-    ) -> PgClient:
-        """Connect (the client speaks first: nothing is read)."""
-        chosen = behaviour_named(BEHAVIOURS, behaviour)
-        protocol = _ClientProtocol(chosen)
-        transport, _ = await open_connection(
-            lambda: protocol, host, port, policy=chosen.policy, timeouts=timeouts or Timeouts()
-        )
-        return cls(
-            transport,
-            protocol,
-            behaviour=chosen,
-            ssl_context=ssl_context,
-            server_hostname=server_hostname or host,
-            require_tls=require_tls,
-            timeout=timeout,
-        )
+    def _new_protocol(
+        cls, behaviour: Behaviour, options: Dict[str, Any]
+    ) -> PeerProtocol[LineReader]:
+        # The client speaks first: nothing is read at connection start.
+        return PeerProtocol(behaviour, LineReader(_MAX_MESSAGE))
 
     # ----------------------------------------------------------- requests
 
     async def starttls(self, ssl_context: Optional[ssl.SSLContext] = None) -> bool:
         """SSLRequest and the handshake; True once TLS is up (False only for ``downgrade``)."""
-        context = ssl_context or self.ssl_context
-        if context is None:
-            raise ValueError("no ssl_context given")
-        if self.transport.tls_active or self.started:
-            raise PgError("SSLRequest only comes first")
+        context = self._upgrade_context(ssl_context)
         # R1: whatever follows the one-byte answer is held, not read.
         self.transport.hold_after(lambda unit: True, once=True, framer=PostgresFramer())
         self._write(ssl_request())
@@ -235,19 +133,7 @@ class PgClient:
                 self.protocol.reader.take_pending()  # the refusal's text: carry on regardless
             shown = "N" if answer == b"N" else repr(answer)
             return self._without_tls(f"SSLRequest answered {shown}")
-        leftover = self.protocol.reader.take_pending()
-        try:
-            await self.transport.start_tls(
-                context,
-                server_side=False,
-                server_hostname=self.server_hostname,
-                leftover=leftover,
-                timeout=self.timeout,
-            )
-        except (ConnectionError, asyncio.TimeoutError, ssl.SSLError) as exc:
-            self.transport.abort()
-            raise TLSRequired(f"TLS could not be started: {exc}") from exc
-        self.upgrades += 1
+        await self._handshake(context)
         return True
 
     async def start(self, user: str, password: str, database: str = "postgres") -> None:
@@ -298,39 +184,17 @@ class PgClient:
         text = data.decode("latin-1").replace("'", "''")
         await self.query(f"INSERT INTO messages VALUES ('{text}')")
 
-    async def stoptls(self) -> None:
-        raise StopTLSNotSupported("PostgreSQL has no return to plaintext")
-
     async def quit(self) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
             self._write(terminate())
         await self.aclose()
 
-    def close(self) -> None:
-        self.transport.close()
-
-    async def aclose(self) -> None:
-        """Close and wait (bounded) until the connection is gone."""
-        self.transport.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(self.protocol.lost), self.timeout)
-        except asyncio.TimeoutError:
-            self.transport.abort()
+    goodbye = quit
 
     # ------------------------------------------------------- internals
 
-    def _without_tls(self, reason: str) -> bool:
-        if self.behaviour.name == "downgrade":
-            self.downgraded = reason
-            return False
-        if self.require_tls:
-            self.transport.close()
-        raise TLSRequired(reason)
-
-    def _write(self, data: bytes) -> None:
-        if self.transport.is_closing():
-            raise ConnectionResetError("the connection is closed")
-        self.transport.write(data)
+    def _upgraded(self) -> bool:
+        return self.transport.tls_active or self.started
 
     async def _message(self) -> Tuple[bytes, bytes]:
         """One typed backend message; a FATAL error raises at once."""
@@ -386,9 +250,6 @@ class _PathDriver(PeerPathDriver[PgClient]):
     async def command(self, hooks: Hooks) -> None:
         await self._client().query("SELECT 1")
 
-    async def stoptls(self, hooks: Hooks) -> None:
-        raise StopTLSUnsupported("PostgreSQL has no return to plaintext")
-
     async def send_unit(self, hooks: Hooks) -> None:
         """An INSERT over two records: FIN replaces the second."""
         hooks.arm(nth=2)
@@ -402,39 +263,29 @@ class _PathDriver(PeerPathDriver[PgClient]):
         hooks.arm(nth=2)
         await client.query(sql)
 
-    async def quit(self, hooks: Hooks) -> None:
-        await self._client().quit()
 
-
-def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
-    """The reference client as the path role's client under test."""
-    return _PathDriver(PgClient.connect, spec, behaviour, user, password)
+#: The reference client as the path role's client under test:
+#: ``path_driver(spec, behaviour, user, password)``.
+path_driver = functools.partial(_PathDriver, PgClient)
 
 
 async def reference_session(plan: SessionPlan) -> ClientOutcome:
-    """The reference client's normal session against the scripted server."""
-    errors = (PgError, ConnectionError, OSError, asyncio.TimeoutError, RuntimeError)
-    try:
-        client = await PgClient.connect(
-            plan.host,
-            plan.port,
-            ssl_context=plan.tls_context,
-            server_hostname="localhost",
-            require_tls=True,
-            behaviour=plan.behaviour,
-            timeout=plan.timeout,
-            timeouts=plan.timeouts,
-        )
-    except errors as exc:
-        return failed(exc)
-    try:
-        await client.starttls()
+    """The reference client's normal session against the scripted server.
+
+    SSLRequest, startup and login under TLS, an INSERT, Terminate (no return
+    to plaintext in PostgreSQL).
+    """
+
+    async def login(client: PgClient) -> None:
         await client.start(plan.user, plan.password)
+
+    async def store(client: PgClient) -> None:
         await client.insert(plan.message)
-        with contextlib.suppress(*errors):
-            await client.quit()
-    except errors as exc:
-        return failed(exc)
-    finally:
-        client.close()
-    return ClientOutcome(True, "message stored (PostgreSQL: no STOPTLS cycle)")
+
+    return await run_reference_session(
+        PgClient,
+        plan,
+        login=login,
+        store=store,
+        done="message stored (PostgreSQL: no STOPTLS cycle)",
+    )

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
@@ -36,14 +37,7 @@ from starttls_harness.clients.lines import (
     client_behaviours,
     run_reference_session,
 )
-from starttls_harness.dialects.roles import (
-    PATH_MESSAGE,
-    ClientOutcome,
-    ClientSpec,
-    Hooks,
-    PathDriver,
-    SessionPlan,
-)
+from starttls_harness.dialects.roles import PATH_MESSAGE, ClientOutcome, Hooks, SessionPlan
 from starttls_harness.dialects.sieve import final_status, quoted, response_tag
 from starttls_harness.servers.base import Behaviour
 
@@ -119,7 +113,6 @@ class SieveClient(LineClient):
     behaviours = BEHAVIOURS
     error = SieveError
     tls_required = TLSRequired
-    starttls_error = TLSRequired
     stoptls_unsupported = StopTLSNotSupported
     stoptls_missing = "the server does not list STOPTLS"
 
@@ -203,6 +196,8 @@ class SieveClient(LineClient):
         with contextlib.suppress(CommandError):
             await self._run(b"LOGOUT\r\n")
         await self.aclose()
+
+    goodbye = logout
 
     # ------------------------------------------------------------ hooks
 
@@ -314,13 +309,10 @@ class _PathDriver(LinePathDriver[SieveClient]):
         hooks.arm(nth=2)
         await client.getscript("path")
 
-    async def quit(self, hooks: Hooks) -> None:
-        await self._client().logout()
 
-
-def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
-    """The reference client as the path role's client under test (it authenticates)."""
-    return _PathDriver(SieveClient, spec, behaviour, user, password)
+#: The reference client as the path role's client under test (it authenticates):
+#: ``path_driver(spec, behaviour, user, password)``.
+path_driver = functools.partial(_PathDriver, SieveClient)
 
 
 async def reference_session(plan: SessionPlan) -> ClientOutcome:
@@ -341,6 +333,5 @@ async def reference_session(plan: SessionPlan) -> ClientOutcome:
         plan,
         login=login,
         store=store,
-        goodbye=SieveClient.logout,
         done="script stored after {n} STOPTLS cycle(s)",
     )

@@ -24,22 +24,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import ssl
 import xml.etree.ElementTree as ET
-from typing import Dict, FrozenSet, List, Optional
+from typing import Any, Dict, FrozenSet, List, Optional
 
-from starttls_harness.clients.lines import PeerPathDriver
-from starttls_harness.dialects.roles import (
-    PATH_MESSAGE,
-    ClientOutcome,
-    ClientSpec,
-    Hooks,
-    PathDriver,
-    SessionPlan,
-    StopTLSUnsupported,
-    failed,
+from starttls_harness.clients.peer import (
+    PeerClient,
+    PeerPathDriver,
+    PeerProtocol,
+    client_modes,
+    run_reference_session,
 )
+from starttls_harness.dialects.roles import PATH_MESSAGE, ClientOutcome, Hooks, SessionPlan
 from starttls_harness.dialects.xmpp import (
     BIND_NS,
     DOMAIN,
@@ -55,11 +53,10 @@ from starttls_harness.dialects.xmpp import (
     sasl_plain,
     stream_header,
 )
-from starttls_harness.servers.base import STRICT, Behaviour, behaviour_named
+from starttls_harness.servers.base import Behaviour
 from starttls_harness.servers.xmpp import Truncated, UnitReader
-from starttls_harness.tls.aio import ConnectionEnded, SwitchableTransport, Timeouts, open_connection
-from starttls_harness.tls.engine import CloseNotifyReceived, Event, Rule
-from starttls_harness.tls.states import State
+from starttls_harness.tls.aio import ConnectionEnded
+from starttls_harness.tls.engine import Rule
 
 __all__ = [
     "BEHAVIOURS",
@@ -72,41 +69,16 @@ __all__ = [
     "reference_session",
 ]
 
-BEHAVIOURS: Dict[str, Behaviour] = {
-    b.name: b
-    for b in (
-        STRICT,
-        Behaviour(
-            "accept-injected-response",
-            Rule.R1,
-            "reads bytes glued to <proceed/> as the answer to its restarted stream",
-            (Rule.R1,),
+BEHAVIOURS: Dict[str, Behaviour] = client_modes(
+    {
+        Rule.R1: "reads bytes glued to <proceed/> as the answer to its restarted stream",
+        Rule.R2: "takes plaintext received while TLS is up as the server's",
+        Rule.R6: "takes a receipt cut by EOF under TLS as complete",
+        Rule.R9: (
+            "authenticates in plaintext when STARTTLS is missing, refused or not marked required"
         ),
-        Behaviour(
-            "plaintext-in-tls",
-            Rule.R2,
-            "takes plaintext received while TLS is up as the server's",
-            (Rule.R2,),
-        ),
-        Behaviour(
-            "no-close-notify-reply",
-            Rule.R5,
-            "closes TCP instead of answering the server's close_notify",
-            (Rule.R5,),
-        ),
-        Behaviour(
-            "ignore-truncation",
-            Rule.R6,
-            "takes a receipt cut by EOF under TLS as complete",
-            (Rule.R6,),
-        ),
-        Behaviour(
-            "downgrade",
-            Rule.R9,
-            "authenticates in plaintext when STARTTLS is missing, refused or not marked required",
-        ),
-    )
-}
+    }
+)
 
 #: Largest unit the client reads (bytes).
 _MAX_UNIT = 1 << 20
@@ -136,112 +108,38 @@ class _Cut(XmppError):
         self.partial = partial
 
 
-class _ClientProtocol(asyncio.Protocol):
-    """Feeds the reader; answers (or, misbehaving, ignores) the server's close_notify."""
-
-    def __init__(self, behaviour: Behaviour) -> None:
-        self.behaviour = behaviour
-        self.reader = UnitReader(XmppFramer(max_unit=_MAX_UNIT))
-        self.transport: Optional[SwitchableTransport] = None
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, SwitchableTransport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-
-    def eof_received(self) -> None:
-        self.reader.feed_eof()
-
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        self.reader.set_exception(exc or ConnectionResetError("the server closed the connection"))
-        if not self.lost.done():
-            self.lost.set_result(None)
-
-    def engine_event(self, event: Event) -> None:
-        if (
-            isinstance(event, CloseNotifyReceived)
-            and not self.behaviour.policy.enforces(Rule.R5)
-            and self.transport is not None
-            and self.transport.engine.state is State.CLOSE_RECEIVED
-        ):
-            self.transport.close()  # no-close-notify-reply: hang up instead
-
-
 def _is_tls_answer(unit: bytes) -> bool:
     return kind_of(parse_unit(unit)) in ("proceed", "failure", "stream-error", "close")
 
 
-class XmppClient:
+class XmppClient(PeerClient):
     """An XMPP client on the switchable transport; create it with :meth:`connect`."""
 
-    def __init__(
-        self,
-        transport: SwitchableTransport,
-        protocol: _ClientProtocol,
-        *,
-        behaviour: Behaviour = STRICT,
-        ssl_context: Optional[ssl.SSLContext] = None,
-        server_hostname: Optional[str] = None,
-        domain: str = DOMAIN,
-        require_tls: bool = True,
-        timeout: float = 10.0,
-    ) -> None:
-        self.transport = transport
-        self.protocol = protocol
-        self.behaviour = behaviour
-        self.ssl_context = ssl_context
-        self.server_hostname = server_hostname
+    protocol: PeerProtocol[UnitReader]
+    behaviours = BEHAVIOURS
+    error = XmppError
+    tls_required = TLSRequired
+    stoptls_unsupported = StopTLSNotSupported
+    stoptls_missing = "XMPP has no return to plaintext"
+    already_tls = "TLS is up already"
+
+    def _setup(self, domain: str = DOMAIN) -> None:
         self.domain = domain
-        self.require_tls = require_tls
-        self.timeout = timeout
         #: The features of the current stream (read afresh at every restart).
         self.features: FrozenSet[str] = frozenset()
         self.stream_ids: List[str] = []
         self.user: Optional[str] = None
         self.jid: Optional[str] = None
-        self.upgrades = 0
-        self.downgraded: Optional[str] = None
         self._ids = itertools.count(1)
 
     @classmethod
-    async def connect(
-        cls,
-        host: str,
-        port: int,
-        *,
-        ssl_context: Optional[ssl.SSLContext] = None,
-        server_hostname: Optional[str] = None,
-        domain: str = DOMAIN,
-        require_tls: bool = True,
-        behaviour: str = "strict",
-        timeout: float = 10.0,
-        timeouts: Optional[Timeouts] = None,
-    ) -> XmppClient:
-        """Connect and open the stream (the client speaks first)."""
-        chosen = behaviour_named(BEHAVIOURS, behaviour)
-        protocol = _ClientProtocol(chosen)
-        transport, _ = await open_connection(
-            lambda: protocol, host, port, policy=chosen.policy, timeouts=timeouts or Timeouts()
-        )
-        client = cls(
-            transport,
-            protocol,
-            behaviour=chosen,
-            ssl_context=ssl_context,
-            server_hostname=server_hostname or host,
-            domain=domain,
-            require_tls=require_tls,
-            timeout=timeout,
-        )
-        try:
-            await client.open_stream()
-        except BaseException:
-            transport.abort()
-            raise
-        return client
+    def _new_protocol(
+        cls, behaviour: Behaviour, options: Dict[str, Any]
+    ) -> PeerProtocol[UnitReader]:
+        return PeerProtocol(behaviour, UnitReader(XmppFramer(max_unit=_MAX_UNIT)))
+
+    async def _greet(self) -> None:
+        await self.open_stream()
 
     # ----------------------------------------------------------- requests
 
@@ -262,11 +160,7 @@ class XmppClient:
 
     async def starttls(self, ssl_context: Optional[ssl.SSLContext] = None) -> bool:
         """``<starttls/>``, the handshake and the stream restart; False only for ``downgrade``."""
-        context = ssl_context or self.ssl_context
-        if context is None:
-            raise ValueError("no ssl_context given")
-        if self.transport.tls_active:
-            raise XmppError("TLS is up already")
+        context = self._upgrade_context(ssl_context)
         if "STARTTLS" not in self.features:
             return self._without_tls("the server offers no STARTTLS")
         if "STARTTLS-REQUIRED" not in self.features and self.behaviour.name == "downgrade":
@@ -282,19 +176,7 @@ class XmppClient:
         if kind_of(answer) != "proceed":
             self.transport.release_held()
             return self._without_tls(f"STARTTLS answered {kind_of(answer)}")
-        leftover = self.protocol.reader.take_pending()
-        try:
-            await self.transport.start_tls(
-                context,
-                server_side=False,
-                server_hostname=self.server_hostname,
-                leftover=leftover,
-                timeout=self.timeout,
-            )
-        except (ConnectionError, asyncio.TimeoutError, ssl.SSLError) as exc:
-            self.transport.abort()
-            raise TLSRequired(f"TLS could not be started: {exc}") from exc
-        self.upgrades += 1
+        await self._handshake(context)
         await self.open_stream()  # RFC 6120 §5.4.3.3: the stream restarts
         return True
 
@@ -352,9 +234,6 @@ class XmppClient:
             if receipt_for(elem) == message_id:
                 return
 
-    async def stoptls(self) -> None:
-        raise StopTLSNotSupported("XMPP has no return to plaintext")
-
     async def quit(self) -> None:
         """Close the stream and wait (bounded) for the server's close."""
         with contextlib.suppress(ConnectionError, RuntimeError):
@@ -364,30 +243,14 @@ class XmppClient:
                     await self._element()
         await self.aclose()
 
-    def close(self) -> None:
-        self.transport.close()
-
-    async def aclose(self) -> None:
-        """Close and wait (bounded) until the connection is gone."""
-        self.transport.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(self.protocol.lost), self.timeout)
-        except asyncio.TimeoutError:
-            self.transport.abort()
+    goodbye = quit
 
     # ------------------------------------------------------- internals
 
     def _without_tls(self, reason: str) -> bool:
-        if self.behaviour.name == "downgrade":
-            self.downgraded = reason
-            return False
-        self.transport.close()
-        raise TLSRequired(reason)
-
-    def _write(self, data: bytes) -> None:
-        if self.transport.is_closing():
-            raise ConnectionResetError("the connection is closed")
-        self.transport.write(data)
+        if self.behaviour.name != "downgrade":
+            self.transport.close()  # refused or not, the stream is over
+        return super()._without_tls(reason)
 
     async def _element(self) -> ET.Element:
         """The next unit as an element; a stream error or close raises."""
@@ -427,9 +290,6 @@ class _PathDriver(PeerPathDriver[XmppClient]):
     async def command(self, hooks: Hooks) -> None:
         await self._client().ping()
 
-    async def stoptls(self, hooks: Hooks) -> None:
-        raise StopTLSUnsupported("XMPP has no return to plaintext")
-
     async def send_unit(self, hooks: Hooks) -> None:
         """A message over two records: FIN replaces the second."""
         hooks.arm(nth=2)
@@ -441,42 +301,35 @@ class _PathDriver(PeerPathDriver[XmppClient]):
         hooks.arm(nth=2)
         await client.echo(PATH_MESSAGE.decode("latin-1"))
 
-    async def quit(self, hooks: Hooks) -> None:
-        await self._client().quit()
 
-
-def path_driver(spec: ClientSpec, behaviour: str, user: str, password: str) -> PathDriver:
-    """The reference client as the path role's client under test."""
-    return _PathDriver(XmppClient.connect, spec, behaviour, user, password)
+#: The reference client as the path role's client under test:
+#: ``path_driver(spec, behaviour, user, password)``.
+path_driver = functools.partial(_PathDriver, XmppClient)
 
 
 async def reference_session(plan: SessionPlan) -> ClientOutcome:
-    """The reference client's normal session against the scripted server."""
-    errors = (XmppError, ConnectionError, OSError, asyncio.TimeoutError, RuntimeError)
-    try:
-        client = await XmppClient.connect(
-            plan.host,
-            plan.port,
-            ssl_context=plan.tls_context,
-            server_hostname="localhost",
-            require_tls=True,
-            behaviour=plan.behaviour,
-            timeout=plan.timeout,
-            timeouts=plan.timeouts,
-        )
-    except errors as exc:
-        return failed(exc)
-    try:
-        await client.starttls()
+    """The reference client's normal session against the scripted server.
+
+    STARTTLS, SASL PLAIN and binding, a message and its receipt, the stream's
+    close (no return to plaintext in XMPP); after a failure the stream is
+    ended all the same.
+    """
+
+    async def login(client: XmppClient) -> None:
         await client.login(plan.user, plan.password)
+
+    async def store(client: XmppClient) -> None:
         await client.send_message(plan.message.decode("latin-1"))
-        with contextlib.suppress(*errors):
-            await client.quit()
-    except errors as exc:
-        with contextlib.suppress(*errors):
-            if not client.transport.is_closing():
-                client._write(b"</stream:stream>")  # the stream ends, as XMPP says goodbye
-        return failed(exc)
-    finally:
-        client.close()
-    return ClientOutcome(True, "message sent and receipted (XMPP: no STOPTLS cycle)")
+
+    def end_stream(client: XmppClient) -> None:
+        if not client.transport.is_closing():
+            client._write(b"</stream:stream>")  # the stream ends, as XMPP says goodbye
+
+    return await run_reference_session(
+        XmppClient,
+        plan,
+        login=login,
+        store=store,
+        done="message sent and receipted (XMPP: no STOPTLS cycle)",
+        on_error=end_stream,
+    )
