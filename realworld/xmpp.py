@@ -44,7 +44,6 @@ from realworld.instances import TEST_PASSWORD, TEST_USER, Instance, NotReady, fr
 __all__ = [
     "PROSODY",
     "PROSODYCTL",
-    "TIMING_DEPENDENT",
     "Prosody",
     "main",
     "prosody_conf",
@@ -55,9 +54,6 @@ PROSODY = "/usr/bin/prosody"
 PROSODYCTL = "/usr/bin/prosodyctl"
 #: The package's unprivileged user; the instance runs as it.
 RUN_AS = "prosody"
-#: Scenarios whose verdict against Prosody depends on timing (see
-#: :meth:`Prosody.check_arguments`): left out of the tier's table.
-TIMING_DEPENDENT = frozenset({"server.command-injection-split"})
 
 
 def prosody_missing() -> List[str]:
@@ -196,17 +192,15 @@ class Prosody(Instance):
         return ""  # messages to an offline user are not kept (no mod_offline): nothing to count
 
     def check_arguments(self) -> List[str]:
-        """What ``check`` needs beyond the URL: every scenario but the split injection.
+        """What ``check`` needs beyond the URL: the recipient (every scenario runs).
 
-        Whether Prosody reads the separate segment behind ``<starttls/>`` in
-        the same read (and answers it in plaintext: fail) or only after its
-        switch to TLS (the bytes break the handshake: pass) is a matter of
-        timing -- both were seen on one machine -- so that cell cannot be
-        reproduced and stays out of the table (:data:`TIMING_DEPENDENT`).
+        The split injection used to be left out of the table: its separate
+        segment was read with ``<starttls/>`` (answered in plaintext) or
+        after the switch (a broken handshake) by timing.  It now leaves once
+        ``<proceed/>`` has arrived (a declared segmentation, issue 14), so
+        its verdict is the same every run.
         """
-        scenarios = select(role="server", dialect="xmpp", catalogue=everything())
-        kept = [s.id for s in scenarios if s.id not in TIMING_DEPENDENT]
-        return ["--rcpt", self.rcpt, *(a for i in kept for a in ("--only", i))]
+        return ["--rcpt", self.rcpt]
 
     def dns_queries(self) -> int:
         """Lines of the log that show a DNS lookup (there must be none)."""

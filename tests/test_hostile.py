@@ -388,6 +388,14 @@ class MiniServer(asyncio.Protocol):
         if self.hostile:
             return
         self.buf += data
+        # Plaintext sent after our STARTTLS answer, before the ClientHello (the
+        # split injection), is no handshake record: discarded (R1), as what
+        # came with STARTTLS is; the hostility waits for the ClientHello.
+        start = self.buf.find(b"\x16\x03")
+        if start < 0:
+            self.buf = self.buf[-1:] if self.buf.endswith(b"\x16") else b""
+            return
+        self.buf = self.buf[start:]
         if len(self.buf) < 5 or len(self.buf) < 5 + int.from_bytes(self.buf[3:5], "big"):
             return  # the whole ClientHello record first
         if self.h.at == "client-hello":

@@ -31,7 +31,6 @@ from realworld import compare, count_stored, instances, table  # noqa: E402
 from realworld.compare import Cell, Outcome  # noqa: E402
 from realworld.ftpservers import DEFAULT_RUN as FTP_DEFAULT_RUN  # noqa: E402
 from realworld.run import SERVERS  # noqa: E402
-from realworld.xmpp import TIMING_DEPENDENT as PROSODY_TIMING_DEPENDENT  # noqa: E402
 
 P12 = ("server.x", "1.2")
 P13 = ("server.x", "1.3")
@@ -57,11 +56,7 @@ def test_expected_json_parses_and_covers_the_catalogue() -> None:
             for s in (*CATALOGUE, *SERVER_CCC_SCENARIOS)
             if s.role == "server" and t.dialect in s.dialects
         }
-        # Prosody's split injection is timing-dependent (realworld/xmpp.py): left out, said so.
-        left_out = PROSODY_TIMING_DEPENDENT if name == "prosody" else frozenset()
-        dialect_scenarios -= left_out
-        if left_out:
-            assert "left out" in t.notes.get("server.command-injection", ""), name
+        # Every scenario has its cell: none is left out for timing (issue 14).
         covered = {k[0] for k in t.results}
         assert covered == dialect_scenarios, f"{name}: table and catalogue disagree"
         for scenario in dialect_scenarios:

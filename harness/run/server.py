@@ -39,6 +39,7 @@ from starttls_harness.run.outcomes import (
 from starttls_harness.run.probe import PeerClosed, Probe, ProbeSettings, ProbeTimeout
 from starttls_harness.run.sanity import NotOffered, SanityProblem, TargetUnusable, classify
 from starttls_harness.run.server_ccc import after_silence
+from starttls_harness.run.server_upgrade import ended_after_injection, step_starttls
 from starttls_harness.scenarios.model import Expect, Scenario, Step
 from starttls_harness.tls.aio import SwitchableTransport
 from starttls_harness.tls.certs import client_context, shared_client_context
@@ -147,46 +148,6 @@ async def step_require(run: _Run, args: Mapping[str, object]) -> None:
     cap = str(args["cap"])
     if cap not in run.probe.capabilities:
         raise Observed(f"no-{cap.lower()}", f"{cap} is not advertised")
-
-
-async def step_starttls(run: _Run, args: Mapping[str, object]) -> None:
-    probe, dialect = run.probe, run.dialect
-    command = dialect.starttls()
-    transport = probe.transport
-    assert transport is not None
-    transport.hold_after(dialect.final_line_of(command), once=True, framer=dialect.framer())
-    inject = bool(args.get("inject"))
-    injected = dialect.injected() * int(args.get("count", 1)) if inject else b""  # type: ignore[call-overload]
-    if inject and args.get("segment", "same") == "same":
-        with transport.corked():  # STARTTLS and the injection in one segment
-            probe.write(command)
-            probe.inject(injected)
-    else:
-        probe.write(command)
-        if inject:
-            probe.inject(injected)  # a separate write: its own segment
-    reply = await probe.reply(tag=dialect.tag_of(command))
-    if inject and dialect.is_injected_reply(reply) and not dialect.answers(command, reply):
-        # An asynchronous protocol (LDAP) ran it before its upgrade answer: in plaintext.
-        raise Observed("injection-answered-plaintext", f"before the upgrade answer: {reply.text}")
-    if not reply.ok:
-        if inject:
-            # The sanity probe saw STARTTLS work without the injection: this
-            # refusal is the target refusing the pipelined plaintext.
-            raise Observed("refused-injection", f"STARTTLS answered {reply.text}")
-        raise Observed("starttls-refused", reply.text)
-    held = transport.engine.held
-    if held:
-        # The target said something in plaintext after its STARTTLS answer.
-        run.evidence.add("s2c", "plaintext", held, "plaintext after the STARTTLS answer")
-        answer, _ = dialect.split_reply(held)
-        if inject and answer is not None and not dialect.is_injected_reply(answer):
-            # e.g. FTP servers: the injected bytes broke the handshake and the
-            # server said so in plaintext -- it did not run them (R1 kept).
-            raise Observed("closed", f"took the injected bytes for a handshake: {answer.text}")
-        if inject:
-            raise Observed("injection-answered", "answered the injected command in plaintext")
-        raise Observed("violation:R1", "sent plaintext after its STARTTLS answer")
 
 
 async def step_handshake(run: _Run, args: Mapping[str, object]) -> None:
@@ -727,6 +688,9 @@ def _closed(run: _Run, step: Step, closed: RemoteEnded) -> str:
         return "refused"
     if closed.how == "overflow":
         return "reply-bound"  # an error: the target closed nothing
+    after_injection = ended_after_injection(run, step, closed)
+    if after_injection is not None:
+        return after_injection
     if closed.how == "violation" and closed.rule is not None:
         return "handshake-refused" if _said_failed(run, step) else violation(closed.rule)
     if not run.fault_applied:
