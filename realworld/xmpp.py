@@ -192,7 +192,7 @@ class Prosody(Instance):
         return ""  # messages to an offline user are not kept (no mod_offline): nothing to count
 
     def check_arguments(self) -> List[str]:
-        """What ``check`` needs beyond the URL: the recipient (every scenario runs).
+        """What ``check`` needs beyond the URL: the recipient and the test user.
 
         The split injection used to be left out of the table: its separate
         segment was read with ``<starttls/>`` (answered in plaintext) or
@@ -200,7 +200,7 @@ class Prosody(Instance):
         ``<proceed/>`` has arrived (a declared segmentation, issue 14), so
         its verdict is the same every run.
         """
-        return ["--rcpt", self.rcpt]
+        return ["--rcpt", self.rcpt, "--user", TEST_USER, "--password", TEST_PASSWORD]
 
     def dns_queries(self) -> int:
         """Lines of the log that show a DNS lookup (there must be none)."""

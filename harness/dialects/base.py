@@ -324,6 +324,14 @@ class Dialect:
         """The command that logs the test user in."""
         raise NotImplementedError
 
+    def login_exchanges(self, user: str, password: str) -> Sequence[bytes]:
+        """The login as the exchanges it takes, each sent once the one before is answered.
+
+        One command for most protocols; XMPP's SASL success calls for a stream
+        restart, which a server may refuse to read before it said success.
+        """
+        return (self.login(user, password),)
+
     def state_control(self) -> Optional[bytes]:
         """A command a fresh session must refuse (None: no control needed).
 

@@ -471,6 +471,7 @@ _FINAL = frozenset(
         "close",
         "iq",
         "sasl-failure",
+        "sasl-success",
         "sasl-challenge",
         "unreadable",
     }
@@ -729,11 +730,13 @@ class Xmpp(Dialect):
         return not self.is_goodbye(reply)
 
     def login(self, user: str, password: str) -> bytes:
-        # The stream restart the success calls for is pipelined (XEP-0305):
-        # the answer is the success, the new header and its features.
-        # Without the XML declaration: Prosody's parser, reset at the success,
-        # takes a declaration in the same read as not-well-formed.
-        return sasl_plain(user, password) + stream_header(to=DOMAIN, declaration=False)
+        return sasl_plain(user, password)
+
+    def login_exchanges(self, user: str, password: str) -> Sequence[bytes]:
+        # The stream restart the success calls for leaves once the success has
+        # arrived (RFC 6120 §6.4.6): Prosody does not read a restart pipelined
+        # behind <auth/> (it answers the next stanza <unsupported-stanza-type/>).
+        return (self.login(user, password), stream_header(to=DOMAIN))
 
     def state_probe(self, after: str) -> bytes:
         return b""  # the stream restart discards everything: nothing to ask

@@ -492,9 +492,10 @@ async def step_login(run: _Run, args: Mapping[str, object]) -> None:
             run.login_skipped = True
             return
         raise Observed("no-credentials")
-    reply = await run.probe.command(run.dialect.login(target.user, target.password))
-    if not reply.ok:
-        raise Observed("unexpected-reply", f"login refused: {reply.text}")
+    for command in run.dialect.login_exchanges(target.user, target.password):
+        reply = await run.probe.command(command)
+        if not reply.ok:
+            raise Observed("unexpected-reply", f"login refused: {reply.text}")
     run.logged_in = True
 
 
