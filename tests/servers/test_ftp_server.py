@@ -16,7 +16,7 @@ import io
 import ssl
 import threading
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import pytest
 from starttls_harness.dialects import DIALECTS, Dialect, register, unregister
@@ -148,10 +148,20 @@ async def _matrix() -> List[Tuple[str, List[Result]]]:
     return list(await asyncio.gather(*(one(b) for b in BEHAVIOURS)))
 
 
-def test_the_ftp_validation_matrix_holds(ftp: Dialect) -> None:
+@pytest.fixture(scope="module")
+def matrix() -> Dict[str, List[Result]]:
+    """Every mode's results, run once (concurrently) for the tests below.
+
+    The silent modes spend bounded waits on purpose; one run of the matrix
+    pays them once instead of once more per test.
+    """
+    return dict(asyncio.run(_matrix()))
+
+
+def test_the_ftp_validation_matrix_holds(ftp: Dialect, matrix: Dict[str, List[Result]]) -> None:
     assert set(BEHAVIOURS) == set(SERVER_EXPECTED)
     problems: List[str] = []
-    for behaviour, results in asyncio.run(_matrix()):
+    for behaviour, results in matrix.items():
         applicable = [s for s in (*CATALOGUE, *SERVER_CCC_SCENARIOS) if "ftp" in s.dialects]
         assert len(results) == 2 * len(applicable), behaviour
         expected = expected_server_verdicts("ftp", behaviour)
@@ -167,12 +177,6 @@ def test_the_ftp_validation_matrix_holds(ftp: Dialect) -> None:
     assert problems == [], "\n".join(problems)
 
 
-async def _no_close_notify(behaviour: str) -> List[Result]:
-    scenario = [s for s in SERVER_CCC_SCENARIOS if s.id == "server.ccc-no-close-notify"]
-    async with reference_servers(("ftp",), behaviour=behaviour) as (target,):
-        return await run_server_target(scenario, target, SETTINGS)
-
-
 @pytest.mark.parametrize(
     ("behaviour", "verdict", "said"),
     [
@@ -185,11 +189,11 @@ async def _no_close_notify(behaviour: str) -> List[Result]:
     ],
 )
 def test_a_silent_server_is_decided_one_segment_at_a_time(
-    ftp: Dialect, behaviour: str, verdict: Verdict, said: str
+    ftp: Dialect, matrix: Dict[str, List[Result]], behaviour: str, verdict: Verdict, said: str
 ) -> None:
     """Silence after the early plaintext is not the end: a second command, close_notify, decide."""
-    results = asyncio.run(_no_close_notify(behaviour))
-    assert [r.tls_version for r in results] == ["1.2", "1.3"]
+    results = [r for r in matrix[behaviour] if r.id == "server.ccc-no-close-notify"]
+    assert sorted(r.tls_version for r in results) == ["1.2", "1.3"]
     for r in results:
         notes = " ".join(e.note for e in r.evidence.exchanges)
         assert r.verdict is verdict, (r.tls_version, r.summary, notes)
