@@ -275,6 +275,9 @@ class FramedSession(FramedProtocol):
         """Whether the connection is served (False: the dialect turned it away)."""
         return True
 
+    def _broken(self) -> None:
+        """The session ended on a broken connection or an idle peer (before the close)."""
+
     def _session_over(self) -> None:
         """After the session, whatever ended it."""
 
@@ -303,7 +306,7 @@ class FramedSession(FramedProtocol):
         except EndSession as end:
             self._write(end.line)
         except QUIET_ENDS:
-            pass
+            self._broken()
         finally:
             t.close()
             self._session_over()
