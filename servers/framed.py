@@ -34,12 +34,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Type, TypeVar
 
 from starttls_harness.servers.base import (
+    EXTRA_BEHAVIOURS,
+    NO_CLOSE_NOTIFY_REPLY,
+    STRICT,
     Behaviour,
     ExtraModes,
     RunningServer,
     ServerConfig,
     behaviour_named,
+    relaxing,
 )
+from starttls_harness.servers.imapsyntax import LineReader
 from starttls_harness.tls.aio import SwitchableTransport, create_server
 from starttls_harness.tls.engine import (
     AlertReceived,
@@ -60,6 +65,7 @@ __all__ = [
     "SessionsRunningServer",
     "Truncated",
     "UnitReader",
+    "closing_behaviours",
     "start_session_server",
 ]
 
@@ -71,6 +77,32 @@ QUIET_ENDS = (
     TransitionError,
     ssl.SSLError,
 )
+
+
+def closing_behaviours(*, pipelined: str, plaintext: str, truncated: str) -> Dict[str, Behaviour]:
+    """The modes of a server with no return to plaintext (a closure ends the connection).
+
+    ``pipelined`` says what ``keep-buffer`` runs inside TLS (R1),
+    ``plaintext`` what ``plaintext-in-tls`` does (R2), ``truncated`` what
+    ``ignore-truncation`` stores (R6); then the shared
+    :data:`~starttls_harness.servers.base.EXTRA_BEHAVIOURS`.
+    """
+    return {
+        b.name: b
+        for b in (
+            STRICT,
+            relaxing("keep-buffer", Rule.R1, pipelined),
+            relaxing("plaintext-in-tls", Rule.R2, plaintext),
+            NO_CLOSE_NOTIFY_REPLY,
+            relaxing("ignore-truncation", Rule.R6, truncated),
+            relaxing(
+                "alert-as-close",
+                Rule.R7,
+                "takes a fatal alert for a closure and goes on in plaintext",
+            ),
+            *EXTRA_BEHAVIOURS,
+        )
+    }
 
 
 class EndSession(Exception):
@@ -89,48 +121,27 @@ class Truncated(Exception):
         self.partial = partial
 
 
-class UnitReader:
+class UnitReader(LineReader):
     """Bytes from ``data_received``, read as the framer's units by one coroutine.
 
-    What is still unread can be taken (the R1 leftover at the upgrade);
-    every wait is bounded by ``timeout``.  ``unit_end`` is a byte no unit can
-    end without (XMPP's ``>``): the buffer is then cut again only once one
-    arrived, not for every segment of a long unit that cannot be complete.
+    The buffer, its hand-over (the R1 leftover at the upgrade) and its
+    wake-up are the :class:`LineReader`'s; every wait is bounded by
+    ``timeout``.  ``unit_end`` is a byte no unit can end without (XMPP's
+    ``>``): the buffer is then cut again only once one arrived, not for every
+    segment of a long unit that cannot be complete.
     """
 
     def __init__(self, framer: Framer, unit_end: Optional[bytes] = None) -> None:
+        super().__init__(framer.max_unit)
         self.framer = framer
         self._unit_end = unit_end
-        self._buf = bytearray()
-        self._eof = False
-        self._exc: Optional[BaseException] = None
-        self._waiter: Optional[asyncio.Future[None]] = None
         #: A unit may be complete since the last cut.
         self._complete_maybe = False
 
     def feed(self, data: bytes) -> None:
-        self._buf += data
         if self._unit_end is None or self._unit_end in data:
             self._complete_maybe = True
-        self._wake()
-
-    def feed_eof(self) -> None:
-        self._eof = True
-        self._wake()
-
-    def set_exception(self, exc: BaseException) -> None:
-        if self._exc is None:
-            self._exc = exc
-        self._wake()
-
-    @property
-    def pending(self) -> bytes:
-        return bytes(self._buf)
-
-    def take_pending(self) -> bytes:
-        data = bytes(self._buf)
-        self._buf.clear()
-        return data
+        super().feed(data)
 
     async def read_unit(self, timeout: float) -> bytes:
         """The next unit; :class:`Truncated` when the stream ends inside one."""
@@ -153,10 +164,6 @@ class UnitReader:
                 await asyncio.wait_for(self._waiter, max(0.0, deadline - loop.time()))
             finally:
                 self._waiter = None
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
 
 
 class FramedProtocol(asyncio.Protocol):

@@ -62,10 +62,12 @@ from starttls_harness.dialects.ldap import (
     search_entry,
 )
 from starttls_harness.servers.base import (
+    NO_CLOSE_NOTIFY_REPLY,
     STRICT,
     Behaviour,
     RunningServer,
     ServerConfig,
+    relaxing,
 )
 from starttls_harness.servers.framed import (
     EndSession,
@@ -88,35 +90,17 @@ BEHAVIOURS: Dict[str, Behaviour] = {
     b.name: b
     for b in (
         STRICT,
-        Behaviour(
-            "keep-buffer",
-            Rule.R1,
-            "executes requests pipelined after StartTLS inside TLS",
-            (Rule.R1,),
-        ),
-        Behaviour(
-            "plaintext-in-tls", Rule.R2, "executes plaintext received while TLS is up", (Rule.R2,)
-        ),
-        Behaviour(
+        relaxing("keep-buffer", Rule.R1, "executes requests pipelined after StartTLS inside TLS"),
+        relaxing("plaintext-in-tls", Rule.R2, "executes plaintext received while TLS is up"),
+        relaxing(
             "one-sided-resume",
             Rule.R4,
             "takes plaintext that follows the client's close_notify in the same segment",
-            (Rule.R4,),
         ),
-        Behaviour(
-            "no-close-notify-reply",
-            Rule.R5,
-            "closes TCP instead of answering the client's close_notify",
-            (Rule.R5,),
-        ),
-        Behaviour(
-            "ignore-truncation", Rule.R6, "stores an AddRequest cut by EOF under TLS", (Rule.R6,)
-        ),
-        Behaviour(
-            "alert-as-close",
-            Rule.R7,
-            "takes a fatal alert for a closure and resumes plaintext",
-            (Rule.R7,),
+        NO_CLOSE_NOTIFY_REPLY,
+        relaxing("ignore-truncation", Rule.R6, "stores an AddRequest cut by EOF under TLS"),
+        relaxing(
+            "alert-as-close", Rule.R7, "takes a fatal alert for a closure and resumes plaintext"
         ),
         Behaviour("no-state-reset", Rule.R8, "keeps the bound identity across the removal"),
         Behaviour(

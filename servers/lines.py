@@ -32,9 +32,11 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Protocol
 
 from starttls_harness.servers.base import (
     EXTRA_BEHAVIOURS,
+    NO_CLOSE_NOTIFY_REPLY,
     STRICT,
     Behaviour,
     RunningServer,
+    relaxing,
 )
 from starttls_harness.servers.framed import (
     EndSession,
@@ -72,44 +74,25 @@ def server_behaviours(upgrade: str, *, cut: str, keeps: str) -> Dict[str, Behavi
         b.name: b
         for b in (
             STRICT,
-            Behaviour(
-                "keep-buffer",
-                Rule.R1,
-                f"executes commands pipelined after {upgrade} inside TLS",
-                (Rule.R1,),
+            relaxing(
+                "keep-buffer", Rule.R1, f"executes commands pipelined after {upgrade} inside TLS"
             ),
-            Behaviour(
-                "plaintext-in-tls",
-                Rule.R2,
-                "executes plaintext received while TLS is up",
-                (Rule.R2,),
-            ),
+            relaxing("plaintext-in-tls", Rule.R2, "executes plaintext received while TLS is up"),
             Behaviour(
                 "early-plaintext",
                 Rule.R3,
                 "sends close_notify and the plaintext greeting without waiting for the client's"
                 " close_notify",
             ),
-            Behaviour(
+            relaxing(
                 "one-sided-resume",
                 Rule.R4,
                 "accepts plaintext that follows the client's close_notify in the same segment",
-                (Rule.R4,),
             ),
-            Behaviour(
-                "no-close-notify-reply",
-                Rule.R5,
-                "closes TCP instead of answering the client's close_notify",
-                (Rule.R5,),
-            ),
-            Behaviour(
-                "ignore-truncation", Rule.R6, f"stores {cut} cut by EOF under TLS", (Rule.R6,)
-            ),
-            Behaviour(
-                "alert-as-close",
-                Rule.R7,
-                "takes a fatal alert for a closure and resumes plaintext",
-                (Rule.R7,),
+            NO_CLOSE_NOTIFY_REPLY,
+            relaxing("ignore-truncation", Rule.R6, f"stores {cut} cut by EOF under TLS"),
+            relaxing(
+                "alert-as-close", Rule.R7, "takes a fatal alert for a closure and resumes plaintext"
             ),
             Behaviour("no-state-reset", Rule.R8, f"keeps {keeps} across {upgrade} and STOPTLS"),
             *EXTRA_BEHAVIOURS,

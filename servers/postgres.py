@@ -58,21 +58,15 @@ from starttls_harness.dialects.postgres import (
     startup_params,
     untyped_code,
 )
-from starttls_harness.servers.base import (
-    EXTRA_BEHAVIOURS,
-    STRICT,
-    Behaviour,
-    RunningServer,
-    ServerConfig,
-)
+from starttls_harness.servers.base import Behaviour, RunningServer, ServerConfig
 from starttls_harness.servers.framed import (
     EndSession,
     FramedSession,
     SessionsRunningServer,
+    closing_behaviours,
     start_session_server,
 )
 from starttls_harness.servers.imapsyntax import IncompleteRead, LineReader
-from starttls_harness.tls.engine import Rule
 from starttls_harness.tls.framing import Framer
 
 __all__ = [
@@ -84,37 +78,11 @@ __all__ = [
     "start_server",
 ]
 
-BEHAVIOURS: Dict[str, Behaviour] = {
-    b.name: b
-    for b in (
-        STRICT,
-        Behaviour(
-            "keep-buffer",
-            Rule.R1,
-            "runs a startup and query pipelined after SSLRequest inside TLS (CVE-2021-23214)",
-            (Rule.R1,),
-        ),
-        Behaviour(
-            "plaintext-in-tls", Rule.R2, "runs plaintext received while TLS is up", (Rule.R2,)
-        ),
-        Behaviour(
-            "no-close-notify-reply",
-            Rule.R5,
-            "closes TCP instead of answering the client's close_notify",
-            (Rule.R5,),
-        ),
-        Behaviour(
-            "ignore-truncation", Rule.R6, "stores an INSERT cut by EOF under TLS", (Rule.R6,)
-        ),
-        Behaviour(
-            "alert-as-close",
-            Rule.R7,
-            "takes a fatal alert for a closure and goes on in plaintext",
-            (Rule.R7,),
-        ),
-        *EXTRA_BEHAVIOURS,
-    )
-}
+BEHAVIOURS: Dict[str, Behaviour] = closing_behaviours(
+    pipelined="runs a startup and query pipelined after SSLRequest inside TLS (CVE-2021-23214)",
+    plaintext="runs plaintext received while TLS is up",
+    truncated="stores an INSERT cut by EOF under TLS",
+)
 
 #: How the reference server authenticates the startup's user (pg_hba.conf's
 #: methods): ``trust`` (no password), ``password`` (cleartext), ``md5`` and

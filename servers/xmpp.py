@@ -54,22 +54,16 @@ from starttls_harness.dialects.xmpp import (
     stream_error,
     stream_header,
 )
-from starttls_harness.servers.base import (
-    EXTRA_BEHAVIOURS,
-    STRICT,
-    Behaviour,
-    RunningServer,
-    ServerConfig,
-)
+from starttls_harness.servers.base import Behaviour, RunningServer, ServerConfig
 from starttls_harness.servers.framed import (
     EndSession,
     FramedSession,
     SessionsRunningServer,
     Truncated,
+    closing_behaviours,
     start_session_server,
 )
 from starttls_harness.servers.framed import UnitReader as _FramerReader
-from starttls_harness.tls.engine import Rule
 from starttls_harness.tls.framing import Framer
 
 __all__ = [
@@ -81,37 +75,11 @@ __all__ = [
     "start_server",
 ]
 
-BEHAVIOURS: Dict[str, Behaviour] = {
-    b.name: b
-    for b in (
-        STRICT,
-        Behaviour(
-            "keep-buffer",
-            Rule.R1,
-            "reads a header and an IQ pipelined after <starttls/> as the restarted stream",
-            (Rule.R1,),
-        ),
-        Behaviour(
-            "plaintext-in-tls", Rule.R2, "answers plaintext received while TLS is up", (Rule.R2,)
-        ),
-        Behaviour(
-            "no-close-notify-reply",
-            Rule.R5,
-            "closes TCP instead of answering the client's close_notify",
-            (Rule.R5,),
-        ),
-        Behaviour(
-            "ignore-truncation", Rule.R6, "stores a message cut by EOF under TLS", (Rule.R6,)
-        ),
-        Behaviour(
-            "alert-as-close",
-            Rule.R7,
-            "takes a fatal alert for a closure and goes on in plaintext",
-            (Rule.R7,),
-        ),
-        *EXTRA_BEHAVIOURS,
-    )
-}
+BEHAVIOURS: Dict[str, Behaviour] = closing_behaviours(
+    pipelined="reads a header and an IQ pipelined after <starttls/> as the restarted stream",
+    plaintext="answers plaintext received while TLS is up",
+    truncated="stores a message cut by EOF under TLS",
+)
 
 
 class UnitReader(_FramerReader):
