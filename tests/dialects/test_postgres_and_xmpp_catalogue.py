@@ -8,7 +8,8 @@ closing before its first command).  Neither has a return to plaintext, so the
 STOPTLS scenarios do not apply; every other scenario does, the strict
 reference peers pass every one, and each misbehaving reference peer gets
 exactly the verdicts of :mod:`starttls_harness.scenarios.expectations` (with
-the dialect's own overrides).  From the CLI: ``check postgres://`` /
+the dialect's own overrides; the matrices run in ``test_dialect_matrices``).
+From the CLI: ``check postgres://`` /
 ``check xmpp://``, ``check-client --protocol NAME`` with the reference client
 and, where installed, ``psql`` (libpq), and ``check-path`` through the proxy.
 """
@@ -22,30 +23,22 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Iterator, List, Tuple
 
 import pytest
 from starttls_harness.dialects import RETURN_TO_PLAINTEXT, dialect_named, names
 from starttls_harness.dialects.postgres import POSTGRES
 from starttls_harness.dialects.xmpp import XMPP
-from starttls_harness.report.verdicts import Verdict
-from starttls_harness.run.client_checks import validate_client
-from starttls_harness.run.path_reference import validate_path
 from starttls_harness.run.targets import client_behaviours
-from starttls_harness.run.validation import validate_server
 from starttls_harness.scenarios.catalogue import ALL_SCENARIOS
-from starttls_harness.scenarios.client import CLIENT_SCENARIOS
 from starttls_harness.scenarios.expectations import (
-    PATH_EXPECTED,
     expected_client_verdicts,
     expected_server_verdicts,
 )
-from starttls_harness.scenarios.server import CATALOGUE
-from starttls_harness.servers.base import Behaviour, ServerConfig
+from starttls_harness.servers.base import ServerConfig
 from starttls_harness.tls.certs import Pki
+from test_dialect_matrices import server_behaviours
 
-Run = Callable[..., Any]
-P = Verdict.PASS
 #: The dialects without a return to plaintext, with their registry entry.
 DIALECTS = {"postgres": POSTGRES, "xmpp": XMPP}
 CLI = [sys.executable, "-m", "starttls_harness"]
@@ -54,11 +47,6 @@ CLI_TIMEOUT = 240
 
 def _server_module(name: str) -> Any:
     return importlib.import_module(dialect_named(name).server_module)
-
-
-def _server_behaviours(name: str) -> Dict[str, Behaviour]:
-    behaviours: Dict[str, Behaviour] = _server_module(name).BEHAVIOURS
-    return behaviours
 
 
 @pytest.mark.parametrize("name", DIALECTS)
@@ -82,57 +70,10 @@ def test_registered_without_a_return_to_plaintext(name: str) -> None:
 
 @pytest.mark.parametrize("name", DIALECTS)
 def test_every_behaviour_has_an_expectation(name: str) -> None:
-    for behaviour in _server_behaviours(name):
+    for behaviour in server_behaviours(name):
         expected_server_verdicts(name, behaviour)  # raises if unknown
     for behaviour in client_behaviours(name):
         expected_client_verdicts(name, behaviour)
-
-
-_SERVER = [(name, b) for name in DIALECTS for b in sorted(_server_behaviours(name))]
-
-
-@pytest.mark.parametrize(("name", "behaviour"), _SERVER)
-def test_server_matrix(name: str, behaviour: str, tls_version: str, run: Run) -> None:
-    results, problems = run(lambda: validate_server(name, behaviour, (tls_version,)), 120)
-    assert len(results) == len([s for s in CATALOGUE if name in s.dialects])
-    assert problems == []
-    if behaviour != "strict":
-        guarded = next(iter(expected_server_verdicts(name, behaviour)))
-        assert any(r.id == guarded and r.verdict is not P for r in results)
-
-
-_CLIENT = [(name, b) for name in DIALECTS for b in client_behaviours(name)]
-
-
-@pytest.mark.parametrize(("name", "behaviour"), _CLIENT)
-def test_client_matrix(name: str, behaviour: str, tls_version: str, run: Run) -> None:
-    results, problems = run(lambda: validate_client(name, behaviour, (tls_version,)), 60)
-    assert len(results) == len([s for s in CLIENT_SCENARIOS if name in s.dialects])
-    assert problems == []
-    if behaviour != "strict":
-        guarded = next(iter(expected_client_verdicts(name, behaviour)))
-        assert any(r.id == guarded and r.verdict is not P for r in results)
-
-
-def _pairings() -> List[Tuple[str, str, str]]:
-    out = []
-    for name in DIALECTS:
-        dialect = dialect_named(name)
-        for side, behaviour in PATH_EXPECTED:
-            module = dialect.server_module if side == "server" else dialect.client_module
-            if behaviour in importlib.import_module(module).BEHAVIOURS:
-                out.append((name, side, behaviour))
-    return out
-
-
-@pytest.mark.parametrize(("name", "side", "behaviour"), _pairings())
-def test_path_matrix(
-    name: str, side: str, behaviour: str, tls_version: str, pki: Pki, run: Run
-) -> None:
-    results, problems = run(
-        lambda: validate_path(name, side, behaviour, (tls_version,), pki=pki), 60
-    )
-    assert results and problems == []
 
 
 # ------------------------------------------------------------------ the CLI
