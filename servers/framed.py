@@ -20,7 +20,10 @@ its unit handling and its modes.
   with the dialect's predicate and framer (R1), the session task, its end
   (:class:`EndSession` with a last answer, or quietly on a broken
   connection) and the close.
-* :class:`UnitReader` -- a reader of any framer's units.
+* :class:`UnitReader` -- a reader of any framer's units (a
+  :class:`~starttls_harness.servers.imapsyntax.LineReader` that cuts with a
+  framer), and :func:`closing_behaviours` -- the modes of a server with no
+  return to plaintext.
 * :class:`SessionsRunningServer` and :func:`start_session_server` -- a
   running server whose ``close()`` also waits for its sessions.
 """
@@ -31,7 +34,7 @@ import asyncio
 import contextlib
 import ssl
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Set, Type, TypeVar
+from typing import Callable, Dict, List, Optional, Set, Type, TypeVar
 
 from starttls_harness.servers.base import (
     EXTRA_BEHAVIOURS,
@@ -171,7 +174,7 @@ class FramedProtocol(asyncio.Protocol):
 
     transport: Optional[SwitchableTransport]
     behaviour: Behaviour
-    reader: Any
+    reader: LineReader
     extra: ExtraModes
     _closure: Optional[asyncio.Future[None]]
     _close_notify: Optional[asyncio.Future[None]]
@@ -249,7 +252,7 @@ class FramedSession(FramedProtocol):
         behaviour: Behaviour,
         ctx: ssl.SSLContext,
         goodbye: Callable[[str], bytes],
-        reader: Any,
+        reader: LineReader,
     ) -> None:
         self.running = running
         self.config: ServerConfig = running.config
