@@ -16,17 +16,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from starttls_harness.dialects.postgres import (
-    PostgresFramer,
-    auth,
-    error_response,
-    query,
-    select_result,
-    session_start,
-    ssl_request,
-    startup,
-    terminate,
-)
+from starttls_harness.dialects import postgres as pg
 from starttls_harness.dialects.xmpp import (
     DOMAIN,
     XMPP,
@@ -77,18 +67,18 @@ def stream(framer: Framer, chunks: Sequence[bytes]) -> Tuple[List[bytes], bytes]
 #: Real frontend and backend messages, in any order, glued to junk or not.
 MESSAGES = st.sampled_from(
     [
-        ssl_request(),
+        pg.ssl_request(),
         b"S",
         b"N",
-        startup({"user": "postgres", "database": "postgres"}),
-        query("SELECT 1"),
-        query("SELECT '" + "x" * 300 + "'"),
-        terminate(),
-        auth(0),
-        auth(3),
-        session_start(),
-        select_result(b"row"),
-        error_response("FATAL", "08P01", "received unencrypted data after SSL request"),
+        pg.startup({"user": "postgres", "database": "postgres"}),
+        pg.query("SELECT 1"),
+        pg.query("SELECT '" + "x" * 300 + "'"),
+        pg.terminate(),
+        pg.auth(0),
+        pg.auth(3),
+        pg.session_start(),
+        pg.select_result(b"row"),
+        pg.error_response("FATAL", "08P01", "received unencrypted data after SSL request"),
     ]
 )
 PGISH = st.one_of(st.lists(MESSAGES, max_size=12).map(b"".join), st.binary(max_size=500))
@@ -118,7 +108,7 @@ OFFSETS = st.lists(st.integers(0, 3000), max_size=30)
 
 #: Per dialect: a framer with a given unit bound, and the streams to cut.
 FRAMERS: Dict[str, Tuple[Callable[[int], Framer], st.SearchStrategy[bytes]]] = {
-    "postgres": (PostgresFramer, PGISH),
+    "postgres": (pg.PostgresFramer, PGISH),
     "xmpp": (XmppFramer, XMLISH),
 }
 
