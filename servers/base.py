@@ -20,6 +20,7 @@ from starttls_harness.tls.engine import ClosureComplete, Event, Policy, Rule, Vi
 __all__ = [
     "BARE_RESUME",
     "EXTRA_BEHAVIOURS",
+    "NO_CLOSE_NOTIFY_REPLY",
     "STRICT",
     "Behaviour",
     "ExtraModes",
@@ -27,6 +28,7 @@ __all__ = [
     "RunningServer",
     "ServerConfig",
     "behaviour_named",
+    "relaxing",
 ]
 
 
@@ -48,6 +50,17 @@ class Behaviour:
 
 
 STRICT = Behaviour("strict", None, "follows every closure rule (the default)")
+
+
+def relaxing(name: str, rule: Rule, description: str) -> Behaviour:
+    """A misbehaviour the engine plays: ``rule`` is broken by relaxing it there."""
+    return Behaviour(name, rule, description, (rule,))
+
+
+#: R5 broken in the engine, in the words of every session-per-connection server.
+NO_CLOSE_NOTIFY_REPLY = relaxing(
+    "no-close-notify-reply", Rule.R5, "closes TCP instead of answering the client's close_notify"
+)
 
 #: Misbehaviours every reference server has, beside its own table: the
 #: return-to-plaintext mistakes real software makes, so that every server

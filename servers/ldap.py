@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Dict, List, Optional
+import ssl
+from typing import Dict
 
 from starttls_harness.dialects.ldap import (
     ADD_REQUEST,
@@ -61,21 +62,24 @@ from starttls_harness.dialects.ldap import (
     search_entry,
 )
 from starttls_harness.servers.base import (
+    NO_CLOSE_NOTIFY_REPLY,
     STRICT,
     Behaviour,
     RunningServer,
     ServerConfig,
-    behaviour_named,
+    relaxing,
 )
-from starttls_harness.tls.aio import SwitchableTransport, create_server
-from starttls_harness.tls.engine import (
-    CloseNotifyReceived,
-    ClosureComplete,
-    Event,
-    LocalProtocolError,
-    Rule,
-    TransitionError,
+from starttls_harness.servers.framed import (
+    EndSession,
+    FramedSession,
+    SessionsRunningServer,
+    Truncated,
+    UnitReader,
+    start_session_server,
 )
+from starttls_harness.tls.aio import SwitchableTransport
+from starttls_harness.tls.engine import ClosureComplete, Rule, TransitionError
+from starttls_harness.tls.framing import Framer
 
 __all__ = ["BEHAVIOURS", "LdapSession", "start_server"]
 
@@ -86,35 +90,17 @@ BEHAVIOURS: Dict[str, Behaviour] = {
     b.name: b
     for b in (
         STRICT,
-        Behaviour(
-            "keep-buffer",
-            Rule.R1,
-            "executes requests pipelined after StartTLS inside TLS",
-            (Rule.R1,),
-        ),
-        Behaviour(
-            "plaintext-in-tls", Rule.R2, "executes plaintext received while TLS is up", (Rule.R2,)
-        ),
-        Behaviour(
+        relaxing("keep-buffer", Rule.R1, "executes requests pipelined after StartTLS inside TLS"),
+        relaxing("plaintext-in-tls", Rule.R2, "executes plaintext received while TLS is up"),
+        relaxing(
             "one-sided-resume",
             Rule.R4,
             "takes plaintext that follows the client's close_notify in the same segment",
-            (Rule.R4,),
         ),
-        Behaviour(
-            "no-close-notify-reply",
-            Rule.R5,
-            "closes TCP instead of answering the client's close_notify",
-            (Rule.R5,),
-        ),
-        Behaviour(
-            "ignore-truncation", Rule.R6, "stores an AddRequest cut by EOF under TLS", (Rule.R6,)
-        ),
-        Behaviour(
-            "alert-as-close",
-            Rule.R7,
-            "takes a fatal alert for a closure and resumes plaintext",
-            (Rule.R7,),
+        NO_CLOSE_NOTIFY_REPLY,
+        relaxing("ignore-truncation", Rule.R6, "stores an AddRequest cut by EOF under TLS"),
+        relaxing(
+            "alert-as-close", Rule.R7, "takes a fatal alert for a closure and resumes plaintext"
         ),
         Behaviour("no-state-reset", Rule.R8, "keeps the bound identity across the removal"),
         Behaviour(
@@ -126,109 +112,75 @@ BEHAVIOURS: Dict[str, Behaviour] = {
 }
 
 
-def _is_starttls(unit: bytes) -> bool:
-    message = parse_message(unit)
-    return message is not None and message.op == EXTENDED_REQUEST and message.name == STARTTLS_OID
+def _goodbye(why: str) -> bytes:
+    """The last words of a session the server ends: a Notice of Disconnection."""
+    return notice_of_disconnection(UNWILLING, why.encode())
 
 
-class LdapSession(asyncio.Protocol):
+class LdapSession(FramedSession):
     """One LDAP connection, served by a task of its own."""
 
-    def __init__(self, config: ServerConfig, store: List[bytes]) -> None:
-        self.config = config
-        self.behaviour = config.behaviour
-        self.store = store
-        self.transport: Optional[SwitchableTransport] = None
-        self.buf = bytearray()
-        self.changed = asyncio.Event()
-        self.ended = False
-        self.framer = BerFramer(max_unit=config.limits.max_message)
+    reader: UnitReader
+
+    def __init__(self, running: RunningServer, behaviour: Behaviour, ctx: ssl.SSLContext) -> None:
+        framer = BerFramer(max_unit=running.config.limits.max_message)
+        super().__init__(running, behaviour, ctx, _goodbye, UnitReader(framer))
         self.bound: bytes = b""
-        self.task: Optional[asyncio.Task[None]] = None
 
-    # ------------------------------------------------------------ asyncio
+    def _holds(self, unit: bytes) -> bool:
+        message = parse_message(unit)
+        return (
+            message is not None and message.op == EXTENDED_REQUEST and message.name == STARTTLS_OID
+        )
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, SwitchableTransport)
-        self.transport = transport
-        transport.hold_after(_is_starttls, framer=BerFramer())
-        self.task = asyncio.ensure_future(self._serve())
+    def _gate_framer(self) -> Framer:
+        return BerFramer()
 
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        self.changed.set()
+    # ------------------------------------------------------------ engine
 
-    def eof_received(self) -> bool:
-        self.ended = True
-        self.changed.set()
-        return False
+    def _closure_complete(self, event: ClosureComplete) -> None:
+        # The TLS layer is removed: plaintext PDUs from here on (RFC 4511 §4.14.3).
+        if event.resumed and self.behaviour.name != "no-state-reset":
+            self.bound = b""
 
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        self.ended = True
-        self.changed.set()
+    def _alert_received(self) -> None:
+        """A fatal alert: the transport ends the connection (or alert-as-close goes on)."""
 
-    def engine_event(self, event: Event) -> None:
+    def _broken(self) -> None:
         t = self.transport
-        if isinstance(event, ClosureComplete) and event.resumed:
-            # The TLS layer is removed: plaintext PDUs from here on (RFC 4511 §4.14.3).
-            if self.behaviour != "no-state-reset":
-                self.bound = b""
-        elif (
-            isinstance(event, CloseNotifyReceived)
-            and self.behaviour == "no-close-notify-reply"
-            and t is not None
-        ):
-            t.close()  # R5 broken: TCP closed instead of the answering alert
-
-    # ------------------------------------------------------------ reading
-
-    async def _unit(self) -> Optional[bytes]:
-        while True:
-            units, _used = self.framer.split(bytes(self.buf))
-            if units:
-                del self.buf[: len(units[0])]
-                return units[0]
-            if self.ended:
-                return None
-            self.changed.clear()
-            try:
-                await asyncio.wait_for(self.changed.wait(), self.config.limits.idle_timeout)
-            except asyncio.TimeoutError:
-                return None
+        if t is not None:
+            t.abort()
 
     # ------------------------------------------------------------ serving
 
     async def _serve(self) -> None:
         t = self.transport
         assert t is not None
-        try:
-            while True:
-                unit = await self._unit()
-                if unit is None:
-                    self._at_end()
-                    return
-                message = parse_message(unit)
-                if message is None:
-                    t.write(notice_of_disconnection(PROTOCOL_ERROR, b"not an LDAPMessage"))
-                    t.close()
-                    return
-                if not await self._answer(t, message, unit):
-                    return
-        except (ConnectionError, asyncio.TimeoutError, LocalProtocolError, TransitionError):
-            t.abort()
+        while True:
+            try:
+                unit = await self.reader.read_unit(self.config.limits.idle_timeout)
+            except Truncated as cut:
+                self._at_end(cut.partial)
+                return
+            except (ConnectionError, asyncio.TimeoutError):
+                self._at_end(self.reader.take_pending())
+                return
+            message = parse_message(unit)
+            if message is None:
+                raise EndSession(notice_of_disconnection(PROTOCOL_ERROR, b"not an LDAPMessage"))
+            if not await self._answer(t, message, unit):
+                return
 
-    def _at_end(self) -> None:
+    def _at_end(self, cut: bytes) -> None:
         """The client is gone; ``ignore-truncation`` stores what was cut (R6 broken)."""
-        if self.behaviour == "ignore-truncation" and self.buf[:1] == b"\x30":
-            if b"\x68" in self.buf[:12]:  # an AddRequest's tag near the start
-                self.store.append(bytes(self.buf))
-        self.buf.clear()
+        if self.behaviour.name == "ignore-truncation" and cut[:1] == b"\x30":
+            if b"\x68" in cut[:12]:  # an AddRequest's tag near the start
+                self.running.messages.append(cut)
 
     async def _answer(self, t: SwitchableTransport, message: LdapMessage, unit: bytes) -> bool:
         """Answer one request; False when the session is over."""
         msgid = message.msgid
         if message.op == UNBIND_REQUEST:
-            t.close()
             return False
         if message.op == SEARCH_REQUEST:
             t.write(self._search(message))
@@ -238,7 +190,7 @@ class LdapSession(asyncio.Protocol):
             if not self.bound:
                 code = _INSUFFICIENT_ACCESS
             else:
-                self.store.append(unit)
+                self.running.messages.append(unit)
                 code = SUCCESS
             t.write(response(msgid, ADD_RESPONSE, code))
         elif message.op == EXTENDED_REQUEST and message.name == STARTTLS_OID:
@@ -249,9 +201,7 @@ class LdapSession(asyncio.Protocol):
         elif message.op == EXTENDED_REQUEST:
             t.write(extended_response(msgid, PROTOCOL_ERROR, b"unsupported extended operation"))
         else:
-            t.write(notice_of_disconnection(UNWILLING, b"operation not supported here"))
-            t.close()
-            return False
+            raise EndSession(notice_of_disconnection(UNWILLING, b"operation not supported here"))
         return True
 
     def _search(self, message: LdapMessage) -> bytes:
@@ -261,7 +211,7 @@ class LdapSession(asyncio.Protocol):
         if message.name == b"":
             attrs = root_dse(tls=t.tls_active, starttls=True, removal=True, bait=False)
             return search_entry(msgid, b"", attrs) + response(msgid, SEARCH_DONE, SUCCESS)
-        for unit in reversed(self.store):  # an added entry, as it was added
+        for unit in reversed(self.running.messages):  # an added entry, as it was added
             added = parse_message(unit)
             if added is not None and added.name == message.name:
                 entry = search_entry(msgid, added.name, added.attrs)
@@ -284,14 +234,14 @@ class LdapSession(asyncio.Protocol):
 
     async def _starttls(self, t: SwitchableTransport, message: LdapMessage) -> None:
         if t.tls_active:
-            if self.behaviour == "accept-starttls-in-tls":
+            if self.behaviour.name == "accept-starttls-in-tls":
                 t.write(extended_response(message.msgid, SUCCESS, oid=STARTTLS_OID))
             else:
                 t.write(extended_response(message.msgid, OPERATIONS_ERROR, b"TLS already up"))
             return
         self.bound = b""
         await t.start_tls(
-            self.config.ssl_context(),
+            self.ctx,
             server_side=True,
             preface=extended_response(message.msgid, SUCCESS, oid=STARTTLS_OID),
         )
@@ -302,16 +252,4 @@ class LdapSession(asyncio.Protocol):
 
 async def start_server(config: ServerConfig) -> RunningServer:
     """Start the reference LDAP server (the interface the run layer loads)."""
-    behaviour = behaviour_named(BEHAVIOURS, config.behaviour)
-    store: List[bytes] = []
-    sessions: List[LdapSession] = []
-
-    def factory() -> asyncio.Protocol:
-        session = LdapSession(config, store)
-        sessions.append(session)
-        return session
-
-    server = await create_server(
-        factory, config.host, config.port, policy=behaviour.policy, timeouts=config.timeouts
-    )
-    return RunningServer(server, config, messages=store, connections=sessions)
+    return await start_session_server(config, BEHAVIOURS, LdapSession, SessionsRunningServer)

@@ -18,36 +18,37 @@ words of its misbehaving modes.
   greets before the client's close_notify);
 * :class:`SessionsRunningServer` and :func:`start_session_server` -- a
   running server whose ``close()`` also waits for its sessions.
+
+All of it is the line-framed case of :mod:`starttls_harness.servers.framed`,
+the server base PostgreSQL and XMPP are built on too; what is here is what
+lines add: the line reader, its limits, and the return to plaintext.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Protocol, Set, Type, TypeVar
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Protocol
 
 from starttls_harness.servers.base import (
     EXTRA_BEHAVIOURS,
+    NO_CLOSE_NOTIFY_REPLY,
     STRICT,
     Behaviour,
-    ExtraModes,
     RunningServer,
-    ServerConfig,
-    behaviour_named,
+    relaxing,
+)
+from starttls_harness.servers.framed import (
+    EndSession,
+    FramedProtocol,
+    FramedSession,
+    SessionsRunningServer,
+    set_done,
+    start_session_server,
 )
 from starttls_harness.servers.imapsyntax import LineReader, LineTooLong
-from starttls_harness.tls.aio import SwitchableTransport, create_server
-from starttls_harness.tls.engine import (
-    AlertReceived,
-    CloseNotifyReceived,
-    ClosureComplete,
-    Event,
-    LocalProtocolError,
-    Rule,
-    TransitionError,
-)
+from starttls_harness.tls.aio import SwitchableTransport
+from starttls_harness.tls.engine import ClosureComplete, Rule
 from starttls_harness.tls.states import State
 
 __all__ = [
@@ -73,44 +74,25 @@ def server_behaviours(upgrade: str, *, cut: str, keeps: str) -> Dict[str, Behavi
         b.name: b
         for b in (
             STRICT,
-            Behaviour(
-                "keep-buffer",
-                Rule.R1,
-                f"executes commands pipelined after {upgrade} inside TLS",
-                (Rule.R1,),
+            relaxing(
+                "keep-buffer", Rule.R1, f"executes commands pipelined after {upgrade} inside TLS"
             ),
-            Behaviour(
-                "plaintext-in-tls",
-                Rule.R2,
-                "executes plaintext received while TLS is up",
-                (Rule.R2,),
-            ),
+            relaxing("plaintext-in-tls", Rule.R2, "executes plaintext received while TLS is up"),
             Behaviour(
                 "early-plaintext",
                 Rule.R3,
                 "sends close_notify and the plaintext greeting without waiting for the client's"
                 " close_notify",
             ),
-            Behaviour(
+            relaxing(
                 "one-sided-resume",
                 Rule.R4,
                 "accepts plaintext that follows the client's close_notify in the same segment",
-                (Rule.R4,),
             ),
-            Behaviour(
-                "no-close-notify-reply",
-                Rule.R5,
-                "closes TCP instead of answering the client's close_notify",
-                (Rule.R5,),
-            ),
-            Behaviour(
-                "ignore-truncation", Rule.R6, f"stores {cut} cut by EOF under TLS", (Rule.R6,)
-            ),
-            Behaviour(
-                "alert-as-close",
-                Rule.R7,
-                "takes a fatal alert for a closure and resumes plaintext",
-                (Rule.R7,),
+            NO_CLOSE_NOTIFY_REPLY,
+            relaxing("ignore-truncation", Rule.R6, f"stores {cut} cut by EOF under TLS"),
+            relaxing(
+                "alert-as-close", Rule.R7, "takes a fatal alert for a closure and resumes plaintext"
             ),
             Behaviour("no-state-reset", Rule.R8, f"keeps {keeps} across {upgrade} and STOPTLS"),
             *EXTRA_BEHAVIOURS,
@@ -118,98 +100,39 @@ def server_behaviours(upgrade: str, *, cut: str, keeps: str) -> Dict[str, Behavi
     }
 
 
-class EndSession(Exception):
-    """End the session after a final line (the dialect's goodbye)."""
-
-    def __init__(self, line: bytes) -> None:
-        super().__init__(line.decode("latin-1").strip())
-        self.line = line
-
-
-@dataclass
-class SessionsRunningServer(RunningServer):
-    """:class:`RunningServer` whose ``close()`` also waits for the sessions."""
-
-    sessions: Set[asyncio.Task[None]] = field(default_factory=set)
-
-    async def close(self) -> None:
-        await super().close()
-        pending = list(self.sessions)
-        if pending:
-            await asyncio.wait(pending, timeout=self.config.timeouts.closure)
-
-
-class LineServerProtocol(asyncio.Protocol):
+class LineServerProtocol(FramedProtocol):
     """A server connection that reads lines, and its half of the return to plaintext.
 
-    Shared by the line sessions and the IMAP server: the reader is fed and
-    failed here, and STOPTLS's answer is followed by the bidirectional
-    closure and a fresh greeting (R3-R5): the answer leaves under TLS, the
-    client's close_notify is answered, and only then does the server greet
-    in plaintext.  ``early-plaintext`` greets before the client's
-    close_notify (R3); ``no-close-notify-reply`` hangs up instead (R5, in the
-    engine watch).
+    Shared by the line sessions and the IMAP server: STOPTLS's answer is
+    followed by the bidirectional closure and a fresh greeting (R3-R5): the
+    answer leaves under TLS, the client's close_notify is answered, and only
+    then does the server greet in plaintext.  ``early-plaintext`` greets
+    before the client's close_notify (R3); ``no-close-notify-reply`` hangs up
+    instead (R5, in the engine watch); ``alert-as-close`` greets again (R7).
     """
 
-    transport: Optional[SwitchableTransport]
-    behaviour: Behaviour
     reader: LineReader
-    extra: ExtraModes
     _stopping: bool
     _after_stoptls: bytes
-    _closure: Optional[asyncio.Future[None]]
-    _close_notify: Optional[asyncio.Future[None]]
 
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
+    def _unasked_return(self) -> None:
+        self._reset()  # resume-without-stoptls: greet as after STOPTLS
+        self._write(self._resumed_greeting())
 
-    def eof_received(self) -> bool:
-        # Keep the transport open: the session decides (and may still store
-        # a truncated unit under ``ignore-truncation``) and then closes.
-        self.reader.feed_eof()
-        return True
+    def _closure_complete(self, event: ClosureComplete) -> None:
+        if self._stopping and self.reader.pending:
+            self._after_stoptls = self.reader.take_pending()
+        set_done(self._closure)
 
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        lost = exc or ConnectionResetError("connection closed")
-        self.reader.set_exception(lost)
-        for fut in (self._closure, self._close_notify):
-            if fut is not None and not fut.done():
-                fut.set_exception(lost)
-                fut.exception()
-
-    def engine_event(self, event: Event) -> None:
-        """Closure bookkeeping; the misbehaving modes hook in here."""
+    def _alert_received(self) -> None:
         t = self.transport
-        if self.extra.on_event(event, t):
-            self._reset()  # resume-without-stoptls: greet as after STOPTLS
-            self._write(self._resumed_greeting())
-        if isinstance(event, ClosureComplete):
-            if self._stopping and self.reader.pending:
-                self._after_stoptls = self.reader.take_pending()
-            _set(self._closure)
-        elif isinstance(event, CloseNotifyReceived):
-            _set(self._close_notify)
-            if (
-                not self.behaviour.policy.enforces(Rule.R5)
-                and t is not None
-                and t.engine.state is State.CLOSE_RECEIVED
-            ):
-                t.close()  # no-close-notify-reply: hang up instead of answering
-        elif (
-            isinstance(event, AlertReceived)
-            and not self.behaviour.policy.enforces(Rule.R7)
+        if (
+            not self.behaviour.policy.enforces(Rule.R7)
             and t is not None
             and t.engine.state is State.PLAINTEXT
         ):
             self._reset()  # alert-as-close: the alert is taken for a closure
             self._write(self._greeting_after_alert())
-
-    def _write(self, data: bytes) -> None:
-        t = self.transport
-        if t is None or t.is_closing():
-            return
-        with contextlib.suppress(LocalProtocolError):
-            t.write(data)
 
     def _greeting_after_alert(self) -> bytes:
         """The greeting when ``alert-as-close`` takes an alert for a closure."""
@@ -319,7 +242,7 @@ class ConnectionCount(LineServerProtocol):
             records.remove(old)
 
 
-class LineSession(LineServerProtocol):
+class LineSession(LineServerProtocol, FramedSession):
     """One connection of a line server (see the module docstring).
 
     A dialect sets the class attributes and fills in the hooks (the methods
@@ -343,22 +266,13 @@ class LineSession(LineServerProtocol):
         ctx: ssl.SSLContext,
         goodbye: Callable[[str], bytes],
     ) -> None:
-        self.running = running
-        self.config: ServerConfig = running.config
-        self.behaviour = behaviour
-        self.ctx = ctx
-        self.reader = LineReader(self.config.limits.max_line)
-        self.transport: Optional[SwitchableTransport] = None
-        self.user: Optional[str] = None
+        super().__init__(
+            running, behaviour, ctx, goodbye, LineReader(running.config.limits.max_line)
+        )
         #: STARTTLS upgrades done on the connection.
         self.upgrades = 0
-        #: Commands executed (evidence; no secrets).
-        self.log: List[bytes] = []
         self._stopping = False
         self._after_stoptls = b""
-        self._closure: Optional[asyncio.Future[None]] = None
-        self._close_notify: Optional[asyncio.Future[None]] = None
-        self.extra = ExtraModes(behaviour, goodbye)
 
     # ------------------------------------------------------------ hooks
 
@@ -385,53 +299,21 @@ class LineSession(LineServerProtocol):
         """One command (a line; a dialect with literals reads them inline)."""
         return await self.reader.read_line(self.config.limits.idle_timeout)
 
-    def _admit(self, transport: SwitchableTransport) -> bool:
-        """Whether the connection is served (False: the dialect turned it away)."""
-        return True
-
-    def _session_over(self) -> None:
-        """After the session, whatever ended it."""
-
-    # --------------------------------------------------- asyncio protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, SwitchableTransport)
-        self.transport = transport
-        self.running.connections.append(self)
-        if not self._admit(transport):
-            return
-        transport.hold_after(self._holds)
-        task = asyncio.get_running_loop().create_task(self._session())
-        sessions = getattr(self.running, "sessions", None)
-        if isinstance(sessions, set):
-            sessions.add(task)
-            task.add_done_callback(sessions.discard)
-
     # ------------------------------------------------------------ session
 
-    async def _session(self) -> None:
+    async def _serve(self) -> None:
         t = self.transport
         assert t is not None
         try:
             self._write(self._greeting())
             while not t.is_closing():
                 await self._execute(await self._read_command())
-        except EndSession as end:
-            self._write(end.line)
         except LineTooLong:
-            self._write(self.too_long)
+            raise EndSession(self.too_long) from None
         except asyncio.TimeoutError:
-            if self.idle is not None:
-                self._write(self.idle)
-        except (ConnectionError, LocalProtocolError, TransitionError, ssl.SSLError):
-            pass
-        finally:
-            t.close()
-            self._session_over()
-
-    def _farewell(self, why: str) -> EndSession:
-        """The end of the session with the dialect's goodbye saying ``why``."""
-        return EndSession(self.extra.goodbye(why))
+            if self.idle is None:
+                raise
+            raise EndSession(self.idle) from None
 
     async def _serve_starttls(self, has_args: bool, refusal: bytes) -> bool:
         """STARTTLS (R1, R8); True once TLS is up, False when answered otherwise."""
@@ -468,33 +350,3 @@ class LineSession(LineServerProtocol):
             return
         if not await self._close_then_greet(self.stoptls_ok, self.config.timeouts.closure):
             raise self._farewell(self.pipelined)
-
-
-def _set(fut: Optional[asyncio.Future[None]]) -> None:
-    if fut is not None and not fut.done():
-        fut.set_result(None)
-
-
-R = TypeVar("R", bound=SessionsRunningServer)
-
-
-async def start_session_server(
-    config: ServerConfig,
-    behaviours: Dict[str, Behaviour],
-    session: Callable[[R, Behaviour, ssl.SSLContext], asyncio.Protocol],
-    running_class: Type[R],
-) -> R:
-    """Start a line server: ``session(running, behaviour, context)`` serves a connection."""
-    behaviour = behaviour_named(behaviours, config.behaviour)
-    ctx = config.ssl_context()
-    holder: List[R] = []
-
-    def factory() -> asyncio.Protocol:
-        return session(holder[0], behaviour, ctx)
-
-    server = await create_server(
-        factory, config.host, config.port, policy=behaviour.policy, timeouts=config.timeouts
-    )
-    running = running_class(server, config)
-    holder.append(running)
-    return running

@@ -34,13 +34,11 @@ answered ``S``).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import ssl
 import struct
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set
+from dataclasses import dataclass
+from typing import Dict, Optional
 
 from starttls_harness.dialects.pg_auth import SCRAM, ScramServer, md5_password, scram_verifier
 from starttls_harness.dialects.postgres import (
@@ -60,27 +58,16 @@ from starttls_harness.dialects.postgres import (
     startup_params,
     untyped_code,
 )
-from starttls_harness.servers.base import (
-    EXTRA_BEHAVIOURS,
-    STRICT,
-    Behaviour,
-    ExtraModes,
-    RunningServer,
-    ServerConfig,
-    behaviour_named,
+from starttls_harness.servers.base import Behaviour, RunningServer, ServerConfig
+from starttls_harness.servers.framed import (
+    EndSession,
+    FramedSession,
+    SessionsRunningServer,
+    closing_behaviours,
+    start_session_server,
 )
 from starttls_harness.servers.imapsyntax import IncompleteRead, LineReader
-from starttls_harness.tls.aio import SwitchableTransport, create_server
-from starttls_harness.tls.engine import (
-    AlertReceived,
-    CloseNotifyReceived,
-    ClosureComplete,
-    Event,
-    LocalProtocolError,
-    Rule,
-    TransitionError,
-)
-from starttls_harness.tls.states import State
+from starttls_harness.tls.framing import Framer
 
 __all__ = [
     "AUTH_METHODS",
@@ -91,37 +78,11 @@ __all__ = [
     "start_server",
 ]
 
-BEHAVIOURS: Dict[str, Behaviour] = {
-    b.name: b
-    for b in (
-        STRICT,
-        Behaviour(
-            "keep-buffer",
-            Rule.R1,
-            "runs a startup and query pipelined after SSLRequest inside TLS (CVE-2021-23214)",
-            (Rule.R1,),
-        ),
-        Behaviour(
-            "plaintext-in-tls", Rule.R2, "runs plaintext received while TLS is up", (Rule.R2,)
-        ),
-        Behaviour(
-            "no-close-notify-reply",
-            Rule.R5,
-            "closes TCP instead of answering the client's close_notify",
-            (Rule.R5,),
-        ),
-        Behaviour(
-            "ignore-truncation", Rule.R6, "stores an INSERT cut by EOF under TLS", (Rule.R6,)
-        ),
-        Behaviour(
-            "alert-as-close",
-            Rule.R7,
-            "takes a fatal alert for a closure and goes on in plaintext",
-            (Rule.R7,),
-        ),
-        *EXTRA_BEHAVIOURS,
-    )
-}
+BEHAVIOURS: Dict[str, Behaviour] = closing_behaviours(
+    pipelined="runs a startup and query pipelined after SSLRequest inside TLS (CVE-2021-23214)",
+    plaintext="runs plaintext received while TLS is up",
+    truncated="stores an INSERT cut by EOF under TLS",
+)
 
 #: How the reference server authenticates the startup's user (pg_hba.conf's
 #: methods): ``trust`` (no password), ``password`` (cleartext), ``md5`` and
@@ -153,10 +114,6 @@ def _goodbye(why: str) -> bytes:
     return _fatal(f"terminating connection: {why}", "57P01")
 
 
-def _is_ssl_request(unit: bytes) -> bool:
-    return untyped_code(unit) == SSL_CODE
-
-
 @dataclass
 class PgMessage:
     """One stored INSERT statement (the storage action)."""
@@ -166,104 +123,35 @@ class PgMessage:
     complete: bool = True
 
 
-class _End(Exception):
-    """End the session (after a final FATAL error, if one is given)."""
-
-    def __init__(self, answer: bytes = b"") -> None:
-        super().__init__("session ends")
-        self.answer = answer
-
-
-class PostgresServerProtocol(asyncio.Protocol):
+class PostgresServerProtocol(FramedSession):
     """One PostgreSQL connection (see the module docstring)."""
 
+    reader: LineReader
+
     def __init__(self, running: RunningServer, behaviour: Behaviour, ctx: ssl.SSLContext) -> None:
-        self.running = running
-        self.config: ServerConfig = running.config
-        self.behaviour = behaviour
-        self.ctx = ctx
-        self.reader = LineReader(self.config.limits.max_line)
-        self.transport: Optional[SwitchableTransport] = None
+        reader = LineReader(running.config.limits.max_line)
+        super().__init__(running, behaviour, ctx, _goodbye, reader)
         #: The StartupMessage was accepted: typed messages follow.
         self.started = False
-        self.user: Optional[str] = None
         #: The password exchange under way (None: none asked, or done).
         self.asked: Optional[str] = None
         self.salt = b""
         self.scram: Optional[ScramServer] = None
-        self.log: List[bytes] = []
-        self.extra = ExtraModes(behaviour, _goodbye)
 
-    # --------------------------------------------------- asyncio protocol
+    def _holds(self, unit: bytes) -> bool:
+        return untyped_code(unit) == SSL_CODE
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, SwitchableTransport)
-        self.transport = transport
-        self.running.connections.append(self)
-        transport.hold_after(_is_ssl_request, framer=PostgresFramer())
-        task = asyncio.get_running_loop().create_task(self._session())
-        sessions = getattr(self.running, "sessions", None)
-        if isinstance(sessions, set):
-            sessions.add(task)
-            task.add_done_callback(sessions.discard)
+    def _gate_framer(self) -> Framer:
+        return PostgresFramer()
 
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-
-    def eof_received(self) -> bool:
-        self.reader.feed_eof()
-        return True
-
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        self.reader.set_exception(exc or ConnectionResetError("connection closed"))
-
-    def engine_event(self, event: Event) -> None:
-        """Closure bookkeeping; the misbehaving modes hook in here."""
-        t = self.transport
-        if t is None:
-            return
-        if self.extra.on_event(event, t):
-            return  # resume-without-stoptls: the session goes on in plaintext
-        if isinstance(event, ClosureComplete) and not event.resumed:
-            t.close()  # no return to plaintext: the connection ends
-        elif isinstance(event, CloseNotifyReceived):
-            if not self.behaviour.policy.enforces(Rule.R5) and (
-                t.engine.state is State.CLOSE_RECEIVED
-            ):
-                t.close()  # no-close-notify-reply: hang up instead of answering
-        elif isinstance(event, AlertReceived) and self.behaviour.policy.enforces(Rule.R7):
-            t.abort()
-
-    # ------------------------------------------------------------ session
-
-    async def _session(self) -> None:
+    async def _serve(self) -> None:
         t = self.transport
         assert t is not None
-        try:
-            while not t.is_closing():
-                if self.started:
-                    await self._typed()
-                else:
-                    await self._startup()
-        except _End as end:
-            self._write(end.answer)
-        except (
-            asyncio.TimeoutError,
-            ConnectionError,
-            LocalProtocolError,
-            TransitionError,
-            ssl.SSLError,
-        ):
-            pass
-        finally:
-            t.close()
-
-    def _write(self, data: bytes) -> None:
-        t = self.transport
-        if t is None or t.is_closing() or not data:
-            return
-        with contextlib.suppress(LocalProtocolError):
-            t.write(data)
+        while not t.is_closing():
+            if self.started:
+                await self._typed()
+            else:
+                await self._startup()
 
     async def _read(self, size: int) -> bytes:
         return await self.reader.read_exactly(size, self.config.limits.idle_timeout)
@@ -275,7 +163,7 @@ class PostgresServerProtocol(asyncio.Protocol):
         head = await self._read(4)
         (length,) = struct.unpack("!I", head)
         if not 8 <= length <= _MAX_STARTUP:
-            raise _End()  # "invalid length of startup packet": closed silently
+            raise EndSession()  # "invalid length of startup packet": closed silently
         unit = head + await self._read(length - 4)
         self.log.append(unit[:200])
         code = untyped_code(unit)
@@ -290,19 +178,19 @@ class PostgresServerProtocol(asyncio.Protocol):
         elif code == PROTOCOL_3:
             self._start(startup_params(unit))
         elif code == CANCEL_CODE:
-            raise _End()
+            raise EndSession()
         else:
             major, minor = divmod(code or 0, 1 << 16)
-            raise _End(_fatal(f"unsupported frontend protocol {major}.{minor}"))
+            raise EndSession(_fatal(f"unsupported frontend protocol {major}.{minor}"))
 
     def _start(self, params: Dict[str, str]) -> None:
         t = self.transport
         assert t is not None
         if not t.tls_active:
             why = 'no pg_hba.conf entry for host "127.0.0.1", SSL off'
-            raise _End(_fatal(why, "28000"))
+            raise EndSession(_fatal(why, "28000"))
         if not params.get("user"):
-            raise _End(_fatal("no PostgreSQL user name specified in startup packet", "28000"))
+            raise EndSession(_fatal("no PostgreSQL user name specified in startup packet", "28000"))
         self.user = params["user"]
         self.started = True
         method = getattr(self.config, "auth", "trust")
@@ -326,21 +214,21 @@ class PostgresServerProtocol(asyncio.Protocol):
             self.scram = ScramServer(scram_verifier(password))
             first = self.scram.first(body)
             if first is None or self.user != user:
-                raise _End(failed)
+                raise EndSession(failed)
             self._write(auth(11, first))
             return
         if self.asked == "scram-sha-256":
             assert self.scram is not None
             final = self.scram.final(body)
             if final is None:
-                raise _End(failed)
+                raise EndSession(failed)
             self._write(auth(12, final))
         else:
             wanted = password.encode()
             if self.asked == "md5":
                 wanted = md5_password(user, password, self.salt)
             if body.rstrip(b"\0") != wanted or self.user != user:
-                raise _End(failed)
+                raise EndSession(failed)
         self.asked = None
         self._write(session_start())
 
@@ -355,7 +243,7 @@ class PostgresServerProtocol(asyncio.Protocol):
         (length,) = struct.unpack_from("!I", head, 1)
         kind = head[:1]
         if length < 4 or length - 4 > self.config.limits.max_message:
-            raise _End(_fatal("invalid message length"))
+            raise EndSession(_fatal("invalid message length"))
         try:
             body = await self._read(length - 4)
         except IncompleteRead as cut:
@@ -365,14 +253,14 @@ class PostgresServerProtocol(asyncio.Protocol):
         self.log.append(head + body[:200])
         if self.asked is not None:
             if kind != b"p":
-                raise _End(_fatal(f"expected password response, got message type {head[0]}"))
+                raise EndSession(_fatal(f"expected password response, got message type {head[0]}"))
             self._password(body)
         elif kind == b"Q":
             self._query(body.rstrip(b"\0").decode("utf-8", "replace"), head + body)
         elif kind == b"X":
-            raise _End()
+            raise EndSession()
         else:
-            raise _End(_fatal(f"invalid frontend message type {head[0]}"))
+            raise EndSession(_fatal(f"invalid frontend message type {head[0]}"))
 
     async def _untyped_in_session(self, head: bytes) -> None:
         """A startup-phase message after the startup: only accept-starttls-in-tls answers."""
@@ -382,7 +270,7 @@ class PostgresServerProtocol(asyncio.Protocol):
         if untyped_code(head + rest) == SSL_CODE and t.tls_active and self.extra.starttls_in_tls:
             self._write(b"S")  # R8 broken: the session stays in TLS
             return
-        raise _End(_fatal("invalid frontend message type 0"))
+        raise EndSession(_fatal("invalid frontend message type 0"))
 
     def _query(self, sql: str, raw: bytes) -> None:
         value = selected_value(sql)
@@ -401,29 +289,6 @@ class PostgresServerProtocol(asyncio.Protocol):
 
 async def start_server(config: ServerConfig) -> RunningServer:
     """Start the reference PostgreSQL server (``config.behaviour`` picks a mode)."""
-    behaviour = behaviour_named(BEHAVIOURS, config.behaviour)
-    ctx = config.ssl_context()
-    holder: List[PgRunningServer] = []
-
-    def factory() -> PostgresServerProtocol:
-        return PostgresServerProtocol(holder[0], behaviour, ctx)
-
-    server = await create_server(
-        factory, config.host, config.port, policy=behaviour.policy, timeouts=config.timeouts
+    return await start_session_server(
+        config, BEHAVIOURS, PostgresServerProtocol, SessionsRunningServer
     )
-    running = PgRunningServer(server, config)
-    holder.append(running)
-    return running
-
-
-@dataclass
-class PgRunningServer(RunningServer):
-    """:class:`RunningServer` whose ``close()`` also waits for the sessions."""
-
-    sessions: Set[asyncio.Task[None]] = field(default_factory=set)
-
-    async def close(self) -> None:
-        await super().close()
-        pending = list(self.sessions)
-        if pending:
-            await asyncio.wait(pending, timeout=self.config.timeouts.closure)

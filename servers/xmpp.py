@@ -29,12 +29,10 @@ restarted stream), ``plaintext-in-tls`` (R2), ``no-close-notify-reply``
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ssl
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set
+from dataclasses import dataclass
+from typing import Dict
 
 from starttls_harness.dialects.xmpp import (
     BIND_NS,
@@ -56,132 +54,39 @@ from starttls_harness.dialects.xmpp import (
     stream_error,
     stream_header,
 )
-from starttls_harness.servers.base import (
-    EXTRA_BEHAVIOURS,
-    STRICT,
-    Behaviour,
-    ExtraModes,
-    RunningServer,
-    ServerConfig,
-    behaviour_named,
+from starttls_harness.servers.base import Behaviour, RunningServer, ServerConfig
+from starttls_harness.servers.framed import (
+    EndSession,
+    FramedSession,
+    SessionsRunningServer,
+    Truncated,
+    closing_behaviours,
+    start_session_server,
 )
-from starttls_harness.tls.aio import SwitchableTransport, create_server
-from starttls_harness.tls.engine import (
-    AlertReceived,
-    CloseNotifyReceived,
-    ClosureComplete,
-    Event,
-    LocalProtocolError,
-    Rule,
-    TransitionError,
-)
+from starttls_harness.servers.framed import UnitReader as _FramerReader
 from starttls_harness.tls.framing import Framer
-from starttls_harness.tls.states import State
 
-__all__ = ["BEHAVIOURS", "UnitReader", "XmppMessage", "XmppServerProtocol", "start_server"]
+__all__ = [
+    "BEHAVIOURS",
+    "Truncated",
+    "UnitReader",
+    "XmppMessage",
+    "XmppServerProtocol",
+    "start_server",
+]
 
-BEHAVIOURS: Dict[str, Behaviour] = {
-    b.name: b
-    for b in (
-        STRICT,
-        Behaviour(
-            "keep-buffer",
-            Rule.R1,
-            "reads a header and an IQ pipelined after <starttls/> as the restarted stream",
-            (Rule.R1,),
-        ),
-        Behaviour(
-            "plaintext-in-tls", Rule.R2, "answers plaintext received while TLS is up", (Rule.R2,)
-        ),
-        Behaviour(
-            "no-close-notify-reply",
-            Rule.R5,
-            "closes TCP instead of answering the client's close_notify",
-            (Rule.R5,),
-        ),
-        Behaviour(
-            "ignore-truncation", Rule.R6, "stores a message cut by EOF under TLS", (Rule.R6,)
-        ),
-        Behaviour(
-            "alert-as-close",
-            Rule.R7,
-            "takes a fatal alert for a closure and goes on in plaintext",
-            (Rule.R7,),
-        ),
-        *EXTRA_BEHAVIOURS,
-    )
-}
+BEHAVIOURS: Dict[str, Behaviour] = closing_behaviours(
+    pipelined="reads a header and an IQ pipelined after <starttls/> as the restarted stream",
+    plaintext="answers plaintext received while TLS is up",
+    truncated="stores a message cut by EOF under TLS",
+)
 
 
-class Truncated(Exception):
-    """The connection ended in the middle of a unit (``partial`` holds its bytes)."""
-
-    def __init__(self, partial: bytes) -> None:
-        super().__init__("the connection ended in the middle of a unit")
-        self.partial = partial
-
-
-class UnitReader:
-    """Bytes from ``data_received``, read as the framer's units by one coroutine.
-
-    What is still unread can be taken (the R1 leftover at ``<starttls/>``);
-    every wait is bounded by ``timeout``.
-    """
+class UnitReader(_FramerReader):
+    """The framer's units, cut again only once a ``>`` arrived: no unit ends without one."""
 
     def __init__(self, framer: Framer) -> None:
-        self.framer = framer
-        self._buf = bytearray()
-        self._eof = False
-        self._exc: Optional[BaseException] = None
-        self._waiter: Optional[asyncio.Future[None]] = None
-        #: A '>' arrived since the last cut: a unit may be complete (the buffer
-        #: is not re-read for every byte of a long unit that cannot be).
-        self._complete_maybe = False
-
-    def feed(self, data: bytes) -> None:
-        self._buf += data
-        if b">" in data:  # no unit can end without one: no new cut to look for
-            self._complete_maybe = True
-        self._wake()
-
-    def feed_eof(self) -> None:
-        self._eof = True
-        self._wake()
-
-    def set_exception(self, exc: BaseException) -> None:
-        if self._exc is None:
-            self._exc = exc
-        self._wake()
-
-    def take_pending(self) -> bytes:
-        data = bytes(self._buf)
-        self._buf.clear()
-        return data
-
-    async def read_unit(self, timeout: float) -> bytes:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            units: List[bytes] = []
-            if self._complete_maybe or len(self._buf) >= self.framer.max_unit:
-                units, _used = self.framer.split(bytes(self._buf))
-                self._complete_maybe = len(units) > 1
-            if units:
-                del self._buf[: len(units[0])]
-                return units[0]
-            if self._eof or self._exc is not None:
-                if self._buf.strip():
-                    raise Truncated(self.take_pending())
-                raise self._exc or ConnectionResetError("the peer closed the connection")
-            self._waiter = loop.create_future()
-            try:
-                await asyncio.wait_for(self._waiter, max(0.0, deadline - loop.time()))
-            finally:
-                self._waiter = None
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        super().__init__(framer, unit_end=b">")
 
 
 @dataclass
@@ -193,134 +98,62 @@ class XmppMessage:
     complete: bool = True
 
 
-class _End(Exception):
-    """End the session (after a final stream error or close, if one is given)."""
-
-    def __init__(self, answer: bytes = b"") -> None:
-        super().__init__("session ends")
-        self.answer = answer
-
-
 def _goodbye(why: str) -> bytes:
     """What the plaintext-goodbye mode writes: a stream error, as a server ending."""
     return stream_error("reset", why)
 
 
-def _is_starttls(unit: bytes) -> bool:
-    return kind_of(parse_unit(unit)) == "starttls"
-
-
-class XmppServerProtocol(asyncio.Protocol):
+class XmppServerProtocol(FramedSession):
     """One XMPP client connection (see the module docstring)."""
 
+    reader: UnitReader
+
     def __init__(self, running: RunningServer, behaviour: Behaviour, ctx: ssl.SSLContext) -> None:
-        self.running = running
-        self.config: ServerConfig = running.config
-        self.behaviour = behaviour
-        self.ctx = ctx
-        self.reader = UnitReader(XmppFramer())
-        self.transport: Optional[SwitchableTransport] = None
+        super().__init__(running, behaviour, ctx, _goodbye, UnitReader(XmppFramer()))
         #: A stream header was answered and no restart is due.
         self.stream_open = False
-        self.user: Optional[str] = None
         self.bound = False
         self.streams = 0
         #: TLS was up once: plaintext after it is the resumed connection of a
         #: misbehaving mode (the strict server has closed by then).
         self.ever_tls = False
-        self.log: List[bytes] = []
-        self.extra = ExtraModes(behaviour, _goodbye)
 
-    # --------------------------------------------------- asyncio protocol
+    def _holds(self, unit: bytes) -> bool:
+        return kind_of(parse_unit(unit)) == "starttls"
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, SwitchableTransport)
-        self.transport = transport
-        self.running.connections.append(self)
-        transport.hold_after(_is_starttls, framer=XmppFramer())
-        task = asyncio.get_running_loop().create_task(self._session())
-        sessions = getattr(self.running, "sessions", None)
-        if isinstance(sessions, set):
-            sessions.add(task)
-            task.add_done_callback(sessions.discard)
+    def _gate_framer(self) -> Framer:
+        return XmppFramer()
 
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
+    def _unasked_return(self) -> None:
+        self.stream_open = False  # resume-without-stoptls: a new stream in plaintext
 
-    def eof_received(self) -> bool:
-        self.reader.feed_eof()
-        return True
-
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        self.reader.set_exception(exc or ConnectionResetError("connection closed"))
-
-    def engine_event(self, event: Event) -> None:
-        """Closure bookkeeping; the misbehaving modes hook in here."""
-        t = self.transport
-        if t is None:
-            return
-        if self.extra.on_event(event, t):
-            self.stream_open = False  # resume-without-stoptls: a new stream in plaintext
-            return
-        if isinstance(event, ClosureComplete) and not event.resumed:
-            t.close()  # no return to plaintext: the connection ends
-        elif isinstance(event, CloseNotifyReceived):
-            if not self.behaviour.policy.enforces(Rule.R5) and (
-                t.engine.state is State.CLOSE_RECEIVED
-            ):
-                t.close()  # no-close-notify-reply: hang up instead of answering
-        elif isinstance(event, AlertReceived) and self.behaviour.policy.enforces(Rule.R7):
-            t.abort()
-
-    # ------------------------------------------------------------ session
-
-    async def _session(self) -> None:
+    async def _serve(self) -> None:
         t = self.transport
         assert t is not None
-        try:
-            while not t.is_closing():
-                try:
-                    unit = await self.reader.read_unit(self.config.limits.idle_timeout)
-                except Truncated as cut:
-                    partial = cut.partial.lstrip()
-                    if self.behaviour.name == "ignore-truncation" and self.ever_tls:
-                        if partial.startswith(b"<message"):
-                            self._store(partial, complete=False)
-                    raise ConnectionResetError("truncated") from None
-                self.log.append(unit[:200])
-                await self._unit(unit)
-        except _End as end:
-            self._write(end.answer)
-        except (
-            asyncio.TimeoutError,
-            ConnectionError,
-            LocalProtocolError,
-            TransitionError,
-            ssl.SSLError,
-        ):
-            pass
-        finally:
-            t.close()
-
-    def _write(self, data: bytes) -> None:
-        t = self.transport
-        if t is None or t.is_closing() or not data:
-            return
-        with contextlib.suppress(LocalProtocolError):
-            t.write(data)
+        while not t.is_closing():
+            try:
+                unit = await self.reader.read_unit(self.config.limits.idle_timeout)
+            except Truncated as cut:
+                partial = cut.partial.lstrip()
+                if self.behaviour.name == "ignore-truncation" and self.ever_tls:
+                    if partial.startswith(b"<message"):
+                        self._store(partial, complete=False)
+                raise ConnectionResetError("truncated") from None
+            self.log.append(unit[:200])
+            await self._unit(unit)
 
     async def _unit(self, unit: bytes) -> None:
         elem = parse_unit(unit)
         kind = kind_of(elem)
         if kind == "unreadable" or elem is None:
-            raise _End(stream_error("not-well-formed"))
+            raise EndSession(stream_error("not-well-formed"))
         if kind == "header":
             self._open_stream()
             return
         if not self.stream_open:
-            raise _End(stream_error("not-well-formed", "the stream was not (re)started"))
+            raise EndSession(stream_error("not-well-formed", "the stream was not (re)started"))
         if kind == "close":
-            raise _End(b"</stream:stream>")
+            raise EndSession(b"</stream:stream>")
         if kind == "starttls":
             await self._starttls()
         elif kind == "stoptls":
@@ -329,13 +162,13 @@ class XmppServerProtocol(asyncio.Protocol):
             if not t.tls_active and self.extra.stoptls_in_plaintext:
                 self._write(f"<proceed xmlns='{TLS_NS}'/>".encode())  # R3 broken
                 return
-            raise _End(stream_error("unsupported-stanza-type"))
+            raise EndSession(stream_error("unsupported-stanza-type"))
         elif kind == "sasl-auth":
             self._auth(elem)
         elif kind in ("iq", "message", "presence"):
             self._stanza(elem, unit)
         else:
-            raise _End(stream_error("unsupported-stanza-type"))
+            raise EndSession(stream_error("unsupported-stanza-type"))
 
     def _secure(self) -> bool:
         t = self.transport
@@ -362,7 +195,7 @@ class XmppServerProtocol(asyncio.Protocol):
             if self.extra.starttls_in_tls:
                 self._write(proceed)  # R8 broken: the session stays in TLS
                 return
-            raise _End(stream_error("policy-violation", "TLS is already up"))
+            raise EndSession(stream_error("policy-violation", "TLS is already up"))
         self.stream_open = False
         self.user = None
         self.bound = False
@@ -375,7 +208,7 @@ class XmppServerProtocol(asyncio.Protocol):
         assert self.transport is not None
         if not self.transport.tls_active:
             failure = f"<failure xmlns='{SASL_NS}'><encryption-required/></failure>"
-            raise _End(failure.encode() + b"</stream:stream>")
+            raise EndSession(failure.encode() + b"</stream:stream>")
         creds = plain_credentials(elem)
         if creds is None or self.user is not None:
             self._write(f"<failure xmlns='{SASL_NS}'><invalid-mechanism/></failure>".encode())
@@ -390,7 +223,7 @@ class XmppServerProtocol(asyncio.Protocol):
 
     def _stanza(self, elem: ET.Element, unit: bytes) -> None:
         if not self._secure():
-            raise _End(stream_error("policy-violation", "TLS is required"))
+            raise EndSession(stream_error("policy-violation", "TLS is required"))
         name = local(elem.tag)
         if name == "message":
             self._store(unit, complete=True)
@@ -419,29 +252,4 @@ class XmppServerProtocol(asyncio.Protocol):
 
 async def start_server(config: ServerConfig) -> RunningServer:
     """Start the reference XMPP server (``config.behaviour`` picks a mode)."""
-    behaviour = behaviour_named(BEHAVIOURS, config.behaviour)
-    ctx = config.ssl_context()
-    holder: List[XmppRunningServer] = []
-
-    def factory() -> XmppServerProtocol:
-        return XmppServerProtocol(holder[0], behaviour, ctx)
-
-    server = await create_server(
-        factory, config.host, config.port, policy=behaviour.policy, timeouts=config.timeouts
-    )
-    running = XmppRunningServer(server, config)
-    holder.append(running)
-    return running
-
-
-@dataclass
-class XmppRunningServer(RunningServer):
-    """:class:`RunningServer` whose ``close()`` also waits for the sessions."""
-
-    sessions: Set[asyncio.Task[None]] = field(default_factory=set)
-
-    async def close(self) -> None:
-        await super().close()
-        pending = list(self.sessions)
-        if pending:
-            await asyncio.wait(pending, timeout=self.config.timeouts.closure)
+    return await start_session_server(config, BEHAVIOURS, XmppServerProtocol, SessionsRunningServer)

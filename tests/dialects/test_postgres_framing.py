@@ -1,9 +1,8 @@
 """The PostgreSQL framer and reply splitter under hypothesis, and the hold gate that uses them.
 
-* :class:`PostgresFramer`: arbitrary bytes cut at arbitrary places give the
-  same units as one lump and as single bytes, never raise, never leave a
-  unit's worth buffered; a stream of real messages is cut at exactly their
-  boundaries, whichever way it is segmented.
+* :class:`PostgresFramer` (beside the framer contract in ``test_framers``):
+  a stream of real messages is cut at exactly their boundaries, whichever
+  way it is segmented; one-byte answers and hostile lengths.
 * :meth:`Postgres.split_reply` never raises and finds the same replies
   however the server's stream was cut.
 * The engine's R1 hold gate armed with the framer (the server's SSLRequest,
@@ -13,11 +12,10 @@
 
 from __future__ import annotations
 
-import os
 import struct
 from typing import List, Sequence, Tuple
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from starttls_harness.dialects.postgres import (
     POSTGRES,
@@ -33,72 +31,7 @@ from starttls_harness.dialects.postgres import (
     untyped_code,
 )
 from starttls_harness.tls.engine import Connection
-from starttls_harness.tls.framing import Framer
-
-RANDOM = bool(os.environ.get("STARTTLS_HARNESS_RANDOM"))
-
-
-def bounded(examples: int) -> settings:
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        derandomize=not RANDOM,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
-
-
-def cut_at(data: bytes, offsets: Sequence[int]) -> List[bytes]:
-    points = sorted({0, len(data), *(min(o, len(data)) for o in offsets)})
-    return [data[a:b] for a, b in zip(points, points[1:])]
-
-
-def stream(framer: Framer, chunks: Sequence[bytes]) -> Tuple[List[bytes], bytes]:
-    """Feed ``chunks`` as the contract says, checking it at every step."""
-    units: List[bytes] = []
-    pending = b""
-    for chunk in chunks:
-        pending += chunk
-        got, used = framer.split(pending)
-        assert 0 <= used <= len(pending)
-        assert b"".join(got) == pending[:used]
-        assert all(0 < len(u) <= framer.max_unit for u in got)
-        units += got
-        pending = pending[used:]
-        assert len(pending) < framer.max_unit
-    return units, pending
-
-
-#: Real frontend and backend messages, in any order, glued to junk or not.
-MESSAGES = st.sampled_from(
-    [
-        ssl_request(),
-        b"S",
-        b"N",
-        startup({"user": "postgres", "database": "postgres"}),
-        query("SELECT 1"),
-        query("SELECT '" + "x" * 300 + "'"),
-        terminate(),
-        auth(0),
-        auth(3),
-        session_start(),
-        select_result(b"row"),
-        error_response("FATAL", "08P01", "received unencrypted data after SSL request"),
-    ]
-)
-PGISH = st.one_of(st.lists(MESSAGES, max_size=12).map(b"".join), st.binary(max_size=500))
-OFFSETS = st.lists(st.integers(0, 3000), max_size=30)
-
-
-@bounded(400)
-@given(data=PGISH, offsets=OFFSETS, limit=st.integers(1, 600))
-def test_any_bytes_any_cuts_same_units(data: bytes, offsets: List[int], limit: int) -> None:
-    lump = stream(PostgresFramer(limit), [data])
-    cut = stream(PostgresFramer(limit), cut_at(data, offsets))
-    bytewise = stream(PostgresFramer(limit), [data[i : i + 1] for i in range(len(data))])
-    assert lump == cut == bytewise
-    units, rest = lump
-    assert b"".join(units) + rest == data
+from test_framers import OFFSETS, bounded, cut_at, stream
 
 
 def _server_stream(pieces: Sequence[bytes]) -> bytes:

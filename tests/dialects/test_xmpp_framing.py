@@ -1,9 +1,8 @@
 """The XMPP framer and reply splitter under hypothesis, and the hold gate that uses them.
 
-* :class:`XmppFramer`: arbitrary bytes cut at arbitrary places give the same
-  units as one lump and as single bytes, never raise, never leave a unit's
-  worth buffered; a stream of real elements is cut at exactly their
-  boundaries, whichever way it is segmented.
+* :class:`XmppFramer` (beside the framer contract in ``test_framers``): a
+  stream of real elements is cut at exactly their boundaries, whichever way
+  it is segmented.
 * Hostile XML (a DOCTYPE with entities, text at the top, nesting past the
   bound) comes out as units no reader accepts.
 * :meth:`Xmpp.split_reply` never raises and finds the same replies however
@@ -14,95 +13,22 @@
 
 from __future__ import annotations
 
-import os
 from typing import List, Sequence, Tuple
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from starttls_harness.dialects.xmpp import (
     DOMAIN,
     XMPP,
     XmppFramer,
-    chat_message,
     features,
-    iq_ping,
     kind_of,
     parse_unit,
-    receipt,
     stream_error,
     stream_header,
 )
 from starttls_harness.tls.engine import Connection
-from starttls_harness.tls.framing import Framer
-
-RANDOM = bool(os.environ.get("STARTTLS_HARNESS_RANDOM"))
-
-
-def bounded(examples: int) -> settings:
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        derandomize=not RANDOM,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
-
-
-def cut_at(data: bytes, offsets: Sequence[int]) -> List[bytes]:
-    points = sorted({0, len(data), *(min(o, len(data)) for o in offsets)})
-    return [data[a:b] for a, b in zip(points, points[1:])]
-
-
-def stream(framer: Framer, chunks: Sequence[bytes]) -> Tuple[List[bytes], bytes]:
-    """Feed ``chunks`` as the contract says, checking it at every step."""
-    units: List[bytes] = []
-    pending = b""
-    for chunk in chunks:
-        pending += chunk
-        got, used = framer.split(pending)
-        assert 0 <= used <= len(pending)
-        assert b"".join(got) == pending[:used]
-        assert all(0 < len(u) <= framer.max_unit for u in got)
-        units += got
-        pending = pending[used:]
-        assert len(pending) < framer.max_unit
-    return units, pending
-
-
-#: Real elements of either direction, in any order, glued to junk or not.
-ELEMENTS = [
-    stream_header(to=DOMAIN),
-    stream_header(sender=DOMAIN, stream_id="abc"),
-    features(starttls=True, required=True),
-    features(mechanisms=("PLAIN", "SCRAM-SHA-1"), bind=True),
-    XMPP.starttls(),
-    b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>",
-    iq_ping("a'b>c"),
-    chat_message("m1", "tester@localhost", "x > y & <z> " * 20),
-    receipt("m1"),
-    b"<message><body><![CDATA[</body> <x>]]></body></message>",
-    b" \n",
-    stream_error("not-well-formed")[: -len(b"</stream:stream>")],
-    b"</stream:stream>",
-]
-XMLISH = st.one_of(
-    st.lists(st.sampled_from(ELEMENTS), max_size=12).map(b"".join),
-    st.binary(max_size=500),
-    st.lists(st.sampled_from([b"<", b">", b"/", b"a", b"'", b"<?", b"?>", b"<!", b" "]),
-             max_size=80).map(b"".join),
-)  # fmt: skip
-OFFSETS = st.lists(st.integers(0, 3000), max_size=30)
-
-
-@bounded(400)
-@given(data=XMLISH, offsets=OFFSETS, limit=st.integers(1, 600))
-def test_any_bytes_any_cuts_same_units(data: bytes, offsets: List[int], limit: int) -> None:
-    lump = stream(XmppFramer(limit), [data])
-    cut = stream(XmppFramer(limit), cut_at(data, offsets))
-    bytewise = stream(XmppFramer(limit), [data[i : i + 1] for i in range(len(data))])
-    assert lump == cut == bytewise
-    units, rest = lump
-    assert b"".join(units) + rest == data
+from test_framers import ELEMENTS, OFFSETS, XMLISH, bounded, cut_at, stream
 
 
 @bounded(200)
