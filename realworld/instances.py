@@ -128,6 +128,52 @@ def wait_for_greeting(
         backoff = min(backoff * 2, 0.25)
 
 
+def spawn_until_ready(
+    argv: Sequence[str],
+    output: Path,
+    ready: Callable[[], bool],
+    what: str,
+    timeout: float,
+    log_tail: Callable[[], str],
+) -> subprocess.Popen[bytes]:
+    """Start a foreground server in a session of its own; return once ``ready()`` holds.
+
+    ``ready`` asks the server's port for its first answer; until the port is
+    bound there is no event to wait on, so it is polled (the delay doubling up
+    to 0.25 s).  A server that exits, or is not ready within ``timeout``, is
+    :class:`NotReady` (and, when still running, killed with its session).
+    """
+    with output.open("wb") as out:
+        process = subprocess.Popen(
+            list(argv), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while not ready():
+        if process.poll() is not None:
+            raise NotReady(f"{what} exited ({process.returncode}):\n{log_tail()}")
+        if time.monotonic() >= deadline:
+            stop_session(process, 1.0)
+            raise NotReady(f"{what} did not answer within {timeout:g} s\n{log_tail()}")
+        time.sleep(delay)  # polling a port that is not bound yet: no event to wait on
+        delay = min(delay * 2, 0.25)
+    return process
+
+
+def stop_session(process: Optional[subprocess.Popen[bytes]], timeout: float) -> None:
+    """SIGTERM to a server started by :func:`spawn_until_ready` and its session; then SIGKILL."""
+    if process is None or process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout)
+
+
 def _run(argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
 

@@ -28,12 +28,10 @@ import asyncio
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -43,7 +41,14 @@ from starttls_harness.run.server import RunSettings, ServerTarget, run_server_ta
 from starttls_harness.scenarios.catalogue import everything, select
 from starttls_harness.tls.certs import Pki, make_pki
 
-from realworld.instances import TEST_PASSWORD, Instance, NotReady, free_port
+from realworld.instances import (
+    TEST_PASSWORD,
+    Instance,
+    NotReady,
+    free_port,
+    spawn_until_ready,
+    stop_session,
+)
 
 __all__ = [
     "CLIENTS",
@@ -189,35 +194,19 @@ class Slapd(Instance):
             raise NotReady(f"slapadd failed: {done.stderr.strip()[-300:]}")
 
     def start(self, timeout: float) -> None:
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(
-                [SLAPD, "-d", "0", "-h", f"ldap://{self.host}:{self.port}/", "-f", str(self.conf)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        delay = 0.02
-        while not _root_dse_answered(self.host, self.port, 1.0):
-            if self.process.poll() is not None:
-                raise NotReady(f"slapd exited ({self.process.returncode}):\n{self.log_tail()}")
-            if time.monotonic() >= deadline:
-                raise NotReady(f"slapd did not answer within {timeout:g} s\n{self.log_tail()}")
-            time.sleep(delay)  # polling a port that is not bound yet: no event to wait on
-            delay = min(delay * 2, 0.25)
+        self.process = spawn_until_ready(
+            [SLAPD, "-d", "0", "-h", f"ldap://{self.host}:{self.port}/", "-f", str(self.conf)],
+            self.log,
+            lambda: _root_dse_answered(self.host, self.port, 1.0),
+            "slapd",
+            timeout,
+            self.log_tail,
+        )
         self.started = True
 
     def stop(self, timeout: float = 10.0) -> None:
-        process = self.process
         self.started = False
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout)
+        stop_session(self.process, timeout)
 
     def stored(self) -> int:
         """The number of entries in the database (``slapcat``)."""

@@ -24,12 +24,10 @@ import asyncio
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -39,7 +37,15 @@ from starttls_harness.run.server import RunSettings, ServerTarget, run_server_ta
 from starttls_harness.scenarios.catalogue import everything, select
 from starttls_harness.tls.certs import Pki, make_pki
 
-from realworld.instances import TEST_PASSWORD, TEST_USER, Instance, NotReady, free_port
+from realworld.instances import (
+    TEST_PASSWORD,
+    TEST_USER,
+    Instance,
+    NotReady,
+    free_port,
+    spawn_until_ready,
+    stop_session,
+)
 
 __all__ = [
     "PROSODY",
@@ -158,35 +164,19 @@ class Prosody(Instance):
             raise NotReady(f"prosodyctl register failed: {(done.stdout + done.stderr)[-300:]}")
 
     def start(self, timeout: float) -> None:
-        with self.stdout.open("wb") as out:
-            self.process = subprocess.Popen(
-                _as_user([PROSODY, "--config", str(self.conf), "-F"]),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        delay = 0.02
-        while not _features_answered(self.host, self.port, 1.0):
-            if self.process.poll() is not None:
-                raise NotReady(f"prosody exited ({self.process.returncode}):\n{self.log_tail()}")
-            if time.monotonic() >= deadline:
-                raise NotReady(f"prosody did not answer within {timeout:g} s\n{self.log_tail()}")
-            time.sleep(delay)  # polling a port that is not bound yet: no event to wait on
-            delay = min(delay * 2, 0.25)
+        self.process = spawn_until_ready(
+            _as_user([PROSODY, "--config", str(self.conf), "-F"]),
+            self.stdout,
+            lambda: _features_answered(self.host, self.port, 1.0),
+            "prosody",
+            timeout,
+            self.log_tail,
+        )
         self.started = True
 
     def stop(self, timeout: float = 10.0) -> None:
-        process = self.process
         self.started = False
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGTERM)  # runuser and prosody: its own session
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout)
+        stop_session(self.process, timeout)  # runuser and prosody: one session
 
     def storage_probe_command(self) -> str:
         return ""  # messages to an offline user are not kept (no mod_offline): nothing to count
