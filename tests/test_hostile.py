@@ -56,7 +56,18 @@ import socket
 import ssl
 import struct
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Dict, FrozenSet, List, Optional, Set, Tuple
+from typing import (
+    Any,
+    AsyncContextManager,
+    AsyncIterator,
+    Callable,
+    Dict,
+    FrozenSet,
+    List,
+    Optional,
+    Set,
+    Tuple,
+)
 
 import pytest
 from starttls_harness.report.verdicts import Result, Verdict
@@ -415,25 +426,27 @@ class MiniServer(asyncio.Protocol):
 
 
 @contextlib.asynccontextmanager
-async def hostile_target(
-    dialect: str, hostility: Hostility, pki: Pki, tls_version: str
+async def serve_mini(
+    make: Callable[[ssl.SSLContext, Set[Any]], MiniServer],
+    dialect: str,
+    pki: Pki,
+    tls_version: str,
+    policy: Optional[Policy] = None,
 ) -> AsyncIterator[ServerTarget]:
-    """Start a mini server turning hostile as declared; yield it as a target."""
+    """Serve mini servers made by ``make(ctx, tasks)`` on loopback; yield them as a target.
+
+    On the way out every connection is aborted and every task it started is
+    cancelled and awaited, so nothing outlives the test.
+    """
     tasks: Set[Any] = set()
     protocols: List[MiniServer] = []
     ctx = pki.server_context()
 
     def factory() -> asyncio.Protocol:
-        protocol = MiniServer(dialect, ctx, hostility, tasks)
+        protocol = make(ctx, tasks)
         protocols.append(protocol)
         return protocol
 
-    # Only a target that turns hostile at the close_notify keeps its engine
-    # from answering it (R5); the others follow every rule until their step.
-    policy = {
-        "close-notify": Policy.relaxing(Rule.R5),
-        "plaintext-in-tls": Policy.relaxing(Rule.R2),
-    }.get(hostility.at)
     server = await create_server(factory, "127.0.0.1", 0, policy=policy)
     port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
     try:
@@ -454,6 +467,25 @@ async def hostile_target(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.wait_for(server.wait_closed(), 5.0)
+
+
+def hostile_target(
+    dialect: str, hostility: Hostility, pki: Pki, tls_version: str
+) -> AsyncContextManager[ServerTarget]:
+    """A mini server turning hostile as declared, as a target."""
+    # Only a target that turns hostile at the close_notify keeps its engine
+    # from answering it (R5); the others follow every rule until their step.
+    policy = {
+        "close-notify": Policy.relaxing(Rule.R5),
+        "plaintext-in-tls": Policy.relaxing(Rule.R2),
+    }.get(hostility.at)
+    return serve_mini(
+        lambda ctx, tasks: MiniServer(dialect, ctx, hostility, tasks),
+        dialect,
+        pki,
+        tls_version,
+        policy,
+    )
 
 
 def open_sockets() -> int:

@@ -11,10 +11,8 @@ switch), answer it with an alert, or discard it and go on.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
-from typing import Any, AsyncIterator, List, Set, Type
+from typing import Any, AsyncContextManager, List, Type
 
 import pytest
 from starttls_harness.dialects import names
@@ -23,10 +21,9 @@ from starttls_harness.run.reference import reference_servers
 from starttls_harness.run.server import RunSettings, ServerTarget, run_server_scenario
 from starttls_harness.run.server_upgrade import SEGMENTS
 from starttls_harness.scenarios.server import by_id
-from starttls_harness.tls.aio import create_server
 from starttls_harness.tls.certs import Pki
 from starttls_harness.tls.engine import Event, Policy, Rule, TLSData
-from test_hostile import Hostility, MiniServer
+from test_hostile import Hostility, MiniServer, serve_mini
 
 Runner = Any
 SETTINGS = RunSettings(reply_timeout=1.0, scenario_timeout=8.0, connect_timeout=1.0)
@@ -93,36 +90,18 @@ class DiscardsInjection(MiniServer):
             super().data_received(data)
 
 
-@contextlib.asynccontextmanager
-async def mini_target(
+def mini_target(
     kind: Type[MiniServer], dialect: str, pki: Pki, tls_version: str
-) -> AsyncIterator[ServerTarget]:
-    tasks: Set[Any] = set()
-    protocols: List[MiniServer] = []
-    ctx = pki.server_context()
-
-    def factory() -> asyncio.Protocol:
-        protocol = kind(dialect, ctx, Hostility("silence", "never"), tasks)
-        protocols.append(protocol)
-        return protocol
-
+) -> AsyncContextManager[ServerTarget]:
     # The discarding peer's engine keeps the plaintext (R1 relaxed) so that
     # its protocol can drop it; the others never switch before it arrives.
-    server = await create_server(factory, "127.0.0.1", 0, policy=Policy.relaxing(Rule.R1))
-    port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
-    try:
-        yield ServerTarget(
-            dialect, "127.0.0.1", port, tls_versions=(tls_version,), cafile=pki.cafile
-        )
-    finally:
-        server.close()
-        for protocol in protocols:
-            if protocol.t is not None:
-                protocol.t.abort()
-        for task in list(tasks):
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.wait_for(server.wait_closed(), 5.0)
+    return serve_mini(
+        lambda ctx, tasks: kind(dialect, ctx, Hostility("silence", "never"), tasks),
+        dialect,
+        pki,
+        tls_version,
+        Policy.relaxing(Rule.R1),
+    )
 
 
 def _mini(kind: Type[MiniServer], dialect: str, pki: Pki, tls_version: str, run: Runner) -> Result:

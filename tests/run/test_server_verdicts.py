@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from typing import Any, AsyncIterator, Dict, List, Set, Tuple
+from typing import Any, AsyncContextManager, AsyncIterator, Dict, List, Set, Tuple
 
 import pytest
 from starttls_harness.report.formats import ladder
@@ -32,7 +32,7 @@ from starttls_harness.servers.base import ServerConfig
 from starttls_harness.tls.aio import create_server
 from starttls_harness.tls.certs import Pki
 from starttls_harness.tls.engine import Event, PlaintextData, Policy, Rule, TLSData
-from test_hostile import Hostility, MiniServer
+from test_hostile import Hostility, MiniServer, serve_mini
 
 Runner = Any
 SETTINGS = RunSettings(reply_timeout=0.5, scenario_timeout=5.0, connect_timeout=1.0)
@@ -221,32 +221,13 @@ class RefusesPipelining(MiniServer):
         super().data_received(data)
 
 
-@contextlib.asynccontextmanager
-async def refusing(dialect: str, pki: Pki, tls_version: str) -> AsyncIterator[ServerTarget]:
-    ctx = pki.server_context()
-    protocols: List[MiniServer] = []
-    tasks: Set[Any] = set()
-
-    def factory() -> asyncio.Protocol:
-        protocol = RefusesPipelining(dialect, ctx, Hostility("silence", "quit"), tasks)
-        protocols.append(protocol)
-        return protocol
-
-    server = await create_server(factory, "127.0.0.1", 0)
-    port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
-    try:
-        yield ServerTarget(
-            dialect, "127.0.0.1", port, tls_versions=(tls_version,), cafile=pki.cafile
-        )
-    finally:
-        server.close()
-        for protocol in protocols:
-            if protocol.t is not None:
-                protocol.t.abort()
-        for task in list(tasks):
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.wait_for(server.wait_closed(), 5.0)
+def refusing(dialect: str, pki: Pki, tls_version: str) -> AsyncContextManager[ServerTarget]:
+    return serve_mini(
+        lambda ctx, tasks: RefusesPipelining(dialect, ctx, Hostility("silence", "quit"), tasks),
+        dialect,
+        pki,
+        tls_version,
+    )
 
 
 @pytest.mark.parametrize("dialect", ["smtp", "imap"])
