@@ -17,11 +17,9 @@ daemon its messages are lost (the JSON report and evidence remain).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import re
-import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ from typing import Dict, Optional
 from starttls_harness.dialects.nntp import NEWSGROUP
 from starttls_harness.tls.certs import Pki
 
-from realworld.instances import Instance, NotReady, wait_for_greeting
+from realworld.instances import Instance, NotReady, stop_session, wait_for_greeting
 
 __all__ = ["INN_BIN", "Inn", "inn_conf", "readers_conf"]
 
@@ -190,15 +188,7 @@ class Inn(Instance):
             raise NotReady(f"{exc}\n{self.log_tail()}") from None
 
     def stop(self, timeout: float = 10.0) -> None:
-        if not self.started or self.process is None:
+        if not self.started:
             return
-        process = self.process
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout)
+        stop_session(self.process, timeout)
         self.started = False
